@@ -1,0 +1,175 @@
+"""Stage 1 — pretrain a causal LM from scratch, or continue pretraining any Hugging Face causal LM.
+
+    make pretrain                                          # = python -m stages.pretrain
+    python -m stages.pretrain optim.lr=3e-4 train.max_steps=2000 RUN=lr3e-4
+    python -m stages.pretrain model=hf model.name_or_path=<hub name or folder>   # continued pretraining
+    accelerate launch --num_processes 2 -m stages.pretrain                        # several processes / GPUs
+
+Documents are packed into fixed blocks separated by the end token; a held-out share of documents gives
+eval/loss and eval/perplexity. Interrupted? Run the same command again: it resumes from the last checkpoint.
+"""
+
+import math
+import time
+from contextlib import nullcontext
+
+import hydra
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from tqdm import tqdm
+from transformers import GenerationConfig, get_cosine_with_min_lr_schedule_with_warmup
+
+import pipeline.config  # noqa: F401  (registers the structured configs)
+from pipeline.errors import UserError, friendly
+from pipeline.formats import load_corpus
+from pipeline.models import build_from_config, load_causal_lm, mixed_precision, n_params
+from pipeline.packing import batch_indices, pack, split_documents
+from pipeline.run import StageRun
+from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.tracking import Tracker
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, n_blocks: int, batch_size: int, acc: Accelerator) -> float:
+    """Mean token loss over the first n_blocks held-out blocks, sharded across processes, exact for any world size."""
+    model.eval()
+    mine = torch.arange(min(n_blocks, len(blocks)))[acc.process_index:: acc.num_processes]
+    total = torch.zeros(2, device=acc.device)  # [sum of token losses, number of tokens]
+    for i in range(0, len(mine), batch_size):
+        x = blocks[mine[i: i + batch_size]].to(acc.device)
+        n_tok = x.numel() - x.shape[0]
+        total += torch.stack([model(input_ids=x, labels=x).loss.float() * n_tok, torch.tensor(n_tok, device=acc.device)])
+    model.train()
+    total = acc.reduce(total, reduction="sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
+@friendly
+def main(cfg: DictConfig) -> None:
+    # ---- setup -------------------------------------------------------------------------------------------
+    acc = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    run = StageRun(cfg, is_main=acc.is_main_process)
+    from_scratch = not cfg.model.name_or_path
+    tok_parent = run.parent("tokenizer") if from_scratch else None
+    if not run.begin(barrier=acc.wait_for_everyone):
+        return
+    set_seed(cfg.seed)
+    tracker = Tracker(cfg, run, acc.is_main_process)
+    if tok_parent:
+        tracker.use_parent(tok_parent)
+    say = acc.print
+
+    # ---- model -------------------------------------------------------------------------------------------
+    tok = load_tokenizer(tok_parent["final"] if from_scratch else cfg.model.name_or_path)
+    if from_scratch:
+        model = build_from_config(cfg.model, tok)
+    else:
+        model = load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+    block = cfg.train.block_size or cfg.model.max_seq_len
+    if block > model.config.max_position_embeddings:
+        raise UserError(f"train.block_size={block} exceeds the model's context ({model.config.max_position_embeddings})")
+    say(f"[pretrain] {'new' if from_scratch else cfg.model.name_or_path} model, {n_params(model) / 1e6:.2f}M params")
+
+    # ---- data --------------------------------------------------------------------------------------------
+    docs, skipped = load_corpus(cfg.data.corpus, cfg.data.world, cfg.paths.cache)
+    docs = docs[: cfg.data.max_docs] if cfg.data.max_docs else docs
+    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.seed)
+    train_blocks = pack(train_docs, tok, block, where="training corpus")
+    val_blocks = pack(val_docs, tok, block, where="held-out corpus (raise data.val_fraction)")
+    say(f"[pretrain] {len(train_blocks)} training blocks x {block} tokens, {len(val_blocks)} held out"
+        + (f", {skipped} bad records skipped" if skipped else ""))
+
+    # ---- optimizer: weight decay on matrices only; the scheduler is stepped by us, once per optimizer step --
+    t = cfg.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.optim.warmup_steps, t.max_steps,
+                                                        min_lr_rate=cfg.optim.min_lr_ratio)
+    model, opt = acc.prepare(model, opt)
+    acc.register_for_checkpointing(sched)
+
+    start = 0
+    ckpt = run.latest_checkpoint()
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        start = int(ckpt.name.split("_")[1])
+        run.update(resumed_from=start)
+        say(f"[pretrain] resumed from {ckpt} (step {start})")
+
+    # ---- loop --------------------------------------------------------------------------------------------
+    tokens_per_step = t.batch_size * t.grad_accum * acc.num_processes * block
+    eval_blocks = t.eval_batches * t.batch_size
+    metrics: dict = {}
+    model.train()
+    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not acc.is_main_process,
+               desc="pretrain", dynamic_ncols=True)
+    t_log, tokens_since = time.time(), 0
+    for step in bar:
+        loss_sum = torch.zeros((), device=acc.device)
+        for micro in range(t.grad_accum):
+            idx = batch_indices(len(train_blocks), t.batch_size, step, micro, t.grad_accum, acc.num_processes,
+                                acc.process_index, cfg.seed)
+            x = train_blocks[idx].to(acc.device)
+            with acc.no_sync(model) if micro < t.grad_accum - 1 else nullcontext():
+                loss = model(input_ids=x, labels=x).loss
+                acc.backward(loss / t.grad_accum)
+            loss_sum += loss.detach()
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_since += tokens_per_step
+        done = step + 1
+
+        if done % t.log_every == 0 or done == t.max_steps:
+            train_loss = acc.reduce(loss_sum / t.grad_accum, reduction="mean").item()
+            if not math.isfinite(train_loss):
+                run.fail(f"non-finite loss at step {done}")
+                raise UserError(f"training diverged: loss is {train_loss} at step {done}; the last good checkpoint "
+                                f"is kept in {run.ckpt_root} (try a lower optim.lr)")
+            now = time.time()
+            metrics.update({"train/loss": train_loss, "train/lr": sched.get_last_lr()[0],
+                            "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_since / (now - t_log),
+                            "train/tokens": done * tokens_per_step})
+            t_log, tokens_since = now, 0
+            tracker.log(metrics, step=done)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
+        if done % t.eval_every == 0 or done == t.max_steps:
+            eval_loss = evaluate(model, val_blocks, eval_blocks, t.batch_size, acc)
+            metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
+            tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, step=done)
+            say(f"[pretrain] step {done}: eval/loss {eval_loss:.4f}, perplexity {metrics['eval/perplexity']:.2f}")
+        if done % t.save_every == 0 and done < t.max_steps:
+            run.save_checkpoint(done, lambda d: acc.save_state(str(d)), keep=t.keep_checkpoints,
+                                barrier=acc.wait_for_everyone)
+
+    # ---- save: a plain Hugging Face checkpoint that the next stage (or anyone) loads with from_pretrained --
+    if "eval/loss" not in metrics:  # resumed after the last step: evaluate so the manifest is complete
+        eval_loss = evaluate(model, val_blocks, eval_blocks, t.batch_size, acc)
+        metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
+    acc.wait_for_everyone()
+    state = acc.get_state_dict(model)
+    final_model = acc.unwrap_model(model)
+    final_model.generation_config = GenerationConfig(
+        eos_token_id=end_of_turn_ids(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=128)
+
+    def save(d):
+        final_model.save_pretrained(d, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    metrics.update({"model/params": n_params(final_model), "data/skipped_records": skipped,
+                    "data/train_blocks": len(train_blocks)})
+    run.finish(save, metrics)
+    tracker.finish(metrics, run.final_dir)
+    say(f"[pretrain] eval/loss {metrics['eval/loss']:.4f}, eval/perplexity {metrics['eval/perplexity']:.2f}; "
+        f"saved {run.final_dir}")
+
+
+if __name__ == "__main__":
+    main()
