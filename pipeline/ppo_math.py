@@ -25,7 +25,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     """log softmax(logits / temperature)[label], ``[B, T, V], [B, T] -> [B, T]`` (computed in fp32).
 
     Pass the *sampling* temperature: the behaviour policy that generated the tokens is
-    softmax(z / tau), so the PPO ratio must be computed under the same tau (N+ details #4).
+    softmax(z / tau), so the PPO ratio must be computed under the same tau (Huang et al. 2024).
     """
     z = logits.float() / temperature
     return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)

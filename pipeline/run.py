@@ -36,13 +36,16 @@ PARENT = {"pretrain": "tokenizer", "sft": "pretrain", "reward": "sft", "ppo": "r
 
 # Keys that never change what a stage computes, so they stay out of the config hash.
 _UNHASHED = {"run", "parent_run", "force", "paths", "logger"}
-# Which data sources each stage reads; the others stay out of its hash (changing PPO prompts must not redo pretraining).
+# Which parts of `data` each stage reads; the rest stays out of its hash (changing PPO prompts must not redo
+# pretraining). "world.x" picks one field of the world config.
+_WORLD = ["world.seed", "world.n_entities"]
 _DATA_USED = {
-    "tokenizer": {"world", "corpus", "max_docs"},
-    "pretrain": {"world", "corpus", "max_docs", "val_fraction"},
-    "sft": {"world", "sft", "sft_eval", "eval_prompts"},
-    "reward": {"world", "preference", "preference_test", "prompts"},
-    "ppo": {"world", "prompts", "eval_prompts", "corpus"},
+    "tokenizer": [*_WORLD, "world.corpus_docs", "corpus", "max_docs"],
+    "pretrain": [*_WORLD, "world.corpus_docs", "corpus", "max_docs", "val_fraction"],
+    "sft": [*_WORLD, "world.sft_dialogues", "world.sft_eval_dialogues", "world.bad_fraction", "world.eval_prompts",
+            "sft", "sft_eval", "eval_prompts"],
+    "reward": ["world", "preference", "preference_test", "prompts"],
+    "ppo": ["world", "prompts", "eval_prompts", "corpus"],
 }
 _PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "hydra-core", "tokenizers"]
 
@@ -52,7 +55,8 @@ def config_hash(cfg: DictConfig) -> str:
     c = {k: v for k, v in c.items() if k not in _UNHASHED}
     used = _DATA_USED.get(c.get("stage"))
     if used is not None and isinstance(c.get("data"), dict):
-        c["data"] = {k: v for k, v in c["data"].items() if k in used}
+        data = c["data"]
+        c["data"] = {k: (data[k] if "." not in k else data[k.split(".")[0]][k.split(".")[1]]) for k in used}
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -282,3 +286,11 @@ def latest_stage(root: str | Path, run: str) -> Optional[Path]:
         if m and m.get("status") == "complete" and (d / "final").is_dir():
             return d
     return None
+
+
+def crash_point(step: int) -> None:
+    """Fault injection for tests: PIPELINE_CRASH_AT_STEP=N kills the process (like SIGKILL, no cleanup) right
+    after step N's checkpoint, so resume can be tested deterministically."""
+    at = os.environ.get("PIPELINE_CRASH_AT_STEP")
+    if at is not None and int(at) == step:
+        os._exit(137)

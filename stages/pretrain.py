@@ -26,7 +26,7 @@ from pipeline.errors import UserError, friendly
 from pipeline.formats import load_corpus
 from pipeline.models import build_from_config, load_causal_lm, mixed_precision, n_params
 from pipeline.packing import batch_indices, pack, split_documents
-from pipeline.run import StageRun
+from pipeline.run import StageRun, crash_point
 from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.tracking import Tracker
 
@@ -147,6 +147,7 @@ def main(cfg: DictConfig) -> None:
         if done % t.save_every == 0 and done < t.max_steps:
             run.save_checkpoint(done, lambda d: acc.save_state(str(d)), keep=t.keep_checkpoints,
                                 barrier=acc.wait_for_everyone)
+            crash_point(done)
 
     # ---- save: a plain Hugging Face checkpoint that the next stage (or anyone) loads with from_pretrained --
     if "eval/loss" not in metrics:  # resumed after the last step: evaluate so the manifest is complete

@@ -1,0 +1,371 @@
+"""The gold oracle: human preference as a known function of (prompt, response), computed from the world's truth.
+
+This plays the role of the gold reward model of Gao et al. (2022), "Scaling laws for reward model overoptimization",
+but is programmatic, so the proxy reward model, SFT and PPO can all be scored against the truth and over-optimisation
+shows up as a gap between proxy and gold.
+
+The prompt carries only messages, so the oracle recognises the question from the last user turn by matching it
+against the same templates the generators render (`QUESTIONS`, `FOLLOWUPS`, `FORMATS` below); a follow-up such as
+"What about Tovi?" re-asks the previous question about a new entity. Text that matches no template is still scored
+on style, with correctness and instruction following held at a neutral 0.5.
+
+Components, each in [0, 1], and their weights in the total (which is therefore also in [0, 1]):
+
+    correctness            0.40  the answer agrees with the world; for a question the world has no answer to
+                                 (unknown entity, undefined attribute) only a decline is correct, anything else is a
+                                 made-up answer and scores 0. Hedging between two values scores 0.5.
+    instruction_following  0.20  "one sentence", "just the number", yes/no questions start with yes or no,
+                                 "list N ..." gives N items
+    concision              0.10  1 up to an ideal length per question type, then linearly to 0 at 3x that length
+    politeness             0.10  no rude phrases or shouting; declines say sorry; no bare one-word fragments
+    no_repetition          0.10  1 - 2 x (share of repeated word trigrams)
+    proper_ending          0.10  ends like a finished sentence (., !, ?), not cut off mid-word or trailing "..."
+
+Correctness dominates so that a fluent wrong answer always loses to a plain right one; the style terms are what
+separates good from merely right, and what SFT on imperfect demonstrations leaves for RLHF to fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from dataclasses import dataclass, replace
+
+from pipeline.world import KINDS, SCHEMA, VOCAB, World
+
+WEIGHTS = {"correctness": 0.40, "instruction_following": 0.20, "concision": 0.10, "politeness": 0.10,
+           "no_repetition": 0.10, "proper_ending": 0.10}
+
+# (question type, sub-type, template). Slots: {e} {e2} entities, {t} a place, {v} a value word, {n} a count,
+# {a} {b} numbers, {x} a countable thing (word problems only).
+QUESTIONS: tuple[tuple[str, str, str], ...] = (
+    ("attr", "job", "What does {e} do for a living?"), ("attr", "job", "What is {e}'s job?"),
+    ("attr", "job", "What job does {e} have?"),
+    ("attr", "age", "How old is {e}?"), ("attr", "age", "What is the age of {e}?"),
+    ("attr", "food", "What is {e}'s favourite food?"), ("attr", "food", "Which food does {e} like best?"),
+    ("attr", "favourite_colour", "What is {e}'s favourite colour?"),
+    ("attr", "home", "Where does {e} live?"), ("attr", "home", "In which town does {e} live?"),
+    ("attr", "home", "Where is {e}'s home?"),
+    ("attr", "friend", "Who is {e}'s best friend?"), ("attr", "friend", "Who is the best friend of {e}?"),
+    ("attr", "owner", "Who owns {e}?"), ("attr", "owner", "Who does {e} belong to?"),
+    ("attr", "species", "What kind of animal is {e}?"), ("attr", "species", "What animal is {e}?"),
+    ("attr", "colour", "What colour is {e}?"),
+    ("attr", "kind", "What kind of object is {e}?"), ("attr", "kind", "What sort of thing is {e}?"),
+    ("attr", "material", "What is {e} made of?"),
+    ("attr", "region", "In which region is {e}?"), ("attr", "region", "Which part of the land is {e} in?"),
+    ("attr", "size", "How big a place is {e}?"),
+    ("attr", "famous_for", "What is {e} famous for?"), ("attr", "famous_for", "What is {e} known for?"),
+    # Attributes no entity has: the only right answer is a polite decline.
+    ("attr", "phone", "What is {e}'s phone number?"), ("attr", "birthday", "When is {e}'s birthday?"),
+    ("attr", "middle_name", "What is {e}'s middle name?"), ("attr", "height", "How tall is {e}?"),
+    ("yesno", "lives_in", "Does {e} live in {t}?"), ("yesno", "is_a", "Is {e} a {v}?"),
+    ("yesno", "colour", "Is {e} {v}?"), ("yesno", "older", "Is {e} older than {e2}?"),
+    ("yesno", "friends", "Are {e} and {e2} friends?"),
+    ("arith", "plus", "What is {a} plus {b}?"), ("arith", "plus", "What is {a} + {b}?"),
+    ("arith", "plus", "Add {a} and {b}."),
+    ("arith", "plus", "{e} has {a} {x} and gets {b} more. How many {x} does {e} have now?"),
+    ("arith", "minus", "What is {a} minus {b}?"), ("arith", "minus", "What is {a} - {b}?"),
+    ("arith", "minus", "{e} had {a} {x} and gave away {b}. How many {x} are left?"),
+    ("arith", "times", "What is {a} times {b}?"), ("arith", "times", "Multiply {a} by {b}."),
+    ("list", "residents", "List {n} people who live in {t}."), ("list", "residents", "Name {n} residents of {t}."),
+    ("list", "job", "List {n} people who work as a {v}."), ("list", "job", "Name {n} people whose job is {v}."),
+    ("describe", "", "Tell me about {e}."), ("describe", "", "Describe {e}."),
+    ("describe", "", "What do you know about {e}?"),
+)
+FOLLOWUPS = ("What about {e}?", "And {e}?", "How about {e}?")
+# Format instructions appended to a question after a space.
+FORMATS = {
+    "one_sentence": ("Answer in one sentence.", "Please reply in a single sentence.", "Use exactly one sentence."),
+    "number_only": ("Answer with just the number.", "Reply with only the number."),
+    "yes_no": ("Answer yes or no.", "Just say yes or no."),
+}
+THINGS = ("apples", "marbles", "coins", "shells", "eggs", "stamps", "buttons", "pebbles")
+NUMBER_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
+IS_A_ATTRS = ("job", "species", "kind", "size")  # what "Is X a {v}?" can ask about
+IDEAL_WORDS = {"attr": 14, "yesno": 14, "arith": 12, "describe": 30, "decline": 25, None: 40}
+
+
+@dataclass(frozen=True)
+class Question:
+    qtype: str  # attr | yesno | arith | list | describe | followup
+    sub: str  # attribute, relation or operation
+    e: str | None = None  # subject (also the person in an arithmetic word problem, which is decoration)
+    e2: str | None = None
+    v: str | None = None  # value word, or the place of lives_in / residents
+    n: int | None = None
+    a: int | None = None
+    b: int | None = None
+    fmt: str = ""  # "" | one_sentence | number_only | yes_no
+
+    @property
+    def key(self) -> str:
+        """What the question asks, independent of wording and format: the unit kept disjoint between splits."""
+        parts = (self.a, self.b) if self.qtype == "arith" else (self.e, self.e2, self.v)  # list length n excluded
+        return "|".join([self.qtype, self.sub] + [str(p) for p in parts if p is not None])
+
+
+# ---- templates <-> questions ---------------------------------------------------------------------------------
+_SLOT_RE = {"e": r"[A-Z][a-z]+", "e2": r"[A-Z][a-z]+", "t": r"[A-Z][a-z]+", "v": r"[a-z]+",
+            "n": r"\d+|" + "|".join(NUMBER_WORDS), "a": r"\d+", "b": r"\d+", "x": r"[a-z]+"}
+
+
+def _compile(template: str) -> re.Pattern:
+    parts, seen = re.split(r"\{(\w+)\}", template), set()
+    out = []
+    for i, p in enumerate(parts):
+        if i % 2 == 0:
+            out.append(re.escape(p))
+        else:
+            out.append(f"(?P={p})" if p in seen else f"(?P<{p}>{_SLOT_RE[p]})")
+            seen.add(p)
+    return re.compile("".join(out))
+
+
+_COMPILED = [(qt, sub, _compile(t)) for qt, sub, t in QUESTIONS] + [("followup", "", _compile(t)) for t in FOLLOWUPS]
+_SUFFIXES = sorted(((s, f) for f, ss in FORMATS.items() for s in ss), key=lambda x: -len(x[0]))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def parse(text: str) -> Question | None:
+    """The question a user message asks, or None if it matches none of our templates."""
+    text, fmt = " ".join(text.split()), ""
+    for suffix, f in _SUFFIXES:
+        if text.endswith(" " + suffix):
+            text, fmt = text[: -len(suffix) - 1], f
+            break
+    for qtype, sub, rx in _COMPILED:
+        m = rx.fullmatch(text)
+        if m:
+            g = m.groupdict()
+            n = g.get("n")
+            return Question(qtype, sub, e=g.get("e"), e2=g.get("e2"), v=g.get("t") or g.get("v"),
+                            n=None if n is None else NUMBER_WORDS.get(n) or int(n),
+                            a=None if g.get("a") is None else int(g["a"]),
+                            b=None if g.get("b") is None else int(g["b"]), fmt=fmt)
+    return None
+
+
+def render(q: Question, rng: random.Random) -> str:
+    """One wording of `q` (with its format instruction), drawn from the templates that parse back to it."""
+    options = [t for qt, sub, t in QUESTIONS if qt == q.qtype and sub == q.sub
+               and ("{e}" not in t or q.e) and ("{t}" not in t or q.v and q.v[0].isupper())]
+    text = rng.choice(options)
+    n = q.n if q.n is None or rng.random() < 0.5 else {v: k for k, v in NUMBER_WORDS.items()}.get(q.n, q.n)
+    text = text.format(e=q.e, e2=q.e2, t=q.v, v=q.v, n=n, a=q.a, b=q.b, x=rng.choice(THINGS))
+    return text + (" " + rng.choice(FORMATS[q.fmt]) if q.fmt else "")
+
+
+def question_of(messages: list[dict]) -> Question | None:
+    """The question of the last user turn; a follow-up inherits the previous question with a new subject."""
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    q = parse(users[-1]) if users else None
+    if q is None or q.qtype != "followup":
+        return q
+    for prev in reversed(users[:-1]):
+        p = parse(prev)
+        if p is not None and p.qtype != "followup":
+            return replace(p, e=q.e, fmt="") if p.qtype in ("attr", "describe") else None
+    return None
+
+
+def truth(world: World, q: Question):
+    """The true answer (str, int, bool, frozenset of names, or the subject's name for describe), or None when the
+    world has no answer: the entity does not exist or lacks the attribute."""
+    kind, ent = world.kind_of(q.e) if q.e else None, world.entities.get(q.e)
+    if q.qtype == "attr":
+        return world.value(q.e, q.sub)
+    if q.qtype == "describe":
+        return q.e if ent else None
+    if q.qtype == "arith":
+        return {"plus": q.a + q.b, "minus": q.a - q.b, "times": q.a * q.b}[q.sub]
+    if q.qtype == "list":
+        group = world.residents.get(q.v) if q.sub == "residents" else world.workers.get(q.v)
+        return frozenset(group) if group else None
+    if q.sub == "lives_in":
+        return ent.attrs["home"] == q.v if kind == "person" and world.kind_of(q.v) == "place" else None
+    if q.sub == "is_a":
+        if ent is None or not any(q.v in VOCAB[a] for a in IS_A_ATTRS):
+            return None
+        return any(ent.attrs.get(a) == q.v for a in IS_A_ATTRS)
+    if q.sub == "colour":
+        return ent.attrs["colour"] == q.v if ent and "colour" in ent.attrs and q.v in VOCAB["colour"] else None
+    other = world.entities.get(q.e2)
+    if ent is None or other is None:
+        return None
+    if q.sub == "older":
+        return ent.attrs["age"] > other.attrs["age"] if "age" in ent.attrs and "age" in other.attrs else None
+    if q.sub == "friends":
+        return q.e2 == ent.attrs["friend"] or q.e == other.attrs["friend"] if kind == other.kind == "person" else None
+    return None
+
+
+# ---- reading a response --------------------------------------------------------------------------------------
+_WORDS = re.compile(r"[a-z0-9']+")
+_CAPS = re.compile(r"\b[A-Z][a-z]+\b")
+_INTS = re.compile(r"(?<![\d.])\d+(?![\d])")
+_SENT_END = re.compile(r"[.!?]+(?:\s+|$)")
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*(.+?)\s*$", re.M)
+_VOCAB_RE = {k: re.compile(r"\b(" + "|".join(ws) + r")s?\b") for k, ws in VOCAB.items()}
+_DECLINE = re.compile(
+    r"\b(?:i don't know|i do not know|i'm not sure|i am not sure|no information|not aware of|can't answer|"
+    r"cannot answer|can't say|no record|don't have (?:any )?(?:information|details|records?)|there is no|"
+    r"no one (?:called|named)|does not have an?|doesn't have an?|has no|no idea)\b")
+_SOFT = re.compile(r"\b(?:sorry|afraid|unfortunately|apologi[sz]e)\b")
+_RUDE = re.compile(r"\b(?:obviously|stupid|dumb|idiot|whatever|duh|ugh|figure it out|look it up yourself|"
+                   r"i don't care|shut up|everyone knows|silly question|waste of my time)\b")
+_SHOUT = re.compile(r"\b[A-Z]{3,}\b|!!")
+
+
+class _Response:
+    """One response, with the readings the components share computed once."""
+
+    def __init__(self, text: str, world: World):
+        self.text = text.strip()
+        self.low = self.text.lower()
+        self.words = _WORDS.findall(self.low)
+        self.world = world
+        self.names = [w for w in _CAPS.findall(self.text) if w in world.entities]
+        self.ints = {int(x) for x in _INTS.findall(self.text)}
+        self.declines = bool(_DECLINE.search(self.low))
+        self.n_sentences = len([s for s in _SENT_END.split(self.text) if s.strip()])
+        self._vocab: dict[str, set] = {}
+
+    def vocab(self, key: str) -> set[str]:
+        if key not in self._vocab:
+            self._vocab[key] = set(_VOCAB_RE[key].findall(self.low))
+        return self._vocab[key]
+
+    def named(self, kind: str, exclude=()) -> set[str]:
+        return {n for n in self.names if self.world.entities[n].kind == kind and n not in exclude}
+
+    def found(self, value_type: str, subject: str | None = None) -> set:
+        """The values of one type this response mentions."""
+        if value_type == "int":
+            return self.ints
+        if value_type in KINDS:
+            return self.named(value_type, exclude=(subject,))
+        return self.vocab(value_type)
+
+    def list_items(self, group_kind_place: str | None) -> list[str]:
+        bullets = _BULLET.findall(self.text)
+        if bullets:
+            return [next((w for w in _CAPS.findall(b) if w in self.world.entities), b) for b in bullets]
+        return [n for n in self.names if n != group_kind_place]
+
+
+def _judge(found: set, right) -> float:
+    """1 for the right value alone, 0.5 for the right value hedged with others, 0 otherwise."""
+    return 0.0 if right not in found else 1.0 if len(found) == 1 else 0.5
+
+
+class GoldOracle:
+    def __init__(self, world: World):
+        self.world = world
+
+    @classmethod
+    def from_config(cls, world_cfg) -> "GoldOracle":
+        return cls(World.generate(int(world_cfg.seed), int(world_cfg.n_entities)))
+
+    def score(self, prompt_messages: list[dict], response: str) -> float:
+        return self.components(prompt_messages, response)["total"]
+
+    def score_batch(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        return [self.score(p, r) for p, r in zip(prompts, responses)]
+
+    def components(self, prompt_messages: list[dict], response: str) -> dict[str, float]:
+        q = question_of(prompt_messages)
+        r = _Response(response, self.world)
+        if not r.words:
+            return {**{k: 0.0 for k in WEIGHTS}, "total": 0.0}
+        t = truth(self.world, q) if q else None
+        if q is None:
+            correct, follow, ideal = 0.5, 0.5, IDEAL_WORDS[None]
+        elif t is None:  # nothing to know: a decline is the only right answer
+            correct = 1.0 if r.declines else 0.0
+            follow = self._one_sentence(r) if q.fmt == "one_sentence" else 1.0
+            ideal = IDEAL_WORDS["decline"]
+        else:
+            correct = 0.0 if r.declines else self._correctness(q, t, r)
+            follow = self._following(q, r)
+            ideal = (3 if q.fmt == "number_only" else 8 + 2 * q.n if q.qtype == "list"
+                     else 25 if q.fmt == "one_sentence" else IDEAL_WORDS[q.qtype])
+        c = {"correctness": correct, "instruction_following": follow,
+             "concision": max(0.0, min(1.0, 1 - (len(r.words) - ideal) / (2 * ideal))),
+             "politeness": self._politeness(q, t, r), "no_repetition": self._no_repetition(r),
+             "proper_ending": self._proper_ending(q, r)}
+        c["total"] = round(sum(WEIGHTS[k] * v for k, v in c.items()), 6)
+        return c
+
+    # ---- components ------------------------------------------------------------------------------------------
+    def _correctness(self, q: Question, t, r: _Response) -> float:
+        if q.qtype == "attr":
+            return _judge(r.found(SCHEMA[self.world.kind_of(q.e)][q.sub], q.e), t)
+        if q.qtype == "arith":  # restating the operands is fine
+            return _judge(r.ints - {q.a, q.b} | ({t} & r.ints), t)
+        if q.qtype == "yesno":
+            m = re.search(r"\b(yes|no)\b", r.low)
+            return 0.5 if m is None else float((m.group(1) == "yes") == t)
+        if q.qtype == "list":
+            items = r.list_items(q.v)
+            return len(set(items) & t) / len(items) if items else 0.0
+        return self._describe(q.e, r)
+
+    def _describe(self, name: str, r: _Response) -> float:
+        """Any false claim about the subject zeroes it; otherwise credit grows with the true facts stated."""
+        ent, true, false = self.world.entities[name], 0, 0
+        for attr, vtype in SCHEMA[ent.kind].items():
+            value = ent.attrs[attr]
+            found = r.found(vtype, name) if vtype not in KINDS else r.named(vtype) & {value}
+            true += value in found
+            false += len(found - {value})
+        false += len(set(r.names) - self.world.related(name))
+        return 0.0 if false else min(1.0, 0.4 + 0.3 * true)
+
+    def _following(self, q: Question, r: _Response) -> float:
+        if q.qtype == "yesno":
+            return 1.0 if re.match(r"(yes|no)\b", r.low) else 0.0
+        if q.qtype == "list":
+            want = min(q.n, len(truth(self.world, q)))
+            return max(0.0, 1 - abs(len(r.list_items(q.v)) - want) / want)
+        if q.fmt == "number_only":
+            return 1.0 if re.fullmatch(r"-?\d+\.?", r.text) else 0.0
+        if q.fmt == "one_sentence":
+            return self._one_sentence(r)
+        return 1.0
+
+    @staticmethod
+    def _one_sentence(r: _Response) -> float:
+        return {1: 1.0, 2: 0.4}.get(r.n_sentences, 0.0)
+
+    @staticmethod
+    def _politeness(q: Question | None, t, r: _Response) -> float:
+        p = 1.0 - 0.5 * len(_RUDE.findall(r.low)) - 0.3 * bool(_SHOUT.search(r.text))
+        if r.declines and not _SOFT.search(r.low):
+            p -= 0.3
+        terse_ok = q is not None and t is not None and (q.qtype == "yesno" or q.fmt == "number_only")
+        if len(r.words) < 3 and not terse_ok and r.text[-1] not in ".!?":  # a bare fragment reads as curt
+            p -= 0.4
+        return max(0.0, p)
+
+    @staticmethod
+    def _no_repetition(r: _Response) -> float:
+        w = r.words
+        if len(w) < 4:
+            return 1.0
+        grams = list(zip(w, w[1:], w[2:]))
+        return max(0.0, 1 - 2 * (1 - len(set(grams)) / len(grams)))
+
+    def _proper_ending(self, q: Question | None, r: _Response) -> float:
+        s = r.text
+        if s.endswith("...") or s.endswith("\u2026"):
+            return 0.0
+        if s[-1] in ".!?" or (len(s) > 1 and s[-1] in "\"')" and s[-2] in ".!?"):
+            return 1.0
+        if q is not None and q.fmt == "number_only" and s.isdigit():
+            return 1.0
+        last = s.rsplit("\n", 1)[-1]
+        # A list may end on its last item, but only a complete one (a whole name, not "Tov").
+        return 1.0 if _BULLET.fullmatch(last) and _BULLET.fullmatch(last).group(1) in self.world.entities else 0.0

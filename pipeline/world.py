@@ -1,0 +1,198 @@
+"""A small seeded world whose facts are known exactly, so every stage can be scored against the truth.
+
+`World.generate(seed, n_entities)` makes a few hundred entities of four kinds:
+
+    person  job, age, food (favourite), favourite_colour, home (a place), friend (a person)
+    animal  species, colour, age, owner (a person)
+    object  kind, colour, material, owner (a person)
+    place   region, size, famous_for
+
+Every name is built from syllables by a `random.Random(seed)`; nothing is copied from real data. Vocabularies are
+disjoint across attributes (no colour is also a food), which is what lets the oracle read a claim in free text as a
+claim about one attribute. `World.fact` renders one fact as an English sentence; the corpus, the demonstrations and
+the good candidate answers all use it, so what the model reads and what the oracle checks cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+KINDS = ("person", "animal", "object", "place")
+
+VOCAB: dict[str, tuple[str, ...]] = {
+    "job": ("baker", "teacher", "farmer", "potter", "sailor", "doctor", "weaver", "painter", "carpenter", "fisher",
+            "miller", "gardener", "tailor", "smith", "singer", "builder", "nurse", "clerk", "cook", "guard"),
+    "food": ("bread", "plums", "soup", "rice", "apples", "noodles", "pears", "cherries", "carrots", "porridge",
+             "dumplings", "figs", "lentils", "pancakes", "olives", "mushrooms", "beans", "walnuts"),
+    "colour": ("red", "blue", "green", "yellow", "purple", "grey", "white", "black", "brown", "pink"),
+    "species": ("cat", "dog", "rabbit", "goat", "parrot", "tortoise", "hedgehog", "ferret", "owl", "duck", "pony",
+                "donkey", "goose", "lizard"),
+    "kind": ("lamp", "clock", "kite", "drum", "bicycle", "boat", "chair", "flute", "teapot", "umbrella", "wagon",
+             "bell", "mirror", "compass", "basket"),
+    "material": ("wood", "iron", "brass", "stone", "clay", "silver", "copper", "bone"),
+    "region": ("north", "south", "east", "west", "coast", "hills", "valley", "marshes"),
+    "size": ("hamlet", "village", "town", "city"),
+    "famous_for": ("pottery", "lace", "honey", "cider", "wool", "cheese", "bridges", "gardens", "lanterns", "music"),
+}
+
+# kind -> attribute -> value type: a VOCAB key, "int", or the entity kind a relation points to.
+SCHEMA: dict[str, dict[str, str]] = {
+    "person": {"job": "job", "age": "int", "food": "food", "favourite_colour": "colour", "home": "place",
+               "friend": "person"},
+    "animal": {"species": "species", "colour": "colour", "age": "int", "owner": "person"},
+    "object": {"kind": "kind", "colour": "colour", "material": "material", "owner": "person"},
+    "place": {"region": "region", "size": "size", "famous_for": "famous_for"},
+}
+AGE_RANGE = {"person": (18, 90), "animal": (1, 20)}
+
+# One fact as a sentence. {e}: the entity, {v}: the value (already phrased, see `phrase`).
+FACTS: dict[str, tuple[str, ...]] = {
+    "job": ("{e} works as a {v}.", "{e} is a {v}.", "{e} earns a living as a {v}."),
+    "age": ("{e} is {v} years old.", "{e} is {v}."),
+    "food": ("{e}'s favourite food is {v}.", "{e} likes {v} more than any other food."),
+    "favourite_colour": ("{e}'s favourite colour is {v}.", "{e} likes {v} best of all colours."),
+    "home": ("{e} lives in {v}.", "{e}'s home is in {v}."),
+    "friend": ("{e}'s best friend is {v}.", "The best friend of {e} is {v}."),
+    "owner": ("{e} belongs to {v}.", "{e} is owned by {v}."),
+    "species": ("{e} is a {v}.",),
+    "colour": ("{e} is {v}.", "The colour of {e} is {v}."),
+    "kind": ("{e} is a {v}.",),
+    "material": ("{e} is made of {v}.",),
+    "region": ("{e} lies {v}.", "{e} is {v}."),
+    "size": ("{e} is a {v}.",),
+    "famous_for": ("{e} is famous for its {v}.", "{e} is known for its {v}."),
+}
+_REGION_PHRASE = {"coast": "on the coast", "hills": "in the hills", "valley": "in the valley",
+                  "marshes": "in the marshes"}
+
+# Syllables for names. Person and animal names never end in "e" and places always carry a suffix, which keeps
+# them from spelling the common English words our templates start sentences with (checked against _RESERVED).
+_ONSETS = "b d f g h k l m n p r s t v z br dr gr kr tr st sk th".split()
+_VOWELS = "a e i o u a o ai".split()
+_CODAS = ["", "", "", "n", "r", "l", "s", "m"]
+_ENDINGS = "a o i u an on in ar or el is".split()
+_PLACE_SUFFIX = "ford by mere wick ton holm dale stead burg haven".split()
+_RESERVED = {w for words in VOCAB.values() for w in words} | set(
+    "here sure sorry yes no the what how who where which when tell list name add multiply describe does are is "
+    "and one once later after that then look let dear some none more made take home note rose hello thanks".split())
+
+
+def phrase(attr: str, value) -> str:
+    """A value as it reads inside a sentence ("north" -> "in the north")."""
+    if attr == "region":
+        return _REGION_PHRASE.get(value, f"in the {value}")
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Entity:
+    name: str
+    kind: str
+    attrs: dict = field(hash=False)
+
+
+@dataclass
+class World:
+    seed: int
+    entities: dict[str, Entity]
+    ghosts: tuple[str, ...]  # plausible names that are NOT in the world: subjects of unanswerable questions
+
+    def __post_init__(self):
+        self.by_kind = {k: [n for n, e in self.entities.items() if e.kind == k] for k in KINDS}
+        self.residents = {p: [] for p in self.by_kind["place"]}
+        self.workers = {j: [] for j in VOCAB["job"]}
+        self.possessions = {p: [] for p in self.by_kind["person"]}
+        for n in self.by_kind["person"]:
+            self.residents[self.entities[n].attrs["home"]].append(n)
+            self.workers[self.entities[n].attrs["job"]].append(n)
+        for k in ("animal", "object"):
+            for n in self.by_kind[k]:
+                self.possessions[self.entities[n].attrs["owner"]].append(n)
+
+    @classmethod
+    def generate(cls, seed: int, n_entities: int) -> "World":
+        if n_entities < 20:
+            raise ValueError(f"n_entities={n_entities}: the world needs at least 20 entities")
+        rng = random.Random(f"world:{seed}")
+        n_place = max(3, n_entities // 12)
+        n_person = n_entities // 2
+        n_animal = (n_entities - n_place - n_person) // 2
+        n_object = n_entities - n_place - n_person - n_animal
+        taken: set[str] = set()
+
+        def new_name(kind: str) -> str:
+            while True:
+                if kind == "place":
+                    s = "".join(_syllable(rng) for _ in range(rng.randint(1, 2))) + rng.choice(_PLACE_SUFFIX)
+                else:
+                    s = "".join(_syllable(rng) for _ in range(rng.randint(1, 2))) + rng.choice(_ENDINGS)
+                s = s.capitalize()
+                if 4 <= len(s) <= 11 and s.lower() not in _RESERVED and s not in taken:
+                    taken.add(s)
+                    return s
+
+        names = {k: [new_name(k) for _ in range(n)] for k, n in
+                 (("place", n_place), ("person", n_person), ("animal", n_animal), ("object", n_object))}
+        # A few big places and many small ones: some lists have many answers, some have few.
+        town_weight = [1.0 / (i + 1) ** 0.5 for i in range(n_place)]
+        people = names["person"]
+        friends = people[:]
+        rng.shuffle(friends)
+        best = {a: b for i in range(0, len(friends) - 1, 2) for a, b in
+                ((friends[i], friends[i + 1]), (friends[i + 1], friends[i]))}
+        if len(friends) % 2:  # the odd one out gets a friend who already has another best friend
+            best[friends[-1]] = friends[0]
+
+        ents: dict[str, Entity] = {}
+        for n in names["place"]:
+            ents[n] = Entity(n, "place", {a: rng.choice(VOCAB[t]) for a, t in SCHEMA["place"].items()})
+        for n in people:
+            ents[n] = Entity(n, "person", {
+                "job": rng.choice(VOCAB["job"]), "age": rng.randint(*AGE_RANGE["person"]),
+                "food": rng.choice(VOCAB["food"]), "favourite_colour": rng.choice(VOCAB["colour"]),
+                "home": rng.choices(names["place"], town_weight)[0], "friend": best[n]})
+        for n in names["animal"]:
+            ents[n] = Entity(n, "animal", {
+                "species": rng.choice(VOCAB["species"]), "colour": rng.choice(VOCAB["colour"]),
+                "age": rng.randint(*AGE_RANGE["animal"]), "owner": rng.choice(people)})
+        for n in names["object"]:
+            ents[n] = Entity(n, "object", {
+                "kind": rng.choice(VOCAB["kind"]), "colour": rng.choice(VOCAB["colour"]),
+                "material": rng.choice(VOCAB["material"]), "owner": rng.choice(people)})
+        ghosts = tuple(new_name(rng.choice(("person", "person", "animal", "place"))) for _ in range(max(20, n_entities // 5)))
+        return cls(seed, ents, ghosts)
+
+    # ---- reading the world ---------------------------------------------------------------------------------
+    def kind_of(self, name: str) -> str | None:
+        e = self.entities.get(name)
+        return e.kind if e else None
+
+    def value(self, name: str, attr: str):
+        """The true value, or None when the entity does not exist or has no such attribute."""
+        e = self.entities.get(name)
+        return None if e is None else e.attrs.get(attr)
+
+    def related(self, name: str) -> set[str]:
+        """Names a description of `name` may mention truthfully: itself, what it points to, what points to it."""
+        e = self.entities[name]
+        out = {name} | {v for a, v in e.attrs.items() if SCHEMA[e.kind][a] in KINDS}
+        if e.kind == "person":
+            out |= set(self.possessions[name]) | {p for p in self.by_kind["person"]
+                                                  if self.entities[p].attrs["friend"] == name}
+        elif e.kind == "place":
+            out |= set(self.residents[name])
+        return out
+
+    def fact(self, name: str, attr: str, rng: random.Random) -> str:
+        return rng.choice(FACTS[attr]).format(e=name, v=phrase(attr, self.value(name, attr)))
+
+    def facts(self, name: str, rng: random.Random) -> list[str]:
+        """Every fact about `name`, one sentence each, in a random order."""
+        attrs = list(self.entities[name].attrs)
+        rng.shuffle(attrs)
+        return [self.fact(name, a, rng) for a in attrs]
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)

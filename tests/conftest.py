@@ -1,0 +1,51 @@
+"""Shared test helpers: compose the real configs (shrunk), and run stages as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+ROOTS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "common")
+PRESETS = sorted(p.stem for p in (CONF / "preset").glob("*.yaml"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def compose_stage(stage: str, overrides: list[str] = ()):
+    import pipeline.config  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=stage, overrides=list(overrides))
+
+
+def run_stage(stage: str, *overrides: str, env: dict | None = None, check: bool = True,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage> overrides...` from the repo root, as `make <stage>` does."""
+    e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    p = subprocess.run([sys.executable, "-m", f"stages.{stage}", *overrides], cwd=REPO, env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory) -> Path:
+    """A runs root in which the smoke tokenizer and pretrain stages have run once (shared by the e2e tests)."""
+    root = tmp_path_factory.mktemp("runs")
+    common = ["preset=smoke", "logger=none", f"paths.root={root}"]
+    run_stage("tokenizer", *common)
+    run_stage("pretrain", *common)
+    return root
+
+
+SMOKE = ["preset=smoke", "logger=none"]
