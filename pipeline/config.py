@@ -163,3 +163,115 @@ def register(name: str, schema: Any) -> None:
 
 for _name, _schema in list(SCHEMAS.items()):
     register(_name, _schema)
+
+
+# ---- sft / reward / inference (stages/sft.py, stages/reward.py, stages/chat.py) ----
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding (pipeline/generation.py). conf/generation/{greedy,sample,beam}.yaml are the usual choices."""
+
+    max_new_tokens: int = 96
+    do_sample: bool = False  # False: greedy (num_beams=1) or beam search (num_beams>1)
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    num_beams: int = 1
+
+
+@dataclass
+class LoraSettings:
+    """LoRA through peft (conf/peft/lora.yaml turns it on)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = "all-linear"  # or a comma-separated list: q_proj,v_proj
+    merge: bool = True  # merge into the base weights on save; false: final/ holds the adapter only
+
+
+@dataclass
+class SFTTrain:
+    batch_size: int = 16  # dialogues per device per micro-step (or packed blocks with packing=true)
+    grad_accum: int = 1
+    max_steps: int = 500
+    max_length: Optional[int] = None  # tokens per dialogue, longer ones are truncated (counted); None: model.max_seq_len
+    packing: bool = False
+    eval_every: int = 100  # held-out loss on data.sft_eval and a table of sample responses
+    eval_batch_size: Optional[int] = None  # None: batch_size
+    save_every: int = 100  # Trainer checkpoint (resume point)
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False
+    sample_prompts: int = 8  # fixed eval prompts answered at each evaluation (the samples table)
+    gold_eval_prompts: Optional[int] = None  # cap data.eval_prompts for the final gold evaluation; None: all
+    gen_batch_size: int = 32
+    eval_pretrained: bool = True  # also score the starting model: eval/pretrain_gold_score
+
+
+@dataclass
+class RewardTrain:
+    batch_size: int = 16  # preference pairs per device per micro-step
+    grad_accum: int = 1
+    max_steps: int = 500
+    max_length: Optional[int] = None  # prompt + response tokens; longer pairs are dropped (counted); None: model.max_seq_len
+    eval_every: int = 100
+    eval_batch_size: Optional[int] = None  # None: batch_size
+    save_every: int = 100
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    gradient_checkpointing: bool = False
+    center_rewards_coefficient: Optional[float] = None  # e.g. 0.01 pulls rewards towards mean zero
+    group_by_prompt: bool = False  # InstructGPT: all pairs of one prompt's ranking in the same batch
+    calibration_bins: int = 10
+    stats_prompts: int = 256  # prompts of data.prompts answered by the SFT policy to measure reward mean/std
+    gen_batch_size: int = 32
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    stage: str = "sft"
+    train: SFTTrain = field(default_factory=SFTTrain)
+    peft: LoraSettings = field(default_factory=LoraSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # for the gold evaluation
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    stage: str = "reward"
+    train: RewardTrain = field(default_factory=RewardTrain)
+    peft: LoraSettings = field(default_factory=LoraSettings)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # SFT samples for reward_stats
+
+
+@dataclass
+class ChatConfig:
+    """stages/chat.py: talk to a checkpoint. Not a pipeline stage: writes nothing."""
+
+    stage: Optional[str] = None  # whose final/ to load; None: the latest complete stage of the run
+    checkpoint: Optional[str] = None  # any Hugging Face checkpoint folder (wins over stage)
+    run: str = "default"
+    seed: int = 0
+    precision: str = "auto"
+    system: Optional[str] = None  # system prompt opening every conversation
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass
+class GenerateConfig(ChatConfig):
+    """stages/generate.py: responses for a prompts file."""
+
+    input: Optional[str] = None  # .jsonl ({"messages": [...]} or {"prompt": "..."}) or .txt; None: built-in eval prompts
+    output: Optional[str] = None  # .jsonl; None: next to the input (or in the run folder) as *.responses.jsonl
+    batch_size: int = 16
+    limit: Optional[int] = None  # first N prompts only
+    gold: bool = True  # add the gold oracle's score when the prompts are the built-in world's
+
+
+for _name, _schema in {"sft": SFTConfig, "reward": RewardConfig, "chat": ChatConfig,
+                       "generate": GenerateConfig}.items():
+    register(_name, _schema)

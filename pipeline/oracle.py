@@ -11,12 +11,13 @@ on style, with correctness and instruction following held at a neutral 0.5.
 
 Components, each in [0, 1], and their weights in the total (which is therefore also in [0, 1]):
 
-    correctness            0.40  the answer agrees with the world; for a question the world has no answer to
+    correctness            0.35  the answer agrees with the world; for a question the world has no answer to
                                  (unknown entity, undefined attribute) only a decline is correct, anything else is a
                                  made-up answer and scores 0. Hedging between two values scores 0.5.
     instruction_following  0.20  "one sentence", "just the number", yes/no questions start with yes or no,
                                  "list N ..." gives N items
-    concision              0.10  1 up to an ideal length per question type, then linearly to 0 at 3x that length
+    concision              0.15  1 up to an ideal length per question type (IDEAL_WORDS), then linearly to 0 at
+                                 twice that length: padding ("Great question! ... I hope this helps!") costs
     politeness             0.10  no rude phrases or shouting; declines say sorry; no bare one-word fragments
     no_repetition          0.10  1 - 2 x (share of repeated word trigrams)
     proper_ending          0.10  ends like a finished sentence (., !, ?), not cut off mid-word or trailing "..."
@@ -34,7 +35,7 @@ from dataclasses import dataclass, replace
 
 from pipeline.world import KINDS, SCHEMA, VOCAB, World
 
-WEIGHTS = {"correctness": 0.40, "instruction_following": 0.20, "concision": 0.10, "politeness": 0.10,
+WEIGHTS = {"correctness": 0.35, "instruction_following": 0.20, "concision": 0.15, "politeness": 0.10,
            "no_repetition": 0.10, "proper_ending": 0.10}
 
 # (question type, sub-type, template). Slots: {e} {e2} entities, {t} a place, {v} a value word, {n} a count,
@@ -83,7 +84,8 @@ FORMATS = {
 THINGS = ("apples", "marbles", "coins", "shells", "eggs", "stamps", "buttons", "pebbles")
 NUMBER_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 IS_A_ATTRS = ("job", "species", "kind", "size")  # what "Is X a {v}?" can ask about
-IDEAL_WORDS = {"attr": 14, "yesno": 14, "arith": 12, "describe": 30, "decline": 25, None: 40}
+# Words a complete answer needs; concision falls linearly from 1 at this length to 0 at twice it.
+IDEAL_WORDS = {"attr": 10, "yesno": 12, "arith": 8, "describe": 24, "decline": 16, None: 40}
 
 
 @dataclass(frozen=True)
@@ -290,10 +292,10 @@ class GoldOracle:
         else:
             correct = 0.0 if r.declines else self._correctness(q, t, r)
             follow = self._following(q, r)
-            ideal = (3 if q.fmt == "number_only" else 8 + 2 * q.n if q.qtype == "list"
-                     else 25 if q.fmt == "one_sentence" else IDEAL_WORDS[q.qtype])
+            ideal = (3 if q.fmt == "number_only" else 6 + 2 * q.n if q.qtype == "list"
+                     else 18 if q.qtype == "describe" and q.fmt == "one_sentence" else IDEAL_WORDS[q.qtype])
         c = {"correctness": correct, "instruction_following": follow,
-             "concision": max(0.0, min(1.0, 1 - (len(r.words) - ideal) / (2 * ideal))),
+             "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)),
              "politeness": self._politeness(q, t, r), "no_repetition": self._no_repetition(r),
              "proper_ending": self._proper_ending(q, r)}
         c["total"] = round(sum(WEIGHTS[k] * v for k, v in c.items()), 6)
@@ -342,7 +344,7 @@ class GoldOracle:
 
     @staticmethod
     def _politeness(q: Question | None, t, r: _Response) -> float:
-        p = 1.0 - 0.5 * len(_RUDE.findall(r.low)) - 0.3 * bool(_SHOUT.search(r.text))
+        p = 1.0 - 0.7 * len(_RUDE.findall(r.low)) - 0.3 * bool(_SHOUT.search(r.text))
         if r.declines and not _SOFT.search(r.low):
             p -= 0.3
         terse_ok = q is not None and t is not None and (q.qtype == "yesno" or q.fmt == "number_only")

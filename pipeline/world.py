@@ -68,14 +68,15 @@ _REGION_PHRASE = {"coast": "on the coast", "hills": "in the hills", "valley": "i
 
 # Syllables for names. Person and animal names never end in "e" and places always carry a suffix, which keeps
 # them from spelling the common English words our templates start sentences with (checked against _RESERVED).
-_ONSETS = "b d f g h k l m n p r s t v z br dr gr kr tr st sk th".split()
-_VOWELS = "a e i o u a o ai".split()
-_CODAS = ["", "", "", "n", "r", "l", "s", "m"]
+_ONSETS = "b d f g h k l m n p r s t v z".split() * 4 + "br dr gr kr tr st sk th".split()
+_VOWELS = "a e i o u a o".split()
+_CODAS = [""] * 10 + ["n", "r", "l", "s", "m"]
 _ENDINGS = "a o i u an on in ar or el is".split()
 _PLACE_SUFFIX = "ford by mere wick ton holm dale stead burg haven".split()
 _RESERVED = {w for words in VOCAB.values() for w in words} | set(
     "here sure sorry yes no the what how who where which when tell list name add multiply describe does are is "
-    "and one once later after that then look let dear some none more made take home note rose hello thanks".split())
+    "and one once later after that then look let dear some none more made take home note rose hello thanks mama papa "
+    "sofa soda data tuna solo memo drama".split())
 
 
 def phrase(attr: str, value) -> str:
@@ -126,9 +127,9 @@ class World:
                 if kind == "place":
                     s = "".join(_syllable(rng) for _ in range(rng.randint(1, 2))) + rng.choice(_PLACE_SUFFIX)
                 else:
-                    s = "".join(_syllable(rng) for _ in range(rng.randint(1, 2))) + rng.choice(_ENDINGS)
+                    s = "".join(_syllable(rng) for _ in range(rng.randint(1, 2))) + rng.choice(_ONSETS) + rng.choice(_ENDINGS)
                 s = s.capitalize()
-                if 4 <= len(s) <= 11 and s.lower() not in _RESERVED and s not in taken:
+                if 4 <= len(s) <= 10 and s.lower() not in _RESERVED and s not in taken:
                     taken.add(s)
                     return s
 

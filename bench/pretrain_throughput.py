@@ -1,0 +1,326 @@
+"""Pretraining throughput: our stage (`python -m stages.pretrain`) against a bare PyTorch loop, side by side.
+
+    make bench                                        # = python bench/pretrain_throughput.py
+    python bench/pretrain_throughput.py --preset smoke --steps 30 --warmup-steps 10
+    python bench/pretrain_throughput.py --steps 60 --runs-root /tmp/bench-runs   # keep the run folder
+
+What it does, in one run:
+
+1. Measures this machine's matmul peak: fp32 `torch.matmul` of two 2048 x 2048 matrices, best of a few repeats,
+   with the torch thread count the training uses (taken before and after the training runs; the best counts).
+2. Runs the tokenizer stage, then the pretrain stage as a subprocess (`preset=<preset> train.max_steps=<steps>`,
+   eval and checkpoints pushed past the last step, `logger=none`, `force=true`) into a temporary runs root, and
+   reads the stage's own per-interval `train/tokens_per_s` from runs/<run>/pretrain/metrics.jsonl, skipping the
+   intervals that end within the first --warmup-steps steps.
+3. Runs a bare loop in a second subprocess (this file with --bare-worker, so the two share no allocator, thread
+   pool or import state and start alike): the identical model (build_from_config on the stage's resolved
+   config.yaml, seeded like the stage), the identical packed blocks and the identical batches (the stage's own
+   batch_indices, precomputed before timing), AdamW with the stage's parameter groups and hyperparameters, the
+   stage's learning-rate schedule (so the losses can be compared), and a minimal loop: forward, backward, clip,
+   step, zero_grad. It is timed like the stage: one `.item()` every log_every steps closes an interval, and the
+   same warmup intervals are skipped.
+4. Prints tokens/s of each, the ratio stage/bare (target >= 0.95 on CPU), the model FLOP utilisation of each
+   (tokens/s * flops_per_token / measured peak) and the machine, and appends a row to the
+   "## Pretraining throughput" section of bench/results.md (other sections are kept as they are).
+
+Both loops are given the same OMP_NUM_THREADS (--threads, default torch's own default here), so the peak, the
+stage and the bare loop all run with one thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results.md"
+SECTION = "## Pretraining throughput"
+RUN = "bench"
+
+
+# ---- machine ---------------------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def n_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
+    """(best, median) fp32 matmul GFLOP/s with the current torch thread count."""
+    import torch
+
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    for _ in range(2):
+        torch.matmul(a, b, out=c)
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    return max(rates), statistics.median(rates)
+
+
+# ---- timing helpers shared by both sides -----------------------------------------------------------------------
+def steady_rate(intervals: list[tuple[int, int, float]], warmup: int) -> tuple[float, list[float], int]:
+    """intervals: (end_step, tokens, seconds). Tokens/s over the intervals that start at or after `warmup`,
+    as total tokens / total time; also the per-interval rates and the number of measured steps."""
+    kept, prev = [], 0
+    for end, tokens, secs in intervals:
+        if prev >= warmup:
+            kept.append((end - prev, tokens, secs))
+        prev = end
+    if not kept:
+        raise SystemExit(f"no interval left after {warmup} warmup steps: raise --steps")
+    rate = sum(k[1] for k in kept) / sum(k[2] for k in kept)
+    return rate, [k[1] / k[2] for k in kept], sum(k[0] for k in kept)
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------
+def run_logged(cmd: list[str], log: Path, env: dict) -> float:
+    t = time.time()
+    with open(log, "w") as f:
+        r = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{tail}")
+    return time.time() - t
+
+
+def stage_intervals(metrics: Path, since: float) -> list[tuple[int, int, float]]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("time", 0) >= since and "train/tokens_per_s" in r]
+    out, prev = [], 0
+    for r in sorted(rows, key=lambda r: r["step"]):
+        step = int(r["step"])
+        tokens = round(r["train/tokens"] / step) * (step - prev)  # train/tokens = step * tokens_per_step
+        out.append((step, tokens, tokens / r["train/tokens_per_s"]))
+        prev = step
+    return out
+
+
+# ---- the bare loop (runs in its own process: --bare-worker) ----------------------------------------------------
+def bare_worker(stage_dir: Path, steps: int, out: Path) -> None:
+    import torch
+    from accelerate.utils import set_seed
+    from omegaconf import OmegaConf
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    import pipeline.config  # noqa: F401
+    from pipeline.formats import load_corpus
+    from pipeline.models import build_from_config, flops_per_token, n_params
+    from pipeline.packing import batch_indices, pack, split_documents
+    from pipeline.tokenizer import load_tokenizer
+
+    cfg = OmegaConf.load(stage_dir / "config.yaml")  # the stage's resolved config: same sizes, same data, same seed
+    tok = load_tokenizer(str(Path(cfg.paths.root) / (cfg.parent_run or cfg.run) / "tokenizer" / "final"))
+    set_seed(cfg.seed)  # as the stage does right before building the model: identical initial weights
+    model = build_from_config(cfg.model, tok)
+    t = cfg.train
+    block = t.block_size or cfg.model.max_seq_len
+
+    docs, _ = load_corpus(cfg.data.corpus, cfg.data.world, cfg.paths.cache)
+    docs = docs[: cfg.data.max_docs] if cfg.data.max_docs else docs
+    train_docs, _ = split_documents(docs, cfg.data.val_fraction, cfg.seed)
+    blocks = pack(train_docs, tok, block)
+    # The stage's own batches, gathered once here so that the timed loop does nothing but train.
+    batches = [[blocks[batch_indices(len(blocks), t.batch_size, s, m, t.grad_accum, 1, 0, cfg.seed)]
+                for m in range(t.grad_accum)] for s in range(steps)]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.optim.warmup_steps, t.max_steps,
+                                                        min_lr_rate=cfg.optim.min_lr_ratio)
+    tokens_per_step = t.batch_size * t.grad_accum * block
+    model.train()
+
+    intervals, losses = [], {}
+    t_log, since = time.time(), 0
+    for step in range(steps):
+        for x in batches[step]:
+            loss = model(input_ids=x, labels=x).loss
+            (loss / t.grad_accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        since += 1
+        done = step + 1
+        if done % t.log_every == 0 or done == steps:
+            losses[done] = loss.item()  # the one sync per interval, as in the stage
+            now = time.time()
+            intervals.append((done, since * tokens_per_step, now - t_log))
+            t_log, since = now, 0
+
+    out.write_text(json.dumps({
+        "intervals": intervals, "losses": losses, "threads": torch.get_num_threads(),
+        "flops_per_token": flops_per_token(model, block), "params": n_params(model), "block": block,
+        "tokens_per_step": tokens_per_step, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+        "blocks_shape": list(blocks.shape),
+    }))
+
+
+# ---- results.md ------------------------------------------------------------------------------------------------
+HEADER = ("| date | machine | torch threads | preset | measured steps | peak GFLOP/s | stage tok/s | bare tok/s "
+          "| stage/bare | MFU stage | MFU bare |")
+INTRO = ("`python bench/pretrain_throughput.py` (`make bench`): tokens/s of `python -m stages.pretrain` and of a bare "
+         "PyTorch loop on the same model, batches and optimizer, after warmup; MFU = tokens/s x flops_per_token / "
+         "the measured fp32 matmul peak. One row per run, newest last.")
+
+
+def update_results(row: str) -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nFigures written by the scripts in bench/ (see bench/README.md).\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    if start is None:
+        before, rows, after = lines, [], []
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        table = [line for line in lines[start + 1: end] if line.startswith("|")]
+        before, rows, after = lines[:start], table[2:], lines[end:]
+    while before and not before[-1].strip():
+        before.pop()
+    section = [SECTION, "", INTRO, "", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|", *rows, row]
+    RESULTS.write_text("\n".join(before + [""] + section + ([""] + after if after else [])) + "\n")
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu", help="conf/preset/<name> (default: cpu)")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each loop (default: 40)")
+    ap.add_argument("--warmup-steps", type=int, default=10,
+                    help="steps not timed, rounded up to the stage's log_every (default: 10)")
+    ap.add_argument("--runs-root", default=None,
+                    help="paths.root for the tokenizer and pretrain runs (default: a temporary folder, removed after)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's default)")
+    ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
+    ap.add_argument("--bare-worker", nargs=3, metavar=("STAGE_DIR", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.bare_worker:
+        sys.path.insert(0, str(REPO))
+        d, steps, out = args.bare_worker
+        bare_worker(Path(d), int(steps), Path(out))
+        return
+
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
+               [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    py = sys.executable
+    machine = f"{cpu_model()}, {n_cores()} cores, {platform.system()} {platform.release()}"
+    print(f"[bench] {machine}; python {platform.python_version()}, torch {torch.__version__}, {threads} threads; "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    peak_before = matmul_peak()
+    print(f"[bench] fp32 matmul 2048^3: best {peak_before[0]:.1f} GFLOP/s, median {peak_before[1]:.1f}")
+
+    tmp = None
+    root = Path(args.runs_root) if args.runs_root else Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
+    if not args.runs_root:
+        tmp = root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        common = [f"preset={args.preset}", "logger=none", f"paths.root={root}", f"run={RUN}"]
+        dt = run_logged([py, "-m", "stages.tokenizer", *common], root / "tokenizer.log", env)
+        print(f"[bench] tokenizer stage ready ({dt:.0f} s)")
+
+        # The stage's log_every decides the interval grid; read it from a dry compose of the stage's config.
+        from hydra import compose, initialize_config_dir
+
+        sys.path.insert(0, str(REPO))
+        import pipeline.config  # noqa: F401
+
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("pretrain", overrides=[f"preset={args.preset}"])
+        log_every = cfg.train.log_every
+        warmup = -(-args.warmup_steps // log_every) * log_every
+        if args.steps <= warmup:
+            raise SystemExit(f"--steps {args.steps} leaves nothing after {warmup} warmup steps")
+        beyond = args.steps + 1
+        stage_cmd = [py, "-m", "stages.pretrain", *common, f"train.max_steps={args.steps}",
+                     f"train.eval_every={beyond}", f"train.save_every={beyond}", "force=true"]
+        print(f"[bench] stage: python -m stages.pretrain {' '.join(stage_cmd[3:])}".replace(str(root), "<runs-root>"))
+        since = time.time()
+        dt = run_logged(stage_cmd, root / "pretrain.log", env)
+        stage_dir = root / RUN / "pretrain"
+        s_rate, s_rates, s_steps = steady_rate(stage_intervals(stage_dir / "metrics.jsonl", since), warmup)
+        s_loss = {int(r["step"]): r["train/loss"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text()
+                                                                 .splitlines()) if r.get("time", 0) >= since
+                  and "train/loss" in r}
+        print(f"[bench] stage done ({dt:.0f} s): {s_rate:.0f} tokens/s over {s_steps} steps")
+
+        print("[bench] bare loop (own process) ...")
+        out = root / "bare.json"
+        dt = run_logged([py, str(Path(__file__).resolve()), "--bare-worker", str(stage_dir), str(args.steps),
+                         str(out)], root / "bare.log", env)
+        bare = json.loads(out.read_text())
+        b_rate, b_rates, b_steps = steady_rate([tuple(i) for i in bare["intervals"]], warmup)
+        print(f"[bench] bare done ({dt:.0f} s): {b_rate:.0f} tokens/s over {b_steps} steps")
+        manifest = json.loads((stage_dir / "manifest.json").read_text())
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    peak_after = matmul_peak()
+    peak = max(peak_before[0], peak_after[0])
+    fpt = bare["flops_per_token"]
+    mfu_s, mfu_b = s_rate * fpt / (peak * 1e9), b_rate * fpt / (peak * 1e9)
+    ratio = s_rate / b_rate
+    same_params = manifest.get("metrics", {}).get("model/params") == bare["params"]
+    dloss = max((abs(s_loss[k] - bare["losses"][str(k)]) for k in s_loss if str(k) in bare["losses"]), default=None)
+
+    rows = [
+        ("machine", machine),
+        ("torch threads", f"{threads} (bare loop: {bare['threads']})"),
+        ("fp32 matmul peak", f"{peak:.1f} GFLOP/s (before {peak_before[0]:.1f}, after {peak_after[0]:.1f})"),
+        ("model", f"{bare['params'] / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token, blocks {bare['blocks_shape']}"),
+        ("batch", f"{bare['batch_size']} x {bare['block']} tokens x grad_accum {bare['grad_accum']} "
+                  f"= {bare['tokens_per_step']} tokens/step"),
+        ("timed", f"steps {warmup + 1}..{args.steps} ({s_steps} stage / {b_steps} bare), warmup {warmup}"),
+        ("tokens/s stage", f"{s_rate:.0f}  (per interval: {', '.join(f'{r:.0f}' for r in s_rates)})"),
+        ("tokens/s bare", f"{b_rate:.0f}  (per interval: {', '.join(f'{r:.0f}' for r in b_rates)})"),
+        ("ratio stage/bare", f"{ratio:.3f}  ({'ok' if ratio >= 0.95 else 'BELOW'} target 0.95)"),
+        ("MFU stage", f"{mfu_s:.1%}"),
+        ("MFU bare", f"{mfu_b:.1%}"),
+        ("same work", f"params {'equal' if same_params else 'DIFFER'}; max |loss stage - loss bare| at logged steps "
+                      f"{'n/a' if dloss is None else f'{dloss:.2e}'}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+
+    if not args.no_results:
+        cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.preset, str(s_steps), f"{peak:.1f}",
+                 f"{s_rate:.0f}", f"{b_rate:.0f}", f"{ratio:.3f}", f"{mfu_s:.1%}", f"{mfu_b:.1%}"]
+        update_results("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        print(f"\n[bench] row added to bench/results.md ({SECTION[3:]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Evaluation shared by the stages: the gold score of a policy, and the accuracy and calibration of a reward model.
+
+    metrics, samples = gold_eval(model, tok, prompts, GoldOracle.from_config(cfg.data.world), settings, batch_size=32)
+    metrics["eval/gold_score"]       # mean gold score of the replies, in [0, 1]
+    rewards = reward_scores(rm, tok, prompts, responses, batch_size=32)   # what the RM says about (prompt, reply)
+
+Under accelerate with several processes every process answers its share of the prompts and the results are gathered,
+so each process returns the same metrics; call these on every process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from pipeline.generation import _messages, _model_device, generate
+
+
+def _dist():
+    """(rank, world size) of this process; (0, 1) outside accelerate."""
+    from accelerate import PartialState
+
+    s = PartialState()
+    return s.process_index, s.num_processes
+
+
+def _gather(items: list) -> list:
+    rank, world = _dist()
+    if world == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    """A prompt for a table cell: the last user turn, with earlier turns marked as such."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
+
+
+def gold_eval(model, tokenizer, prompts: Sequence, oracle, settings, batch_size: int = 32, device=None,
+              seed: int = 0, prefix: str = "eval", max_samples: Optional[int] = None) -> tuple[dict, list[list]]:
+    """Answer `prompts` (lists of messages, or {"messages": ...} records) and score the replies with the oracle.
+
+    Returns (metrics, samples): `<prefix>/gold_score` (mean), `<prefix>/gold/<component>` (means),
+    `<prefix>/response_tokens` (mean generated tokens), `<prefix>/ended_fraction` (share that closed their turn
+    before max_new_tokens); samples are [prompt, response, gold score] rows in prompt order (`max_samples` first).
+    """
+    msgs = [_messages(p) for p in prompts]
+    rank, world = _dist()
+    mine = list(range(rank, len(msgs), world))
+    replies = generate(model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device,
+                       seed=seed + 7919 * rank)
+    rows = []
+    for i, r in zip(mine, replies):
+        comps = oracle.components(msgs[i], str(r))
+        rows.append((i, str(r), comps, r.n_tokens, r.ended))
+    rows = sorted(_gather(rows), key=lambda x: x[0])
+    n = max(len(rows), 1)
+    metrics = {f"{prefix}/gold_score": sum(c["total"] for _, _, c, _, _ in rows) / n,
+               f"{prefix}/response_tokens": sum(t for *_, t, _ in rows) / n,
+               f"{prefix}/ended_fraction": sum(e for *_, e in rows) / n}
+    for k in (rows[0][2] if rows else {}):
+        if k != "total":
+            metrics[f"{prefix}/gold/{k}"] = sum(c[k] for _, _, c, _, _ in rows) / n
+    samples = [[_prompt_text(msgs[i]), text, round(c["total"], 4)] for i, text, c, _, _ in rows[:max_samples]]
+    return metrics, samples
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
+    """Share of prompts where a beats b (paired by position); a tie counts half."""
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"win_rate: {len(scores_a)} scores against {len(scores_b)}")
+    if not scores_a:
+        return float("nan")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
+
+
+# ---- reward models -------------------------------------------------------------------------------------------
+
+def rm_input_ids(tokenizer, prompt: list[dict], response: str) -> list[int]:
+    """The token ids a reward model scores: the whole conversation through the chat template, the reply as the final
+    assistant turn (exactly how TRL's RewardTrainer tokenizes prompt + chosen)."""
+    msgs = list(prompt) + [{"role": "assistant", "content": response}]
+    return list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+
+
+@torch.no_grad()
+def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, device=None) -> list[float]:
+    """Scalar rewards of tokenized sequences (right-padded batches, longest first)."""
+    device = device or _model_device(model)
+    out = [0.0] * len(ids)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            width = max(len(ids[i]) for i in idx)
+            x = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            m = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                x[j, :len(ids[i])] = torch.tensor(ids[i])
+                m[j, :len(ids[i])] = 1
+            r = model(input_ids=x.to(device), attention_mask=m.to(device)).logits[:, 0].float().cpu().tolist()
+            for j, i in enumerate(idx):
+                out[i] = r[j]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
+                  device=None) -> list[float]:
+    """The reward model's score of each (prompt, response)."""
+    ids = [rm_input_ids(tokenizer, _messages(p), r) for p, r in zip(prompts, responses)]
+    return score_ids(model, ids, tokenizer.pad_token_id, batch_size, device)
+
+
+def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], bins: int = 10) -> float:
+    """ECE of binary predictions: confidence max(p, 1-p) against whether the predicted side matches the label,
+    |accuracy - confidence| averaged over `bins` equal-width confidence bins, weighted by their counts."""
+    if not probs:
+        return float("nan")
+    conf = [max(p, 1 - p) for p in probs]
+    right = [float((p > 0.5) == bool(y)) for p, y in zip(probs, labels)]
+    total = 0.0
+    for b in range(bins):
+        lo, hi = 0.5 + 0.5 * b / bins, 0.5 + 0.5 * (b + 1) / bins
+        idx = [i for i, c in enumerate(conf) if lo <= c < hi or (b == bins - 1 and c == hi)]
+        if idx:
+            acc = sum(right[i] for i in idx) / len(idx)
+            mean_conf = sum(conf[i] for i in idx) / len(idx)
+            total += abs(acc - mean_conf) * len(idx) / len(probs)
+    return total
+
+
+def preference_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float],
+                       gold_margins: Optional[Sequence[Optional[float]]] = None, bins: int = 10,
+                       prefix: str = "eval") -> dict:
+    """Accuracy against the labels, against the gold oracle (pairs it ranks equal are left out), ECE, mean margin."""
+    margins = [c - r for c, r in zip(r_chosen, r_rejected)]
+    n = max(len(margins), 1)
+    out = {f"{prefix}/accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / n,
+           f"{prefix}/margin": sum(margins) / n,
+           f"{prefix}/ece": expected_calibration_error([1 / (1 + math.exp(-max(min(m, 50), -50))) for m in margins],
+                                                       [1] * len(margins), bins),
+           f"{prefix}/pairs": len(margins)}
+    if gold_margins is not None:
+        g = [(m, gm) for m, gm in zip(margins, gold_margins) if gm is not None and gm != 0]
+        if g:
+            out[f"{prefix}/gold_accuracy"] = sum(0.5 if m == 0 else float((m > 0) == (gm > 0)) for m, gm in g) / len(g)
+            out[f"{prefix}/gold_pairs"] = len(g)
+    return out

@@ -1,0 +1,322 @@
+"""Stage 4 — RLHF with PPO against the reward model, scored by the gold oracle.
+
+    make ppo                                         # = python -m stages.ppo
+    python -m stages.ppo train.kl_coef=0.1 train.adaptive_kl=true RUN=akl
+    python -m stages.ppo -m train.kl_coef=0.02,0.05,0.1 parent_run=default     # a sweep, one run per value
+    accelerate launch --num_processes 2 -m stages.ppo                          # several processes / GPUs
+
+Each iteration: sample prompts -> generate -> score with the reward model -> per-token KL penalty against the
+frozen SFT policy -> GAE advantages -> several epochs of clipped PPO updates of actor and critic. The math is in
+pipeline/ppo_math.py (pure functions, tested against hand-computed tensors); the model plumbing in
+pipeline/rollout.py; this file is the loop. Every implementation detail is a config switch (conf/preset/ppo/).
+"""
+
+import copy
+import json
+import math
+import time
+
+import hydra
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from omegaconf import DictConfig
+from tqdm import tqdm
+from transformers import AutoModelForSequenceClassification, get_cosine_with_min_lr_schedule_with_warmup
+
+import pipeline.config  # noqa: F401  (registers the structured configs)
+from pipeline import ppo_math as pm
+from pipeline.errors import UserError, friendly
+from pipeline.evaluation import win_rate
+from pipeline.formats import load_prompts
+from pipeline.models import load_causal_lm, mixed_precision
+from pipeline.oracle import GoldOracle
+from pipeline.packing import batch_indices
+from pipeline.plots import overoptimization_plot
+from pipeline.rollout import (chunked, critic_forward, decode_responses, disable_dropout, encode_prompts,
+                              policy_forward, reward_scores, sample)
+from pipeline.run import StageRun, crash_point
+from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.tracking import Tracker
+
+
+class LoopState:
+    """What the loop needs besides models and optimizers to resume exactly (saved by accelerate.save_state)."""
+
+    def __init__(self):
+        self.kl_coef, self.history, self.ema = None, [], None
+
+    def state_dict(self):
+        return {"kl_coef": self.kl_coef, "history": self.history, "ema": self.ema}
+
+    def load_state_dict(self, sd):
+        self.kl_coef, self.history, self.ema = sd["kl_coef"], sd["history"], sd["ema"]
+
+
+def load_critic(path: str, dtype):
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a value model from '{path}': {str(e).splitlines()[0]}")
+    return model
+
+
+@hydra.main(config_path="../conf", config_name="ppo", version_base="1.3")
+@friendly
+def main(cfg: DictConfig) -> None:
+    # ---- setup -------------------------------------------------------------------------------------------
+    t = cfg.train
+    acc = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    run = StageRun(cfg, is_main=acc.is_main_process)
+    rm_parent = run.parent("reward")
+    sft_parent = run.parent("sft")
+    if not run.begin(barrier=acc.wait_for_everyone):
+        return
+    set_seed(cfg.seed)
+    tracker = Tracker(cfg, run, acc.is_main_process)
+    tracker.use_parent(rm_parent)
+    tracker.use_parent(sft_parent)
+    say, dev = acc.print, acc.device
+
+    # ---- models: actor and frozen reference from SFT; frozen reward model; critic from the RM (or the policy) -
+    tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
+    rm_tok = load_tokenizer(rm_parent["final"])
+    if rm_tok.get_vocab() != tok.get_vocab():
+        raise UserError(f"the reward model's tokenizer ({rm_parent['final']}) differs from the policy's "
+                        f"({sft_parent['final']}); train both from the same SFT run")
+    end_ids = end_of_turn_ids(tok)
+    policy = load_causal_lm(sft_parent["final"])
+    policy.generation_config.pad_token_id = tok.pad_token_id
+    if cfg.lora.enabled:  # the adapter-disabled base is the reference: no second copy in memory
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
+                                                   target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+        ref = None
+    else:
+        ref = copy.deepcopy(policy).to(dev).eval().requires_grad_(False)
+    reward_model = load_critic(rm_parent["final"], torch.float32).to(dev).eval().requires_grad_(False)
+    critic = load_critic(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"], torch.float32)
+    for m in (policy, critic, reward_model) + ((ref,) if ref is not None else ()):
+        disable_dropout(m)
+    stats = rm_parent.get("reward_stats") or {}
+    rm_mean, rm_std = (stats.get("mean", 0.0), stats.get("std", 1.0)) if t.normalize_reward else (0.0, 1.0)
+    oracle = GoldOracle.from_config(cfg.data.world)
+
+    def ref_logprobs(ro):
+        if ref is not None:
+            return policy_forward(ref, ro, t.temperature)
+        with acc.unwrap_model(policy).disable_adapter():
+            return policy_forward(policy, ro, t.temperature)
+
+    # ---- data: PPO prompts (training) and held-out evaluation prompts ---------------------------------------
+    prompts, skipped = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
+    eval_prompts, _ = load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)
+    if not prompts:
+        raise UserError(f"no usable PPO prompts in data.prompts ({cfg.data.prompts.kind}:{cfg.data.prompts.path})")
+    prompts = [p["messages"] for p in prompts]
+    eval_prompts = [p["messages"] for p in eval_prompts][: t.eval_prompts]
+    say(f"[ppo] {len(prompts)} training prompts, {len(eval_prompts)} held-out prompts"
+        + (f", {skipped} bad records skipped" if skipped else ""))
+
+    # ---- optimizers: actor and critic, one backward for both ----------------------------------------------
+    n_updates = t.iterations * t.ppo_epochs * math.ceil(t.rollout_batch_size / t.minibatch_size)
+
+    def make_opt(model, lr):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=cfg.optim.eps,
+                                betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+        return opt, get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.optim.warmup_steps, n_updates,
+                                                                min_lr_rate=cfg.optim.min_lr_ratio)
+
+    opt_p, sched_p = make_opt(policy, cfg.optim.lr)
+    opt_v, sched_v = make_opt(critic, t.critic_lr or cfg.optim.lr)
+    policy, critic, opt_p, opt_v = acc.prepare(policy, critic, opt_p, opt_v)
+    state = LoopState()
+    for obj in (sched_p, sched_v, state):
+        acc.register_for_checkpointing(obj)
+    kl_ctl = (pm.AdaptiveKLController(t.kl_coef, t.kl_target, t.kl_horizon) if t.adaptive_kl
+              else pm.FixedKLController(t.kl_coef))
+    start = 0
+    ckpt = run.latest_checkpoint()
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        start = int(ckpt.name.split("_")[1])
+        kl_ctl.value = state.kl_coef
+        run.update(resumed_from=start)
+        say(f"[ppo] resumed from {ckpt} (iteration {start})")
+    if t.ema_decay and state.ema is None:
+        state.ema = [p.detach().clone() for p in acc.unwrap_model(policy).parameters()]
+
+    # ---- the loop: generate -> score -> KL penalty -> advantages -> update -----------------------------------
+    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, desc="ppo",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    for it in bar:
+        t0 = time.time()
+        idx = batch_indices(len(prompts), t.rollout_batch_size, it, 0, 1, acc.num_processes, acc.process_index, cfg.seed)
+        batch_prompts = [prompts[i] for i in idx.tolist()]
+        torch.manual_seed(cfg.seed * 1_000_003 + it * 7919 + acc.process_index)  # own sampling seed per rank
+        policy.eval()
+        p_ids, p_mask = encode_prompts(tok, batch_prompts, t.max_prompt_tokens, dev)
+        ro = sample(acc.unwrap_model(policy), tok, p_ids, p_mask, end_ids, t.max_new_tokens, t.temperature,
+                    t.top_k, t.top_p)
+        t_gen = time.time() - t0
+        mask = ro.response_mask
+
+        # score, and the per-token rewards: -beta * KL everywhere, plus the (normalised) score at the last token
+        old_logp = chunked(lambda r: policy_forward(policy, r, t.temperature), ro, t.forward_batch_size)
+        ref_logp = chunked(ref_logprobs, ro, t.forward_batch_size)
+        old_values = chunked(lambda r: critic_forward(critic, r), ro, t.forward_batch_size)
+        raw_score = chunked(lambda r: reward_scores(reward_model, r), ro, t.forward_batch_size)
+        score = (raw_score - rm_mean) / rm_std
+        if t.missing_eos_penalty is not None:  # a reply that never ends is worse than any that does
+            score = torch.where(ro.ended, score, torch.full_like(score, t.missing_eos_penalty))
+        rewards, kl = pm.penalised_rewards(score, old_logp, ref_logp, mask, kl_ctl.value, t.kl_estimator)
+        advantages, returns = pm.gae(rewards, old_values, mask, t.gamma, t.lam)
+        if t.whiten_advantages:
+            advantages = pm.masked_whiten(advantages, mask)
+        if not (torch.isfinite(rewards).all() and torch.isfinite(advantages).all()):
+            _diverged(run, it, "rewards")
+
+        # PPO epochs over shuffled minibatches, each split into micro-batches for gradient accumulation
+        policy.train()
+        critic.train()
+        B = len(ro.ended)
+        micro = max(1, t.minibatch_size // t.grad_accum)
+        log = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max")}
+        for _ in range(t.ppo_epochs):
+            perm = torch.randperm(B, device=dev)
+            for s in range(0, B, t.minibatch_size):
+                mb = perm[s: s + t.minibatch_size]
+                for m in range(0, len(mb), micro):
+                    i = mb[m: m + micro]
+                    sub = ro[i]
+                    logp, ent = policy_forward(policy, sub, t.temperature, with_entropy=True)
+                    pg, ps = pm.policy_loss(logp, old_logp[i], advantages[i], mask[i], t.clip_range)
+                    vf, vs = pm.value_loss(critic_forward(critic, sub), old_values[i], returns[i], mask[i],
+                                           t.clip_range_value)
+                    loss = pg + t.vf_coef * vf
+                    if not torch.isfinite(loss):
+                        _diverged(run, it, "loss")
+                    acc.backward(loss * len(i) / len(mb))
+                    for k, v in (("pg", pg), ("vf", vf), ("entropy", pm.masked_mean(ent, mask[i])),
+                                 ("vf_clipfrac", vs["vf_clipfrac"]), *[(k2, ps[k2]) for k2 in
+                                 ("clipfrac", "approx_kl", "ratio_mean", "ratio_max")]):
+                        log[k].append(float(v))
+                acc.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm)
+                acc.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
+                for opt, sched in ((opt_p, sched_p), (opt_v, sched_v)):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                if state.ema is not None:
+                    pm.ema_update(state.ema, acc.unwrap_model(policy).parameters(), t.ema_decay)
+        t_total = time.time() - t0
+
+        # statistics, reduced across processes; the gold oracle scores the same responses the RM scored
+        texts = decode_responses(tok, ro)
+        gold = torch.tensor(oracle.score_batch(batch_prompts, texts), device=dev)
+        seq_kl = (kl * mask).sum(-1)
+        n_tok = mask.sum()
+        local = {
+            "ppo/score": raw_score.mean(), "ppo/score_std": raw_score.std() if B > 1 else torch.zeros((), device=dev),
+            "ppo/reward": score.mean(), "ppo/gold_score": gold.mean(), "ppo/kl": seq_kl.mean(),
+            "ppo/nonscore_reward": (rewards.sum(-1) - score).mean(), "ppo/response_length": mask.sum(-1).float().mean(),
+            "ppo/ended_fraction": ro.ended.float().mean(),
+            "ppo/explained_variance": pm.explained_variance(old_values, returns, mask).nan_to_num(0.0),
+            **{f"ppo/{k}": torch.tensor(sum(v) / max(len(v), 1), device=dev) for k, v in log.items()},
+            "ppo/gen_tokens_per_s": n_tok / t_gen, "ppo/train_tokens_per_s": n_tok * t.ppo_epochs / (t_total - t_gen),
+        }
+        m = {k: acc.reduce(v.float().detach(), reduction="mean").item() for k, v in local.items()}
+        m["ppo/kl_coef"] = kl_ctl.value
+        m["ppo/episodes_per_s"] = B * acc.num_processes / t_total
+        m["ppo/policy_loss"], m["ppo/value_loss"] = m.pop("ppo/pg"), m.pop("ppo/vf")
+        kl_ctl.update(m["ppo/kl"], B * acc.num_processes)
+        state.kl_coef = kl_ctl.value
+        state.history.append({"iteration": it + 1, "kl": m["ppo/kl"], "reward": m["ppo/reward"],
+                              "gold": m["ppo/gold_score"]})
+        tracker.log(m, step=it + 1)
+        bar.set_postfix(rm=f"{m['ppo/score']:.2f}", gold=f"{m['ppo/gold_score']:.3f}", kl=f"{m['ppo/kl']:.2f}")
+        if t.sample_every and (it + 1) % t.sample_every == 0:
+            rows = [[p[-1]["content"], r, float(g), float(s)] for p, r, g, s in
+                    zip(batch_prompts, texts, gold.tolist(), raw_score.tolist())][: t.log_samples]
+            tracker.table("ppo/samples", ["prompt", "response", "gold", "reward_model"], rows, step=it + 1)
+        if (it + 1) % t.save_every == 0 and it + 1 < t.iterations:
+            run.save_checkpoint(it + 1, lambda d: acc.save_state(str(d)), keep=t.keep_checkpoints,
+                                barrier=acc.wait_for_everyone)
+            crash_point(it + 1)
+
+    # ---- final evaluation on held-out prompts: PPO against SFT, judged by the gold oracle ------------------
+    final_policy = acc.unwrap_model(policy)
+    if state.ema is not None:
+        with torch.no_grad():
+            for p, e in zip(final_policy.parameters(), state.ema):
+                p.copy_(e)
+    final_policy.eval()
+    mine = eval_prompts[acc.process_index:: acc.num_processes]
+    ppo_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev)
+    if ref is not None:
+        sft_eval = evaluate(ref, mine, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev)
+    else:
+        with final_policy.disable_adapter():
+            sft_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev)
+    ppo_eval, sft_eval = ({k: gather_object(v) for k, v in e.items()} for e in (ppo_eval, sft_eval))
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    metrics = {
+        "eval/gold_score": mean(ppo_eval["gold"]), "eval/sft_gold_score": mean(sft_eval["gold"]),
+        "eval/win_rate_vs_sft": win_rate(ppo_eval["gold"], sft_eval["gold"]),
+        "eval/kl": mean(ppo_eval["kl"]), "eval/reward": mean(ppo_eval["reward"]),
+        "eval/sft_reward": mean(sft_eval["reward"]), "eval/response_tokens": mean(ppo_eval["length"]),
+        "eval/sft_response_tokens": mean(sft_eval["length"]), "eval/n_prompts": len(ppo_eval["gold"]),
+        "data/skipped_records": skipped,
+    }
+    tracker.log(metrics, step=t.iterations)
+    if acc.is_main_process:
+        rows = [[p[-1]["content"], s, float(sg), r, float(rg)] for p, s, sg, r, rg in zip(
+            eval_prompts, sft_eval["text"], sft_eval["gold"], ppo_eval["text"], ppo_eval["gold"])][:32]
+        tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "ppo", "ppo_gold"], rows, step=t.iterations)
+        png = overoptimization_plot(state.history, run.dir / "overoptimization.png",
+                                    title=f"{run.run}: reward model vs gold oracle")
+        tracker.image("ppo/overoptimization", png, step=t.iterations)
+        (run.dir / "history.json").write_text(json.dumps(state.history, indent=1))
+
+    # ---- save: the aligned policy as a plain Hugging Face checkpoint ---------------------------------------
+    acc.wait_for_everyone()
+    out_model = final_policy.merge_and_unload() if cfg.lora.enabled and cfg.lora.merge else final_policy
+
+    def save(d):
+        out_model.save_pretrained(d, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    run.finish(save, metrics, adapter=bool(cfg.lora.enabled and not cfg.lora.merge))
+    tracker.finish(metrics, run.final_dir)
+    say(f"[ppo] gold score {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}), "
+        f"win rate vs SFT {metrics['eval/win_rate_vs_sft']:.2f}, KL {metrics['eval/kl']:.2f}; saved {run.final_dir}")
+
+
+def _diverged(run, it: int, what: str):
+    run.fail(f"non-finite {what} at iteration {it + 1}")
+    raise UserError(f"PPO diverged: non-finite {what} at iteration {it + 1}; the last good checkpoint is kept in "
+                    f"{run.ckpt_root} (lower optim.lr or raise train.kl_coef)")
+
+
+@torch.no_grad()
+def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev) -> dict:
+    """Greedy (or sampled) replies to held-out prompts: gold score, RM score, KL to the reference, length."""
+    out = {"gold": [], "reward": [], "kl": [], "length": [], "text": []}
+    for s in range(0, len(prompts), t.eval_batch_size):
+        batch = prompts[s: s + t.eval_batch_size]
+        ids, am = encode_prompts(tok, batch, t.max_prompt_tokens, dev)
+        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p,
+                    greedy=t.eval_greedy)
+        texts = decode_responses(tok, ro)
+        kl = (pm.kl_estimate(policy_forward(model, ro, t.temperature), ref_logprobs(ro), "k1") * ro.response_mask).sum(-1)
+        out["gold"] += oracle.score_batch(batch, texts)
+        out["reward"] += reward_scores(reward_model, ro).tolist()
+        out["kl"] += kl.tolist()
+        out["length"] += ro.response_mask.sum(-1).tolist()
+        out["text"] += texts
+    return out
+
+
+if __name__ == "__main__":
+    main()
