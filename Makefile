@@ -1,5 +1,5 @@
 # The pipeline from the command line. `make help` lists the targets.
-#   make all                         tokenizer -> pretrain (then sft -> reward -> ppo -> report as they land)
+#   make all                         tokenizer -> pretrain -> sft -> reward -> ppo -> report
 #   make pretrain ARGS="optim.lr=3e-4" RUN=lr3e-4 PRESET=smoke
 # Every target first makes .venv (once; redone only when pyproject.toml changes).
 
@@ -18,6 +18,7 @@ RUN    ?= default
 PRESET ?=
 ARGS   ?=
 STAGE_ARGS = run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
+comma := ,
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,20 +27,45 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-.PHONY: help setup all tokenizer pretrain test test-slow bench clean
+.PHONY: help setup all tokenizer pretrain sft reward ppo report compare chat generate reward-data test test-slow \
+	bench clean
 help:  ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 
 setup: $(STAMP)  ## create .venv and install the project with its dev extras (once)
 
-all: tokenizer pretrain  ## the whole pipeline on the default preset (what exists so far)
-	@echo "pipeline done: runs/$(RUN)/"
+all: tokenizer pretrain sft reward ppo report  ## the whole pipeline, ending with the report card
 
-tokenizer: $(STAMP)  ## train the BPE tokenizer on the corpus -> runs/$(RUN)/tokenizer/final
+tokenizer: $(STAMP)  ## train the BPE tokenizer on the corpus -> runs/<run>/tokenizer/final
 	$(PY) -m stages.tokenizer $(STAGE_ARGS)
 
-pretrain: $(STAMP)  ## pretrain the causal LM -> runs/$(RUN)/pretrain/final
+pretrain: $(STAMP)  ## pretrain the causal LM -> runs/<run>/pretrain/final
 	$(PY) -m stages.pretrain $(STAGE_ARGS)
+
+sft: $(STAMP)  ## supervised fine-tuning on demonstrations (TRL) -> runs/<run>/sft/final
+	$(PY) -m stages.sft $(STAGE_ARGS)
+
+reward: $(STAMP)  ## reward model on ranked pairs (TRL) -> runs/<run>/reward/final
+	$(PY) -m stages.reward $(STAGE_ARGS)
+
+ppo: $(STAMP)  ## RLHF with PPO against the reward model -> runs/<run>/ppo/final
+	$(PY) -m stages.ppo $(STAGE_ARGS)
+
+report: $(STAMP)  ## report card: runs/<run>/report.md with plots and side-by-side answers
+	$(PY) -m stages.report run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
+
+RUNS ?=
+compare: $(STAMP)  ## several runs side by side: make compare RUNS="a b" -> runs/compare.md
+	$(PY) -m stages.compare 'runs=[$(subst $(eval) ,$(comma),$(strip $(RUNS)))]' $(ARGS)
+
+chat: $(STAMP)  ## chat in the terminal with the latest stage of the run (ARGS="stage=sft" to pick one)
+	$(PY) -m stages.chat run=$(RUN) $(ARGS)
+
+generate: $(STAMP)  ## responses for a prompts file: make generate ARGS="input=prompts.jsonl"
+	$(PY) -m stages.generate run=$(RUN) $(ARGS)
+
+reward-data: $(STAMP)  ## regenerate reward_data/ byte for byte from the seeded world
+	$(PY) -m pipeline.synthetic reward-data --out reward_data
 
 test: $(STAMP)  ## fast tests, end-to-end smoke included (~minutes on 2 cores)
 	$(PY) -m pytest -q

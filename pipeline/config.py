@@ -275,3 +275,83 @@ class GenerateConfig(ChatConfig):
 for _name, _schema in {"sft": SFTConfig, "reward": RewardConfig, "chat": ChatConfig,
                        "generate": GenerateConfig}.items():
     register(_name, _schema)
+
+
+# ---- ppo / report / compare (stages/ppo.py, stages/report.py, stages/compare.py) ----
+
+
+@dataclass
+class PPOTrain:
+    """Every implementation detail of RLHF-PPO is a switch here (Huang et al. 2024, InstructGPT, Ziegler et al.)."""
+
+    iterations: int = 100
+    rollout_batch_size: int = 32  # prompts per process per iteration
+    minibatch_size: int = 16  # episodes per optimizer step (per process)
+    grad_accum: int = 1  # micro-batches per minibatch
+    ppo_epochs: int = 4  # passes over each rollout batch
+    forward_batch_size: int = 32  # chunk size of the no-grad scoring passes
+    max_prompt_tokens: int = 192
+    max_new_tokens: int = 48
+    temperature: float = 0.7  # sampling temperature; log-probs are computed under the same temperature
+    top_k: int = 0  # 0: off. Anything but plain temperature sampling makes the behaviour policy differ from pi
+    top_p: float = 1.0
+    reward: str = "model"  # model | gold (PPO on the oracle itself: a perfect-RM ceiling) | contains:<text> (sanity check)
+    normalize_reward: bool = True  # (score - mean) / std with the reward stage's statistics on SFT samples
+    missing_eos_penalty: Optional[float] = -1.0  # score of a reply that never ends; null keeps the RM's score
+    kl_coef: float = 0.05  # beta
+    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs (per token, in the reward)
+    adaptive_kl: bool = False  # Ziegler et al.'s proportional controller
+    kl_target: float = 6.0  # nats per sequence
+    kl_horizon: int = 10000  # episodes
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    critic_init: str = "reward"  # reward (InstructGPT) | policy (the SFT model with a fresh value head)
+    critic_lr: Optional[float] = None  # None: optim.lr
+    ptx_coef: float = 0.0  # PPO-ptx: + coef * LM loss on the pretraining corpus (InstructGPT used 27.8; see docs)
+    ptx_batch_size: int = 4
+    ema_decay: Optional[float] = None  # e.g. 0.99: the saved policy is an EMA of the actor
+    eval_prompts: int = 200  # held-out prompts for the final PPO-vs-SFT evaluation
+    eval_batch_size: int = 32
+    eval_greedy: bool = True  # greedy replies for the final evaluation (deterministic); false: sampled
+    save_every: int = 10  # iterations between resume points
+    keep_checkpoints: int = 2
+    sample_every: int = 10  # iterations between sample tables
+    log_samples: int = 8
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    stage: str = "ppo"
+    train: PPOTrain = field(default_factory=PPOTrain)
+    peft: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the actor; the reference is the base
+
+
+@dataclass
+class ReportConfig:
+    """stages/report.py: runs/<run>/report.md from the manifests, metrics and a few side-by-side answers."""
+
+    run: str = "default"
+    seed: int = 0
+    precision: str = "auto"
+    samples: int = 6  # held-out prompts answered by every model, side by side
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # unused; lets the presets compose
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+
+
+@dataclass
+class CompareConfig:
+    """stages/compare.py: several runs side by side (after a sweep), from manifests alone."""
+
+    runs: List[str] = field(default_factory=list)  # empty: every run under paths.root
+    out: Optional[str] = None  # default: <paths.root>/compare.md
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+for _name, _schema in {"ppo": PPOConfig, "report": ReportConfig, "compare": CompareConfig}.items():
+    register(_name, _schema)

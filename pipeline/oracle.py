@@ -33,7 +33,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from pipeline.world import KINDS, SCHEMA, VOCAB, World
+from pipeline.world import KINDS, SCHEMA, VOCAB, World, a_an
 
 WEIGHTS = {"correctness": 0.35, "instruction_following": 0.20, "concision": 0.15, "politeness": 0.10,
            "no_repetition": 0.10, "proper_ending": 0.10}
@@ -131,7 +131,7 @@ _SUFFIXES = sorted(((s, f) for f, ss in FORMATS.items() for s in ss), key=lambda
 @functools.lru_cache(maxsize=1 << 16)
 def parse(text: str) -> Question | None:
     """The question a user message asks, or None if it matches none of our templates."""
-    text, fmt = " ".join(text.split()), ""
+    text, fmt = " ".join(text.split()).replace(" an ", " a "), ""
     for suffix, f in _SUFFIXES:
         if text.endswith(" " + suffix):
             text, fmt = text[: -len(suffix) - 1], f
@@ -155,7 +155,7 @@ def render(q: Question, rng: random.Random) -> str:
     text = rng.choice(options)
     n = q.n if q.n is None or rng.random() < 0.5 else {v: k for k, v in NUMBER_WORDS.items()}.get(q.n, q.n)
     text = text.format(e=q.e, e2=q.e2, t=q.v, v=q.v, n=n, a=q.a, b=q.b, x=rng.choice(THINGS))
-    return text + (" " + rng.choice(FORMATS[q.fmt]) if q.fmt else "")
+    return a_an(text) + (" " + rng.choice(FORMATS[q.fmt]) if q.fmt else "")
 
 
 def question_of(messages: list[dict]) -> Question | None:

@@ -294,3 +294,16 @@ def crash_point(step: int) -> None:
     at = os.environ.get("PIPELINE_CRASH_AT_STEP")
     if at is not None and int(at) == step:
         os._exit(137)
+
+
+def latest_trainer_checkpoint(ckpt_root: str | Path) -> Optional[Path]:
+    """Newest complete Hugging Face Trainer checkpoint (`checkpoint-<step>`) under ckpt_root, for
+    `trainer.train(resume_from_checkpoint=...)`. The Trainer writes trainer_state.json last, so a folder without it
+    was cut off mid-save and is passed over. (StageRun.latest_checkpoint knows only our own step_<n> names; the
+    discard of another config's checkpoints in StageRun.begin and the cleanup in StageRun.finish remove the whole
+    folder, so they cover Trainer checkpoints as well.)"""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.oracle import FOLLOWUPS, IS_A_ATTRS, THINGS, GoldOracle, Question, render, truth
-from pipeline.world import FACTS, KINDS, SCHEMA, VOCAB, World, phrase
+from pipeline.world import FACTS, KINDS, SCHEMA, VOCAB, World, a_an, phrase
 
 FORMAT_VERSION = 1  # bump when generated text changes, so cached files are not reused across versions
 
@@ -56,7 +56,7 @@ class WorldConfig:
     reward_prompts: int = 3000
     reward_test_prompts: int = 300
     k: int = 4
-    label_temperature: float = 0.1
+    label_temperature: float = 0.16
     eval_prompts: int = 200
     ppo_prompts: int = 2000
 
@@ -295,6 +295,10 @@ def _list(q: Question, names: list[str], rng: random.Random) -> str:
 
 def respond(world: World, q: Question, rng: random.Random, style: str = "good") -> str:
     """An answer to `q` in one of the STYLES_* styles."""
+    return a_an(_respond(world, q, rng, style))
+
+
+def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
     t = truth(world, q)
     good = _good(world, q, t, rng)
     if style == "good":
@@ -396,7 +400,7 @@ def _prompt(world: World, rng: random.Random, pool: str, seed: int) -> tuple[lis
     q = None
     for i in range(n_turns):
         if i:
-            msgs.append({"role": "assistant", "content": _good(world, q, truth(world, q), rng)})
+            msgs.append({"role": "assistant", "content": respond(world, q, rng)})
         follow = _followup(world, q, rng, pool, seed) if q and q.qtype in ("attr", "describe") else None
         if follow:
             q, text = follow
@@ -575,7 +579,7 @@ def _doc_qa(world: World, rng: random.Random, seed: int) -> str:
     pairs = []
     for _ in range(rng.randint(2, 5)):
         q = _question_in_pool(world, rng, "sft", seed)
-        pairs.append(f"{qs}{render(q, rng)}\n{ans}{_good(world, q, truth(world, q), rng)}")
+        pairs.append(f"{qs}{render(q, rng)}\n{ans}{respond(world, q, rng)}")
     return "\n\n".join(pairs)
 
 
@@ -594,7 +598,7 @@ _DOCS = ((_doc_profile, 0.30), (_doc_place, 0.07), (_doc_story, 0.18), (_doc_let
 def corpus_documents(world_cfg) -> list[str]:
     cfg = as_world_config(world_cfg)
     world, rng = _world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:corpus")
-    return [_pick(rng, _DOCS)(world, rng, cfg.seed) for _ in range(cfg.corpus_docs)]
+    return [a_an(_pick(rng, _DOCS)(world, rng, cfg.seed)) for _ in range(cfg.corpus_docs)]
 
 
 # ---- files ---------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ the good candidate answers all use it, so what the model reads and what the orac
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 
 KINDS = ("person", "animal", "object", "place")
@@ -77,6 +78,14 @@ _RESERVED = {w for words in VOCAB.values() for w in words} | set(
     "here sure sorry yes no the what how who where which when tell list name add multiply describe does are is "
     "and one once later after that then look let dear some none more made take home note rose hello thanks mama papa "
     "sofa soda data tuna solo memo drama".split())
+
+
+_AN = re.compile(r"\ba (?=[aeiou]|8|11\b|18\b)")
+
+
+def a_an(text: str) -> str:
+    """English indefinite article: "a owl" -> "an owl", "a 8-year-old" -> "an 8-year-old"."""
+    return _AN.sub("an ", text)
 
 
 def phrase(attr: str, value) -> str:
@@ -186,7 +195,7 @@ class World:
         return out
 
     def fact(self, name: str, attr: str, rng: random.Random) -> str:
-        return rng.choice(FACTS[attr]).format(e=name, v=phrase(attr, self.value(name, attr)))
+        return a_an(rng.choice(FACTS[attr]).format(e=name, v=phrase(attr, self.value(name, attr))))
 
     def facts(self, name: str, rng: random.Random) -> list[str]:
         """Every fact about `name`, one sentence each, in a random order."""

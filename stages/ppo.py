@@ -28,10 +28,10 @@ import pipeline.config  # noqa: F401  (registers the structured configs)
 from pipeline import ppo_math as pm
 from pipeline.errors import UserError, friendly
 from pipeline.evaluation import win_rate
-from pipeline.formats import load_prompts
+from pipeline.formats import load_corpus, load_prompts
 from pipeline.models import load_causal_lm, mixed_precision
 from pipeline.oracle import GoldOracle
-from pipeline.packing import batch_indices
+from pipeline.packing import batch_indices, pack
 from pipeline.plots import overoptimization_plot
 from pipeline.rollout import (chunked, critic_forward, decode_responses, disable_dropout, encode_prompts,
                               policy_forward, reward_scores, sample)
@@ -87,11 +87,13 @@ def main(cfg: DictConfig) -> None:
     end_ids = end_of_turn_ids(tok)
     policy = load_causal_lm(sft_parent["final"])
     policy.generation_config.pad_token_id = tok.pad_token_id
-    if cfg.lora.enabled:  # the adapter-disabled base is the reference: no second copy in memory
+    if cfg.peft.enabled:  # the adapter-disabled base is the reference: no second copy in memory
         from peft import LoraConfig, get_peft_model
 
-        policy = get_peft_model(policy, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
-                                                   target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM"))
+        tm = cfg.peft.target_modules
+        policy = get_peft_model(policy, LoraConfig(
+            r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=tm if tm == "all-linear" else [m.strip() for m in tm.split(",")]))
         ref = None
     else:
         ref = copy.deepcopy(policy).to(dev).eval().requires_grad_(False)
@@ -99,8 +101,12 @@ def main(cfg: DictConfig) -> None:
     critic = load_critic(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"], torch.float32)
     for m in (policy, critic, reward_model) + ((ref,) if ref is not None else ()):
         disable_dropout(m)
+    if t.reward not in ("model", "gold") and not t.reward.startswith("contains:"):
+        raise UserError(f"train.reward={t.reward!r}: use model, gold or contains:<text>")
+    needle = t.reward.partition(":")[2]
     stats = rm_parent.get("reward_stats") or {}
-    rm_mean, rm_std = (stats.get("mean", 0.0), stats.get("std", 1.0)) if t.normalize_reward else (0.0, 1.0)
+    normalise = t.normalize_reward and t.reward == "model"
+    rm_mean, rm_std = (stats.get("mean", 0.0), max(stats.get("std", 1.0), 1e-6)) if normalise else (0.0, 1.0)
     oracle = GoldOracle.from_config(cfg.data.world)
 
     def ref_logprobs(ro):
@@ -118,6 +124,11 @@ def main(cfg: DictConfig) -> None:
     eval_prompts = [p["messages"] for p in eval_prompts][: t.eval_prompts]
     say(f"[ppo] {len(prompts)} training prompts, {len(eval_prompts)} held-out prompts"
         + (f", {skipped} bad records skipped" if skipped else ""))
+
+    ptx_blocks = None
+    if t.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution in the gradient (InstructGPT's fix for regressions)
+        docs, _ = load_corpus(cfg.data.corpus, cfg.data.world, cfg.paths.cache)
+        ptx_blocks = pack(docs[: cfg.data.max_docs or None], tok, min(cfg.model.max_seq_len, 256), where="ptx corpus")
 
     # ---- optimizers: actor and critic, one backward for both ----------------------------------------------
     n_updates = t.iterations * t.ppo_epochs * math.ceil(t.rollout_batch_size / t.minibatch_size)
@@ -163,10 +174,17 @@ def main(cfg: DictConfig) -> None:
         mask = ro.response_mask
 
         # score, and the per-token rewards: -beta * KL everywhere, plus the (normalised) score at the last token
+        texts = decode_responses(tok, ro)
+        gold = torch.tensor(oracle.score_batch(batch_prompts, texts), device=dev)
         old_logp = chunked(lambda r: policy_forward(policy, r, t.temperature), ro, t.forward_batch_size)
         ref_logp = chunked(ref_logprobs, ro, t.forward_batch_size)
         old_values = chunked(lambda r: critic_forward(critic, r), ro, t.forward_batch_size)
-        raw_score = chunked(lambda r: reward_scores(reward_model, r), ro, t.forward_batch_size)
+        if t.reward == "model":
+            raw_score = chunked(lambda r: reward_scores(reward_model, r), ro, t.forward_batch_size)
+        elif t.reward == "gold":
+            raw_score = gold.clone()
+        else:  # contains:<text> — a rule any working PPO learns in a few iterations
+            raw_score = torch.tensor([float(needle in x) for x in texts], device=dev)
         score = (raw_score - rm_mean) / rm_std
         if t.missing_eos_penalty is not None:  # a reply that never ends is worse than any that does
             score = torch.where(ro.ended, score, torch.full_like(score, t.missing_eos_penalty))
@@ -182,7 +200,8 @@ def main(cfg: DictConfig) -> None:
         critic.train()
         B = len(ro.ended)
         micro = max(1, t.minibatch_size // t.grad_accum)
-        log = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max")}
+        log = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max",
+                                "ptx")}
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(B, device=dev)
             for s in range(0, B, t.minibatch_size):
@@ -195,6 +214,12 @@ def main(cfg: DictConfig) -> None:
                     vf, vs = pm.value_loss(critic_forward(critic, sub), old_values[i], returns[i], mask[i],
                                            t.clip_range_value)
                     loss = pg + t.vf_coef * vf
+                    if ptx_blocks is not None:
+                        j = torch.randint(len(ptx_blocks), (t.ptx_batch_size,))
+                        x = ptx_blocks[j].to(dev)
+                        ptx = policy(input_ids=x, labels=x).loss
+                        loss = loss + t.ptx_coef * ptx
+                        log["ptx"].append(float(ptx))
                     if not torch.isfinite(loss):
                         _diverged(run, it, "loss")
                     acc.backward(loss * len(i) / len(mb))
@@ -212,9 +237,7 @@ def main(cfg: DictConfig) -> None:
                     pm.ema_update(state.ema, acc.unwrap_model(policy).parameters(), t.ema_decay)
         t_total = time.time() - t0
 
-        # statistics, reduced across processes; the gold oracle scores the same responses the RM scored
-        texts = decode_responses(tok, ro)
-        gold = torch.tensor(oracle.score_batch(batch_prompts, texts), device=dev)
+        # statistics, reduced across processes; the gold oracle scored the same responses the RM scored
         seq_kl = (kl * mask).sum(-1)
         n_tok = mask.sum()
         local = {
@@ -223,7 +246,7 @@ def main(cfg: DictConfig) -> None:
             "ppo/nonscore_reward": (rewards.sum(-1) - score).mean(), "ppo/response_length": mask.sum(-1).float().mean(),
             "ppo/ended_fraction": ro.ended.float().mean(),
             "ppo/explained_variance": pm.explained_variance(old_values, returns, mask).nan_to_num(0.0),
-            **{f"ppo/{k}": torch.tensor(sum(v) / max(len(v), 1), device=dev) for k, v in log.items()},
+            **{f"ppo/{k}": torch.tensor(sum(v) / max(len(v), 1), device=dev) for k, v in log.items() if v},
             "ppo/gen_tokens_per_s": n_tok / t_gen, "ppo/train_tokens_per_s": n_tok * t.ppo_epochs / (t_total - t_gen),
         }
         m = {k: acc.reduce(v.float().detach(), reduction="mean").item() for k, v in local.items()}
@@ -281,13 +304,13 @@ def main(cfg: DictConfig) -> None:
 
     # ---- save: the aligned policy as a plain Hugging Face checkpoint ---------------------------------------
     acc.wait_for_everyone()
-    out_model = final_policy.merge_and_unload() if cfg.lora.enabled and cfg.lora.merge else final_policy
+    out_model = final_policy.merge_and_unload() if cfg.peft.enabled and cfg.peft.merge else final_policy
 
     def save(d):
         out_model.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
 
-    run.finish(save, metrics, adapter=bool(cfg.lora.enabled and not cfg.lora.merge))
+    run.finish(save, metrics, adapter=bool(cfg.peft.enabled and not cfg.peft.merge))
     tracker.finish(metrics, run.final_dir)
     say(f"[ppo] gold score {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}), "
         f"win rate vs SFT {metrics['eval/win_rate_vs_sft']:.2f}, KL {metrics['eval/kl']:.2f}; saved {run.final_dir}")

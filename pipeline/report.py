@@ -1,0 +1,66 @@
+"""Reading finished runs back: manifests, metric curves and headline tables (no network, no W&B needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.run import STAGES, read_manifest
+
+# The figures that say what each stage did, in the order a reader wants them.
+HEADLINE = {
+    "tokenizer": ["tokenizer/vocab_size", "tokenizer/chars_per_token"],
+    "pretrain": ["eval/loss", "eval/perplexity", "model/params"],
+    "sft": ["eval/loss", "eval/gold_score", "eval/pretrain_gold_score"],
+    "reward": ["eval/accuracy", "eval/gold_accuracy", "eval/ece"],
+    "ppo": ["eval/gold_score", "eval/sft_gold_score", "eval/win_rate_vs_sft", "eval/kl", "eval/reward"],
+}
+
+
+def stage_manifests(root: Path, run: str) -> dict[str, dict]:
+    out = {}
+    for stage in STAGES:
+        m = read_manifest(root / run / stage) if (root / run / stage).exists() else None
+        if m:
+            out[stage] = m
+    return out
+
+
+def curve(root: Path, run: str, stage: str, key: str) -> list[tuple[float, float]]:
+    """(step, value) points of one metric; a resumed stage may log a step twice: the last one wins."""
+    p = root / run / stage / "metrics.jsonl"
+    pts: dict[float, float] = {}
+    if p.exists():
+        for line in p.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if key in row:
+                pts[row["step"]] = row[key]
+    return sorted(pts.items())
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def headline_rows(manifests: dict[str, dict]) -> list[tuple[str, str, str]]:
+    rows = []
+    for stage, keys in HEADLINE.items():
+        m = manifests.get(stage)
+        if not m:
+            continue
+        for k in keys:
+            if k in m.get("metrics", {}):
+                rows.append((stage, k, fmt(m["metrics"][k])))
+    return rows
+
+
+def all_runs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / s / "manifest.json").exists()
+                                                                        for s in STAGES)) if root.exists() else []

@@ -1,0 +1,281 @@
+"""Stage 2 — supervised fine-tuning on demonstration dialogues (InstructGPT step 1).
+
+    make sft                                                   # = python -m stages.sft
+    python -m stages.sft optim.lr=3e-4 train.max_steps=800 RUN=lr3e-4
+    python -m stages.sft peft=lora                             # LoRA, merged into final/ (peft.merge=false: adapter)
+    python -m stages.sft model=hf model.name_or_path=<hub name or folder>   # start from any chat-templated HF model
+    accelerate launch --num_processes 2 -m stages.sft          # several processes / GPUs
+
+Starts from the pretrained checkpoint (the parent stage) and trains with TRL's SFTTrainer on the assistant turns only:
+the chat template wraps them in {% generation %}, so user and system tokens are context, never targets. Held-out
+loss on data.sft_eval and a table of sample replies at every evaluation; at the end both the pretrained and the
+fine-tuned model answer data.eval_prompts and the gold oracle scores them (eval/pretrain_gold_score,
+eval/gold_score). Interrupted? Run the same command again: the Trainer resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import hydra
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from transformers import GenerationConfig, ProgressCallback, TrainerCallback
+
+import pipeline.config  # noqa: F401  (registers the structured configs)
+from pipeline.errors import UserError, friendly
+from pipeline.evaluation import gold_eval, win_rate
+from pipeline.models import load_causal_lm, mixed_precision, n_params
+from pipeline.run import StageRun, latest_trainer_checkpoint
+from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.tracking import Tracker
+
+
+# ---- Trainer plumbing shared with stages/reward.py -------------------------------------------------------------
+
+class TrackerCallback(TrainerCallback):
+    """The Trainer's logs -> our Tracker (metrics.jsonl + W&B), renamed to the pipeline's keys: loss -> train/loss,
+    learning_rate -> train/lr, eval_loss -> eval/loss, ... The Trainer's own W&B integration stays off
+    (report_to="none"): it would open a second W&B run."""
+
+    RENAME = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm", "epoch": "train/epoch"}
+
+    def __init__(self, tracker, say=print):
+        self.tracker, self.say = tracker, say
+        self.last: dict = {}  # latest value of every key (the manifest's metrics come from here)
+        self.last_eval_step = -1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        out = {}
+        for k, v in (logs or {}).items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue
+            if k.startswith("eval_"):
+                out[f"eval/{k[5:]}"] = v
+            elif k.startswith("train_"):  # the end-of-training summary (train_runtime, train_loss, ...)
+                out[f"train/{k[6:]}_total" if k == "train_loss" else f"train/{k[6:]}"] = v
+            else:
+                out[self.RENAME.get(k, f"train/{k}")] = v
+        if "eval/loss" in out:
+            out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50))
+            self.last_eval_step = state.global_step
+        if out:
+            self.last.update(out)
+            self.tracker.log(out, step=state.global_step)
+
+
+class QuietProgress(ProgressCallback):
+    """The Trainer's progress bar without a printed dict per log: the loss goes in the bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+
+def precision_flags(precision: str) -> dict:
+    mp = mixed_precision(precision)
+    return {"bf16": mp == "bf16", "fp16": mp == "fp16"}
+
+
+def trainer_args(cls, cfg, run, t, evaluate: bool = True, **extra):
+    """TrainingArguments (TRL's SFTConfig / RewardConfig) from our optim + train config. Checkpoints go to
+    run.ckpt_root as checkpoint-<step>; StageRun removes them when the stage completes."""
+    return cls(
+        output_dir=str(run.ckpt_root), per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        max_steps=t.max_steps, learning_rate=cfg.optim.lr, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio}, warmup_steps=cfg.optim.warmup_steps,
+        weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2,
+        adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
+        logging_steps=t.log_every, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_every, save_strategy="steps",
+        save_steps=t.save_every, save_total_limit=t.keep_checkpoints, report_to="none", seed=cfg.seed,
+        gradient_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+        **precision_flags(cfg.precision), **extra)
+
+
+def lora_config(p, task_type: str):
+    """A peft LoraConfig from conf/peft/lora.yaml, or None when LoRA is off."""
+    if not p.enabled:
+        return None
+    from peft import LoraConfig
+
+    targets = p.target_modules if p.target_modules == "all-linear" else \
+        [m.strip() for m in p.target_modules.split(",") if m.strip()]
+    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout, target_modules=targets, task_type=task_type)
+
+
+def final_model(trainer, p):
+    """The trained model to save: LoRA merged into the base weights unless peft.merge=false. Returns (model, adapter)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if p.enabled and p.merge:
+        return model.merge_and_unload(), False
+    return model, bool(p.enabled)
+
+
+def count_long(tokenizer, convs: list[list[dict]], max_length: int) -> int:
+    """How many conversations tokenize to more than max_length tokens."""
+    n = 0
+    for i in range(0, len(convs), 512):
+        ids = tokenizer.apply_chat_template(convs[i:i + 512], tokenize=True, return_dict=True)["input_ids"]
+        n += sum(len(x) > max_length for x in ids)
+    return n
+
+
+# ---- the stage -------------------------------------------------------------------------------------------------
+
+class SamplesCallback(TrainerCallback):
+    """At every evaluation: fixed eval prompts answered by the current model -> a W&B table (+ samples.jsonl)."""
+
+    def __init__(self, tok, prompts, oracle, cfg, tracker, say):
+        self.tok, self.prompts, self.oracle, self.cfg, self.tracker, self.say = tok, prompts, oracle, cfg, tracker, say
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if not self.prompts or model is None:
+            return
+        m, rows = gold_eval(model, self.tok, self.prompts, self.oracle, self.cfg.generation,
+                            self.cfg.train.gen_batch_size, seed=self.cfg.seed, prefix="eval/samples")
+        self.tracker.table("samples", ["prompt", "response", "gold_score"], rows, step=state.global_step)
+        self.tracker.log({"eval/samples_gold_score": m["eval/samples/gold_score"]}, step=state.global_step)
+        loss = (metrics or {}).get("eval_loss", float("nan"))
+        self.say(f"[sft] step {state.global_step}: eval/loss {loss:.4f}, "
+                 f"gold score of {len(self.prompts)} samples {m['eval/samples/gold_score']:.3f}")
+
+
+def run_sft(cfg: DictConfig) -> None:
+    import datasets
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from pipeline.formats import load_prompts, load_sft
+    from pipeline.oracle import GoldOracle
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    state = PartialState()
+    run = StageRun(cfg, is_main=state.is_main_process)
+    from_hub = bool(cfg.model.name_or_path)
+    parent = None if from_hub else run.parent("pretrain")
+    if not run.begin(barrier=state.wait_for_everyone):
+        return
+    t0 = time.time()
+    set_seed(cfg.seed)
+    tracker = Tracker(cfg, run, state.is_main_process)
+    if parent:
+        tracker.use_parent(parent)
+    say = print if state.is_main_process else (lambda *a, **k: None)
+    datasets.disable_progress_bars()
+    t = cfg.train
+
+    try:
+        # ---- model: the parent's final/ (or any HF causal LM); its tokenizer must carry a chat template ------
+        src = parent["final"] if parent else cfg.model.name_or_path
+        tok = load_tokenizer(src, need_chat_template=True)
+        model = load_causal_lm(src, trust_remote_code=cfg.model.trust_remote_code).to(state.device)
+        ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
+        max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
+        say(f"[sft] from {src}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"
+            + (", LoRA" if cfg.peft.enabled else ""))
+
+        # ---- data ----------------------------------------------------------------------------------------
+        train_recs, skipped = load_sft(cfg.data.sft, cfg.data.world, cfg.paths.cache)
+        eval_recs, skipped_eval = load_sft(cfg.data.sft_eval, cfg.data.world, cfg.paths.cache)
+        if not train_recs:
+            raise UserError(f"data.sft ({cfg.data.sft.path or cfg.data.sft.kind}): no usable dialogues")
+        prompts, _ = load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)
+        if t.gold_eval_prompts:
+            prompts = prompts[: t.gold_eval_prompts]
+        # Gold scores exist only for the built-in world's prompts.
+        oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.eval_prompts.kind == "world" else None
+        n_long = count_long(tok, [r["messages"] for r in train_recs], max_len)
+        say(f"[sft] {len(train_recs)} dialogues ({len(eval_recs)} held out), {n_long} longer than {max_len} tokens "
+            f"(truncated), {len(prompts)} eval prompts" + (f", {skipped + skipped_eval} bad records skipped"
+                                                          if skipped + skipped_eval else ""))
+        train_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in train_recs])
+        eval_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in eval_recs]) if eval_recs else None
+
+        # ---- the starting model's gold score: what SFT has to beat ----------------------------------------
+        metrics: dict = {}
+        pretrain_rows = None
+        if oracle and prompts and t.eval_pretrained:
+            m0, pretrain_rows = gold_eval(model, tok, prompts, oracle, cfg.generation, t.gen_batch_size,
+                                          seed=cfg.seed, prefix="eval/pretrain")
+            metrics["eval/pretrain_gold_score"] = m0.pop("eval/pretrain/gold_score")
+            metrics.update(m0)
+            tracker.log(metrics, step=0)
+            say(f"[sft] starting model: gold score {metrics['eval/pretrain_gold_score']:.3f}")
+
+        # ---- training: TRL's SFTTrainer, loss on assistant tokens only ------------------------------------
+        args = trainer_args(TRLSFTConfig, cfg, run, t, evaluate=eval_ds is not None, max_length=max_len,
+                            packing=t.packing, assistant_only_loss=True, eval_packing=False if t.packing else None)
+        log_cb = TrackerCallback(tracker, say)
+        sample_prompts = prompts[: t.sample_prompts] if oracle else []
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tok, peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
+                             callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say)])
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress())
+        dropped = len(train_ds) - len(trainer.train_dataset) if not t.packing else 0
+        if dropped:
+            say(f"[sft] {dropped} dialogues dropped: truncation to {max_len} tokens left no assistant token in them")
+        ckpt = latest_trainer_checkpoint(run.ckpt_root)
+        if ckpt is not None:
+            run.update(resumed_from=int(ckpt.name.split("-")[1]))
+            say(f"[sft] resuming from {ckpt}")
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        if eval_ds is not None and log_cb.last_eval_step != trainer.state.global_step:
+            trainer.evaluate()
+        metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("eval/") and "samples" not in k})
+        metrics["train/loss"] = log_cb.last.get("train/loss", float("nan"))
+        if not math.isfinite(metrics["train/loss"]):
+            raise UserError(f"training diverged: train/loss is {metrics['train/loss']} (try a lower optim.lr)")
+
+        # ---- the fine-tuned model's gold score ------------------------------------------------------------
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if oracle and prompts:
+            m1, rows = gold_eval(model, tok, prompts, oracle, cfg.generation, t.gen_batch_size, seed=cfg.seed)
+            metrics.update(m1)
+            if pretrain_rows:
+                metrics["eval/win_rate_vs_pretrain"] = win_rate([r[2] for r in rows], [r[2] for r in pretrain_rows])
+            tracker.table("gold_samples", ["prompt", "response", "gold_score"], rows, step=trainer.state.global_step)
+            tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
+
+        # ---- save: a plain HF checkpoint whose generation_config stops at the end of the turn --------------
+        state.wait_for_everyone()
+        out_model, adapter = final_model(trainer, cfg.peft)
+        gen_cfg = GenerationConfig(eos_token_id=end_of_turn_ids(tok), pad_token_id=tok.pad_token_id,
+                                   bos_token_id=tok.bos_token_id, do_sample=True, temperature=0.7, top_p=0.95,
+                                   max_new_tokens=int(cfg.generation.max_new_tokens))
+        if not adapter:
+            out_model.generation_config = gen_cfg
+
+        def save(d):
+            out_model.save_pretrained(d, safe_serialization=True)
+            tok.save_pretrained(d)
+            if adapter:
+                gen_cfg.save_pretrained(d)
+
+        metrics.update({"model/params": n_params(out_model), "data/skipped_records": skipped + skipped_eval,
+                        "data/train_dialogues": len(train_ds), "data/truncated": n_long, "data/dropped": dropped,
+                        "time/stage_s": time.time() - t0})
+        run.finish(save, metrics, adapter=adapter, start_model=str(src))
+        tracker.finish(metrics, run.final_dir)
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        tracker.close()
+        raise
+    say(f"[sft] eval/loss {metrics.get('eval/loss', float('nan')):.4f}; gold score "
+        f"{metrics.get('eval/pretrain_gold_score', float('nan')):.3f} (pretrained) -> "
+        f"{metrics.get('eval/gold_score', float('nan')):.3f} (sft); saved {run.final_dir} "
+        f"in {metrics['time/stage_s']:.0f}s")
+
+
+@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
+@friendly
+def main(cfg: DictConfig) -> None:
+    run_sft(cfg)
+
+
+if __name__ == "__main__":
+    main()
