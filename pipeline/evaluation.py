@@ -26,9 +26,15 @@ def _dist():
     return s.process_index, s.num_processes
 
 
-def _gather(items: list) -> list:
+def shard(n: int) -> list[int]:
+    """The indices of n items this process handles (every world-size-th, from its rank)."""
     rank, world = _dist()
-    if world == 1:
+    return list(range(rank, n, world))
+
+
+def gather(items: list) -> list:
+    """Concatenate every process's `items` (a plain list outside accelerate)."""
+    if _dist()[1] == 1:
         return items
     from accelerate.utils import gather_object
 
@@ -51,15 +57,14 @@ def gold_eval(model, tokenizer, prompts: Sequence, oracle, settings, batch_size:
     before max_new_tokens); samples are [prompt, response, gold score] rows in prompt order (`max_samples` first).
     """
     msgs = [_messages(p) for p in prompts]
-    rank, world = _dist()
-    mine = list(range(rank, len(msgs), world))
+    mine = shard(len(msgs))
     replies = generate(model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device,
-                       seed=seed + 7919 * rank)
+                       seed=seed + 7919 * _dist()[0])
     rows = []
     for i, r in zip(mine, replies):
         comps = oracle.components(msgs[i], str(r))
         rows.append((i, str(r), comps, r.n_tokens, r.ended))
-    rows = sorted(_gather(rows), key=lambda x: x[0])
+    rows = sorted(gather(rows), key=lambda x: x[0])
     n = max(len(rows), 1)
     metrics = {f"{prefix}/gold_score": sum(c["total"] for _, _, c, _, _ in rows) / n,
                f"{prefix}/response_tokens": sum(t for *_, t, _ in rows) / n,
@@ -82,11 +87,15 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
 
 # ---- reward models -------------------------------------------------------------------------------------------
 
+def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A whole conversation through the chat template (no generation prompt): what a reward model reads. This is
+    exactly how TRL's RewardTrainer tokenizes prompt + chosen."""
+    return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True)["input_ids"])
+
+
 def rm_input_ids(tokenizer, prompt: list[dict], response: str) -> list[int]:
-    """The token ids a reward model scores: the whole conversation through the chat template, the reply as the final
-    assistant turn (exactly how TRL's RewardTrainer tokenizes prompt + chosen)."""
-    msgs = list(prompt) + [{"role": "assistant", "content": response}]
-    return list(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    """The token ids a reward model scores for (prompt, reply): the reply is the final assistant turn."""
+    return conversation_ids(tokenizer, list(prompt) + [{"role": "assistant", "content": response}])
 
 
 @torch.no_grad()
@@ -137,6 +146,70 @@ def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], bi
             mean_conf = sum(conf[i] for i in idx) / len(idx)
             total += abs(acc - mean_conf) * len(idx) / len(probs)
     return total
+
+
+def load_reward_model(path, precision: str = "auto", device=None):
+    """(reward model, tokenizer) from a reward stage's final/ (a merged model, or a LoRA adapter with its score
+    head when peft.merge=false), in eval mode."""
+    from pathlib import Path
+
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.models import dtype_for
+    from pipeline.tokenizer import load_tokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype_for(precision, device)
+    tok = load_tokenizer(path, need_chat_template=True)
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import AutoPeftModelForSequenceClassification
+
+        model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+        model = model.merge_and_unload()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tok.pad_token_id
+    return model.to(device).eval(), tok
+
+
+def preference_eval(model, tokenizer, pairs: Sequence[dict], batch_size: int = 32, bins: int = 10,
+                    max_length: Optional[int] = None, prefix: str = "eval", device=None) -> tuple[dict, list[float]]:
+    """Score preference pairs ({"prompt", "chosen", "rejected", optional "gold_margin"}) with a reward model.
+
+    Each distinct (prompt, response) is scored once (a ranked prompt's K responses appear in K-1 pairs each), shared
+    across processes. Pairs longer than max_length are left out, as in training. Returns (metrics, margins) with
+    `<prefix>/loss` (Bradley-Terry), accuracy, gold_accuracy, ece, margin (see preference_metrics)."""
+    import json
+
+    index: dict[str, int] = {}
+    ids: list[list[int]] = []
+
+    def seq(msgs) -> int:
+        key = json.dumps(msgs, sort_keys=True)
+        if key not in index:
+            index[key] = len(ids)
+            ids.append(conversation_ids(tokenizer, msgs))
+        return index[key]
+
+    kept, which = [], []
+    for p in pairs:
+        c, r = seq(list(p["prompt"]) + list(p["chosen"])), seq(list(p["prompt"]) + list(p["rejected"]))
+        if max_length is None or max(len(ids[c]), len(ids[r])) <= max_length:
+            kept.append(p)
+            which.append((c, r))
+    mine = shard(len(ids))
+    scored = gather(list(zip(mine, score_ids(model, [ids[i] for i in mine], tokenizer.pad_token_id, batch_size,
+                                             device))))
+    scores = [0.0] * len(ids)
+    for i, v in scored:
+        scores[i] = v
+    rc, rr = [scores[c] for c, _ in which], [scores[r] for _, r in which]
+    gm = [p.get("gold_margin") for p in kept]
+    out = preference_metrics(rc, rr, gm if any(g is not None for g in gm) else None, bins, prefix)
+    margins = [a - b for a, b in zip(rc, rr)]
+    out[f"{prefix}/loss"] = sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins) / max(len(margins), 1)
+    out[f"{prefix}/too_long_pairs"] = len(pairs) - len(kept)
+    return out, margins
 
 
 def preference_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float],

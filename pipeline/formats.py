@@ -95,21 +95,23 @@ def _files(pattern: str) -> list[Path]:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[_At, object]]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise data_error(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
-        for i, rec in enumerate(records):
-            yield _At(str(path), record=i + 1), rec
-        return
-    for i, line in enumerate(text.splitlines()):
-        if line.strip():
+    with open(path, encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if path.suffix == ".json" and head.startswith("["):  # one JSON array: records have numbers, not lines
             try:
-                yield _At(str(path), i + 1), json.loads(line)
+                records = json.load(f)
             except json.JSONDecodeError as e:
-                yield _At(str(path), i + 1), _At(str(path), i + 1).error(None, f"malformed JSON line: {e.msg}")
+                raise data_error(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
+            yield from ((_At(str(path), record=i + 1), rec) for i, rec in enumerate(records))
+            return
+        for i, line in enumerate(f):
+            if line.strip():
+                at = _At(str(path), i + 1)
+                try:
+                    yield at, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield at, at.error(None, f"malformed JSON line: {e.msg}")
 
 
 def _paragraphs(path: Path) -> Iterator[tuple[_At, object]]:
@@ -141,6 +143,8 @@ def _load_dataset(what: str, *args, **kwargs):
 def _rows(src, split: str, required: tuple[str, ...] = ()) -> Iterator[tuple[_At, object]]:
     """(where, record) for every record of a local or hub source; a bad JSON line comes as a UserError record."""
     kind, path = _opt(src, "kind", "local"), _opt(src, "path")
+    if kind not in ("local", "hub"):
+        raise UserError(f"data source kind '{kind}': expected world, local or hub")
     if not path:
         raise UserError(f"data source of kind '{kind}' needs a path")
     if kind == "hub":
@@ -150,8 +154,6 @@ def _rows(src, split: str, required: tuple[str, ...] = ()) -> Iterator[tuple[_At
         _check_columns(ds, path, required)
         yield from _dataset_rows(ds, f"{path}[{split}]", None)
         return
-    if kind != "local":
-        raise UserError(f"data source kind '{kind}': expected world, local or hub")
     for f in _files(path.replace("{split}", split)):
         suffix = f.suffix.lower()
         if suffix in (".jsonl", ".json"):
@@ -172,8 +174,9 @@ def _check_columns(ds, source, required: tuple[str, ...]) -> None:
             raise data_error(source, None, col, f"no such column (columns: {', '.join(ds.column_names)})")
 
 
-def _collect(rows, convert: Callable, on_bad_record: str, what: str) -> tuple[list, int]:
+def _collect(rows, convert: Callable, src, what: str) -> tuple[list, int]:
     """Apply `convert(record, at) -> list` to every row; bad records raise or are counted and skipped."""
+    on_bad_record = _opt(src, "on_bad_record", "error")
     if on_bad_record not in ("error", "skip"):
         raise UserError(f"on_bad_record='{on_bad_record}': expected error or skip")
     out, skipped = [], 0
@@ -189,7 +192,8 @@ def _collect(rows, convert: Callable, on_bad_record: str, what: str) -> tuple[li
                 raise
             skipped += 1
     if not out:
-        raise UserError(f"no usable {what} records" + (f" ({skipped} bad ones skipped)" if skipped else ""))
+        where = _opt(src, "path") or "the synthetic world"
+        raise UserError(f"no usable {what} records in {where}" + (f" ({skipped} bad ones skipped)" if skipped else ""))
     return out, skipped
 
 
@@ -230,9 +234,14 @@ def _messages(value, at: _At, field: str) -> list[dict]:
 
 
 def _turns(value, at: _At, field: str, role: str) -> list[dict]:
-    """A plain string is one turn of `role`; a list is messages."""
-    if isinstance(value, str) and not value.lstrip().startswith("["):
-        return [{"role": role, "content": _content(value, at, field)}]
+    """A plain string is one turn of `role`; a list (or a string holding a JSON list, as in csv) is messages."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.lstrip().startswith("[") else value
+        except json.JSONDecodeError:
+            pass  # text that merely starts with "["
+        if isinstance(value, str):
+            return [{"role": role, "content": _content(value, at, field)}]
     return _messages(value, at, field)
 
 
@@ -249,8 +258,7 @@ def load_corpus(src, world_cfg, cache_dir) -> tuple[list[str], int]:
     field = _opt(src, "field") or "text"
     rows = _world_rows(src, world_cfg, cache_dir, "corpus", "train") if _opt(src, "kind") == "world" \
         else _rows(src, _opt(src, "split", "train"), (field,))
-    return _collect(rows, lambda rec, at: [_content(_get(rec, field, at), at, field)],
-                    _opt(src, "on_bad_record", "error"), "corpus")
+    return _collect(rows, lambda rec, at: [_content(_get(rec, field, at), at, field)], src, "corpus")
 
 
 # ---- SFT -----------------------------------------------------------------------------------------------------
@@ -270,7 +278,7 @@ def load_sft(src, world_cfg, cache_dir) -> tuple[list[dict], int]:
 
     split = _opt(src, "split", "train")
     rows = _world_rows(src, world_cfg, cache_dir, "sft", split) if _opt(src, "kind") == "world" else _rows(src, split)
-    return _collect(rows, convert, _opt(src, "on_bad_record", "error"), "SFT")
+    return _collect(rows, convert, src, "SFT")
 
 
 # ---- prompts -------------------------------------------------------------------------------------------------
@@ -292,7 +300,7 @@ def load_prompts(src, world_cfg, cache_dir) -> tuple[list[dict], int]:
     split = _opt(src, "split", "ppo")
     rows = _world_rows(src, world_cfg, cache_dir, "prompts", split) if _opt(src, "kind") == "world" \
         else _rows(src, split)
-    return _collect(rows, convert, _opt(src, "on_bad_record", "error"), "prompt")
+    return _collect(rows, convert, src, "prompt")
 
 
 # ---- preferences ---------------------------------------------------------------------------------------------
@@ -313,7 +321,7 @@ def load_preferences(src, world_cfg, split_name: str | None = None) -> tuple[lis
             not isinstance(rec.get("chosen"), str) else "hh"
         return {"pairs": _pair, "hh": _hh_pair, "ranked": _ranked_pairs}[f](rec, at)
 
-    return _collect(_rows(src, split), convert, _opt(src, "on_bad_record", "error"), "preference")
+    return _collect(_rows(src, split), convert, src, "preference")
 
 
 def _pair(rec, at) -> list[dict]:
@@ -332,7 +340,7 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 def _hh_turns(text, at: _At, field: str) -> list[dict]:
     if not isinstance(text, str):
         raise at.error(field, f"expected an HH transcript string, got {type(text).__name__}")
-    parts = _HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
     if parts[0].strip() or len(parts) < 3:
         raise at.error(field, "not an HH transcript (expected '\\n\\nHuman: ...\\n\\nAssistant: ...')")
     turns = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
@@ -393,9 +401,10 @@ def _world_preferences(src, world_cfg, split: str) -> tuple[list[dict], int]:
 
     cfg, default = as_world_config(world_cfg), WorldConfig()
     if _opt(src, "path") or _reward_fields(cfg) == _reward_fields(default):
-        path = _opt(src, "path") or str(REPO_ROOT / "reward_data" / f"{split}.jsonl")
-        local = type("Src", (), {"kind": "local", "path": path, "on_bad_record": _opt(src, "on_bad_record", "error")})
-        return _collect(_rows(local, split), _ranked_pairs, local.on_bad_record, "preference")
+        path = Path(_opt(src, "path") or REPO_ROOT / "reward_data" / f"{split}.jsonl")
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (regenerate with: python -m pipeline.synthetic reward-data)")
+        return _collect(_jsonl(path), _ranked_pairs, src, f"preference ({path})")
     if split not in ("train", "test"):
         raise UserError(f"world preference split '{split}': expected train or test")
     return expand_pairs(ranked_prompts(cfg, split)), 0

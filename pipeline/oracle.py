@@ -210,9 +210,9 @@ _SENT_END = re.compile(r"[.!?]+(?:\s+|$)")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*(.+?)\s*$", re.M)
 _VOCAB_RE = {k: re.compile(r"\b(" + "|".join(ws) + r")s?\b") for k, ws in VOCAB.items()}
 _DECLINE = re.compile(
-    r"\b(?:i don't know|i do not know|i'm not sure|i am not sure|no information|not aware of|can't answer|"
-    r"cannot answer|can't say|no record|don't have (?:any )?(?:information|details|records?)|there is no|"
-    r"no one (?:called|named)|does not have an?|doesn't have an?|has no|no idea)\b")
+    r"\b(?:i (?:don't|do not) know|i'm not sure|i am not sure|(?:no|any|that) information|not aware of|"
+    r"(?:can't|cannot) (?:answer|say|tell)|no record|there is no|no one (?:called|named)|(?:does not|doesn't) have an?|"
+    r"has no|no idea)\b")
 _SOFT = re.compile(r"\b(?:sorry|afraid|unfortunately|apologi[sz]e)\b")
 _RUDE = re.compile(r"\b(?:obviously|stupid|dumb|idiot|whatever|duh|ugh|figure it out|look it up yourself|"
                    r"i don't care|shut up|everyone knows|silly question|waste of my time)\b")

@@ -10,7 +10,7 @@
     eval_prompts      held-out evaluation prompts;  ppo_prompts: the pool PPO trains on
 
 Disjointness: every question has a `key` (what it asks, independent of wording and format), and a hash of
-(seed, key) assigns it to exactly one pool (`POOLS`). Each generator draws only from its own pool, so evaluation
+(seed, key) assigns it to exactly one pool (`POOLS`); questions about made-up names are pooled by the name. Each generator draws only from its own pool, so evaluation
 prompts are never seen in SFT, reward or PPO data, and the corpus's Q&A prose uses only SFT-pool questions; the
 facts themselves are all stated in the corpus, as a pretrained model should know them.
 
@@ -80,6 +80,7 @@ POOLS = (("eval", 0.08), ("ppo", 0.16), ("reward_test", 0.04), ("reward", 0.28),
 
 
 def pool_of(key: str, seed: int) -> str:
+    """The pool a question key belongs to: a hash, so it needs no bookkeeping and is stable across sizes."""
     h = int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "big") / 2.0 ** 64
     for name, share in POOLS:
         h -= share
@@ -163,10 +164,15 @@ def sample_question(world: World, rng: random.Random) -> Question:
     return _pick(rng, _QTYPES)(world, rng)
 
 
+def _pool_key(world: World, q: Question) -> str:
+    # A made-up name belongs to one pool as a whole, so declining for names never seen in training is tested.
+    return f"ghost|{q.e}" if q.e and q.qtype != "arith" and q.e not in world.entities else q.key
+
+
 def _question_in_pool(world: World, rng: random.Random, pool: str, seed: int, sampler=sample_question) -> Question:
     for _ in range(100_000):
         q = sampler(world, rng)
-        if pool_of(q.key, seed) == pool:
+        if pool_of(_pool_key(world, q), seed) == pool:
             return q
     raise RuntimeError(f"no question falls in pool {pool!r}; is the world too small?")
 
@@ -418,7 +424,7 @@ def _followup(world: World, prev: Question, rng: random.Random, pool: str, seed:
     for _ in range(20):
         e = rng.choice(world.ghosts) if rng.random() < 0.1 or kind is None else rng.choice(world.by_kind[kind])
         q = replace(prev, e=e, fmt="")
-        if e != prev.e and pool_of(q.key, seed) == pool:
+        if e != prev.e and pool_of(_pool_key(world, q), seed) == pool:
             return q, rng.choice(FOLLOWUPS).format(e=e)
     return None
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
-import warnings
+import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -60,14 +61,14 @@ class Tracker:
         if cfg.logger.backend == "none":
             return
         if cfg.logger.backend != "wandb":
-            warnings.warn(f"logger.backend={cfg.logger.backend!r} unknown; using only metrics.jsonl")
+            print(f"warning: logger.backend={cfg.logger.backend!r} unknown; using only metrics.jsonl", file=sys.stderr)
             return
         self.log_model = cfg.logger.log_model
         try:
             import wandb
 
             id_file = stage_run.dir / "wandb_id"  # the same W&B run continues after a resume
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, group=stage_run.run,
@@ -80,7 +81,8 @@ class Tracker:
             self._disable(e)
 
     def _disable(self, e: Exception) -> None:
-        warnings.warn(f"W&B disabled for this stage ({type(e).__name__}: {e}); metrics still go to metrics.jsonl")
+        print(f"warning: W&B disabled for this stage ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+              f"metrics still go to metrics.jsonl", file=sys.stderr)
         self.wandb = None
 
     def _guard(self, fn, *a, **kw):
@@ -117,21 +119,19 @@ class Tracker:
             self._guard(lambda: self.wandb.log({key: wandb.Image(str(path))}, step=step))
 
     def use_parent(self, parent: dict) -> None:
-        """Declare the parent's model artifact as this stage's input (the lineage edge)."""
+        """Declare the parent's model artifact as this stage's input (the lineage edge). W&B cannot resolve an
+        artifact offline, so offline runs record the parent in their config (`lineage`) instead; runs made online
+        get the real edge in W&B's lineage graph."""
         if self.wandb is None:
             return
-        import wandb
-
-        def use():
-            name = artifact_name(parent["run"], parent["stage"])
-            if self.wandb.offline:  # no server to resolve a name: declare a reference to the local folder
-                art = wandb.Artifact(name, type="model", metadata={"fingerprint": parent.get("fingerprint")})
-                art.add_reference(Path(parent["final"]).resolve().as_uri(), checksum=False)
-                self.wandb.use_artifact(art)
-            else:
+        name = artifact_name(parent["run"], parent["stage"])
+        self._guard(lambda: self.wandb.config.update({"lineage": {parent["stage"]: {
+            "artifact": name, "fingerprint": parent.get("fingerprint")}}}, allow_val_change=True))
+        if self.wandb is not None and not self.wandb.offline:
+            try:
                 self.wandb.use_artifact(f"{name}:latest")
-
-        self._guard(use)
+            except Exception as e:  # noqa: BLE001 — e.g. the parent ran with logger=none: no artifact to link
+                print(f"warning: W&B lineage: cannot use artifact {name} ({e})", file=sys.stderr)
 
     def finish(self, metrics: dict, final_dir: Optional[Path] = None) -> None:
         if not self.is_main:

@@ -170,7 +170,7 @@ class World:
             ents[n] = Entity(n, "object", {
                 "kind": rng.choice(VOCAB["kind"]), "colour": rng.choice(VOCAB["colour"]),
                 "material": rng.choice(VOCAB["material"]), "owner": rng.choice(people)})
-        ghosts = tuple(new_name(rng.choice(("person", "person", "animal", "place"))) for _ in range(max(20, n_entities // 5)))
+        ghosts = tuple(new_name(rng.choice(("person", "person", "animal", "place"))) for _ in range(max(20, n_entities // 2)))
         return cls(seed, ents, ghosts)
 
     # ---- reading the world ---------------------------------------------------------------------------------

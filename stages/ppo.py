@@ -66,7 +66,7 @@ def load_critic(path: str, dtype):
 def main(cfg: DictConfig) -> None:
     # ---- setup -------------------------------------------------------------------------------------------
     t = cfg.train
-    acc = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    acc = Accelerator(mixed_precision=mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
     run = StageRun(cfg, is_main=acc.is_main_process)
     rm_parent = run.parent("reward")
     sft_parent = run.parent("sft")

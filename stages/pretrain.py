@@ -50,7 +50,7 @@ def evaluate(model, blocks: torch.Tensor, n_blocks: int, batch_size: int, acc: A
 @friendly
 def main(cfg: DictConfig) -> None:
     # ---- setup -------------------------------------------------------------------------------------------
-    acc = Accelerator(mixed_precision=mixed_precision(cfg.precision))
+    acc = Accelerator(mixed_precision=mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
     run = StageRun(cfg, is_main=acc.is_main_process)
     from_scratch = not cfg.model.name_or_path
     tok_parent = run.parent("tokenizer") if from_scratch else None

@@ -92,7 +92,8 @@ def trainer_args(cls, cfg, run, t, evaluate: bool = True, **extra):
         adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
         logging_steps=t.log_every, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_every, save_strategy="steps",
         save_steps=t.save_every, save_total_limit=t.keep_checkpoints, report_to="none", seed=cfg.seed,
-        gradient_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+        activation_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         **precision_flags(cfg.precision), **extra)
 
 

@@ -1,0 +1,281 @@
+"""Stage 3 — a reward model from human comparisons (InstructGPT step 2).
+
+    make reward                                                # = python -m stages.reward
+    python -m stages.reward train.group_by_prompt=true train.center_rewards_coefficient=0.01 RUN=rm-grouped
+    python -m stages.reward peft=lora                          # LoRA (merged into final/ unless peft.merge=false)
+    accelerate launch --num_processes 2 -m stages.reward       # several processes / GPUs
+
+The SFT checkpoint (the parent stage) gets a scalar head (AutoModelForSequenceClassification, num_labels=1) that
+reads the conversation through the chat template, reply last, and scores it at its final token. TRL's
+RewardTrainer fits it to the ranked comparisons with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
+`train.group_by_prompt=true` keeps all the pairs of one prompt's ranking in the same batch, as InstructGPT did: its
+K-choose-2 pairs are strongly correlated, and seen in separate steps they make the model overfit (section 3.5).
+
+Reported on data.preference_test: eval/accuracy (against the noisy labels; ~75% of pairs agree with the truth, so
+that is roughly the ceiling), eval/gold_accuracy (against the gold oracle's order), eval/ece (calibration of
+sigmoid(margin), 10 bins) and eval/margin. At the end the SFT policy answers data.prompts and the model's reward on
+those answers gives reward_stats {mean, std} (manifest and final/reward_stats.json), which PPO normalises with.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+
+import hydra
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from transformers import ProgressCallback, TrainerCallback
+
+import pipeline.config  # noqa: F401  (registers the structured configs)
+from pipeline.errors import UserError, friendly
+from pipeline.evaluation import _messages, gather, preference_eval, reward_scores, shard
+from pipeline.generation import generate, load_for_inference
+from pipeline.models import n_params
+from pipeline.run import StageRun, latest_trainer_checkpoint, write_json_atomic
+from pipeline.tracking import Tracker
+from stages.sft import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
+
+
+class GroupBatchSampler:
+    """Batches of whole groups: every pair of one prompt's ranking lands in the same batch.
+
+    Groups are shuffled each epoch (seeded by seed + epoch; the Trainer calls set_epoch, so a resumed run replays
+    the same order), and each batch takes `groups_per_batch` groups, so the number of batches is the same every
+    epoch. The batch size in pairs varies with the group sizes (a ranking of K gives up to K(K-1)/2 pairs)."""
+
+    drop_last = False
+
+    def __init__(self, groups: list, groups_per_batch: int, seed: int):
+        members: dict = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        self.groups = list(members.values())
+        self.groups_per_batch = max(1, groups_per_batch)
+        self.batch_size = self.groups_per_batch  # read by accelerate's BatchSamplerShard
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(len(self.groups), generator=g).tolist()
+        for s in range(0, len(order), self.groups_per_batch):
+            yield [i for gi in order[s:s + self.groups_per_batch] for i in self.groups[gi]]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.groups) / self.groups_per_batch)
+
+
+def make_trainer_class(group_by_prompt: bool, seed: int):
+    """TRL's RewardTrainer, with the train dataloader batching whole groups when group_by_prompt is on."""
+    from torch.utils.data import DataLoader
+    from trl import RewardTrainer
+
+    class GroupedRewardTrainer(RewardTrainer):
+        def get_train_dataloader(self):
+            if not group_by_prompt:
+                return super().get_train_dataloader()
+            groups = self.train_dataset["group"]  # read before the unused columns go
+            per_group = len(groups) / max(len(set(groups)), 1)
+            sampler = GroupBatchSampler(groups, round(self._train_batch_size / per_group), seed)
+            ds = self._remove_unused_columns(self.train_dataset, description="Training")
+            return self.accelerator.prepare(DataLoader(ds, batch_sampler=sampler, collate_fn=self.data_collator,
+                                                       num_workers=self.args.dataloader_num_workers))
+
+    return GroupedRewardTrainer
+
+
+class EvalCallback(TrainerCallback):
+    """Every eval_every steps: accuracy, gold accuracy, calibration and margin on the test pairs."""
+
+    def __init__(self, tok, pairs, cfg, max_len, tracker, say):
+        self.tok, self.pairs, self.cfg, self.max_len, self.tracker, self.say = tok, pairs, cfg, max_len, tracker, say
+        self.last: dict = {}
+        self.step = -1
+
+    def run(self, model, step: int) -> dict:
+        t = self.cfg.train
+        self.last, _ = preference_eval(model, self.tok, self.pairs, t.eval_batch_size or t.batch_size,
+                                       t.calibration_bins, self.max_len)
+        self.step = step
+        self.tracker.log(self.last, step=step)
+        self.say(f"[reward] step {step}: eval/accuracy {self.last['eval/accuracy']:.3f}, "
+                 f"eval/gold_accuracy {self.last.get('eval/gold_accuracy', float('nan')):.3f}, "
+                 f"eval/ece {self.last['eval/ece']:.3f}, eval/loss {self.last['eval/loss']:.4f}")
+        return self.last
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.pairs and model is not None and state.global_step % self.cfg.train.eval_every == 0:
+            self.run(model, state.global_step)
+
+
+def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
+    """The reward model's view of the SFT policy: mean and std of its reward on the policy's own answers (what
+    PPO will see at its start), plus how well that reward tracks the gold score there."""
+    t = cfg.train
+    mine = shard(len(prompts))
+    msgs = [_messages(prompts[i]) for i in mine]
+    replies = generate(policy, tok, msgs, cfg.generation, t.gen_batch_size, seed=cfg.seed + 1)
+    rewards = reward_scores(rm, tok, msgs, [str(r) for r in replies], t.eval_batch_size or t.batch_size)
+    golds = oracle.score_batch(msgs, [str(r) for r in replies]) if oracle else [None] * len(msgs)
+    rows = gather(list(zip(rewards, golds)))
+    r = [a for a, _ in rows]
+    n = len(r)
+    mean = sum(r) / n
+    std = math.sqrt(sum((x - mean) ** 2 for x in r) / max(n - 1, 1))
+    out = {"mean": mean, "std": std, "n": n}
+    if oracle:
+        g = [b for _, b in rows]
+        gm = sum(g) / n
+        sg = math.sqrt(sum((x - gm) ** 2 for x in g) / max(n - 1, 1))
+        cov = sum((a - mean) * (b - gm) for a, b in rows) / max(n - 1, 1)
+        out["gold_correlation"] = cov / (std * sg) if std > 0 and sg > 0 else float("nan")
+        out["gold_mean"] = gm
+    return out
+
+
+def run_reward(cfg: DictConfig) -> None:
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig as TRLRewardConfig
+
+    from pipeline.formats import check_prompt_lengths, load_preferences, load_prompts
+    from pipeline.oracle import GoldOracle
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    state = PartialState()
+    run = StageRun(cfg, is_main=state.is_main_process)
+    parent = run.parent("sft")
+    if not run.begin(barrier=state.wait_for_everyone):
+        return
+    t0 = time.time()
+    set_seed(cfg.seed)
+    tracker = Tracker(cfg, run, state.is_main_process)
+    tracker.use_parent(parent)
+    say = print if state.is_main_process else (lambda *a, **k: None)
+    datasets.disable_progress_bars()
+    t = cfg.train
+    merged_dir = run.dir / ".sft_merged"
+
+    try:
+        # ---- model: the SFT checkpoint with a scalar head ------------------------------------------------
+        policy, tok = load_for_inference(parent["final"], "fp32", device=state.device,
+                                         trust_remote_code=cfg.model.trust_remote_code)
+        src = parent["final"]
+        if parent.get("adapter"):  # an SFT adapter: merge it once into a plain checkpoint to start from
+            if state.is_main_process:
+                policy.save_pretrained(merged_dir, safe_serialization=True)
+            state.wait_for_everyone()
+            src = str(merged_dir)
+        try:  # TRL's context that hides the expected "score.weight newly initialised / lm_head unused" warnings
+            from trl.trainer.reward_trainer import suppress_seqcls_warning
+        except ImportError:  # pragma: no cover — a TRL without it: the warning is harmless
+            from contextlib import nullcontext as suppress_seqcls_warning
+        with suppress_seqcls_warning():
+            model = AutoModelForSequenceClassification.from_pretrained(
+                src, num_labels=1, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+        model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
+        ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
+        max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
+        say(f"[reward] from {parent['final']}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"
+            + (", LoRA" if cfg.peft.enabled else "") + (", batches keep prompts together" if t.group_by_prompt else ""))
+
+        # ---- data: ranked comparisons expanded to pairs; prompts alone must fit ---------------------------
+        pairs, skipped = load_preferences(cfg.data.preference, cfg.data.world)
+        test_pairs, skipped_test = load_preferences(cfg.data.preference_test, cfg.data.world)
+        pairs, _ = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
+        test_pairs, _ = check_prompt_lengths(test_pairs, tok, max_len, cfg.data.preference_test.on_bad_record,
+                                          "data.preference_test")
+        if not pairs:
+            raise UserError(f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): "
+                            f"no usable preference pairs" + (f" ({skipped} bad records skipped)" if skipped else ""))
+        cols = ["prompt", "chosen", "rejected", "group"]
+        train_ds = datasets.Dataset.from_list([{k: p.get(k) if k != "group" else str(p.get(k, i))
+                                                for k in cols} for i, p in enumerate(pairs)])
+        prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
+        prompts = prompts[: t.stats_prompts]
+        oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.prompts.kind == "world" else None
+
+        # ---- training: TRL's RewardTrainer, Bradley-Terry loss --------------------------------------------
+        args = trainer_args(TRLRewardConfig, cfg, run, t, evaluate=False, max_length=max_len,
+                            center_rewards_coefficient=t.center_rewards_coefficient,
+                            remove_unused_columns=True)
+        log_cb = TrackerCallback(tracker, say)
+        eval_cb = EvalCallback(tok, test_pairs, cfg, max_len, tracker, say)
+        Trainer = make_trainer_class(t.group_by_prompt, cfg.seed)
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+                          peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[log_cb, eval_cb])
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress())
+        too_long = len(train_ds) - len(trainer.train_dataset)
+        say(f"[reward] {len(trainer.train_dataset)} training pairs from {len(set(train_ds['group']))} prompts, "
+            f"{len(test_pairs)} test pairs; {too_long} pairs longer than {max_len} tokens left out"
+            + (f", {skipped + skipped_test} bad records skipped" if skipped + skipped_test else ""))
+        if len(trainer.train_dataset) == 0:
+            raise UserError(f"data.preference: no usable preference pairs: all {len(train_ds)} are longer than "
+                            f"max_length={max_len} tokens (raise train.max_length, or shorten the data)")
+        ckpt = latest_trainer_checkpoint(run.ckpt_root)
+        if ckpt is not None:
+            run.update(resumed_from=int(ckpt.name.split("-")[1]))
+            say(f"[reward] resuming from {ckpt}")
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        train_loss = log_cb.last.get("train/loss", float("nan"))
+        if not math.isfinite(train_loss):
+            raise UserError(f"training diverged: train/loss is {train_loss} (try a lower optim.lr)")
+
+        # ---- evaluation on the test pairs, and the reward statistics PPO normalises with --------------------
+        rm, adapter = final_model(trainer, cfg.peft)
+        metrics = dict(eval_cb.last) if eval_cb.step == trainer.state.global_step else \
+            eval_cb.run(rm, trainer.state.global_step)
+        if not test_pairs:
+            say("[reward] no test pairs: eval/accuracy not measured")
+        stats = reward_stats(policy, rm, tok, prompts, cfg, oracle) if prompts else {"mean": 0.0, "std": 1.0, "n": 0}
+        say(f"[reward] SFT policy on {stats['n']} prompts: reward mean {stats['mean']:.3f}, std {stats['std']:.3f}"
+            + (f", correlation with gold {stats['gold_correlation']:.3f}" if "gold_correlation" in stats else ""))
+        metrics.update({"train/loss": train_loss, "reward/mean": stats["mean"], "reward/std": stats["std"]})
+        if "gold_correlation" in stats:
+            metrics["reward/gold_correlation"] = stats["gold_correlation"]
+        tracker.log({k: v for k, v in metrics.items() if k.startswith("reward/")}, step=trainer.state.global_step)
+
+        # ---- save: a plain HF sequence-classification checkpoint + reward_stats.json ----------------------
+        state.wait_for_everyone()
+        stats_file = {**stats, "input": "the chat template over prompt + [assistant reply] "
+                                        "(pipeline.evaluation.rm_input_ids); the score is at the last token",
+                      "prompts": cfg.data.prompts.kind if cfg.data.prompts.kind != "local" else cfg.data.prompts.path,
+                      "generation": dict(cfg.generation)}
+
+        def save(d):
+            rm.save_pretrained(d, safe_serialization=True)
+            tok.save_pretrained(d)
+            write_json_atomic(d / "reward_stats.json", stats_file)
+
+        metrics.update({"model/params": n_params(rm), "data/skipped_records": skipped + skipped_test,
+                        "data/train_pairs": len(trainer.train_dataset), "data/too_long_pairs": too_long,
+                        "time/stage_s": time.time() - t0})
+        run.finish(save, metrics, adapter=adapter, reward_stats={"mean": stats["mean"], "std": stats["std"]})
+        tracker.finish(metrics, run.final_dir)
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        tracker.close()
+        raise
+    finally:
+        if state.is_main_process:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+    say(f"[reward] eval/accuracy {metrics.get('eval/accuracy', float('nan')):.3f}, eval/gold_accuracy "
+        f"{metrics.get('eval/gold_accuracy', float('nan')):.3f}, eval/ece {metrics.get('eval/ece', float('nan')):.3f}; "
+        f"saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
+
+
+@hydra.main(config_path="../conf", config_name="reward", version_base="1.3")
+@friendly
+def main(cfg: DictConfig) -> None:
+    run_reward(cfg)
+
+
+if __name__ == "__main__":
+    main()

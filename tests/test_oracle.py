@@ -1,0 +1,173 @@
+import random
+
+import pytest
+
+from pipeline.oracle import FORMATS, QUESTIONS, WEIGHTS, GoldOracle, Question, parse, question_of, render, truth
+from pipeline.synthetic import WorldConfig, _world, sample_question
+from pipeline.world import VOCAB
+
+CFG = WorldConfig(seed=3, n_entities=80)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return _world(CFG.seed, CFG.n_entities)
+
+
+@pytest.fixture(scope="module")
+def oracle(world):
+    return GoldOracle(world)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def better(oracle, prompt, good, bad, component="total"):
+    g, b = oracle.components(prompt, good), oracle.components(prompt, bad)
+    assert g[component] > b[component], (prompt, good, g, bad, b)
+    return g, b
+
+
+def test_every_template_parses_back(world):
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(3000):
+        q = sample_question(world, rng)
+        for fmt in ("", *FORMATS):
+            q2 = Question(**{**q.__dict__, "fmt": fmt})
+            p = parse(render(q2, rng))
+            assert p is not None and p.key == q2.key and p.fmt == fmt
+            seen.add((q.qtype, q.sub))
+    assert seen >= {(qt, sub) for qt, sub, _ in QUESTIONS}, "a template the sampler never asks"
+
+
+def test_from_config_and_components_add_up(oracle, world):
+    assert abs(sum(WEIGHTS.values()) - 1) < 1e-9
+    assert GoldOracle.from_config(CFG).world.entities.keys() == world.entities.keys()
+    p = world.by_kind["person"][0]
+    c = oracle.components(user(f"What is {p}'s job?"), f"{p} is a {world.value(p, 'job')}.")
+    assert set(c) == set(WEIGHTS) | {"total"}
+    assert c["total"] == pytest.approx(sum(WEIGHTS[k] * c[k] for k in WEIGHTS)) == 1.0
+    assert oracle.components(user("How old is Bera?"), "  ")["total"] == 0.0
+
+
+def test_correct_beats_wrong(oracle, world):
+    p = world.by_kind["person"][0]
+    job, age = world.value(p, "job"), world.value(p, "age")
+    wrong_job = next(j for j in VOCAB["job"] if j != job)
+    better(oracle, user(f"What does {p} do for a living?"), f"{p} works as a {job}.", f"{p} works as a {wrong_job}.")
+    # Hedging between the right and a wrong value is worse than the right value alone.
+    better(oracle, user(f"What is {p}'s job?"), f"{p} is a {job}.", f"{p} is a {job} or a {wrong_job}.")
+    better(oracle, user(f"How old is {p}?"), f"{p} is {age} years old.", f"{p} is {age + 3} years old.")
+    better(oracle, user("What is 17 plus 25?"), "17 plus 25 is 42.", "17 plus 25 is 43.")
+    a = world.by_kind["animal"][0]
+    owner = world.value(a, "owner")
+    other = next(x for x in world.by_kind["person"] if x != owner)
+    better(oracle, user(f"Who owns {a}?"), f"{a} belongs to {owner}.", f"{a} belongs to {other}.")
+
+
+def test_unanswerable_wants_a_polite_decline(oracle, world):
+    ghost, place, p = world.ghosts[0], world.by_kind["place"][0], world.by_kind["person"][0]
+    for q, made_up in ((f"What is {ghost}'s job?", f"{ghost} is a baker."),
+                       (f"What is {p}'s phone number?", f"{p}'s phone number is 5551234."),
+                       (f"What is {place}'s favourite food?", f"{place}'s favourite food is soup.")):
+        g, b = better(oracle, user(q), "I'm sorry, but I don't have that information.", made_up)
+        assert g["correctness"] == 1.0 and b["correctness"] == 0.0
+        better(oracle, user(q), "I'm sorry, but I don't know.", "dunno")  # curt decline
+    # ...and declining something the world does know is wrong.
+    better(oracle, user(f"Where does {p} live?"), f"{p} lives in {world.value(p, 'home')}.", "Sorry, I don't know.")
+
+
+def test_list_of_n(oracle, world):
+    town = max(world.residents, key=lambda t: len(world.residents[t]))
+    people = world.residents[town]
+    outsider = next(x for x in world.by_kind["person"] if x not in people)
+    prompt = user(f"List 3 people who live in {town}.")
+    good = "Here are three people who live in " + town + ":\n" + "\n".join(f"- {x}" for x in people[:3])
+    assert oracle.score(prompt, good) == 1.0
+    g, b = better(oracle, prompt, good, f"{people[0]} and {people[1]} live in {town}.")
+    assert b["instruction_following"] < 1 and b["correctness"] == 1
+    g, b = better(oracle, prompt, good, f"{people[0]}, {people[1]} and {outsider} live in {town}.")
+    assert b["correctness"] == pytest.approx(2 / 3)
+    better(oracle, prompt, good, "\n".join(f"{i + 1}. {people[0]}" for i in range(3)))  # one name three times
+
+
+def test_one_sentence_and_number_only(oracle, world):
+    p = world.by_kind["person"][1]
+    a = world.value(p, "age")
+    prompt = user(f"Tell me about {p}. Answer in one sentence.")
+    one = f"{p} is a {world.value(p, 'job')} who lives in {world.value(p, 'home')}."
+    rambling = one + f" {p} likes {world.value(p, 'food')} more than any other food. I hope this helps!"
+    g, b = better(oracle, prompt, one, rambling)
+    assert g["total"] == 1.0 and b["instruction_following"] < 1
+    better(oracle, user(f"How old is {p}? Answer with just the number."), str(a), f"{p} is {a} years old.")
+    better(oracle, user("What is 6 times 7?"), "6 times 7 is 42.", "Great question! Let me work it out. "
+           "Six lots of seven: 6 times 7 is 42. I hope this helps, and feel free to ask anything else!")
+
+
+def test_description_with_a_false_detail_loses(oracle, world):
+    p = world.by_kind["person"][2]
+    job = world.value(p, "job")
+    wrong = next(j for j in VOCAB["job"] if j != job)
+    home = world.value(p, "home")
+    g, b = better(oracle, user(f"Describe {p}."), f"{p} is a {job}. {p} lives in {home}.",
+                  f"{p} is a {wrong}. {p} lives in {home}.")
+    assert b["correctness"] == 0
+    far = next(t for t in world.by_kind["place"] if t != home)
+    better(oracle, user(f"Describe {p}."), f"{p} is a {job}. {p} lives in {home}.",
+           f"{p} is a {job}. {p} lives in {far}.")
+
+
+def test_repetition_ending_and_politeness(oracle, world):
+    p = world.by_kind["person"][3]
+    fact = f"{p}'s favourite food is {world.value(p, 'food')}."
+    prompt = user(f"What is {p}'s favourite food?")
+    assert better(oracle, prompt, fact, " ".join([fact] * 3))[1]["no_repetition"] == 0
+    assert better(oracle, prompt, fact, fact[:-6])[1]["proper_ending"] == 0  # cut off mid-word
+    assert better(oracle, prompt, fact, fact[:-1] + "...")[1]["proper_ending"] == 0
+    assert better(oracle, prompt, fact, "Obviously, " + fact + " Look it up yourself.")[1]["politeness"] < 0.5
+    assert better(oracle, prompt, fact, str(world.value(p, "food")))[1]["politeness"] < 1  # bare fragment
+
+
+def test_yes_no(oracle, world):
+    p = world.by_kind["person"][0]
+    home = world.value(p, "home")
+    other = next(t for t in world.by_kind["place"] if t != home)
+    better(oracle, user(f"Does {p} live in {home}? Answer yes or no."), f"Yes, {p} lives in {home}.", "No.")
+    better(oracle, user(f"Does {p} live in {other}?"), f"No, {p} lives in {home}.", f"Yes, {p} lives in {other}.")
+    better(oracle, user(f"Does {p} live in {home}?"), "Yes.", f"{p} lives in {home}.")  # must say yes or no
+
+
+def test_follow_up_and_multi_turn(oracle, world):
+    p, q = world.by_kind["person"][:2]
+    msgs = [*user(f"What is {p}'s job?"), {"role": "assistant", "content": f"{p} is a {world.value(p, 'job')}."},
+            *user(f"What about {q}?")]
+    assert question_of(msgs) == Question("attr", "job", e=q)
+    better(oracle, msgs, f"{q} is a {world.value(q, 'job')}.", f"{q} is a {world.value(p, 'job')}."
+           if world.value(p, "job") != world.value(q, "job") else f"{q} is 200 years old.")
+    # Only the last user turn is scored: an earlier question does not change the answer wanted.
+    assert oracle.score(msgs, f"{q} is a {world.value(q, 'job')}.") == 1.0
+
+
+def test_unknown_prompts_are_scored_on_style_only(oracle):
+    c = oracle.components(user("Write me a poem about the sea."), "The sea is wide and blue.")
+    assert c["correctness"] == c["instruction_following"] == 0.5
+
+
+def test_truth_and_batch(oracle, world):
+    assert truth(world, Question("arith", "minus", a=9, b=4)) == 5
+    assert truth(world, Question("attr", "job", e=world.ghosts[0])) is None
+    prompts = [user("What is 2 plus 2?")] * 3
+    assert oracle.score_batch(prompts, ["4.", "5.", "2 plus 2 is 4."]) == \
+        [oracle.score(p, r) for p, r in zip(prompts, ["4.", "5.", "2 plus 2 is 4."])]
+    with pytest.raises(ValueError):
+        oracle.score_batch(prompts, ["4."])
+
+
+def test_speed_at_least_10k_scores_per_second():
+    from bench.oracle_speed import measure
+
+    rates = measure(n_prompts=1000)
+    print(f"\ngold oracle: {rates['cold']:,.0f} scores/s (cold parse cache), {rates['warm']:,.0f} (warm), one core")
+    assert max(rates.values()) >= 10_000

@@ -1,0 +1,159 @@
+import dataclasses
+import filecmp
+import json
+import random
+import re
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import synthetic as syn
+from pipeline.oracle import GoldOracle, question_of
+from pipeline.synthetic import WorldConfig
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = WorldConfig(seed=11, n_entities=100, corpus_docs=400, sft_dialogues=300, sft_eval_dialogues=40,
+                    reward_prompts=200, reward_test_prompts=40, eval_prompts=60, ppo_prompts=200)
+
+
+def test_world_config_fields_and_coercion():
+    names = [f.name for f in dataclasses.fields(WorldConfig)]
+    assert names == ["seed", "n_entities", "corpus_docs", "sft_dialogues", "sft_eval_dialogues", "bad_fraction",
+                     "reward_prompts", "reward_test_prompts", "k", "label_temperature", "eval_prompts", "ppo_prompts"]
+    from pipeline.config import WorldConfig as Schema  # the Hydra schema must carry the same keys
+    assert [f.name for f in dataclasses.fields(Schema)] == names
+    from omegaconf import OmegaConf
+
+    assert syn.as_world_config(OmegaConf.create(dataclasses.asdict(SMALL))) == SMALL
+    assert syn.as_world_config(SimpleNamespace(**dataclasses.asdict(SMALL))) == SMALL
+    with pytest.raises(ValueError):
+        syn.as_world_config(WorldConfig(k=12))
+
+
+def test_materialise_is_byte_identical_and_reused(tmp_path):
+    a = syn.materialise(SMALL, tmp_path / "a")
+    b = syn.materialise(SMALL, tmp_path / "b")
+    assert set(a) == {"corpus", "sft", "sft_eval", "eval_prompts", "ppo_prompts"}
+    for name in a:
+        assert a[name].parent.name == b[name].parent.name == syn.config_hash(SMALL)
+        assert a[name].read_bytes() == b[name].read_bytes(), name
+    stamp = a["corpus"].stat().st_mtime_ns
+    assert syn.materialise(SMALL, tmp_path / "a") == a and a["corpus"].stat().st_mtime_ns == stamp  # reused
+    other = syn.materialise(dataclasses.replace(SMALL, seed=12, corpus_docs=50), tmp_path / "a")
+    assert other["corpus"].parent != a["corpus"].parent
+    assert not list((tmp_path / "a").rglob("*.tmp"))
+
+
+def test_regenerating_reward_data_reproduces_the_committed_files(tmp_path, capsys):
+    syn.main(["reward-data", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "label agreement" in out
+    for name in ("train.jsonl", "test.jsonl", "README.md"):
+        assert filecmp.cmp(tmp_path / name, REPO / "reward_data" / name, shallow=False), \
+            f"reward_data/{name} is stale: python -m pipeline.synthetic reward-data --out reward_data"
+    size = sum((REPO / "reward_data" / n).stat().st_size for n in ("train.jsonl", "test.jsonl"))
+    assert size < 4e6
+
+
+def _records(split):
+    with open(REPO / "reward_data" / f"{split}.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_label_agreement_matches_human_annotators(split):
+    recs = _records(split)
+    agree = syn.label_agreement(recs)
+    print(f"\nreward_data/{split}: pairwise agreement of noisy labels with gold = {agree:.3f}")
+    assert 0.70 <= agree <= 0.80
+    oracle = GoldOracle.from_config(WorldConfig())
+    for rec in recs[:200]:
+        assert sorted(rec["ranks"]) == list(range(len(rec["responses"]))) and len(set(rec["responses"])) == 4
+        assert rec["prompt"][-1]["role"] == "user"
+        assert [round(oracle.score(rec["prompt"], r), 4) for r in rec["responses"]] == rec["gold_scores"]
+
+
+def test_plackett_luce_temperature_controls_noise():
+    rng = random.Random(0)
+    scores = [0.9, 0.7, 0.5, 0.3]
+    assert all(syn.plackett_luce(scores, 1e-4, rng) == [0, 1, 2, 3] for _ in range(20))
+    recs = [{"gold_scores": scores, "ranks": syn.plackett_luce(scores, 100.0, rng)} for _ in range(2000)]
+    assert 0.45 < syn.label_agreement(recs) < 0.55
+
+
+def test_expand_pairs():
+    rec = {"id": "x", "prompt": [{"role": "user", "content": "Q"}], "responses": ["a", "b", "c", "a"],
+           "ranks": [1, 0, 1, 2], "gold_scores": [0.5, 0.9, 0.4, 0.5]}
+    pairs = syn.expand_pairs([rec])
+    # 6 pairs, minus responses 0 and 2 (tied in rank) and 0 and 3 (identical text)
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["gold_margin"]) for p in pairs] == \
+        [("b", "a", 0.4), ("b", "c", 0.5), ("b", "a", 0.4), ("c", "a", -0.1)]
+    assert all(p["group"] == "x" and p["prompt"] == rec["prompt"] for p in pairs)
+    assert all(p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant" for p in pairs)
+
+
+def _keys(messages):
+    """Every question asked in a dialogue (follow-ups resolved)."""
+    return {question_of(messages[: i + 1]).key for i, m in enumerate(messages)
+            if m["role"] == "user" and question_of(messages[: i + 1]) is not None}
+
+
+def test_eval_prompts_are_disjoint_from_everything_else():
+    cfg = dataclasses.replace(WorldConfig(), sft_dialogues=2000, reward_prompts=1000, ppo_prompts=1000)
+    ev = syn.eval_prompts(cfg)
+    assert len(ev) == cfg.eval_prompts and len({json.dumps(p) for p in ev}) == len(ev)
+    assert all(p["messages"][-1]["role"] == "user" for p in ev)
+    eval_keys = set().union(*(_keys(p["messages"]) for p in ev))
+    eval_texts = {m["content"] for p in ev for m in p["messages"] if m["role"] == "user"}
+    world = syn._world(cfg.seed, cfg.n_entities)
+    eval_ghosts = set(world.ghosts) & {w for t in eval_texts for w in re.findall(r"[A-Z][a-z]+", t)}
+    others = {"sft": [d["messages"] for d in syn.sft_dialogues(cfg)],
+              "reward": [r["prompt"] for r in syn.ranked_prompts(cfg, "train")],
+              "ppo": [p["messages"] for p in syn.ppo_prompts(cfg)]}
+    for name, dialogues in others.items():
+        keys = set().union(*(_keys(m) for m in dialogues))
+        assert not eval_keys & keys, name
+        assert not eval_ghosts & {w for d in dialogues for m in d for w in re.findall(r"[A-Z][a-z]+", m["content"])}
+        assert not eval_texts & {m["content"] for d in dialogues for m in d if m["role"] == "user"
+                                 and not m["content"].startswith(("What about", "And ", "How about"))}, name
+    assert syn.ppo_prompts(cfg)[:5] == syn.ppo_prompts(cfg)[:5]
+
+
+def test_sft_demonstrations_are_imperfect_by_design():
+    oracle = GoldOracle.from_config(SMALL)
+
+    def mean_gold(bad_fraction):
+        dialogues = syn.sft_dialogues(dataclasses.replace(SMALL, bad_fraction=bad_fraction))
+        for d in dialogues:
+            assert d["messages"][-1]["role"] == "assistant"
+            assert {m["role"] for m in d["messages"]} <= {"system", "user", "assistant"}
+        return sum(oracle.score(d["messages"][:-1], d["messages"][-1]["content"]) for d in dialogues) / len(dialogues)
+
+    clean, default = mean_gold(0.0), mean_gold(0.3)
+    print(f"\nmean gold score of SFT demonstrations: {clean:.3f} clean, {default:.3f} with bad_fraction=0.3")
+    assert clean > 0.97 and default < clean - 0.05
+    multi = [d for d in syn.sft_dialogues(SMALL) if sum(m["role"] == "user" for m in d["messages"]) > 1]
+    assert 0.1 < len(multi) / SMALL.sft_dialogues < 0.4
+
+
+def test_corpus_states_facts():
+    docs = syn.corpus_documents(SMALL)
+    world = syn._world(SMALL.seed, SMALL.n_entities)
+    assert len(docs) == SMALL.corpus_docs and all(d.strip() for d in docs)
+    text = "\n".join(docs)
+    mentioned = sum(n in text for n in world.entities)
+    assert mentioned > 0.8 * len(world.entities)
+    held_out = [g for g in world.ghosts if syn.pool_of(f"ghost|{g}", SMALL.seed) == "eval"]
+    assert held_out and not set(held_out) & set(re.findall(r"[A-Z][a-z]+", text)), "eval's made-up names are unseen"
+    assert any(d.startswith(("Q: ", "Question: ", "User: ")) for d in docs)
+
+
+def test_default_corpus_size_and_speed():
+    t = time.process_time()  # CPU time: wall time on a shared machine measures the neighbours
+    docs = syn.corpus_documents(WorldConfig())
+    dt = time.process_time() - t
+    chars = sum(map(len, docs))
+    print(f"\ndefault corpus: {len(docs)} documents, {chars / 1e6:.1f}M characters in {dt:.1f}s")
+    assert 8e6 < chars < 16e6 and dt < 20
