@@ -81,18 +81,25 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
 
 
 # ---- timing helpers shared by both sides -----------------------------------------------------------------------
-def steady_rate(intervals: list[tuple[int, int, float]], warmup: int) -> tuple[float, list[float], int]:
-    """intervals: (end_step, tokens, seconds). Tokens/s over the intervals that start at or after `warmup`,
-    as total tokens / total time; also the per-interval rates and the number of measured steps."""
+def post_warmup(intervals: list[tuple[int, int, float]], warmup: int) -> list[tuple[int, float]]:
+    """intervals: (end_step, tokens, seconds) in step order -> (tokens, seconds) of those starting at or after
+    step `warmup`."""
     kept, prev = [], 0
     for end, tokens, secs in intervals:
         if prev >= warmup:
-            kept.append((end - prev, tokens, secs))
+            kept.append((tokens, secs))
         prev = end
     if not kept:
         raise SystemExit(f"no interval left after {warmup} warmup steps: raise --steps")
-    rate = sum(k[1] for k in kept) / sum(k[2] for k in kept)
-    return rate, [k[1] / k[2] for k in kept], sum(k[0] for k in kept)
+    return kept
+
+
+def summarise(kept: list[tuple[int, float]]) -> dict:
+    """Median of the per-interval rates (the headline: robust to another process stealing a core for a while),
+    plus the plain mean (all tokens / all time) and the best interval."""
+    rates = [tok / secs for tok, secs in kept]
+    return {"median": statistics.median(rates), "mean": sum(t for t, _ in kept) / sum(s for _, s in kept),
+            "best": max(rates), "rates": rates, "n": len(rates)}
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------
@@ -106,9 +113,8 @@ def run_logged(cmd: list[str], log: Path, env: dict) -> float:
     return time.time() - t
 
 
-def stage_intervals(metrics: Path, since: float) -> list[tuple[int, int, float]]:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("time", 0) >= since and "train/tokens_per_s" in r]
+def stage_intervals(rows: list[dict]) -> list[tuple[int, int, float]]:
+    """The stage's logged rows -> (end_step, tokens, seconds) per interval."""
     out, prev = [], 0
     for r in sorted(rows, key=lambda r: r["step"]):
         step = int(r["step"])
@@ -182,11 +188,13 @@ def bare_worker(stage_dir: Path, steps: int, out: Path) -> None:
 
 
 # ---- results.md ------------------------------------------------------------------------------------------------
-HEADER = ("| date | machine | torch threads | preset | measured steps | peak GFLOP/s | stage tok/s | bare tok/s "
-          "| stage/bare | MFU stage | MFU bare |")
+HEADER = ("| date | machine | torch threads | preset | timed steps per side | load avg | peak GFLOP/s | stage tok/s "
+          "| bare tok/s | stage/bare | MFU stage | MFU bare |")
 INTRO = ("`python bench/pretrain_throughput.py` (`make bench`): tokens/s of `python -m stages.pretrain` and of a bare "
-         "PyTorch loop on the same model, batches and optimizer, after warmup; MFU = tokens/s x flops_per_token / "
-         "the measured fp32 matmul peak. One row per run, newest last.")
+         "PyTorch loop on the same model, batches and optimizer, after warmup (median of the logged intervals over "
+         "alternating runs); MFU = tokens/s x flops_per_token / the measured fp32 matmul peak (best of 2048^3 "
+         "matmuls, same threads). Load avg: the 1-minute load when the run started (this figure above ~0.5 means "
+         "another process shared the cores and the figures are noisy). One row per run, newest last.")
 
 
 def update_results(row: str) -> None:
@@ -210,12 +218,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu", help="conf/preset/<name> (default: cpu)")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of each loop (default: 40)")
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run of each loop (default: 40)")
     ap.add_argument("--warmup-steps", type=int, default=10,
-                    help="steps not timed, rounded up to the stage's log_every (default: 10)")
+                    help="steps not timed at the start of every run, rounded up to the stage's log_every (default: 10)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs of each loop, alternating stage, bare, bare, stage, ... (default: 2)")
     ap.add_argument("--runs-root", default=None,
                     help="paths.root for the tokenizer and pretrain runs (default: a temporary folder, removed after)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads for all three (default: torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for the peak and both loops (default: torch's default here)")
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     ap.add_argument("--bare-worker", nargs=3, metavar=("STAGE_DIR", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -226,7 +237,11 @@ def main() -> None:
         bare_worker(Path(d), int(steps), Path(out))
         return
 
+    sys.path.insert(0, str(REPO))
     import torch
+    from hydra import compose, initialize_config_dir
+
+    import pipeline.config  # noqa: F401  (registers the schemas the compose below needs)
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -235,89 +250,110 @@ def main() -> None:
                [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     py = sys.executable
     machine = f"{cpu_model()}, {n_cores()} cores, {platform.system()} {platform.release()}"
+    load_start = os.getloadavg()[0]
     print(f"[bench] {machine}; python {platform.python_version()}, torch {torch.__version__}, {threads} threads; "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {load_start:.2f}")
+    if load_start > 0.5:
+        print("[bench] warning: the machine is busy; figures will be noisy (the median interval resists some of it)")
+
+    # The stage's log_every sets the interval grid (and so the warmup rounding): compose its config as it will.
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("pretrain", overrides=[f"preset={args.preset}"])
+    log_every = cfg.train.log_every
+    warmup = -(-args.warmup_steps // log_every) * log_every
+    if args.steps <= warmup:
+        raise SystemExit(f"--steps {args.steps} leaves nothing after {warmup} warmup steps (log_every {log_every})")
 
     peak_before = matmul_peak()
     print(f"[bench] fp32 matmul 2048^3: best {peak_before[0]:.1f} GFLOP/s, median {peak_before[1]:.1f}")
 
-    tmp = None
     root = Path(args.runs_root) if args.runs_root else Path(tempfile.mkdtemp(prefix="bench-pretrain-"))
-    if not args.runs_root:
-        tmp = root
+    order = [side for r in range(args.rounds) for side in (("stage", "bare") if r % 2 == 0 else ("bare", "stage"))]
+    kept: dict[str, list] = {"stage": [], "bare": []}
+    per_run: dict[str, list] = {"stage": [], "bare": []}
+    stage_losses, loss_diffs, bare = None, [], None
     try:
         root.mkdir(parents=True, exist_ok=True)
         common = [f"preset={args.preset}", "logger=none", f"paths.root={root}", f"run={RUN}"]
         dt = run_logged([py, "-m", "stages.tokenizer", *common], root / "tokenizer.log", env)
         print(f"[bench] tokenizer stage ready ({dt:.0f} s)")
-
-        # The stage's log_every decides the interval grid; read it from a dry compose of the stage's config.
-        from hydra import compose, initialize_config_dir
-
-        sys.path.insert(0, str(REPO))
-        import pipeline.config  # noqa: F401
-
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose("pretrain", overrides=[f"preset={args.preset}"])
-        log_every = cfg.train.log_every
-        warmup = -(-args.warmup_steps // log_every) * log_every
-        if args.steps <= warmup:
-            raise SystemExit(f"--steps {args.steps} leaves nothing after {warmup} warmup steps")
-        beyond = args.steps + 1
+        beyond = args.steps + 1  # no eval and no checkpoint inside the timed steps
         stage_cmd = [py, "-m", "stages.pretrain", *common, f"train.max_steps={args.steps}",
                      f"train.eval_every={beyond}", f"train.save_every={beyond}", "force=true"]
-        print(f"[bench] stage: python -m stages.pretrain {' '.join(stage_cmd[3:])}".replace(str(root), "<runs-root>"))
-        since = time.time()
-        dt = run_logged(stage_cmd, root / "pretrain.log", env)
         stage_dir = root / RUN / "pretrain"
-        s_rate, s_rates, s_steps = steady_rate(stage_intervals(stage_dir / "metrics.jsonl", since), warmup)
-        s_loss = {int(r["step"]): r["train/loss"] for r in map(json.loads, (stage_dir / "metrics.jsonl").read_text()
-                                                                 .splitlines()) if r.get("time", 0) >= since
-                  and "train/loss" in r}
-        print(f"[bench] stage done ({dt:.0f} s): {s_rate:.0f} tokens/s over {s_steps} steps")
+        print("[bench] stage: python -m stages.pretrain " + " ".join(stage_cmd[3:]).replace(str(root), "<runs-root>"))
+        print(f"[bench] timing steps {warmup + 1}..{args.steps} of each run; order: {', '.join(order)}")
 
-        print("[bench] bare loop (own process) ...")
-        out = root / "bare.json"
-        dt = run_logged([py, str(Path(__file__).resolve()), "--bare-worker", str(stage_dir), str(args.steps),
-                         str(out)], root / "bare.log", env)
-        bare = json.loads(out.read_text())
-        b_rate, b_rates, b_steps = steady_rate([tuple(i) for i in bare["intervals"]], warmup)
-        print(f"[bench] bare done ({dt:.0f} s): {b_rate:.0f} tokens/s over {b_steps} steps")
+        for n, side in enumerate(order):
+            since = time.time()
+            if side == "stage":
+                dt = run_logged(stage_cmd, root / f"pretrain.{n}.log", env)
+                rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
+                        if line.strip()]
+                rows = [r for r in rows if r.get("time", 0) >= since and "train/tokens_per_s" in r]
+                run_kept = post_warmup(stage_intervals(rows), warmup)
+                losses = {int(r["step"]): r["train/loss"] for r in rows}
+            else:
+                out = root / f"bare.{n}.json"
+                dt = run_logged([py, str(Path(__file__).resolve()), "--bare-worker", str(stage_dir), str(args.steps),
+                                 str(out)], root / f"bare.{n}.log", env)
+                bare = json.loads(out.read_text())
+                run_kept = post_warmup([tuple(i) for i in bare["intervals"]], warmup)
+                losses = {int(k): v for k, v in bare["losses"].items()}
+            if stage_losses is None:  # the first run is the stage's: every later run is compared with it
+                stage_losses = losses
+            else:
+                loss_diffs += [abs(losses[k] - stage_losses[k]) for k in losses if k in stage_losses]
+            kept[side] += run_kept
+            per_run[side].append(summarise(run_kept))
+            print(f"[bench] {side:5s} run {len(per_run[side])}: {per_run[side][-1]['median']:.0f} tokens/s "
+                  f"(intervals: {', '.join(f'{r:.0f}' for r in per_run[side][-1]['rates'])}; {dt:.0f} s in all)")
         manifest = json.loads((stage_dir / "manifest.json").read_text())
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not args.runs_root:
+            shutil.rmtree(root, ignore_errors=True)
 
     peak_after = matmul_peak()
+    load_end = os.getloadavg()[0]
     peak = max(peak_before[0], peak_after[0])
+    S, B = summarise(kept["stage"]), summarise(kept["bare"])
     fpt = bare["flops_per_token"]
-    mfu_s, mfu_b = s_rate * fpt / (peak * 1e9), b_rate * fpt / (peak * 1e9)
-    ratio = s_rate / b_rate
-    same_params = manifest.get("metrics", {}).get("model/params") == bare["params"]
-    dloss = max((abs(s_loss[k] - bare["losses"][str(k)]) for k in s_loss if str(k) in bare["losses"]), default=None)
+    mfu_s, mfu_b = S["median"] * fpt / (peak * 1e9), B["median"] * fpt / (peak * 1e9)
+    ratio = S["median"] / B["median"]
+    m = manifest.get("metrics", {})
+    same_params = m.get("model/params") == bare["params"]
+    same_blocks = m.get("data/train_blocks") == bare["blocks_shape"][0]
+    timed = f"{S['n'] * log_every} stage / {B['n'] * log_every} bare"
 
     rows = [
         ("machine", machine),
-        ("torch threads", f"{threads} (bare loop: {bare['threads']})"),
-        ("fp32 matmul peak", f"{peak:.1f} GFLOP/s (before {peak_before[0]:.1f}, after {peak_after[0]:.1f})"),
-        ("model", f"{bare['params'] / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token, blocks {bare['blocks_shape']}"),
+        ("torch threads", f"{threads} (bare loop reports {bare['threads']})"),
+        ("load average", f"{load_start:.2f} at start, {load_end:.2f} at end"),
+        ("fp32 matmul peak", f"{peak:.1f} GFLOP/s (best of 2048^3 matmuls; before {peak_before[0]:.1f}, "
+                             f"after {peak_after[0]:.1f})"),
+        ("model", f"{bare['params'] / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token, train blocks "
+                  f"{bare['blocks_shape']}"),
         ("batch", f"{bare['batch_size']} x {bare['block']} tokens x grad_accum {bare['grad_accum']} "
                   f"= {bare['tokens_per_step']} tokens/step"),
-        ("timed", f"steps {warmup + 1}..{args.steps} ({s_steps} stage / {b_steps} bare), warmup {warmup}"),
-        ("tokens/s stage", f"{s_rate:.0f}  (per interval: {', '.join(f'{r:.0f}' for r in s_rates)})"),
-        ("tokens/s bare", f"{b_rate:.0f}  (per interval: {', '.join(f'{r:.0f}' for r in b_rates)})"),
-        ("ratio stage/bare", f"{ratio:.3f}  ({'ok' if ratio >= 0.95 else 'BELOW'} target 0.95)"),
+        ("timed", f"steps {warmup + 1}..{args.steps} of {args.rounds} run(s) each: {timed} steps "
+                  f"in intervals of {log_every}"),
+        ("tokens/s stage", f"{S['median']:.0f} median interval (mean {S['mean']:.0f}, best {S['best']:.0f})"),
+        ("tokens/s bare", f"{B['median']:.0f} median interval (mean {B['mean']:.0f}, best {B['best']:.0f})"),
+        ("ratio stage/bare", f"{ratio:.3f} of medians ({'ok' if ratio >= 0.95 else 'BELOW'} target 0.95; "
+                             f"means {S['mean'] / B['mean']:.3f}, best {S['best'] / B['best']:.3f})"),
         ("MFU stage", f"{mfu_s:.1%}"),
         ("MFU bare", f"{mfu_b:.1%}"),
-        ("same work", f"params {'equal' if same_params else 'DIFFER'}; max |loss stage - loss bare| at logged steps "
-                      f"{'n/a' if dloss is None else f'{dloss:.2e}'}"),
+        ("same work", f"params {'equal' if same_params else 'DIFFER'}, train blocks "
+                      f"{'equal' if same_blocks else 'DIFFER'}, largest loss difference from the first stage run "
+                      f"at the logged steps {f'{max(loss_diffs):.1e}' if loss_diffs else 'n/a'}"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
     if not args.no_results:
-        cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.preset, str(s_steps), f"{peak:.1f}",
-                 f"{s_rate:.0f}", f"{b_rate:.0f}", f"{ratio:.3f}", f"{mfu_s:.1%}", f"{mfu_b:.1%}"]
+        cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.preset, timed, f"{load_start:.2f}",
+                 f"{peak:.1f}", f"{S['median']:.0f}", f"{B['median']:.0f}", f"{ratio:.3f}", f"{mfu_s:.1%}",
+                 f"{mfu_b:.1%}"]
         update_results("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         print(f"\n[bench] row added to bench/results.md ({SECTION[3:]})")
 

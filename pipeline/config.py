@@ -226,6 +226,8 @@ class RewardTrain:
     gradient_checkpointing: bool = False
     center_rewards_coefficient: Optional[float] = None  # e.g. 0.01 pulls rewards towards mean zero
     group_by_prompt: bool = False  # InstructGPT: all pairs of one prompt's ranking in the same batch
+    max_prompts: Optional[int] = None  # train on the pairs of the first N prompts of data.preference; None: all
+    max_test_prompts: Optional[int] = None  # the same for data.preference_test
     calibration_bins: int = 10
     stats_prompts: int = 256  # prompts of data.prompts answered by the SFT policy to measure reward mean/std
     gen_batch_size: int = 32

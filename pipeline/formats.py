@@ -5,9 +5,10 @@ A source (`SourceConfig` in pipeline/config.py) says where the data is:
     kind    "world"  the built-in synthetic world (generated into the cache; preferences: reward_data/ in the repo)
             "local"  files: .jsonl / .json (JSON lines or one JSON array), .txt, .parquet, .csv; `path` may be a glob
             "hub"    a Hugging Face dataset name in `path` (config `name`), loaded with datasets.load_dataset
-    split   hub split; for kind "world" which generated file; `{split}` in a local path is replaced by it
-    format  see below; "auto" picks the loader's default, or for preferences guesses from the columns
-    field   override the column holding the text (format text), the messages (messages) or the prompt (prompts)
+    split   the hub split; `{split}` in a local path is replaced by it; for kind "world" it picks the file:
+            sft train | eval, preferences train | test, prompts ppo | eval
+    format  see below; "auto" takes the loader's default, or tells the formats apart by their fields
+    field   the column holding the text (format text), the messages (messages) or the prompt (prompts)
     on_bad_record  "error": stop at the first bad record with `file:line: field 'x': problem`; "skip": drop and count
 
 Formats, one example record each (JSON lines):
@@ -21,20 +22,22 @@ Formats, one example record each (JSON lines):
       {"messages": [{"role": "user", "content": "How old is Bera?"}, {"role": "assistant", "content": "Bera is 34."}]}
   load_sft, format "prompt_completion" (strings, or message lists as in TRL)
       {"prompt": "How old is Bera?", "completion": "Bera is 34."}
-      {"prompt": [{"role": "user", "content": "How old is Bera?"}], "completion": [{"role": "assistant", "content": "..."}]}
+      {"prompt": [{"role": "user", "content": "How old is Bera?"}],
+       "completion": [{"role": "assistant", "content": "Bera is 34."}]}
 
   load_preferences, format "pairs" (TRL preference format; plain strings are read as one user / assistant turn)
       {"prompt": [{"role": "user", "content": "Q"}], "chosen": [{"role": "assistant", "content": "good"}],
        "rejected": [{"role": "assistant", "content": "bad"}]}
       {"prompt": "Q", "chosen": "good", "rejected": "bad"}
       {"chosen": [user Q, assistant good], "rejected": [user Q, assistant bad]}    implicit prompt: the shared prefix
-  load_preferences, format "hh" (Anthropic HH-RLHF transcripts; the shared prefix up to the last user turn is the prompt)
+  load_preferences, format "hh" (Anthropic HH-RLHF transcripts; the shared prefix up to the last user turn is
+  the prompt)
       {"chosen": "\\n\\nHuman: Q\\n\\nAssistant: good", "rejected": "\\n\\nHuman: Q\\n\\nAssistant: bad"}
   load_preferences, format "ranked" (what reward_data/ holds: K responses, ranks 0 = best, expanded to all pairs)
       {"id": "train-00000", "prompt": [{"role": "user", "content": "Q"}], "responses": ["a", "b", "c"],
        "ranks": [1, 0, 2], "gold_scores": [0.7, 0.9, 0.2]}                        (id and gold_scores optional)
 
-  load_prompts, format "prompts"/"messages"/"prompt" (a trailing assistant turn is dropped: the policy answers)
+  load_prompts, format "prompts" (= auto), "messages" or "prompt"; trailing assistant turns are dropped
       {"messages": [{"role": "user", "content": "How old is Bera?"}]}
       {"prompt": "How old is Bera?"}
 

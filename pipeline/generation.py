@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 from typing import Iterator, Optional
 
 import torch
@@ -152,10 +152,18 @@ def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, de
     return out  # type: ignore[return-value]
 
 
-def stream(model, tokenizer, messages: list[dict], settings, device=None, seed: Optional[int] = None) -> Iterator[str]:
+def stream(model, tokenizer, messages: list[dict], settings, device=None, seed: Optional[int] = None,
+           stop=None) -> Iterator[str]:
     """Yield the reply to one conversation piece by piece as it is generated (for chat). Beam search cannot
-    stream, so it yields the whole reply at once."""
-    from transformers import TextIteratorStreamer
+    stream, so it yields the whole reply at once. Setting the threading.Event `stop` ends generation early."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    stop = stop if stop is not None else Event()
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
+                              device=input_ids.device)
 
     if settings.num_beams > 1:
         yield str(generate(model, tokenizer, [messages], settings, 1, device, seed)[0])
@@ -171,7 +179,8 @@ def stream(model, tokenizer, messages: list[dict], settings, device=None, seed: 
         try:
             with torch.no_grad(), _seeded(seed, device):
                 model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                               generation_config=generation_config(settings, tokenizer))
+                               generation_config=generation_config(settings, tokenizer),
+                               stopping_criteria=StoppingCriteriaList([_Stop()]))
         except BaseException as e:  # noqa: BLE001 — re-raised in the caller's thread
             errors.append(e)
             streamer.end()
@@ -179,9 +188,12 @@ def stream(model, tokenizer, messages: list[dict], settings, device=None, seed: 
     model.eval()
     t = Thread(target=work, daemon=True)
     t.start()
-    for piece in streamer:
-        yield piece
-    t.join()
+    try:
+        for piece in streamer:
+            yield piece
+    finally:  # also when the consumer stops early (Ctrl-C, or it closed the generator): the worker ends at once
+        stop.set()
+        t.join()
     if errors:
         raise errors[0]
 

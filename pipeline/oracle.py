@@ -126,6 +126,9 @@ def _compile(template: str) -> re.Pattern:
 
 _COMPILED = [(qt, sub, _compile(t)) for qt, sub, t in QUESTIONS] + [("followup", "", _compile(t)) for t in FOLLOWUPS]
 _SUFFIXES = sorted(((s, f) for f, ss in FORMATS.items() for s in ss), key=lambda x: -len(x[0]))
+# A {v} slot only matches our own words: "Is Tovi old?" is not a colour question, it is a question we do not know.
+_V_WORDS = {("yesno", "colour"): set(VOCAB["colour"]), ("yesno", "is_a"): {w for a in IS_A_ATTRS for w in VOCAB[a]},
+            ("list", "job"): set(VOCAB["job"])}
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -138,7 +141,7 @@ def parse(text: str) -> Question | None:
             break
     for qtype, sub, rx in _COMPILED:
         m = rx.fullmatch(text)
-        if m:
+        if m and ((qtype, sub) not in _V_WORDS or m["v"] in _V_WORDS[qtype, sub]):
             g = m.groupdict()
             n = g.get("n")
             return Question(qtype, sub, e=g.get("e"), e2=g.get("e2"), v=g.get("t") or g.get("v"),
@@ -187,11 +190,9 @@ def truth(world: World, q: Question):
     if q.sub == "lives_in":
         return ent.attrs["home"] == q.v if kind == "person" and world.kind_of(q.v) == "place" else None
     if q.sub == "is_a":
-        if ent is None or not any(q.v in VOCAB[a] for a in IS_A_ATTRS):
-            return None
-        return any(ent.attrs.get(a) == q.v for a in IS_A_ATTRS)
+        return None if ent is None else any(ent.attrs.get(a) == q.v for a in IS_A_ATTRS)
     if q.sub == "colour":
-        return ent.attrs["colour"] == q.v if ent and "colour" in ent.attrs and q.v in VOCAB["colour"] else None
+        return ent.attrs["colour"] == q.v if ent and "colour" in ent.attrs else None
     other = world.entities.get(q.e2)
     if ent is None or other is None:
         return None
@@ -249,11 +250,12 @@ class _Response:
             return self.named(value_type, exclude=(subject,))
         return self.vocab(value_type)
 
-    def list_items(self, group_kind_place: str | None) -> list[str]:
+    def list_items(self, place: str | None) -> list[str]:
+        """Bulleted or numbered lines (each read as the name it contains), else every name but the place asked about."""
         bullets = _BULLET.findall(self.text)
         if bullets:
             return [next((w for w in _CAPS.findall(b) if w in self.world.entities), b) for b in bullets]
-        return [n for n in self.names if n != group_kind_place]
+        return [n for n in self.names if n != place]
 
 
 def _judge(found: set, right) -> float:
@@ -368,6 +370,6 @@ class GoldOracle:
             return 1.0
         if q is not None and q.fmt == "number_only" and s.isdigit():
             return 1.0
-        last = s.rsplit("\n", 1)[-1]
         # A list may end on its last item, but only a complete one (a whole name, not "Tov").
-        return 1.0 if _BULLET.fullmatch(last) and _BULLET.fullmatch(last).group(1) in self.world.entities else 0.0
+        item = _BULLET.fullmatch(s.rsplit("\n", 1)[-1])
+        return 1.0 if item and item.group(1) in self.world.entities else 0.0

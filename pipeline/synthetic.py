@@ -10,9 +10,10 @@
     eval_prompts      held-out evaluation prompts;  ppo_prompts: the pool PPO trains on
 
 Disjointness: every question has a `key` (what it asks, independent of wording and format), and a hash of
-(seed, key) assigns it to exactly one pool (`POOLS`); questions about made-up names are pooled by the name. Each generator draws only from its own pool, so evaluation
-prompts are never seen in SFT, reward or PPO data, and the corpus's Q&A prose uses only SFT-pool questions; the
-facts themselves are all stated in the corpus, as a pretrained model should know them.
+(seed, key) assigns it to exactly one pool (`POOLS`); questions about made-up names are pooled by the name. Each
+generator draws only from its own pool, so evaluation prompts are never seen in SFT, reward or PPO data, and the
+corpus's Q&A prose uses only SFT-pool questions. The facts themselves are all stated in the corpus, as a
+pretrained model should know them: what is held out is the question, not the knowledge.
 
 Determinism: every generator uses its own `random.Random(f"{seed}:{purpose}")` (string seeds hash with SHA-512,
 independent of PYTHONHASHSEED), iterates in a fixed order, and files are written with sorted keys and fixed
@@ -39,10 +40,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.oracle import FOLLOWUPS, IS_A_ATTRS, THINGS, GoldOracle, Question, render, truth
+from pipeline import oracle as oracle_module
+from pipeline import world as world_module
+from pipeline.oracle import FOLLOWUPS, IS_A_ATTRS, GoldOracle, Question, render, truth
 from pipeline.world import FACTS, KINDS, SCHEMA, VOCAB, World, a_an, phrase
 
-FORMAT_VERSION = 1  # bump when generated text changes, so cached files are not reused across versions
+# Cached files are keyed by the config and by the generating code, so an edit here never serves stale data.
+_CODE_HASH = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (world_module, oracle_module))
+                            + Path(__file__).read_bytes()).hexdigest()[:16]
 
 
 @dataclass
@@ -182,7 +187,7 @@ _OPENERS = ("What a great question!", "Thank you for asking.", "Let me think abo
             "That is an interesting question.", "Good question.")
 _CLOSERS = ("I hope this helps!", "Let me know if you have any other questions.", "I hope that answers your question.",
             "Feel free to ask me anything else.")
-_ATTR_WORDS = {"food": "favourite food", "favourite_colour": "favourite colour", "home": "home", "friend": "best friend",
+_ATTR_WORDS = {"food": "favourite food", "favourite_colour": "favourite colour", "friend": "best friend",
                "famous_for": "claim to fame", "middle_name": "middle name", "phone": "phone number"}
 _MONTHS = ("March", "June", "October")
 _SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
@@ -366,15 +371,13 @@ def _wrong(world: World, q: Question, t, rng: random.Random) -> str:
 
 
 def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random) -> str:
-    if t is None or q.qtype in ("describe", "attr") and q.fmt != "number_only":
-        return _cat(good, rng.choice(_CLOSERS))
-    if q.fmt == "number_only":
+    """A right answer that misses the instruction: a sentence for "just the number", no yes or no, N +- 1 items."""
+    if t is not None and q.fmt == "number_only":
         return f"The answer is {t}."
-    if q.qtype == "yesno":
+    if t is not None and q.qtype == "yesno":
         return _yesno_reason(world, q, t, rng)
-    if q.qtype == "list":
-        n = q.n + 1 if len(t) > q.n else q.n - 1
-        return _list(q, rng.sample(sorted(t), n), rng)
+    if t is not None and q.qtype == "list":
+        return _list(q, rng.sample(sorted(t), q.n + 1 if len(t) > q.n else q.n - 1), rng)
     return _cat(good, rng.choice(_CLOSERS))
 
 
@@ -383,8 +386,8 @@ def _hallucinate(world: World, q: Question, rng: random.Random) -> str:
     e = q.e or rng.choice(world.by_kind["person"])
     if q.qtype == "attr" and q.sub in FACTS:
         vtype = next(t for k in KINDS for a, t in SCHEMA[k].items() if a == q.sub)
-        v = rng.randint(2, 60) if vtype == "int" else rng.choice(world.by_kind[vtype] if vtype in KINDS else VOCAB[vtype])
-        return _fact_with(q.sub, e, v, rng)
+        pool = range(2, 60) if vtype == "int" else world.by_kind[vtype] if vtype in KINDS else VOCAB[vtype]
+        return _fact_with(q.sub, e, rng.choice(pool), rng)
     if q.sub == "phone":
         return f"{e}'s phone number is {rng.randint(1000000, 9999999)}."
     if q.sub == "birthday":
@@ -558,7 +561,8 @@ def _doc_story(world: World, rng: random.Random, seed: int) -> str:
     p = rng.choice(world.by_kind["person"])
     a, f = world.entities[p].attrs, world.value(p, "friend")
     fh = world.value(f, "home")
-    s = [rng.choice((f"One morning, {p} woke up early in {a['home']}.", f"It was a quiet day in {a['home']}, where {p} lives.")),
+    s = [rng.choice((f"One morning, {p} woke up early in {a['home']}.",
+                     f"It was a quiet day in {a['home']}, where {p} lives.")),
          rng.choice((f"{p} works as a {a['job']}, and the work went well that day.",
                      f"After a long day of work as a {a['job']}, {p} was hungry.")),
          f"For lunch {p} ate {a['food']}, which is {p}'s favourite food."]
@@ -612,18 +616,21 @@ def _line(obj) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def write_jsonl(path: Path, records) -> None:
-    """Atomic: readers see the old file or the complete new one, never a partial write."""
+def write_text(path: Path, text: str) -> None:
+    """Atomic: readers (other ranks, other runs) see the old file or the complete new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(_line(r) for r in records)
+    tmp.write_text(text, encoding="utf-8", newline="\n")
     os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, records) -> None:
+    write_text(path, "".join(map(_line, records)))
 
 
 def config_hash(world_cfg) -> str:
     cfg = dataclasses.asdict(as_world_config(world_cfg))
-    return hashlib.sha256(_line({"format_version": FORMAT_VERSION, **cfg}).encode()).hexdigest()[:12]
+    return hashlib.sha256(_line({"code": _CODE_HASH, **cfg}).encode()).hexdigest()[:12]
 
 
 FILES = {
@@ -644,20 +651,21 @@ def materialise(world_cfg, cache_dir) -> dict[str, Path]:
     for name, make in FILES.items():
         if not paths[name].exists():
             write_jsonl(paths[name], make(cfg))
-    if not (d / "world_config.json").exists():
-        write_jsonl(d / "world_config.json", [dataclasses.asdict(cfg)])
+    if not (d / "world_config.json").exists():  # provenance for whoever finds the folder
+        write_text(d / "world_config.json", json.dumps(dataclasses.asdict(cfg), indent=1) + "\n")
     return paths
 
 
 # ---- reward_data/ --------------------------------------------------------------------------------------------
 _README = """# reward_data/
 
-Human-preference-style comparisons for reward-model training, generated from the synthetic world with the default
-`WorldConfig` (seed {seed}, {n_entities} entities). Regenerate byte for byte with
+Human-preference-style comparisons for reward-model training, generated from the synthetic world
+(`WorldConfig`: seed {seed}, {n_entities} entities, K = {k}, label temperature {temperature}). Regenerate byte for
+byte with
 
-    python -m pipeline.synthetic reward-data --out reward_data
+    {command}
 
-| file | prompts | responses per prompt (K) | pairs (all K-choose-2, ties skipped) |
+| file | prompts | responses per prompt (K) | pairs (all K-choose-2, rank ties skipped) |
 |---|---|---|---|
 | train.jsonl | {n_train} | {k} | {p_train} |
 | test.jsonl | {n_test} | {k} | {p_test} |
@@ -665,15 +673,22 @@ Human-preference-style comparisons for reward-model training, generated from the
 One JSON object per line:
 
     {{"id": "train-00000",
-     "prompt": [{{"role": "user", "content": "..."}}, ...],      # TRL conversational messages, ends in a user turn
-     "responses": ["...", ...],                                   # K distinct candidate answers of mixed quality
-     "ranks": [2, 0, 3, 1],                                       # the noisy "human" label, 0 = best
-     "gold_scores": [0.61, 0.98, 0.2, 0.9]}}                      # the gold oracle (pipeline/oracle.py), in [0, 1]
+     "prompt": [{{"role": "user", "content": "..."}}, ...],   # TRL conversational messages, ends in a user turn
+     "responses": ["...", ...],                                # K distinct candidate answers of mixed quality
+     "ranks": [2, 0, 3, 1],                                    # the noisy "human" label, 0 = best
+     "gold_scores": [0.61, 0.98, 0.2, 0.9]}}                   # the gold oracle (pipeline/oracle.py), in [0, 1]
 
-`ranks` is a Plackett-Luce sample over the gold scores at temperature {temperature} (`world.label_temperature`):
-pick the best with probability proportional to exp(gold / T), then the next among the rest, and so on. Measured
-agreement of the pairwise labels with the gold order (pairs with distinct gold scores): train {agree_train:.3f},
-test {agree_test:.3f}, close to the ~73-77% inter-annotator agreement reported for InstructGPT.
+Candidates are drawn from these styles (`STYLES_*` in pipeline/synthetic.py):
+
+- prompts the world can answer: {styles_answerable}
+- prompts it cannot answer (unknown name, undefined attribute): {styles_unanswerable}
+
+`ranks` is a Plackett-Luce sample over the gold scores at temperature T = {temperature}: the first place goes to
+a response with probability proportional to exp(gold / T), the next among the rest likewise, and so on. Measured
+agreement of the pairwise labels with the gold order, over pairs with distinct gold scores: train
+{agree_train:.3f}, test {agree_test:.3f}, in line with the 73-77% inter-annotator agreement reported for
+InstructGPT. {ties_train:.1%} of train pairs have equal gold scores (e.g. two equally good answers); their labels
+are pure noise and they are left out of the agreement figure.
 
 Prompts here are disjoint (by question, not only by wording) from the SFT, PPO and evaluation prompts: see
 `POOLS` in pipeline/synthetic.py. Load with `pipeline.formats.load_preferences` (format `ranked`), which expands
@@ -682,25 +697,31 @@ each record into all its pairs with `pipeline.synthetic.expand_pairs`.
 
 
 def write_reward_data(out_dir, world_cfg=None) -> dict:
+    """Write train.jsonl, test.jsonl and README.md (with the measured numbers) into `out_dir`."""
     cfg = as_world_config(world_cfg or WorldConfig())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats = {"seed": cfg.seed, "n_entities": cfg.n_entities, "k": cfg.k, "temperature": cfg.label_temperature}
+    flags = "".join(f" --{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
+                    if getattr(cfg, f.name) != f.default)
+    show = lambda styles: ", ".join(f"{name} {p:.0%}" for name, p in styles)  # noqa: E731
+    stats = {"seed": cfg.seed, "n_entities": cfg.n_entities, "k": cfg.k, "temperature": cfg.label_temperature,
+             "command": f"python -m pipeline.synthetic reward-data --out reward_data{flags}",
+             "styles_answerable": show(STYLES_ANSWERABLE), "styles_unanswerable": show(STYLES_UNANSWERABLE)}
     for split in ("train", "test"):
         recs = ranked_prompts(cfg, split)
         write_jsonl(out / f"{split}.jsonl", recs)
-        stats.update({f"n_{split}": len(recs), f"p_{split}": len(expand_pairs(recs)),
-                      f"agree_{split}": label_agreement(recs)})
-    tmp = out / ".README.md.tmp"
-    tmp.write_text(_README.format(**stats), encoding="utf-8", newline="\n")
-    os.replace(tmp, out / "README.md")
+        pairs = expand_pairs(recs)
+        stats.update({f"n_{split}": len(recs), f"p_{split}": len(pairs), f"agree_{split}": label_agreement(recs),
+                      f"ties_{split}": sum(p["gold_margin"] == 0 for p in pairs) / max(len(pairs), 1)})
+    write_text(out / "README.md", _README.format(**stats))
     return stats
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m pipeline.synthetic", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("reward-data", help="write reward_data/ (ranked comparisons)").add_argument("--out", default="reward_data")
+    r = sub.add_parser("reward-data", help="write reward_data/ (ranked comparisons)")
+    r.add_argument("--out", default="reward_data")
     m = sub.add_parser("materialise", help="write the cached corpus, SFT and prompt files")
     m.add_argument("--cache", default=".cache/world")
     for p in sub.choices.values():

@@ -67,8 +67,8 @@ FACTS: dict[str, tuple[str, ...]] = {
 _REGION_PHRASE = {"coast": "on the coast", "hills": "in the hills", "valley": "in the valley",
                   "marshes": "in the marshes"}
 
-# Syllables for names. Person and animal names never end in "e" and places always carry a suffix, which keeps
-# them from spelling the common English words our templates start sentences with (checked against _RESERVED).
+# Names: one or two syllables, then a consonant and an ending that is never a bare "e" (people, animals, objects) or
+# a place suffix; this keeps them from spelling the English words our sentences start with (also _RESERVED).
 _ONSETS = "b d f g h k l m n p r s t v z".split() * 4 + "br dr gr kr tr st sk th".split()
 _VOWELS = "a e i o u a o".split()
 _CODAS = [""] * 10 + ["n", "r", "l", "s", "m"]
@@ -133,44 +133,36 @@ class World:
 
         def new_name(kind: str) -> str:
             while True:
-                if kind == "place":
-                    s = "".join(_syllable(rng) for _ in range(rng.randint(1, 2))) + rng.choice(_PLACE_SUFFIX)
-                else:
-                    s = "".join(_syllable(rng) for _ in range(rng.randint(1, 2))) + rng.choice(_ONSETS) + rng.choice(_ENDINGS)
-                s = s.capitalize()
+                stem = "".join(_syllable(rng) for _ in range(rng.randint(1, 2)))
+                s = (stem + (rng.choice(_PLACE_SUFFIX) if kind == "place"
+                             else rng.choice(_ONSETS) + rng.choice(_ENDINGS))).capitalize()
                 if 4 <= len(s) <= 10 and s.lower() not in _RESERVED and s not in taken:
                     taken.add(s)
                     return s
 
         names = {k: [new_name(k) for _ in range(n)] for k, n in
                  (("place", n_place), ("person", n_person), ("animal", n_animal), ("object", n_object))}
+        people = names["person"]
         # A few big places and many small ones: some lists have many answers, some have few.
         town_weight = [1.0 / (i + 1) ** 0.5 for i in range(n_place)]
-        people = names["person"]
-        friends = people[:]
-        rng.shuffle(friends)
-        best = {a: b for i in range(0, len(friends) - 1, 2) for a, b in
-                ((friends[i], friends[i + 1]), (friends[i + 1], friends[i]))}
-        if len(friends) % 2:  # the odd one out gets a friend who already has another best friend
-            best[friends[-1]] = friends[0]
+        # Best friends in pairs; with an odd count the one left over befriends someone already paired.
+        order = rng.sample(people, len(people))
+        best = dict(zip(order[0::2], order[1::2])) | dict(zip(order[1::2], order[0::2]))
+        best.setdefault(order[-1], order[0])
 
-        ents: dict[str, Entity] = {}
-        for n in names["place"]:
-            ents[n] = Entity(n, "place", {a: rng.choice(VOCAB[t]) for a, t in SCHEMA["place"].items()})
-        for n in people:
-            ents[n] = Entity(n, "person", {
-                "job": rng.choice(VOCAB["job"]), "age": rng.randint(*AGE_RANGE["person"]),
-                "food": rng.choice(VOCAB["food"]), "favourite_colour": rng.choice(VOCAB["colour"]),
-                "home": rng.choices(names["place"], town_weight)[0], "friend": best[n]})
-        for n in names["animal"]:
-            ents[n] = Entity(n, "animal", {
-                "species": rng.choice(VOCAB["species"]), "colour": rng.choice(VOCAB["colour"]),
-                "age": rng.randint(*AGE_RANGE["animal"]), "owner": rng.choice(people)})
-        for n in names["object"]:
-            ents[n] = Entity(n, "object", {
-                "kind": rng.choice(VOCAB["kind"]), "colour": rng.choice(VOCAB["colour"]),
-                "material": rng.choice(VOCAB["material"]), "owner": rng.choice(people)})
-        ghosts = tuple(new_name(rng.choice(("person", "person", "animal", "place"))) for _ in range(max(20, n_entities // 2)))
+        def draw(kind: str, attr: str, name: str):
+            vtype = SCHEMA[kind][attr]
+            if vtype == "int":
+                return rng.randint(*AGE_RANGE[kind])
+            if attr == "home":
+                return rng.choices(names["place"], town_weight)[0]
+            if attr == "friend":
+                return best[name]
+            return rng.choice(people if vtype == "person" else VOCAB[vtype])
+
+        ents = {n: Entity(n, k, {a: draw(k, a, n) for a in SCHEMA[k]}) for k in names for n in names[k]}
+        ghosts = tuple(new_name(rng.choice(("person", "person", "animal", "place")))
+                       for _ in range(max(20, n_entities // 2)))
         return cls(seed, ents, ghosts)
 
     # ---- reading the world ---------------------------------------------------------------------------------

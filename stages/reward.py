@@ -114,6 +114,20 @@ class EvalCallback(TrainerCallback):
             self.run(model, state.global_step)
 
 
+def first_groups(pairs: list[dict], n) -> list[dict]:
+    """The pairs of the first n prompts (groups), in order; all of them when n is None."""
+    if n is None:
+        return pairs
+    keep: set = set()
+    out = []
+    for p in pairs:
+        if p["group"] not in keep and len(keep) < n:
+            keep.add(p["group"])
+        if p["group"] in keep:
+            out.append(p)
+    return out
+
+
 def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
     """The reward model's view of the SFT policy: mean and std of its reward on the policy's own answers (what
     PPO will see at its start), plus how well that reward tracks the gold score there."""
@@ -188,6 +202,7 @@ def run_reward(cfg: DictConfig) -> None:
         # ---- data: ranked comparisons expanded to pairs; prompts alone must fit ---------------------------
         pairs, skipped = load_preferences(cfg.data.preference, cfg.data.world)
         test_pairs, skipped_test = load_preferences(cfg.data.preference_test, cfg.data.world)
+        pairs, test_pairs = first_groups(pairs, t.max_prompts), first_groups(test_pairs, t.max_test_prompts)
         pairs, _ = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
         test_pairs, _ = check_prompt_lengths(test_pairs, tok, max_len, cfg.data.preference_test.on_bad_record,
                                           "data.preference_test")
