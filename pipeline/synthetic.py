@@ -616,16 +616,21 @@ def _line(obj) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic: readers (other ranks, other runs) see the old file or the complete new one, never a partial one."""
+def _write_atomic(path: Path, write) -> None:
+    """Readers (other ranks, other runs) see the old file or the complete new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        write(f)
     os.replace(tmp, path)
 
 
+def write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text))
+
+
 def write_jsonl(path: Path, records) -> None:
-    write_text(path, "".join(map(_line, records)))
+    _write_atomic(path, lambda f: f.writelines(map(_line, records)))
 
 
 def config_hash(world_cfg) -> str:
