@@ -52,6 +52,7 @@ and hub data go through `datasets.load_dataset`, whose failures are rewrapped in
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import re
 from collections.abc import Mapping
@@ -400,21 +401,23 @@ def _ranked_pairs(rec, at) -> list[dict]:
 
 
 def _world_preferences(src, world_cfg, split: str) -> tuple[list[dict], int]:
+    """reward_data/<split>.jsonl, or the first N records of it: records are drawn one after another from one random
+    stream, so a smaller reward_prompts is a prefix of the shipped file. A different world is generated afresh."""
     from pipeline.synthetic import WorldConfig, as_world_config, expand_pairs, ranked_prompts
 
-    cfg, default = as_world_config(world_cfg), WorldConfig()
-    if _opt(src, "path") or _reward_fields(cfg) == _reward_fields(default):
-        path = Path(_opt(src, "path") or REPO_ROOT / "reward_data" / f"{split}.jsonl")
-        if not path.is_file():
-            raise UserError(f"{path}: no such file (regenerate with: python -m pipeline.synthetic reward-data)")
-        return _collect(_jsonl(path), _ranked_pairs, src, f"preference ({path})")
     if split not in ("train", "test"):
         raise UserError(f"world preference split '{split}': expected train or test")
+    cfg, shipped = as_world_config(world_cfg), WorldConfig()
+    n = cfg.reward_prompts if split == "train" else cfg.reward_test_prompts
+    path = Path(_opt(src, "path") or REPO_ROOT / "reward_data" / f"{split}.jsonl")
+    same_world = [getattr(cfg, f) == getattr(shipped, f) for f in ("seed", "n_entities", "k", "label_temperature")]
+    if _opt(src, "path") or all(same_world):
+        if not path.is_file():
+            raise UserError(f"{path}: no such file (regenerate with: python -m pipeline.synthetic reward-data)")
+        rows = list(itertools.islice(_jsonl(path), None if _opt(src, "path") else n))
+        if _opt(src, "path") or len(rows) == n:
+            return _collect(rows, _ranked_pairs, src, f"preference ({path})")
     return expand_pairs(ranked_prompts(cfg, split)), 0
-
-
-def _reward_fields(cfg) -> tuple:
-    return cfg.seed, cfg.n_entities, cfg.k, cfg.label_temperature, cfg.reward_prompts, cfg.reward_test_prompts
 
 
 # ---- the synthetic world -------------------------------------------------------------------------------------

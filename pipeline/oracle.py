@@ -13,7 +13,7 @@ Components, each in [0, 1], and their weights in the total (which is therefore a
 
     correctness            0.35  the answer agrees with the world; for a question the world has no answer to
                                  (unknown entity, undefined attribute) only a decline is correct, anything else is a
-                                 made-up answer and scores 0. Hedging between two values scores 0.5.
+                                 made-up answer and scores 0. Naming n candidate values scores 1/n.
     instruction_following  0.20  "one sentence", "just the number", yes/no questions start with yes or no,
                                  "list N ..." gives N items
     concision              0.15  1 up to an ideal length per question type (IDEAL_WORDS), then linearly to 0 at
@@ -84,8 +84,9 @@ FORMATS = {
 THINGS = ("apples", "marbles", "coins", "shells", "eggs", "stamps", "buttons", "pebbles")
 NUMBER_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6}
 IS_A_ATTRS = ("job", "species", "kind", "size")  # what "Is X a {v}?" can ask about
-# Words a complete answer needs; concision falls linearly from 1 at this length to 0 at twice it.
-IDEAL_WORDS = {"attr": 10, "yesno": 12, "arith": 8, "describe": 24, "decline": 16, None: 40}
+# Words a complete answer needs; concision falls linearly from 1 at this length to 0 at twice it. Also: "just the
+# number" 3, a list of n 8 + 3n, a one-sentence description 18; None: a prompt we do not recognise.
+IDEAL_WORDS = {"attr": 10, "yesno": 12, "arith": 8, "describe": 30, "decline": 16, None: 40}
 
 
 @dataclass(frozen=True)
@@ -259,8 +260,8 @@ class _Response:
 
 
 def _judge(found: set, right) -> float:
-    """1 for the right value alone, 0.5 for the right value hedged with others, 0 otherwise."""
-    return 0.0 if right not in found else 1.0 if len(found) == 1 else 0.5
+    """1 for the right value alone; hedging among n values is worth a guess, 1/n; 0 without the right one."""
+    return 1.0 / len(found) if right in found else 0.0
 
 
 class GoldOracle:
@@ -294,7 +295,7 @@ class GoldOracle:
         else:
             correct = 0.0 if r.declines else self._correctness(q, t, r)
             follow = self._following(q, r)
-            ideal = (3 if q.fmt == "number_only" else 6 + 2 * q.n if q.qtype == "list"
+            ideal = (3 if q.fmt == "number_only" else 8 + 3 * q.n if q.qtype == "list"
                      else 18 if q.qtype == "describe" and q.fmt == "one_sentence" else IDEAL_WORDS[q.qtype])
         c = {"correctness": correct, "instruction_following": follow,
              "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)),

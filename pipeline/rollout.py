@@ -75,12 +75,24 @@ def sample(policy, tok, prompt_ids, prompt_mask, end_ids: list[int], max_new_tok
     return Rollout(prompt_ids, prompt_mask, resp, mask, ended(resp, end_ids) & mask.any(-1))
 
 
-def policy_forward(policy, ro: Rollout, temperature: float, with_entropy: bool = False):
-    """Log-probs of the response tokens under `policy` at the sampling temperature ([B, R]), optionally entropy."""
+def response_logits(policy, ro: Rollout) -> Tensor:
+    """Logits at the positions that predict each response token ([B, R, V])."""
     am = ro.attention_mask
     logits = policy(input_ids=ro.input_ids, attention_mask=am, position_ids=position_ids(am)).logits
-    P = ro.prompt_ids.shape[1]
-    logits = logits[:, P - 1: -1]
+    return logits[:, ro.prompt_ids.shape[1] - 1: -1]
+
+
+def full_kl(logits: Tensor, ref_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
+    """Exact KL(pi || pi_ref) of the next-token distributions, summed over each response's tokens ([B]).
+    Unlike the sampled k1 estimate it is >= 0 for any responses, greedy ones included (used for evaluation)."""
+    logp, logq = (torch.log_softmax(x.float() / temperature, -1) for x in (logits, ref_logits))
+    per_token = (logp.exp() * (logp - logq)).sum(-1)
+    return torch.where(mask.bool(), per_token, 0.0).sum(-1)
+
+
+def policy_forward(policy, ro: Rollout, temperature: float, with_entropy: bool = False):
+    """Log-probs of the response tokens under `policy` at the sampling temperature ([B, R]), optionally entropy."""
+    logits = response_logits(policy, ro)
     logp = logprobs_from_logits(logits, ro.response_ids, temperature)
     if not with_entropy:
         return logp

@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.config import WorldConfig
 from pipeline import oracle as oracle_module
 from pipeline import world as world_module
 from pipeline.oracle import FOLLOWUPS, IS_A_ATTRS, GoldOracle, Question, render, truth
@@ -50,20 +51,7 @@ _CODE_HASH = hashlib.sha256(b"".join(Path(m.__file__).read_bytes() for m in (wor
                             + Path(__file__).read_bytes()).hexdigest()[:16]
 
 
-@dataclass
-class WorldConfig:
-    seed: int = 1234
-    n_entities: int = 300
-    corpus_docs: int = 60000
-    sft_dialogues: int = 6000
-    sft_eval_dialogues: int = 300
-    bad_fraction: float = 0.3
-    reward_prompts: int = 3000
-    reward_test_prompts: int = 300
-    k: int = 4
-    label_temperature: float = 0.16
-    eval_prompts: int = 200
-    ppo_prompts: int = 2000
+# The schema lives with the other configs (pipeline/config.py); the CLI below builds one from flags.
 
 
 def as_world_config(cfg) -> WorldConfig:
@@ -445,8 +433,14 @@ def _dialogues(cfg: WorldConfig, n: int, pool: str) -> list[dict]:
 def sft_dialogues(world_cfg, split: str = "train") -> list[dict]:
     """Demonstrations {"messages": [...]}; split "train" (sft_dialogues) or "eval" (sft_eval_dialogues)."""
     cfg = as_world_config(world_cfg)
-    return _dialogues(cfg, cfg.sft_dialogues, "sft") if split == "train" else \
-        _dialogues(cfg, cfg.sft_eval_dialogues, "sft_eval")
+    n, pool = _split(split, {"train": (cfg.sft_dialogues, "sft"), "eval": (cfg.sft_eval_dialogues, "sft_eval")})
+    return _dialogues(cfg, n, pool)
+
+
+def _split(split: str, options: dict):
+    if split not in options:
+        raise ValueError(f"split {split!r}: expected one of {', '.join(options)}")
+    return options[split]
 
 
 def _prompts(cfg: WorldConfig, n: int, pool: str) -> list[dict]:
@@ -489,7 +483,7 @@ def plackett_luce(scores: list[float], temperature: float, rng: random.Random) -
 def ranked_prompts(world_cfg, split: str = "train") -> list[dict]:
     """{"id", "prompt", "responses", "ranks" (noisy label, 0 = best), "gold_scores"} for each reward prompt."""
     cfg = as_world_config(world_cfg)
-    n, pool = (cfg.reward_prompts, "reward") if split == "train" else (cfg.reward_test_prompts, "reward_test")
+    n, pool = _split(split, {"train": (cfg.reward_prompts, "reward"), "test": (cfg.reward_test_prompts, "reward_test")})
     world, rng = _world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:ranked:{split}")
     oracle = GoldOracle(world)
     out = []
@@ -737,9 +731,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     if args.cmd == "reward-data":
         s = write_reward_data(args.out, cfg)
-        print(f"wrote {args.out}/: train {s['n_train']} prompts / {s['p_train']} pairs, "
-              f"test {s['n_test']} prompts / {s['p_test']} pairs; label agreement with gold: "
-              f"train {s['agree_train']:.3f}, test {s['agree_test']:.3f} (T={cfg.label_temperature})")
+        for split in ("train", "test"):
+            mb = (Path(args.out) / f"{split}.jsonl").stat().st_size / 1e6
+            print(f"{args.out}/{split}.jsonl: {s[f'n_{split}']} prompts x {cfg.k} responses, {s[f'p_{split}']} pairs, "
+                  f"{mb:.2f} MB; label agreement with gold {s[f'agree_{split}']:.3f} (T={cfg.label_temperature})")
     else:
         for name, path in materialise(cfg, args.cache).items():
             with open(path, encoding="utf-8") as f:

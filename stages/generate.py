@@ -51,9 +51,8 @@ def world_of(stage_dir) -> WorldConfig | dict:
     return OmegaConf.structured(WorldConfig())
 
 
-@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
-@friendly
-def main(cfg: DictConfig) -> None:
+def run_generate(cfg: DictConfig) -> Path:
+    """Answer the prompts and write the output file; returns its path."""
     from pipeline.formats import load_prompts
     from pipeline.generation import generate, load_for_inference
 
@@ -102,6 +101,13 @@ def main(cfg: DictConfig) -> None:
     print(f"[generate] wrote {out}: {n} responses, {sum(r.n_tokens for r in replies) / n:.1f} tokens on average, "
           f"{sum(r.ended for r in replies) / n:.0%} ended"
           + (f", mean gold score {sum(gold) / n:.3f}" if gold is not None else ""))
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
+@friendly
+def main(cfg: DictConfig) -> None:
+    run_generate(cfg)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ from pipeline.models import load_causal_lm, mixed_precision
 from pipeline.oracle import GoldOracle
 from pipeline.packing import batch_indices, pack
 from pipeline.plots import overoptimization_plot
-from pipeline.rollout import (chunked, critic_forward, decode_responses, disable_dropout, encode_prompts,
-                              policy_forward, reward_scores, sample)
+from pipeline.ppo_math import logprobs_from_logits
+from pipeline.rollout import (chunked, critic_forward, decode_responses, disable_dropout, encode_prompts, full_kl,
+                              policy_forward, response_logits, reward_scores, sample)
 from pipeline.run import StageRun, crash_point
 from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.tracking import Tracker
@@ -109,11 +110,14 @@ def main(cfg: DictConfig) -> None:
     rm_mean, rm_std = (stats.get("mean", 0.0), max(stats.get("std", 1.0), 1e-6)) if normalise else (0.0, 1.0)
     oracle = GoldOracle.from_config(cfg.data.world)
 
-    def ref_logprobs(ro):
+    def ref_logits(ro):
         if ref is not None:
-            return policy_forward(ref, ro, t.temperature)
+            return response_logits(ref, ro)
         with acc.unwrap_model(policy).disable_adapter():
-            return policy_forward(policy, ro, t.temperature)
+            return response_logits(policy, ro)
+
+    def ref_logprobs(ro):
+        return logprobs_from_logits(ref_logits(ro), ro.response_ids, t.temperature)
 
     # ---- data: PPO prompts (training) and held-out evaluation prompts ---------------------------------------
     prompts, skipped = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
@@ -226,7 +230,7 @@ def main(cfg: DictConfig) -> None:
                     for k, v in (("pg", pg), ("vf", vf), ("entropy", pm.masked_mean(ent, mask[i])),
                                  ("vf_clipfrac", vs["vf_clipfrac"]), *[(k2, ps[k2]) for k2 in
                                  ("clipfrac", "approx_kl", "ratio_mean", "ratio_max")]):
-                        log[k].append(float(v))
+                        log[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
                 acc.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm)
                 acc.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
                 for opt, sched in ((opt_p, sched_p), (opt_v, sched_v)):
@@ -276,12 +280,12 @@ def main(cfg: DictConfig) -> None:
                 p.copy_(e)
     final_policy.eval()
     mine = eval_prompts[acc.process_index:: acc.num_processes]
-    ppo_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev)
+    ppo_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev)
     if ref is not None:
-        sft_eval = evaluate(ref, mine, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev)
+        sft_eval = evaluate(ref, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev)
     else:
         with final_policy.disable_adapter():
-            sft_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev)
+            sft_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev)
     ppo_eval, sft_eval = ({k: gather_object(v) for k, v in e.items()} for e in (ppo_eval, sft_eval))
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     metrics = {
@@ -323,8 +327,9 @@ def _diverged(run, it: int, what: str):
 
 
 @torch.no_grad()
-def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logprobs, dev) -> dict:
-    """Greedy (or sampled) replies to held-out prompts: gold score, RM score, KL to the reference, length."""
+def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logits, dev) -> dict:
+    """Greedy (or sampled) replies to held-out prompts: gold score, RM score, exact KL to the reference along
+    the reply (summed over its tokens, at the sampling temperature), length."""
     out = {"gold": [], "reward": [], "kl": [], "length": [], "text": []}
     for s in range(0, len(prompts), t.eval_batch_size):
         batch = prompts[s: s + t.eval_batch_size]
@@ -332,7 +337,7 @@ def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logprobs
         ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p,
                     greedy=t.eval_greedy)
         texts = decode_responses(tok, ro)
-        kl = (pm.kl_estimate(policy_forward(model, ro, t.temperature), ref_logprobs(ro), "k1") * ro.response_mask).sum(-1)
+        kl = full_kl(response_logits(model, ro), ref_logits(ro), ro.response_mask, t.temperature)
         out["gold"] += oracle.score_batch(batch, texts)
         out["reward"] += reward_scores(reward_model, ro).tolist()
         out["kl"] += kl.tolist()

@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.formats import check_prompt_lengths, load_corpus, load_preferences, load_prompts, load_sft
-from pipeline.synthetic import WorldConfig
+from pipeline.synthetic import WorldConfig, expand_pairs, ranked_prompts
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "formats"
 SMALL = WorldConfig(seed=5, n_entities=60, corpus_docs=50, sft_dialogues=30, sft_eval_dialogues=10,
@@ -54,8 +54,8 @@ def test_sft_messages_and_prompt_completion(tmp_path):
 
 def test_prompts(tmp_path):
     rows, _ = load_prompts(src(FIX / "prompts.jsonl", format="prompts"), None, tmp_path)
-    assert rows == [{"messages": [msg("user", "How old is Bera?")]}, {"messages": [msg("user", "Where does Bera live?")]},
-                    {"messages": [msg("user", "What colour is Tovi?")]}]
+    assert rows == [{"messages": [msg("user", q)]}
+                    for q in ("How old is Bera?", "Where does Bera live?", "What colour is Tovi?")]
 
 
 @pytest.mark.parametrize("name,fmt", [("pairs_conversational", "pairs"), ("pairs_plain", "pairs"), ("hh", "hh"),
@@ -90,6 +90,10 @@ def test_world_sources(tmp_path):
     assert len(shipped) == 300 * 6 and shipped[0]["group"] == "test-00000"
     own, _ = load_preferences(src(kind="world", format="ranked"), SMALL, "test")
     assert 0 < len(own) <= 10 * 6 and own[0]["prompt"] != shipped[0]["prompt"]
+    # Fewer prompts from the shipped world: a prefix of the file, identical to generating them.
+    fewer = WorldConfig(reward_test_prompts=7)
+    prefix, _ = load_preferences(src(kind="world", format="ranked"), fewer, "test")
+    assert prefix == shipped[: len(prefix)] == expand_pairs(ranked_prompts(fewer, "test"))
 
 
 # ---- bad input: one line naming file, line and field; or skipped and counted ---------------------------------

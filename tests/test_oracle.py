@@ -61,6 +61,8 @@ def test_correct_beats_wrong(oracle, world):
     better(oracle, user(f"What does {p} do for a living?"), f"{p} works as a {job}.", f"{p} works as a {wrong_job}.")
     # Hedging between the right and a wrong value is worse than the right value alone.
     better(oracle, user(f"What is {p}'s job?"), f"{p} is a {job}.", f"{p} is a {job} or a {wrong_job}.")
+    every_job = oracle.components(user(f"What is {p}'s job?"), f"{p} is one of: {', '.join(VOCAB['job'])}.")
+    assert every_job["correctness"] == 1 / len(VOCAB["job"])  # listing every value is no way to be right
     better(oracle, user(f"How old is {p}?"), f"{p} is {age} years old.", f"{p} is {age + 3} years old.")
     better(oracle, user("What is 17 plus 25?"), "17 plus 25 is 42.", "17 plus 25 is 43.")
     a = world.by_kind["animal"][0]

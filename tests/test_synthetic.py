@@ -110,7 +110,9 @@ def test_eval_prompts_are_disjoint_from_everything_else():
     world = syn._world(cfg.seed, cfg.n_entities)
     eval_ghosts = set(world.ghosts) & {w for t in eval_texts for w in re.findall(r"[A-Z][a-z]+", t)}
     others = {"sft": [d["messages"] for d in syn.sft_dialogues(cfg)],
+              "sft_eval": [d["messages"] for d in syn.sft_dialogues(cfg, "eval")],
               "reward": [r["prompt"] for r in syn.ranked_prompts(cfg, "train")],
+              "reward_test": [r["prompt"] for r in syn.ranked_prompts(cfg, "test")],
               "ppo": [p["messages"] for p in syn.ppo_prompts(cfg)]}
     for name, dialogues in others.items():
         keys = set().union(*(_keys(m) for m in dialogues))
@@ -118,7 +120,26 @@ def test_eval_prompts_are_disjoint_from_everything_else():
         assert not eval_ghosts & {w for d in dialogues for m in d for w in re.findall(r"[A-Z][a-z]+", m["content"])}
         assert not eval_texts & {m["content"] for d in dialogues for m in d if m["role"] == "user"
                                  and not m["content"].startswith(("What about", "And ", "How about"))}, name
-    assert syn.ppo_prompts(cfg)[:5] == syn.ppo_prompts(cfg)[:5]
+    reward_keys = [set().union(*(_keys(m) for m in others[k])) for k in ("reward", "reward_test")]
+    assert not reward_keys[0] & reward_keys[1], "the reward model's test prompts must be new to it"
+    # Sizes only cut the stream: a smaller config gives a prefix (so a smoke run sees the same first prompts).
+    assert syn.ppo_prompts(dataclasses.replace(cfg, ppo_prompts=50)) == [{"messages": m} for m in others["ppo"][:50]]
+
+
+def test_good_answers_reach_the_oracle_maximum_and_each_flaw_costs():
+    # The generator and the oracle must agree on what "good" is, or RLHF would chase a target nobody demonstrated.
+    world, rng = syn._world(SMALL.seed, SMALL.n_entities), random.Random(0)
+    oracle = GoldOracle(world)
+    flawed = {}
+    for _ in range(600):
+        prompt, q = syn._prompt(world, rng, "sft", SMALL.seed)
+        assert question_of(prompt).key == q.key
+        assert oracle.score(prompt, syn.respond(world, q, rng, "good")) == 1.0, prompt
+        for style, _ in syn.STYLES_ANSWERABLE + syn.STYLES_UNANSWERABLE:
+            flawed.setdefault(style, []).append(oracle.score(prompt, syn.respond(world, q, rng, style)))
+    means = {s: sum(v) / len(v) for s, v in flawed.items() if s != "good"}
+    print("\nmean gold score by style:", {s: round(m, 3) for s, m in means.items()})
+    assert all(m < 0.95 for m in means.values()) and means["wrong"] < means["verbose"]
 
 
 def test_sft_demonstrations_are_imperfect_by_design():

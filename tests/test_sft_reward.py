@@ -1,0 +1,262 @@
+"""SFT and reward stages: the assistant-only loss mask, batches that keep a prompt's pairs together, an end-to-end
+smoke run (tokenizer -> pretrain -> sft -> reward, then chat and generate on the result), and one clear line for
+each bad input."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import SMOKE, compose_stage, run_stage
+from pipeline.errors import UserError
+
+SFT_METRICS = {"eval/loss", "eval/gold_score", "eval/pretrain_gold_score", "eval/ended_fraction",
+               "eval/response_tokens", "eval/gold/correctness"}
+RM_METRICS = {"eval/accuracy", "eval/gold_accuracy", "eval/ece", "eval/margin", "eval/loss", "reward/mean", "reward/std"}
+
+
+def manifest(root: Path, stage: str, run: str = "default") -> dict:
+    return json.loads((root / run / stage / "manifest.json").read_text())
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    return msg
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_smoke_configs_compose_and_shrink(stage):
+    cfg = compose_stage(stage, SMOKE + ["train.max_steps=2", "peft=lora", "generation=sample"])
+    assert cfg.stage == stage and cfg.train.max_steps == 2 and cfg.peft.enabled and cfg.generation.do_sample
+    cpu = compose_stage(stage)
+    assert cpu.train.max_steps > compose_stage(stage, SMOKE).train.max_steps
+
+
+def test_inference_configs_compose():
+    for name in ("chat", "generate"):
+        cfg = compose_stage(name, ["stage=sft", "generation=beam"])
+        assert cfg.stage == "sft" and cfg.generation.num_beams > 1
+
+
+# ---- the assistant-only loss mask --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(smoke_root):
+    """The smoke pretrained checkpoint: our tokenizer with its chat template, a small Llama."""
+    from pipeline.models import load_causal_lm
+    from pipeline.tokenizer import load_tokenizer
+
+    final = smoke_root / "default" / "pretrain" / "final"
+    return load_tokenizer(final, need_chat_template=True), load_causal_lm(final), final
+
+
+def test_assistant_only_loss_covers_exactly_the_assistant_turns(tiny, tmp_path):
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from stages.sft import trainer_args
+
+    tok, model, _ = tiny
+    cfg = compose_stage("sft", SMOKE)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How old is Bera?"},
+            {"role": "assistant", "content": "Bera is 34 years old."}, {"role": "user", "content": "And Tovi?"},
+            {"role": "assistant", "content": "Tovi is 12."}]
+    args = trainer_args(SFTConfig, cfg, SimpleNamespace(ckpt_root=tmp_path), cfg.train, max_length=128,
+                        assistant_only_loss=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([{"messages": msgs}]),
+                         processing_class=tok)
+    ex = trainer.train_dataset[0]
+    spans, cur = [], []
+    for i, label in zip(ex["input_ids"], ex["labels"]):
+        if label != -100:
+            assert label == i
+            cur.append(i)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    spans += [cur] if cur else []
+    # Each assistant turn with its <|end|> (so the model learns to stop); nothing of the system or user turns.
+    assert [tok.decode(s) for s in spans] == ["Bera is 34 years old.<|end|>", "Tovi is 12.<|end|>"]
+    n_masked = sum(label == -100 for label in ex["labels"])
+    assert n_masked == len(ex["input_ids"]) - sum(map(len, spans)) > 10
+
+
+# ---- group_by_prompt -------------------------------------------------------------------------------------------
+
+def _check_groups(batches, groups):
+    seen = [i for b in batches for i in b]
+    assert sorted(seen) == list(range(len(groups)))  # every pair once per epoch
+    for b in batches:
+        for g in {groups[i] for i in b}:  # a group in a batch is there whole
+            assert {i for i in b if groups[i] == g} == {i for i, x in enumerate(groups) if x == g}
+
+
+def test_group_batch_sampler_keeps_groups_whole():
+    from stages.reward import GroupBatchSampler
+
+    groups = [f"p{g}" for g in range(20) for _ in range(3 + g % 4)]
+    s = GroupBatchSampler(groups, groups_per_batch=3, seed=0)
+    epochs = []
+    for epoch in (0, 1, 0):
+        s.set_epoch(epoch)
+        batches = list(s)
+        assert len(batches) == len(s) == 7
+        _check_groups(batches, groups)
+        epochs.append(batches)
+    assert epochs[0] == epochs[2] and epochs[0] != epochs[1]  # reshuffled per epoch, reproducibly
+
+
+def test_reward_trainer_batches_whole_groups(tiny, tmp_path):
+    import datasets
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig
+
+    from stages.reward import make_trainer_class
+    from stages.sft import trainer_args
+
+    tok, _, final = tiny
+    rm = AutoModelForSequenceClassification.from_pretrained(final, num_labels=1, dtype=torch.float32)
+    rm.config.pad_token_id = tok.pad_token_id
+    rows = [{"prompt": [{"role": "user", "content": f"Question {g}?"}],
+             "chosen": [{"role": "assistant", "content": f"Good answer {g}.{k}"}],
+             "rejected": [{"role": "assistant", "content": f"Bad {g}"}], "group": f"g{g}"}
+            for g in range(12) for k in range(6 - g % 3)]
+    cfg = compose_stage("reward", SMOKE + ["train.batch_size=10"])
+    args = trainer_args(RewardConfig, cfg, SimpleNamespace(ckpt_root=tmp_path), cfg.train, evaluate=False,
+                        max_length=128)
+    trainer = make_trainer_class(True, seed=0)(model=rm, args=args, processing_class=tok,
+                                               train_dataset=datasets.Dataset.from_list(rows))
+    dl = trainer.get_train_dataloader()
+    groups = [r["group"] for r in rows]
+    batches = list(dl.batch_sampler)
+    _check_groups(batches, groups)
+    assert len({len({groups[i] for i in b}) for b in batches[:-1]}) == 1  # the same number of prompts per batch
+    first = next(iter(dl))
+    assert first["input_ids"].shape[0] == 2 * len(batches[0])  # chosen half, rejected half
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sft_done(smoke_root):
+    run_stage("sft", *SMOKE, f"paths.root={smoke_root}")
+    return smoke_root
+
+
+def test_sft_end_to_end(sft_done):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.sft import run_sft
+
+    m = manifest(sft_done, "sft")
+    assert m["status"] == "complete" and m["adapter"] is False
+    assert SFT_METRICS <= m["metrics"].keys(), sorted(m["metrics"])
+    d = sft_done / "default" / "sft"
+    final = d / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    assert tok.chat_template and "{% generation %}" in tok.chat_template
+    assert tok.convert_tokens_to_ids("<|end|>") in model.generation_config.eos_token_id
+    assert not (d / "checkpoints").exists()  # resume points go once the stage is complete
+    rows = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [8, 16] and rows[0]["columns"] == ["prompt", "response", "gold_score"]
+    assert any(json.loads(x).get("eval/loss") for x in (d / "metrics.jsonl").read_text().splitlines())
+
+
+def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from stages.reward import run_reward
+    from stages.sft import run_sft
+
+    run_stage("reward", *SMOKE, f"paths.root={sft_done}")
+    m = manifest(sft_done, "reward")
+    assert m["status"] == "complete" and RM_METRICS <= m["metrics"].keys(), sorted(m["metrics"])
+    assert 0 <= m["metrics"]["eval/accuracy"] <= 1 and 0 <= m["metrics"]["eval/ece"] <= 1
+    assert set(m["reward_stats"]) == {"mean", "std"} and m["reward_stats"]["std"] >= 0
+    final = sft_done / "default" / "reward" / "final"
+    rm = AutoModelForSequenceClassification.from_pretrained(final)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
+    assert json.loads((final / "reward_stats.json").read_text())["mean"] == m["reward_stats"]["mean"]
+
+    for fn, stage in ((run_sft, "sft"), (run_reward, "reward")):
+        fn(compose_stage(stage, SMOKE + [f"paths.root={sft_done}"]))
+        assert "nothing to do" in capsys.readouterr().out
+
+
+def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
+    from pipeline.generation import load_for_inference
+    from stages.chat import chat, resolve_checkpoint
+    from stages.generate import run_generate
+
+    cfg = compose_stage("chat", [f"paths.root={sft_done}", "generation.max_new_tokens=8"])
+    path, label, _ = resolve_checkpoint(cfg)
+    assert label == "default/sft"  # reward is newer, but it is not a chat model
+    model, tok = load_for_inference(path)
+    said = iter(["Hello?", "/reset", "What is 2 plus 2?", "/quit"])
+    out = []
+    chat(model, tok, cfg, read=lambda _: next(said), write=out.append)
+    assert "".join(out).count("bot> ") == 2 and "(new conversation)" in "".join(out)
+
+    (tmp_path / "q.jsonl").write_text('{"prompt": "How old is Bera?"}\n'
+                                      '{"messages": [{"role": "user", "content": "Hi"}]}\n')
+    out = run_generate(compose_stage("generate", [f"paths.root={sft_done}", f"input={tmp_path / 'q.jsonl'}",
+                                                  "generation.max_new_tokens=8"]))
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert out.name == "q.sft.responses.jsonl" and len(rows) == 2 and {"response", "ended"} <= rows[0].keys()
+    out = run_generate(compose_stage("generate", [f"paths.root={sft_done}", "limit=3", "generation.max_new_tokens=8"]))
+    assert all("gold_score" in json.loads(x) for x in out.read_text().splitlines())
+
+
+# ---- bad input: one clear line ---------------------------------------------------------------------------------
+
+def test_missing_parent_stage(tmp_path):
+    from stages.reward import run_reward
+    from stages.sft import run_sft
+
+    for fn, stage, parent in ((run_sft, "sft", "pretrain"), (run_reward, "reward", "sft")):
+        with pytest.raises(UserError) as e:
+            fn(compose_stage(stage, SMOKE + [f"paths.root={tmp_path}"]))
+        assert f"stage '{parent}'" in one_line(e) and f"make {parent}" in str(e.value)
+
+
+def test_tokenizer_without_chat_template(smoke_root, tmp_path):
+    from stages.sft import run_sft
+
+    folder = tmp_path / "no_template"
+    shutil.copytree(smoke_root / "default" / "pretrain" / "final", folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tc))
+    with pytest.raises(UserError) as e:
+        run_sft(compose_stage("sft", SMOKE + [f"paths.root={tmp_path}", f"model.name_or_path={folder}"]))
+    assert "no chat template" in one_line(e)
+
+
+def test_reward_data_without_usable_pairs(sft_done, tmp_path):
+    from stages.reward import run_reward
+
+    same = {"prompt": "Q?", "chosen": "A.", "rejected": "A."}  # chosen == rejected: a bad record, skipped
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(same) for _ in range(3)) + "\n")
+    common = SMOKE + [f"paths.root={sft_done}", "parent_run=default", "data.preference.kind=local",
+                      f"data.preference.path={tmp_path / 'pairs.jsonl'}", "data.preference.format=pairs"]
+    with pytest.raises(UserError) as e:
+        run_reward(compose_stage("reward", common + ["run=nopairs", "data.preference.on_bad_record=skip"]))
+    assert "no usable preference pairs" in one_line(e) and "3 bad records skipped" in str(e.value)
+    with pytest.raises(UserError) as e:  # the default on_bad_record=error names the file and line instead
+        run_reward(compose_stage("reward", common + ["run=badpair"]))
+    assert "pairs.jsonl:1" in one_line(e)
+
+    long = {"prompt": "Why? " * 400, "chosen": "A.", "rejected": "B."}
+    (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n")
+    with pytest.raises(UserError) as e:
+        run_reward(compose_stage("reward", common[:-2] + [f"data.preference.path={tmp_path / 'long.jsonl'}",
+                                                          "data.preference.format=pairs", "run=longprompt"]))
+    assert "longer than" in one_line(e)
