@@ -36,6 +36,7 @@ from pipeline.evaluation import _messages, gather, preference_eval, reward_score
 from pipeline.generation import generate, load_for_inference
 from pipeline.models import n_params
 from pipeline.run import StageRun, latest_trainer_checkpoint, write_json_atomic
+from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
 from stages.sft import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
 
@@ -178,12 +179,11 @@ def run_reward(cfg: DictConfig) -> None:
 
     try:
         # ---- model: the SFT checkpoint with a scalar head ------------------------------------------------
-        policy, tok = load_for_inference(parent["final"], "fp32", device=state.device,
-                                         trust_remote_code=cfg.model.trust_remote_code)
+        tok = load_tokenizer(parent["final"], need_chat_template=True)
         src = parent["final"]
         if parent.get("adapter"):  # an SFT adapter: merge it once into a plain checkpoint to start from
             if state.is_main_process:
-                policy.save_pretrained(merged_dir, safe_serialization=True)
+                load_for_inference(src, "fp32", "cpu")[0].save_pretrained(merged_dir, safe_serialization=True)
             state.wait_for_everyone()
             src = str(merged_dir)
         try:  # TRL's context that hides the expected "score.weight newly initialised / lm_head unused" warnings
@@ -249,7 +249,11 @@ def run_reward(cfg: DictConfig) -> None:
             eval_cb.run(rm, trainer.state.global_step)
         if not test_pairs:
             say("[reward] no test pairs: eval/accuracy not measured")
-        stats = reward_stats(policy, rm, tok, prompts, cfg, oracle) if prompts else {"mean": 0.0, "std": 1.0, "n": 0}
+        stats = {"mean": 0.0, "std": 1.0, "n": 0}
+        if prompts:
+            policy = load_for_inference(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
+            stats = reward_stats(policy, rm, tok, prompts, cfg, oracle)
+            del policy
         say(f"[reward] SFT policy on {stats['n']} prompts: reward mean {stats['mean']:.3f}, std {stats['std']:.3f}"
             + (f", correlation with gold {stats['gold_correlation']:.3f}" if "gold_correlation" in stats else ""))
         metrics.update({"train/loss": train_loss, "reward/mean": stats["mean"], "reward/std": stats["std"]})

@@ -75,6 +75,11 @@ class QuietProgress(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
 
 
+def _noise(key: str) -> bool:
+    """Trainer bookkeeping that would only clutter the manifest (it stays in metrics.jsonl)."""
+    return any(w in key for w in ("runtime", "per_second", "num_tokens", "flos", "samples"))
+
+
 def precision_flags(precision: str) -> dict:
     mp = mixed_precision(precision)
     return {"bf16": mp == "bf16", "fp16": mp == "fp16"}
@@ -227,7 +232,7 @@ def run_sft(cfg: DictConfig) -> None:
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         if eval_ds is not None and log_cb.last_eval_step != trainer.state.global_step:
             trainer.evaluate()
-        metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("eval/") and "samples" not in k})
+        metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("eval/") and not _noise(k)})
         metrics["train/loss"] = log_cb.last.get("train/loss", float("nan"))
         if not math.isfinite(metrics["train/loss"]):
             raise UserError(f"training diverged: train/loss is {metrics['train/loss']} (try a lower optim.lr)")

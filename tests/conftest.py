@@ -49,3 +49,12 @@ def smoke_root(tmp_path_factory) -> Path:
 
 
 SMOKE = ["preset=smoke", "logger=none"]
+
+
+@pytest.fixture(scope="session")
+def smoke_chain(smoke_root) -> Path:
+    """smoke_root plus the SFT and reward stages: everything PPO needs."""
+    common = ["preset=smoke", "logger=none", f"paths.root={smoke_root}"]
+    run_stage("sft", *common)
+    run_stage("reward", *common)
+    return smoke_root

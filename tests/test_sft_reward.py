@@ -66,7 +66,7 @@ def test_assistant_only_loss_covers_exactly_the_assistant_turns(tiny, tmp_path):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How old is Bera?"},
             {"role": "assistant", "content": "Bera is 34 years old."}, {"role": "user", "content": "And Tovi?"},
             {"role": "assistant", "content": "Tovi is 12."}]
-    args = trainer_args(SFTConfig, cfg, SimpleNamespace(ckpt_root=tmp_path), cfg.train, max_length=128,
+    args = trainer_args(SFTConfig, cfg, SimpleNamespace(ckpt_root=tmp_path), cfg.train, evaluate=False, max_length=128,
                         assistant_only_loss=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([{"messages": msgs}]),
                          processing_class=tok)
@@ -249,10 +249,17 @@ def test_reward_data_without_usable_pairs(sft_done, tmp_path):
                       f"data.preference.path={tmp_path / 'pairs.jsonl'}", "data.preference.format=pairs"]
     with pytest.raises(UserError) as e:
         run_reward(compose_stage("reward", common + ["run=nopairs", "data.preference.on_bad_record=skip"]))
-    assert "no usable preference pairs" in one_line(e) and "3 bad records skipped" in str(e.value)
+    assert "no usable preference" in one_line(e) and "3 bad" in str(e.value)
     with pytest.raises(UserError) as e:  # the default on_bad_record=error names the file and line instead
         run_reward(compose_stage("reward", common + ["run=badpair"]))
     assert "pairs.jsonl:1" in one_line(e)
+
+    wordy = {"prompt": "Why?", "chosen": "Because. " * 100, "rejected": "No. " * 100}  # fits no max_length of 128
+    (tmp_path / "wordy.jsonl").write_text(json.dumps(wordy) + "\n")
+    with pytest.raises(UserError) as e:
+        run_reward(compose_stage("reward", common[:-2] + [f"data.preference.path={tmp_path / 'wordy.jsonl'}",
+                                                          "data.preference.format=pairs", "run=wordy"]))
+    assert "no usable preference pairs" in one_line(e) and "max_length=128" in str(e.value)
 
     long = {"prompt": "Why? " * 400, "chosen": "A.", "rejected": "B."}
     (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n")
