@@ -92,6 +92,22 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def inventory(folder: Path) -> dict[str, int]:
+    """{relative path: size} of every file under `folder`: cheap to check, and catches truncated or missing files."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def damaged(folder: Path, expected: dict[str, int]) -> Optional[str]:
+    """What is wrong with `folder` against its recorded inventory, or None when it is whole."""
+    for name, size in expected.items():
+        p = Path(folder) / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} is {p.stat().st_size} bytes, expected {size}"
+    return None
+
+
 def read_manifest(stage_dir: Path) -> Optional[dict]:
     p = Path(stage_dir) / "manifest.json"
     if not p.exists():
@@ -148,6 +164,10 @@ class StageRun:
             state = "missing" if m is None else f"not complete (status: {m.get('status')})"
             raise UserError(f"stage '{stage}' of run '{self.parent_run}' is {state} ({d}); "
                             f"make it first: {make_command(stage, self.parent_run)}")
+        problem = damaged(d / "final", m.get("final_files", {}))
+        if problem:
+            raise UserError(f"{d / 'final'} is damaged ({problem}); redo it: "
+                            f"{make_command(stage, self.parent_run)} ARGS=force=true")
         m["dir"] = str(d)
         m["final"] = str(d / "final")
         self.parents[stage] = m
@@ -220,12 +240,35 @@ class StageRun:
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
     def latest_checkpoint(self) -> Optional[Path]:
-        """Newest complete resume point. Incomplete ones never have their final name (written aside, renamed)."""
+        """Newest complete resume point. Incomplete ones never have their final name (written aside, renamed);
+        one damaged after the fact (a file truncated or deleted) is refused with a clear message."""
         if not self.ckpt_root.is_dir():
             return None
         done = sorted(p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d{8}", p.name)
                       and (p / "state.json").exists())
-        return done[-1] if done else None
+        if not done:
+            return None
+        try:
+            files = json.loads((done[-1] / "state.json").read_text()).get("files", {})
+        except (json.JSONDecodeError, OSError):
+            files, problem = {}, "state.json is unreadable"
+        else:
+            problem = damaged(done[-1], files)
+        if problem:
+            raise UserError(f"checkpoint {done[-1]} is damaged ({problem}); delete that folder to resume from "
+                            f"the one before it, or pass force=true to start the stage over")
+        return done[-1]
+
+    def load_checkpoint(self, ckpt: Path, load: Callable[[Path], None]) -> int:
+        """Restore a resume point with `load(dir)`; a failure is reported as one line, not a library traceback."""
+        try:
+            load(ckpt)
+        except Exception as e:  # noqa: BLE001 — whatever the library raised, the user's fix is the same
+            raise UserError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
+                            f" delete that folder to resume from an earlier one, or pass force=true to start over")
+        step = int(ckpt.name.split("_")[1])
+        self.update(resumed_from=step)
+        return step
 
     def save_checkpoint(self, step: int, save: Callable[[Path], None], keep: int = 2,
                         barrier: Callable[[], None] = lambda: None) -> Path:
@@ -239,7 +282,7 @@ class StageRun:
         save(tmp)
         barrier()
         if self.is_main:
-            write_json_atomic(tmp / "state.json", {"step": step, "config_hash": self.hash})
+            write_json_atomic(tmp / "state.json", {"step": step, "config_hash": self.hash, "files": inventory(tmp)})
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(tmp, dst)
             old = sorted(p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d{8}", p.name))
@@ -258,6 +301,7 @@ class StageRun:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_final(tmp)
+        self.manifest["final_files"] = inventory(tmp)
         if self.final_dir.exists():  # force=true: swap the old one out only once the new one is whole
             old = self.dir / f".final.old_{os.getpid()}"
             os.replace(self.final_dir, old)

@@ -154,10 +154,8 @@ def main(cfg: DictConfig) -> None:
     start = 0
     ckpt = run.latest_checkpoint()
     if ckpt is not None:
-        acc.load_state(str(ckpt))
-        start = int(ckpt.name.split("_")[1])
+        start = run.load_checkpoint(ckpt, lambda d: acc.load_state(str(d)))
         kl_ctl.value = state.kl_coef
-        run.update(resumed_from=start)
         say(f"[ppo] resumed from {ckpt} (iteration {start})")
     if t.ema_decay and state.ema is None:
         state.ema = [p.detach().clone() for p in acc.unwrap_model(policy).parameters()]

@@ -96,9 +96,7 @@ def main(cfg: DictConfig) -> None:
     start = 0
     ckpt = run.latest_checkpoint()
     if ckpt is not None:
-        acc.load_state(str(ckpt))
-        start = int(ckpt.name.split("_")[1])
-        run.update(resumed_from=start)
+        start = run.load_checkpoint(ckpt, lambda d: acc.load_state(str(d)))
         say(f"[pretrain] resumed from {ckpt} (step {start})")
 
     # ---- loop --------------------------------------------------------------------------------------------

@@ -123,3 +123,32 @@ def test_corrupt_manifest_is_reported(tmp_path):
     (r.dir / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match="unreadable manifest"):
         r.begin()
+
+
+def test_damaged_checkpoint_is_refused(tmp_path):
+    r = StageRun(_cfg(tmp_path, "tokenizer"))
+    r.begin()
+    ck = r.save_checkpoint(10, lambda d: (d / "model.bin").write_bytes(b"x" * 100))
+    (ck / "model.bin").write_bytes(b"x" * 10)  # truncated after the fact
+    with pytest.raises(UserError, match="damaged .*model.bin is 10 bytes, expected 100"):
+        r.latest_checkpoint()
+
+
+def test_unloadable_checkpoint_is_one_line(tmp_path):
+    r = StageRun(_cfg(tmp_path, "tokenizer"))
+    r.begin()
+    ck = r.save_checkpoint(10, lambda d: None)
+
+    def load(d):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive\nlong trace")
+
+    with pytest.raises(UserError, match="cannot be loaded .*PytorchStreamReader") as e:
+        r.load_checkpoint(ck, load)
+    assert "\n" not in str(e.value)
+
+
+def test_damaged_parent_final_is_refused(tmp_path):
+    _complete(tmp_path, "tokenizer")
+    (tmp_path / "default" / "tokenizer" / "final" / "weights.bin").write_text("")
+    with pytest.raises(UserError, match="damaged .*weights.bin.*make tokenizer ARGS=force=true"):
+        StageRun(_cfg(tmp_path, "pretrain")).parent("tokenizer")
