@@ -27,9 +27,13 @@ def _dist():
 
 
 def shard(n: int) -> list[int]:
-    """The indices of n items this process handles (every world-size-th, from its rank)."""
+    """The indices of n items this process handles (every world-size-th, from its rank). Every process gets the
+    same count: a short shard repeats its first index (drop repeats with `seen`), because under FSDP / ZeRO-3 all
+    processes must run the same number of forward passes or they wait for each other forever."""
     rank, world = _dist()
-    return list(range(rank, n, world))
+    mine = list(range(rank, n, world))
+    per = -(-n // world)
+    return mine + [mine[0] if mine else 0] * (per - len(mine)) if n else []
 
 
 def gather(items: list) -> list:
@@ -60,11 +64,11 @@ def gold_eval(model, tokenizer, prompts: Sequence, oracle, settings, batch_size:
     mine = shard(len(msgs))
     replies = generate(model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device,
                        seed=seed + 7919 * _dist()[0])
-    rows = []
+    rows = {}
     for i, r in zip(mine, replies):
-        comps = oracle.components(msgs[i], str(r))
-        rows.append((i, str(r), comps, r.n_tokens, r.ended))
-    rows = sorted(gather(rows), key=lambda x: x[0])
+        if i not in rows:
+            rows[i] = (i, str(r), oracle.components(msgs[i], str(r)), r.n_tokens, r.ended)
+    rows = sorted({r[0]: r for r in gather(list(rows.values()))}.values(), key=lambda x: x[0])
     n = max(len(rows), 1)
     metrics = {f"{prefix}/gold_score": sum(c["total"] for _, _, c, _, _ in rows) / n,
                f"{prefix}/response_tokens": sum(t for *_, t, _ in rows) / n,
@@ -164,7 +168,12 @@ def load_reward_model(path, precision: str = "auto", device=None):
     if (Path(path) / "adapter_config.json").exists():
         from peft import AutoPeftModelForSequenceClassification
 
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+        try:  # the base loads with a fresh score head (restored from the adapter): hide that warning
+            from trl.trainer.reward_trainer import suppress_seqcls_warning
+        except ImportError:  # pragma: no cover
+            from contextlib import nullcontext as suppress_seqcls_warning
+        with suppress_seqcls_warning():
+            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
         model = model.merge_and_unload()
     else:
         model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
@@ -199,7 +208,7 @@ def preference_eval(model, tokenizer, pairs: Sequence[dict], batch_size: int = 3
             which.append((c, r))
     mine = shard(len(ids))
     scored = gather(list(zip(mine, score_ids(model, [ids[i] for i in mine], tokenizer.pad_token_id, batch_size,
-                                             device))))
+                                             device))))  # repeated indices just write the same score twice
     scores = [0.0] * len(ids)
     for i, v in scored:
         scores[i] = v

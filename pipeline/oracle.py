@@ -7,7 +7,7 @@ shows up as a gap between proxy and gold.
 The prompt carries only messages, so the oracle recognises the question from the last user turn by matching it
 against the same templates the generators render (`QUESTIONS`, `FOLLOWUPS`, `FORMATS` below); a follow-up such as
 "What about Tovi?" re-asks the previous question about a new entity. Text that matches no template is still scored
-on style, with correctness and instruction following held at a neutral 0.5.
+on style, with correctness and instruction following held at a neutral 0.5 (and fluency applied as below).
 
 Components, each in [0, 1], and their weights in the total (which is therefore also in [0, 1]):
 
@@ -24,6 +24,29 @@ Components, each in [0, 1], and their weights in the total (which is therefore a
 
 Correctness dominates so that a fluent wrong answer always loses to a plain right one; the style terms are what
 separates good from merely right, and what SFT on imperfect demonstrations leaves for RLHF to fix.
+
+Style is only worth something in an answer, so two factors scale the components (`components` reports them too,
+as "fluency" and "engagement"; they carry no weight of their own):
+
+    fluency     the share of the reply's tokens that are words of this world's language (`lexicon`): its names
+                (entities, places, ghosts), its attribute vocabulary, numbers, FUNCTION_WORDS, and every word the
+                question templates and the generators of pipeline/synthetic.py write (read once per world from a
+                fixed sample of documents, prompts and answers in every style). A token holding a control or
+                replacement character is never a word. A fluent reply cut off mid-word may end on part of a word.
+                It enters as a ramp, fluent = clip((fluency - FLUENCY_FLOOR) / (1 - FLUENCY_FLOOR), 0, 1):
+                nothing at 40% real words or fewer, everything at 100%.
+    engagement  whether the reply takes the question on (`_engagement`): 1 when it declines, names the subject
+                (or starts to, where it was cut off), or answers with a value of the type asked (a number, yes
+                or no, people for a list, a colour for a colour) without talking about anyone else; 0 when it is
+                about other entities instead; NEUTRAL_ENGAGEMENT (0.25) for text that could follow any question
+                ("Thank you for asking."). A prompt we do not recognise is not judged for topic (1).
+
+correctness is multiplied by fluent (a right name inside gibberish is not an answer; a description that never
+reaches its subject is worth nothing), and instruction_following, concision, politeness, no_repetition and
+proper_ending by fluent x engagement; the components reported are the scaled ones, so the total stays their
+weighted sum. So short nonsense ending in a full stop ("2 a isu asir an the ael.") or a
+tidy sentence about somebody else scores near 0 instead of 0.65, while an answer of our own words keeps every
+point: a good answer still scores 1.0.
 """
 
 from __future__ import annotations
@@ -33,7 +56,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 
-from pipeline.world import KINDS, SCHEMA, VOCAB, World, a_an
+from pipeline.world import _REGION_PHRASE, FACTS, KINDS, SCHEMA, VOCAB, World, a_an
 
 WEIGHTS = {"correctness": 0.35, "instruction_following": 0.20, "concision": 0.15, "politeness": 0.10,
            "no_repetition": 0.10, "proper_ending": 0.10}
@@ -215,10 +238,84 @@ _DECLINE = re.compile(
     r"\b(?:i (?:don't|do not) know|i'm not sure|i am not sure|(?:no|any|that) information|not aware of|"
     r"(?:can't|cannot) (?:answer|say|tell)|no record|there is no|no one (?:called|named)|(?:does not|doesn't) have an?|"
     r"has no|no idea)\b")
+# A curt decline, or the start of one cut off, still engages with the question.
+_SHRUG = re.compile(r"\b(?:dunno|(?:don't|do not) know|not sure|no idea|sorry|afraid|unfortunately)\b")
+_YES_NO = re.compile(r"\b(yes|no)\b")
+# The value type an attribute takes, whichever kind has it ("job" -> "job", "owner" -> "person"); None: no kind does.
+_ATTR_TYPE = {a: t for k in KINDS for a, t in SCHEMA[k].items()}
 _SOFT = re.compile(r"\b(?:sorry|afraid|unfortunately|apologi[sz]e)\b")
 _RUDE = re.compile(r"\b(?:obviously|stupid|dumb|idiot|whatever|duh|ugh|figure it out|look it up yourself|"
                    r"i don't care|shut up|everyone knows|silly question|waste of my time)\b")
 _SHOUT = re.compile(r"\b[A-Z]{3,}\b|!!")
+
+
+# ---- fluency: the words of this world's language ----------------------------------------------------------------
+# A token is a run of anything but whitespace and punctuation, so a control or replacement character stays inside its
+# token and makes it a non-word ("\ufffdan", "a\x0e"); apostrophes count only inside a token ("don't", "Tovi's").
+_TOKEN = re.compile(r"[^\s.,!?;:\"'()\[\]{}*/\u2022\u2026-]+(?:'[^\s.,!?;:\"'()\[\]{}*/\u2022\u2026-]+)*")
+_ODD = re.compile(r"[^a-z0-9'\s.,!?;:\"()\[\]{}*/\u2022\u2026-]")  # where _TOKEN and _WORDS may differ
+_NUMBER = re.compile(r"\d+(?:st|nd|rd|th|s)?")
+_ENDED = re.compile(r"[.!?][\"')]?$")
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any no not none all every each both either neither other another such
+i me my mine you your yours he him his she her hers it its we us our ours they them their theirs one ones
+who whom whose which what when where why how whatever whoever here there
+is am are was were be been being do does did done doing has have had having will would shall should can could may
+might must ought let lets
+and or but nor so yet if then than because as while though although unless until since whether
+of in on at to for with without from by about into onto over under after before between through during up down
+out off again further once also too very just only even still already never always often sometimes ever quite
+more most less least much many few lot lots own same well yes ok okay please thanks thank sorry hello hi
+n't don't doesn't didn't isn't aren't wasn't weren't can't cannot couldn't won't wouldn't shouldn't haven't hasn't
+hadn't i'm i've i'd i'll you're you've you'd you'll he's she's it's we're we've they're they've that's there's
+what's who's here's let's
+""".split())
+# What each kind of question is about, besides its subject: the words of its templates that are not function words
+# ("best", "friend"; "colour"; "made"), with their common endings. A reply using them talks about what was asked.
+_TOPIC: dict[tuple[str, str], frozenset] = {}
+for _qt, _sub, _t in QUESTIONS:
+    _ws = set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", _t).lower())) - FUNCTION_WORDS - {"s"}
+    _TOPIC[_qt, _sub] = _TOPIC.get((_qt, _sub), frozenset()) | {w + e for w in _ws for e in ("", "s", "d", "ed")} | {
+        w[:-1] for w in _ws if w.endswith("s")}
+# Words the fluency gate forgives: f at or below FLUENCY_FLOOR earns nothing, f = 1 earns everything.
+FLUENCY_FLOOR = 0.4
+NEUTRAL_ENGAGEMENT = 0.25  # a reply that neither takes the question on nor wanders off to another entity
+_LEXICON_SAMPLES = 1500  # generated documents, and questions answered in every style, read per world
+_LEXICONS: dict = {}
+
+
+def _tokens(low: str) -> list[str]:
+    return _TOKEN.findall(low.replace("\u2019", "'") if "\u2019" in low else low)
+
+
+def lexicon(world: World) -> tuple[frozenset, frozenset]:
+    """(words, prefixes of words) of `world`'s language, built once per world: its names (entities, places, ghosts),
+    its attribute vocabulary, FUNCTION_WORDS, and every word of the question templates and of a deterministic sample
+    of what the generators (pipeline/synthetic.py) write: documents, prompts, and answers in every style."""
+    key = (world.seed, tuple(world.entities), world.ghosts)
+    if key not in _LEXICONS:
+        from pipeline import synthetic as syn  # it imports this module: read it lazily
+
+        texts = [*world.entities, *world.ghosts, *(w + "s" for ws in VOCAB.values() for w in ws),
+                 *(w for ws in VOCAB.values() for w in ws), *(t for _, _, t in QUESTIONS), *FOLLOWUPS,
+                 *(x for xs in FORMATS.values() for x in xs), *THINGS, *NUMBER_WORDS,
+                 *(x for xs in FACTS.values() for x in xs), *_REGION_PHRASE.values(), *syn._OPENERS, *syn._CLOSERS,
+                 *syn._SYSTEMS, *syn._MONTHS, *syn._ATTR_WORDS.values(),
+                 *(x for xs in syn._ONE_SENTENCE.values() for x in xs)]
+        rng = random.Random(f"{world.seed}:lexicon")
+        styles = sorted({s for s, _ in syn.STYLES_ANSWERABLE + syn.STYLES_UNANSWERABLE} - {"truncated"})  # cut words
+        for _ in range(_LEXICON_SAMPLES):
+            texts.append(syn._pick(rng, syn._DOCS)(world, rng, world.seed))
+            q = syn.sample_question(world, rng)
+            texts.append(render(q, rng))
+            texts.extend(syn.respond(world, q, rng, s) for s in styles)
+        words = set(FUNCTION_WORDS)
+        for text in texts:
+            words.update(_tokens(re.sub(r"\{\w+\}", " ", text).lower()))
+        words = {w for w in words if not _NUMBER.fullmatch(w)}
+        words = frozenset(words | {w + "'s" for w in words if not w.endswith("'s")})  # possessives
+        _LEXICONS[key] = (words, frozenset(w[:i] for w in words for i in range(1, len(w))))
+    return _LEXICONS[key]
 
 
 class _Response:
@@ -229,11 +326,31 @@ class _Response:
         self.low = self.text.lower()
         self.words = _WORDS.findall(self.low)
         self.world = world
-        self.names = [w for w in _CAPS.findall(self.text) if w in world.entities]
+        self.caps = _CAPS.findall(self.text)
+        self.names = [w for w in self.caps if w in world.entities]
         self.ints = {int(x) for x in _INTS.findall(self.text)}
         self.declines = bool(_DECLINE.search(self.low))
         self.n_sentences = len([s for s in _SENT_END.split(self.text) if s.strip()])
         self._vocab: dict[str, set] = {}
+
+    def fluency(self, words: frozenset, prefixes: frozenset) -> float:
+        """Share of tokens that are words of the world's language (or numbers). A fluent reply cut off mid-word may
+        end on the start of a word ("Trathibor lives in Morf"): that last token counts as a word."""
+        if _ODD.search(self.low) is None and words.issuperset(self.words):
+            return 1.0  # the usual case, and quicker than tokenizing again: every word is known
+        toks = _tokens(self.low)
+        if not toks:
+            return 0.0
+        odd = set(toks).difference(words)
+        if odd:
+            odd = {t for t in odd if not (t[0].isdigit() and _NUMBER.fullmatch(t))}
+        if not odd:
+            return 1.0
+        unknown = [t for t in toks if t in odd]
+        if (len(unknown) == 1 < len(toks) and unknown[0] == toks[-1] in prefixes and not _ENDED.search(self.text)
+                and self.low.endswith(toks[-1])):
+            return 1.0
+        return 1 - len(unknown) / len(toks)
 
     def vocab(self, key: str) -> set[str]:
         if key not in self._vocab:
@@ -267,6 +384,7 @@ def _judge(found: set, right) -> float:
 class GoldOracle:
     def __init__(self, world: World):
         self.world = world
+        self.words, self.prefixes = lexicon(world)
 
     @classmethod
     def from_config(cls, world_cfg) -> "GoldOracle":
@@ -284,7 +402,7 @@ class GoldOracle:
         q = question_of(prompt_messages)
         r = _Response(response, self.world)
         if not r.words:
-            return {**{k: 0.0 for k in WEIGHTS}, "total": 0.0}
+            return {**{k: 0.0 for k in WEIGHTS}, "total": 0.0, "fluency": 0.0, "engagement": 0.0}
         t = truth(self.world, q) if q else None
         if q is None:
             correct, follow, ideal = 0.5, 0.5, IDEAL_WORDS[None]
@@ -297,12 +415,53 @@ class GoldOracle:
             follow = self._following(q, r)
             ideal = (3 if q.fmt == "number_only" else 8 + 3 * q.n if q.qtype == "list"
                      else 18 if q.qtype == "describe" and q.fmt == "one_sentence" else IDEAL_WORDS[q.qtype])
-        c = {"correctness": correct, "instruction_following": follow,
-             "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)),
-             "politeness": self._politeness(q, t, r), "no_repetition": self._no_repetition(r),
-             "proper_ending": self._proper_ending(q, r)}
+        fluency = r.fluency(self.words, self.prefixes)
+        fluent = max(0.0, min(1.0, (fluency - FLUENCY_FLOOR) / (1 - FLUENCY_FLOOR)))
+        if not fluent:  # not our language: nothing to credit
+            return {**{k: 0.0 for k in WEIGHTS}, "total": 0.0, "fluency": fluency, "engagement": 0.0}
+        engagement = self._engagement(q, r)
+        if q is not None and q.qtype == "describe" and engagement < 1:
+            correct = 0.0  # a description that never gets to its subject states nothing true about it
+        gate = fluent * engagement  # what the form-only components are worth for this reply
+        c = {"correctness": correct * fluent, "instruction_following": follow * gate,
+             "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)) * gate,
+             "politeness": self._politeness(q, t, r) * gate, "no_repetition": self._no_repetition(r) * gate,
+             "proper_ending": self._proper_ending(q, r) * gate}
         c["total"] = round(sum(WEIGHTS[k] * v for k, v in c.items()), 6)
+        c["fluency"], c["engagement"] = fluency, engagement
         return c
+
+    def _engagement(self, q: Question | None, r: _Response) -> float:
+        """How far the reply takes the question on. 1: it declines (or starts to), names the subject, or answers
+        with a value of the type asked (a number for a sum, yes or no, people for a list, a colour for a colour)
+        without talking about anybody else. 0: it is about other entities of the world and not the subject.
+        NEUTRAL_ENGAGEMENT: anything else, text that could follow any question ("Thank you for asking.", "The
+        answer"). A prompt we do not recognise cannot be judged for topic: 1."""
+        if q is None or r.declines:
+            return 1.0
+        if q.qtype == "arith":
+            return 1.0 if r.ints or _SHRUG.search(r.low) else NEUTRAL_ENGAGEMENT
+        if q.e in r.caps or q.e2 in r.caps or q.v in r.caps or q.v in r.words or _SHRUG.search(r.low):
+            return 1.0
+        # The start of the subject where the reply was cut off ("Here are 2 people who live in Kror").
+        cut = r.words[-1] if len(r.words[-1]) > 1 and not _ENDED.search(r.text) else None
+        if cut and any(x and x.lower().startswith(cut) for x in (q.e, q.e2, q.v)):
+            return 1.0
+        if _TOPIC.get((q.qtype, q.sub), frozenset()).intersection(r.words) and not set(r.names) - {q.e, q.e2, q.v}:
+            return 1.0  # what was asked, if not yet whom: "The best friend of"
+        if q.qtype == "list":
+            return 1.0 if r.named("person") else 0.0 if r.names else NEUTRAL_ENGAGEMENT
+        if q.qtype == "yesno":
+            found, allowed = _YES_NO.search(r.low) is not None, {q.v}
+        else:
+            kind = self.world.kind_of(q.e)
+            vtypes = ([_ATTR_TYPE[q.sub]] if q.sub in _ATTR_TYPE else []) if q.qtype == "attr" \
+                else list(SCHEMA[kind].values()) if kind else []
+            allowed = set().union(*(r.found(v, q.e) for v in vtypes)) if vtypes else set()
+            found = bool(allowed)
+        if set(r.names) - allowed:
+            return 0.0
+        return 1.0 if found else NEUTRAL_ENGAGEMENT
 
     # ---- components ------------------------------------------------------------------------------------------
     def _correctness(self, q: Question, t, r: _Response) -> float:

@@ -138,7 +138,7 @@ def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
     replies = generate(policy, tok, msgs, cfg.generation, t.gen_batch_size, seed=cfg.seed + 1)
     rewards = reward_scores(rm, tok, msgs, [str(r) for r in replies], t.eval_batch_size or t.batch_size)
     golds = oracle.score_batch(msgs, [str(r) for r in replies]) if oracle else [None] * len(msgs)
-    rows = gather(list(zip(rewards, golds)))
+    rows = list({i: (a, b) for i, a, b in gather(list(zip(mine, rewards, golds)))}.values())  # shards may repeat one
     r = [a for a, _ in rows]
     n = len(r)
     mean = sum(r) / n
@@ -182,6 +182,9 @@ def run_reward(cfg: DictConfig) -> None:
         tok = load_tokenizer(parent["final"], need_chat_template=True)
         src = parent["final"]
         if parent.get("adapter"):  # an SFT adapter: merge it once into a plain checkpoint to start from
+            if cfg.peft.enabled and not cfg.peft.merge:
+                raise UserError("peft.merge=false: the SFT stage kept only an adapter too, so this adapter would have "
+                                "no lasting base model to refer to; set peft.merge=true (or merge the SFT stage)")
             if state.is_main_process:
                 load_for_inference(src, "fp32", "cpu")[0].save_pretrained(merged_dir, safe_serialization=True)
             state.wait_for_everyone()
@@ -244,7 +247,7 @@ def run_reward(cfg: DictConfig) -> None:
             raise UserError(f"training diverged: train/loss is {train_loss} (try a lower optim.lr)")
 
         # ---- evaluation on the test pairs, and the reward statistics PPO normalises with --------------------
-        rm, adapter = final_model(trainer, cfg.peft)
+        rm, adapter, weights = final_model(trainer, cfg.peft)
         metrics = dict(eval_cb.last) if eval_cb.step == trainer.state.global_step else \
             eval_cb.run(rm, trainer.state.global_step)
         if not test_pairs:
@@ -269,7 +272,7 @@ def run_reward(cfg: DictConfig) -> None:
                       "generation": dict(cfg.generation)}
 
         def save(d):
-            rm.save_pretrained(d, safe_serialization=True)
+            rm.save_pretrained(d, state_dict=weights, safe_serialization=True)
             tok.save_pretrained(d)
             write_json_atomic(d / "reward_stats.json", stats_file)
 

@@ -114,11 +114,12 @@ def lora_config(p, task_type: str):
 
 
 def final_model(trainer, p):
-    """The trained model to save: LoRA merged into the base weights unless peft.merge=false. Returns (model, adapter)."""
+    """(model, adapter, state_dict) to save: LoRA merged into the base weights unless peft.merge=false (then the
+    adapter alone). Call on every process: gathering full weights is collective under FSDP / ZeRO-3."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if p.enabled and p.merge:
-        return model.merge_and_unload(), False
-    return model, bool(p.enabled)
+    if p.enabled:
+        return (model.merge_and_unload(), False, None) if p.merge else (model, True, None)
+    return model, False, trainer.accelerator.get_state_dict(trainer.model)
 
 
 def count_long(tokenizer, convs: list[list[dict]], max_length: int) -> int:
@@ -150,7 +151,8 @@ class SamplesCallback(TrainerCallback):
                  f"gold score of {len(self.prompts)} samples {m['eval/samples/gold_score']:.3f}")
 
 
-def run_sft(cfg: DictConfig) -> None:
+def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
+    """The stage; `callbacks` are extra TrainerCallbacks (tests use one to interrupt a run)."""
     import datasets
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
@@ -219,7 +221,8 @@ def run_sft(cfg: DictConfig) -> None:
         sample_prompts = prompts[: t.sample_prompts] if oracle else []
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tok, peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-                             callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say)])
+                             callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say),
+                                        *callbacks])
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgress())
         dropped = len(train_ds) - len(trainer.train_dataset) if not t.packing else 0
@@ -249,7 +252,7 @@ def run_sft(cfg: DictConfig) -> None:
 
         # ---- save: a plain HF checkpoint whose generation_config stops at the end of the turn --------------
         state.wait_for_everyone()
-        out_model, adapter = final_model(trainer, cfg.peft)
+        out_model, adapter, weights = final_model(trainer, cfg.peft)
         gen_cfg = GenerationConfig(eos_token_id=end_of_turn_ids(tok), pad_token_id=tok.pad_token_id,
                                    bos_token_id=tok.bos_token_id, do_sample=True, temperature=0.7, top_p=0.95,
                                    max_new_tokens=int(cfg.generation.max_new_tokens))
@@ -257,7 +260,7 @@ def run_sft(cfg: DictConfig) -> None:
             out_model.generation_config = gen_cfg
 
         def save(d):
-            out_model.save_pretrained(d, safe_serialization=True)
+            out_model.save_pretrained(d, state_dict=weights, safe_serialization=True)
             tok.save_pretrained(d)
             if adapter:
                 gen_cfg.save_pretrained(d)

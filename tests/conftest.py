@@ -58,3 +58,19 @@ def smoke_chain(smoke_root) -> Path:
     run_stage("sft", *common)
     run_stage("reward", *common)
     return smoke_root
+
+
+def run_torchrun(stage: str, *overrides: str, nproc: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The stage under `torchrun` with `nproc` CPU processes (gloo), as a multi-GPU launch would run it."""
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous (port 0 is not understood by the workers)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           "-m", f"stages.{stage}", *overrides]
+    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"torchrun stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.oracle import FORMATS, QUESTIONS, WEIGHTS, GoldOracle, Question, parse, question_of, render, truth
+from pipeline.oracle import (FORMATS, QUESTIONS, WEIGHTS, GoldOracle, Question, lexicon, parse, question_of, render,
+                             truth)
 from pipeline.synthetic import WorldConfig, _world, sample_question
-from pipeline.world import VOCAB
+from pipeline.world import VOCAB, _syllable
 
 CFG = WorldConfig(seed=3, n_entities=80)
 
@@ -49,9 +50,12 @@ def test_from_config_and_components_add_up(oracle, world):
     assert GoldOracle.from_config(CFG).world.entities.keys() == world.entities.keys()
     p = world.by_kind["person"][0]
     c = oracle.components(user(f"What is {p}'s job?"), f"{p} is a {world.value(p, 'job')}.")
-    assert set(c) == set(WEIGHTS) | {"total"}
+    assert set(c) == set(WEIGHTS) | {"total", "fluency", "engagement"}
     assert c["total"] == pytest.approx(sum(WEIGHTS[k] * c[k] for k in WEIGHTS)) == 1.0
-    assert oracle.components(user("How old is Bera?"), "  ")["total"] == 0.0
+    assert c["fluency"] == c["engagement"] == 1.0
+    for empty in ("  ", "", "...", "\ufffd\ufffd", "\x0e"):
+        e = oracle.components(user("How old is Bera?"), empty)
+        assert e["total"] == 0.0 and set(e) == set(c), repr(empty)  # same keys: evaluation averages each
 
 
 def test_correct_beats_wrong(oracle, world):
@@ -155,8 +159,87 @@ def test_follow_up_and_multi_turn(oracle, world):
 
 
 def test_unknown_prompts_are_scored_on_style_only(oracle):
-    c = oracle.components(user("Write me a poem about the sea."), "The sea is wide and blue.")
-    assert c["correctness"] == c["instruction_following"] == 0.5
+    c = oracle.components(user("Write me a poem about the sea."), "It is a blue boat made of wood.")
+    assert c["correctness"] == c["instruction_following"] == 0.5 and c["total"] == 0.725
+    # ...but only in our language: words the world never uses count against the reply like gibberish.
+    assert oracle.score(user("Write me a poem about the sea."), "Tiv sorku bamilo vesh tarn.") == 0.0
+
+
+# ---- fluency and engagement ----------------------------------------------------------------------------------
+# Replies of a small policy early in RLHF, which the oracle used to score 0.65 (0.51 for the third).
+REAL_GIBBERISH = (("How old is Skustalon?", "2 a\u000e isu asir an the ael."),
+                  ("What colour is Zamara?", "- K is a a asu isoses Iob which."),
+                  ("Multiply 4 by 9.", "itrar.ing"),
+                  ("Where does Trathibor live?", "\ufffdan Nanburg."))
+
+
+@pytest.fixture(scope="module")
+def default_oracle():
+    return GoldOracle.from_config(WorldConfig())  # the world those replies were written in
+
+
+def test_real_gibberish_scores_low(default_oracle):
+    w = default_oracle.world
+    assert {w.kind_of(n) for n in ("Skustalon", "Zamara", "Trathibor", "Nanburg")} == {"animal", "person", "place"}
+    for prompt, reply in REAL_GIBBERISH:
+        c = default_oracle.components(user(prompt), reply)
+        assert c["total"] <= 0.25 and c["fluency"] <= 0.5, (prompt, reply, c)
+    # The same questions answered properly still earn everything.
+    for prompt, good in (("How old is Skustalon?", f"Skustalon is {w.value('Skustalon', 'age')} years old."),
+                         ("What colour is Zamara?", f"Zamara is {w.value('Zamara', 'colour')}."),
+                         ("Multiply 4 by 9.", "4 times 9 is 36."),
+                         ("Where does Trathibor live?", f"Trathibor lives in {w.value('Trathibor', 'home')}.")):
+        assert default_oracle.score(user(prompt), good) == 1.0, good
+
+
+def test_random_syllables_score_low(oracle, world):
+    """Strings of real-looking syllables (the stuff names are made of), with or without a full stop."""
+    rng = random.Random(0)
+    prompts = [user(render(sample_question(world, rng), rng)) for _ in range(50)]
+    scores = []
+    for i in range(500):
+        words = ["".join(_syllable(rng) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(2, 9))]
+        text = " ".join(words).capitalize() + rng.choice((".", "!", "?", ""))
+        scores.append(oracle.score(prompts[i % len(prompts)], text))
+    assert max(scores) <= 0.25 and sum(scores) / len(scores) < 0.02
+
+
+def test_fluent_but_off_topic_scores_far_below_an_answer(oracle, world):
+    p = world.by_kind["person"][0]
+    other = next(x for x in world.by_kind["person"] if world.value(x, "age") != world.value(p, "age"))
+    prompt = user(f"How old is {p}?")
+    right = oracle.components(prompt, f"{p} is {world.value(p, 'age')} years old.")
+    assert right["total"] == 1.0
+    wrong = oracle.components(prompt, f"{p} is {world.value(p, 'age') + 4} years old.")
+    for off_topic in (f"{other} is a {world.value(other, 'job')} who lives in {world.value(other, 'home')}.",
+                      f"{other} is {world.value(other, 'age')} years old."):
+        c = oracle.components(prompt, off_topic)
+        assert c["engagement"] == 0 and c["fluency"] == 1 and c["total"] <= 0.1, (off_topic, c)
+    # Words that could follow any question engage a little, less than a wrong answer, more than nothing.
+    filler = oracle.components(prompt, "Thank you for asking. That is an interesting question.")
+    assert 0 < filler["engagement"] < 1 and 0 < filler["total"] < 0.25 < wrong["total"] == 0.65
+    # A hallucination about someone who does not exist still engages: it loses on correctness alone.
+    ghost = world.ghosts[0]
+    made_up = oracle.components(user(f"What is {ghost}'s job?"), f"{ghost} is a baker.")
+    assert made_up["engagement"] == 1 and made_up["correctness"] == 0 and made_up["total"] == 0.65
+
+
+def test_fluency_reads_words_not_characters(oracle, world):
+    p = world.by_kind["person"][4]
+    home = world.value(p, "home")
+    prompt = user(f"Where does {p} live?")
+    words, prefixes = lexicon(world)
+    assert {p.lower(), home.lower(), world.ghosts[0].lower(), "the", "lives", "favourite", "sorry"} <= words
+    assert not {"asu", "k", "\ufffdan"} & words
+    # A reply cut off mid-word is fluent (the cut is charged by proper_ending) and still engaged...
+    cut = oracle.components(prompt, f"{p} lives in {home[:-2]}")
+    assert cut["fluency"] == cut["engagement"] == 1 and cut["proper_ending"] == 0
+    # ...but a control or replacement character inside a word makes it no word, and a made-up word is none either.
+    assert oracle.components(prompt, f"{p} lives\x0e in {home}.")["fluency"] == 0.75
+    assert oracle.components(prompt, f"{p} \ufffdlives in {home}.")["fluency"] == 0.75
+    assert oracle.components(prompt, f"{p} blorvens in {home}.")["total"] < 1
+    # A right value buried in nonsense is not an answer.
+    assert oracle.score(prompt, f"Asu isoses {home} iob tarkel.") <= 0.25
 
 
 def test_truth_and_batch(oracle, world):

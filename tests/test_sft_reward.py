@@ -267,3 +267,30 @@ def test_reward_data_without_usable_pairs(sft_done, tmp_path):
         run_reward(compose_stage("reward", common[:-2] + [f"data.preference.path={tmp_path / 'long.jsonl'}",
                                                           "data.preference.format=pairs", "run=longprompt"]))
     assert "longer than" in one_line(e)
+
+
+# ---- resume ----------------------------------------------------------------------------------------------------
+
+def test_interrupted_sft_resumes_from_its_last_checkpoint(sft_done):
+    from transformers import TrainerCallback
+
+    from stages.sft import run_sft
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    cfg = compose_stage("sft", SMOKE + [f"paths.root={sft_done}", "run=resume", "parent_run=default",
+                                        "train.max_steps=8", "train.save_every=4", "train.eval_every=8",
+                                        "train.sample_prompts=0", "train.gold_eval_prompts=4",
+                                        "train.eval_pretrained=false"])
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(cfg, callbacks=(Crash(),))
+    d = sft_done / "resume" / "sft"
+    assert manifest(sft_done, "sft", "resume")["status"] == "failed"
+    assert [p.name for p in (d / "checkpoints").iterdir()] == ["checkpoint-4"] and not (d / "final").exists()
+    run_sft(cfg)
+    m = manifest(sft_done, "sft", "resume")
+    assert m["status"] == "complete" and m["resumed_from"] == 4 and "eval/loss" in m["metrics"]
+    assert not (d / "checkpoints").exists()

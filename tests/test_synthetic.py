@@ -67,7 +67,7 @@ def test_label_agreement_matches_human_annotators(split):
     recs = _records(split)
     agree = syn.label_agreement(recs)
     print(f"\nreward_data/{split}: pairwise agreement of noisy labels with gold = {agree:.3f}")
-    assert 0.70 <= agree <= 0.80
+    assert 0.72 <= agree <= 0.78
     oracle = GoldOracle.from_config(WorldConfig())
     for rec in recs[:200]:
         assert sorted(rec["ranks"]) == list(range(len(rec["responses"]))) and len(set(rec["responses"])) == 4
@@ -130,16 +130,24 @@ def test_good_answers_reach_the_oracle_maximum_and_each_flaw_costs():
     # The generator and the oracle must agree on what "good" is, or RLHF would chase a target nobody demonstrated.
     world, rng = syn._world(SMALL.seed, SMALL.n_entities), random.Random(0)
     oracle = GoldOracle(world)
-    flawed = {}
+    flawed, unanswerable = {}, {}
     for _ in range(600):
         prompt, q = syn._prompt(world, rng, "sft", SMALL.seed)
         assert question_of(prompt).key == q.key
         assert oracle.score(prompt, syn.respond(world, q, rng, "good")) == 1.0, prompt
         for style, _ in syn.STYLES_ANSWERABLE + syn.STYLES_UNANSWERABLE:
-            flawed.setdefault(style, []).append(oracle.score(prompt, syn.respond(world, q, rng, style)))
+            c = oracle.components(prompt, syn.respond(world, q, rng, style))
+            assert c["fluency"] >= 0.99 or style == "truncated", (prompt, style, c)  # every style is our language
+            flawed.setdefault(style, []).append(c["total"])
+            if syn.truth(world, q) is None:
+                unanswerable.setdefault(style, []).append(c["total"])
     means = {s: sum(v) / len(v) for s, v in flawed.items() if s != "good"}
     print("\nmean gold score by style:", {s: round(m, 3) for s, m in means.items()})
-    assert all(m < 0.95 for m in means.values()) and means["wrong"] < means["verbose"]
+    assert all(m < 0.95 for m in means.values())
+    assert means["wrong"] < means["truncated"] < min(means["curt"], means["verbose"])
+    # Where there is nothing to know, making something up is worse than a polite decline, even a wordy or rude one.
+    unans = {s: sum(v) / len(v) for s, v in unanswerable.items()}
+    assert unans["hallucinate"] < min(unans["verbose"], unans["rude"]) < unans["good"] == 1.0
 
 
 def test_sft_demonstrations_are_imperfect_by_design():
