@@ -313,8 +313,10 @@ def lexicon(world: World) -> tuple[frozenset, frozenset]:
         for text in texts:
             words.update(_tokens(re.sub(r"\{\w+\}", " ", text).lower()))
         words = {w for w in words if not _NUMBER.fullmatch(w)}
-        words = frozenset(words | {w + "'s" for w in words if not w.endswith("'s")})  # possessives
-        _LEXICONS[key] = (words, frozenset(w[:i] for w in words for i in range(1, len(w))))
+        words |= {w + "'s" for w in words if not w.endswith("'s")}  # possessives
+        prefixes = frozenset(w[:i] for w in words for i in range(1, len(w)))
+        # Numbers are words too (_NUMBER); the common ones are listed so that most replies need no second look.
+        _LEXICONS[key] = (frozenset(words | {str(i) for i in range(10_000)}), prefixes)
     return _LEXICONS[key]
 
 
