@@ -443,14 +443,16 @@ class GoldOracle:
             return 1.0
         if q.qtype == "arith":
             return 1.0 if r.ints or _SHRUG.search(r.low) else NEUTRAL_ENGAGEMENT
-        if q.e in r.caps or q.e2 in r.caps or q.v in r.caps or q.v in r.words or _SHRUG.search(r.low):
+        if q.e in r.caps or q.e2 in r.caps or q.v in r.caps or q.v in r.words:
             return 1.0
         # The start of the subject where the reply was cut off ("Here are 2 people who live in Kror").
         cut = r.words[-1] if len(r.words[-1]) > 1 and not _ENDED.search(r.text) else None
         if cut and any(x and x.lower().startswith(cut) for x in (q.e, q.e2, q.v)):
             return 1.0
-        if _TOPIC.get((q.qtype, q.sub), frozenset()).intersection(r.words) and not set(r.names) - {q.e, q.e2, q.v}:
-            return 1.0  # what was asked, if not yet whom: "The best friend of"
+        # What was asked if not yet whom ("The best friend of"), or the start of a decline, unless about others.
+        if not set(r.names) - {q.e, q.e2, q.v} and (
+                _TOPIC.get((q.qtype, q.sub), frozenset()).intersection(r.words) or _SHRUG.search(r.low)):
+            return 1.0
         if q.qtype == "list":
             return 1.0 if r.named("person") else 0.0 if r.names else NEUTRAL_ENGAGEMENT
         if q.qtype == "yesno":

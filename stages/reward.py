@@ -242,8 +242,8 @@ def run_reward(cfg: DictConfig) -> None:
             run.update(resumed_from=int(ckpt.name.split("-")[1]))
             say(f"[reward] resuming from {ckpt}")
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        train_loss = log_cb.last.get("train/loss", float("nan"))
-        if not math.isfinite(train_loss):
+        train_loss = log_cb.last.get("train/loss", float("nan"))  # absent when resumed after the last step
+        if "train/loss" in log_cb.last and not math.isfinite(train_loss):
             raise UserError(f"training diverged: train/loss is {train_loss} (try a lower optim.lr)")
 
         # ---- evaluation on the test pairs, and the reward statistics PPO normalises with --------------------

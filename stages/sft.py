@@ -236,8 +236,8 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         if eval_ds is not None and log_cb.last_eval_step != trainer.state.global_step:
             trainer.evaluate()
         metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("eval/") and not _noise(k)})
-        metrics["train/loss"] = log_cb.last.get("train/loss", float("nan"))
-        if not math.isfinite(metrics["train/loss"]):
+        metrics["train/loss"] = log_cb.last.get("train/loss", float("nan"))  # absent when resumed after the last step
+        if "train/loss" in log_cb.last and not math.isfinite(metrics["train/loss"]):
             raise UserError(f"training diverged: train/loss is {metrics['train/loss']} (try a lower optim.lr)")
 
         # ---- the fine-tuned model's gold score ------------------------------------------------------------

@@ -212,7 +212,8 @@ def test_fluent_but_off_topic_scores_far_below_an_answer(oracle, world):
     assert right["total"] == 1.0
     wrong = oracle.components(prompt, f"{p} is {world.value(p, 'age') + 4} years old.")
     for off_topic in (f"{other} is a {world.value(other, 'job')} who lives in {world.value(other, 'home')}.",
-                      f"{other} is {world.value(other, 'age')} years old."):
+                      f"{other} is {world.value(other, 'age')} years old.",
+                      f"Sorry! {other}'s best friend is {world.value(other, 'friend')}."):
         c = oracle.components(prompt, off_topic)
         assert c["engagement"] == 0 and c["fluency"] == 1 and c["total"] <= 0.1, (off_topic, c)
     # Words that could follow any question engage a little, less than a wrong answer, more than nothing.
