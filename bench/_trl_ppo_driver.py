@@ -32,6 +32,7 @@ iteration ends (TRL's `on_step_end`) is recorded too.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -103,7 +104,17 @@ def main(spec_path: str, out_path: str) -> None:
     )
 
     clock = time.process_time if spec.get("clock") == "cpu" else time.time
-    marks = {"start": [], "end": [], "step_end": [], "train_begin": None}
+    marks = {"start": [], "end": [], "step_end": [], "train_begin": None, "gc": []}
+    collect = gc.collect
+
+    def timed_collect(*a, **kw):  # TRL calls gc.collect() twice an iteration: report what it costs
+        t = clock()
+        try:
+            return collect(*a, **kw)
+        finally:
+            marks["gc"].append((t, clock()))
+
+    gc.collect = timed_collect
     logs: list[dict] = []
 
     class Clock(TrainerCallback):
@@ -156,6 +167,7 @@ def main(spec_path: str, out_path: str) -> None:
                      "accelerate": __import__("accelerate").__version__},
         "threads": torch.get_num_threads(), "episodes_per_iteration": B,
         "iteration_s": [marks["end"][i] - marks["start"][i] for i in range(n)],  # rollout + update
+        "gc_s": [sum(b - a for a, b in marks["gc"] if marks["start"][i] <= a <= marks["end"][i]) for i in range(n)],
         "wall_s": [b - a for a, b in zip([marks["train_begin"]] + marks["step_end"][:-1], marks["step_end"])],
         "train_s": train_s, "load_s": load_s, "import_s": t_load - t_import, "logs": logs,
         "optimizer_steps": int(trainer.optimizer.state[next(iter(trainer.optimizer.state))]["step"])

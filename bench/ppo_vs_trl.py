@@ -214,6 +214,7 @@ def run_trl(py: Path, root: Path, spec: dict, n: int, env: dict) -> dict:
     r = json.loads(out.read_text())
     logs = r["logs"]
     return {"iteration_s": r["iteration_s"], "wall_s": r["wall_s"][1:],  # wall_s[0] starts at on_train_begin
+            "gc_s": r["gc_s"],
             "response_length": [x["response_length"] for x in logs],
             "score": [x["objective/scores"] for x in logs], "kl": [x["objective/kl"] for x in logs],
             "final": Path(spec["save_dir"]), "process_s": dt, "versions": r["versions"],
@@ -226,7 +227,9 @@ def rates(runs: list[dict], B: int, warmup: int) -> dict:
         raise SystemExit(f"no iteration left after {warmup} warmup iteration(s): raise --iterations")
     walls = [s for r in runs for s in r["wall_s"][max(warmup - 1, 0):]]
     lengths = [x for r in runs for x in r["response_length"][warmup:]]
-    return {"mean": B * len(kept) / sum(kept), "median": B / statistics.median(kept), "best": B / min(kept),
+    gc_s = [s for r in runs for s in r.get("gc_s", [0.0] * len(r["iteration_s"]))[warmup:]]
+    return {"mean": B * len(kept) / sum(kept), "gc_share": sum(gc_s) / sum(kept),
+            "mean_without_gc": B * len(kept) / (sum(kept) - sum(gc_s)), "median": B / statistics.median(kept), "best": B / min(kept),
             "wall": B * len(walls) / sum(walls) if walls else float("nan"), "n": len(kept),
             "length": sum(lengths) / len(lengths), "per_run": [B * len(r["iteration_s"][warmup:]) /
                                                                 sum(r["iteration_s"][warmup:]) for r in runs]}
@@ -429,6 +432,8 @@ def main() -> None:
                             f"between iteration ends {O['wall']:.2f}; per run {', '.join(f'{x:.2f}' for x in O['per_run'])})"),
         ("ratio ours/TRL", f"{ratio:.2f} ({'ok' if ratio >= 2 else 'BELOW'} target 2; medians "
                            f"{O['median'] / T['median']:.2f}, wall {O['wall'] / T['wall']:.2f})"),
+        ("TRL's gc.collect", f"{T['gc_share']:.0%} of TRL's timed iterations; without it TRL would run "
+                             f"{T['mean_without_gc']:.2f} episodes/s (ours/that {O['mean'] / T['mean_without_gc']:.2f})"),
         ("response tokens", f"TRL {T['length']:.1f}, ours {O['length']:.1f} (mean per episode, timed iterations)"),
         ("train score", f"normalised RM score, last iteration: TRL {last['trl']['score'][-1]:.2f}, "
                         f"ours {last['ours']['score'][-1]:.2f}; KL TRL {last['trl']['kl'][-1]:.2f}, "

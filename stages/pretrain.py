@@ -131,11 +131,11 @@ def main(cfg: DictConfig) -> None:
                 raise UserError(f"training diverged: loss is {train_loss} at step {done}; the last good checkpoint "
                                 f"is kept in {run.ckpt_root} (try a lower optim.lr)")
             now = time.time()
-            metrics.update({"train/loss": train_loss, "train/lr": sched.get_last_lr()[0],
-                            "train/grad_norm": float(grad_norm), "train/tokens_per_s": tokens_since / (now - t_log),
-                            "train/tokens": done * tokens_per_step})
+            logged = {"train/loss": train_loss, "train/lr": sched.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                      "train/tokens_per_s": tokens_since / (now - t_log), "train/tokens": done * tokens_per_step}
+            metrics.update(logged)
             t_log, tokens_since = now, 0
-            tracker.log(metrics, step=done)
+            tracker.log(logged, step=done)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
         if done % t.eval_every == 0 or done == t.max_steps:
             eval_loss = evaluate(model, val_blocks, eval_blocks, t.batch_size, acc)
