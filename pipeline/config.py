@@ -357,3 +357,60 @@ class CompareConfig:
 
 for _name, _schema in {"ppo": PPOConfig, "report": ReportConfig, "compare": CompareConfig}.items():
     register(_name, _schema)
+
+
+# ---- validation: every bad argument collected and reported at once ----
+
+_CHOICES = {
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "logger.backend": ("wandb", "none"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+    "model.arch": ("llama", "hf"),
+    "train.kl_estimator": ("k1", "k2", "k3", "abs"),
+    "train.critic_init": ("reward", "policy"),
+}
+_POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.iterations", "train.rollout_batch_size",
+             "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",
+             "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len")
+
+
+def problems(cfg) -> list[str]:
+    """What is wrong with a composed stage config, as `key: problem` lines (empty when all is well)."""
+    from omegaconf import OmegaConf
+
+    out = []
+    get = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
+    for key, allowed in _CHOICES.items():
+        v = get(key)
+        if v is not None and v not in allowed:
+            out.append(f"{key}={v!r} is not one of {', '.join(allowed)}")
+    for key in _POSITIVE:
+        v = get(key)
+        if v is not None and v <= 0:
+            out.append(f"{key}={v} must be positive")
+    if get("model.arch") == "hf" and not get("model.name_or_path"):
+        out.append("model.name_or_path is required with model=hf (a hub name or a local folder)")
+    for name, src in (get("data") or {}).items():
+        if not OmegaConf.is_dict(src) or "kind" not in src:
+            continue
+        if src.kind not in ("world", "local", "hub"):
+            out.append(f"data.{name}.kind={src.kind!r} is not one of world, local, hub")
+        elif src.kind != "world" and not src.path:
+            out.append(f"data.{name}.path is required for kind '{src.kind}'")
+        if src.on_bad_record not in ("error", "skip"):
+            out.append(f"data.{name}.on_bad_record={src.on_bad_record!r} is not one of error, skip")
+    reward = get("train.reward")
+    if reward is not None and reward not in ("model", "gold") and not str(reward).startswith("contains:"):
+        out.append(f"train.reward={reward!r} is not one of model, gold, contains:<text>")
+    mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")
+    if mb and rb and mb > rb:
+        out.append(f"train.minibatch_size={mb} is larger than train.rollout_batch_size={rb}")
+    return out
+
+
+def validate(cfg) -> None:
+    from pipeline.errors import UserError
+
+    found = problems(cfg)
+    if found:
+        raise UserError(f"{len(found)} problem{'s' if len(found) > 1 else ''} in the config: " + "; ".join(found))

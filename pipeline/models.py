@@ -27,8 +27,8 @@ def build_from_config(mcfg, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if mcfg.arch != "llama":
-        raise UserError(f"model.arch={mcfg.arch!r}: only 'llama' can be built from scratch; "
-                        f"for other architectures set model.name_or_path to a Hugging Face model")
+        raise UserError(f"model.arch={mcfg.arch!r}: only 'llama' is built from scratch; for any other model use "
+                        f"model=hf model.name_or_path=<hub name or folder>")
     if mcfg.hidden_size % mcfg.num_heads or mcfg.num_heads % mcfg.num_kv_heads:
         raise UserError(f"model: hidden_size ({mcfg.hidden_size}) must divide by num_heads ({mcfg.num_heads}) "
                         f"and num_heads by num_kv_heads ({mcfg.num_kv_heads})")

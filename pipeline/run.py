@@ -142,6 +142,9 @@ class StageRun:
     """One stage of one run: its folder, its manifest, its parent, its checkpoints."""
 
     def __init__(self, cfg: DictConfig, is_main: bool = True):
+        from pipeline.config import validate
+
+        validate(cfg)
         self.cfg = cfg
         self.stage = cfg.stage
         self.run = run_name(cfg)
