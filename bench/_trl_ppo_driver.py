@@ -9,8 +9,9 @@ trained policy is saved with `trainer.save_model(spec["save_dir"])`.
 
 What is set so that TRL runs the workload our stage runs (each is a setting, not a change to TRL's algorithm):
 
-* fp32, no gradient checkpointing (TRL's PPOConfig defaults to bf16 and checkpointing; ours uses neither), plain
-  `adamw_torch` with our betas/eps/weight decay, and our learning-rate curve: constant, or cosine from lr to
+* fp32, no gradient checkpointing (TRL's PPOConfig defaults to bf16 and checkpointing; ours uses neither), our
+  optimizer passed in (torch AdamW with our betas/eps/weight decay, the policy at lr and the value model at
+  critic_lr, as two parameter groups), and our learning-rate curve: constant, or cosine from lr to
   lr * min_lr_ratio without warmup over the run (TRL steps its scheduler once per iteration, ours once per
   optimizer step: the same curve, sampled per iteration).
 * Batching: per_device_train_batch_size = num_mini_batches' size = our minibatch, gradient_accumulation_steps =
@@ -124,9 +125,15 @@ def main(spec_path: str, out_path: str) -> None:
         def on_step_end(self, args, state, control, **kw):
             marks["step_end"].append(time.time())
 
+    # Our optimizer settings: AdamW, the policy at lr and the value model at critic_lr (TRL would build one AdamW
+    # over both at one lr); TRL's own scheduler is built on top of it.
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": w["lr"]},
+         {"params": [p for p in value.parameters() if p.requires_grad], "lr": w["critic_lr"]}],
+        lr=w["lr"], betas=(w["beta1"], w["beta2"]), eps=w["eps"], weight_decay=w["weight_decay"])
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
                          train_dataset=prompts, value_model=value, eval_dataset=prompts.select(range(1)),
-                         callbacks=[Clock()])
+                         optimizers=(optimizer, None), callbacks=[Clock()])
     trainer.accelerator.gradient_accumulation_steps = 1  # one optimizer step per minibatch, as ours (see above)
 
     class TimedLoader:  # the iteration's clock starts when its rollout batch is drawn

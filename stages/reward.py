@@ -9,7 +9,8 @@ The SFT checkpoint (the parent stage) gets a scalar head (AutoModelForSequenceCl
 reads the conversation through the chat template, reply last, and scores it at its final token. TRL's
 RewardTrainer fits it to the ranked comparisons with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected).
 `train.group_by_prompt=true` keeps all the pairs of one prompt's ranking in the same batch, as InstructGPT did: its
-K-choose-2 pairs are strongly correlated, and seen in separate steps they make the model overfit (section 3.5).
+K-choose-2 pairs are strongly correlated, and seen in separate steps they make the model overfit (section 3.5); and
+each completion is scored once per batch, so a ranking of K costs K forward passes instead of K(K-1).
 
 Reported on data.preference_test: eval/accuracy (against the noisy labels; ~75% of pairs agree with the truth, so
 that is roughly the ceiling), eval/gold_accuracy (against the gold oracle's order), eval/ece (calibration of
@@ -56,7 +57,7 @@ class GroupBatchSampler:
             members.setdefault(g, []).append(i)
         self.groups = list(members.values())
         self.groups_per_batch = max(1, groups_per_batch)
-        self.batch_size = self.groups_per_batch  # read by accelerate's BatchSamplerShard
+        self.batch_size = None  # tells accelerate's BatchSamplerShard (several processes) that batch sizes vary
         self.seed, self.epoch = seed, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -72,8 +73,34 @@ class GroupBatchSampler:
         return math.ceil(len(self.groups) / self.groups_per_batch)
 
 
+def collate_groups(examples: list[dict], pad_id: int) -> dict:
+    """A batch of pairs as its distinct sequences, each once (right-padded), plus which two make each pair: with a
+    prompt's whole ranking in the batch, K completions make K(K-1)/2 pairs but need only K forward passes."""
+    index: dict[tuple, int] = {}
+    seqs: list[list[int]] = []
+    pairs = []
+    for ex in examples:
+        ij = []
+        for ids in (ex["chosen_ids"], ex["rejected_ids"]):
+            key = tuple(ids)
+            if key not in index:
+                index[key] = len(seqs)
+                seqs.append(list(ids))
+            ij.append(index[key])
+        pairs.append(ij)
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for k, ids in enumerate(seqs):
+        input_ids[k, :len(ids)] = torch.tensor(ids)
+        mask[k, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "pair_index": torch.tensor(pairs, dtype=torch.long)}
+
+
 def make_trainer_class(group_by_prompt: bool, seed: int):
-    """TRL's RewardTrainer, with the train dataloader batching whole groups when group_by_prompt is on."""
+    """TRL's RewardTrainer; with group_by_prompt, batches of whole groups, each completion scored once."""
+    from functools import partial
+
     from torch.utils.data import DataLoader
     from trl import RewardTrainer
 
@@ -85,8 +112,31 @@ def make_trainer_class(group_by_prompt: bool, seed: int):
             per_group = len(groups) / max(len(set(groups)), 1)
             sampler = GroupBatchSampler(groups, round(self._train_batch_size / per_group), seed)
             ds = self._remove_unused_columns(self.train_dataset, description="Training")
-            return self.accelerator.prepare(DataLoader(ds, batch_sampler=sampler, collate_fn=self.data_collator,
+            collate = partial(collate_groups, pad_id=self.processing_class.pad_token_id)
+            return self.accelerator.prepare(DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
                                                        num_workers=self.args.dataloader_num_workers))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            """The Bradley-Terry loss of TRL's RewardTrainer (centring included), over pair_index batches."""
+            if "pair_index" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            pi = inputs.pop("pair_index")
+            outputs = model(**inputs, use_cache=False)
+            r = outputs.logits.squeeze(-1)
+            rc, rr = r[pi[:, 0]], r[pi[:, 1]]
+            loss = -torch.nn.functional.logsigmoid(rc - rr).mean()
+            if self.args.center_rewards_coefficient is not None:
+                loss = loss + self.args.center_rewards_coefficient * torch.mean((rc + rr) ** 2)
+            m = self._metrics["train" if model.training else "eval"]
+            with torch.no_grad():  # the same training metrics TRL logs; fixed-size tensors, as batch sizes vary
+                rd = r.detach().float()
+                g = self.accelerator.gather(torch.stack([rd.min(), rd.max(), rd.sum(), rd.new_tensor(len(rd))])[None])
+                m["min_reward"].append(g[:, 0].min().item())
+                m["mean_reward"].append((g[:, 2].sum() / g[:, 3].sum()).item())
+                m["max_reward"].append(g[:, 1].max().item())
+                m["accuracy"].append(self.accelerator.gather_for_metrics((rc > rr).float().mean()).mean().item())
+                m["margin"].append(self.accelerator.gather_for_metrics((rc - rr).mean()).mean().item())
+            return (loss, outputs) if return_outputs else loss
 
     return GroupedRewardTrainer
 
@@ -163,7 +213,7 @@ def run_reward(cfg: DictConfig) -> None:
     from pipeline.oracle import GoldOracle
 
     # ---- setup -------------------------------------------------------------------------------------------
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes still form a group
     run = StageRun(cfg, is_main=state.is_main_process)
     parent = run.parent("sft")
     if not run.begin(barrier=state.wait_for_everyone):
@@ -206,9 +256,10 @@ def run_reward(cfg: DictConfig) -> None:
         pairs, skipped = load_preferences(cfg.data.preference, cfg.data.world)
         test_pairs, skipped_test = load_preferences(cfg.data.preference_test, cfg.data.world)
         pairs, test_pairs = first_groups(pairs, t.max_prompts), first_groups(test_pairs, t.max_test_prompts)
-        pairs, _ = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
-        test_pairs, _ = check_prompt_lengths(test_pairs, tok, max_len, cfg.data.preference_test.on_bad_record,
-                                          "data.preference_test")
+        pairs, n = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
+        test_pairs, n_test = check_prompt_lengths(test_pairs, tok, max_len, cfg.data.preference_test.on_bad_record,
+                                                  "data.preference_test")
+        skipped, skipped_test = skipped + n, skipped_test + n_test  # prompts too long (on_bad_record=skip)
         if not pairs:
             raise UserError(f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): "
                             f"no usable preference pairs" + (f" ({skipped} bad records skipped)" if skipped else ""))

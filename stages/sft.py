@@ -95,10 +95,11 @@ def trainer_args(cls, cfg, run, t, evaluate: bool = True, **extra):
         lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio}, warmup_steps=cfg.optim.warmup_steps,
         weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2,
         adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
-        logging_steps=t.log_every, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_every, save_strategy="steps",
-        save_steps=t.save_every, save_total_limit=t.keep_checkpoints, report_to="none", seed=cfg.seed,
-        activation_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+        logging_steps=t.log_every, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_every,
+        save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_checkpoints, report_to="none",
+        seed=cfg.seed, activation_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also what makes several CPU processes (torchrun) train as DDP
         **precision_flags(cfg.precision), **extra)
 
 
@@ -161,7 +162,7 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
     from pipeline.oracle import GoldOracle
 
     # ---- setup -------------------------------------------------------------------------------------------
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes still form a group
     run = StageRun(cfg, is_main=state.is_main_process)
     from_hub = bool(cfg.model.name_or_path)
     parent = None if from_hub else run.parent("pretrain")

@@ -12,7 +12,8 @@ from pipeline.tokenizer import END, end_of_turn_ids, train_bpe
 
 PROMPTS = [
     [{"role": "user", "content": "How old is Bera?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 3 plus 4? Answer with just the number."}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "What is 3 plus 4? Answer with just the number."}],
     "Tell me about Tovi.",  # a bare string is one user turn
 ]
 
@@ -79,7 +80,8 @@ def test_greedy_ignores_padding_and_batching(model, tok):
 def test_greedy_ignores_the_models_sampling_defaults(model, tok):
     gc = generation_config(MODES["greedy"], tok)
     assert gc.do_sample is False and gc.eos_token_id == end_of_turn_ids(tok)
-    assert generate(model, tok, PROMPTS, MODES["greedy"], seed=1) == generate(model, tok, PROMPTS, MODES["greedy"], seed=2)
+    g = MODES["greedy"]
+    assert generate(model, tok, PROMPTS, g, seed=1) == generate(model, tok, PROMPTS, g, seed=2)
 
 
 def test_prompts_go_through_the_chat_template(tok):

@@ -4,6 +4,7 @@ import json
 import shutil
 
 from conftest import SMOKE, run_stage
+from pipeline.run import inventory
 
 
 def _metrics(root, run, stage):
@@ -50,7 +51,12 @@ def test_reward_model_with_another_vocabulary_is_refused(smoke_chain, tmp_path):
     root = tmp_path / "runs"
     for stage in ("sft", "reward"):
         shutil.copytree(smoke_chain / "default" / stage, root / "other" / stage)
-    train_bpe([f"zebra {i} quux" for i in range(300)], 300, 1).save_pretrained(root / "other" / "reward" / "final")
+    final = root / "other" / "reward" / "final"
+    train_bpe([f"zebra {i} quux" for i in range(300)], 300, 1).save_pretrained(final)
+    manifest = root / "other" / "reward" / "manifest.json"  # a whole, finished stage: just another vocabulary
+    m = json.loads(manifest.read_text())
+    m["final_files"] = inventory(final)
+    manifest.write_text(json.dumps(m))
     p = run_stage("ppo", *SMOKE, f"paths.root={root}", "run=other", check=False)
     assert p.returncode == 2 and "differs from the policy's" in p.stderr and "Traceback" not in p.stderr
     assert not (root / "other" / "ppo" / "final").exists()

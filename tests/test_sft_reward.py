@@ -9,12 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import SMOKE, compose_stage, run_stage
+from conftest import SMOKE, compose_stage
 from pipeline.errors import UserError
 
 SFT_METRICS = {"eval/loss", "eval/gold_score", "eval/pretrain_gold_score", "eval/ended_fraction",
                "eval/response_tokens", "eval/gold/correctness"}
-RM_METRICS = {"eval/accuracy", "eval/gold_accuracy", "eval/ece", "eval/margin", "eval/loss", "reward/mean", "reward/std"}
+RM_METRICS = {"eval/accuracy", "eval/gold_accuracy", "eval/ece", "eval/margin", "eval/loss", "reward/mean",
+              "reward/std"}
 
 
 def manifest(root: Path, stage: str, run: str = "default") -> dict:
@@ -137,22 +138,40 @@ def test_reward_trainer_batches_whole_groups(tiny, tmp_path):
     batches = list(dl.batch_sampler)
     _check_groups(batches, groups)
     assert len({len({groups[i] for i in b}) for b in batches[:-1]}) == 1  # the same number of prompts per batch
-    first = next(iter(dl))
-    assert first["input_ids"].shape[0] == 2 * len(batches[0])  # chosen half, rejected half
+    first = next(iter(dl))  # each distinct completion once: here every chosen differs, a group shares its rejected
+    n_groups = len({groups[i] for i in batches[0]})
+    assert first["pair_index"].shape == (len(batches[0]), 2)
+    assert first["input_ids"].shape[0] == len(batches[0]) + n_groups
+    # The same loss as TRL's RewardTrainer on the usual chosen-half / rejected-half batch of those pairs.
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, dict(first))
+        usual = trainer.data_collator([trainer.train_dataset[i] for i in batches[0]])
+        theirs = super(type(trainer), trainer).compute_loss(trainer.model, dict(usual))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_collate_groups_scores_each_completion_once():
+    from stages.reward import collate_groups
+
+    a, b, c = [5, 6, 7], [5, 8], [5, 9, 9, 9]
+    batch = collate_groups([{"chosen_ids": a, "rejected_ids": b}, {"chosen_ids": a, "rejected_ids": c},
+                            {"chosen_ids": b, "rejected_ids": c}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 8, 0, 0], [5, 9, 9, 9]]
+    assert batch["attention_mask"].sum(1).tolist() == [3, 2, 4]
+    assert batch["pair_index"].tolist() == [[0, 1], [0, 2], [1, 2]]
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def sft_done(smoke_root):
-    run_stage("sft", *SMOKE, f"paths.root={smoke_root}")
-    return smoke_root
+def sft_done(smoke_chain):
+    """smoke_root after `python -m stages.sft` and `python -m stages.reward` (conftest's smoke_chain, which the PPO
+    tests share), run as a user would."""
+    return smoke_chain
 
 
 def test_sft_end_to_end(sft_done):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from stages.sft import run_sft
 
     m = manifest(sft_done, "sft")
     assert m["status"] == "complete" and m["adapter"] is False
@@ -175,7 +194,6 @@ def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
     from stages.reward import run_reward
     from stages.sft import run_sft
 
-    run_stage("reward", *SMOKE, f"paths.root={sft_done}")
     m = manifest(sft_done, "reward")
     assert m["status"] == "complete" and RM_METRICS <= m["metrics"].keys(), sorted(m["metrics"])
     assert 0 <= m["metrics"]["eval/accuracy"] <= 1 and 0 <= m["metrics"]["eval/ece"] <= 1
@@ -195,9 +213,9 @@ def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
     from stages.chat import chat, resolve_checkpoint
     from stages.generate import run_generate
 
-    cfg = compose_stage("chat", [f"paths.root={sft_done}", "generation.max_new_tokens=8"])
+    cfg = compose_stage("chat", [f"paths.root={sft_done}", "stage=sft", "generation.max_new_tokens=8"])
     path, label, _ = resolve_checkpoint(cfg)
-    assert label == "default/sft"  # reward is newer, but it is not a chat model
+    assert label == "default/sft"
     model, tok = load_for_inference(path)
     said = iter(["Hello?", "/reset", "What is 2 plus 2?", "/quit"])
     out = []
@@ -207,11 +225,37 @@ def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
     (tmp_path / "q.jsonl").write_text('{"prompt": "How old is Bera?"}\n'
                                       '{"messages": [{"role": "user", "content": "Hi"}]}\n')
     out = run_generate(compose_stage("generate", [f"paths.root={sft_done}", f"input={tmp_path / 'q.jsonl'}",
-                                                  "generation.max_new_tokens=8"]))
+                                                  "stage=sft", "generation.max_new_tokens=8"]))
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert out.name == "q.sft.responses.jsonl" and len(rows) == 2 and {"response", "ended"} <= rows[0].keys()
-    out = run_generate(compose_stage("generate", [f"paths.root={sft_done}", "limit=3", "generation.max_new_tokens=8"]))
+    out = run_generate(compose_stage("generate", [f"paths.root={sft_done}", "stage=sft", "limit=3",
+                                                  "generation.max_new_tokens=8"]))
     assert all("gold_score" in json.loads(x) for x in out.read_text().splitlines())
+
+
+def test_chat_picks_the_latest_policy_stage(tmp_path):
+    from stages.chat import resolve_checkpoint
+
+    def done(stage, run="default"):
+        d = tmp_path / run / stage
+        (d / "final").mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "status": "complete"}))
+
+    def pick(*overrides):
+        return resolve_checkpoint(compose_stage("chat", [f"paths.root={tmp_path}", *overrides]))[1]
+
+    with pytest.raises(UserError) as e:
+        pick()
+    assert "make sft" in one_line(e)
+    for s in ("tokenizer", "pretrain", "sft", "reward"):
+        done(s)
+    assert pick() == "default/sft"  # reward is newer, but it is no chat model
+    done("ppo")
+    assert pick() == "default/ppo" and pick("stage=pretrain") == "default/pretrain"
+    for bad in ("stage=reward", "stage=sft", f"checkpoint={tmp_path / 'nowhere'}"):
+        with pytest.raises(UserError) as e:
+            pick(bad, *(["run=other"] if bad == "stage=sft" else []))
+        one_line(e)
 
 
 # ---- bad input: one clear line ---------------------------------------------------------------------------------
@@ -289,8 +333,24 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(sft_done):
         run_sft(cfg, callbacks=(Crash(),))
     d = sft_done / "resume" / "sft"
     assert manifest(sft_done, "sft", "resume")["status"] == "failed"
-    assert [p.name for p in (d / "checkpoints").iterdir()] == ["checkpoint-4"] and not (d / "final").exists()
+    assert [p.name for p in (d / "checkpoints").glob("checkpoint-*")] == ["checkpoint-4"]
+    assert not (d / "final").exists()
     run_sft(cfg)
     m = manifest(sft_done, "sft", "resume")
     assert m["status"] == "complete" and m["resumed_from"] == 4 and "eval/loss" in m["metrics"]
     assert not (d / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sft_and_reward_under_two_processes(smoke_root):
+    """torchrun with 2 CPU processes (gloo), as a multi-GPU launch runs them: DDP training, sharded evaluation,
+    grouped batches of varying size split across processes, one final/ written by the main process."""
+    from conftest import run_torchrun
+
+    common = [*SMOKE, f"paths.root={smoke_root}", "run=ddp", "parent_run=default"]
+    run_torchrun("sft", *common)
+    run_torchrun("reward", *common[:-1])
+    for stage, keys in (("sft", SFT_METRICS), ("reward", RM_METRICS)):
+        m = manifest(smoke_root, stage, "ddp")
+        assert m["status"] == "complete" and keys <= m["metrics"].keys()
+        assert (smoke_root / "ddp" / stage / "final" / "model.safetensors").exists()
