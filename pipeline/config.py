@@ -292,6 +292,8 @@ class PPOTrain:
     grad_accum: int = 1  # micro-batches per minibatch
     ppo_epochs: int = 4  # passes over each rollout batch
     forward_batch_size: int = 32  # chunk size of the no-grad scoring passes
+    pack_sequences: int = 4  # forward passes on real tokens only, this many sequences per row; 0: padded batches
+    old_logprobs: str = "auto"  # generate (the sampler's own) | recompute (a forward pass) | auto: generate in fp32
     max_prompt_tokens: int = 192
     max_new_tokens: int = 48
     temperature: float = 0.7  # sampling temperature; log-probs are computed under the same temperature
@@ -368,6 +370,7 @@ _CHOICES = {
     "model.arch": ("llama", "hf"),
     "train.kl_estimator": ("k1", "k2", "k3", "abs"),
     "train.critic_init": ("reward", "policy"),
+    "train.old_logprobs": ("auto", "generate", "recompute"),
 }
 _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.iterations", "train.rollout_batch_size",
              "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",

@@ -5,15 +5,21 @@ Layout of a rollout batch (what every function here agrees on):
     [ pad pad p p p p | r r r <end> pad pad ]      prompt left-padded to P, response right-padded to R
                       ^ P
 
-Position ids come from the attention mask, as in `generate`, so the log-probs recomputed for training match the
-ones the sampler used for left-padded rows. Response-token quantities are [B, R]: position t is predicted from
-the logits/hidden state at P + t - 1.
+Response-token quantities are [B, R]: position t is predicted from the logits/hidden state at P + t - 1. Position
+ids come from the attention mask, as in `generate`, so recomputed log-probs match the sampler's.
+
+The forward passes can run on that padded batch, or *packed*: the real tokens only, several sequences per row,
+each with its own position ids. With no attention mask, transformers reads the sequence boundaries from the
+position ids and masks attention block-diagonally, so a packed forward computes the same numbers as the padded one
+without the padding, which is most of a rollout batch (short prompts left-padded to the longest, short replies
+right-padded to the longest). `check_packing` verifies that on the first batch of a run.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -29,6 +35,7 @@ class Rollout:
     response_ids: Tensor  # [B, R] right-padded, cut after the first end-of-turn
     response_mask: Tensor  # [B, R] bool, includes the end-of-turn token
     ended: Tensor  # [B] bool
+    logprobs: Optional[Tensor] = None  # [B, R] log-probs of the sampled tokens under the sampler, when it kept them
 
     @property
     def input_ids(self) -> Tensor:
@@ -40,7 +47,41 @@ class Rollout:
 
     def __getitem__(self, idx) -> "Rollout":
         return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx],
-                       self.ended[idx])
+                       self.ended[idx], None if self.logprobs is None else self.logprobs[idx])
+
+
+class TokenModel(torch.nn.Module):
+    """A Hugging Face causal LM (head: lm_head) or *ForSequenceClassification model (head: score) read only at the
+    token positions asked for: logits or values where they are needed, none for the prompt. The stages hand this
+    wrapper, not the inner model, to accelerate.prepare: under DDP/FSDP the forward that computes the loss must be
+    the wrapped module's, or the gradients are never all-reduced."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # generate / save_pretrained / disable_adapter go to this one
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the adapted model
+        prefix = getattr(base, "base_model_prefix", "")
+        if getattr(base, prefix, None) is None or _head(base) is None:
+            raise UserError(f"{type(base).__name__}: cannot find its backbone (.{prefix or 'base_model_prefix'}) "
+                            f"and output head (lm_head, score or classifier)")
+        self._base = [base]  # in a list: not registered a second time as a submodule
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
+                select: Tensor) -> Tensor:
+        """Head outputs at `select` (indices into the flattened [rows * width] positions; any shape S): [*S, D]."""
+        base = self._base[0]
+        h = getattr(base, base.base_model_prefix)(input_ids=input_ids, position_ids=position_ids,
+                                                  attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return _head(base)(h.flatten(0, 1)[select])
+
+
+def _head(base):
+    """lm_head of a causal LM; the scalar head of a Llama/Qwen/Mistral/GPT-2 ... sequence classifier."""
+    lm_head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    for head in (lm_head, getattr(base, "score", None), getattr(base, "classifier", None)):
+        if head is not None:
+            return head
+    return None
 
 
 def encode_prompts(tok, prompts: list[list[dict]], max_tokens: int, device) -> tuple[Tensor, Tensor]:
@@ -62,24 +103,120 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def sample(policy, tok, prompt_ids, prompt_mask, end_ids: list[int], max_new_tokens: int, temperature: float,
-           top_k: int = 0, top_p: float = 1.0, greedy: bool = False) -> Rollout:
-    """Sample responses with the KV cache (`generate`), then cut each after its first end-of-turn."""
-    out = policy.generate(
+           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, keep_logprobs: bool = False) -> Rollout:
+    """Sample responses with the KV cache (`generate`), then cut each after its first end-of-turn. keep_logprobs:
+    also the log-probs of the sampled tokens under softmax(logits / temperature), from generate's own raw logits
+    (top-k/top-p only filter what is sampled; PPO's ratio is taken under the full tempered distribution)."""
+    hf = policy.model if isinstance(policy, TokenModel) else policy
+    out = hf.generate(
         input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
         do_sample=not greedy, temperature=temperature if not greedy else None, top_k=top_k or None,
         top_p=top_p if not greedy else None, eos_token_id=end_ids, pad_token_id=tok.pad_token_id,
-        use_cache=True)
-    resp = out[:, prompt_ids.shape[1]:]
+        use_cache=True, return_dict_in_generate=True, output_logits=keep_logprobs)
+    resp = out.sequences[:, prompt_ids.shape[1]:]
     mask = response_mask(resp, end_ids, None)
     resp = torch.where(mask, resp, tok.pad_token_id)
-    return Rollout(prompt_ids, prompt_mask, resp, mask, ended(resp, end_ids) & mask.any(-1))
+    logp = logprobs_from_logits(torch.stack(out.logits, 1), resp, temperature) if keep_logprobs else None
+    return Rollout(prompt_ids, prompt_mask, resp, mask, ended(resp, end_ids) & mask.any(-1), logp)
 
 
-def response_logits(policy, ro: Rollout) -> Tensor:
-    """Logits at the positions that predict each response token ([B, R, V])."""
+# ---- forward-pass layouts ------------------------------------------------------------------------------------
+
+@dataclass
+class Layout:
+    """One forward pass's input, and where each (row, column) of the rollout's padded layout landed in its
+    flattened output (`index`, [B, T]; a padding column points at a real token of the same row: garbage that the
+    response mask drops)."""
+    input_ids: Tensor
+    position_ids: Tensor
+    attention_mask: Optional[Tensor]
+    index: Tensor
+
+
+def padded_layout(ro: Rollout) -> Layout:
     am = ro.attention_mask
-    logits = policy(input_ids=ro.input_ids, attention_mask=am, position_ids=position_ids(am)).logits
-    return logits[:, ro.prompt_ids.shape[1] - 1: -1]
+    B, T = am.shape
+    return Layout(ro.input_ids, position_ids(am), am, torch.arange(B * T, device=am.device).view(B, T))
+
+
+def packed_layout(ro: Rollout, per_row: int) -> Layout:
+    """The real tokens of the batch, `per_row` sequences to a row (longest first, each to the emptiest row), rows
+    padded to the widest with a filler sequence of its own (positions restarting at 0). No attention mask: the
+    position ids mark the sequence boundaries."""
+    am = ro.attention_mask.bool()
+    B, T = am.shape
+    dev = am.device
+    lengths = am.sum(-1).tolist()
+    k = max(1, -(-B // max(per_row, 1)))
+    rows, filled = [[] for _ in range(k)], [0] * k
+    for b in sorted(range(B), key=lambda b: -lengths[b]):
+        j = min(range(k), key=filled.__getitem__)
+        rows[j].append(b)
+        filled[j] += lengths[b]
+    W = max(filled)
+    start = [0] * B
+    for j, members in enumerate(rows):
+        offset = j * W
+        for b in members:
+            start[b], offset = offset, offset + lengths[b]
+    index = torch.tensor(start, device=dev)[:, None] + position_ids(am)  # [B, T]
+    ids = torch.zeros(k * W, dtype=torch.long, device=dev)
+    pos = torch.zeros(k * W, dtype=torch.long, device=dev)
+    for j, f in enumerate(filled):
+        pos[j * W + f: (j + 1) * W] = torch.arange(W - f, device=dev)  # the filler: a sequence of its own
+    ids[index[am]] = ro.input_ids[am]
+    pos[index[am]] = position_ids(am)[am]
+    return Layout(ids.view(k, W), pos.view(k, W), None, index)
+
+
+def layout(ro: Rollout, pack: int) -> Layout:
+    return packed_layout(ro, pack) if pack else padded_layout(ro)
+
+
+def _run(model: TokenModel, lay: Layout, select: Tensor) -> Tensor:
+    return model(lay.input_ids, lay.position_ids, lay.attention_mask, select)
+
+
+def response_logits(model: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
+    """Logits at the positions that predict each response token ([B, R, V])."""
+    lay = layout(ro, pack)
+    return _run(model, lay, lay.index[:, ro.prompt_ids.shape[1] - 1: -1])
+
+
+def policy_forward(policy: TokenModel, ro: Rollout, temperature: float, pack: int = 0, with_entropy: bool = False):
+    """Log-probs of the response tokens under `policy` at the sampling temperature ([B, R]), optionally with the
+    entropy (for logging only: computed without a graph)."""
+    logits = response_logits(policy, ro, pack)
+    logp = logprobs_from_logits(logits, ro.response_ids, temperature)
+    if not with_entropy:
+        return logp
+    with torch.no_grad():
+        return logp, entropy_from_logits(logits, temperature)
+
+
+def critic_forward(critic: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
+    """V(s_t) for each response token t: the critic read at the position that predicts it ([B, R])."""
+    lay = layout(ro, pack)
+    return _run(critic, lay, lay.index[:, ro.prompt_ids.shape[1] - 1: -1]).squeeze(-1).float()
+
+
+@torch.no_grad()
+def reward_scores(reward_model: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
+    """The reward model's scalar at the last real token of prompt + response ([B]; of the prompt if the response
+    is empty)."""
+    lay = layout(ro, pack)
+    last = ro.prompt_ids.shape[1] + ro.response_mask.sum(-1) - 1
+    return _run(reward_model, lay, lay.index.gather(1, last[:, None])).squeeze(-1).squeeze(-1).float()
+
+
+def check_packing(model: TokenModel, ro: Rollout, pack: int, temperature: float) -> float:
+    """Largest |difference| of response log-probs between the packed and the padded forward. A model whose
+    attention ignores position-id boundaries (cross-sequence attention) shows differences of order 1."""
+    with torch.no_grad():
+        a = policy_forward(model, ro, temperature, pack)
+        b = policy_forward(model, ro, temperature, 0)
+    m = ro.response_mask
+    return float((a - b).abs()[m].max()) if bool(m.any()) else 0.0
 
 
 def full_kl(logits: Tensor, ref_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
@@ -88,46 +225,6 @@ def full_kl(logits: Tensor, ref_logits: Tensor, mask: Tensor, temperature: float
     logp, logq = (torch.log_softmax(x.float() / temperature, -1) for x in (logits, ref_logits))
     per_token = (logp.exp() * (logp - logq)).sum(-1)
     return torch.where(mask.bool(), per_token, 0.0).sum(-1)
-
-
-def policy_forward(policy, ro: Rollout, temperature: float, with_entropy: bool = False):
-    """Log-probs of the response tokens under `policy` at the sampling temperature ([B, R]), optionally entropy."""
-    logits = response_logits(policy, ro)
-    logp = logprobs_from_logits(logits, ro.response_ids, temperature)
-    if not with_entropy:
-        return logp
-    return logp, entropy_from_logits(logits, temperature)
-
-
-def _trunk_and_head(model):
-    """Backbone and scalar head of a *ForSequenceClassification model (`score` in Llama, Qwen, Mistral, GPT-2)."""
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    trunk = getattr(model, model.base_model_prefix, None)
-    if head is None or trunk is None:
-        raise UserError(f"{type(model).__name__}: cannot find the backbone and scalar head for per-token values")
-    return trunk, head
-
-
-def token_values(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The scalar head applied at every position: [B, T] (a critic, or a reward model read at any token)."""
-    model = getattr(model, "module", model)  # DDP wrapper: the trunk/head live on the inner module
-    trunk, head = _trunk_and_head(model)
-    h = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-    return head(h.last_hidden_state).squeeze(-1).float()
-
-
-def critic_forward(critic, ro: Rollout) -> Tensor:
-    """V(s_t) for each response token t: the critic read at the position that predicts it ([B, R])."""
-    P = ro.prompt_ids.shape[1]
-    return token_values(critic, ro.input_ids, ro.attention_mask)[:, P - 1: -1]
-
-
-@torch.no_grad()
-def reward_scores(reward_model, ro: Rollout) -> Tensor:
-    """The reward model's scalar at the last real token of prompt + response ([B])."""
-    v = token_values(reward_model, ro.input_ids, ro.attention_mask)
-    last = ro.prompt_ids.shape[1] + ro.response_mask.sum(-1).clamp(min=1) - 1
-    return v.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
 def decode_responses(tok, ro: Rollout) -> list[str]:

@@ -34,8 +34,8 @@ from pipeline.oracle import GoldOracle
 from pipeline.packing import batch_indices, pack
 from pipeline.plots import overoptimization_plot
 from pipeline.ppo_math import logprobs_from_logits
-from pipeline.rollout import (chunked, critic_forward, decode_responses, disable_dropout, encode_prompts, full_kl,
-                              policy_forward, response_logits, reward_scores, sample)
+from pipeline.rollout import (TokenModel, check_packing, chunked, critic_forward, decode_responses, disable_dropout,
+                              encode_prompts, full_kl, policy_forward, response_logits, reward_scores, sample)
 from pipeline.run import StageRun, crash_point
 from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.tracking import Tracker
@@ -102,6 +102,9 @@ def main(cfg: DictConfig) -> None:
     critic = load_critic(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"], torch.float32)
     for m in (policy, critic, reward_model) + ((ref,) if ref is not None else ()):
         disable_dropout(m)
+    # read at the tokens that matter only (no logits for the prompt); these wrappers are what DDP wraps
+    policy, critic, reward_model = TokenModel(policy), TokenModel(critic), TokenModel(reward_model)
+    ref = TokenModel(ref) if ref is not None else None
     if t.reward not in ("model", "gold") and not t.reward.startswith("contains:"):
         raise UserError(f"train.reward={t.reward!r}: use model, gold or contains:<text>")
     needle = t.reward.partition(":")[2]
@@ -110,11 +113,13 @@ def main(cfg: DictConfig) -> None:
     rm_mean, rm_std = (stats.get("mean", 0.0), max(stats.get("std", 1.0), 1e-6)) if normalise else (0.0, 1.0)
     oracle = GoldOracle.from_config(cfg.data.world)
 
+    packing = t.pack_sequences  # 0 once check_packing finds this model's attention ignores the boundaries
+
     def ref_logits(ro):
         if ref is not None:
-            return response_logits(ref, ro)
-        with acc.unwrap_model(policy).disable_adapter():
-            return response_logits(policy, ro)
+            return response_logits(ref, ro, packing)
+        with acc.unwrap_model(policy).model.disable_adapter():
+            return response_logits(policy, ro, packing)
 
     def ref_logprobs(ro):
         return logprobs_from_logits(ref_logits(ro), ro.response_ids, t.temperature)
@@ -139,7 +144,8 @@ def main(cfg: DictConfig) -> None:
 
     def make_opt(model, lr):
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=cfg.optim.eps,
-                                betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+                                betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
+                                fused=dev.type in ("cpu", "cuda"))  # one kernel for all parameters
         return opt, get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.optim.warmup_steps, n_updates,
                                                                 min_lr_rate=cfg.optim.min_lr_ratio)
 
@@ -157,6 +163,8 @@ def main(cfg: DictConfig) -> None:
         start = run.load_checkpoint(ckpt, lambda d: acc.load_state(str(d)))
         kl_ctl.value = state.kl_coef
         say(f"[ppo] resumed from {ckpt} (iteration {start})")
+    # the sampler's own log-probs are the old log-probs only when training computes them at the same precision
+    gen_logprobs = t.old_logprobs == "generate" or (t.old_logprobs == "auto" and acc.mixed_precision == "no")
     if t.ema_decay and state.ema is None:
         state.ema = [p.detach().clone() for p in acc.unwrap_model(policy).parameters()]
 
@@ -171,18 +179,25 @@ def main(cfg: DictConfig) -> None:
         policy.eval()
         p_ids, p_mask = encode_prompts(tok, batch_prompts, t.max_prompt_tokens, dev)
         ro = sample(acc.unwrap_model(policy), tok, p_ids, p_mask, end_ids, t.max_new_tokens, t.temperature,
-                    t.top_k, t.top_p)
+                    t.top_k, t.top_p, keep_logprobs=gen_logprobs)
         t_gen = time.time() - t0
         mask = ro.response_mask
+        if packing and it == start:  # packed and padded forwards must agree; if not, this model cannot be packed
+            diff = check_packing(acc.unwrap_model(policy), ro, packing, t.temperature)
+            if diff > (1e-3 if acc.mixed_precision == "no" else 5e-2):
+                packing = 0
+                say(f"[ppo] packed sequences change this model's log-probs by up to {diff:.3g}: "
+                    f"its attention ignores position-id boundaries; using padded batches (train.pack_sequences=0)")
 
         # score, and the per-token rewards: -beta * KL everywhere, plus the (normalised) score at the last token
         texts = decode_responses(tok, ro)
         gold = torch.tensor(oracle.score_batch(batch_prompts, texts), device=dev)
-        old_logp = chunked(lambda r: policy_forward(policy, r, t.temperature), ro, t.forward_batch_size)
+        old_logp = ro.logprobs if gen_logprobs else chunked(lambda r: policy_forward(policy, r, t.temperature, packing),
+                                                             ro, t.forward_batch_size)
         ref_logp = chunked(ref_logprobs, ro, t.forward_batch_size)
-        old_values = chunked(lambda r: critic_forward(critic, r), ro, t.forward_batch_size)
+        old_values = chunked(lambda r: critic_forward(critic, r, packing), ro, t.forward_batch_size)
         if t.reward == "model":
-            raw_score = chunked(lambda r: reward_scores(reward_model, r), ro, t.forward_batch_size)
+            raw_score = chunked(lambda r: reward_scores(reward_model, r, packing), ro, t.forward_batch_size)
         elif t.reward == "gold":
             raw_score = gold.clone()
         else:  # contains:<text> — a rule any working PPO learns in a few iterations
@@ -211,15 +226,18 @@ def main(cfg: DictConfig) -> None:
                 for m in range(0, len(mb), micro):
                     i = mb[m: m + micro]
                     sub = ro[i]
-                    logp, ent = policy_forward(policy, sub, t.temperature, with_entropy=True)
+                    logp, ent = policy_forward(policy, sub, t.temperature, packing, with_entropy=True)
                     pg, ps = pm.policy_loss(logp, old_logp[i], advantages[i], mask[i], t.clip_range)
-                    vf, vs = pm.value_loss(critic_forward(critic, sub), old_values[i], returns[i], mask[i],
+                    vf, vs = pm.value_loss(critic_forward(critic, sub, packing), old_values[i], returns[i], mask[i],
                                            t.clip_range_value)
                     loss = pg + t.vf_coef * vf
                     if ptx_blocks is not None:
                         j = torch.randint(len(ptx_blocks), (t.ptx_batch_size,))
                         x = ptx_blocks[j].to(dev)
-                        ptx = policy(input_ids=x, labels=x).loss
+                        n, L = x.shape
+                        logits = policy(x, torch.arange(L, device=dev).expand(n, L), None,
+                                        torch.arange(n * L, device=dev).view(n, L)[:, :-1])
+                        ptx = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
                         loss = loss + t.ptx_coef * ptx
                         log["ptx"].append(float(ptx))
                     if not torch.isfinite(loss):
@@ -278,12 +296,12 @@ def main(cfg: DictConfig) -> None:
                 p.copy_(e)
     final_policy.eval()
     mine = eval_prompts[acc.process_index:: acc.num_processes]
-    ppo_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev)
+    ppo_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev, packing)
     if ref is not None:
-        sft_eval = evaluate(ref, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev)
+        sft_eval = evaluate(ref, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev, packing)
     else:
-        with final_policy.disable_adapter():
-            sft_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev)
+        with final_policy.model.disable_adapter():
+            sft_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev, packing)
     ppo_eval, sft_eval = ({k: gather_object(v) for k, v in e.items()} for e in (ppo_eval, sft_eval))
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     metrics = {
@@ -306,7 +324,7 @@ def main(cfg: DictConfig) -> None:
 
     # ---- save: the aligned policy as a plain Hugging Face checkpoint ---------------------------------------
     acc.wait_for_everyone()
-    out_model = final_policy.merge_and_unload() if cfg.peft.enabled and cfg.peft.merge else final_policy
+    out_model = final_policy.model.merge_and_unload() if cfg.peft.enabled and cfg.peft.merge else final_policy.model
 
     def save(d):
         out_model.save_pretrained(d, safe_serialization=True)
@@ -325,7 +343,7 @@ def _diverged(run, it: int, what: str):
 
 
 @torch.no_grad()
-def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logits, dev) -> dict:
+def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logits, dev, pack: int) -> dict:
     """Greedy (or sampled) replies to held-out prompts: gold score, RM score, exact KL to the reference along
     the reply (summed over its tokens, at the sampling temperature), length."""
     out = {"gold": [], "reward": [], "kl": [], "length": [], "text": []}
@@ -335,9 +353,9 @@ def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logits, 
         ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p,
                     greedy=t.eval_greedy)
         texts = decode_responses(tok, ro)
-        kl = full_kl(response_logits(model, ro), ref_logits(ro), ro.response_mask, t.temperature)
+        kl = full_kl(response_logits(model, ro, pack), ref_logits(ro), ro.response_mask, t.temperature)
         out["gold"] += oracle.score_batch(batch, texts)
-        out["reward"] += reward_scores(reward_model, ro).tolist()
+        out["reward"] += reward_scores(reward_model, ro, pack).tolist()
         out["kl"] += kl.tolist()
         out["length"] += ro.response_mask.sum(-1).tolist()
         out["text"] += texts
