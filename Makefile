@@ -73,8 +73,10 @@ test: $(STAMP)  ## fast tests, end-to-end smoke included (~minutes on 2 cores)
 test-slow: $(STAMP)  ## slower checks (marked slow)
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP)  ## benchmarks; figures go to stdout and bench/results.md
+bench: $(STAMP)  ## the benchmark suite (~1 h on 2 cores, idle machine); figures to stdout and bench/results.md
 	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/pipeline_time.py --presets smoke cpu --runs-root bench/out/runs
+	$(PY) bench/ppo_vs_trl.py --preset cpu --runs-root bench/out/runs/cpu --run default
 
 clean:  ## remove runs/ and generated data caches (keeps .venv)
 	rm -rf runs .cache

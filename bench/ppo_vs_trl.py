@@ -47,42 +47,13 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = Path(__file__).resolve().parent
-RESULTS = BENCH / "results.md"
+from _common import BENCH, REPO, machine as machine_name, run_logged, update_results  # noqa: E402  (bench/ is on sys.path)
+
 SECTION = "## PPO vs TRL 1.12"
 TRL_VENV = BENCH / ".venv-trl112"
 TRL_STAMP = TRL_VENV / ".stamp-trl-1.12.0-torch-2.13.0"
 DRIVER = BENCH / "_trl_ppo_driver.py"
 OURS_RUN = "ppo-vs-trl"
-
-
-# ---- machine ---------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def n_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def run_logged(cmd: list, log: Path, env: dict) -> float:
-    t = time.time()
-    with open(log, "w") as f:
-        r = subprocess.run([str(c) for c in cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise SystemExit(f"command failed ({r.returncode}): {' '.join(map(str, cmd))}\n{tail}")
-    return time.time() - t
 
 
 # ---- the TRL 1.12 virtualenv -----------------------------------------------------------------------------------
@@ -275,21 +246,6 @@ INTRO = ("`python bench/ppo_vs_trl.py`: the same PPO workload (same SFT policy, 
          "ours/TRL >= 2 at an equal or better gold score. One row per run, newest last.")
 
 
-def update_results(row: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else \
-        "# Benchmark results\n\nFigures written by the scripts in bench/ (see bench/README.md).\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        before, rows, after = lines, [], []
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        table = [line for line in lines[start + 1: end] if line.startswith("|")]
-        before, rows, after = lines[:start], table[2:], lines[end:]
-    while before and not before[-1].strip():
-        before.pop()
-    section = [SECTION, "", INTRO, "", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|", *rows, row]
-    RESULTS.write_text("\n".join(before + [""] + section + ([""] + after if after else [])) + "\n")
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -341,7 +297,7 @@ def main() -> None:
            "PYTHONPATH": os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH")
                                                         else []))}
     trl_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}  # TRL's side imports nothing from here
-    machine = f"{cpu_model()}, {n_cores()} cores, {platform.system()} {platform.release()}"
+    machine = machine_name()
     load_start = os.getloadavg()[0]
     print(f"[bench] {machine}; python {platform.python_version()}, torch {torch.__version__}, {threads} threads; "
           f"load average {load_start:.2f}")

@@ -39,34 +39,15 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results.md"
+from _common import REPO, machine as machine_name, run_logged, update_results  # noqa: E402  (bench/ is on sys.path)
+
 SECTION = "## Pretraining throughput"
 RUN = "bench"
-
-
-# ---- machine ---------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def n_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
@@ -107,14 +88,6 @@ def summarise(kept: list[tuple[int, float]]) -> dict:
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------
-def run_logged(cmd: list[str], log: Path, env: dict) -> float:
-    t = time.time()
-    with open(log, "w") as f:
-        r = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if r.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise SystemExit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{tail}")
-    return time.time() - t
 
 
 def stage_intervals(rows: list[dict]) -> list[tuple[int, int, float]]:
@@ -202,20 +175,6 @@ INTRO = ("`python bench/pretrain_throughput.py` (`make bench`): tokens/s of `pyt
          "disturbed, do not trust the ratio). One row per run, newest last.")
 
 
-def update_results(row: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nFigures written by the scripts in bench/ (see bench/README.md).\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        before, rows, after = lines, [], []
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        table = [line for line in lines[start + 1: end] if line.startswith("|")]
-        before, rows, after = lines[:start], table[2:], lines[end:]
-    while before and not before[-1].strip():
-        before.pop()
-    section = [SECTION, "", INTRO, "", HEADER, "|" + "---|" * HEADER.count(" | ") + "---|", *rows, row]
-    RESULTS.write_text("\n".join(before + [""] + section + ([""] + after if after else [])) + "\n")
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -254,7 +213,7 @@ def main() -> None:
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
                [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
     py = sys.executable
-    machine = f"{cpu_model()}, {n_cores()} cores, {platform.system()} {platform.release()}"
+    machine = machine_name()
     load_start = os.getloadavg()[0]
     print(f"[bench] {machine}; python {platform.python_version()}, torch {torch.__version__}, {threads} threads; "
           f"load average {load_start:.2f}")

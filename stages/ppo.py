@@ -3,7 +3,7 @@
     make ppo                                         # = python -m stages.ppo
     python -m stages.ppo train.kl_coef=0.1 train.adaptive_kl=true RUN=akl
     python -m stages.ppo -m train.kl_coef=0.02,0.05,0.1 parent_run=default     # a sweep, one run per value
-    accelerate launch --num_processes 2 -m stages.ppo                          # several processes / GPUs
+    accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.ppo   # 2 CPU processes (conf/accelerate: GPUs)
 
 Each iteration: sample prompts -> generate -> score with the reward model -> per-token KL penalty against the
 frozen SFT policy -> GAE advantages -> several epochs of clipped PPO updates of actor and critic. The math is in

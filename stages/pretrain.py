@@ -3,7 +3,7 @@
     make pretrain                                          # = python -m stages.pretrain
     python -m stages.pretrain optim.lr=3e-4 train.max_steps=2000 RUN=lr3e-4
     python -m stages.pretrain model=hf model.name_or_path=<hub name or folder>   # continued pretraining
-    accelerate launch --num_processes 2 -m stages.pretrain                        # several processes / GPUs
+    accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.pretrain   # 2 CPU processes (conf/accelerate: GPUs)
 
 Documents are packed into fixed blocks separated by the end token; a held-out share of documents gives
 eval/loss and eval/perplexity. Interrupted? Run the same command again: it resumes from the last checkpoint.

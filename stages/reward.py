@@ -3,7 +3,7 @@
     make reward                                                # = python -m stages.reward
     python -m stages.reward train.group_by_prompt=true train.center_rewards_coefficient=0.01 RUN=rm-grouped
     python -m stages.reward peft=lora                          # LoRA (merged into final/ unless peft.merge=false)
-    accelerate launch --num_processes 2 -m stages.reward       # several processes / GPUs
+    accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.reward   # 2 CPU processes (conf/accelerate: GPUs)
 
 The SFT checkpoint (the parent stage) gets a scalar head (AutoModelForSequenceClassification, num_labels=1) that
 reads the conversation through the chat template, reply last, and scores it at its final token. TRL's

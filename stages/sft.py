@@ -4,7 +4,7 @@
     python -m stages.sft optim.lr=3e-4 train.max_steps=800 RUN=lr3e-4
     python -m stages.sft peft=lora                             # LoRA, merged into final/ (peft.merge=false: adapter)
     python -m stages.sft model=hf model.name_or_path=<hub name or folder>   # start from any chat-templated HF model
-    accelerate launch --num_processes 2 -m stages.sft          # several processes / GPUs
+    accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.sft   # 2 CPU processes (conf/accelerate: GPUs)
 
 Starts from the pretrained checkpoint (the parent stage) and trains with TRL's SFTTrainer on the assistant turns only:
 the chat template wraps them in {% generation %}, so user and system tokens are context, never targets. Held-out
@@ -99,7 +99,7 @@ def trainer_args(cls, cfg, run, t, evaluate: bool = True, **extra):
         save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_checkpoints, report_to="none",
         seed=cfg.seed, activation_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # also what makes several CPU processes (torchrun) train as DDP
+        use_cpu=not torch.cuda.is_available(),  # also what makes several CPU processes train as DDP (gloo)
         **precision_flags(cfg.precision), **extra)
 
 

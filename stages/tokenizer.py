@@ -3,10 +3,13 @@
     make tokenizer                               # = python -m stages.tokenizer
     python -m stages.tokenizer model.vocab_size=8192 RUN=big-vocab
 
-Skipped when model.name_or_path names a pretrained model: that model brings its own tokenizer.
+Skipped when model.name_or_path names a pretrained model: that model brings its own tokenizer. Under several
+processes the main one trains and saves it while the others wait (BPE training is one multi-threaded job).
 """
 
 import hydra
+import torch
+from accelerate import PartialState
 from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the structured configs)
@@ -23,8 +26,12 @@ def main(cfg: DictConfig) -> None:
     if cfg.model.name_or_path:
         print(f"[tokenizer] skipped: model.name_or_path={cfg.model.name_or_path} brings its own tokenizer")
         return
-    run = StageRun(cfg)
-    if not run.begin():
+    state = PartialState(cpu=not torch.cuda.is_available())
+    run = StageRun(cfg, is_main=state.is_main_process)
+    if not run.begin(barrier=state.wait_for_everyone):
+        return
+    if not state.is_main_process:
+        state.wait_for_everyone()  # until the main process has saved final/
         return
     tracker = Tracker(cfg, run)
 
@@ -44,6 +51,7 @@ def main(cfg: DictConfig) -> None:
     run.finish(tok.save_pretrained, metrics)
     tracker.finish(metrics, run.final_dir)
     print(f"[tokenizer] saved {run.final_dir}")
+    state.wait_for_everyone()
 
 
 if __name__ == "__main__":

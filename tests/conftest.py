@@ -60,17 +60,20 @@ def smoke_chain(smoke_root) -> Path:
     return smoke_root
 
 
-def run_torchrun(stage: str, *overrides: str, nproc: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
-    """The stage under `torchrun` with `nproc` CPU processes (gloo), as a multi-GPU launch would run it."""
+def run_multiproc(stage: str, *overrides: str, nproc: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
+    """The stage under `accelerate launch` with `nproc` CPU processes (gloo; conf/accelerate/cpu2.yaml), as a
+    multi-GPU launch would run it."""
     import socket
 
     with socket.socket() as s:  # a free port for the rendezvous (port 0 is not understood by the workers)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+           str(CONF / "accelerate" / "cpu2.yaml"), "--num_processes", str(nproc), "--main_process_port", str(port),
            "-m", f"stages.{stage}", *overrides]
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
-        raise AssertionError(f"torchrun stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(f"accelerate launch stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
+                             f"{p.stderr[-5000:]}")
     return p

@@ -83,10 +83,10 @@ def test_two_processes_match_one(smoke_root):
     """2 ranks x 4 sequences see exactly the blocks that 1 rank x 4 sequences x 2 accumulation steps sees (the
     sampler shards the global batch), so the two runs must agree. (Against one batch of 8 they agree only up to
     float rounding, which 30 steps at a high learning rate amplify to ~1e-2.)"""
-    from conftest import run_torchrun
+    from conftest import run_multiproc
 
     common = [*SMOKE, f"paths.root={smoke_root}", "parent_run=default", "train.batch_size=4"]
-    run_torchrun("pretrain", *common, "run=ddp")
+    run_multiproc("pretrain", *common, "run=ddp")
     run_stage("pretrain", *common, "run=accum", "train.grad_accum=2")
     one, two = _manifest(smoke_root, "accum", "pretrain"), _manifest(smoke_root, "ddp", "pretrain")
     assert two["metrics"]["train/tokens"] == one["metrics"]["train/tokens"]

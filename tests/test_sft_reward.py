@@ -339,18 +339,3 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(sft_done):
     m = manifest(sft_done, "sft", "resume")
     assert m["status"] == "complete" and m["resumed_from"] == 4 and "eval/loss" in m["metrics"]
     assert not (d / "checkpoints").exists()
-
-
-@pytest.mark.slow
-def test_sft_and_reward_under_two_processes(smoke_root):
-    """torchrun with 2 CPU processes (gloo), as a multi-GPU launch runs them: DDP training, sharded evaluation,
-    grouped batches of varying size split across processes, one final/ written by the main process."""
-    from conftest import run_torchrun
-
-    common = [*SMOKE, f"paths.root={smoke_root}", "run=ddp", "parent_run=default"]
-    run_torchrun("sft", *common)
-    run_torchrun("reward", *common[:-1])
-    for stage, keys in (("sft", SFT_METRICS), ("reward", RM_METRICS)):
-        m = manifest(smoke_root, stage, "ddp")
-        assert m["status"] == "complete" and keys <= m["metrics"].keys()
-        assert (smoke_root / "ddp" / stage / "final" / "model.safetensors").exists()

@@ -1,0 +1,53 @@
+"""Every stage under `accelerate launch` with 2 CPU processes (gloo, conf/accelerate/cpu2.yaml), as a multi-GPU
+launch runs it, compared with the single-process smoke chain (conftest's smoke_chain, run=default). Each
+process takes half the per-device batch, so the global batch matches the single-process run; the data each
+process sees differs from the single-process order (sharding), so the metrics agree within a tolerance, not
+exactly. Exact agreement is tested where it holds: pretraining against gradient accumulation
+(test_pretrain_e2e.py), the critic's gradient all-reduce (test_rollout.py)."""
+
+import json
+
+import pytest
+
+from conftest import SMOKE, run_multiproc
+
+
+def _manifest(root, run, stage):
+    return json.loads((root / run / stage / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_proc_chain(smoke_chain):
+    common = [*SMOKE, f"paths.root={smoke_chain}", "run=mp"]
+    run_multiproc("tokenizer", *common)
+    run_multiproc("pretrain", *common, "train.batch_size=4")
+    run_multiproc("sft", *common, "train.batch_size=4")
+    run_multiproc("reward", *common, "train.batch_size=8")
+    p = run_multiproc("ppo", *common, "train.rollout_batch_size=4", "train.minibatch_size=2")
+    return smoke_chain, p
+
+
+def test_every_stage_completes_once(two_proc_chain):
+    root, ppo = two_proc_chain
+    for stage in ("tokenizer", "pretrain", "sft", "reward", "ppo"):
+        m = _manifest(root, "mp", stage)
+        assert m["status"] == "complete", stage
+        assert (root / "mp" / stage / "final").is_dir() and not (root / "mp" / stage / "final.tmp").exists()
+    # one process reports (rank 0 prints), and it saw both processes' episodes
+    assert ppo.stdout.count("[ppo] gold score") == 1, ppo.stdout[-2000:]
+    rows = [json.loads(x) for x in (root / "mp" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("ppo/kl" in r for r in rows) == 4  # smoke: 4 iterations, logged once each (not once per process)
+
+
+def test_results_agree_with_one_process(two_proc_chain):
+    root, _ = two_proc_chain
+    tok = lambda run: (root / run / "tokenizer" / "final" / "tokenizer.json").read_text()  # noqa: E731
+    assert tok("mp") == tok("default")  # the main process trained it on the same documents
+    one, two = (lambda s: _manifest(root, "default", s)["metrics"]), (lambda s: _manifest(root, "mp", s)["metrics"])
+    assert two("pretrain")["train/tokens"] == one("pretrain")["train/tokens"]
+    assert abs(two("pretrain")["eval/loss"] - one("pretrain")["eval/loss"]) < 0.05
+    assert abs(two("sft")["eval/loss"] - one("sft")["eval/loss"]) < 0.1
+    assert abs(two("reward")["eval/loss"] - one("reward")["eval/loss"]) < 0.1
+    assert two("reward")["eval/pairs"] == one("reward")["eval/pairs"]  # evaluation sharded, then gathered whole
+    assert two("ppo")["eval/n_prompts"] == one("ppo")["eval/n_prompts"]
+    assert two("ppo")["eval/kl"] >= 0 and 0 <= two("ppo")["eval/win_rate_vs_sft"] <= 1
