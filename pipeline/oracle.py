@@ -15,7 +15,8 @@ Components, each in [0, 1], and their weights in the total (which is therefore a
                                  (unknown entity, undefined attribute) only a decline is correct, anything else is a
                                  made-up answer and scores 0. Naming n candidate values scores 1/n.
     instruction_following  0.20  "one sentence", "just the number", yes/no questions start with yes or no,
-                                 "list N ..." gives N items
+                                 "list N ..." gives N items; declining a question the world can answer follows
+                                 nothing (0): an unhelpful refusal scores below a wrong answer on the subject
     concision              0.15  1 up to an ideal length per question type (IDEAL_WORDS), then linearly to 0 at
                                  twice that length: padding ("Great question! ... I hope this helps!") costs
     politeness             0.10  no rude phrases or shouting; declines say sorry; no bare one-word fragments
@@ -35,7 +36,7 @@ as "fluency" and "engagement"; they carry no weight of their own):
                 replacement character is never a word. A fluent reply cut off mid-word may end on part of a word.
                 It enters as a ramp, fluent = clip((fluency - FLUENCY_FLOOR) / (1 - FLUENCY_FLOOR), 0, 1):
                 nothing at 40% real words or fewer, everything at 100%.
-    engagement  whether the reply takes the question on (`_engagement`): 1 when it declines, names the subject
+    engagement  whether the reply takes the question on (`_engagement`): 1 when it declines (about no one else), names the subject
                 (or starts to, where it was cut off), or answers with a value of the type asked (a number, yes
                 or no, people for a list, a colour for a colour) without talking about anyone else; 0 when it is
                 about other entities instead; NEUTRAL_ENGAGEMENT (0.25) for text that could follow any question
@@ -412,8 +413,11 @@ class GoldOracle:
             correct = 1.0 if r.declines else 0.0
             follow = self._one_sentence(r) if q.fmt == "one_sentence" else 1.0
             ideal = IDEAL_WORDS["decline"]
+        elif r.declines:  # declining what the world does know: no answer, so no instruction followed either
+            correct, follow = 0.0, 0.0
+            ideal = IDEAL_WORDS["decline"]
         else:
-            correct = 0.0 if r.declines else self._correctness(q, t, r)
+            correct = self._correctness(q, t, r)
             follow = self._following(q, r)
             ideal = (3 if q.fmt == "number_only" else 8 + 3 * q.n if q.qtype == "list"
                      else 18 if q.qtype == "describe" and q.fmt == "one_sentence" else IDEAL_WORDS[q.qtype])
@@ -438,9 +442,13 @@ class GoldOracle:
         with a value of the type asked (a number for a sum, yes or no, people for a list, a colour for a colour)
         without talking about anybody else. 0: it is about other entities of the world and not the subject.
         NEUTRAL_ENGAGEMENT: anything else, text that could follow any question ("Thank you for asking.", "The
-        answer"). A prompt we do not recognise cannot be judged for topic: 1."""
-        if q is None or r.declines:
+        answer"). A prompt we do not recognise cannot be judged for topic: 1. A decline engages unless it is about
+        somebody else ("no record of Tarba's favourite colour" for a sum)."""
+        if q is None:
             return 1.0
+        if r.declines:  # about no one but the subject: names of the world, or the made-up ones it declines for
+            named = set(r.names) | set(r.caps).intersection(self.world.ghosts)
+            return 0.0 if named - {q.e, q.e2, q.v} else 1.0
         if q.qtype == "arith":
             return 1.0 if r.ints or _SHRUG.search(r.low) else NEUTRAL_ENGAGEMENT
         if q.e in r.caps or q.e2 in r.caps or q.v in r.caps or q.v in r.words:

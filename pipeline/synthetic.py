@@ -181,8 +181,8 @@ _MONTHS = ("March", "June", "October")
 _SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
             "You are a friendly assistant who knows the people, animals, things and places of this land.")
 # Styles of a candidate answer. Good ones are what the oracle rewards; the rest are the ways people go wrong.
-STYLES_ANSWERABLE = (("good", 0.26), ("verbose", 0.14), ("wrong", 0.16), ("curt", 0.08), ("rude", 0.07),
-                     ("repetitive", 0.07), ("truncated", 0.08), ("ignore_format", 0.08), ("decline", 0.06))
+STYLES_ANSWERABLE = (("good", 0.24), ("verbose", 0.13), ("wrong", 0.15), ("curt", 0.07), ("rude", 0.07),
+                     ("repetitive", 0.07), ("truncated", 0.07), ("ignore_format", 0.08), ("decline", 0.12))
 STYLES_UNANSWERABLE = (("good", 0.35), ("hallucinate", 0.35), ("verbose", 0.10), ("curt", 0.08), ("rude", 0.06),
                        ("truncated", 0.06))
 
@@ -317,8 +317,12 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
     if style == "truncated":  # cut off mid-word, as by a length limit
         base = respond(world, q, rng, rng.choice(("good", "verbose")))
         return base[: rng.randint(max(1, len(base) // 3), max(1, len(base) - 3))].rstrip(" .!?,:\n") or base[:1]
-    if style == "decline":
-        return rng.choice(("I'm sorry, but I don't know.", "I'm afraid I have no information about that."))
+    if style == "decline":  # refusing what the world can answer: vague, or as specific-sounding as a right decline
+        e = q.e if q.e in world.entities else rng.choice(list(world.entities))
+        return rng.choice(("I'm sorry, but I don't know.", "I'm afraid I have no information about that.",
+                           _decline(world, q, rng),
+                           f"I'm afraid there is no record of {e}'s {rng.choice(list(_ATTR_WORDS.values()))}.",
+                           f"Sorry, I have no information about anyone called {rng.choice(world.ghosts)}."))
     if style == "ignore_format":
         return _ignore_format(world, q, t, good, rng)
     if style == "hallucinate" or t is None:

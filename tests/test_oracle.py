@@ -83,8 +83,20 @@ def test_unanswerable_wants_a_polite_decline(oracle, world):
         g, b = better(oracle, user(q), "I'm sorry, but I don't have that information.", made_up)
         assert g["correctness"] == 1.0 and b["correctness"] == 0.0
         better(oracle, user(q), "I'm sorry, but I don't know.", "dunno")  # curt decline
-    # ...and declining something the world does know is wrong.
-    better(oracle, user(f"Where does {p} live?"), f"{p} lives in {world.value(p, 'home')}.", "Sorry, I don't know.")
+    # ...and declining something the world does know is wrong: worse than a wrong answer about the subject (an
+    # unhelpful refusal), and worse still when the decline is about somebody else.
+    home = world.value(p, "home")
+    other_place = next(x for x in world.by_kind["place"] if x != home)
+    right, wrong = f"{p} lives in {home}.", f"{p} lives in {other_place}."
+    refusal = f"I'm afraid there is no record of {p}'s home."
+    better(oracle, user(f"Where does {p} live?"), right, wrong)
+    _, r = better(oracle, user(f"Where does {p} live?"), wrong, refusal)
+    assert r["correctness"] == 0 and r["instruction_following"] == 0 and r["engagement"] == 1
+    _, off = better(oracle, user("What is 27 plus 53?"), "I'm sorry, but I can't answer that.", refusal)
+    assert off["engagement"] == 0 and off["total"] < 0.1
+    ghost = world.ghosts[1]
+    _, off = better(oracle, user(f"Where does {p} live?"), refusal, f"Sorry, I don't know anyone called {ghost}.")
+    assert off["engagement"] == 0
 
 
 def test_list_of_n(oracle, world):
