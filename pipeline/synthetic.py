@@ -181,8 +181,8 @@ _MONTHS = ("March", "June", "October")
 _SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
             "You are a friendly assistant who knows the people, animals, things and places of this land.")
 # Styles of a candidate answer. Good ones are what the oracle rewards; the rest are the ways people go wrong.
-STYLES_ANSWERABLE = (("good", 0.24), ("verbose", 0.13), ("wrong", 0.15), ("curt", 0.07), ("rude", 0.07),
-                     ("repetitive", 0.07), ("truncated", 0.07), ("ignore_format", 0.08), ("decline", 0.12))
+STYLES_ANSWERABLE = (("good", 0.26), ("verbose", 0.14), ("wrong", 0.16), ("curt", 0.08), ("rude", 0.07),
+                     ("repetitive", 0.07), ("truncated", 0.08), ("ignore_format", 0.08), ("decline", 0.06))
 STYLES_UNANSWERABLE = (("good", 0.35), ("hallucinate", 0.35), ("verbose", 0.10), ("curt", 0.08), ("rude", 0.06),
                        ("truncated", 0.06))
 
