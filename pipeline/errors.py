@@ -1,11 +1,12 @@
 """User-facing errors: one clear line, never a stack trace from deep inside a library.
 
 Anything a user can cause (bad data, bad config, a missing parent stage) raises `UserError`.
-Stage entry points run under `run_main`, which prints the message on one line and exits 2.
+Stage entry points are wrapped in `friendly`, which prints the message on one line and exits 2.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import sys
 
@@ -33,3 +34,16 @@ def friendly(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def _close_process_group() -> None:
+    """Under `accelerate launch`, close the process group before the interpreter exits: gloo's threads left to C++
+    static destructors can abort a finished process ("terminate called without an active exception"). At exit,
+    not after each call, so that a Hydra -m sweep keeps its group between jobs."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_close_process_group)

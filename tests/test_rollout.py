@@ -146,7 +146,9 @@ flat = torch.cat([p.detach().flatten() for p in acc.unwrap_model(critic).paramet
 both = [torch.zeros_like(flat) for _ in range(2)]
 dist.all_gather(both, flat)
 assert torch.equal(both[0], both[1]), "the processes' critics diverged: gradients were not all-reduced"
-print("in sync", float((both[0] - both[1]).abs().max()))
+print("in sync", float((both[0] - both[1]).abs().max()), flush=True)
+dist.barrier()
+dist.destroy_process_group()  # leaving gloo's threads to static destructors can abort the process at exit
 """
 
 

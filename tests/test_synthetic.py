@@ -67,7 +67,9 @@ def test_label_agreement_matches_human_annotators(split):
     recs = _records(split)
     agree = syn.label_agreement(recs)
     print(f"\nreward_data/{split}: pairwise agreement of noisy labels with gold = {agree:.3f}")
-    assert 0.72 <= agree <= 0.78
+    # 75% +- 3 points, widened for the test split by its sampling error: resampling the labels of the 300 test
+    # prompts moves agreement by 0.012 (one sd), the 3000 train prompts' by 0.003
+    assert abs(agree - 0.75) <= (0.03 if split == "train" else 0.045)
     oracle = GoldOracle.from_config(WorldConfig())
     for rec in recs[:200]:
         assert sorted(rec["ranks"]) == list(range(len(rec["responses"]))) and len(set(rec["responses"])) == 4
