@@ -84,6 +84,7 @@ def pool_of(key: str, seed: int) -> str:
 
 # ---- questions -----------------------------------------------------------------------------------------------
 _UNDEFINED = ("phone", "birthday", "middle_name", "height")
+_ALL_ATTRS = tuple(dict.fromkeys([a for k in KINDS for a in SCHEMA[k]] + list(_UNDEFINED)))
 
 
 def _pick(rng: random.Random, table):
@@ -181,8 +182,8 @@ _MONTHS = ("March", "June", "October")
 _SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
             "You are a friendly assistant who knows the people, animals, things and places of this land.")
 # Styles of a candidate answer. Good ones are what the oracle rewards; the rest are the ways people go wrong.
-STYLES_ANSWERABLE = (("good", 0.26), ("verbose", 0.14), ("wrong", 0.16), ("curt", 0.08), ("rude", 0.07),
-                     ("repetitive", 0.07), ("truncated", 0.08), ("ignore_format", 0.08), ("decline", 0.06))
+STYLES_ANSWERABLE = (("good", 0.25), ("verbose", 0.13), ("wrong", 0.16), ("curt", 0.08), ("rude", 0.07),
+                     ("repetitive", 0.07), ("truncated", 0.08), ("ignore_format", 0.08), ("decline", 0.08))
 STYLES_UNANSWERABLE = (("good", 0.35), ("hallucinate", 0.35), ("verbose", 0.10), ("curt", 0.08), ("rude", 0.06),
                        ("truncated", 0.06))
 
@@ -319,9 +320,12 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
         return base[: rng.randint(max(1, len(base) // 3), max(1, len(base) - 3))].rstrip(" .!?,:\n") or base[:1]
     if style == "decline":  # refusing what the world can answer: vague, or as specific-sounding as a right decline
         e = q.e if q.e in world.entities else rng.choice(list(world.entities))
+        # a decline about some other attribute (one this entity may well lack) is what a policy that learned
+        # "declines pay" produces; without it the reward model rewards it (measured: PPO collapsed onto it)
+        other = rng.choice([a for a in _ALL_ATTRS if a != q.sub])
         return rng.choice(("I'm sorry, but I don't know.", "I'm afraid I have no information about that.",
-                           _decline(world, q, rng),
-                           f"I'm afraid there is no record of {e}'s {rng.choice(list(_ATTR_WORDS.values()))}.",
+                           _decline(world, q, rng), _decline(world, replace(q, qtype="attr", e=e, sub=other), rng),
+                           _decline(world, replace(q, qtype="attr", e=e, sub=other), rng),
                            f"Sorry, I have no information about anyone called {rng.choice(world.ghosts)}."))
     if style == "ignore_format":
         return _ignore_format(world, q, t, good, rng)
