@@ -61,7 +61,7 @@ class WorldConfig:
     reward_prompts: int = 3000
     reward_test_prompts: int = 300
     k: int = 4
-    label_temperature: float = 0.16  # calibrated: ~75% pairwise agreement with the gold ranking
+    label_temperature: float = 0.21  # calibrated: ~75% pairwise agreement with the gold ranking
     eval_prompts: int = 200
     ppo_prompts: int = 2000
 

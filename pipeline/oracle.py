@@ -16,7 +16,8 @@ Components, each in [0, 1], and their weights in the total (which is therefore a
                                  made-up answer and scores 0. Naming n candidate values scores 1/n.
     instruction_following  0.20  "one sentence", "just the number", yes/no questions start with yes or no,
                                  "list N ..." gives N items; declining a question the world can answer follows
-                                 nothing (0): an unhelpful refusal scores below a wrong answer on the subject
+                                 nothing (0): an unhelpful refusal scores below a wrong answer on the subject;
+                                 a "Yes," or "No," opening a reply to a question that is not yes-or-no halves it
     concision              0.15  1 up to an ideal length per question type (IDEAL_WORDS), then linearly to 0 at
                                  twice that length: padding ("Great question! ... I hope this helps!") costs
     politeness             0.10  no rude phrases or shouting; declines say sorry; no bare one-word fragments
@@ -503,14 +504,16 @@ class GoldOracle:
     def _following(self, q: Question, r: _Response) -> float:
         if q.qtype == "yesno":
             return 1.0 if re.match(r"(yes|no)\b", r.low) else 0.0
+        # "No, that makes 72.": the answer to a question nobody asked
+        stray = 0.5 if re.match(r"(yes|no)\s*[,.!]", r.low) else 1.0
         if q.qtype == "list":
             want = min(q.n, len(truth(self.world, q)))
-            return max(0.0, 1 - abs(len(r.list_items(q.v)) - want) / want)
+            return stray * max(0.0, 1 - abs(len(r.list_items(q.v)) - want) / want)
         if q.fmt == "number_only":
             return 1.0 if re.fullmatch(r"-?\d+\.?", r.text) else 0.0
         if q.fmt == "one_sentence":
-            return self._one_sentence(r)
-        return 1.0
+            return stray * self._one_sentence(r)
+        return stray
 
     @staticmethod
     def _one_sentence(r: _Response) -> float:

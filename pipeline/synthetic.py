@@ -182,10 +182,22 @@ _MONTHS = ("March", "June", "October")
 _SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
             "You are a friendly assistant who knows the people, animals, things and places of this land.")
 # Styles of a candidate answer. Good ones are what the oracle rewards; the rest are the ways people go wrong.
-STYLES_ANSWERABLE = (("good", 0.25), ("verbose", 0.13), ("wrong", 0.16), ("curt", 0.08), ("rude", 0.07),
-                     ("repetitive", 0.07), ("truncated", 0.08), ("ignore_format", 0.08), ("decline", 0.08))
-STYLES_UNANSWERABLE = (("good", 0.35), ("hallucinate", 0.35), ("verbose", 0.10), ("curt", 0.08), ("rude", 0.06),
-                       ("truncated", 0.06))
+STYLES_ANSWERABLE = (("good", 0.23), ("verbose", 0.12), ("wrong", 0.15), ("curt", 0.07), ("rude", 0.07),
+                     ("repetitive", 0.06), ("truncated", 0.07), ("ignore_format", 0.07), ("decline", 0.07),
+                     ("off_topic", 0.09))
+STYLES_UNANSWERABLE = (("good", 0.33), ("hallucinate", 0.31), ("verbose", 0.10), ("curt", 0.07), ("rude", 0.05),
+                       ("truncated", 0.06), ("off_topic", 0.08))
+
+
+# Share of wrong, off-topic and made-up candidates wrapped in the verbose style's pleasantries. Were padding only
+# ever wrapped around right answers, the reward model would learn it as a sign of a right answer and PPO would pad
+# everything (measured: "Thank you for asking. The answer is 16. I hope that answers your question." for a list).
+PADDED_FLAWED = 0.4
+
+
+def _padded(reply: str, rng: random.Random) -> str:
+    return rng.choice((_cat(rng.choice(_OPENERS), reply), _cat(reply, rng.choice(_CLOSERS)),
+                       _cat(rng.choice(_OPENERS), reply, rng.choice(_CLOSERS))))
 
 
 def _lc(s: str) -> str:
@@ -329,6 +341,8 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
                            f"Sorry, I have no information about anyone called {rng.choice(world.ghosts)}."))
     if style == "ignore_format":
         return _ignore_format(world, q, t, good, rng)
+    if style == "off_topic":
+        return _off_topic(world, q, rng)
     if style == "hallucinate" or t is None:
         return _hallucinate(world, q, rng)
     return _wrong(world, q, t, rng)
@@ -366,14 +380,36 @@ def _wrong(world: World, q: Question, t, rng: random.Random) -> str:
     return _describe(world, q.e, rng, q.fmt == "one_sentence", wrong=True)
 
 
+def _off_topic(world: World, q: Question, rng: random.Random) -> str:
+    """A tidy reply to a question nobody asked: another fact about the subject, or a good answer to some other
+    question (a list, a sum, a description, a decline about someone else), a one-line one half the time opened with
+    a yes or no. The commonest slip of a weak model, and what a policy finds first when the reward model has only
+    ever compared replies to the same question: pairs of one prompt never say how well a reply fits its prompt, so
+    without these a list of names scored above the right answer to any question (measured on PPO's collapse)."""
+    e = q.e if q.e in world.entities else None
+    if e and rng.random() < 0.4:
+        reply = world.fact(e, rng.choice([a for a in world.entities[e].attrs if a != q.sub]), rng)
+    else:
+        other = sample_question(world, rng)
+        while other.key == q.key:
+            other = sample_question(world, rng)
+        reply = _good(world, other, truth(world, other), rng)
+    if "\n" not in reply and not re.match(r"(yes|no)\b", reply.lower()) and rng.random() < 0.5:
+        reply = rng.choice(("Yes, ", "No, ")) + _lc(reply)
+    return reply
+
+
 def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random) -> str:
-    """A right answer that misses the instruction: a sentence for "just the number", no yes or no, N +- 1 items."""
+    """A right answer that misses the instruction: a sentence for "just the number", no yes or no, N +- 1 items,
+    a yes or no opening an answer to a question that was not yes-or-no."""
     if t is not None and q.fmt == "number_only":
         return f"The answer is {t}."
     if t is not None and q.qtype == "yesno":
         return _yesno_reason(world, q, t, rng)
     if t is not None and q.qtype == "list":
         return _list(q, rng.sample(sorted(t), q.n + 1 if len(t) > q.n else q.n - 1), rng)
+    if rng.random() < 0.5:  # a yes or no where none was asked for
+        return rng.choice(("Yes, ", "No, ")) + _lc(good)
     return _cat(good, rng.choice(_CLOSERS))
 
 
@@ -500,7 +536,10 @@ def ranked_prompts(world_cfg, split: str = "train") -> list[dict]:
         styles = STYLES_ANSWERABLE if truth(world, q) is not None else STYLES_UNANSWERABLE
         responses: list[str] = []
         for _ in range(50 * cfg.k):
-            r = respond(world, q, rng, _pick(rng, styles))
+            style = _pick(rng, styles)
+            r = respond(world, q, rng, style)
+            if style in ("wrong", "off_topic", "hallucinate") and rng.random() < PADDED_FLAWED:
+                r = _padded(r, rng)
             if r not in responses:
                 responses.append(r)
             if len(responses) == cfg.k:

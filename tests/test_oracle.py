@@ -157,6 +157,15 @@ def test_yes_no(oracle, world):
     better(oracle, user(f"Does {p} live in {home}? Answer yes or no."), f"Yes, {p} lives in {home}.", "No.")
     better(oracle, user(f"Does {p} live in {other}?"), f"No, {p} lives in {home}.", f"Yes, {p} lives in {other}.")
     better(oracle, user(f"Does {p} live in {home}?"), "Yes.", f"{p} lives in {home}.")  # must say yes or no
+    # ...and only there: a yes or no opening the answer to any other question answers a question nobody asked
+    good = oracle.components(user(f"Where does {p} live?"), f"{p} lives in {home}.")
+    for opener in ("No, ", "Yes, "):
+        stray = oracle.components(user(f"Where does {p} live?"), f"{opener}{p} lives in {home}.")
+        assert stray["correctness"] == good["correctness"] == 1.0
+        assert stray["instruction_following"] == 0.5 * good["instruction_following"] == 0.5
+    assert oracle.score(user("What is 9 times 8?"), "No, 9 times 8 is 72.") < oracle.score(user("What is 9 times 8?"),
+                                                                                          "9 times 8 is 72.")
+    assert oracle.components(user("What is 9 times 8?"), "Now, 9 times 8 is 72.")["instruction_following"] == 1.0
 
 
 def test_follow_up_and_multi_turn(oracle, world):

@@ -147,9 +147,25 @@ def test_good_answers_reach_the_oracle_maximum_and_each_flaw_costs():
     print("\nmean gold score by style:", {s: round(m, 3) for s, m in means.items()})
     assert all(m < 0.95 for m in means.values())
     assert means["wrong"] < means["truncated"] < min(means["curt"], means["verbose"])
+    assert means["off_topic"] < means["wrong"]  # the answer to another question is worth less than a wrong one
     # Where there is nothing to know, making something up is worse than a polite decline, even a wordy or rude one.
     unans = {s: sum(v) / len(v) for s, v in unanswerable.items()}
     assert unans["hallucinate"] < min(unans["verbose"], unans["rude"]) < unans["good"] == 1.0
+
+
+def test_no_style_marks_a_right_answer_in_the_comparisons():
+    # Pleasantries, a yes or no, a reply about the subject: each must come with wrong content too, or the reward
+    # model learns the feature as a proxy for being right and PPO spreads it everywhere.
+    records = syn.ranked_prompts(dataclasses.replace(SMALL, reward_prompts=600), "train")
+    cands = [(r["prompt"], x, g) for r in records for x, g in zip(r["responses"], r["gold_scores"])]
+    padded = [g for _, x, g in cands if x.startswith(syn._OPENERS) or x.endswith(syn._CLOSERS)]
+    stray = [g for p, x, g in cands if re.match(r"(Yes|No),", x) and question_of(p).qtype != "yesno"]
+    assert len(padded) > 100 and len(stray) > 30
+    for feature in (padded, stray):
+        assert 0.25 < sum(g < 0.7 for g in feature) / len(feature) < 0.75, feature
+    # a reply to some other question: lists, sums and declines turn up where they were not asked for
+    lists = [question_of(p).qtype for p, x, _ in cands if x.startswith("Here are ")]
+    assert 0.03 < sum(t != "list" for t in lists) / len(lists) < 0.5
 
 
 def test_sft_demonstrations_are_imperfect_by_design():
