@@ -427,7 +427,7 @@ def main() -> None:
         cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.clock, f"{load_start:.2f}", args.preset,
                  shape,
                  f"{T['mean']:.2f}", f"{O['mean']:.2f}", f"{ratio:.2f}", g["greedy"], g["sampled"]]
-        update_results("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        update_results(SECTION, INTRO, HEADER, "| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         print(f"\n[bench] row added to bench/results.md ({SECTION[3:]})")
 
 

@@ -331,7 +331,7 @@ def main() -> None:
         cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.preset, timed, f"{load_start:.2f}",
                  f"{spread:.1%}", f"{peak:.1f}", f"{head['stage']:.0f}", f"{head['bare']:.0f}", f"{ratio:.3f}",
                  f"{mfu_s:.1%}", f"{mfu_b:.1%}"]
-        update_results("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        update_results(SECTION, INTRO, HEADER, "| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         print(f"\n[bench] row added to bench/results.md ({SECTION[3:]})")
 
 

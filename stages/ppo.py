@@ -218,7 +218,7 @@ def main(cfg: DictConfig) -> None:
         B = len(ro.ended)
         micro = max(1, t.minibatch_size // t.grad_accum)
         log = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max",
-                                "ptx")}
+                                "ptx", "grad_norm", "value_grad_norm")}
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(B, device=dev)
             for s in range(0, B, t.minibatch_size):
@@ -247,8 +247,9 @@ def main(cfg: DictConfig) -> None:
                                  ("vf_clipfrac", vs["vf_clipfrac"]), *[(k2, ps[k2]) for k2 in
                                  ("clipfrac", "approx_kl", "ratio_mean", "ratio_max")]):
                         log[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
-                acc.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm)
-                acc.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)
+                # each model clipped on its own, both norms logged (TRL 1.12 clips neither)
+                log["grad_norm"].append(float(acc.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm)))
+                log["value_grad_norm"].append(float(acc.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)))
                 for opt, sched in ((opt_p, sched_p), (opt_v, sched_v)):
                     opt.step()
                     sched.step()

@@ -26,7 +26,7 @@ def test_ppo_stage_contract(smoke_chain):
     assert (d / "overoptimization.png").stat().st_size > 1000
     for key in ("ppo/score", "ppo/gold_score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
                 "ppo/approx_kl", "ppo/value_loss", "ppo/explained_variance", "ppo/response_length",
-                "ppo/ratio_mean", "ppo/gen_tokens_per_s", "ppo/episodes_per_s"):
+                "ppo/ratio_mean", "ppo/gen_tokens_per_s", "ppo/episodes_per_s", "ppo/grad_norm", "ppo/value_grad_norm"):
         assert len(_curve(smoke_chain, "default", key)) == 4, key
     from transformers import AutoModelForCausalLM
 
