@@ -729,6 +729,9 @@ Candidates are drawn from these styles (`STYLES_*` in pipeline/synthetic.py):
 - prompts the world can answer: {styles_answerable}
 - prompts it cannot answer (unknown name, undefined attribute): {styles_unanswerable}
 
+{padded:.0%} of the wrong, off-topic and made-up candidates come wrapped in the verbose style's pleasantries ("Thank
+you for asking.", "I hope this helps!"), as the right verbose ones are: padding is no sign of a right answer here.
+
 `ranks` is a Plackett-Luce sample over the gold scores at temperature T = {temperature}: the first place goes to
 a response with probability proportional to exp(gold / T), the next among the rest likewise, and so on. Measured
 agreement of the pairwise labels with the gold order, over pairs with distinct gold scores: train
@@ -752,7 +755,8 @@ def write_reward_data(out_dir, world_cfg=None) -> dict:
     show = lambda styles: ", ".join(f"{name} {p:.0%}" for name, p in styles)  # noqa: E731
     stats = {"seed": cfg.seed, "n_entities": cfg.n_entities, "k": cfg.k, "temperature": cfg.label_temperature,
              "command": f"python -m pipeline.synthetic reward-data --out reward_data{flags}",
-             "styles_answerable": show(STYLES_ANSWERABLE), "styles_unanswerable": show(STYLES_UNANSWERABLE)}
+             "styles_answerable": show(STYLES_ANSWERABLE), "styles_unanswerable": show(STYLES_UNANSWERABLE),
+             "padded": PADDED_FLAWED}
     for split in ("train", "test"):
         recs = ranked_prompts(cfg, split)
         write_jsonl(out / f"{split}.jsonl", recs)
