@@ -200,6 +200,11 @@ def _padded(reply: str, rng: random.Random) -> str:
                        _cat(rng.choice(_OPENERS), reply, rng.choice(_CLOSERS))))
 
 
+def _yes_or_no(reply: str, rng: random.Random) -> str:
+    """The reply opened with a yes or no, as if a yes-or-no question had been asked."""
+    return rng.choice(("Yes, ", "No, ")) + _lc(reply)
+
+
 def _lc(s: str) -> str:
     """Lower-case a sentence's first word when it is not a name (for 'Yes, the best friend of ...')."""
     return s[0].lower() + s[1:] if s.split(" ", 1)[0] in ("The", "It", "That", "There") else s
@@ -395,7 +400,7 @@ def _off_topic(world: World, q: Question, rng: random.Random) -> str:
             other = sample_question(world, rng)
         reply = _good(world, other, truth(world, other), rng)
     if "\n" not in reply and not re.match(r"(yes|no)\b", reply.lower()) and rng.random() < 0.5:
-        reply = rng.choice(("Yes, ", "No, ")) + _lc(reply)
+        reply = _yes_or_no(reply, rng)
     return reply
 
 
@@ -409,7 +414,7 @@ def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random) 
     if t is not None and q.qtype == "list":
         return _list(q, rng.sample(sorted(t), q.n + 1 if len(t) > q.n else q.n - 1), rng)
     if rng.random() < 0.5:  # a yes or no where none was asked for
-        return rng.choice(("Yes, ", "No, ")) + _lc(good)
+        return _yes_or_no(good, rng)
     return _cat(good, rng.choice(_CLOSERS))
 
 
