@@ -242,11 +242,21 @@ class SFTConfig(StageConfig):
 
 
 @dataclass
+class OnPolicySettings:
+    """Comparisons of the SFT policy's own samples, ranked by simulated labellers (pipeline/labellers.py)."""
+
+    prompts: int = 0  # the first N prompts of data.preference; 0, or data that is not the world's: none
+    samples: int = 4  # replies per prompt, drawn with the stage's `generation` settings
+    label_temperature: Optional[float] = None  # Plackett-Luce noise; None: data.world.label_temperature
+
+
+@dataclass
 class RewardConfig(StageConfig):
     stage: str = "reward"
     train: RewardTrain = field(default_factory=RewardTrain)
     peft: LoraSettings = field(default_factory=LoraSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)  # SFT samples for reward_stats
+    generation: GenerationSettings = field(default_factory=GenerationSettings)  # SFT samples: on-policy, stats
+    onpolicy: OnPolicySettings = field(default_factory=OnPolicySettings)
 
 
 @dataclass
@@ -405,6 +415,8 @@ def problems(cfg) -> list[str]:
     reward = get("train.reward")
     if reward is not None and reward not in ("model", "gold") and not str(reward).startswith("contains:"):
         out.append(f"train.reward={reward!r} is not one of model, gold, contains:<text>")
+    if (get("onpolicy.prompts") or 0) > 0 and get("onpolicy.samples") < 2:
+        out.append(f"onpolicy.samples={get('onpolicy.samples')} must be at least 2 (a ranking compares replies)")
     mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")
     if mb and rb and mb > rb:
         out.append(f"train.minibatch_size={mb} is larger than train.rollout_batch_size={rb}")

@@ -549,10 +549,16 @@ def ranked_prompts(world_cfg, split: str = "train") -> list[dict]:
                 responses.append(r)
             if len(responses) == cfg.k:
                 break
-        gold = [round(oracle.score(prompt, r), 4) for r in responses]
-        out.append({"id": f"{split}-{i:05d}", "prompt": prompt, "responses": responses,
-                    "ranks": plackett_luce(gold, cfg.label_temperature, rng), "gold_scores": gold})
+        out.append(labelled(f"{split}-{i:05d}", prompt, responses, oracle, cfg.label_temperature, rng))
     return out
+
+
+def labelled(rec_id: str, prompt: list[dict], responses: list[str], oracle, temperature: float,
+             rng: random.Random) -> dict:
+    """A ranked record as a simulated labeller gives it: the gold scores, ranked through Plackett-Luce noise."""
+    gold = [round(oracle.score(prompt, r), 4) for r in responses]
+    return {"id": rec_id, "prompt": prompt, "responses": responses,
+            "ranks": plackett_luce(gold, temperature, rng), "gold_scores": gold}
 
 
 def expand_pairs(ranked_records: list[dict]) -> list[dict]:

@@ -1,7 +1,7 @@
 """Stage 4 — RLHF with PPO against the reward model, scored by the gold oracle.
 
     make ppo                                         # = python -m stages.ppo
-    python -m stages.ppo train.kl_coef=0.1 train.adaptive_kl=true RUN=akl
+    python -m stages.ppo train.kl_coef=0.1 train.adaptive_kl=true run=akl parent_run=default
     python -m stages.ppo -m train.kl_coef=0.05,0.1,0.2 parent_run=default      # a sweep, one run per value
     accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.ppo   # 2 CPU processes (conf/accelerate: GPUs)
 

@@ -1,7 +1,7 @@
 """Stage 1 — pretrain a causal LM from scratch, or continue pretraining any Hugging Face causal LM.
 
     make pretrain                                          # = python -m stages.pretrain
-    python -m stages.pretrain optim.lr=3e-4 train.max_steps=2000 RUN=lr3e-4
+    python -m stages.pretrain optim.lr=3e-4 train.max_steps=2000 run=lr3e-4 parent_run=default
     python -m stages.pretrain model=hf model.name_or_path=<hub name or folder>   # continued pretraining
     accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.pretrain   # 2 CPU processes (conf/accelerate: GPUs)
 

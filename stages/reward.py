@@ -1,8 +1,9 @@
 """Stage 3 — a reward model from human comparisons (InstructGPT step 2).
 
     make reward                                                # = python -m stages.reward
-    python -m stages.reward train.group_by_prompt=true train.center_rewards_coefficient=0.01 RUN=rm-grouped
+    python -m stages.reward train.center_rewards_coefficient=0.01 run=rm-centred parent_run=default
     python -m stages.reward peft=lora                          # LoRA (merged into final/ unless peft.merge=false)
+    python -m stages.reward onpolicy.prompts=0 run=rm-shipped parent_run=default  # the shipped comparisons alone
     accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.reward   # 2 CPU processes (conf/accelerate: GPUs)
 
 The SFT checkpoint (the parent stage) gets a scalar head (AutoModelForSequenceClassification, num_labels=1) that
@@ -11,6 +12,13 @@ RewardTrainer fits it to the ranked comparisons with the Bradley-Terry loss -log
 `train.group_by_prompt=true` keeps all the pairs of one prompt's ranking in the same batch, as InstructGPT did: its
 K-choose-2 pairs are strongly correlated, and seen in separate steps they make the model overfit (section 3.5); and
 each completion is scored once per batch, so a ranking of K costs K forward passes instead of K(K-1).
+
+On-policy comparisons (`onpolicy.prompts`, `onpolicy.samples`): InstructGPT's labellers ranked the SFT model's own
+samples, not hand-written candidates. Before training, the SFT policy answers the first `onpolicy.prompts` prompts
+of the world's comparisons `onpolicy.samples` times each (the `generation` settings, as PPO samples), the gold
+oracle ranks the replies with the shipped data's label noise (pipeline/labellers.py), and those pairs join the
+shipped ones; they are kept as onpolicy_comparisons.jsonl in the stage folder. Without them the reward model has
+never seen the mistakes this policy makes, and PPO finds them (docs/ppo.md).
 
 Reported on data.preference_test: eval/accuracy (against the noisy labels; ~75% of pairs agree with the truth, so
 that is roughly the ceiling), eval/gold_accuracy (against the gold oracle's order), eval/ece (calibration of
@@ -210,7 +218,9 @@ def run_reward(cfg: DictConfig) -> None:
     from trl import RewardConfig as TRLRewardConfig
 
     from pipeline.formats import check_prompt_lengths, load_preferences, load_prompts
+    from pipeline.labellers import distinct_prompts, onpolicy_comparisons
     from pipeline.oracle import GoldOracle
+    from pipeline.synthetic import expand_pairs, write_jsonl
 
     # ---- setup -------------------------------------------------------------------------------------------
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes still form a group
@@ -263,6 +273,26 @@ def run_reward(cfg: DictConfig) -> None:
         if not pairs:
             raise UserError(f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): "
                             f"no usable preference pairs" + (f" ({skipped} bad records skipped)" if skipped else ""))
+
+        # ---- on-policy comparisons: the SFT policy's own samples, ranked by simulated labellers --------------
+        o, extra = cfg.onpolicy, {}
+        if o.prompts > 0 and cfg.data.preference.kind != "world":
+            say(f"[reward] onpolicy.prompts={o.prompts} ignored: only the synthetic world has a gold oracle to rank "
+                f"the samples, and data.preference is {cfg.data.preference.kind} data")
+        elif o.prompts > 0:
+            policy = load_for_inference(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
+            records, extra = onpolicy_comparisons(
+                policy, tok, distinct_prompts(pairs, o.prompts), GoldOracle.from_config(cfg.data.world), o.samples,
+                cfg.generation, t.gen_batch_size, o.label_temperature or cfg.data.world.label_temperature, cfg.seed + 2)
+            del policy
+            if state.is_main_process:  # the ranked format of reward_data/: reusable as data.preference.kind=local
+                write_jsonl(run.dir / "onpolicy_comparisons.jsonl", records)
+            onpolicy_pairs = expand_pairs(records)
+            pairs, extra["data/onpolicy_pairs"] = pairs + onpolicy_pairs, len(onpolicy_pairs)
+            say(f"[reward] on-policy: {o.samples} SFT samples for each of {extra['onpolicy/prompts']} prompts, "
+                f"{extra['onpolicy/ranked_prompts']} ranked (mean gold {extra['onpolicy/gold_mean']:.3f}, labels "
+                f"agree with gold on {extra['onpolicy/label_agreement']:.0%} of pairs): {len(onpolicy_pairs)} "
+                f"pairs in {extra['onpolicy/seconds']:.0f}s")
         cols = ["prompt", "chosen", "rejected", "group"]
         train_ds = datasets.Dataset.from_list([{k: p.get(k) if k != "group" else str(p.get(k, i))
                                                 for k in cols} for i, p in enumerate(pairs)])
@@ -327,6 +357,7 @@ def run_reward(cfg: DictConfig) -> None:
             tok.save_pretrained(d)
             write_json_atomic(d / "reward_stats.json", stats_file)
 
+        metrics.update(extra)
         metrics.update({"model/params": n_params(rm), "data/skipped_records": skipped + skipped_test,
                         "data/train_pairs": len(trainer.train_dataset), "data/too_long_pairs": too_long,
                         "time/stage_s": time.time() - t0})

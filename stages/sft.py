@@ -1,7 +1,7 @@
 """Stage 2 — supervised fine-tuning on demonstration dialogues (InstructGPT step 1).
 
     make sft                                                   # = python -m stages.sft
-    python -m stages.sft optim.lr=3e-4 train.max_steps=800 RUN=lr3e-4
+    python -m stages.sft optim.lr=3e-4 train.max_steps=800 run=lr3e-4 parent_run=default
     python -m stages.sft peft=lora                             # LoRA, merged into final/ (peft.merge=false: adapter)
     python -m stages.sft model=hf model.name_or_path=<hub name or folder>   # start from any chat-templated HF model
     accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.sft   # 2 CPU processes (conf/accelerate: GPUs)

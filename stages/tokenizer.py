@@ -1,7 +1,7 @@
 """Stage 0 — train a byte-level BPE tokenizer on the pretraining corpus.
 
     make tokenizer                               # = python -m stages.tokenizer
-    python -m stages.tokenizer model.vocab_size=8192 RUN=big-vocab
+    python -m stages.tokenizer model.vocab_size=8192 run=big-vocab
 
 Skipped when model.name_or_path names a pretrained model: that model brings its own tokenizer. Under several
 processes the main one trains and saves it while the others wait (BPE training is one multi-threaded job).

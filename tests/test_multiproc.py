@@ -50,5 +50,8 @@ def test_results_agree_with_one_process(two_proc_chain):
         print(f"{stage} eval/loss: 1 process {a:.4f}, 2 processes {b:.4f}")
         assert abs(a - b) < tol, (stage, a, b)
     assert two("reward")["eval/pairs"] == one("reward")["eval/pairs"]  # evaluation sharded, then gathered whole
+    assert two("reward")["onpolicy/prompts"] == one("reward")["onpolicy/prompts"]  # sampled sharded, gathered
+    ids = [json.loads(x)["id"] for x in (root / "mp" / "reward" / "onpolicy_comparisons.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == two("reward")["onpolicy/ranked_prompts"] > 0
     assert two("ppo")["eval/n_prompts"] == compose_stage("ppo", SMOKE).train.eval_prompts  # sharded, gathered
     assert two("ppo")["eval/kl"] >= 0 and 0 <= two("ppo")["eval/win_rate_vs_sft"] <= 1

@@ -15,7 +15,7 @@ from pipeline.errors import UserError
 SFT_METRICS = {"eval/loss", "eval/gold_score", "eval/pretrain_gold_score", "eval/ended_fraction",
                "eval/response_tokens", "eval/gold/correctness"}
 RM_METRICS = {"eval/accuracy", "eval/gold_accuracy", "eval/ece", "eval/margin", "eval/loss", "reward/mean",
-              "reward/std"}
+              "reward/std", "data/onpolicy_pairs", "onpolicy/label_agreement", "onpolicy/gold_mean"}
 
 
 def manifest(root: Path, stage: str, run: str = "default") -> dict:
@@ -203,6 +203,21 @@ def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
     assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
     assert json.loads((final / "reward_stats.json").read_text())["mean"] == m["reward_stats"]["mean"]
 
+    # the SFT policy's own samples, ranked by the simulated labellers, saved in reward_data/'s format
+    from pipeline.oracle import GoldOracle
+    from pipeline.synthetic import expand_pairs
+
+    cfg = compose_stage("reward", SMOKE)
+    records = [json.loads(x) for x in (final.parent / "onpolicy_comparisons.jsonl").read_text().splitlines()]
+    assert 0 < len(records) <= cfg.onpolicy.prompts == m["metrics"]["onpolicy/prompts"]
+    assert m["metrics"]["onpolicy/ranked_prompts"] == len(records)
+    assert m["metrics"]["data/onpolicy_pairs"] == len(expand_pairs(records)) > 0
+    oracle = GoldOracle.from_config(cfg.data.world)
+    for rec in records:
+        assert 2 <= len(set(rec["responses"])) == len(rec["responses"]) <= cfg.onpolicy.samples
+        assert sorted(rec["ranks"]) == list(range(len(rec["responses"])))
+        assert [round(oracle.score(rec["prompt"], r), 4) for r in rec["responses"]] == rec["gold_scores"]
+
     for fn, stage in ((run_sft, "sft"), (run_reward, "reward")):
         fn(compose_stage(stage, SMOKE + [f"paths.root={sft_done}"]))
         assert "nothing to do" in capsys.readouterr().out
@@ -311,6 +326,45 @@ def test_reward_data_without_usable_pairs(sft_done, tmp_path):
         run_reward(compose_stage("reward", common[:-2] + [f"data.preference.path={tmp_path / 'long.jsonl'}",
                                                           "data.preference.format=pairs", "run=longprompt"]))
     assert "longer than" in one_line(e)
+
+
+def test_onpolicy_comparisons_need_the_world_and_two_samples(sft_done, tmp_path, capsys):
+    from pipeline.config import problems
+    from stages.reward import run_reward
+
+    assert problems(compose_stage("reward", SMOKE + ["onpolicy.samples=1"])) == [
+        "onpolicy.samples=1 must be at least 2 (a ranking compares replies)"]
+    assert problems(compose_stage("reward", SMOKE + ["onpolicy.prompts=0", "onpolicy.samples=1"])) == []
+    # other preference data has no oracle to label samples: said once, and the stage trains on the data alone
+    pairs = [{"prompt": f"Question {i}?", "chosen": "A fine answer.", "rejected": "no"} for i in range(8)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    run_reward(compose_stage("reward", SMOKE + [f"paths.root={sft_done}", "parent_run=default", "run=localpairs",
+                                                "data.preference.kind=local", "train.max_steps=2",
+                                                f"data.preference.path={tmp_path / 'pairs.jsonl'}"]))
+    assert "onpolicy.prompts=16 ignored" in capsys.readouterr().out
+    m = manifest(sft_done, "reward", "localpairs")
+    assert m["status"] == "complete" and "data/onpolicy_pairs" not in m["metrics"]
+    assert not (sft_done / "localpairs" / "reward" / "onpolicy_comparisons.jsonl").exists()
+
+
+def test_simulated_labellers_rank_by_the_gold_score():
+    import random
+
+    from pipeline.config import WorldConfig
+    from pipeline.labellers import distinct_prompts
+    from pipeline.oracle import GoldOracle
+    from pipeline.synthetic import label_agreement, labelled
+
+    oracle = GoldOracle.from_config(WorldConfig())
+    p = [{"role": "user", "content": "What is 9 plus 8?"}]
+    replies = ["That makes 17.", "That makes 16.", "Bananas"]
+    sharp = labelled("x", p, replies, oracle, 1e-3, random.Random(0))  # no noise: the gold order
+    assert sharp["gold_scores"][0] > sharp["gold_scores"][1] > sharp["gold_scores"][2]
+    assert sharp["ranks"] == [0, 1, 2] and label_agreement([sharp]) == 1.0
+    noisy = [labelled("x", p, replies, oracle, 1.0, random.Random(s)) for s in range(200)]
+    assert 0.4 < label_agreement(noisy) < 0.9  # T=1 is far noisier than the data's 0.21: some labels flip
+    groups = [{"group": g, "prompt": [{"role": "user", "content": g}]} for g in "aabbbcd"]
+    assert [q[0]["content"] for q in distinct_prompts(groups, 3)] == ["a", "b", "c"]
 
 
 # ---- resume ----------------------------------------------------------------------------------------------------
