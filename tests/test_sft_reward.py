@@ -339,7 +339,8 @@ def test_onpolicy_comparisons_need_the_world_and_two_samples(sft_done, tmp_path,
     pairs = [{"prompt": f"Question {i}?", "chosen": "A fine answer.", "rejected": "no"} for i in range(8)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     run_reward(compose_stage("reward", SMOKE + [f"paths.root={sft_done}", "parent_run=default", "run=localpairs",
-                                                "data.preference.kind=local", "train.max_steps=2",
+                                                "data.preference.kind=local", "data.preference.format=pairs",
+                                                "train.max_steps=2",
                                                 f"data.preference.path={tmp_path / 'pairs.jsonl'}"]))
     assert "onpolicy.prompts=16 ignored" in capsys.readouterr().out
     m = manifest(sft_done, "reward", "localpairs")
