@@ -230,6 +230,7 @@ class RewardTrain:
     max_test_prompts: Optional[int] = None  # the same for data.preference_test
     calibration_bins: int = 10
     stats_prompts: int = 256  # prompts of data.prompts answered by the SFT policy to measure reward mean/std
+    stats_samples: int = 4  # answers per stats prompt (pairs of them give reward/gold_pair_accuracy)
     gen_batch_size: int = 32
 
 

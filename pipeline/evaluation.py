@@ -10,6 +10,7 @@ so each process returns the same metrics; call these on every process.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Sequence
 
@@ -90,6 +91,15 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
 
 
 # ---- reward models -------------------------------------------------------------------------------------------
+
+def pair_accuracy(groups: Sequence[Sequence[tuple[float, float]]]) -> float:
+    """Share of pairs within a group, (reward, gold) each, with different gold scores that the reward orders as gold
+    does (a reward tie counts half); nan without such pairs. Groups are one prompt's answers: PPO's advantages
+    compare answers to the same prompt, so this, not a correlation across prompts, says whether it can follow."""
+    hits = [0.5 if ra == rb else float((ra > rb) == (ga > gb))
+            for g in groups for (ra, ga), (rb, gb) in itertools.combinations(g, 2) if ga != gb]
+    return sum(hits) / len(hits) if hits else float("nan")
+
 
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     """A whole conversation through the chat template (no generation prompt): what a reward model reads. This is

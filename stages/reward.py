@@ -22,8 +22,10 @@ never seen the mistakes this policy makes, and PPO finds them (docs/ppo.md).
 
 Reported on data.preference_test: eval/accuracy (against the noisy labels; ~75% of pairs agree with the truth, so
 that is roughly the ceiling), eval/gold_accuracy (against the gold oracle's order), eval/ece (calibration of
-sigmoid(margin), 10 bins) and eval/margin. At the end the SFT policy answers data.prompts and the model's reward on
-those answers gives reward_stats {mean, std} (manifest and final/reward_stats.json), which PPO normalises with.
+sigmoid(margin), 10 bins) and eval/margin. At the end the SFT policy answers data.prompts (`train.stats_samples`
+times each) and the model's reward on those answers gives reward_stats {mean, std} (manifest and
+final/reward_stats.json), which PPO normalises with, and with the oracle reward/gold_correlation and
+reward/gold_pair_accuracy: how often it orders two answers to the same prompt as gold does, the signal PPO uses.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from transformers import ProgressCallback, TrainerCallback
 
 import pipeline.config  # noqa: F401  (registers the structured configs)
 from pipeline.errors import UserError, friendly
-from pipeline.evaluation import _messages, gather, preference_eval, reward_scores, shard
+from pipeline.evaluation import _messages, gather, pair_accuracy, preference_eval, reward_scores, shard
 from pipeline.generation import generate, load_for_inference
 from pipeline.models import n_params
 from pipeline.run import StageRun, latest_trainer_checkpoint, write_json_atomic
@@ -189,14 +191,18 @@ def first_groups(pairs: list[dict], n) -> list[dict]:
 
 def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
     """The reward model's view of the SFT policy: mean and std of its reward on the policy's own answers (what
-    PPO will see at its start), plus how well that reward tracks the gold score there."""
-    t = cfg.train
+    PPO will see at its start, `train.stats_samples` per prompt), and with the oracle, how well that reward tracks
+    the gold score there: the correlation, and `pair_accuracy`, the share of pairs of answers to the same prompt
+    (with different gold scores) that it orders as gold does. That last one is what PPO's advantages rest on."""
+    t, k = cfg.train, cfg.train.stats_samples
     mine = shard(len(prompts))
-    msgs = [_messages(prompts[i]) for i in mine]
-    replies = generate(policy, tok, msgs, cfg.generation, t.gen_batch_size, seed=cfg.seed + 1)
-    rewards = reward_scores(rm, tok, msgs, [str(r) for r in replies], t.eval_batch_size or t.batch_size)
-    golds = oracle.score_batch(msgs, [str(r) for r in replies]) if oracle else [None] * len(msgs)
-    rows = list({i: (a, b) for i, a, b in gather(list(zip(mine, rewards, golds)))}.values())  # shards may repeat one
+    msgs = [_messages(prompts[i]) for i in mine for _ in range(k)]
+    replies = [str(r) for r in generate(policy, tok, msgs, cfg.generation, t.gen_batch_size, seed=cfg.seed + 1)]
+    rewards = reward_scores(rm, tok, msgs, replies, t.eval_batch_size or t.batch_size)
+    golds = oracle.score_batch(msgs, replies) if oracle else [None] * len(msgs)
+    per_prompt = {i: list(zip(rewards[j * k:(j + 1) * k], golds[j * k:(j + 1) * k])) for j, i in enumerate(mine)}
+    groups = list(dict(gather(list(per_prompt.items()))).values())  # shards may repeat one prompt
+    rows = [row for g in groups for row in g]
     r = [a for a, _ in rows]
     n = len(r)
     mean = sum(r) / n
@@ -209,6 +215,7 @@ def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
         cov = sum((a - mean) * (b - gm) for a, b in rows) / max(n - 1, 1)
         out["gold_correlation"] = cov / (std * sg) if std > 0 and sg > 0 else float("nan")
         out["gold_mean"] = gm
+        out["pair_accuracy"] = pair_accuracy(groups)
     return out
 
 
@@ -338,11 +345,13 @@ def run_reward(cfg: DictConfig) -> None:
             policy = load_for_inference(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
             stats = reward_stats(policy, rm, tok, prompts, cfg, oracle)
             del policy
-        say(f"[reward] SFT policy on {stats['n']} prompts: reward mean {stats['mean']:.3f}, std {stats['std']:.3f}"
-            + (f", correlation with gold {stats['gold_correlation']:.3f}" if "gold_correlation" in stats else ""))
+        say(f"[reward] SFT policy, {stats['n']} answers: reward mean {stats['mean']:.3f}, std {stats['std']:.3f}"
+            + (f", correlation with gold {stats['gold_correlation']:.3f}, pairs of answers to one prompt in the gold "
+               f"order {stats['pair_accuracy']:.3f}" if "gold_correlation" in stats else ""))
         metrics.update({"train/loss": train_loss, "reward/mean": stats["mean"], "reward/std": stats["std"]})
         if "gold_correlation" in stats:
             metrics["reward/gold_correlation"] = stats["gold_correlation"]
+            metrics["reward/gold_pair_accuracy"] = stats["pair_accuracy"]
         tracker.log({k: v for k, v in metrics.items() if k.startswith("reward/")}, step=trainer.state.global_step)
 
         # ---- save: a plain HF sequence-classification checkpoint + reward_stats.json ----------------------

@@ -15,7 +15,8 @@ from pipeline.errors import UserError
 SFT_METRICS = {"eval/loss", "eval/gold_score", "eval/pretrain_gold_score", "eval/ended_fraction",
                "eval/response_tokens", "eval/gold/correctness"}
 RM_METRICS = {"eval/accuracy", "eval/gold_accuracy", "eval/ece", "eval/margin", "eval/loss", "reward/mean",
-              "reward/std", "data/onpolicy_pairs", "onpolicy/label_agreement", "onpolicy/gold_mean"}
+              "reward/std", "reward/gold_correlation", "reward/gold_pair_accuracy", "data/onpolicy_pairs",
+              "onpolicy/label_agreement", "onpolicy/gold_mean"}
 
 
 def manifest(root: Path, stage: str, run: str = "default") -> dict:
@@ -366,6 +367,18 @@ def test_simulated_labellers_rank_by_the_gold_score():
     assert 0.4 < label_agreement(noisy) < 0.9  # T=1 is far noisier than the data's 0.21: some labels flip
     groups = [{"group": g, "prompt": [{"role": "user", "content": g}]} for g in "aabbbcd"]
     assert [q[0]["content"] for q in distinct_prompts(groups, 3)] == ["a", "b", "c"]
+
+
+def test_pair_accuracy_compares_answers_to_the_same_prompt_only():
+    import math
+
+    from pipeline.evaluation import pair_accuracy
+
+    # (reward, gold): prompt 1 has pairs (a,b) right, (a,c) right, (b,c) wrong; prompt 2 a gold tie (skipped),
+    # prompt 3 a reward tie (half); across prompts nothing is compared, though there every order would be wrong
+    groups = [[(2.0, 1.0), (1.0, 0.5), (1.5, 0.0)], [(9.0, 0.3), (9.0, 0.3)], [(-5.0, 0.2), (-5.0, 0.9)]]
+    assert pair_accuracy(groups) == (1 + 1 + 0 + 0.5) / 4
+    assert math.isnan(pair_accuracy([[(1.0, 0.5), (2.0, 0.5)], [(3.0, 0.1)]]))
 
 
 # ---- resume ----------------------------------------------------------------------------------------------------
