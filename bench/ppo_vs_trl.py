@@ -3,6 +3,7 @@
     python bench/ppo_vs_trl.py                                   # smoke preset: builds its SFT and RM first
     python bench/ppo_vs_trl.py --runs-root runs --run default --preset cpu --iterations 20
     python bench/ppo_vs_trl.py --rounds 2                        # ours, TRL, TRL, ours: resists a busy machine
+    python bench/ppo_vs_trl.py --seeds 0,1,2                     # gold over three seeds per side
 
 What it does, in one run:
 
@@ -30,6 +31,9 @@ What it does, in one run:
 6. Gold score: each final policy (ours from runs/<run>/ppo/final, TRL's from trainer.save_model) and the SFT
    policy answer the held-out evaluation prompts with pipeline.generation.generate — greedy, and sampled at the
    training temperature (--gold-samples seeded samples per prompt) — judged by pipeline.oracle.GoldOracle.
+   With --seeds, every seed runs on both sides (the seed sets sampling and initialisation, as `seed=` does for
+   the stage) and each side's gold score is the mean over its seeds' final policies: one run per side is not
+   enough, as which shortcut of the reward model a run finds, and when, varies from seed to seed.
 7. Prints a table and adds a row to the "## PPO vs TRL 1.12" section of bench/results.md (other sections kept).
 """
 
@@ -233,6 +237,14 @@ def gold_scores(models: dict[str, Path], prompts: list, oracle, max_new_tokens: 
     return out
 
 
+def mean_gold(runs: list[dict]) -> dict:
+    """gold_scores entries of several seeds as one: means of the scores and of each prompt's score."""
+    n = len(runs)
+    return {"greedy": sum(r["greedy"] for r in runs) / n, "sampled": sum(r["sampled"] for r in runs) / n,
+            "per_prompt": [sum(x) / n for x in zip(*(r["per_prompt"] for r in runs))],
+            "example": runs[-1]["example"]}
+
+
 # ---- results.md ------------------------------------------------------------------------------------------------
 HEADER = ("| date | machine | threads | clock | load avg | preset | workload | TRL ep/s | ours ep/s | ours/TRL | "
           "gold greedy TRL / ours / SFT | gold sampled TRL / ours / SFT |")
@@ -266,6 +278,9 @@ def main() -> None:
     ap.add_argument("--forward-batch-size", type=int, default=None,
                     help="chunk of the no-grad scoring passes and of TRL's generation (default: preset's)")
     ap.add_argument("--warmup-iterations", type=int, default=1, help="iterations not timed at the start of every run")
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated seeds, each run on both sides; gold is averaged over them (default: the "
+                         "config's seed)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs of each side, alternating ours, TRL, TRL, ours, ... (default: 1)")
     ap.add_argument("--eval-prompts", type=int, default=None, help="held-out prompts for the gold score (default: all)")
@@ -349,26 +364,37 @@ def main() -> None:
               f"(critic {w['critic_lr']}), "
               f"{len(prompt_ids)} prompts; SFT {sft.relative_to(src_root)} under the runs root")
 
-        # ---- the runs, alternating sides
-        order = [s for r in range(args.rounds) for s in (("ours", "trl") if r % 2 == 0 else ("trl", "ours"))]
+        # ---- the runs: each seed on both sides, alternating which goes first
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [cfg.seed]
+        order = [(seed, s) for seed in seeds for r in range(args.rounds)
+                 for s in (("ours", "trl") if r % 2 == 0 else ("trl", "ours"))]
         runs: dict[str, list] = {"ours": [], "trl": []}
-        for n, side in enumerate(order):
-            r = run_ours(root, args.run, args.preset, overrides, w, n, env, args.clock) if side == "ours" else \
-                run_trl(py_trl, work, spec, n, trl_env)
+        finals: dict[str, Path] = {}  # the last run of each side and seed
+        for n, (seed, side) in enumerate(order):
+            ws = {**w, "seed": seed}
+            r = run_ours(root, args.run, args.preset, overrides + [f"seed={seed}"], ws, n, env, args.clock) \
+                if side == "ours" else run_trl(py_trl, work, {**spec, "workload": ws}, n, trl_env)
             runs[side].append(r)
+            finals[f"{side}:{seed}"] = r["final"]
             it = r["iteration_s"][args.warmup_iterations:]
-            print(f"[bench] {side:4s} run {len(runs[side])}: {B * len(it) / max(sum(it), 1e-9):.2f} episodes/s "
+            print(f"[bench] {side:4s} run {len(runs[side])} (seed {seed}): "
+                  f"{B * len(it) / max(sum(it), 1e-9):.2f} episodes/s "
                   f"(iterations {', '.join(f'{x:.2f}' for x in r['iteration_s'])} s; "
-                  f"{r['process_s']:.0f} s in all)")
+                  f"{r['process_s']:.0f} s in all; KL at the end {r['kl'][-1]:.2f})")
         load_end = os.getloadavg()[0]
 
-        # ---- gold score: the last run of each side, and the SFT policy
+        # ---- gold score: each side's final policies (one per seed), and the SFT policy
         eval_prompts, _ = load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)
         eval_prompts = [p["messages"] for p in eval_prompts][: args.eval_prompts]
         oracle = GoldOracle.from_config(cfg.data.world)
         t = time.time()
-        gold = gold_scores({"trl": runs["trl"][-1]["final"], "ours": runs["ours"][-1]["final"], "sft": sft},
-                           eval_prompts, oracle, w["max_new_tokens"], w["temperature"], args.gold_samples, cfg.seed)
+        each = gold_scores({**finals, "sft": sft}, eval_prompts, oracle, w["max_new_tokens"], w["temperature"],
+                           args.gold_samples, cfg.seed)
+        gold = {"sft": each["sft"], **{side: mean_gold([each[f"{side}:{seed}"] for seed in seeds])
+                                       for side in ("ours", "trl")}}
+        for side in ("ours", "trl"):
+            print(f"[bench] gold greedy {side} by seed: "
+                  + ", ".join(f"{seed}: {each[f'{side}:{seed}']['greedy']:.3f}" for seed in seeds))
         print(f"[bench] gold scores on {len(eval_prompts)} held-out prompts ({time.time() - t:.0f} s)")
     finally:
         if not args.keep:
@@ -394,8 +420,8 @@ def main() -> None:
         ("ours", "python " + runs["ours"][-1]["command"]),
         ("workload", f"{shape}; preset {args.preset}; {len(prompt_ids)} prompts; forward chunk "
                      f"{w['forward_batch_size']}"),
-        ("timed", f"iterations {args.warmup_iterations + 1}..{w['iterations']} of {args.rounds} run(s) per side: "
-                  f"{T['n']} TRL / {O['n']} ours"),
+        ("timed", f"iterations {args.warmup_iterations + 1}..{w['iterations']} of {args.rounds} run(s) per side "
+                  f"and seed (seeds {', '.join(map(str, seeds))}): {T['n']} TRL / {O['n']} ours"),
         ("episodes/s TRL", f"{T['mean']:.2f} (median iteration {T['median']:.2f}, best {T['best']:.2f}; wall "
                            f"between iteration ends {T['wall']:.2f}; per run {per_run(T)})"),
         ("episodes/s ours", f"{O['mean']:.2f} (median iteration {O['median']:.2f}, best {O['best']:.2f}; wall "
@@ -410,7 +436,8 @@ def main() -> None:
                         f"ours {last['ours']['score'][-1]:.2f}; KL TRL {last['trl']['kl'][-1]:.2f}, "
                         f"ours {last['ours']['kl'][-1]:.2f}"),
         ("gold greedy", f"TRL {gold['trl']['greedy']:.3f}, ours {gold['ours']['greedy']:.3f}, "
-                        f"SFT {gold['sft']['greedy']:.3f} ({len(eval_prompts)} held-out prompts)"),
+                        f"SFT {gold['sft']['greedy']:.3f} ({len(eval_prompts)} held-out prompts; mean over "
+                        f"{len(seeds)} seed(s) per side)"),
         ("gold sampled", f"TRL {gold['trl']['sampled']:.3f}, ours {gold['ours']['sampled']:.3f}, "
                          f"SFT {gold['sft']['sampled']:.3f} (T={w['temperature']}, {args.gold_samples} per prompt)"),
         ("gold ours - TRL", f"{d_mean:+.3f} +- {d_se:.3f} (paired over prompts, greedy and sampled averaged; "
@@ -425,7 +452,7 @@ def main() -> None:
 
     if not args.no_results:
         cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.clock, f"{load_start:.2f}", args.preset,
-                 shape,
+                 shape + (f", seeds {','.join(map(str, seeds))}" if len(seeds) > 1 else ""),
                  f"{T['mean']:.2f}", f"{O['mean']:.2f}", f"{ratio:.2f}", g["greedy"], g["sampled"]]
         update_results(SECTION, INTRO, HEADER, "| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         print(f"\n[bench] row added to bench/results.md ({SECTION[3:]})")
