@@ -196,7 +196,8 @@ class StageRun:
             if not self.cfg.force:
                 why = "a different config" if old.get("config_hash") != self.hash else "an older parent stage"
                 raise UserError(f"{self.dir} holds a finished '{self.stage}' made with {why}; "
-                                f"rerun with force=true to replace it, or use RUN=<new name> for a new run")
+                                f"add force=true to replace it, or run=<new name> parent_run={self.parent_run} for a new "
+                                f"run beside it")
         if old and old.get("config_hash") != self.hash and self.ckpt_root.exists():
             # Resume points of another config are useless here and would be picked up by mistake.
             if self.is_main:
@@ -354,3 +355,34 @@ def latest_trainer_checkpoint(ckpt_root: str | Path) -> Optional[Path]:
         return None
     done = [p for p in root.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").exists()]
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+POLICY_STAGES = ("ppo", "sft", "pretrain")  # stages whose final/ is a causal LM; tokenizer and reward are not
+
+
+def resolve_checkpoint(cfg) -> tuple[Path, str, Optional[Path]]:
+    """(folder to load, a label for it, the stage folder if it is one) from checkpoint= / stage= / the latest."""
+    if cfg.checkpoint:
+        p = Path(cfg.checkpoint)
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise UserError(f"checkpoint={cfg.checkpoint}: not a Hugging Face checkpoint folder (no config.json)")
+        return p, str(p), None
+    root = Path(cfg.paths.root)
+    if cfg.stage:
+        if cfg.stage not in POLICY_STAGES:
+            raise UserError(f"stage={cfg.stage}: not a chat model; choose one of {', '.join(POLICY_STAGES)}")
+        d = root / cfg.run / cfg.stage
+        m = read_manifest(d)
+        if m is None or m.get("status") != "complete" or not (d / "final").is_dir():
+            raise UserError(f"stage '{cfg.stage}' of run '{cfg.run}' is not complete ({d}); "
+                            f"make it first: {make_command(cfg.stage, cfg.run)}")
+        return d / "final", f"{cfg.run}/{cfg.stage}", d
+    d = latest_stage(root, cfg.run)
+    if d is not None and d.name not in POLICY_STAGES:  # e.g. reward done, ppo not yet: the newest policy instead
+        d = next((root / cfg.run / s for s in POLICY_STAGES
+                  if (m := read_manifest(root / cfg.run / s)) and m.get("status") == "complete"
+                  and (root / cfg.run / s / "final").is_dir()), None)
+    if d is None:
+        raise UserError(f"run '{cfg.run}' has no complete policy stage under {root}; make one first: "
+                        f"{make_command('sft', cfg.run)} (or pass checkpoint=<folder>)")
+    return d / "final", f"{cfg.run}/{d.name}", d

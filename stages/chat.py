@@ -13,46 +13,13 @@ from __future__ import annotations
 
 import sys
 import threading
-from pathlib import Path
-from typing import Optional
 
 import hydra
 from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the structured configs)
-from pipeline.errors import UserError, friendly
-from pipeline.run import latest_stage, make_command, read_manifest
-
-POLICY_STAGES = ("ppo", "sft", "pretrain")  # stages whose final/ is a causal LM; tokenizer and reward are not
-
-
-def resolve_checkpoint(cfg) -> tuple[Path, str, Optional[Path]]:
-    """(folder to load, a label for it, the stage folder if it is one) from checkpoint= / stage= / the latest."""
-    if cfg.checkpoint:
-        p = Path(cfg.checkpoint)
-        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
-            raise UserError(f"checkpoint={cfg.checkpoint}: not a Hugging Face checkpoint folder (no config.json)")
-        return p, str(p), None
-    root = Path(cfg.paths.root)
-    if cfg.stage:
-        if cfg.stage not in POLICY_STAGES:
-            raise UserError(f"stage={cfg.stage}: not a chat model; choose one of {', '.join(POLICY_STAGES)}")
-        d = root / cfg.run / cfg.stage
-        m = read_manifest(d)
-        if m is None or m.get("status") != "complete" or not (d / "final").is_dir():
-            raise UserError(f"stage '{cfg.stage}' of run '{cfg.run}' is not complete ({d}); "
-                            f"make it first: {make_command(cfg.stage, cfg.run)}")
-        return d / "final", f"{cfg.run}/{cfg.stage}", d
-    d = latest_stage(root, cfg.run)
-    if d is not None and d.name not in POLICY_STAGES:  # e.g. reward done, ppo not yet: the newest policy instead
-        d = next((root / cfg.run / s for s in POLICY_STAGES
-                  if (m := read_manifest(root / cfg.run / s)) and m.get("status") == "complete"
-                  and (root / cfg.run / s / "final").is_dir()), None)
-    if d is None:
-        raise UserError(f"run '{cfg.run}' has no complete policy stage under {root}; make one first: "
-                        f"{make_command('sft', cfg.run)} (or pass checkpoint=<folder>)")
-    return d / "final", f"{cfg.run}/{d.name}", d
-
+from pipeline.errors import friendly
+from pipeline.run import resolve_checkpoint
 
 def chat(model, tok, cfg, read=input, write=sys.stdout.write) -> None:
     """The read-reply loop; `read`/`write` are parameters so tests can drive it."""

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 import pipeline.config  # noqa: F401  (registers the structured configs)
 from pipeline.config import SourceConfig, WorldConfig
 from pipeline.errors import UserError, friendly
-from stages.chat import resolve_checkpoint
+from pipeline.run import resolve_checkpoint
 
 
 def read_prompts(path: str, paths_cfg) -> list[list[dict]]:

@@ -49,7 +49,7 @@ from pipeline.models import n_params
 from pipeline.run import StageRun, latest_trainer_checkpoint, write_json_atomic
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
-from stages.sft import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
+from pipeline.trainer import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
 
 
 class GroupBatchSampler:

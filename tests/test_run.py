@@ -1,7 +1,5 @@
 """Run directories, manifests, handoff, atomic final/, checkpoints."""
 
-import json
-import os
 from pathlib import Path
 
 import pytest

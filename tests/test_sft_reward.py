@@ -61,7 +61,7 @@ def test_assistant_only_loss_covers_exactly_the_assistant_turns(tiny, tmp_path):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from stages.sft import trainer_args
+    from pipeline.trainer import trainer_args
 
     tok, model, _ = tiny
     cfg = compose_stage("sft", SMOKE)
@@ -120,7 +120,7 @@ def test_reward_trainer_batches_whole_groups(tiny, tmp_path):
     from trl import RewardConfig
 
     from stages.reward import make_trainer_class
-    from stages.sft import trainer_args
+    from pipeline.trainer import trainer_args
 
     tok, _, final = tiny
     rm = AutoModelForSequenceClassification.from_pretrained(final, num_labels=1, dtype=torch.float32)
@@ -226,7 +226,8 @@ def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
 
 def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
     from pipeline.generation import load_for_inference
-    from stages.chat import chat, resolve_checkpoint
+    from pipeline.run import resolve_checkpoint
+    from stages.chat import chat
     from stages.generate import run_generate
 
     cfg = compose_stage("chat", [f"paths.root={sft_done}", "stage=sft", "generation.max_new_tokens=8"])
@@ -250,7 +251,7 @@ def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
 
 
 def test_chat_picks_the_latest_policy_stage(tmp_path):
-    from stages.chat import resolve_checkpoint
+    from pipeline.run import resolve_checkpoint
 
     def done(stage, run="default"):
         d = tmp_path / run / stage

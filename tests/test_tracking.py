@@ -1,9 +1,6 @@
 """Tracking: metrics.jsonl always, W&B offline by default, never fatal, no secrets in logged configs."""
 
 import json
-import os
-
-import pytest
 
 from conftest import compose_stage
 from pipeline.run import StageRun
