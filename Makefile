@@ -77,6 +77,7 @@ bench: $(STAMP)  ## the benchmark suite (~1 h on 2 cores, idle machine); figures
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/pipeline_time.py --presets smoke cpu --runs-root bench/out/runs
 	$(PY) bench/ppo_vs_trl.py --preset cpu --runs-root bench/out/runs/cpu --run default
+	$(PY) bench/bon_frontier.py --runs-root bench/out/runs/cpu --run default
 
 clean:  ## remove runs/ and generated data caches (keeps .venv)
 	rm -rf runs .cache
