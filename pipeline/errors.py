@@ -39,10 +39,10 @@ def friendly(fn):
 def _close_process_group() -> None:
     """Under `accelerate launch`, close the process group before the interpreter exits: gloo's threads left to C++
     static destructors can abort a finished process ("terminate called without an active exception"). At exit,
-    not after each call, so that a Hydra -m sweep keeps its group between jobs."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
+    not after each call, so that a Hydra -m sweep keeps its group between jobs. A process that never imported
+    torch has no group, and importing it this late fails ("can't register atexit after shutdown")."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -36,7 +36,7 @@ def test_fresh_stage_runs_then_is_done(tmp_path, capsys):
 def test_different_config_is_refused_and_untouched(tmp_path):
     r = _complete(tmp_path, "tokenizer")
     before = (r.dir / "manifest.json").read_bytes()
-    with pytest.raises(UserError, match="force=true"):
+    with pytest.raises(UserError, match="force=true .* run=<new name> parent_run=default "):  # Hydra's keys
         StageRun(_cfg(tmp_path, "tokenizer", "train.min_frequency=7")).begin()
     assert (r.dir / "manifest.json").read_bytes() == before and (r.final_dir / "weights.bin").exists()
     forced = StageRun(_cfg(tmp_path, "tokenizer", "train.min_frequency=7", "force=true"))
