@@ -30,7 +30,7 @@ from pipeline.errors import UserError, friendly
 from pipeline.evaluation import win_rate
 from pipeline.formats import load_corpus, load_prompts
 from pipeline.models import load_causal_lm, mixed_precision
-from pipeline.oracle import GoldOracle
+from pipeline.oracle import WEIGHTS, GoldOracle
 from pipeline.packing import batch_indices, pack
 from pipeline.plots import overoptimization_plot
 from pipeline.ppo_math import logprobs_from_logits
@@ -311,8 +311,13 @@ def main(cfg: DictConfig) -> None:
         "eval/kl": mean(ppo_eval["kl"]), "eval/reward": mean(ppo_eval["reward"]),
         "eval/sft_reward": mean(sft_eval["reward"]), "eval/response_tokens": mean(ppo_eval["length"]),
         "eval/sft_response_tokens": mean(sft_eval["length"]), "eval/n_prompts": len(ppo_eval["gold"]),
+        "eval/tie_rate_vs_sft": mean([a == b for a, b in zip(ppo_eval["gold"], sft_eval["gold"])]),
         "data/skipped_records": skipped,
     }
+    # where the gold score moved: PPO's gains in one component can hide losses in another (correctness, typically)
+    for k in WEIGHTS:
+        metrics[f"eval/gold/{k}"] = mean([c[k] for c in ppo_eval["components"]])
+        metrics[f"eval/sft_gold/{k}"] = mean([c[k] for c in sft_eval["components"]])
     tracker.log(metrics, step=t.iterations)
     if acc.is_main_process:
         rows = [[p[-1]["content"], s, float(sg), r, float(rg)] for p, s, sg, r, rg in zip(
@@ -334,7 +339,10 @@ def main(cfg: DictConfig) -> None:
     run.finish(save, metrics, adapter=bool(cfg.peft.enabled and not cfg.peft.merge))
     tracker.finish(metrics, run.final_dir)
     say(f"[ppo] gold score {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}), "
-        f"win rate vs SFT {metrics['eval/win_rate_vs_sft']:.2f}, KL {metrics['eval/kl']:.2f}; saved {run.final_dir}")
+        f"win rate vs SFT {metrics['eval/win_rate_vs_sft']:.2f} (ties {metrics['eval/tie_rate_vs_sft']:.2f}), "
+        f"KL {metrics['eval/kl']:.2f}; saved {run.final_dir}")
+    say("[ppo] gold by component, SFT -> PPO: " + ", ".join(
+        f"{k} {metrics[f'eval/sft_gold/{k}']:.2f} -> {metrics[f'eval/gold/{k}']:.2f}" for k in WEIGHTS))
 
 
 def _diverged(run, it: int, what: str):
@@ -345,9 +353,9 @@ def _diverged(run, it: int, what: str):
 
 @torch.no_grad()
 def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logits, dev, pack: int) -> dict:
-    """Greedy (or sampled) replies to held-out prompts: gold score, RM score, exact KL to the reference along
-    the reply (summed over its tokens, at the sampling temperature), length."""
-    out = {"gold": [], "reward": [], "kl": [], "length": [], "text": []}
+    """Greedy (or sampled) replies to held-out prompts: gold score and its components, RM score, exact KL to the
+    reference along the reply (summed over its tokens, at the sampling temperature), length."""
+    out = {"gold": [], "components": [], "reward": [], "kl": [], "length": [], "text": []}
     for s in range(0, len(prompts), t.eval_batch_size):
         batch = prompts[s: s + t.eval_batch_size]
         ids, am = encode_prompts(tok, batch, t.max_prompt_tokens, dev)
@@ -355,7 +363,9 @@ def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logits, 
                     greedy=t.eval_greedy)
         texts = decode_responses(tok, ro)
         kl = full_kl(response_logits(model, ro, pack), ref_logits(ro), ro.response_mask, t.temperature)
-        out["gold"] += oracle.score_batch(batch, texts)
+        parts = [oracle.components(p, x) for p, x in zip(batch, texts)]
+        out["gold"] += [c["total"] for c in parts]
+        out["components"] += parts
         out["reward"] += reward_scores(reward_model, ro, pack).tolist()
         out["kl"] += kl.tolist()
         out["length"] += ro.response_mask.sum(-1).tolist()

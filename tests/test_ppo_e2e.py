@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from conftest import SMOKE, run_stage
 from pipeline.run import inventory
 
@@ -22,6 +24,11 @@ def test_ppo_stage_contract(smoke_chain):
     for k in ("eval/gold_score", "eval/sft_gold_score", "eval/win_rate_vs_sft", "eval/kl", "eval/reward"):
         assert k in m, k
     assert 0.0 <= m["eval/win_rate_vs_sft"] <= 1.0 and m["eval/kl"] >= 0.0
+    # the components are the oracle's: their weighted sum is the gold score, for PPO and for SFT alike
+    from pipeline.oracle import WEIGHTS
+    for who, total in (("gold", "eval/gold_score"), ("sft_gold", "eval/sft_gold_score")):
+        assert sum(w * m[f"eval/{who}/{k}"] for k, w in WEIGHTS.items()) == pytest.approx(m[total], abs=1e-9)
+    assert 0.0 <= m["eval/tie_rate_vs_sft"] <= 1.0
     d = smoke_chain / "default" / "ppo"
     assert (d / "overoptimization.png").stat().st_size > 1000
     for key in ("ppo/score", "ppo/gold_score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
