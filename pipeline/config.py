@@ -354,6 +354,7 @@ class ReportConfig:
     precision: str = "auto"
     samples: int = 6  # held-out prompts answered by every model, side by side
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # unused; `make all ARGS=logger=none` reaches here too
     model: ModelConfig = field(default_factory=ModelConfig)  # unused; lets the presets compose
     data: DataConfig = field(default_factory=DataConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -366,6 +367,7 @@ class CompareConfig:
     runs: List[str] = field(default_factory=list)  # empty: every run under paths.root
     out: Optional[str] = None  # default: <paths.root>/compare.md
     paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # unused, as in ReportConfig
 
 
 for _name, _schema in {"ppo": PPOConfig, "report": ReportConfig, "compare": CompareConfig}.items():

@@ -61,6 +61,17 @@ def headline_rows(manifests: dict[str, dict]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def component_rows(manifests: dict[str, dict], weights: dict[str, float]) -> list[tuple]:
+    """(component, weight, pretrained, SFT, PPO) gold means on the held-out prompts, None where a stage has not
+    run: the pretrained and SFT columns from the SFT stage's evaluation, PPO's from its own (whose SFT baseline,
+    eval/sft_gold/<component>, is the same greedy evaluation of the same model)."""
+    sft = manifests.get("sft", {}).get("metrics", {})
+    ppo = manifests.get("ppo", {}).get("metrics", {})
+    rows = [(k, w, sft.get(f"eval/pretrain/gold/{k}"), sft.get(f"eval/gold/{k}"), ppo.get(f"eval/gold/{k}"))
+            for k, w in weights.items()]
+    return rows if any(v is not None for row in rows for v in row[2:]) else []
+
+
 def all_runs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / s / "manifest.json").exists()
                                                                         for s in STAGES)) if root.exists() else []

@@ -7,19 +7,20 @@ Reads the manifests and metrics.jsonl of every finished stage (no network), plot
 pretrained, SFT and PPO models answer the same held-out prompts, each answer with its gold score.
 """
 
+import json
+from pathlib import Path
+
 import hydra
 import torch
 from omegaconf import DictConfig
-from pathlib import Path
 
 import pipeline.config  # noqa: F401  (registers the structured configs)
 from pipeline.errors import UserError, friendly
 from pipeline.formats import load_prompts
 from pipeline.generation import generate, load_for_inference
-from pipeline.oracle import GoldOracle
+from pipeline.oracle import WEIGHTS, GoldOracle
 from pipeline.plots import curves_plot, overoptimization_plot
-from pipeline.report import curve, headline_rows, stage_manifests
-import json
+from pipeline.report import component_rows, curve, fmt, headline_rows, stage_manifests
 
 
 @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
@@ -73,6 +74,16 @@ def main(cfg: DictConfig) -> None:
         L.append(f"| {s} | {m['status']} | {m.get('started', '')} | {m.get('ended', '')} | `{m['config_hash']}` |")
     L += ["", "## Headline metrics", "", "| stage | metric | value |", "|---|---|---|"]
     L += [f"| {s} | `{k}` | {v} |" for s, k, v in headline_rows(manifests)]
+    parts = component_rows(manifests, WEIGHTS)
+    if parts:
+        L += ["", "## Where the gold score comes from", "",
+              "Mean of each gold-oracle component on the held-out prompts (greedy answers); the gold score is their "
+              "weighted sum. A gain in one component can hide a loss in another.", "",
+              "| component | weight | pretrained | SFT | PPO |", "|---|---|---|---|---|"]
+        L += [f"| {k} | {w:g} | {fmt(a)} | {fmt(b)} | {fmt(c)} |" for k, w, a, b, c in parts]
+        m = {s: manifests.get(s, {}).get("metrics", {}) for s in ("sft", "ppo")}
+        L.append(f"| **gold score** | | {fmt(m['sft'].get('eval/pretrain_gold_score'))} | "
+                 f"{fmt(m['sft'].get('eval/gold_score'))} | {fmt(m['ppo'].get('eval/gold_score'))} |")
     L += ["", "## Curves", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
     if answers:
         L += ["## The same held-out prompts, answered by each model", "",

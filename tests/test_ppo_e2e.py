@@ -72,3 +72,27 @@ def test_reward_model_with_another_vocabulary_is_refused(smoke_chain, tmp_path):
 def test_missing_reward_stage_names_the_command(tmp_path):
     p = run_stage("ppo", *SMOKE, f"paths.root={tmp_path}", check=False)
     assert p.returncode == 2 and "make reward" in p.stderr
+
+
+def test_report_card_and_compare(smoke_chain):
+    """The report card and the comparison read the finished stages back: headline metrics, where the gold score
+    comes from (each component for pretrained, SFT and PPO), answers side by side; compare lists the runs."""
+    from pipeline.oracle import WEIGHTS
+
+    common = [*SMOKE, f"paths.root={smoke_chain}"]
+    run_stage("ppo", *common)  # already complete when the contract test ran first
+    p = run_stage("report", *common, "samples=2")
+    assert "PPO gold" in p.stdout
+    text = (smoke_chain / "default" / "report.md").read_text()
+    assert "| ppo | `eval/win_rate_vs_sft` |" in text and "**Prompt 2.**" in text and "- *ppo* [" in text
+    rows = [line for line in text.splitlines() if line.split("|")[1:2] and line.split("|")[1].strip() in WEIGHTS]
+    assert len(rows) == len(WEIGHTS)
+    m = _metrics(smoke_chain, "default", "ppo")
+    for line in rows:
+        k, w, pre, sft, ppo = [c.strip() for c in line.strip("|").split("|")]
+        assert float(w) == WEIGHTS[k] and pre != "–" and sft != "–" and float(ppo) == pytest.approx(
+            m[f"eval/gold/{k}"], abs=1e-3)
+    c = run_stage("compare", f"paths.root={smoke_chain}")
+    assert "compare:" in c.stdout and "| default |" in (smoke_chain / "compare.md").read_text()
+    bad = run_stage("compare", f"paths.root={smoke_chain}", "runs=[nope]", check=False)
+    assert bad.returncode == 2 and "no such run" in bad.stderr and "Traceback" not in bad.stderr
