@@ -13,8 +13,9 @@ the PPO stage's eval/win_rate_vs_sft (ties count half). Best-of-n is a policy wh
 log n - (n-1)/n nats (Stiennon et al. 2020; Beirami et al. 2024 show it is a bound), so the table reads as
 gold against KL, beside the PPO stage's own eval/gold_score, eval/win_rate_vs_sft and eval/kl when it has run.
 
-The greedy line is the reference: "+greedy" adds SFT's greedy answer to the oracle's candidates, so its win rate
-counts only prompts where a sample beats greedy. Needs a synthetic-world run (the oracle is the world's).
+The greedy answers are the reference: "+greedy" adds SFT's greedy answer to the oracle's candidates, so its win
+rate counts only prompts where a sample beats greedy (that column is not a best-of-n policy: the KL bound does not
+cover it). Needs a synthetic-world run (the oracle is the world's).
 """
 
 from __future__ import annotations
@@ -59,9 +60,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     a = ap.parse_args()
-    ns = sorted({int(x) for x in a.n.split(",")})
-    if ns[0] < 1:
-        raise SystemExit("--n: counts must be >= 1")
+    try:
+        ns = sorted({int(x) for x in a.n.split(",") if x.strip()})
+    except ValueError:
+        raise SystemExit(f"--n {a.n}: give whole numbers separated by commas, e.g. 1,2,4,8") from None
+    if not ns or ns[0] < 1:
+        raise SystemExit(f"--n {a.n}: counts must be >= 1")
 
     import torch
     from omegaconf import OmegaConf

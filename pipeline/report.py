@@ -62,13 +62,13 @@ def headline_rows(manifests: dict[str, dict]) -> list[tuple[str, str, str]]:
 
 
 def component_rows(manifests: dict[str, dict], weights: dict[str, float]) -> list[tuple]:
-    """(component, weight, pretrained, SFT, PPO) gold means on the held-out prompts, None where a stage has not
-    run: the pretrained and SFT columns from the SFT stage's evaluation, PPO's from its own (whose SFT baseline,
-    eval/sft_gold/<component>, is the same greedy evaluation of the same model)."""
+    """(component, weight, pretrained, SFT, SFT as PPO evaluates it, PPO): mean gold components on the held-out
+    prompts, None where a stage has not run. The first two come from the SFT stage's evaluation, the last two from
+    the PPO stage's, which answers with its own `train.max_new_tokens`: compare within a pair."""
     sft = manifests.get("sft", {}).get("metrics", {})
     ppo = manifests.get("ppo", {}).get("metrics", {})
-    rows = [(k, w, sft.get(f"eval/pretrain/gold/{k}"), sft.get(f"eval/gold/{k}"), ppo.get(f"eval/gold/{k}"))
-            for k, w in weights.items()]
+    rows = [(k, w, sft.get(f"eval/pretrain/gold/{k}"), sft.get(f"eval/gold/{k}"), ppo.get(f"eval/sft_gold/{k}"),
+             ppo.get(f"eval/gold/{k}")) for k, w in weights.items()]
     return rows if any(v is not None for row in rows for v in row[2:]) else []
 
 

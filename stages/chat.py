@@ -21,6 +21,7 @@ import pipeline.config  # noqa: F401  (registers the structured configs)
 from pipeline.errors import friendly
 from pipeline.run import resolve_checkpoint
 
+
 def chat(model, tok, cfg, read=input, write=sys.stdout.write) -> None:
     """The read-reply loop; `read`/`write` are parameters so tests can drive it."""
     from pipeline.generation import stream

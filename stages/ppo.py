@@ -39,6 +39,7 @@ from pipeline.rollout import (TokenModel, check_packing, chunked, critic_forward
 from pipeline.run import StageRun, crash_point
 from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.tracking import Tracker
+from pipeline.trainer import lora_config
 
 
 class LoopState:
@@ -89,12 +90,9 @@ def main(cfg: DictConfig) -> None:
     policy = load_causal_lm(sft_parent["final"])
     policy.generation_config.pad_token_id = tok.pad_token_id
     if cfg.peft.enabled:  # the adapter-disabled base is the reference: no second copy in memory
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        tm = cfg.peft.target_modules
-        policy = get_peft_model(policy, LoraConfig(
-            r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=tm if tm == "all-linear" else [m.strip() for m in tm.split(",")]))
+        policy = get_peft_model(policy, lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0))
         ref = None
     else:
         ref = copy.deepcopy(policy).to(dev).eval().requires_grad_(False)
@@ -304,6 +302,7 @@ def main(cfg: DictConfig) -> None:
         with final_policy.model.disable_adapter():
             sft_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev, packing)
     ppo_eval, sft_eval = ({k: gather_object(v) for k, v in e.items()} for e in (ppo_eval, sft_eval))
+    asked = gather_object([p[-1]["content"] for p in mine])  # in the gathered order, not eval_prompts' own
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     metrics = {
         "eval/gold_score": mean(ppo_eval["gold"]), "eval/sft_gold_score": mean(sft_eval["gold"]),
@@ -320,8 +319,8 @@ def main(cfg: DictConfig) -> None:
         metrics[f"eval/sft_gold/{k}"] = mean([c[k] for c in sft_eval["components"]])
     tracker.log(metrics, step=t.iterations)
     if acc.is_main_process:
-        rows = [[p[-1]["content"], s, float(sg), r, float(rg)] for p, s, sg, r, rg in zip(
-            eval_prompts, sft_eval["text"], sft_eval["gold"], ppo_eval["text"], ppo_eval["gold"])][:32]
+        rows = [[p, s, float(sg), r, float(rg)] for p, s, sg, r, rg in zip(
+            asked, sft_eval["text"], sft_eval["gold"], ppo_eval["text"], ppo_eval["gold"])][:32]
         tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "ppo", "ppo_gold"], rows, step=t.iterations)
         png = overoptimization_plot(state.history, run.dir / "overoptimization.png",
                                     title=f"{run.run}: reward model vs gold oracle")

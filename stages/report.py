@@ -76,14 +76,16 @@ def main(cfg: DictConfig) -> None:
     L += [f"| {s} | `{k}` | {v} |" for s, k, v in headline_rows(manifests)]
     parts = component_rows(manifests, WEIGHTS)
     if parts:
+        m = {s: manifests.get(s, {}).get("metrics", {}) for s in ("sft", "ppo")}
         L += ["", "## Where the gold score comes from", "",
               "Mean of each gold-oracle component on the held-out prompts (greedy answers); the gold score is their "
-              "weighted sum. A gain in one component can hide a loss in another.", "",
-              "| component | weight | pretrained | SFT | PPO |", "|---|---|---|---|---|"]
-        L += [f"| {k} | {w:g} | {fmt(a)} | {fmt(b)} | {fmt(c)} |" for k, w, a, b, c in parts]
-        m = {s: manifests.get(s, {}).get("metrics", {}) for s in ("sft", "ppo")}
-        L.append(f"| **gold score** | | {fmt(m['sft'].get('eval/pretrain_gold_score'))} | "
-                 f"{fmt(m['sft'].get('eval/gold_score'))} | {fmt(m['ppo'].get('eval/gold_score'))} |")
+              "weighted sum. A gain in one component can hide a loss in another. The SFT stage's evaluation gives "
+              "the first two columns, the PPO stage's (its own reply length) the last two.", "",
+              "| component | weight | pretrained | SFT | SFT (PPO's evaluation) | PPO |", "|---|---|---|---|---|---|"]
+        L += [f"| {k} | {w:g} | " + " | ".join(fmt(v) for v in vals) + " |" for k, w, *vals in parts]
+        L.append("| **gold score** | | " + " | ".join(fmt(m[s].get(k)) for s, k in (
+            ("sft", "eval/pretrain_gold_score"), ("sft", "eval/gold_score"), ("ppo", "eval/sft_gold_score"),
+            ("ppo", "eval/gold_score"))) + " |")
     L += ["", "## Curves", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
     if answers:
         L += ["## The same held-out prompts, answered by each model", "",
