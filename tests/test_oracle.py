@@ -53,6 +53,13 @@ def test_from_config_and_components_add_up(oracle, world):
     assert set(c) == set(WEIGHTS) | {"total", "fluency", "engagement"}
     assert c["total"] == pytest.approx(sum(WEIGHTS[k] * c[k] for k in WEIGHTS)) == 1.0
     assert c["fluency"] == c["engagement"] == 1.0
+    # and over replies of every quality (the world's ranked candidates): the total is the weighted sum, to rounding
+    from pipeline.synthetic import ranked_prompts
+
+    for rec in ranked_prompts(WorldConfig(reward_prompts=60), "train"):
+        for r in rec["responses"]:
+            c2 = oracle.components(rec["prompt"], r)
+            assert c2["total"] == pytest.approx(sum(WEIGHTS[k] * c2[k] for k in WEIGHTS), abs=1e-6)
     for empty in ("  ", "", "...", "\ufffd\ufffd", "\x0e"):
         e = oracle.components(user("How old is Bera?"), empty)
         assert e["total"] == 0.0 and set(e) == set(c), repr(empty)  # same keys: evaluation averages each
