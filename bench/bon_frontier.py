@@ -75,7 +75,7 @@ def main() -> None:
     from pipeline.formats import load_prompts
     from pipeline.generation import generate, load_for_inference
     from pipeline.oracle import GoldOracle
-    from pipeline.run import read_manifest
+    from pipeline.run import make_command, read_manifest
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -84,7 +84,7 @@ def main() -> None:
             if (m := read_manifest(run / s)) and m.get("status") == "complete"}
     for s in ("sft", "reward"):
         if s not in done:
-            raise SystemExit(f"{run / s}: no complete '{s}' stage; make it first (make {s} RUN={a.run})")
+            raise SystemExit(f"{run / s}: no complete '{s}' stage; make it first ({make_command(s, a.run)})")
     cfg = OmegaConf.load(run / ("ppo" if "ppo" in done else "reward") / "config.yaml")
     if cfg.data.eval_prompts.kind != "world":
         raise SystemExit("the gold oracle belongs to the synthetic world; this run's eval prompts are not the world's")
@@ -104,13 +104,13 @@ def main() -> None:
     policy, tok = load_for_inference(run / "sft" / "final", "fp32", "cpu")[:2]
     greedy = [str(r) for r in generate(policy, tok, prompts, settings(False), batch_size=a.batch_size)]
     k = ns[-1]
-    samples = [str(r) for r in generate(policy, tok, [p for p in prompts for _ in range(k)], settings(True),
-                                        batch_size=a.batch_size, seed=a.seed)]
+    asked = [p for p in prompts for _ in range(k)]  # prompt-major: each prompt's k samples side by side
+    samples = [str(r) for r in generate(policy, tok, asked, settings(True), batch_size=a.batch_size, seed=a.seed)]
     del policy
     g_greedy = oracle.score_batch(prompts, greedy)
-    g_samples = oracle.score_batch([p for p in prompts for _ in range(k)], samples)
+    g_samples = oracle.score_batch(asked, samples)
     rm, rm_tok = load_reward_model(run / "reward" / "final", "fp32", "cpu")[:2]
-    r_samples = reward_scores(rm, rm_tok, [p for p in prompts for _ in range(k)], samples, batch_size=a.batch_size)
+    r_samples = reward_scores(rm, rm_tok, asked, samples, batch_size=a.batch_size)
 
     rows = {n: best_of_n(g_samples, r_samples, g_greedy, k, n) for n in ns}
 
