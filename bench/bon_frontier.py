@@ -50,6 +50,14 @@ def best_of_n(gold: list[float], reward: list[float], greedy_gold: list[float], 
             "rm": [gold[max(g, key=lambda j: reward[j])] for g in groups]}
 
 
+def rm_scores(rm, tok, prompts: list, replies: list[str], batch_size: int) -> list[float]:
+    """The reward model's score of each (prompt, reply): the one readout every stage uses (the head at the last
+    token of the chat-templated conversation, where the reward stage trained it and PPO reads it)."""
+    from pipeline.evaluation import reward_scores
+
+    return reward_scores(rm, tok, prompts, replies, batch_size=batch_size)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs-root", default="runs")
@@ -71,7 +79,7 @@ def main() -> None:
     from omegaconf import OmegaConf
 
     import pipeline.config  # noqa: F401
-    from pipeline.evaluation import load_reward_model, reward_scores, win_rate
+    from pipeline.evaluation import load_reward_model, win_rate
     from pipeline.formats import load_prompts
     from pipeline.generation import generate, load_for_inference
     from pipeline.oracle import GoldOracle
@@ -110,7 +118,7 @@ def main() -> None:
     g_greedy = oracle.score_batch(prompts, greedy)
     g_samples = oracle.score_batch(asked, samples)
     rm, rm_tok = load_reward_model(run / "reward" / "final", "fp32", "cpu")[:2]
-    r_samples = reward_scores(rm, rm_tok, asked, samples, batch_size=a.batch_size)
+    r_samples = rm_scores(rm, rm_tok, asked, samples, a.batch_size)
 
     rows = {n: best_of_n(g_samples, r_samples, g_greedy, k, n) for n in ns}
 

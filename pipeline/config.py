@@ -312,7 +312,11 @@ class PPOTrain:
     top_p: float = 1.0
     reward: str = "model"  # model | gold (PPO on the oracle itself: a perfect-RM ceiling) | contains:<text> (sanity check)
     normalize_reward: bool = True  # (score - mean) / std with the reward stage's statistics on SFT samples
-    missing_eos_penalty: Optional[float] = -1.0  # score of a reply that never ends; null keeps the RM's score
+    # a reply that never ends (no end-of-turn within max_new_tokens) scores this far below the batch's lowest
+    # finished reply: min(its own score, the lowest finished one) - penalty, on the normalised scale (a clamp below the
+    # minimum, not TRL's plain subtraction, which can leave it above finished replies; ppo_math.penalise_unfinished).
+    # >= 0; null keeps the reward model's score
+    missing_eos_penalty: Optional[float] = 1.0
     kl_coef: float = 0.05  # beta
     kl_estimator: str = "k1"  # k1 | k2 | k3 | abs (per token, in the reward)
     adaptive_kl: bool = False  # Ziegler et al.'s proportional controller
@@ -331,7 +335,14 @@ class PPOTrain:
     ema_decay: Optional[float] = None  # e.g. 0.99: the saved policy is an EMA of the actor
     eval_prompts: int = 200  # held-out prompts for the final PPO-vs-SFT evaluation
     eval_batch_size: int = 32
-    eval_greedy: bool = True  # greedy replies for the final evaluation (deterministic); false: sampled
+    # the final evaluation is greedy (eval/..., the headline); true: also sampled at `temperature` (eval/sampled/...)
+    eval_sampled: bool = True
+    # every eval_every iterations (and before the first, and after the last), the policy answers the first
+    # periodic_eval_prompts held-out prompts, sampled at `temperature` (Gao et al. 2022): periodic/gold_score,
+    # periodic/reward (the reward model's score, normalised and penalised as the training rewards), periodic/kl
+    # (exact KL to SFT along the replies), the lines of the over-optimisation plot. periodic_eval_prompts 0: off
+    eval_every: int = 10
+    periodic_eval_prompts: int = 64
     save_every: int = 10  # iterations between resume points
     keep_checkpoints: int = 2
     sample_every: int = 10  # iterations between sample tables
@@ -420,6 +431,10 @@ def problems(cfg) -> list[str]:
         out.append(f"train.reward={reward!r} is not one of model, gold, contains:<text>")
     if (get("onpolicy.prompts") or 0) > 0 and get("onpolicy.samples") < 2:
         out.append(f"onpolicy.samples={get('onpolicy.samples')} must be at least 2 (a ranking compares replies)")
+    pen = get("train.missing_eos_penalty")
+    if pen is not None and pen < 0:
+        out.append(f"train.missing_eos_penalty={pen} must be >= 0: it is how far below the lowest finished reply an "
+                   f"unfinished one scores (null: no penalty)")
     mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")
     if mb and rb and mb > rb:
         out.append(f"train.minibatch_size={mb} is larger than train.rollout_batch_size={rb}")

@@ -103,43 +103,54 @@ def pair_accuracy(groups: Sequence[Sequence[tuple[float, float]]]) -> float:
 
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     """A whole conversation through the chat template (no generation prompt): what a reward model reads. This is
-    exactly how TRL's RewardTrainer tokenizes prompt + chosen."""
+    exactly how TRL's RewardTrainer tokenizes prompt + chosen, and the head is read at its last token (the
+    canonical readout, see pipeline.rollout.read_reward)."""
     return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True)["input_ids"])
 
 
 def rm_input_ids(tokenizer, prompt: list[dict], response: str) -> list[int]:
-    """The token ids a reward model scores for (prompt, reply): the reply is the final assistant turn."""
+    """The token ids a reward model scores for (prompt, reply): the reply is the final assistant turn, closed by the
+    template (so an unfinished reply is read as the text it is, like PPO's, pipeline.rollout.close_replies)."""
     return conversation_ids(tokenizer, list(prompt) + [{"role": "assistant", "content": response}])
 
 
 @torch.no_grad()
 def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, device=None) -> list[float]:
-    """Scalar rewards of tokenized sequences (right-padded batches, longest first)."""
-    device = device or _model_device(model)
+    """Scalar rewards of tokenized conversations, through the one readout (pipeline.rollout.read_reward: the head
+    at each sequence's last token), in right-padded batches, longest first. `model`: a bare sequence classifier or
+    a pipeline.rollout.TokenModel."""
+    from pipeline.rollout import Rollout, TokenModel, read_reward
+
+    inner = model.model if isinstance(model, TokenModel) else model
+    device = device or _model_device(inner)
     out = [0.0] * len(ids)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    was_training = model.training
-    model.eval()
+    was_training = inner.training
+    inner.eval()
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             width = max(len(ids[i]) for i in idx)
             x = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            m = torch.zeros((len(idx), width), dtype=torch.long)
+            m = torch.zeros((len(idx), width), dtype=torch.bool)
             for j, i in enumerate(idx):
                 x[j, :len(ids[i])] = torch.tensor(ids[i])
-                m[j, :len(ids[i])] = 1
-            r = model(input_ids=x.to(device), attention_mask=m.to(device)).logits[:, 0].float().cpu().tolist()
+                m[j, :len(ids[i])] = True
+            n = len(idx)  # no prompt part: the whole conversation is the "response", right-padded
+            ro = Rollout(x.new_zeros(n, 0).to(device), x.new_zeros(n, 0).to(device), x.to(device), m.to(device),
+                         torch.ones(n, dtype=torch.bool, device=device))
+            r = read_reward(model, ro).cpu().tolist()
             for j, i in enumerate(idx):
                 out[i] = r[j]
     finally:
-        model.train(was_training)
+        inner.train(was_training)
     return out
 
 
 def reward_scores(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
                   device=None) -> list[float]:
-    """The reward model's score of each (prompt, response)."""
+    """The reward model's score of each (prompt, response) (text; PPO's rollouts: pipeline.rollout.reward_scores,
+    which reads the same position)."""
     ids = [rm_input_ids(tokenizer, _messages(p), r) for p, r in zip(prompts, responses)]
     return score_ids(model, ids, tokenizer.pad_token_id, batch_size, device)
 

@@ -11,19 +11,40 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def overoptimization_plot(history: list[dict], path: Path, title: str = "") -> Path:
-    """Reward-model score and gold score against sqrt(KL) from the SFT policy (Gao et al. 2022's axes):
-    while the proxy keeps rising, the gold score peaks and falls once the policy exploits the reward model."""
+def overoptimization_plot(history: list[dict], path: Path, title: str = "", periodic: list[dict] | None = None) -> Path:
+    """Reward-model score and gold score against sqrt(KL) from the SFT policy (Gao et al. 2022's axes): while the
+    proxy keeps rising, the gold score peaks and falls once the policy exploits the reward model.
+
+    `periodic`: the held-out evaluations ({"iteration", "kl", "reward", "gold"}: fixed prompts, sampled replies,
+    exact KL), drawn as lines with markers in iteration order; `history`, the per-iteration training batches (noisy:
+    new prompts each time, a sampled KL estimate), as faint points behind them. Without periodic evaluations the
+    training points are joined in iteration order."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    x = [math.sqrt(max(h["kl"], 0.0)) for h in history]
-    ax.plot(x, [h["reward"] for h in history], "o-", ms=3, color="tab:blue", label="reward model (normalised)")
-    ax.set_xlabel("sqrt KL(policy || SFT)  (nats^1/2)")
-    ax.set_ylabel("reward model score", color="tab:blue")
     ax2 = ax.twinx()
-    ax2.plot(x, [h["gold"] for h in history], "s-", ms=3, color="tab:red", label="gold oracle")
-    ax2.set_ylabel("gold score", color="tab:red")
+    sx = lambda rows: [math.sqrt(max(h["kl"], 0.0)) for h in rows]  # noqa: E731
+    blue, red = "tab:blue", "tab:red"
+    if periodic:
+        pts = sorted(periodic, key=lambda h: h["iteration"])
+        x = sx(history)
+        ax.scatter(x, [h["reward"] for h in history], s=8, color=blue, alpha=0.2, linewidths=0,
+                   label="reward model, training batches")
+        ax2.scatter(x, [h["gold"] for h in history], s=8, color=red, alpha=0.2, linewidths=0, marker="s",
+                    label="gold, training batches")
+        px = sx(pts)
+        ax.plot(px, [h["reward"] for h in pts], "o-", ms=4, color=blue, label="reward model (normalised), held-out")
+        ax2.plot(px, [h["gold"] for h in pts], "s-", ms=4, color=red, label="gold oracle, held-out")
+        for h, x_ in zip(pts, px):
+            ax2.annotate(str(h["iteration"]), (x_, h["gold"]), fontsize=6, color=red, alpha=0.7,
+                         xytext=(2, 3), textcoords="offset points")
+    else:
+        x = sx(history)
+        ax.plot(x, [h["reward"] for h in history], "o-", ms=3, color=blue, label="reward model (normalised)")
+        ax2.plot(x, [h["gold"] for h in history], "s-", ms=3, color=red, label="gold oracle")
+    ax.set_xlabel("sqrt KL(policy || SFT)  (nats^1/2)")
+    ax.set_ylabel("reward model score", color=blue)
+    ax2.set_ylabel("gold score", color=red)
     ax.set_title(title or "over-optimisation")
-    fig.legend(loc="lower right", fontsize=8)
+    fig.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

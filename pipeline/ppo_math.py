@@ -166,6 +166,23 @@ def penalised_rewards(
     return rewards.scatter_add(-1, last, credit), kl
 
 
+def penalise_unfinished(score: Tensor, ended: Tensor, penalty: float) -> Tensor:
+    """Scores ``[B]`` with every reply that never ended put ``penalty`` below the batch's lowest finished reply:
+    an unfinished reply's score becomes min(its own, the lowest finished score) - penalty; finished ones keep theirs.
+    Without a finished reply in the batch it is its own score - penalty.
+
+    A clamp below the batch's minimum rather than TRL's plain subtraction (score - penalty): a constant taken off a
+    normalised score leaves an unfinished reply above every finished reply that scored lower by more than the
+    penalty, and replacing the score with a constant (e.g. -1) leaves it above about one finished reply in six.
+    Taking the minimum with its own score keeps a very bad unfinished reply as bad as the reward model says.
+    """
+    ended = ended.bool()
+    if not ended.any():
+        return torch.where(ended, score, score - penalty)
+    lowest = torch.where(ended, score, torch.inf).min()
+    return torch.where(ended, score, torch.minimum(score, lowest) - penalty)
+
+
 # ---------------------------------------------------------------- advantages and losses
 
 
@@ -188,10 +205,20 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return adv, adv + v
 
 
+def _token_mean(x: Tensor, mask: Tensor, n_tokens: Tensor | float | None) -> Tensor:
+    """masked_mean, or with ``n_tokens`` the masked sum divided by it (a micro-batch's share of a larger batch's
+    token mean: summed over the micro-batches it is that mean, however the batch was split)."""
+    if n_tokens is None:
+        return masked_mean(x, mask)
+    return torch.where(mask.bool(), x, 0).sum() / n_tokens
+
+
 def policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+    n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate, token-level masked mean over the whole batch.
+    """PPO clipped surrogate, token-level masked mean over the whole batch (or, with ``n_tokens``, the masked sum
+    divided by it: see `_token_mean`; the stats stay means over this batch's tokens).
 
     rho = exp(logp - old_logp);  L = mean_t max(-A rho, -A clip(rho, 1 - eps, 1 + eps)).
     Stats (detached): clipfrac = share of tokens where the clipped term is the larger one (zero
@@ -203,7 +230,7 @@ def policy_loss(
     ratio = log_ratio.exp()
     pg1 = -advantages * ratio
     pg2 = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = masked_mean(torch.maximum(pg1, pg2), m)
+    loss = _token_mean(torch.maximum(pg1, pg2), m, n_tokens)
     with torch.no_grad():
         real = ratio[m]
         stats = {
@@ -217,9 +244,11 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
+    n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped value loss 0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2).
+    """Clipped value loss 0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) (``n_tokens``: as
+    in `policy_loss`).
 
     Stats (detached): vf_clipfrac = share of tokens where the clipped error is the larger one.
     """
@@ -227,7 +256,7 @@ def value_loss(
     v, v_old, ret = (torch.where(m, t, 0) for t in (values, old_values, returns))
     v_clipped = v_old + (v - v_old).clamp(-clip_range_value, clip_range_value)
     err1, err2 = (v - ret).square(), (v_clipped - ret).square()
-    loss = 0.5 * masked_mean(torch.maximum(err1, err2), m)
+    loss = 0.5 * _token_mean(torch.maximum(err1, err2), m, n_tokens)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((err2 > err1).float(), m)}
     return loss, stats

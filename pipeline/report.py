@@ -13,7 +13,9 @@ HEADLINE = {
     "pretrain": ["eval/loss", "eval/perplexity", "model/params"],
     "sft": ["eval/loss", "eval/gold_score", "eval/pretrain_gold_score"],
     "reward": ["eval/accuracy", "eval/gold_accuracy", "eval/ece"],
-    "ppo": ["eval/gold_score", "eval/sft_gold_score", "eval/win_rate_vs_sft", "eval/kl", "eval/reward"],
+    "ppo": ["eval/gold_score", "eval/sft_gold_score", "eval/win_rate_vs_sft", "eval/kl", "eval/reward",
+            "eval/sampled/gold_score", "eval/sampled/sft_gold_score", "eval/sampled/win_rate_vs_sft",
+            "eval/sampled/kl"],
 }
 
 
@@ -75,3 +77,21 @@ def component_rows(manifests: dict[str, dict], weights: dict[str, float]) -> lis
 def all_runs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / s / "manifest.json").exists()
                                                                         for s in STAGES)) if root.exists() else []
+
+
+# PPO's final evaluation, greedy and sampled: (label, PPO's key, SFT's key or None), the prefix left out
+PPO_EVAL = [("gold score", "gold_score", "sft_gold_score"), ("win rate vs SFT (ties half)", "win_rate_vs_sft", None),
+            ("tie rate vs SFT", "tie_rate_vs_sft", None), ("KL to SFT (nats)", "kl", None),
+            ("reward model score", "reward", "sft_reward"), ("reply tokens", "response_tokens", "sft_response_tokens")]
+
+
+def decoding_rows(ppo_metrics: dict, weights: dict[str, float]) -> list[tuple]:
+    """(what, SFT greedy, PPO greedy, SFT sampled, PPO sampled): PPO's final evaluation under both decodings
+    (eval/... and eval/sampled/...), its headline figures then the gold components; None where not measured (a run
+    from before the sampled evaluation, or train.eval_sampled=false). Empty without a PPO evaluation."""
+    g = ppo_metrics.get
+    rows = [(label, g(f"eval/{s}") if s else None, g(f"eval/{p}"), g(f"eval/sampled/{s}") if s else None,
+             g(f"eval/sampled/{p}")) for label, p, s in PPO_EVAL]
+    rows += [(f"gold: {k}", g(f"eval/sft_gold/{k}"), g(f"eval/gold/{k}"), g(f"eval/sampled/sft_gold/{k}"),
+              g(f"eval/sampled/gold/{k}")) for k in weights]
+    return rows if any(v is not None for row in rows for v in row[1:]) else []

@@ -56,9 +56,13 @@ class TokenModel(torch.nn.Module):
     wrapper, not the inner model, to accelerate.prepare: under DDP/FSDP the forward that computes the loss must be
     the wrapped module's, or the gradients are never all-reduced."""
 
-    def __init__(self, model):
+    def __init__(self, model, autocast=None):
         super().__init__()
         self.model = model  # generate / save_pretrained / disable_adapter go to this one
+        # a model accelerate does not prepare (PPO's frozen reference and reward model) runs its forward under this
+        # context, e.g. Accelerator.autocast: the same mixed precision as the prepared policy and critic, so the
+        # reference's log-probs equal the policy's at the first iteration (KL 0) under bf16 too
+        self.autocast = autocast
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the adapted model
         prefix = getattr(base, "base_model_prefix", "")
         if getattr(base, prefix, None) is None or _head(base) is None:
@@ -70,9 +74,10 @@ class TokenModel(torch.nn.Module):
                 select: Tensor) -> Tensor:
         """Head outputs at `select` (indices into the flattened [rows * width] positions; any shape S): [*S, D]."""
         base = self._base[0]
-        h = getattr(base, base.base_model_prefix)(input_ids=input_ids, position_ids=position_ids,
-                                                  attention_mask=attention_mask, use_cache=False).last_hidden_state
-        return _head(base)(h.flatten(0, 1)[select])
+        with self.autocast() if self.autocast is not None else nullcontext():
+            h = getattr(base, base.base_model_prefix)(input_ids=input_ids, position_ids=position_ids,
+                                                      attention_mask=attention_mask, use_cache=False).last_hidden_state
+            return _head(base)(h.flatten(0, 1)[select])
 
 
 def _head(base):
@@ -200,13 +205,77 @@ def critic_forward(critic: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
     return _run(critic, lay, lay.index[:, ro.prompt_ids.shape[1] - 1: -1]).squeeze(-1).float()
 
 
+# ---- the reward readout: one function reads a reward model, for every caller ---------------------------------
+#
+# Canonical position: the LAST token of the chat-templated conversation, the reply being the final assistant turn,
+# i.e. for our template the "\n" the template writes after the reply's <|end|>. That is where TRL's RewardTrainer
+# trains the head (it tokenizes apply_chat_template(prompt + chosen) and the sequence classifier pools its last
+# non-pad token), so every other reader comes to it rather than the other way round: changing what TRL is fed would
+# mean re-implementing its tokenization, and a hub chat model's template may write several tokens after its
+# end-of-turn. A PPO rollout stops at the end-of-turn token, so its reply is closed the way the template closes an
+# assistant turn (`turn_closing`) before the head is read. An unfinished reply (no end-of-turn within
+# max_new_tokens) is closed the same way: the reward model judges the text as written, exactly as the text-level
+# callers score it (their reply strings go through the template, which closes every turn); that it never ended is
+# train.missing_eos_penalty's business, not the reward model's.
+
+
+def turn_closing(tok) -> list[int]:
+    """The tokens the chat template writes after an assistant reply's content: its end-of-turn token and whatever
+    follows it (for ours '<|end|>', '\n'). Derived by rendering a conversation, not hard-coded: the tokens from the
+    last end-of-turn id on (or, if the template writes none, those after the reply's text)."""
+    from pipeline.tokenizer import end_of_turn_ids
+
+    reply = "Hello."
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
+    ids = list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    ends = set(end_of_turn_ids(tok))
+    last = max((i for i, x in enumerate(ids) if x in ends), default=None)
+    if last is not None:
+        return ids[last:]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    tail = text[text.rindex(reply) + len(reply):]
+    return list(tok(tail, add_special_tokens=False)["input_ids"])
+
+
+def close_replies(ro: Rollout, closing: list[int]) -> Rollout:
+    """The rollout as a reward model reads it: each reply's tokens before its end-of-turn (all of them if it has
+    none), then `closing`, the template's end of an assistant turn. Responses widen by len(closing)."""
+    B, R = ro.response_ids.shape
+    C = len(closing)
+    dev = ro.response_ids.device
+    keep = ro.response_mask.sum(-1) - (ro.ended & ro.response_mask.any(-1)).long()  # [B] tokens before the end
+    ids = torch.cat([ro.response_ids, ro.response_ids.new_zeros(B, C)], 1)
+    col = torch.arange(R + C, device=dev)
+    ids = torch.where(col < keep[:, None], ids, 0)
+    if C:
+        ids = ids.scatter(1, keep[:, None] + torch.arange(C, device=dev),
+                          torch.tensor(closing, dtype=ids.dtype, device=dev).expand(B, C))
+    mask = col < (keep + C)[:, None]
+    return Rollout(ro.prompt_ids, ro.prompt_mask, ids, mask, ro.ended)
+
+
 @torch.no_grad()
-def reward_scores(reward_model: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
-    """The reward model's scalar at the last real token of prompt + response ([B]; of the prompt if the response
-    is empty)."""
-    lay = layout(ro, pack)
-    last = ro.prompt_ids.shape[1] + ro.response_mask.sum(-1) - 1
-    return _run(reward_model, lay, lay.index.gather(1, last[:, None])).squeeze(-1).squeeze(-1).float()
+def read_reward(reward_model, ro: Rollout, pack: int = 0) -> Tensor:
+    """THE reward readout: the reward model's scalar at the last real token of each row (prompt + response; [B],
+    fp32). Rows must already be whole conversations as the chat template writes them (`close_replies` for a PPO
+    rollout, `pipeline.evaluation.rm_input_ids` for text).
+
+    `reward_model`: a TokenModel (padded or packed layout), or a bare Hugging Face sequence classifier, run through
+    its own forward (the reward stage's model inside the Trainer, which FSDP may own) with the padding set to its
+    pad id: its pooling reads the rightmost non-pad token, the last real token, as in TRL's training."""
+    if isinstance(reward_model, TokenModel):
+        lay = layout(ro, pack)
+        last = ro.prompt_ids.shape[1] + ro.response_mask.sum(-1) - 1
+        return _run(reward_model, lay, lay.index.gather(1, last[:, None])).squeeze(-1).squeeze(-1).float()
+    am = ro.attention_mask
+    ids = torch.where(am.bool(), ro.input_ids, reward_model.config.pad_token_id)
+    return reward_model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits[:, 0].float()
+
+
+def reward_scores(reward_model, ro: Rollout, closing: list[int], pack: int = 0) -> Tensor:
+    """What the reward model says about each (prompt, reply) of a rollout ([B]): `read_reward` of the replies closed
+    as the chat template closes an assistant turn (`closing` = `turn_closing(tok)`)."""
+    return read_reward(reward_model, close_replies(ro, closing), pack)
 
 
 def check_packing(model: TokenModel, ro: Rollout, pack: int, temperature: float) -> float:

@@ -6,7 +6,11 @@
     accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.ppo   # 2 CPU processes (conf/accelerate: GPUs)
 
 Each iteration: sample prompts -> generate -> score with the reward model -> per-token KL penalty against the
-frozen SFT policy -> GAE advantages -> several epochs of clipped PPO updates of actor and critic. The math is in
+frozen SFT policy -> GAE advantages -> several epochs of clipped PPO updates of actor and critic. Every
+`train.eval_every` iterations the policy answers a fixed held-out subset (`train.periodic_eval_prompts`, sampled
+at the training temperature): periodic/gold_score, periodic/reward, periodic/kl, the over-optimisation plot's
+lines. At the end, PPO and SFT answer the held-out prompts greedily (eval/..., the headline) and sampled
+(eval/sampled/...). The math is in
 pipeline/ppo_math.py (pure functions, tested against hand-computed tensors); the model plumbing in
 pipeline/rollout.py; this file is the loop. Every implementation detail is a config switch (conf/preset/ppo/).
 """
@@ -30,12 +34,13 @@ from pipeline.errors import UserError, friendly
 from pipeline.evaluation import win_rate
 from pipeline.formats import load_corpus, load_prompts
 from pipeline.models import load_causal_lm, mixed_precision
-from pipeline.oracle import WEIGHTS, GoldOracle
+from pipeline.oracle import GoldOracle
 from pipeline.packing import batch_indices, pack
 from pipeline.plots import overoptimization_plot
 from pipeline.ppo_math import logprobs_from_logits
 from pipeline.rollout import (TokenModel, check_packing, chunked, critic_forward, decode_responses, disable_dropout,
-                              encode_prompts, full_kl, policy_forward, response_logits, reward_scores, sample)
+                              encode_prompts, full_kl, policy_forward, response_logits, reward_scores, sample,
+                              turn_closing)
 from pipeline.run import StageRun, crash_point
 from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.tracking import Tracker
@@ -46,13 +51,14 @@ class LoopState:
     """What the loop needs besides models and optimizers to resume exactly (saved by accelerate.save_state)."""
 
     def __init__(self):
-        self.kl_coef, self.history, self.ema = None, [], None
+        self.kl_coef, self.history, self.ema, self.periodic = None, [], None, []
 
     def state_dict(self):
-        return {"kl_coef": self.kl_coef, "history": self.history, "ema": self.ema}
+        return {"kl_coef": self.kl_coef, "history": self.history, "ema": self.ema, "periodic": self.periodic}
 
     def load_state_dict(self, sd):
         self.kl_coef, self.history, self.ema = sd["kl_coef"], sd["history"], sd["ema"]
+        self.periodic = sd.get("periodic", [])
 
 
 def load_critic(path: str, dtype):
@@ -100,9 +106,13 @@ def main(cfg: DictConfig) -> None:
     critic = load_critic(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"], torch.float32)
     for m in (policy, critic, reward_model) + ((ref,) if ref is not None else ()):
         disable_dropout(m)
-    # read at the tokens that matter only (no logits for the prompt); these wrappers are what DDP wraps
-    policy, critic, reward_model = TokenModel(policy), TokenModel(critic), TokenModel(reward_model)
-    ref = TokenModel(ref) if ref is not None else None
+    # read at the tokens that matter only (no logits for the prompt); these wrappers are what DDP wraps. The frozen
+    # models are not prepared, so they get the Accelerator's autocast themselves: under bf16 the reference then
+    # computes exactly the policy's log-probs at the start (KL 0), and the reward model runs as the critic does
+    policy, critic = TokenModel(policy), TokenModel(critic)
+    reward_model = TokenModel(reward_model, autocast=acc.autocast)
+    ref = TokenModel(ref, autocast=acc.autocast) if ref is not None else None
+    closing = turn_closing(rm_tok if rm_tok.chat_template else tok)  # where the reward model is read
     if t.reward not in ("model", "gold") and not t.reward.startswith("contains:"):
         raise UserError(f"train.reward={t.reward!r}: use model, gold or contains:<text>")
     needle = t.reward.partition(":")[2]
@@ -110,6 +120,12 @@ def main(cfg: DictConfig) -> None:
     normalise = t.normalize_reward and t.reward == "model"
     rm_mean, rm_std = (stats.get("mean", 0.0), max(stats.get("std", 1.0), 1e-6)) if normalise else (0.0, 1.0)
     oracle = GoldOracle.from_config(cfg.data.world)
+
+    def training_score(raw, ended):
+        """The score PPO trains on: normalised with the reward stage's statistics, unfinished replies below all
+        finished ones (train.missing_eos_penalty)."""
+        score = (raw - rm_mean) / rm_std
+        return score if t.missing_eos_penalty is None else pm.penalise_unfinished(score, ended, t.missing_eos_penalty)
 
     packing = t.pack_sequences  # 0 once check_packing finds this model's attention ignores the boundaries
 
@@ -128,7 +144,9 @@ def main(cfg: DictConfig) -> None:
     if not prompts:
         raise UserError(f"no usable PPO prompts in data.prompts ({cfg.data.prompts.kind}:{cfg.data.prompts.path})")
     prompts = [p["messages"] for p in prompts]
-    eval_prompts = [p["messages"] for p in eval_prompts][: t.eval_prompts]
+    eval_prompts = [p["messages"] for p in eval_prompts]
+    periodic_prompts = eval_prompts[: t.periodic_eval_prompts][acc.process_index:: acc.num_processes]
+    eval_prompts = eval_prompts[: t.eval_prompts]
     say(f"[ppo] {len(prompts)} training prompts, {len(eval_prompts)} held-out prompts"
         + (f", {skipped} bad records skipped" if skipped else ""))
 
@@ -169,7 +187,29 @@ def main(cfg: DictConfig) -> None:
     # ---- the loop: generate -> score -> KL penalty -> advantages -> update -----------------------------------
     bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, desc="ppo",
                disable=not acc.is_main_process, dynamic_ncols=True)
+    def periodic_eval(done: int) -> None:
+        """Held-out gold, reward (as trained on) and exact KL to SFT of the policy after `done` iterations."""
+        if not t.periodic_eval_prompts or any(r["iteration"] == done for r in state.periodic):
+            return
+        t1 = time.time()
+        policy.eval()
+        torch.manual_seed(cfg.seed * 1_000_003 + 4241 + acc.process_index)  # the same draw at every evaluation
+        out = evaluate(acc.unwrap_model(policy), periodic_prompts, tok, end_ids, t, oracle, reward_model, closing,
+                       ref_logits, dev, packing, greedy=False)
+        out = {k: gather_object(out[k]) for k in ("gold", "reward", "kl", "ended")}
+        score = training_score(torch.tensor(out["reward"]), torch.tensor(out["ended"], dtype=torch.bool))
+        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        row = {"iteration": done, "gold": mean(out["gold"]), "reward": float(score.mean()) if len(score) else 0.0,
+               "kl": mean(out["kl"]), "rm_score": mean(out["reward"]), "ended_fraction": mean(out["ended"]),
+               "n": len(out["gold"])}
+        state.periodic.append(row)
+        tracker.log({"periodic/gold_score": row["gold"], "periodic/reward": row["reward"], "periodic/kl": row["kl"],
+                     "periodic/rm_score": row["rm_score"], "periodic/ended_fraction": row["ended_fraction"],
+                     "periodic/seconds": time.time() - t1}, step=done)
+
     for it in bar:
+        if it % t.eval_every == 0:
+            periodic_eval(it)
         t0 = time.time()
         idx = batch_indices(len(prompts), t.rollout_batch_size, it, 0, 1, acc.num_processes, acc.process_index, cfg.seed)
         batch_prompts = [prompts[i] for i in idx.tolist()]
@@ -195,14 +235,12 @@ def main(cfg: DictConfig) -> None:
         ref_logp = chunked(ref_logprobs, ro, t.forward_batch_size)
         old_values = chunked(lambda r: critic_forward(critic, r, packing), ro, t.forward_batch_size)
         if t.reward == "model":
-            raw_score = chunked(lambda r: reward_scores(reward_model, r, packing), ro, t.forward_batch_size)
+            raw_score = chunked(lambda r: reward_scores(reward_model, r, closing, packing), ro, t.forward_batch_size)
         elif t.reward == "gold":
             raw_score = gold.clone()
         else:  # contains:<text> — a rule any working PPO learns in a few iterations
             raw_score = torch.tensor([float(needle in x) for x in texts], device=dev)
-        score = (raw_score - rm_mean) / rm_std
-        if t.missing_eos_penalty is not None:  # a reply that never ends is worse than any that does
-            score = torch.where(ro.ended, score, torch.full_like(score, t.missing_eos_penalty))
+        score = training_score(raw_score, ro.ended)
         rewards, kl = pm.penalised_rewards(score, old_logp, ref_logp, mask, kl_ctl.value, t.kl_estimator)
         advantages, returns = pm.gae(rewards, old_values, mask, t.gamma, t.lam)
         if t.whiten_advantages:
@@ -217,34 +255,28 @@ def main(cfg: DictConfig) -> None:
         micro = max(1, t.minibatch_size // t.grad_accum)
         log = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max",
                                 "ptx", "grad_norm", "value_grad_norm")}
+
+        def ptx_loss():
+            j = torch.randint(len(ptx_blocks), (t.ptx_batch_size,))
+            x = ptx_blocks[j].to(dev)
+            n, L = x.shape
+            logits = policy(x, torch.arange(L, device=dev).expand(n, L), None,
+                            torch.arange(n * L, device=dev).view(n, L)[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
+
+        def backward(loss):
+            if not torch.isfinite(loss):
+                _diverged(run, it, "loss")
+            acc.backward(loss)
+
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(B, device=dev)
             for s in range(0, B, t.minibatch_size):
                 mb = perm[s: s + t.minibatch_size]
-                for m in range(0, len(mb), micro):
-                    i = mb[m: m + micro]
-                    sub = ro[i]
-                    logp, ent = policy_forward(policy, sub, t.temperature, packing, with_entropy=True)
-                    pg, ps = pm.policy_loss(logp, old_logp[i], advantages[i], mask[i], t.clip_range)
-                    vf, vs = pm.value_loss(critic_forward(critic, sub, packing), old_values[i], returns[i], mask[i],
-                                           t.clip_range_value)
-                    loss = pg + t.vf_coef * vf
-                    if ptx_blocks is not None:
-                        j = torch.randint(len(ptx_blocks), (t.ptx_batch_size,))
-                        x = ptx_blocks[j].to(dev)
-                        n, L = x.shape
-                        logits = policy(x, torch.arange(L, device=dev).expand(n, L), None,
-                                        torch.arange(n * L, device=dev).view(n, L)[:, :-1])
-                        ptx = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
-                        loss = loss + t.ptx_coef * ptx
-                        log["ptx"].append(float(ptx))
-                    if not torch.isfinite(loss):
-                        _diverged(run, it, "loss")
-                    acc.backward(loss * len(i) / len(mb))
-                    for k, v in (("pg", pg), ("vf", vf), ("entropy", pm.masked_mean(ent, mask[i])),
-                                 ("vf_clipfrac", vs["vf_clipfrac"]), *[(k2, ps[k2]) for k2 in
-                                 ("clipfrac", "approx_kl", "ratio_mean", "ratio_max")]):
-                        log[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
+                st = minibatch_backward(policy, critic, ro, mb, micro, old_logp, advantages, old_values, returns, t,
+                                        packing, backward, ptx_loss if ptx_blocks is not None else None)
+                for k, v in st.items():
+                    log[k].append(v)
                 # each model clipped on its own, both norms logged (TRL 1.12 clips neither)
                 log["grad_norm"].append(float(acc.clip_grad_norm_(policy.parameters(), cfg.optim.max_grad_norm)))
                 log["value_grad_norm"].append(float(acc.clip_grad_norm_(critic.parameters(), cfg.optim.max_grad_norm)))
@@ -287,7 +319,11 @@ def main(cfg: DictConfig) -> None:
                                 barrier=acc.wait_for_everyone)
             crash_point(it + 1)
 
+    periodic_eval(t.iterations)  # the last point of the over-optimisation curve: the trained policy
+
     # ---- final evaluation on held-out prompts: PPO against SFT, judged by the gold oracle ------------------
+    # greedy (the headline, eval/...; deterministic) and sampled at the training temperature (eval/sampled/...: the
+    # policy PPO optimised, and the one whose KL the per-iteration figures and best-of-n's bound describe)
     final_policy = acc.unwrap_model(policy)
     if state.ema is not None:
         with torch.no_grad():
@@ -295,37 +331,34 @@ def main(cfg: DictConfig) -> None:
                 p.copy_(e)
     final_policy.eval()
     mine = eval_prompts[acc.process_index:: acc.num_processes]
-    ppo_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev, packing)
-    if ref is not None:
-        sft_eval = evaluate(ref, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev, packing)
-    else:
-        with final_policy.model.disable_adapter():
-            sft_eval = evaluate(final_policy, mine, tok, end_ids, t, oracle, reward_model, ref_logits, dev, packing)
-    ppo_eval, sft_eval = ({k: gather_object(v) for k, v in e.items()} for e in (ppo_eval, sft_eval))
     asked = gather_object([p[-1]["content"] for p in mine])  # in the gathered order, not eval_prompts' own
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    metrics = {
-        "eval/gold_score": mean(ppo_eval["gold"]), "eval/sft_gold_score": mean(sft_eval["gold"]),
-        "eval/win_rate_vs_sft": win_rate(ppo_eval["gold"], sft_eval["gold"]),
-        "eval/kl": mean(ppo_eval["kl"]), "eval/reward": mean(ppo_eval["reward"]),
-        "eval/sft_reward": mean(sft_eval["reward"]), "eval/response_tokens": mean(ppo_eval["length"]),
-        "eval/sft_response_tokens": mean(sft_eval["length"]), "eval/n_prompts": len(ppo_eval["gold"]),
-        "eval/tie_rate_vs_sft": mean([a == b for a, b in zip(ppo_eval["gold"], sft_eval["gold"])]),
-        "data/skipped_records": skipped,
-    }
-    # where the gold score moved: PPO's gains in one component can hide losses in another (correctness, typically)
-    for k in WEIGHTS:
-        metrics[f"eval/gold/{k}"] = mean([c[k] for c in ppo_eval["components"]])
-        metrics[f"eval/sft_gold/{k}"] = mean([c[k] for c in sft_eval["components"]])
+    metrics, evals = {"data/skipped_records": skipped}, {}
+    for prefix, greedy in (("eval", True), ("eval/sampled", False)) if t.eval_sampled else (("eval", True),):
+        both = []
+        for who in ("ppo", "sft"):
+            torch.manual_seed(cfg.seed * 1_000_003 + 7717 + acc.process_index)  # the same seed for PPO and SFT
+            args = (mine, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, packing, greedy)
+            if who == "ppo":
+                e = evaluate(final_policy, *args)
+            elif ref is not None:
+                e = evaluate(ref, *args)
+            else:
+                with final_policy.model.disable_adapter():
+                    e = evaluate(final_policy, *args)
+            both.append({k: gather_object(v) for k, v in e.items()})
+        evals[prefix] = both
+        metrics.update(eval_metrics(*both, prefix))
     tracker.log(metrics, step=t.iterations)
     if acc.is_main_process:
+        ppo_eval, sft_eval = evals["eval"]
         rows = [[p, s, float(sg), r, float(rg)] for p, s, sg, r, rg in zip(
             asked, sft_eval["text"], sft_eval["gold"], ppo_eval["text"], ppo_eval["gold"])][:32]
         tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "ppo", "ppo_gold"], rows, step=t.iterations)
         png = overoptimization_plot(state.history, run.dir / "overoptimization.png",
-                                    title=f"{run.run}: reward model vs gold oracle")
+                                    title=f"{run.run}: reward model vs gold oracle", periodic=state.periodic)
         tracker.image("ppo/overoptimization", png, step=t.iterations)
         (run.dir / "history.json").write_text(json.dumps(state.history, indent=1))
+        (run.dir / "periodic.json").write_text(json.dumps(state.periodic, indent=1))
 
     # ---- save: the aligned policy as a plain Hugging Face checkpoint ---------------------------------------
     acc.wait_for_everyone()
@@ -337,11 +370,14 @@ def main(cfg: DictConfig) -> None:
 
     run.finish(save, metrics, adapter=bool(cfg.peft.enabled and not cfg.peft.merge))
     tracker.finish(metrics, run.final_dir)
-    say(f"[ppo] gold score {metrics['eval/gold_score']:.3f} (SFT {metrics['eval/sft_gold_score']:.3f}), "
-        f"win rate vs SFT {metrics['eval/win_rate_vs_sft']:.2f} (ties {metrics['eval/tie_rate_vs_sft']:.2f}), "
-        f"KL {metrics['eval/kl']:.2f}; saved {run.final_dir}")
-    say("[ppo] gold by component, SFT -> PPO: " + ", ".join(
-        f"{k} {metrics[f'eval/sft_gold/{k}']:.2f} -> {metrics[f'eval/gold/{k}']:.2f}" for k in WEIGHTS))
+    for prefix, how in (("eval", "greedy"), ("eval/sampled", f"sampled at T={t.temperature}")):
+        if f"{prefix}/gold_score" in metrics:
+            say(f"[ppo] {how}: gold score {metrics[f'{prefix}/gold_score']:.3f} (SFT "
+                f"{metrics[f'{prefix}/sft_gold_score']:.3f}), win rate vs SFT {metrics[f'{prefix}/win_rate_vs_sft']:.2f}"
+                f" (ties {metrics[f'{prefix}/tie_rate_vs_sft']:.2f}), KL {metrics[f'{prefix}/kl']:.2f}")
+    say("[ppo] greedy gold by component, SFT -> PPO: " + ", ".join(
+        f"{k[len('eval/gold/'):]} {metrics['eval/sft_gold/' + k[len('eval/gold/'):]]:.2f} -> {v:.2f}"
+        for k, v in metrics.items() if k.startswith("eval/gold/")) + f"; saved {run.final_dir}")
 
 
 def _diverged(run, it: int, what: str):
@@ -350,25 +386,90 @@ def _diverged(run, it: int, what: str):
                     f"{run.ckpt_root} (lower optim.lr or raise train.kl_coef)")
 
 
+def minibatch_backward(policy, critic, ro, mb, micro: int, old_logp, advantages, old_values, returns, t, pack: int,
+                       backward, ptx_loss=None) -> dict:
+    """Backpropagate one minibatch's PPO loss (episodes `mb` of the rollout), `micro` episodes at a time.
+
+    Policy and value losses are token sums over each micro-batch divided by the minibatch's response-token count
+    (counted before the micro-batch loop), so the accumulated gradient is that of the minibatch's token mean,
+    whatever train.grad_accum splits it into (weighting each micro-batch's token mean by its share of episodes would
+    not be: micro-batches hold different numbers of tokens). The PPO-ptx term is a mean over its own blocks, drawn
+    per micro-batch, weighted by the micro-batch's share of the episodes. Returns the minibatch's statistics
+    (losses as the minibatch's, the rest token-weighted means, ratio_max the largest)."""
+    mask = ro.response_mask
+    n_tok = mask[mb].sum().clamp_min(1)
+    out = {"pg": 0.0, "vf": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0, "entropy": 0.0,
+           "ratio_mean": 0.0, "ratio_max": float("-inf")}
+    ptx_total = 0.0
+    for m in range(0, len(mb), micro):
+        i = mb[m: m + micro]
+        sub = ro[i]
+        logp, ent = policy_forward(policy, sub, t.temperature, pack, with_entropy=True)
+        pg, ps = pm.policy_loss(logp, old_logp[i], advantages[i], mask[i], t.clip_range, n_tokens=n_tok)
+        vf, vs = pm.value_loss(critic_forward(critic, sub, pack), old_values[i], returns[i], mask[i],
+                               t.clip_range_value, n_tokens=n_tok)
+        loss = pg + t.vf_coef * vf
+        if ptx_loss is not None:
+            ptx = ptx_loss()
+            loss = loss + t.ptx_coef * ptx * len(i) / len(mb)
+            ptx_total += float(ptx.detach()) * len(i) / len(mb)
+        backward(loss)
+        w = float(mask[i].sum() / n_tok)  # this micro-batch's share of the minibatch's tokens
+        out["pg"] += float(pg.detach())
+        out["vf"] += float(vf.detach())
+        out["entropy"] += w * float(pm.masked_mean(ent, mask[i]))
+        out["vf_clipfrac"] += w * float(vs["vf_clipfrac"])
+        for k in ("clipfrac", "approx_kl", "ratio_mean"):
+            out[k] += w * float(ps[k])
+        out["ratio_max"] = max(out["ratio_max"], float(ps["ratio_max"]))
+    if ptx_loss is not None:
+        out["ptx"] = ptx_total
+    return out
+
+
+def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval") -> dict:
+    """The final evaluation's figures from `evaluate`'s (gathered) outputs for PPO and SFT on the same prompts:
+    <prefix>/gold_score, sft_gold_score, win_rate_vs_sft (ties count half), tie_rate_vs_sft, kl, reward (the reward
+    model's raw score), sft_reward, response_tokens, sft_response_tokens, n_prompts, and the gold components
+    <prefix>/gold/<component>, <prefix>/sft_gold/<component>: where the gold score moved (PPO's gains in one
+    component can hide losses in another, correctness typically)."""
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    out = {
+        f"{prefix}/gold_score": mean(ppo["gold"]), f"{prefix}/sft_gold_score": mean(sft["gold"]),
+        f"{prefix}/win_rate_vs_sft": win_rate(ppo["gold"], sft["gold"]),
+        f"{prefix}/tie_rate_vs_sft": mean([float(a == b) for a, b in zip(ppo["gold"], sft["gold"])]),
+        f"{prefix}/kl": mean(ppo["kl"]), f"{prefix}/reward": mean(ppo["reward"]),
+        f"{prefix}/sft_reward": mean(sft["reward"]), f"{prefix}/response_tokens": mean(ppo["length"]),
+        f"{prefix}/sft_response_tokens": mean(sft["length"]), f"{prefix}/n_prompts": len(ppo["gold"]),
+    }
+    for who, name in ((ppo, "gold"), (sft, "sft_gold")):
+        for k in (who["components"][0] if who["components"] else {}):
+            if k != "total":
+                out[f"{prefix}/{name}/{k}"] = mean([c[k] for c in who["components"]])
+    return out
+
+
 @torch.no_grad()
-def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, ref_logits, dev, pack: int) -> dict:
-    """Greedy (or sampled) replies to held-out prompts: gold score and its components, RM score, exact KL to the
-    reference along the reply (summed over its tokens, at the sampling temperature), length."""
-    out = {"gold": [], "components": [], "reward": [], "kl": [], "length": [], "text": []}
+def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, pack: int,
+             greedy: bool) -> dict:
+    """Greedy or sampled (at the training temperature) replies to held-out prompts: gold score and its components,
+    the reward model's raw score (the one readout), exact KL to the reference along the reply (summed over its
+    tokens, at the sampling temperature), length, whether it ended."""
+    out = {"gold": [], "components": [], "reward": [], "kl": [], "length": [], "text": [], "ended": []}
     for s in range(0, len(prompts), t.eval_batch_size):
         batch = prompts[s: s + t.eval_batch_size]
         ids, am = encode_prompts(tok, batch, t.max_prompt_tokens, dev)
-        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p,
-                    greedy=t.eval_greedy)
+        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, greedy=greedy)
         texts = decode_responses(tok, ro)
         kl = full_kl(response_logits(model, ro, pack), ref_logits(ro), ro.response_mask, t.temperature)
         parts = [oracle.components(p, x) for p, x in zip(batch, texts)]
         out["gold"] += [c["total"] for c in parts]
         out["components"] += parts
-        out["reward"] += reward_scores(reward_model, ro, pack).tolist()
+        out["reward"] += reward_scores(reward_model, ro, closing, pack).tolist()
         out["kl"] += kl.tolist()
         out["length"] += ro.response_mask.sum(-1).tolist()
         out["text"] += texts
+        out["ended"] += ro.ended.tolist()
     return out
 
 

@@ -20,7 +20,7 @@ from pipeline.formats import load_prompts
 from pipeline.generation import generate, load_for_inference
 from pipeline.oracle import WEIGHTS, GoldOracle
 from pipeline.plots import curves_plot, overoptimization_plot
-from pipeline.report import component_rows, curve, fmt, headline_rows, stage_manifests
+from pipeline.report import component_rows, curve, decoding_rows, fmt, headline_rows, stage_manifests
 
 
 @hydra.main(config_path="../conf", config_name="report", version_base="1.3")
@@ -49,10 +49,13 @@ def main(cfg: DictConfig) -> None:
     plot("reward_accuracy", "reward", ["eval/accuracy", "eval/gold_accuracy"], "Reward model accuracy", "accuracy")
     plot("ppo_reward", "ppo", ["ppo/reward", "ppo/gold_score"], "PPO: reward model vs gold", "score")
     plot("ppo_kl", "ppo", ["ppo/kl"], "PPO: KL to the SFT policy", "nats / sequence")
-    hist = run_dir / "ppo" / "history.json"
+    plot("ppo_periodic", "ppo", ["periodic/gold_score", "periodic/reward"],
+         "PPO: held-out evaluations during training (sampled)", "score")
+    hist, periodic = run_dir / "ppo" / "history.json", run_dir / "ppo" / "periodic.json"
     if "ppo" in manifests and hist.exists():
-        plots.append(("Over-optimisation (Gao et al. axes)",
-                      overoptimization_plot(json.loads(hist.read_text()), figs / "overoptimization.png")))
+        plots.append(("Over-optimisation (Gao et al. axes): held-out evaluations (lines), training batches (faint)",
+                      overoptimization_plot(json.loads(hist.read_text()), figs / "overoptimization.png",
+                                            periodic=json.loads(periodic.read_text()) if periodic.exists() else None)))
 
     # ---- the same held-out prompts answered by every model ---------------------------------------------
     prompts = [p["messages"] for p in load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)[0]]
@@ -86,6 +89,14 @@ def main(cfg: DictConfig) -> None:
         L.append("| **gold score** | | " + " | ".join(fmt(m[s].get(k)) for s, k in (
             ("sft", "eval/pretrain_gold_score"), ("sft", "eval/gold_score"), ("ppo", "eval/sft_gold_score"),
             ("ppo", "eval/gold_score"))) + " |")
+    both = decoding_rows(manifests.get("ppo", {}).get("metrics", {}), WEIGHTS)
+    if both:
+        L += ["", "## PPO's final evaluation: greedy and sampled", "",
+              "PPO and SFT answer the same held-out prompts greedily (the headline figures above) and sampled at the "
+              "training temperature (the policy PPO optimised; `eval/sampled/...`). Win and tie rates compare PPO's "
+              "answer with SFT's on each prompt by gold score; KL is exact, summed along PPO's replies.", "",
+              "| | SFT greedy | PPO greedy | SFT sampled | PPO sampled |", "|---|---|---|---|---|"]
+        L += [f"| {what} | " + " | ".join(fmt(v) for v in vals) + " |" for what, *vals in both]
     L += ["", "## Curves", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
     if answers:
         L += ["## The same held-out prompts, answered by each model", "",
@@ -106,7 +117,9 @@ def main(cfg: DictConfig) -> None:
     print(f"  pretrain eval/perplexity {_f(g('pretrain', 'eval/perplexity'))} | SFT gold {_f(g('sft', 'eval/gold_score'))}"
           f" (pretrained {_f(g('sft', 'eval/pretrain_gold_score'))}) | RM gold accuracy {_f(g('reward', 'eval/gold_accuracy'))}")
     print(f"  PPO gold {_f(g('ppo', 'eval/gold_score'))} vs SFT {_f(g('ppo', 'eval/sft_gold_score'))}, "
-          f"win rate {_f(g('ppo', 'eval/win_rate_vs_sft'))}, KL {_f(g('ppo', 'eval/kl'))}")
+          f"win rate {_f(g('ppo', 'eval/win_rate_vs_sft'))}, KL {_f(g('ppo', 'eval/kl'))} (greedy); sampled: "
+          f"{_f(g('ppo', 'eval/sampled/gold_score'))} vs {_f(g('ppo', 'eval/sampled/sft_gold_score'))}, win rate "
+          f"{_f(g('ppo', 'eval/sampled/win_rate_vs_sft'))}, KL {_f(g('ppo', 'eval/sampled/kl'))}")
 
 
 def _f(v) -> str:

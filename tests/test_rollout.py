@@ -71,7 +71,7 @@ def test_packed_forward_equals_padded(models, per_row):
         for fn in (lambda r, k: response_logits(policy, r, k), lambda r, k: critic_forward(critic, r, k)):
             a, b = fn(RO, per_row), fn(RO, 0)
             torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(reward_scores(critic, RO, per_row), reward_scores(critic, RO, 0),
+        torch.testing.assert_close(reward_scores(critic, RO, [END, 3], per_row), reward_scores(critic, RO, [END, 3]),
                                    atol=1e-5, rtol=1e-5)
     assert check_packing(policy, RO, per_row, 0.7) < 1e-5
 
