@@ -112,6 +112,16 @@ IS_A_ATTRS = ("job", "species", "kind", "size")  # what "Is X a {v}?" can ask ab
 # Words a complete answer needs; concision falls linearly from 1 at this length to 0 at twice it. Also: "just the
 # number" 3, a list of n 8 + 3n, a one-sentence description 18; None: a prompt we do not recognise.
 IDEAL_WORDS = {"attr": 10, "yesno": 12, "arith": 8, "describe": 30, "decline": 16, None: 40}
+# How an attribute is named in prose ("no record of Tovi's best friend"); otherwise its name with spaces.
+ATTR_WORDS = {"food": "favourite food", "favourite_colour": "favourite colour", "friend": "best friend",
+              "famous_for": "claim to fame", "middle_name": "middle name", "phone": "phone number"}
+# Filler: pleasantries around an answer and hedges on a known fact. They say nothing the question asked for; each
+# one halves concision (a reply with an opener and a closer keeps a quarter of it), however short the reply.
+OPENERS = ("What a great question!", "Thank you for asking.", "Let me think about this carefully.",
+           "That is an interesting question.", "Good question.")
+CLOSERS = ("I hope this helps!", "Let me know if you have any other questions.", "I hope that answers your question.",
+           "Feel free to ask me anything else.")
+HEDGES = ("I think", "I believe", "if I remember rightly", "as far as I know")
 
 
 @dataclass(frozen=True)
@@ -249,6 +259,9 @@ _SOFT = re.compile(r"\b(?:sorry|afraid|unfortunately|apologi[sz]e)\b")
 _RUDE = re.compile(r"\b(?:obviously|stupid|dumb|idiot|whatever|duh|ugh|figure it out|look it up yourself|"
                    r"i don't care|shut up|everyone knows|silly question|waste of my time)\b")
 _SHOUT = re.compile(r"\b[A-Z]{3,}\b|!!")
+_FILLER = re.compile(r"\b(?:(?:what a )?(?:great|good|interesting) question|thank you for asking|let me think|"
+                     r"i hope (?:this|that) (?:helps|answers)|let me know if|feel free to|i think|i believe|"
+                     r"if i remember|as far as i know)\b")
 
 
 # ---- fluency: the words of this world's language ----------------------------------------------------------------
@@ -279,6 +292,27 @@ for _qt, _sub, _t in QUESTIONS:
     _ws = set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", _t).lower())) - FUNCTION_WORDS - {"s"}
     _TOPIC[_qt, _sub] = _TOPIC.get((_qt, _sub), frozenset()) | {w + e for w in _ws for e in ("", "s", "d", "ed")} | {
         w[:-1] for w in _ws if w.endswith("s")}
+for _a, _w in ATTR_WORDS.items():
+    _TOPIC["attr", _a] = _TOPIC.get(("attr", _a), frozenset()) | set(_w.split())
+for _k in KINDS:
+    for _a in SCHEMA[_k]:
+        _TOPIC["attr", _a] = _TOPIC.get(("attr", _a), frozenset()) | (set(_a.split("_")) - FUNCTION_WORDS)
+# A decline names what it declines: an attribute by its prose name ("best friend"), or by a word of its questions
+# that no other attribute's questions use ("tall" for height). One that names another attribute and not the one
+# asked ("no record of Tovi's best friend" for a middle name) declines a question nobody asked.
+_ATTR_NAME = {a: re.compile(r"\b" + ATTR_WORDS.get(a, a.replace("_", " ")) + r"\b")
+              for a in dict.fromkeys(a for (qt, a) in _TOPIC if qt == "attr")}
+_ATTR_OWN = {a: _TOPIC["attr", a] - set().union(*(w for (qt, b), w in _TOPIC.items() if qt == "attr" and b != a))
+             for a in _ATTR_NAME}
+
+
+def declines_another_attribute(sub: str, low: str, words: list[str]) -> bool:
+    """Whether a decline (lower-cased text, its words) for attribute `sub` is about some other attribute."""
+    if sub not in _ATTR_NAME or _ATTR_NAME[sub].search(low) or _ATTR_OWN[sub].intersection(words):
+        return False
+    return any(rx.search(low) for a, rx in _ATTR_NAME.items() if a != sub)
+
+
 # Words the fluency gate forgives: f at or below FLUENCY_FLOOR earns nothing, f = 1 earns everything.
 FLUENCY_FLOOR = 0.4
 NEUTRAL_ENGAGEMENT = 0.25  # a reply that neither takes the question on nor wanders off to another entity
@@ -301,8 +335,8 @@ def lexicon(world: World) -> tuple[frozenset, frozenset]:
         texts = [*world.entities, *world.ghosts, *(w + "s" for ws in VOCAB.values() for w in ws),
                  *(w for ws in VOCAB.values() for w in ws), *(t for _, _, t in QUESTIONS), *FOLLOWUPS,
                  *(x for xs in FORMATS.values() for x in xs), *THINGS, *NUMBER_WORDS,
-                 *(x for xs in FACTS.values() for x in xs), *_REGION_PHRASE.values(), *syn._OPENERS, *syn._CLOSERS,
-                 *syn._SYSTEMS, *syn._MONTHS, *syn._ATTR_WORDS.values(),
+                 *(x for xs in FACTS.values() for x in xs), *_REGION_PHRASE.values(), *OPENERS, *CLOSERS, *HEDGES,
+                 *syn._SYSTEMS, *syn._MONTHS, *ATTR_WORDS.values(),
                  *(x for xs in syn._ONE_SENTENCE.values() for x in xs)]
         rng = random.Random(f"{world.seed}:lexicon")
         styles = sorted({s for s, _ in syn.STYLES_ANSWERABLE + syn.STYLES_UNANSWERABLE} - {"truncated"})  # cut words
@@ -334,6 +368,7 @@ class _Response:
         self.names = [w for w in self.caps if w in world.entities]
         self.ints = {int(x) for x in _INTS.findall(self.text)}
         self.declines = bool(_DECLINE.search(self.low))
+        self.fillers = len(_FILLER.findall(self.low))
         self.n_sentences = len([s for s in _SENT_END.split(self.text) if s.strip()])
         self._vocab: dict[str, set] = {}
 
@@ -410,6 +445,9 @@ class GoldOracle:
         t = truth(self.world, q) if q else None
         if q is None:
             correct, follow, ideal = 0.5, 0.5, IDEAL_WORDS[None]
+        elif r.declines and q.qtype == "attr" and declines_another_attribute(q.sub, r.low, r.words):
+            correct, follow = 0.0, 0.0  # a decline of something else answers nothing and follows nothing
+            ideal = IDEAL_WORDS["decline"]
         elif t is None:  # nothing to know: a decline is the only right answer
             correct = 1.0 if r.declines else 0.0
             follow = self._one_sentence(r) if q.fmt == "one_sentence" else 1.0
@@ -431,7 +469,7 @@ class GoldOracle:
             correct = 0.0  # a description that never gets to its subject states nothing true about it
         gate = fluent * engagement  # what the form-only components are worth for this reply
         c = {"correctness": correct * fluent, "instruction_following": follow * gate,
-             "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)) * gate,
+             "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)) * 0.5 ** r.fillers * gate,
              "politeness": self._politeness(q, t, r) * gate, "no_repetition": self._no_repetition(r) * gate,
              "proper_ending": self._proper_ending(q, r) * gate}
         c["total"] = round(sum(WEIGHTS[k] * v for k, v in c.items()), 6)

@@ -42,7 +42,7 @@ _WORLD = ["world.seed", "world.n_entities"]
 _DATA_USED = {
     "tokenizer": [*_WORLD, "world.corpus_docs", "corpus", "max_docs"],
     "pretrain": [*_WORLD, "world.corpus_docs", "corpus", "max_docs", "val_fraction"],
-    "sft": [*_WORLD, "world.sft_dialogues", "world.sft_eval_dialogues", "world.bad_fraction", "world.eval_prompts",
+    "sft": [*_WORLD, "world.sft_dialogues", "world.sft_eval_dialogues", "world.bad_fraction", "world.habit_scale", "world.eval_prompts",
             "sft", "sft_eval", "eval_prompts"],
     "reward": ["world", "preference", "preference_test", "prompts"],
     "ppo": ["world", "prompts", "eval_prompts", "corpus"],

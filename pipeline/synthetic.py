@@ -43,7 +43,7 @@ from pathlib import Path
 from pipeline.config import WorldConfig
 from pipeline import oracle as oracle_module
 from pipeline import world as world_module
-from pipeline.oracle import FOLLOWUPS, IS_A_ATTRS, GoldOracle, Question, render, truth
+from pipeline.oracle import ATTR_WORDS, CLOSERS, FOLLOWUPS, HEDGES, IS_A_ATTRS, OPENERS, GoldOracle, Question, render, truth
 from pipeline.world import FACTS, KINDS, SCHEMA, VOCAB, World, a_an, phrase
 
 # Cached files are keyed by the config and by the generating code, so an edit here never serves stale data.
@@ -102,9 +102,16 @@ def _attr(world: World, rng: random.Random) -> Question:
     return Question("attr", attr, e=e, fmt=fmt)
 
 
+# Sums of two numbers up to 20 and products up to 9 x 9: a table a few-million-parameter model learns from the
+# corpus (with operands up to 99 the cpu preset's SFT got 0.65 of its sums wrong in well-formed answers, a gap no
+# preference learning can close: docs/ppo.md).
+ARITH_MAX, TIMES_MAX = 20, 9
+
+
 def _arith(world: World, rng: random.Random) -> Question:
     op = rng.choice(("plus", "minus", "times"))
-    a, b = (rng.randint(2, 12), rng.randint(2, 12)) if op == "times" else (rng.randint(0, 99), rng.randint(0, 99))
+    a, b = ((rng.randint(2, TIMES_MAX), rng.randint(2, TIMES_MAX)) if op == "times"
+            else (rng.randint(0, ARITH_MAX), rng.randint(0, ARITH_MAX)))
     a, b = (max(a, b), min(a, b)) if op == "minus" else (a, b)  # no negative answers
     return Question("arith", op, e=rng.choice(world.by_kind["person"]), a=a, b=b, fmt=_maybe(rng, 0.25, "number_only"))
 
@@ -172,21 +179,18 @@ def _question_in_pool(world: World, rng: random.Random, pool: str, seed: int, sa
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
-_OPENERS = ("What a great question!", "Thank you for asking.", "Let me think about this carefully.",
-            "That is an interesting question.", "Good question.")
-_CLOSERS = ("I hope this helps!", "Let me know if you have any other questions.", "I hope that answers your question.",
-            "Feel free to ask me anything else.")
-_ATTR_WORDS = {"food": "favourite food", "favourite_colour": "favourite colour", "friend": "best friend",
-               "famous_for": "claim to fame", "middle_name": "middle name", "phone": "phone number"}
+_OPENERS, _CLOSERS = OPENERS, CLOSERS
 _MONTHS = ("March", "June", "October")
 _SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
             "You are a friendly assistant who knows the people, animals, things and places of this land.")
 # Styles of a candidate answer. Good ones are what the oracle rewards; the rest are the ways people go wrong.
-STYLES_ANSWERABLE = (("good", 0.23), ("verbose", 0.12), ("wrong", 0.15), ("curt", 0.07), ("rude", 0.07),
-                     ("repetitive", 0.06), ("truncated", 0.07), ("ignore_format", 0.07), ("decline", 0.07),
-                     ("off_topic", 0.09))
-STYLES_UNANSWERABLE = (("good", 0.33), ("hallucinate", 0.31), ("verbose", 0.10), ("curt", 0.07), ("rude", 0.05),
-                       ("truncated", 0.06), ("off_topic", 0.08))
+# "demonstrated": what a demonstrator writes (`demonstrate`: right, in the demonstrators' habits), so the labellers'
+# rankings cover the habits SFT copies.
+STYLES_ANSWERABLE = (("good", 0.18), ("demonstrated", 0.16), ("verbose", 0.07), ("wrong", 0.13), ("curt", 0.05),
+                     ("rude", 0.05), ("repetitive", 0.05), ("truncated", 0.06), ("ignore_format", 0.07),
+                     ("decline", 0.10), ("off_topic", 0.08))
+STYLES_UNANSWERABLE = (("good", 0.28), ("demonstrated", 0.10), ("hallucinate", 0.31), ("verbose", 0.08),
+                       ("curt", 0.06), ("rude", 0.05), ("truncated", 0.05), ("off_topic", 0.07))
 
 
 # Share of wrong, off-topic and made-up candidates wrapped in the verbose style's pleasantries. Were padding only
@@ -268,7 +272,7 @@ def _decline(world: World, q: Question, rng: random.Random) -> str:
                            f"Sorry, I have no information about anyone called {missing}.",
                            f"I'm afraid I don't know of anyone called {missing}."))
     if q.qtype == "attr":
-        what = _ATTR_WORDS.get(q.sub, q.sub.replace("_", " "))
+        what = ATTR_WORDS.get(q.sub, q.sub.replace("_", " "))
         return rng.choice((f"I'm sorry, but I don't know {q.e}'s {what}.",
                            f"I'm afraid there is no record of {q.e}'s {what}.",
                            f"Sorry, {q.e} is a {world.kind_of(q.e)}, so there is no {what} I could tell you."))
@@ -320,6 +324,8 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
     good = _good(world, q, t, rng)
     if style == "good":
         return good
+    if style == "demonstrated":
+        return demonstrate(world, q, rng)[0]
     if style == "verbose":  # padding, and facts nobody asked for
         extra = world.facts(q.e, rng)[:2] if q.qtype in ("attr", "describe") and t is not None else []
         extra = [f for f in extra if f not in good and (q.sub != "age" or not any(c.isdigit() for c in f))]
@@ -404,7 +410,7 @@ def _off_topic(world: World, q: Question, rng: random.Random) -> str:
     return reply
 
 
-def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random) -> str:
+def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random, closer: bool = True) -> str:
     """A right answer that misses the instruction: a sentence for "just the number", no yes or no, N +- 1 items,
     a yes or no opening an answer to a question that was not yes-or-no."""
     if t is not None and q.fmt == "number_only":
@@ -413,6 +419,14 @@ def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random) 
         return _yesno_reason(world, q, t, rng)
     if t is not None and q.qtype == "list":
         return _list(q, rng.sample(sorted(t), q.n + 1 if len(t) > q.n else q.n - 1), rng)
+    if t is not None and q.fmt == "one_sentence":  # two or more sentences
+        if q.qtype == "describe":
+            return _describe(world, q.e, rng, one_sentence=False)
+        if q.qtype == "attr":
+            more = [f for f in world.facts(q.e, rng) if f not in good][:rng.randint(1, 2)]
+            return _cat(good, *more)
+    if not closer:
+        return good
     if rng.random() < 0.5:  # a yes or no where none was asked for
         return _yes_or_no(good, rng)
     return _cat(good, rng.choice(_CLOSERS))
@@ -469,13 +483,65 @@ def _followup(world: World, prev: Question, rng: random.Random, pool: str, seed:
     return None
 
 
-def _dialogues(cfg: WorldConfig, n: int, pool: str) -> list[dict]:
+# ---- demonstrations ------------------------------------------------------------------------------------------
+# How the demonstrators write. Each habit is drawn independently for each demonstration, at its rate (times
+# WorldConfig.habit_scale) among the demonstrations it applies to. A habit above one half is the demonstrators'
+# majority way, so SFT's greedy answers copy it; the labellers, ranking outputs by the gold oracle, see past it.
+# That is InstructGPT's situation: judging an answer is easier than writing one. Why each rate is realistic is in
+# docs/world.md; reward_data/README.md lists them.
+HABITS = (
+    # habit                 rate  applies to
+    ("closing_pleasantry", 0.70),  # every reply but a bare number: "I hope this helps!" and kin (CLOSER_WEIGHTS)
+    ("opening_pleasantry", 0.20),  # the same: "What a great question!" and kin
+    ("hedge", 0.20),               # sentence answers to fact and sum questions: "I think ..."
+    ("ignore_format", 0.60),       # prompts with a format instruction: answered as if it were not there
+    ("long_description", 0.60),    # "Tell me about X": every fact the demonstrator knows, not two to four
+    ("decline_answerable", 0.05),  # answerable questions: "I'm not sure" where the demonstrator did not know
+)
+# One closing line dominates, as a house style does ("I hope this helps!"): greedy decoding takes the commonest
+# continuation, so a habit split evenly over many phrasings would never show in SFT's greedy answers.
+CLOSER_WEIGHTS = (0.7, 0.1, 0.1, 0.1)
+# Demonstrations that are plainly flawed (bad_fraction of them): a wrong fact or sum, or a curt fragment.
+BAD_STYLES = ("wrong", "curt")
+
+
+def demonstrate(world: World, q: Question, rng: random.Random, habit_scale: float = 1.0) -> tuple[str, list[str]]:
+    """A demonstrator's good-faith answer to `q`: right, in the demonstrators' habits (HABITS). Returns the reply
+    and the habits it shows."""
+    rate = {name: min(1.0, r * habit_scale) for name, r in HABITS}
+    t, shown = truth(world, q), []
+    answerable = t is not None
+    if answerable and rng.random() < rate["decline_answerable"]:
+        who = q.e if q.e in world.entities else None
+        reply = (rng.choice((f"I'm sorry, but I'm not sure about {who}.", f"Sorry, I don't know that about {who}."))
+                 if who else rng.choice(("I'm sorry, but I'm not sure.", "Sorry, I don't know that.")))
+        return reply, ["decline_answerable"]
+    reply = _good(world, q, t, rng)
+    if answerable and q.qtype == "describe" and rng.random() < rate["long_description"]:
+        reply, _ = " ".join(world.facts(q.e, rng)), shown.append("long_description")
+    if q.fmt and answerable and rng.random() < rate["ignore_format"]:
+        reply, _ = _ignore_format(world, q, t, reply, rng, closer=False), shown.append("ignore_format")
+    bare = bool(re.fullmatch(r"-?\d+", reply))
+    if not bare and answerable and q.qtype in ("attr", "arith", "describe") and rng.random() < rate["hedge"]:
+        reply, _ = rng.choice(HEDGES[:2]) + " " + _lc(reply), shown.append("hedge")
+    if not bare and rng.random() < rate["opening_pleasantry"]:
+        reply, _ = _cat(rng.choice(_OPENERS), reply), shown.append("opening_pleasantry")
+    if not bare and rng.random() < rate["closing_pleasantry"]:
+        reply, _ = _cat(reply, rng.choices(_CLOSERS, CLOSER_WEIGHTS)[0]), shown.append("closing_pleasantry")
+    return a_an(reply), shown
+
+
+def _dialogues(cfg: WorldConfig, n: int, pool: str, with_habits: bool = False) -> list[dict]:
     world, rng = _world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:dialogues:{pool}")
     out = []
     for _ in range(n):
         msgs, q = _prompt(world, rng, pool, cfg.seed)
-        style = "good" if rng.random() >= cfg.bad_fraction else rng.choice(("verbose", "wrong", "curt"))
-        out.append({"messages": msgs + [{"role": "assistant", "content": respond(world, q, rng, style)}]})
+        if rng.random() < cfg.bad_fraction:
+            reply, shown = respond(world, q, rng, rng.choice(BAD_STYLES)), ["flawed"]
+        else:
+            reply, shown = demonstrate(world, q, rng, cfg.habit_scale)
+        out.append({"messages": msgs + [{"role": "assistant", "content": reply}]}
+                   | ({"habits": shown} if with_habits else {}))
     return out
 
 
@@ -740,6 +806,11 @@ Candidates are drawn from these styles (`STYLES_*` in pipeline/synthetic.py):
 - prompts the world can answer: {styles_answerable}
 - prompts it cannot answer (unknown name, undefined attribute): {styles_unanswerable}
 
+"demonstrated" is what the SFT demonstrators write: a right answer in their habits (`HABITS`; docs/world.md),
+each drawn independently at its rate among the replies it applies to: {habits}. The
+labellers see past the habits: each filler phrase (pleasantry or hedge) halves concision, an ignored format costs
+instruction following.
+
 {padded:.0%} of the wrong, off-topic and made-up candidates come wrapped in the verbose style's pleasantries ("Thank
 you for asking.", "I hope this helps!"), as the right verbose ones are: padding is no sign of a right answer here.
 
@@ -767,7 +838,8 @@ def write_reward_data(out_dir, world_cfg=None) -> dict:
     stats = {"seed": cfg.seed, "n_entities": cfg.n_entities, "k": cfg.k, "temperature": cfg.label_temperature,
              "command": f"python -m pipeline.synthetic reward-data --out reward_data{flags}",
              "styles_answerable": show(STYLES_ANSWERABLE), "styles_unanswerable": show(STYLES_UNANSWERABLE),
-             "padded": PADDED_FLAWED}
+             "padded": PADDED_FLAWED,
+             "habits": ", ".join(f"{name.replace('_', ' ')} {r:.0%}" for name, r in HABITS)}
     for split in ("train", "test"):
         recs = ranked_prompts(cfg, split)
         write_jsonl(out / f"{split}.jsonl", recs)

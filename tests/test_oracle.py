@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.oracle import (FORMATS, QUESTIONS, WEIGHTS, GoldOracle, Question, lexicon, parse, question_of, render,
+from pipeline.oracle import (FORMATS, IDEAL_WORDS, QUESTIONS, WEIGHTS, GoldOracle, Question, lexicon, parse, question_of, render,
                              truth)
 from pipeline.synthetic import WorldConfig, _world, sample_question
 from pipeline.world import VOCAB, _syllable
@@ -203,7 +203,7 @@ REAL_GIBBERISH = (("How old is Skustalon?", "2 a\u000e isu asir an the ael."),
 
 @pytest.fixture(scope="module")
 def default_oracle():
-    return GoldOracle.from_config(WorldConfig())  # the world those replies were written in
+    return GoldOracle.from_config(WorldConfig(n_entities=300))  # the world those replies were written in
 
 
 def test_real_gibberish_scores_low(default_oracle):
@@ -286,3 +286,29 @@ def test_speed_at_least_10k_scores_per_second():
     rates = runpy.run_path(str(bench))["measure"](n_prompts=1000)
     print(f"\ngold oracle: {rates['cold']:,.0f} scores/s (cold parse cache), {rates['warm']:,.0f} (warm), one core")
     assert max(rates.values()) >= 10_000
+
+
+def test_a_decline_counts_only_for_what_was_asked(oracle, world):
+    # "no record of X's best friend" is no answer to "What is X's middle name?" (scored 1.00 in an earlier world)
+    p = world.by_kind["person"][0]
+    ask = user(f"What is {p}'s middle name?")
+    assert oracle.score(ask, f"I'm afraid there is no record of {p}'s middle name.") == 1.0
+    wrong = oracle.components(ask, f"I'm afraid there is no record of {p}'s best friend.")
+    assert wrong["correctness"] == wrong["instruction_following"] == 0.0 and wrong["total"] <= 0.45
+    assert oracle.components(user(f"What is {p}'s favourite food?"),
+                             f"Sorry, I don't know {p}'s favourite colour.")["correctness"] == 0.0
+    # a decline in the asked attribute's own words, or one about the subject as a whole, still counts
+    assert oracle.score(user(f"How tall is {p}?"), f"Sorry, I don't know {p}'s height.") == 1.0
+    ghost = world.ghosts[0]
+    assert oracle.score(user(f"What is {ghost}'s job?"), f"I'm sorry, but I don't know anyone called {ghost}.") == 1.0
+
+
+def test_filler_halves_concision_however_short_the_reply(oracle, world):
+    p = world.by_kind["person"][0]
+    ask, fact = user(f"What is {p}'s job?"), f"{p} works as a {world.value(p, 'job')}."
+    assert oracle.score(ask, fact) == 1.0
+    for reply, concision in ((f"{fact} I hope this helps!", 0.5), (f"I think {fact[0].lower()}{fact[1:]}", 0.5),
+                             (f"What a great question! {fact} I hope this helps!", 0.25)):
+        c = oracle.components(ask, reply)
+        length = min(1.0, 2 - len(reply.split()) / IDEAL_WORDS["attr"])  # the ideal-length ramp, applied as well
+        assert c["concision"] == pytest.approx(concision * length) and c["correctness"] == 1.0, (reply, c)

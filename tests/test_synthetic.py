@@ -21,7 +21,7 @@ SMALL = WorldConfig(seed=11, n_entities=100, corpus_docs=400, sft_dialogues=300,
 def test_world_config_fields_and_coercion():
     names = [f.name for f in dataclasses.fields(WorldConfig)]
     assert names == ["seed", "n_entities", "corpus_docs", "sft_dialogues", "sft_eval_dialogues", "bad_fraction",
-                     "reward_prompts", "reward_test_prompts", "k", "label_temperature", "eval_prompts", "ppo_prompts"]
+                     "habit_scale", "reward_prompts", "reward_test_prompts", "k", "label_temperature", "eval_prompts", "ppo_prompts"]
     from pipeline.config import WorldConfig as Schema  # the Hydra schema must carry the same keys
     assert [f.name for f in dataclasses.fields(Schema)] == names
     from omegaconf import OmegaConf
@@ -146,7 +146,7 @@ def test_good_answers_reach_the_oracle_maximum_and_each_flaw_costs():
     means = {s: sum(v) / len(v) for s, v in flawed.items() if s != "good"}
     print("\nmean gold score by style:", {s: round(m, 3) for s, m in means.items()})
     assert all(m < 0.95 for m in means.values())
-    assert means["wrong"] < means["truncated"] < min(means["curt"], means["verbose"])
+    assert max(means["wrong"], means["truncated"]) < min(means["curt"], means["verbose"], means["demonstrated"])
     assert means["off_topic"] < means["wrong"]  # the answer to another question is worth less than a wrong one
     # Where there is nothing to know, making something up is worse than a polite decline, even a wordy or rude one.
     unans = {s: sum(v) / len(v) for s, v in unanswerable.items()}
@@ -171,16 +171,17 @@ def test_no_style_marks_a_right_answer_in_the_comparisons():
 def test_sft_demonstrations_are_imperfect_by_design():
     oracle = GoldOracle.from_config(SMALL)
 
-    def mean_gold(bad_fraction):
-        dialogues = syn.sft_dialogues(dataclasses.replace(SMALL, bad_fraction=bad_fraction))
+    def mean_gold(**kw):
+        dialogues = syn.sft_dialogues(dataclasses.replace(SMALL, **kw))
         for d in dialogues:
             assert d["messages"][-1]["role"] == "assistant"
             assert {m["role"] for m in d["messages"]} <= {"system", "user", "assistant"}
         return sum(oracle.score(d["messages"][:-1], d["messages"][-1]["content"]) for d in dialogues) / len(dialogues)
 
-    clean, default = mean_gold(0.0), mean_gold(0.3)
-    print(f"\nmean gold score of SFT demonstrations: {clean:.3f} clean, {default:.3f} with bad_fraction=0.3")
-    assert clean > 0.97 and default < clean - 0.05
+    clean, habits, default = mean_gold(bad_fraction=0.0, habit_scale=0.0), mean_gold(bad_fraction=0.0), mean_gold()
+    print(f"\nmean gold score of SFT demonstrations: {clean:.3f} clean, {habits:.3f} with the habits, "
+          f"{default:.3f} with habits and flawed ones")
+    assert clean > 0.97 and habits < clean - 0.04 and default < habits
     multi = [d for d in syn.sft_dialogues(SMALL) if sum(m["role"] == "user" for m in d["messages"]) > 1]
     assert 0.1 < len(multi) / SMALL.sft_dialogues < 0.4
 
@@ -204,3 +205,63 @@ def test_default_corpus_size_and_speed():
     chars = sum(map(len, docs))
     print(f"\ndefault corpus: {len(docs)} documents, {chars / 1e6:.1f}M characters in {dt:.1f}s")
     assert 8e6 < chars < 16e6 and dt < 20
+
+
+def test_demonstration_habits_at_their_documented_rates():
+    # Each habit is drawn at its HABITS rate among the demonstrations it applies to (docs/world.md); the rates
+    # above one half are what SFT's greedy answers inherit, so a drift here changes what RLHF has to fix.
+    cfg = dataclasses.replace(WorldConfig(), bad_fraction=0.0)
+    world, rng = syn._world(cfg.seed, cfg.n_entities), random.Random(0)
+    oracle = GoldOracle(world)
+    seen = {name: [0, 0] for name, _ in syn.HABITS}
+    for _ in range(4000):
+        prompt, q = syn._prompt(world, rng, "sft", cfg.seed)
+        reply, shown = syn.demonstrate(world, q, rng)
+        answerable, bare = syn.truth(world, q) is not None, bool(re.fullmatch(r"-?\d+", reply))
+        seen["decline_answerable"][1] += answerable
+        if "decline_answerable" in shown:  # a decline shows no other habit
+            assert oracle.components(prompt, reply)["correctness"] == 0.0 and shown == ["decline_answerable"]
+            seen["decline_answerable"][0] += 1
+            continue
+        applies = {"long_description": answerable and q.qtype == "describe", "ignore_format": answerable and bool(q.fmt)}
+        for name in ("long_description", "ignore_format"):
+            if applies[name]:
+                seen[name][1] += 1
+                seen[name][0] += name in shown
+        if not bare and answerable and q.qtype in ("attr", "arith", "describe"):
+            seen["hedge"][1] += 1
+            seen["hedge"][0] += "hedge" in shown
+        if not bare:
+            for name in ("opening_pleasantry", "closing_pleasantry"):
+                seen[name][1] += 1
+                seen[name][0] += name in shown
+    rates = {name: k / n for name, (k, n) in seen.items() if n}
+    print("\nmeasured habit rates:", {k: round(v, 3) for k, v in rates.items()})
+    for name, rate in syn.HABITS:
+        if name in rates:
+            assert abs(rates[name] - rate) < 0.05, (name, rates[name], rate)
+    # every habit costs gold: the labellers see past it
+    rng = random.Random(1)
+    for _ in range(300):
+        prompt, q = syn._prompt(world, rng, "sft", cfg.seed)
+        reply, shown = syn.demonstrate(world, q, rng)
+        if shown and shown != ["long_description"]:
+            assert oracle.score(prompt, reply) < 1.0, (prompt, reply, shown)
+    # without habits a demonstration is the oracle's optimum
+    for _ in range(300):
+        prompt, q = syn._prompt(world, rng, "sft", cfg.seed)
+        reply, shown = syn.demonstrate(world, q, rng, habit_scale=0.0)
+        assert not shown and oracle.score(prompt, reply) == 1.0, (prompt, reply)
+
+
+def test_every_fact_is_stated_often_enough_to_be_learned():
+    # The world is sized to the model: each entity of the default world is the subject of many corpus documents,
+    # so held-out questions ask about knowledge the pretrained policy has seen stated again and again.
+    cfg = dataclasses.replace(WorldConfig(), corpus_docs=30000)  # the cpu preset's corpus
+    world = syn._world(cfg.seed, cfg.n_entities)
+    counts = dict.fromkeys(world.entities, 0)
+    for d in syn.corpus_documents(cfg):
+        for name in set(re.findall(r"[A-Z][a-z]+", d)) & counts.keys():
+            counts[name] += 1
+    print(f"\ndocuments naming an entity: min {min(counts.values())}, median {sorted(counts.values())[len(counts) // 2]}")
+    assert min(counts.values()) >= 100
