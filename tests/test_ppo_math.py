@@ -266,3 +266,35 @@ def test_ema_update():
     close(target[1], [1.0])
     with pytest.raises(ValueError):
         pm.ema_update(target, online[:1], decay=0.9)
+
+
+def test_unfinished_replies_score_below_every_finished_one():
+    from pipeline.ppo_math import penalise_unfinished
+
+    score = torch.tensor([0.5, -2.0, 1.5, -0.5, -3.0])
+    ended = torch.tensor([True, True, False, True, False])
+    # lowest finished: -2.0; unfinished: min(own, -2.0) - 1 -> -3.0 and -4.0
+    out = penalise_unfinished(score, ended, 1.0)
+    torch.testing.assert_close(out, torch.tensor([0.5, -2.0, -3.0, -0.5, -4.0]))
+    assert out[~ended].max() < out[ended].min()
+    # no finished reply in the batch: own score minus the penalty; all finished: unchanged
+    torch.testing.assert_close(penalise_unfinished(score[[2, 4]], ended[[2, 4]], 0.5), torch.tensor([1.0, -3.5]))
+    torch.testing.assert_close(penalise_unfinished(score, torch.ones(5, dtype=torch.bool), 1.0), score)
+
+
+def test_token_sum_losses_add_up_to_the_batch_mean():
+    """With n_tokens, the losses of the parts of a batch sum to the loss of the whole (a token mean)."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.7, 0.0]])
+    old = torch.tensor([[-1.1, -1.8, -0.5], [-0.3, -0.9, 0.0]])
+    adv = torch.tensor([[1.0, -0.5, 2.0], [0.3, 1.2, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    whole, _ = pm.policy_loss(logp, old, adv, mask, 0.2)
+    parts = sum(pm.policy_loss(logp[[b]], old[[b]], adv[[b]], mask[[b]], 0.2, n_tokens=5)[0] for b in range(2))
+    torch.testing.assert_close(parts, whole)
+    v, r = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]), torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.1, 9.0]])
+    whole, _ = pm.value_loss(v, v * 0.5, r, mask, 0.2)
+    parts = sum(pm.value_loss(v[[b]], v[[b]] * 0.5, r[[b]], mask[[b]], 0.2, n_tokens=5)[0] for b in range(2))
+    torch.testing.assert_close(parts, whole)
+    # by hand: row 0 holds 3 of the 5 tokens, so its token-mean loss counts 3/5, not 1/2
+    row0, _ = pm.value_loss(v[[0]], v[[0]] * 0.5, r[[0]], mask[[0]], 0.2)
+    torch.testing.assert_close(pm.value_loss(v[[0]], v[[0]] * 0.5, r[[0]], mask[[0]], 0.2, n_tokens=5)[0], row0 * 3 / 5)
