@@ -20,9 +20,12 @@ What is set so that TRL runs the workload our stage runs (each is a setting, not
   minibatch; setting the accelerator's gradient_accumulation_steps to 1 after construction gives TRL our optimizer
   steps (one per minibatch, loss averaged over the minibatch), and is what its loop would do with
   num_mini_batches=1 and a rollout batch the size of our minibatch.
-* The score: ours is the reward model's scalar, normalised with the reward stage's mean/std, replaced by
-  `missing_eos_penalty` for a reply with no end-of-turn token. TRL's own penalty subtracts rather than replaces, so
-  TRL's is set to None and its `get_reward` is wrapped to apply ours to the reward model (not the value model).
+* The score: ours is the reward model's scalar read at the last token of the conversation as the chat template
+  writes it (the reply closed by spec["closing"], the template's end of an assistant turn, in place of the stop
+  token; an unfinished reply closed the same way), normalised with the reward stage's mean/std, and for a reply
+  with no end-of-turn token min(its score, the batch's lowest finished one) - `missing_eos_penalty`. TRL reads the
+  reward at the stop token and subtracts its penalty, so TRL's is set to None and its `get_reward` is wrapped to
+  do ours for the reward model (not the value model).
 
 Timing: the clock starts when TRL draws a rollout batch (its iteration's first act) and stops when it logs that
 iteration's metrics (after the PPO epochs): rollout + scoring + advantages + update, the phases our stage's
@@ -65,19 +68,38 @@ def main(spec_path: str, out_path: str) -> None:
     value = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
 
-    # Our score, on TRL's reward-model path only: (raw - mean) / std, replaced by the penalty without end-of-turn.
+    # Our score, on TRL's reward-model path only (see the docstring): closed replies, (raw - mean) / std, and the
+    # penalty that puts an unfinished reply below the batch's finished ones (pipeline.ppo_math.penalise_unfinished;
+    # written out here because this side imports nothing from the repository).
     end_id, mean, std, penalty = spec["end_id"], spec["rm_mean"], spec["rm_std"], w["missing_eos_penalty"]
+    closing = list(spec["closing"])
     original_get_reward = trl_ppo.get_reward
     lengths_seen: list[float] = []
 
+    def closed(query_responses, pad_token_id, context_length):
+        rows = []
+        for r in query_responses[:, context_length:].tolist():
+            r = r[: r.index(end_id)] if end_id in r else [x for x in r if x != pad_token_id]
+            rows.append(r + closing)
+        width = max(map(len, rows))
+        resp = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows], device=query_responses.device)
+        return torch.cat([query_responses[:, :context_length], resp], 1)
+
     def get_reward(model, query_responses, pad_token_id, context_length):
-        logits, final, lengths = original_get_reward(model, query_responses, pad_token_id, context_length)
-        if model is reward:
-            lengths_seen.append(float((lengths - context_length + 1).float().mean()))  # tokens up to the end id
-            final = (final - mean) / std
-            if penalty is not None:
-                ended = (query_responses[:, context_length:] == end_id).any(-1)
-                final = torch.where(ended, final, torch.full_like(final, penalty))
+        if model is not reward:
+            return original_get_reward(model, query_responses, pad_token_id, context_length)
+        ended = (query_responses[:, context_length:] == end_id).any(-1)
+        resp = query_responses[:, context_length:]
+        lengths_seen.append(float(((resp != pad_token_id) | (resp == end_id)).sum(-1).float().mean()))
+        logits, final, lengths = original_get_reward(model, closed(query_responses, pad_token_id, context_length),
+                                                     pad_token_id, context_length)
+        final = (final - mean) / std
+        if penalty is not None:
+            if ended.any():
+                lowest = torch.where(ended, final, torch.inf).min()
+                final = torch.where(ended, final, torch.minimum(final, lowest) - penalty)
+            else:
+                final = final - penalty
         return logits, final, lengths
 
     trl_ppo.get_reward = get_reward

@@ -16,8 +16,8 @@ What it does, in one run:
 3. Fixes one workload from our composed `ppo` config (preset plus the flags here): rollout batch, minibatch, PPO
    epochs, iterations, max new tokens, temperature, KL coefficient and estimator, clip ranges, vf_coef, gamma,
    lambda, learning rate and AdamW settings, the scoring forward-pass chunk, and the score itself (the reward
-   model's scalar normalised with the reward stage's mean/std, replaced by missing_eos_penalty without an end of
-   turn). Prompts: the world's PPO prompts (pipeline.formats.load_prompts), chat-templated as our stage does.
+   model's scalar, read where our stage reads it, normalised with the reward stage's mean/std, and for a reply
+   without an end of turn put missing_eos_penalty below the batch's lowest finished one). Prompts: the world's PPO prompts (pipeline.formats.load_prompts), chat-templated as our stage does.
 4. Runs ours as `python -m stages.ppo` with those overrides (logger=none, no checkpoints or sample tables inside
    the loop, a 2-prompt final evaluation) and TRL as bench/_trl_ppo_driver.py in the TRL venv
    (`trl.experimental.ppo.PPOTrainer`; see that file for the settings that make it run this workload). Each is a
@@ -166,7 +166,7 @@ def run_ours(root: Path, parent: str, preset: str, overrides: list[str], w: dict
     shutil.rmtree(root / name, ignore_errors=True)  # a fresh metrics.jsonl (the tracker appends)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ours-worker", clock, f"preset={preset}", "logger=none",
            f"paths.root={root}", f"run={name}", f"parent_run={parent}", "force=true", *overrides,
-           "train.eval_prompts=2",
+           "train.eval_prompts=2", "train.eval_sampled=false", "train.periodic_eval_prompts=0",
            f"train.save_every={beyond}", "train.sample_every=0"]
     dt = run_logged(cmd, root / f"ours.{n}.log", env)
     stage = root / name / "ppo"
@@ -303,6 +303,7 @@ def main() -> None:
 
     from pipeline.formats import load_prompts
     from pipeline.oracle import GoldOracle
+    from pipeline.rollout import turn_closing
     from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
 
     threads = args.threads or torch.get_num_threads()
@@ -355,6 +356,7 @@ def main() -> None:
         if too_long:
             raise SystemExit(f"{too_long} prompts exceed train.max_prompt_tokens={cfg.train.max_prompt_tokens}")
         spec = {"sft": str(sft), "reward": str(rm), "prompt_ids": prompt_ids, "end_id": end_ids[0],
+                "closing": turn_closing(tok),  # where the reward model is read: the same token as in our stage
                 "rm_mean": w["rm_mean"], "rm_std": w["rm_std"], "workload": w, "threads": threads,
                 "clock": args.clock}
         B = w["rollout_batch_size"]

@@ -30,7 +30,14 @@ def test_ppo_stage_contract(smoke_chain):
         parts = sum(w * m[f"eval/{who}/{k}"] for k, w in WEIGHTS.items())
         assert parts == pytest.approx(m[total], abs=1e-6)  # each total is rounded to 6 places
     assert 0.0 <= m["eval/tie_rate_vs_sft"] <= 1.0
+    for k in ("eval/sampled/gold_score", "eval/sampled/sft_gold_score", "eval/sampled/win_rate_vs_sft",
+              "eval/sampled/tie_rate_vs_sft", "eval/sampled/kl"):
+        assert k in m, k
+    # held-out evaluations before the first iteration, every train.eval_every (2) and after the last (4)
+    assert len(_curve(smoke_chain, "default", "periodic/gold_score")) == 3
+    assert _curve(smoke_chain, "default", "periodic/kl")[0] == pytest.approx(0.0, abs=1e-4)  # SFT itself
     d = smoke_chain / "default" / "ppo"
+    assert len(json.loads((d / "periodic.json").read_text())) == 3
     assert (d / "overoptimization.png").stat().st_size > 1000
     for key in ("ppo/score", "ppo/gold_score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
                 "ppo/approx_kl", "ppo/value_loss", "ppo/explained_variance", "ppo/response_length",
