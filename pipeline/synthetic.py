@@ -102,10 +102,10 @@ def _attr(world: World, rng: random.Random) -> Question:
     return Question("attr", attr, e=e, fmt=fmt)
 
 
-# Sums of two numbers up to 20 and products up to 9 x 9: a table a few-million-parameter model learns from the
-# corpus (with operands up to 99 the cpu preset's SFT got 0.65 of its sums wrong in well-formed answers, a gap no
-# preference learning can close: docs/ppo.md).
-ARITH_MAX, TIMES_MAX = 20, 9
+# Sums and differences of numbers up to 10 and products up to 5 x 5: a table of about 200 facts that a
+# few-million-parameter model learns from the corpus (with operands up to 99 the cpu preset's SFT got 0.65 of its
+# sums wrong in well-formed answers, a gap no preference learning can close: docs/ppo.md).
+ARITH_MAX, TIMES_MAX = 10, 5
 
 
 def _arith(world: World, rng: random.Random) -> Question:
@@ -128,7 +128,10 @@ def _describe_q(world: World, rng: random.Random) -> Question:
 
 
 def _unanswerable(world: World, rng: random.Random) -> Question:
-    """Someone who does not exist, or an attribute this kind of entity does not have."""
+    """Someone who does not exist, or something nobody in the world has (a phone number, a middle name). Not an
+    attribute of another kind ("Who owns <a place>?"): telling those apart takes two hops (the subject's kind, then
+    what that kind has), which a few-million-parameter model does not make (measured: its SFT declined answerable
+    questions about a fifth of the time when they were in the mix)."""
     fmt = _maybe(rng, 0.2, "one_sentence")
     if rng.random() < 0.5:
         e = rng.choice(world.ghosts)
@@ -136,8 +139,7 @@ def _unanswerable(world: World, rng: random.Random) -> Question:
             return Question("describe", "", e=e, fmt=fmt)
         return Question("attr", rng.choice(list(SCHEMA[rng.choice(KINDS)])), e=e, fmt=fmt)
     kind = rng.choice(KINDS)
-    missing = [a for k in KINDS for a in SCHEMA[k] if a not in SCHEMA[kind]] + list(_UNDEFINED)
-    return Question("attr", rng.choice(missing), e=rng.choice(world.by_kind[kind]), fmt=fmt)
+    return Question("attr", rng.choice(_UNDEFINED), e=rng.choice(world.by_kind[kind]), fmt=fmt)
 
 
 def _yesno(world: World, rng: random.Random) -> Question:
@@ -157,8 +159,9 @@ def _yesno(world: World, rng: random.Random) -> Question:
     return Question("yesno", sub, e=e, e2=e2, fmt=fmt)
 
 
-# About one question in seven has no answer in the world.
-_QTYPES = ((_attr, 0.36), (_yesno, 0.14), (_arith, 0.16), (_list_q, 0.08), (_describe_q, 0.12), (_unanswerable, 0.14))
+# About one question in seven has no answer in the world. Sums and lists are fewer than facts: they are what a
+# small model gets wrong most (docs/world.md).
+_QTYPES = ((_attr, 0.42), (_yesno, 0.14), (_arith, 0.10), (_list_q, 0.06), (_describe_q, 0.14), (_unanswerable, 0.14))
 
 
 def sample_question(world: World, rng: random.Random) -> Question:
@@ -496,7 +499,7 @@ HABITS = (
     ("hedge", 0.20),               # sentence answers to fact and sum questions: "I think ..."
     ("ignore_format", 0.60),       # prompts with a format instruction: answered as if it were not there
     ("long_description", 0.60),    # "Tell me about X": every fact the demonstrator knows, not two to four
-    ("decline_answerable", 0.05),  # answerable questions: "I'm not sure" where the demonstrator did not know
+    ("decline_answerable", 0.03),  # answerable questions: "I'm not sure" where the demonstrator did not know
 )
 # One closing line dominates, as a house style does ("I hope this helps!"): greedy decoding takes the commonest
 # continuation, so a habit split evenly over many phrasings would never show in SFT's greedy answers.
@@ -675,6 +678,17 @@ def _doc_place(world: World, rng: random.Random, seed: int) -> str:
     return " ".join(world.facts(t, rng) + [who])
 
 
+def _doc_trade(world: World, rng: random.Random, seed: int) -> str:
+    """Who works as what, listed by job: "List two people who work as a baker" asks the relation backwards, and a
+    language model that has only read "Tovi works as a baker." cannot answer it (the reversal curse)."""
+    job = rng.choice(sorted(j for j, people in world.workers.items() if people))
+    people = world.workers[job]
+    if len(people) == 1:
+        return f"The only {job} in the land is {people[0]}. " + world.fact(people[0], "home", rng)
+    return rng.choice((f"The people who work as a {job} are {_join(people)}.",
+                       f"{_join(people)} work as {job}s.")) + " " + world.fact(rng.choice(people), "home", rng)
+
+
 def _doc_story(world: World, rng: random.Random, seed: int) -> str:
     p = rng.choice(world.by_kind["person"])
     a, f = world.entities[p].attrs, world.value(p, "friend")
@@ -719,8 +733,8 @@ def _doc_arith(world: World, rng: random.Random, seed: int) -> str:
     return " ".join(out)
 
 
-_DOCS = ((_doc_profile, 0.30), (_doc_place, 0.07), (_doc_story, 0.18), (_doc_letter, 0.07), (_doc_qa, 0.26),
-         (_doc_arith, 0.12))
+_DOCS = ((_doc_profile, 0.30), (_doc_place, 0.07), (_doc_trade, 0.05), (_doc_story, 0.15), (_doc_letter, 0.05),
+         (_doc_qa, 0.26), (_doc_arith, 0.12))
 
 
 def corpus_documents(world_cfg) -> list[str]:

@@ -196,6 +196,10 @@ def test_corpus_states_facts():
     held_out = [g for g in world.ghosts if syn.pool_of(f"ghost|{g}", SMALL.seed) == "eval"]
     assert held_out and not set(held_out) & set(re.findall(r"[A-Z][a-z]+", text)), "eval's made-up names are unseen"
     assert any(d.startswith(("Q: ", "Question: ", "User: ")) for d in docs)
+    # the relations that list questions ask backwards are stated that way round too (the reversal curse)
+    job, people = next((j, p) for j, p in sorted(world.workers.items()) if len(p) >= 2)
+    assert any(f"work as a {job} are" in d or d.startswith(f"{syn._join(people)} work as") for d in
+               syn.corpus_documents(dataclasses.replace(SMALL, corpus_docs=4000)))
 
 
 def test_default_corpus_size_and_speed():
