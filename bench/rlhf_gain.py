@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--world-seeds", type=int, nargs="+", default=[1234, 7])
     ap.add_argument("--ppo-seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--keep", action="store_true", help="keep what is already under --runs-root: finished stages say "
+                    "they are done and are not redone (the pipeline minutes are then left out)")
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     args = ap.parse_args()
 
@@ -74,8 +76,10 @@ def main() -> None:
     where = machine()
     for ws in args.world_seeds:
         root = Path(args.runs_root) / f"world{ws}"
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
+        reused = args.keep and (root / "default" / "ppo" / "manifest.json").is_file()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
         common = [f"preset={args.preset}", f"paths.root={root}", f"data.world.seed={ws}", "logger=none"]
         walls, peaks = {}, {}
         for stage in ("tokenizer", "pretrain", "sft", "reward", "ppo", "report"):
@@ -106,7 +110,8 @@ def main() -> None:
                 f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
                 first = s == args.ppo_seeds[0]
                 cells = [time.strftime("%Y-%m-%d"), where, args.preset, str(ws), str(s),
-                         f"{row['minutes']:.1f}" if first else "", f"{row['peak']:.2f}" if first else "",
+                         f"{row['minutes']:.1f}" if first and not reused else "",
+                         f"{row['peak']:.2f}" if first and not reused else "",
                          f"{f(row['pretrained'])} / {f(row['sft'])}", f(row["sft_correct"]),
                          f"{f(row['rm_gold_acc'])} / {f(row['ceiling'])}", f"{f(row['ppo'])} / {f(row['ppo_sft'])}",
                          f(row["win"]), f(row["ties"]), f(row["kl"]), f"{f(row['c_sft'])} -> {f(row['c_ppo'])}",

@@ -51,6 +51,28 @@ def overoptimization_plot(history: list[dict], path: Path, title: str = "", peri
     return Path(path)
 
 
+def sweep_overoptimization_plot(runs: dict[str, list[dict]], path: Path, title: str = "") -> Path:
+    """Several PPO runs' periodic held-out evaluations (`periodic.json`: {"iteration", "kl", "reward", "gold"}),
+    gold (left) and reward-model score (right) against sqrt(KL) from SFT, one colour per run: across a kl_coef
+    sweep, where the proxy keeps climbing and the truth turns down."""
+    fig, (ax_g, ax_r) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    for i, (run, rows) in enumerate(runs.items()):
+        pts = sorted(rows, key=lambda h: h["iteration"])
+        x = [math.sqrt(max(h["kl"], 0.0)) for h in pts]
+        color = f"C{i % 10}"
+        ax_g.plot(x, [h["gold"] for h in pts], "s-", ms=3, color=color, label=run)
+        ax_r.plot(x, [h["reward"] for h in pts], "o-", ms=3, color=color, label=run)
+    for ax, what in ((ax_g, "gold score (held-out)"), (ax_r, "reward model score, normalised (held-out)")):
+        ax.set_xlabel("sqrt KL(policy || SFT)  (nats^1/2)")
+        ax.set_ylabel(what)
+    ax_g.legend(fontsize=7)
+    fig.suptitle(title or "over-optimisation across runs")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def curves_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step",
                 ylabel: str = "") -> Path:
     """Several (x, y) curves on one axis; `series` maps a legend label to its points."""

@@ -3,8 +3,12 @@
     make compare RUNS="default lr3e-4"          # = python -m stages.compare 'runs=[default,lr3e-4]'
     make compare                                 # every run under runs/
 
-Writes <paths.root>/compare.md with a table of every run's headline metrics and overlaid curves.
+Writes <paths.root>/compare.md with a table of every run's headline metrics, overlaid curves and, for the runs
+with periodic PPO evaluations, their held-out gold and reward-model scores against sqrt(KL) on one figure: over a
+`train.kl_coef` sweep it shows which settings over-optimise the reward model.
 """
+
+import json
 
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from omegaconf import DictConfig
 
 import pipeline.config  # noqa: F401  (registers the structured configs)
 from pipeline.errors import UserError, friendly
-from pipeline.plots import curves_plot
+from pipeline.plots import curves_plot, sweep_overoptimization_plot
 from pipeline.report import HEADLINE, all_runs, curve, fmt, stage_manifests
 
 CURVES = [("pretrain", "eval/loss", "Pretraining held-out loss"), ("sft", "eval/loss", "SFT held-out loss"),
@@ -49,6 +53,11 @@ def main(cfg: DictConfig) -> None:
             name = f"{stage}_{key.replace('/', '_')}.png"
             curves_plot(series, figs / name, title, ylabel=key)
             L += [f"## {title}", "", f"![{title}]({figs.name}/{name})", ""]
+    periodic = {r: json.loads(f.read_text()) for r in runs if (f := root / r / "ppo" / "periodic.json").is_file()}
+    if any(periodic.values()):
+        sweep_overoptimization_plot(periodic, figs / "ppo_overoptimization.png")
+        L += ["## Over-optimisation: held-out gold and reward-model score against sqrt(KL)", "",
+              f"![over-optimisation]({figs.name}/ppo_overoptimization.png)", ""]
     out.write_text("\n".join(L))
     print(f"compare: {out} ({len(runs)} runs, {len(cols)} metrics)")
 

@@ -116,6 +116,10 @@ def test_report_card_and_compare(smoke_chain):
         assert float(sft_ppo) == pytest.approx(m[f"eval/sft_gold/{k}"], abs=1e-3)
         assert float(ppo) == pytest.approx(m[f"eval/gold/{k}"], abs=1e-3)
     c = run_stage("compare", f"paths.root={smoke_chain}")
-    assert "compare:" in c.stdout and "| default |" in (smoke_chain / "compare.md").read_text()
+    compared = (smoke_chain / "compare.md").read_text()
+    assert "compare:" in c.stdout and "| default |" in compared
+    # the PPO stage's periodic held-out evaluations make the over-optimisation figure across runs
+    assert (smoke_chain / "default" / "ppo" / "periodic.json").is_file() and "ppo_overoptimization.png" in compared
+    assert (smoke_chain / "compare_figs" / "ppo_overoptimization.png").stat().st_size > 1000
     bad = run_stage("compare", f"paths.root={smoke_chain}", "runs=[nope]", check=False)
     assert bad.returncode == 2 and "no such run" in bad.stderr and "Traceback" not in bad.stderr
