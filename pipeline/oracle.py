@@ -501,7 +501,12 @@ class GoldOracle:
                 _TOPIC.get((q.qtype, q.sub), frozenset()).intersection(r.words) or _SHRUG.search(r.low)):
             return 1.0
         if q.qtype == "list":
+            # people, but said about something else ("The best friend of Tovi is Rask."): no list of anyone
+            if any(rx.search(r.low) for rx in _ATTR_NAME.values()):
+                return 0.0
             return 1.0 if r.named("person") else 0.0 if r.names else NEUTRAL_ENGAGEMENT
+        if q.qtype == "describe" and r.names:  # a description of somebody else: it never names its subject
+            return 0.0
         if q.qtype == "yesno":
             found, allowed = _YES_NO.search(r.low) is not None, {q.v}
         else:

@@ -312,3 +312,19 @@ def test_filler_halves_concision_however_short_the_reply(oracle, world):
         c = oracle.components(ask, reply)
         length = min(1.0, 2 - len(reply.split()) / IDEAL_WORDS["attr"])  # the ideal-length ramp, applied as well
         assert c["concision"] == pytest.approx(concision * length) and c["correctness"] == 1.0, (reply, c)
+
+
+def test_a_sentence_about_somebody_else_is_no_description_and_no_list(oracle, world):
+    # what a policy over-optimised against the cpu preset's reward model said to every describe and list question
+    # (scored 0.65 before: all the form points, for a tidy sentence about two other people)
+    a, b = world.by_kind["person"][:2]
+    other = next(x for x in world.by_kind["animal"] if x not in world.related(a))
+    job = next(j for j, p in sorted(world.workers.items()) if len(p) >= 2)
+    for q in (f"Tell me about {other}.", f"List two people who work as a {job}."):
+        c = oracle.components(user(q), f"The best friend of {a} is {b}.")
+        assert c["engagement"] == 0.0 and c["total"] == 0.0, (q, c)
+    # a list of the wrong people is still a list, and a description naming its subject still engages
+    wrong = [p for p in world.by_kind["person"] if p not in world.workers[job]][:2]
+    assert oracle.components(user(f"List two people who work as a {job}."),
+                             f"{wrong[0]} and {wrong[1]} work as {job}s.")["engagement"] == 1.0
+    assert oracle.components(user(f"Tell me about {a}."), world.fact(a, "job", random.Random(0)))["engagement"] == 1.0
