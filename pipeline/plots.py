@@ -44,8 +44,8 @@ def overoptimization_plot(history: list[dict], path: Path, title: str = "", peri
     ax.set_ylabel("reward model score", color=blue)
     ax2.set_ylabel("gold score", color=red)
     ax.set_title(title or "over-optimisation")
-    fig.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=2, fontsize=7)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))  # the legend below the axes, clear of the points and the x label
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
