@@ -34,7 +34,7 @@ def test_every_stage_completes_once(two_proc_chain):
         assert m["status"] == "complete", stage
         assert (root / "mp" / stage / "final").is_dir() and not (root / "mp" / stage / "final.tmp").exists()
     # one process reports (rank 0 prints), and it saw both processes' episodes
-    assert ppo.stdout.count("[ppo] gold score") == 1, ppo.stdout[-2000:]
+    assert ppo.stdout.count("[ppo] greedy: gold score") == 1, ppo.stdout[-2000:]
     rows = [json.loads(x) for x in (root / "mp" / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert sum("ppo/kl" in r for r in rows) == 4  # smoke: 4 iterations, logged once each (not once per process)
 
