@@ -43,7 +43,8 @@ from pathlib import Path
 from pipeline.config import WorldConfig
 from pipeline import oracle as oracle_module
 from pipeline import world as world_module
-from pipeline.oracle import ATTR_WORDS, CLOSERS, FOLLOWUPS, HEDGES, IS_A_ATTRS, OPENERS, GoldOracle, Question, render, truth
+from pipeline.oracle import (ATTR_WORDS, CLOSERS, FOLLOWUPS, HEDGES, IS_A_ATTRS, OPENERS, GoldOracle, Question, render,
+                             truth)
 from pipeline.world import FACTS, KINDS, SCHEMA, VOCAB, World, a_an, phrase
 
 # Cached files are keyed by the config and by the generating code, so an edit here never serves stale data.
@@ -182,7 +183,6 @@ def _question_in_pool(world: World, rng: random.Random, pool: str, seed: int, sa
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
-_OPENERS, _CLOSERS = OPENERS, CLOSERS
 _MONTHS = ("March", "June", "October")
 _SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
             "You are a friendly assistant who knows the people, animals, things and places of this land.")
@@ -203,8 +203,8 @@ PADDED_FLAWED = 0.4
 
 
 def _padded(reply: str, rng: random.Random) -> str:
-    return rng.choice((_cat(rng.choice(_OPENERS), reply), _cat(reply, rng.choice(_CLOSERS)),
-                       _cat(rng.choice(_OPENERS), reply, rng.choice(_CLOSERS))))
+    return rng.choice((_cat(rng.choice(OPENERS), reply), _cat(reply, rng.choice(CLOSERS)),
+                       _cat(rng.choice(OPENERS), reply, rng.choice(CLOSERS))))
 
 
 def _yes_or_no(reply: str, rng: random.Random) -> str:
@@ -333,7 +333,7 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
         extra = world.facts(q.e, rng)[:2] if q.qtype in ("attr", "describe") and t is not None else []
         extra = [f for f in extra if f not in good and (q.sub != "age" or not any(c.isdigit() for c in f))]
         good = f"The answer is {t}." if q.fmt == "number_only" else good
-        return _cat(rng.choice(_OPENERS), good, *extra, rng.choice(_CLOSERS))
+        return _cat(rng.choice(OPENERS), good, *extra, rng.choice(CLOSERS))
     if style == "curt":
         return _curt(world, q, t, rng)
     if style == "rude":
@@ -432,7 +432,7 @@ def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random, 
         return good
     if rng.random() < 0.5:  # a yes or no where none was asked for
         return _yes_or_no(good, rng)
-    return _cat(good, rng.choice(_CLOSERS))
+    return _cat(good, rng.choice(CLOSERS))
 
 
 def _hallucinate(world: World, q: Question, rng: random.Random) -> str:
@@ -528,9 +528,9 @@ def demonstrate(world: World, q: Question, rng: random.Random, habit_scale: floa
     if not bare and answerable and q.qtype in ("attr", "arith", "describe") and rng.random() < rate["hedge"]:
         reply, _ = rng.choice(HEDGES[:2]) + " " + _lc(reply), shown.append("hedge")
     if not bare and rng.random() < rate["opening_pleasantry"]:
-        reply, _ = _cat(rng.choice(_OPENERS), reply), shown.append("opening_pleasantry")
+        reply, _ = _cat(rng.choice(OPENERS), reply), shown.append("opening_pleasantry")
     if not bare and rng.random() < rate["closing_pleasantry"]:
-        reply, _ = _cat(reply, rng.choices(_CLOSERS, CLOSER_WEIGHTS)[0]), shown.append("closing_pleasantry")
+        reply, _ = _cat(reply, rng.choices(CLOSERS, CLOSER_WEIGHTS)[0]), shown.append("closing_pleasantry")
     return a_an(reply), shown
 
 

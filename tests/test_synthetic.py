@@ -158,7 +158,7 @@ def test_no_style_marks_a_right_answer_in_the_comparisons():
     # model learns the feature as a proxy for being right and PPO spreads it everywhere.
     records = syn.ranked_prompts(dataclasses.replace(SMALL, reward_prompts=600), "train")
     cands = [(r["prompt"], x, g) for r in records for x, g in zip(r["responses"], r["gold_scores"])]
-    padded = [g for _, x, g in cands if x.startswith(syn._OPENERS) or x.endswith(syn._CLOSERS)]
+    padded = [g for _, x, g in cands if x.startswith(syn.OPENERS) or x.endswith(syn.CLOSERS)]
     stray = [g for p, x, g in cands if re.match(r"(Yes|No),", x) and question_of(p).qtype != "yesno"]
     assert len(padded) > 100 and len(stray) > 30
     for feature in (padded, stray):
