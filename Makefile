@@ -52,20 +52,20 @@ ppo: $(STAMP)  ## RLHF with PPO against the reward model -> runs/<run>/ppo/final
 	$(PY) -m stages.ppo $(STAGE_ARGS)
 
 report: $(STAMP)  ## report card: runs/<run>/report.md with plots and side-by-side answers
-	$(PY) -m stages.report run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
+	$(PY) -m stages.tools.report run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
 
 RUNS ?=
 compare: $(STAMP)  ## several runs side by side: make compare RUNS="a b" -> runs/compare.md
-	$(PY) -m stages.compare 'runs=[$(subst $(eval) ,$(comma),$(strip $(RUNS)))]' $(ARGS)
+	$(PY) -m stages.tools.compare 'runs=[$(subst $(eval) ,$(comma),$(strip $(RUNS)))]' $(ARGS)
 
 chat: $(STAMP)  ## chat in the terminal with the latest stage of the run (ARGS="stage=sft" to pick one)
-	$(PY) -m stages.chat run=$(RUN) $(ARGS)
+	$(PY) -m stages.tools.chat run=$(RUN) $(ARGS)
 
 generate: $(STAMP)  ## responses for a prompts file: make generate ARGS="input=prompts.jsonl"
-	$(PY) -m stages.generate run=$(RUN) $(ARGS)
+	$(PY) -m stages.tools.generate run=$(RUN) $(ARGS)
 
 reward-data: $(STAMP)  ## regenerate reward_data/ byte for byte from the seeded world
-	$(PY) -m pipeline.synthetic reward-data --out reward_data
+	$(PY) -m pipeline.world.datasets reward-data --out reward_data
 
 test: $(STAMP)  ## fast tests, end-to-end smoke included (~minutes on 2 cores)
 	$(PY) -m pytest -q

@@ -48,12 +48,10 @@ def main(spec_path: str, out_path: str) -> None:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     t_import = time.time()
     import torch
-    from datasets import Dataset
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              TrainerCallback)
-
     import trl
     import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     if spec.get("threads"):

@@ -53,9 +53,9 @@ def best_of_n(gold: list[float], reward: list[float], greedy_gold: list[float], 
 def rm_scores(rm, tok, prompts: list, replies: list[str], batch_size: int) -> list[float]:
     """The reward model's score of each (prompt, reply): the one readout every stage uses (the head at the last
     token of the chat-templated conversation, where the reward stage trained it and PPO reads it)."""
-    from pipeline.evaluation import reward_scores
+    from pipeline.rl.readout import score_texts
 
-    return reward_scores(rm, tok, prompts, replies, batch_size=batch_size)
+    return score_texts(rm, tok, prompts, replies, batch_size=batch_size)
 
 
 def main() -> None:
@@ -78,12 +78,13 @@ def main() -> None:
     import torch
     from omegaconf import OmegaConf
 
-    import pipeline.config  # noqa: F401
-    from pipeline.evaluation import load_reward_model, win_rate
-    from pipeline.formats import load_prompts
-    from pipeline.generation import generate, load_for_inference
-    from pipeline.oracle import GoldOracle
-    from pipeline.run import make_command, read_manifest
+    import pipeline.core.config  # noqa: F401
+    from pipeline.core.runs import make_command, read_manifest
+    from pipeline.data.formats import load_prompts
+    from pipeline.eval.gold import win_rate
+    from pipeline.inference.generation import generate
+    from pipeline.models.loading import load_for_inference, load_reward_model
+    from pipeline.world.oracle import GoldOracle
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -15,9 +15,12 @@ import os
 import platform
 import time
 
-from pipeline import oracle as oracle_module
-from pipeline.oracle import GoldOracle, parse
-from pipeline.synthetic import WorldConfig, _world, ranked_prompts
+from pipeline.core.config import WorldConfig
+from pipeline.world.datasets import ranked_prompts
+from pipeline.world.language import parse
+from pipeline.world.lexicon import _LEXICONS, lexicon
+from pipeline.world.oracle import GoldOracle
+from pipeline.world.world import _world
 
 
 def measure(n_prompts: int = 2000, repeats: int = 3) -> dict[str, float]:
@@ -43,9 +46,9 @@ def lexicon_seconds() -> float:
     """CPU seconds to build the default world's lexicon from scratch (once per world and process)."""
     cfg = WorldConfig()
     world = _world(cfg.seed, cfg.n_entities)
-    oracle_module._LEXICONS.clear()
+    _LEXICONS.clear()
     t = time.process_time()
-    oracle_module.lexicon(world)
+    lexicon(world)
     return time.process_time() - t
 
 

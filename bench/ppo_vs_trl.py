@@ -51,7 +51,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import BENCH, REPO, machine as machine_name, run_logged, update_results  # noqa: E402  (bench/ is on sys.path)
+from _common import BENCH, REPO
+from _common import machine as machine_name  # noqa: E402  (bench/ is on sys.path)
+from _common import run_logged, update_results
 
 SECTION = "## PPO vs TRL 1.12"
 TRL_VENV = BENCH / ".venv-trl112"
@@ -106,7 +108,7 @@ def ensure_parent(root: Path, run: str, preset: str, env: dict) -> None:
 def compose_ppo(preset: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    import pipeline.config  # noqa: F401  (registers the schemas)
+    import pipeline.core.config  # noqa: F401  (registers the schemas)
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("ppo", overrides=[f"preset={preset}", *overrides])
@@ -219,7 +221,8 @@ def gold_scores(models: dict[str, Path], prompts: list, oracle, max_new_tokens: 
                 samples: int, seed: int) -> dict:
     from omegaconf import OmegaConf
 
-    from pipeline.generation import generate, load_for_inference
+    from pipeline.inference.generation import generate
+    from pipeline.models.loading import load_for_inference
 
     base = dict(max_new_tokens=max_new_tokens, top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1)
     greedy = OmegaConf.create({**base, "do_sample": False, "temperature": 1.0})
@@ -301,10 +304,10 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
-    from pipeline.formats import load_prompts
-    from pipeline.oracle import GoldOracle
-    from pipeline.rollout import turn_closing
-    from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
+    from pipeline.data.formats import load_prompts
+    from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+    from pipeline.rl.readout import turn_closing
+    from pipeline.world.oracle import GoldOracle
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -351,7 +354,7 @@ def main() -> None:
             raise SystemExit(f"TRL's PPOTrainer takes one stop token; this tokenizer ends turns with {end_ids}")
         prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
         texts = [tok.apply_chat_template(p["messages"], tokenize=False, add_generation_prompt=True) for p in prompts]
-        prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]  # as pipeline.rollout.encode_prompts
+        prompt_ids = tok(texts, add_special_tokens=False)["input_ids"]  # as pipeline.data.prompts.encode_prompts
         too_long = sum(len(x) > cfg.train.max_prompt_tokens for x in prompt_ids)
         if too_long:
             raise SystemExit(f"{too_long} prompts exceed train.max_prompt_tokens={cfg.train.max_prompt_tokens}")

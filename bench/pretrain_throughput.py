@@ -44,7 +44,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, machine as machine_name, run_logged, update_results  # noqa: E402  (bench/ is on sys.path)
+from _common import REPO
+from _common import machine as machine_name  # noqa: E402  (bench/ is on sys.path)
+from _common import run_logged, update_results
 
 SECTION = "## Pretraining throughput"
 RUN = "bench"
@@ -108,11 +110,11 @@ def bare_worker(stage_dir: Path, steps: int, out: Path) -> None:
     from omegaconf import OmegaConf
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    import pipeline.config  # noqa: F401
-    from pipeline.formats import load_corpus
-    from pipeline.models import build_from_config, flops_per_token, n_params
-    from pipeline.packing import batch_indices, pack, split_documents
-    from pipeline.tokenizer import load_tokenizer
+    import pipeline.core.config  # noqa: F401
+    from pipeline.data.formats import load_corpus
+    from pipeline.data.packing import batch_indices, pack, split_documents
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.models.build import build_from_config, flops_per_token, n_params
 
     cfg = OmegaConf.load(stage_dir / "config.yaml")  # the stage's resolved config: same sizes, same data, same seed
     tok = load_tokenizer(str(Path(cfg.paths.root) / (cfg.parent_run or cfg.run) / "tokenizer" / "final"))
@@ -205,7 +207,7 @@ def main() -> None:
     import torch
     from hydra import compose, initialize_config_dir
 
-    import pipeline.config  # noqa: F401  (registers the schemas the compose below needs)
+    import pipeline.core.config  # noqa: F401  (registers the schemas the compose below needs)
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -47,9 +47,10 @@ INTRO = ("`python bench/rlhf_gain.py`: `make all` on the preset for each world s
 
 def ceiling(world_seed: int) -> float:
     """Accuracy of the gold oracle against the labellers' noisy order on the world's reward test split."""
-    from pipeline.config import WorldConfig
-    from pipeline.formats import _world_preferences
     from omegaconf import OmegaConf
+
+    from pipeline.core.config import WorldConfig
+    from pipeline.data.formats import _world_preferences
 
     src = OmegaConf.create({"kind": "world", "format": "ranked", "split": "test", "path": None})
     pairs, _ = _world_preferences(src, WorldConfig(seed=world_seed), "test")

@@ -26,47 +26,29 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from omegaconf import DictConfig
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-import pipeline.config  # noqa: F401  (registers the structured configs)
-from pipeline import ppo_math as pm
-from pipeline.errors import UserError, friendly
-from pipeline.evaluation import win_rate
-from pipeline.formats import load_corpus, load_prompts
-from pipeline.models import load_causal_lm, mixed_precision
-from pipeline.oracle import GoldOracle
-from pipeline.packing import batch_indices, pack
-from pipeline.plots import overoptimization_plot
-from pipeline.ppo_math import logprobs_from_logits
-from pipeline.rollout import (TokenModel, check_packing, chunked, critic_forward, decode_responses, disable_dropout,
-                              encode_prompts, full_kl, policy_forward, response_logits, reward_scores, sample,
-                              turn_closing)
-from pipeline.run import StageRun, crash_point
-from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
-from pipeline.tracking import Tracker
-from pipeline.trainer import lora_config
-
-
-class LoopState:
-    """What the loop needs besides models and optimizers to resume exactly (saved by accelerate.save_state)."""
-
-    def __init__(self):
-        self.kl_coef, self.history, self.ema, self.periodic = None, [], None, []
-
-    def state_dict(self):
-        return {"kl_coef": self.kl_coef, "history": self.history, "ema": self.ema, "periodic": self.periodic}
-
-    def load_state_dict(self, sd):
-        self.kl_coef, self.history, self.ema = sd["kl_coef"], sd["history"], sd["ema"]
-        self.periodic = sd.get("periodic", [])
-
-
-def load_critic(path: str, dtype):
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a value model from '{path}': {str(e).splitlines()[0]}")
-    return model
+import pipeline.core.config  # noqa: F401  (registers the structured configs)
+from pipeline.core.errors import UserError, friendly
+from pipeline.core.runs import StageRun, crash_point
+from pipeline.core.tracking import Tracker
+from pipeline.data.formats import load_corpus, load_prompts
+from pipeline.data.packing import batch_indices, pack
+from pipeline.data.prompts import prompt_batch
+from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.eval.gold import eval_metrics, evaluate
+from pipeline.inference.sampler import decode_responses, sample
+from pipeline.models.loading import load_causal_lm, load_critic, mixed_precision
+from pipeline.models.token_model import TokenModel, disable_dropout
+from pipeline.report.plots import overoptimization_plot
+from pipeline.rl.advantages import gae
+from pipeline.rl.forward import check_packing, chunked, critic_forward, policy_forward, response_logits
+from pipeline.rl.ops import ema_update, explained_variance, logprobs_from_logits, masked_whiten
+from pipeline.rl.readout import score_rollout, turn_closing
+from pipeline.rl.shaping import AdaptiveKLController, FixedKLController, penalise_unfinished, penalised_rewards
+from pipeline.trainers.hf import lora_config
+from pipeline.trainers.ppo import LoopState, _diverged, minibatch_backward
+from pipeline.world.oracle import GoldOracle
 
 
 @hydra.main(config_path="../conf", config_name="ppo", version_base="1.3")
@@ -125,7 +107,7 @@ def main(cfg: DictConfig) -> None:
         """The score PPO trains on: normalised with the reward stage's statistics, unfinished replies below all
         finished ones (train.missing_eos_penalty)."""
         score = (raw - rm_mean) / rm_std
-        return score if t.missing_eos_penalty is None else pm.penalise_unfinished(score, ended, t.missing_eos_penalty)
+        return score if t.missing_eos_penalty is None else penalise_unfinished(score, ended, t.missing_eos_penalty)
 
     packing = t.pack_sequences  # 0 once check_packing finds this model's attention ignores the boundaries
 
@@ -171,8 +153,8 @@ def main(cfg: DictConfig) -> None:
     state = LoopState()
     for obj in (sched_p, sched_v, state):
         acc.register_for_checkpointing(obj)
-    kl_ctl = (pm.AdaptiveKLController(t.kl_coef, t.kl_target, t.kl_horizon) if t.adaptive_kl
-              else pm.FixedKLController(t.kl_coef))
+    kl_ctl = (AdaptiveKLController(t.kl_coef, t.kl_target, t.kl_horizon) if t.adaptive_kl
+              else FixedKLController(t.kl_coef))
     start = 0
     ckpt = run.latest_checkpoint()
     if ckpt is not None:
@@ -215,7 +197,7 @@ def main(cfg: DictConfig) -> None:
         batch_prompts = [prompts[i] for i in idx.tolist()]
         torch.manual_seed(cfg.seed * 1_000_003 + it * 7919 + acc.process_index)  # own sampling seed per rank
         policy.eval()
-        p_ids, p_mask = encode_prompts(tok, batch_prompts, t.max_prompt_tokens, dev)
+        p_ids, p_mask = prompt_batch(tok, batch_prompts, t.max_prompt_tokens, dev)
         ro = sample(acc.unwrap_model(policy), tok, p_ids, p_mask, end_ids, t.max_new_tokens, t.temperature,
                     t.top_k, t.top_p, keep_logprobs=gen_logprobs)
         t_gen = time.time() - t0
@@ -235,16 +217,16 @@ def main(cfg: DictConfig) -> None:
         ref_logp = chunked(ref_logprobs, ro, t.forward_batch_size)
         old_values = chunked(lambda r: critic_forward(critic, r, packing), ro, t.forward_batch_size)
         if t.reward == "model":
-            raw_score = chunked(lambda r: reward_scores(reward_model, r, closing, packing), ro, t.forward_batch_size)
+            raw_score = chunked(lambda r: score_rollout(reward_model, r, closing, packing), ro, t.forward_batch_size)
         elif t.reward == "gold":
             raw_score = gold.clone()
         else:  # contains:<text> — a rule any working PPO learns in a few iterations
             raw_score = torch.tensor([float(needle in x) for x in texts], device=dev)
         score = training_score(raw_score, ro.ended)
-        rewards, kl = pm.penalised_rewards(score, old_logp, ref_logp, mask, kl_ctl.value, t.kl_estimator)
-        advantages, returns = pm.gae(rewards, old_values, mask, t.gamma, t.lam)
+        rewards, kl = penalised_rewards(score, old_logp, ref_logp, mask, kl_ctl.value, t.kl_estimator)
+        advantages, returns = gae(rewards, old_values, mask, t.gamma, t.lam)
         if t.whiten_advantages:
-            advantages = pm.masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask)
         if not (torch.isfinite(rewards).all() and torch.isfinite(advantages).all()):
             _diverged(run, it, "rewards")
 
@@ -285,7 +267,7 @@ def main(cfg: DictConfig) -> None:
                     sched.step()
                     opt.zero_grad(set_to_none=True)
                 if state.ema is not None:
-                    pm.ema_update(state.ema, acc.unwrap_model(policy).parameters(), t.ema_decay)
+                    ema_update(state.ema, acc.unwrap_model(policy).parameters(), t.ema_decay)
         t_total = time.time() - t0
 
         # statistics, reduced across processes; the gold oracle scored the same responses the RM scored
@@ -296,7 +278,7 @@ def main(cfg: DictConfig) -> None:
             "ppo/reward": score.mean(), "ppo/gold_score": gold.mean(), "ppo/kl": seq_kl.mean(),
             "ppo/nonscore_reward": (rewards.sum(-1) - score).mean(), "ppo/response_length": mask.sum(-1).float().mean(),
             "ppo/ended_fraction": ro.ended.float().mean(),
-            "ppo/explained_variance": pm.explained_variance(old_values, returns, mask).nan_to_num(0.0),
+            "ppo/explained_variance": explained_variance(old_values, returns, mask).nan_to_num(0.0),
             **{f"ppo/{k}": torch.tensor(sum(v) / max(len(v), 1), device=dev) for k, v in log.items() if v},
             "ppo/gen_tokens_per_s": n_tok / t_gen, "ppo/train_tokens_per_s": n_tok * t.ppo_epochs / (t_total - t_gen),
         }
@@ -378,99 +360,6 @@ def main(cfg: DictConfig) -> None:
     say("[ppo] greedy gold by component, SFT -> PPO: " + ", ".join(
         f"{k[len('eval/gold/'):]} {metrics['eval/sft_gold/' + k[len('eval/gold/'):]]:.2f} -> {v:.2f}"
         for k, v in metrics.items() if k.startswith("eval/gold/")) + f"; saved {run.final_dir}")
-
-
-def _diverged(run, it: int, what: str):
-    run.fail(f"non-finite {what} at iteration {it + 1}")
-    raise UserError(f"PPO diverged: non-finite {what} at iteration {it + 1}; the last good checkpoint is kept in "
-                    f"{run.ckpt_root} (lower optim.lr or raise train.kl_coef)")
-
-
-def minibatch_backward(policy, critic, ro, mb, micro: int, old_logp, advantages, old_values, returns, t, pack: int,
-                       backward, ptx_loss=None) -> dict:
-    """Backpropagate one minibatch's PPO loss (episodes `mb` of the rollout), `micro` episodes at a time.
-
-    Policy and value losses are token sums over each micro-batch divided by the minibatch's response-token count
-    (counted before the micro-batch loop), so the accumulated gradient is that of the minibatch's token mean,
-    whatever train.grad_accum splits it into (weighting each micro-batch's token mean by its share of episodes would
-    not be: micro-batches hold different numbers of tokens). The PPO-ptx term is a mean over its own blocks, drawn
-    per micro-batch, weighted by the micro-batch's share of the episodes. Returns the minibatch's statistics
-    (losses as the minibatch's, the rest token-weighted means, ratio_max the largest)."""
-    mask = ro.response_mask
-    n_tok = mask[mb].sum().clamp_min(1)
-    out = {"pg": 0.0, "vf": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0, "entropy": 0.0,
-           "ratio_mean": 0.0, "ratio_max": float("-inf")}
-    ptx_total = 0.0
-    for m in range(0, len(mb), micro):
-        i = mb[m: m + micro]
-        sub = ro[i]
-        logp, ent = policy_forward(policy, sub, t.temperature, pack, with_entropy=True)
-        pg, ps = pm.policy_loss(logp, old_logp[i], advantages[i], mask[i], t.clip_range, n_tokens=n_tok)
-        vf, vs = pm.value_loss(critic_forward(critic, sub, pack), old_values[i], returns[i], mask[i],
-                               t.clip_range_value, n_tokens=n_tok)
-        loss = pg + t.vf_coef * vf
-        if ptx_loss is not None:
-            ptx = ptx_loss()
-            loss = loss + t.ptx_coef * ptx * len(i) / len(mb)
-            ptx_total += float(ptx.detach()) * len(i) / len(mb)
-        backward(loss)
-        w = float(mask[i].sum() / n_tok)  # this micro-batch's share of the minibatch's tokens
-        out["pg"] += float(pg.detach())
-        out["vf"] += float(vf.detach())
-        out["entropy"] += w * float(pm.masked_mean(ent, mask[i]))
-        out["vf_clipfrac"] += w * float(vs["vf_clipfrac"])
-        for k in ("clipfrac", "approx_kl", "ratio_mean"):
-            out[k] += w * float(ps[k])
-        out["ratio_max"] = max(out["ratio_max"], float(ps["ratio_max"]))
-    if ptx_loss is not None:
-        out["ptx"] = ptx_total
-    return out
-
-
-def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval") -> dict:
-    """The final evaluation's figures from `evaluate`'s (gathered) outputs for PPO and SFT on the same prompts:
-    <prefix>/gold_score, sft_gold_score, win_rate_vs_sft (ties count half), tie_rate_vs_sft, kl, reward (the reward
-    model's raw score), sft_reward, response_tokens, sft_response_tokens, n_prompts, and the gold components
-    <prefix>/gold/<component>, <prefix>/sft_gold/<component>: where the gold score moved (PPO's gains in one
-    component can hide losses in another, correctness typically)."""
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    out = {
-        f"{prefix}/gold_score": mean(ppo["gold"]), f"{prefix}/sft_gold_score": mean(sft["gold"]),
-        f"{prefix}/win_rate_vs_sft": win_rate(ppo["gold"], sft["gold"]),
-        f"{prefix}/tie_rate_vs_sft": mean([float(a == b) for a, b in zip(ppo["gold"], sft["gold"])]),
-        f"{prefix}/kl": mean(ppo["kl"]), f"{prefix}/reward": mean(ppo["reward"]),
-        f"{prefix}/sft_reward": mean(sft["reward"]), f"{prefix}/response_tokens": mean(ppo["length"]),
-        f"{prefix}/sft_response_tokens": mean(sft["length"]), f"{prefix}/n_prompts": len(ppo["gold"]),
-    }
-    for who, name in ((ppo, "gold"), (sft, "sft_gold")):
-        for k in (who["components"][0] if who["components"] else {}):
-            if k != "total":
-                out[f"{prefix}/{name}/{k}"] = mean([c[k] for c in who["components"]])
-    return out
-
-
-@torch.no_grad()
-def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, pack: int,
-             greedy: bool) -> dict:
-    """Greedy or sampled (at the training temperature) replies to held-out prompts: gold score and its components,
-    the reward model's raw score (the one readout), exact KL to the reference along the reply (summed over its
-    tokens, at the sampling temperature), length, whether it ended."""
-    out = {"gold": [], "components": [], "reward": [], "kl": [], "length": [], "text": [], "ended": []}
-    for s in range(0, len(prompts), t.eval_batch_size):
-        batch = prompts[s: s + t.eval_batch_size]
-        ids, am = encode_prompts(tok, batch, t.max_prompt_tokens, dev)
-        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, greedy=greedy)
-        texts = decode_responses(tok, ro)
-        kl = full_kl(response_logits(model, ro, pack), ref_logits(ro), ro.response_mask, t.temperature)
-        parts = [oracle.components(p, x) for p, x in zip(batch, texts)]
-        out["gold"] += [c["total"] for c in parts]
-        out["components"] += parts
-        out["reward"] += reward_scores(reward_model, ro, closing, pack).tolist()
-        out["kl"] += kl.tolist()
-        out["length"] += ro.response_mask.sum(-1).tolist()
-        out["text"] += texts
-        out["ended"] += ro.ended.tolist()
-    return out
 
 
 if __name__ == "__main__":

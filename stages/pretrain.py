@@ -21,14 +21,15 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import GenerationConfig, get_cosine_with_min_lr_schedule_with_warmup
 
-import pipeline.config  # noqa: F401  (registers the structured configs)
-from pipeline.errors import UserError, friendly
-from pipeline.formats import load_corpus
-from pipeline.models import build_from_config, load_causal_lm, mixed_precision, n_params
-from pipeline.packing import batch_indices, pack, split_documents
-from pipeline.run import StageRun, crash_point
-from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
-from pipeline.tracking import Tracker
+import pipeline.core.config  # noqa: F401  (registers the structured configs)
+from pipeline.core.errors import UserError, friendly
+from pipeline.core.runs import StageRun, crash_point
+from pipeline.core.tracking import Tracker
+from pipeline.data.formats import load_corpus
+from pipeline.data.packing import batch_indices, pack, split_documents
+from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.models.build import build_from_config, n_params
+from pipeline.models.loading import load_causal_lm, mixed_precision
 
 
 @torch.no_grad()

@@ -39,184 +39,19 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback
 
-import pipeline.config  # noqa: F401  (registers the structured configs)
-from pipeline.errors import UserError, friendly
-from pipeline.evaluation import _messages, gather, pair_accuracy, preference_eval, reward_scores, shard
-from pipeline.generation import generate, load_for_inference
-from pipeline.models import n_params
-from pipeline.run import StageRun, latest_trainer_checkpoint, write_json_atomic
-from pipeline.tokenizer import load_tokenizer
-from pipeline.tracking import Tracker
-from pipeline.trainer import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
-
-
-class GroupBatchSampler:
-    """Batches of whole groups: every pair of one prompt's ranking lands in the same batch.
-
-    Groups are shuffled each epoch (seeded by seed + epoch; the Trainer calls set_epoch, so a resumed run replays
-    the same order), and each batch takes `groups_per_batch` groups, so the number of batches is the same every
-    epoch. The batch size in pairs varies with the group sizes (a ranking of K gives up to K(K-1)/2 pairs)."""
-
-    drop_last = False
-
-    def __init__(self, groups: list, groups_per_batch: int, seed: int):
-        members: dict = {}
-        for i, g in enumerate(groups):
-            members.setdefault(g, []).append(i)
-        self.groups = list(members.values())
-        self.groups_per_batch = max(1, groups_per_batch)
-        self.batch_size = None  # tells accelerate's BatchSamplerShard (several processes) that batch sizes vary
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.groups), generator=g).tolist()
-        for s in range(0, len(order), self.groups_per_batch):
-            yield [i for gi in order[s:s + self.groups_per_batch] for i in self.groups[gi]]
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.groups) / self.groups_per_batch)
-
-
-def collate_groups(examples: list[dict], pad_id: int) -> dict:
-    """A batch of pairs as its distinct sequences, each once (right-padded), plus which two make each pair: with a
-    prompt's whole ranking in the batch, K completions make K(K-1)/2 pairs but need only K forward passes."""
-    index: dict[tuple, int] = {}
-    seqs: list[list[int]] = []
-    pairs = []
-    for ex in examples:
-        ij = []
-        for ids in (ex["chosen_ids"], ex["rejected_ids"]):
-            key = tuple(ids)
-            if key not in index:
-                index[key] = len(seqs)
-                seqs.append(list(ids))
-            ij.append(index[key])
-        pairs.append(ij)
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for k, ids in enumerate(seqs):
-        input_ids[k, :len(ids)] = torch.tensor(ids)
-        mask[k, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "pair_index": torch.tensor(pairs, dtype=torch.long)}
-
-
-def make_trainer_class(group_by_prompt: bool, seed: int):
-    """TRL's RewardTrainer; with group_by_prompt, batches of whole groups, each completion scored once."""
-    from functools import partial
-
-    from torch.utils.data import DataLoader
-    from trl import RewardTrainer
-
-    class GroupedRewardTrainer(RewardTrainer):
-        def get_train_dataloader(self):
-            if not group_by_prompt:
-                return super().get_train_dataloader()
-            groups = self.train_dataset["group"]  # read before the unused columns go
-            per_group = len(groups) / max(len(set(groups)), 1)
-            sampler = GroupBatchSampler(groups, round(self._train_batch_size / per_group), seed)
-            ds = self._remove_unused_columns(self.train_dataset, description="Training")
-            collate = partial(collate_groups, pad_id=self.processing_class.pad_token_id)
-            return self.accelerator.prepare(DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                                                       num_workers=self.args.dataloader_num_workers))
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """The Bradley-Terry loss of TRL's RewardTrainer (centring included), over pair_index batches."""
-            if "pair_index" not in inputs:
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            pi = inputs.pop("pair_index")
-            outputs = model(**inputs, use_cache=False)
-            r = outputs.logits.squeeze(-1)
-            rc, rr = r[pi[:, 0]], r[pi[:, 1]]
-            loss = -torch.nn.functional.logsigmoid(rc - rr).mean()
-            if self.args.center_rewards_coefficient is not None:
-                loss = loss + self.args.center_rewards_coefficient * torch.mean((rc + rr) ** 2)
-            m = self._metrics["train" if model.training else "eval"]
-            with torch.no_grad():  # the same training metrics TRL logs; fixed-size tensors, as batch sizes vary
-                rd = r.detach().float()
-                g = self.accelerator.gather(torch.stack([rd.min(), rd.max(), rd.sum(), rd.new_tensor(len(rd))])[None])
-                m["min_reward"].append(g[:, 0].min().item())
-                m["mean_reward"].append((g[:, 2].sum() / g[:, 3].sum()).item())
-                m["max_reward"].append(g[:, 1].max().item())
-                m["accuracy"].append(self.accelerator.gather_for_metrics((rc > rr).float().mean()).mean().item())
-                m["margin"].append(self.accelerator.gather_for_metrics((rc - rr).mean()).mean().item())
-            return (loss, outputs) if return_outputs else loss
-
-    return GroupedRewardTrainer
-
-
-class EvalCallback(TrainerCallback):
-    """Every eval_every steps: accuracy, gold accuracy, calibration and margin on the test pairs."""
-
-    def __init__(self, tok, pairs, cfg, max_len, tracker, say):
-        self.tok, self.pairs, self.cfg, self.max_len, self.tracker, self.say = tok, pairs, cfg, max_len, tracker, say
-        self.last: dict = {}
-        self.step = -1
-
-    def run(self, model, step: int) -> dict:
-        t = self.cfg.train
-        self.last, _ = preference_eval(model, self.tok, self.pairs, t.eval_batch_size or t.batch_size,
-                                       t.calibration_bins, self.max_len)
-        self.step = step
-        self.tracker.log(self.last, step=step)
-        self.say(f"[reward] step {step}: eval/accuracy {self.last['eval/accuracy']:.3f}, "
-                 f"eval/gold_accuracy {self.last.get('eval/gold_accuracy', float('nan')):.3f}, "
-                 f"eval/ece {self.last['eval/ece']:.3f}, eval/loss {self.last['eval/loss']:.4f}")
-        return self.last
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.pairs and model is not None and state.global_step % self.cfg.train.eval_every == 0:
-            self.run(model, state.global_step)
-
-
-def first_groups(pairs: list[dict], n) -> list[dict]:
-    """The pairs of the first n prompts (groups), in order; all of them when n is None."""
-    if n is None:
-        return pairs
-    keep: set = set()
-    out = []
-    for p in pairs:
-        if p["group"] not in keep and len(keep) < n:
-            keep.add(p["group"])
-        if p["group"] in keep:
-            out.append(p)
-    return out
-
-
-def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
-    """The reward model's view of the SFT policy: mean and std of its reward on the policy's own answers (what
-    PPO will see at its start, `train.stats_samples` per prompt), and with the oracle, how well that reward tracks
-    the gold score there: the correlation, and `pair_accuracy`, the share of pairs of answers to the same prompt
-    (with different gold scores) that it orders as gold does. That last one is what PPO's advantages rest on."""
-    t, k = cfg.train, cfg.train.stats_samples
-    mine = shard(len(prompts))
-    msgs = [_messages(prompts[i]) for i in mine for _ in range(k)]
-    replies = [str(r) for r in generate(policy, tok, msgs, cfg.generation, t.gen_batch_size, seed=cfg.seed + 1)]
-    rewards = reward_scores(rm, tok, msgs, replies, t.eval_batch_size or t.batch_size)
-    golds = oracle.score_batch(msgs, replies) if oracle else [None] * len(msgs)
-    per_prompt = {i: list(zip(rewards[j * k:(j + 1) * k], golds[j * k:(j + 1) * k])) for j, i in enumerate(mine)}
-    groups = list(dict(gather(list(per_prompt.items()))).values())  # shards may repeat one prompt
-    rows = [row for g in groups for row in g]
-    r = [a for a, _ in rows]
-    n = len(r)
-    mean = sum(r) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in r) / max(n - 1, 1))
-    out = {"mean": mean, "std": std, "n": n}
-    if oracle:
-        g = [b for _, b in rows]
-        gm = sum(g) / n
-        sg = math.sqrt(sum((x - gm) ** 2 for x in g) / max(n - 1, 1))
-        cov = sum((a - mean) * (b - gm) for a, b in rows) / max(n - 1, 1)
-        out["gold_correlation"] = cov / (std * sg) if std > 0 and sg > 0 else float("nan")
-        out["gold_mean"] = gm
-        out["pair_accuracy"] = pair_accuracy(groups)
-    return out
+import pipeline.core.config  # noqa: F401  (registers the structured configs)
+from pipeline.core.errors import UserError, friendly
+from pipeline.core.io import write_json_atomic
+from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.tracking import Tracker
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.eval.reward_model import reward_stats
+from pipeline.models.build import n_params
+from pipeline.models.loading import load_for_inference
+from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
+from pipeline.trainers.reward import EvalCallback, first_groups, make_trainer_class
 
 
 def run_reward(cfg: DictConfig) -> None:
@@ -224,10 +59,10 @@ def run_reward(cfg: DictConfig) -> None:
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig as TRLRewardConfig
 
-    from pipeline.formats import check_prompt_lengths, load_preferences, load_prompts
-    from pipeline.labellers import distinct_prompts, onpolicy_comparisons
-    from pipeline.oracle import GoldOracle
-    from pipeline.synthetic import expand_pairs, write_jsonl
+    from pipeline.core.io import write_jsonl
+    from pipeline.data.formats import check_prompt_lengths, expand_pairs, load_preferences, load_prompts
+    from pipeline.world.labellers import distinct_prompts, onpolicy_comparisons
+    from pipeline.world.oracle import GoldOracle
 
     # ---- setup -------------------------------------------------------------------------------------------
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes still form a group

@@ -23,46 +23,20 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
-from transformers import GenerationConfig, ProgressCallback, TrainerCallback
+from transformers import GenerationConfig, ProgressCallback
 
-import pipeline.config  # noqa: F401  (registers the structured configs)
-from pipeline.errors import UserError, friendly
-from pipeline.evaluation import gold_eval, win_rate
-from pipeline.models import load_causal_lm, n_params
-from pipeline.run import StageRun, latest_trainer_checkpoint
-from pipeline.tokenizer import end_of_turn_ids, load_tokenizer
-from pipeline.trainer import (QuietProgress, TrackerCallback, bookkeeping, final_model, lora_config,
-                              trainer_args)
-from pipeline.tracking import Tracker
-
-
-def count_long(tokenizer, convs: list[list[dict]], max_length: int) -> int:
-    """How many conversations tokenize to more than max_length tokens."""
-    n = 0
-    for i in range(0, len(convs), 512):
-        ids = tokenizer.apply_chat_template(convs[i:i + 512], tokenize=True, return_dict=True)["input_ids"]
-        n += sum(len(x) > max_length for x in ids)
-    return n
-
+import pipeline.core.config  # noqa: F401  (registers the structured configs)
+from pipeline.core.errors import UserError, friendly
+from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.tracking import Tracker
+from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.eval.gold import gold_eval, win_rate
+from pipeline.models.build import n_params
+from pipeline.models.loading import load_causal_lm
+from pipeline.trainers.hf import QuietProgress, TrackerCallback, bookkeeping, final_model, lora_config, trainer_args
+from pipeline.trainers.sft import SamplesCallback, count_long
 
 # ---- the stage -------------------------------------------------------------------------------------------------
-
-class SamplesCallback(TrainerCallback):
-    """At every evaluation: fixed eval prompts answered by the current model -> a W&B table (+ samples.jsonl)."""
-
-    def __init__(self, tok, prompts, oracle, cfg, tracker, say):
-        self.tok, self.prompts, self.oracle, self.cfg, self.tracker, self.say = tok, prompts, oracle, cfg, tracker, say
-
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        if not self.prompts or model is None:
-            return
-        m, rows = gold_eval(model, self.tok, self.prompts, self.oracle, self.cfg.generation,
-                            self.cfg.train.gen_batch_size, seed=self.cfg.seed, prefix="eval/samples")
-        self.tracker.table("samples", ["prompt", "response", "gold_score"], rows, step=state.global_step)
-        self.tracker.log({"eval/samples_gold_score": m["eval/samples/gold_score"]}, step=state.global_step)
-        loss = (metrics or {}).get("eval_loss", float("nan"))
-        self.say(f"[sft] step {state.global_step}: eval/loss {loss:.4f}, "
-                 f"gold score of {len(self.prompts)} samples {m['eval/samples/gold_score']:.3f}")
 
 
 def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
@@ -71,8 +45,8 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from pipeline.formats import load_prompts, load_sft
-    from pipeline.oracle import GoldOracle
+    from pipeline.data.formats import load_prompts, load_sft
+    from pipeline.world.oracle import GoldOracle
 
     # ---- setup -------------------------------------------------------------------------------------------
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes still form a group

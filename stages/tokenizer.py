@@ -12,12 +12,12 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
 
-import pipeline.config  # noqa: F401  (registers the structured configs)
-from pipeline.errors import friendly
-from pipeline.formats import load_corpus
-from pipeline.run import StageRun
-from pipeline.tokenizer import train_bpe
-from pipeline.tracking import Tracker
+import pipeline.core.config  # noqa: F401  (registers the structured configs)
+from pipeline.core.errors import friendly
+from pipeline.core.runs import StageRun
+from pipeline.core.tracking import Tracker
+from pipeline.data.formats import load_corpus
+from pipeline.data.tokenizer import train_bpe
 
 
 @hydra.main(config_path="../conf", config_name="tokenizer", version_base="1.3")

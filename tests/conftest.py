@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from pipeline.core.registry import ORDER
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 ROOTS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "common")
@@ -21,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def compose_stage(stage: str, overrides: list[str] = ()):
-    import pipeline.config  # noqa: F401
+    import pipeline.core.config  # noqa: F401
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name=stage, overrides=list(overrides))
@@ -31,10 +33,11 @@ def run_stage(stage: str, *overrides: str, env: dict | None = None, check: bool 
               timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m stages.<stage> overrides...` from the repo root, as `make <stage>` does."""
     e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    p = subprocess.run([sys.executable, "-m", f"stages.{stage}", *overrides], cwd=REPO, env=e,
+    module = f"stages.{stage}" if stage in ORDER else f"stages.tools.{stage}"
+    p = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=e,
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+        raise AssertionError(f"{module} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
 
 

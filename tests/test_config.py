@@ -1,11 +1,9 @@
 """Every root config composes under every preset; mistakes in keys or types fail at composition."""
 
 import pytest
+from conftest import CONF, PRESETS, ROOTS, compose_stage
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
-
-from conftest import CONF, PRESETS, ROOTS, compose_stage
-
 
 PRESET_ROOTS = [r for r in ROOTS if "- preset:" in (CONF / f"{r}.yaml").read_text()]
 

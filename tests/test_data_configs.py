@@ -1,24 +1,24 @@
 """Every example data config in conf/data composes into its stage and loads a fixture in its real format."""
 
 import pytest
-
 from conftest import REPO, compose_stage
-from pipeline import formats
+
+from pipeline.data.formats import load_corpus, load_preferences, load_prompts, load_sft
 
 FIX = REPO / "tests" / "fixtures" / "formats"
 
 CASES = [  # (data option, stage, {source: fixture}, loader)
-    ("local_text", "pretrain", {"corpus": "corpus.txt"}, formats.load_corpus),
-    ("local_text", "pretrain", {"corpus": "corpus.jsonl"}, formats.load_corpus),
-    ("local_text", "pretrain", {"corpus": "corpus.csv"}, formats.load_corpus),
-    ("local_sft", "sft", {"sft": "sft_messages.jsonl", "sft_eval": "sft_messages.jsonl"}, formats.load_sft),
+    ("local_text", "pretrain", {"corpus": "corpus.txt"}, load_corpus),
+    ("local_text", "pretrain", {"corpus": "corpus.jsonl"}, load_corpus),
+    ("local_text", "pretrain", {"corpus": "corpus.csv"}, load_corpus),
+    ("local_sft", "sft", {"sft": "sft_messages.jsonl", "sft_eval": "sft_messages.jsonl"}, load_sft),
     ("local_prompt_completion", "sft", {"sft": "sft_prompt_completion.jsonl",
-                                        "sft_eval": "sft_prompt_completion.jsonl"}, formats.load_sft),
+                                        "sft_eval": "sft_prompt_completion.jsonl"}, load_sft),
     ("local_pairs", "reward", {"preference": "pairs_conversational.jsonl",
-                               "preference_test": "pairs_plain.jsonl"}, formats.load_preferences),
+                               "preference_test": "pairs_plain.jsonl"}, load_preferences),
     ("local_ranked", "reward", {"preference": "ranked.jsonl", "preference_test": "ranked.jsonl"},
-     formats.load_preferences),
-    ("local_prompts", "ppo", {"prompts": "prompts.jsonl", "eval_prompts": "prompts.jsonl"}, formats.load_prompts),
+     load_preferences),
+    ("local_prompts", "ppo", {"prompts": "prompts.jsonl", "eval_prompts": "prompts.jsonl"}, load_prompts),
 ]
 
 
@@ -28,7 +28,7 @@ def test_data_option_loads_its_fixture(option, stage, files, loader, tmp_path):
     cfg = compose_stage(stage, ["preset=smoke", *over])
     for src in files:
         source = cfg.data[src]
-        if loader is formats.load_preferences:
+        if loader is load_preferences:
             records, skipped = loader(source, cfg.data.world, source.split)
         else:
             records, skipped = loader(source, cfg.data.world, str(tmp_path))
@@ -36,7 +36,7 @@ def test_data_option_loads_its_fixture(option, stage, files, loader, tmp_path):
 
 
 def test_hh_hub_config_composes_and_fails_cleanly_offline(monkeypatch, tmp_path):
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -44,12 +44,12 @@ def test_hh_hub_config_composes_and_fails_cleanly_offline(monkeypatch, tmp_path)
     cfg = compose_stage("reward", ["preset=smoke", "data=hh_rlhf"])
     assert cfg.data.preference.format == "hh" and cfg.data.preference.kind == "hub"
     with pytest.raises(UserError, match="Anthropic/hh-rlhf"):
-        formats.load_preferences(cfg.data.preference, cfg.data.world, "train")
+        load_preferences(cfg.data.preference, cfg.data.world, "train")
 
 
 def test_unset_path_and_other_mistakes_are_reported_together():
-    from pipeline.config import validate
-    from pipeline.errors import UserError
+    from pipeline.core.config import validate
+    from pipeline.core.errors import UserError
 
     cfg = compose_stage("sft", ["preset=smoke", "data=local_sft", "precision=fp64", "train.batch_size=0"])
     with pytest.raises(UserError) as e:

@@ -4,9 +4,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipeline.errors import UserError
-from pipeline.formats import check_prompt_lengths, load_corpus, load_preferences, load_prompts, load_sft
-from pipeline.synthetic import WorldConfig, expand_pairs, ranked_prompts
+from pipeline.core.config import WorldConfig
+from pipeline.core.errors import UserError
+from pipeline.data.formats import (check_prompt_lengths, expand_pairs, load_corpus, load_preferences, load_prompts,
+                                   load_sft)
+from pipeline.world.datasets import ranked_prompts
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "formats"
 SMALL = WorldConfig(seed=5, n_entities=60, corpus_docs=50, sft_dialogues=30, sft_eval_dialogues=10,

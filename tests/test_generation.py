@@ -6,9 +6,10 @@ import pickle
 import pytest
 import torch
 
-from pipeline.config import GenerationSettings
-from pipeline.generation import Reply, cut_at_end, encode_prompts, generate, generation_config, stream
-from pipeline.tokenizer import END, end_of_turn_ids, train_bpe
+from pipeline.core.config import GenerationSettings
+from pipeline.data.prompts import encode_prompts
+from pipeline.data.tokenizer import END, end_of_turn_ids, train_bpe
+from pipeline.inference.generation import Reply, cut_at_end, generate, generation_config, stream
 
 PROMPTS = [
     [{"role": "user", "content": "How old is Bera?"}],

@@ -8,7 +8,6 @@ exactly. Exact agreement is tested where it holds: pretraining against gradient 
 import json
 
 import pytest
-
 from conftest import SMOKE, compose_stage, run_multiproc
 
 

@@ -4,10 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.oracle import (FORMATS, IDEAL_WORDS, QUESTIONS, WEIGHTS, GoldOracle, Question, lexicon, parse, question_of, render,
-                             truth)
-from pipeline.synthetic import WorldConfig, _world, sample_question
-from pipeline.world import VOCAB, _syllable
+from pipeline.core.config import WorldConfig
+from pipeline.world.language import FORMATS, QUESTIONS, Question, parse, question_of, render, truth
+from pipeline.world.lexicon import lexicon
+from pipeline.world.oracle import IDEAL_WORDS, WEIGHTS, GoldOracle
+from pipeline.world.questions import sample_question
+from pipeline.world.world import VOCAB, _syllable, _world
 
 CFG = WorldConfig(seed=3, n_entities=80)
 
@@ -54,7 +56,7 @@ def test_from_config_and_components_add_up(oracle, world):
     assert c["total"] == pytest.approx(sum(WEIGHTS[k] * c[k] for k in WEIGHTS)) == 1.0
     assert c["fluency"] == c["engagement"] == 1.0
     # and over replies of every quality (the world's ranked candidates): the total is the weighted sum, to rounding
-    from pipeline.synthetic import ranked_prompts
+    from pipeline.world.datasets import ranked_prompts
 
     for rec in ranked_prompts(WorldConfig(reward_prompts=60), "train"):
         for r in rec["responses"]:

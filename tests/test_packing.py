@@ -1,10 +1,9 @@
+import pytest
 import torch
 
-from pipeline.packing import batch_indices, pack, split_documents
-from pipeline.tokenizer import train_bpe
-
-import pytest
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
+from pipeline.data.packing import batch_indices, pack, split_documents
+from pipeline.data.tokenizer import train_bpe
 
 DOCS = [f"document {i} says hello to the number {i * 7}." for i in range(200)]
 

@@ -4,9 +4,9 @@ import json
 import shutil
 
 import pytest
-
 from conftest import SMOKE, run_stage
-from pipeline.run import inventory
+
+from pipeline.core.io import inventory
 
 
 def _metrics(root, run, stage):
@@ -25,7 +25,7 @@ def test_ppo_stage_contract(smoke_chain):
         assert k in m, k
     assert 0.0 <= m["eval/win_rate_vs_sft"] <= 1.0 and m["eval/kl"] >= 0.0
     # the components are the oracle's: their weighted sum is the gold score, for PPO and for SFT alike
-    from pipeline.oracle import WEIGHTS
+    from pipeline.world.oracle import WEIGHTS
     for who, total in (("gold", "eval/gold_score"), ("sft_gold", "eval/sft_gold_score")):
         parts = sum(w * m[f"eval/{who}/{k}"] for k, w in WEIGHTS.items())
         assert parts == pytest.approx(m[total], abs=1e-6)  # each total is rounded to 6 places
@@ -75,7 +75,7 @@ def test_ppo_with_lora_learns_through_the_adapter_against_the_base(smoke_chain):
 
 
 def test_reward_model_with_another_vocabulary_is_refused(smoke_chain, tmp_path):
-    from pipeline.tokenizer import train_bpe
+    from pipeline.data.tokenizer import train_bpe
 
     root = tmp_path / "runs"
     for stage in ("sft", "reward"):
@@ -99,7 +99,7 @@ def test_missing_reward_stage_names_the_command(tmp_path):
 def test_report_card_and_compare(smoke_chain):
     """The report card and the comparison read the finished stages back: headline metrics, where the gold score
     comes from (each component for pretrained, SFT and PPO), answers side by side; compare lists the runs."""
-    from pipeline.oracle import WEIGHTS
+    from pipeline.world.oracle import WEIGHTS
 
     common = [*SMOKE, f"paths.root={smoke_chain}"]
     run_stage("ppo", *common)  # already complete when the contract test ran first

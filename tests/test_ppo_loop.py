@@ -10,11 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_rollout import _config, _rollout
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from pipeline.rollout import TokenModel
-from stages.ppo import eval_metrics, minibatch_backward
-from test_rollout import _config, _rollout
+from pipeline.eval.gold import eval_metrics
+from pipeline.models.token_model import TokenModel
+from pipeline.trainers.ppo import minibatch_backward
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,8 @@ import copy, torch
 from accelerate import Accelerator
 from transformers import LlamaForCausalLM
 from tests.test_rollout import _config, _rollout
-from pipeline.rollout import TokenModel, policy_forward
+from pipeline.models.token_model import TokenModel
+from pipeline.rl.forward import policy_forward
 acc = Accelerator(mixed_precision="bf16", cpu=True)
 torch.manual_seed(0)
 lm = LlamaForCausalLM(_config())
@@ -114,7 +116,7 @@ def test_eval_metrics_by_hand():
 
 
 def test_report_rows_show_greedy_and_sampled():
-    from pipeline.report import decoding_rows
+    from pipeline.report.card import decoding_rows
 
     m = {"eval/gold_score": 0.6, "eval/sft_gold_score": 0.5, "eval/sampled/gold_score": 0.55,
          "eval/sampled/sft_gold_score": 0.45, "eval/win_rate_vs_sft": 0.6, "eval/sampled/win_rate_vs_sft": 0.58,
@@ -127,7 +129,7 @@ def test_report_rows_show_greedy_and_sampled():
 
 
 def test_overoptimization_plot_with_periodic_evaluations(tmp_path):
-    from pipeline.plots import overoptimization_plot
+    from pipeline.report.plots import overoptimization_plot
 
     history = [{"iteration": i + 1, "kl": 0.1 * i + (0.3 if i % 2 else 0.0), "reward": 0.1 * i, "gold": 0.5}
                for i in range(10)]

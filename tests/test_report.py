@@ -1,6 +1,6 @@
 """Reading finished runs back (pipeline/report.py): the component table of the report card."""
 
-from pipeline.report import component_rows
+from pipeline.report.card import component_rows
 
 W = {"correctness": 0.6, "concision": 0.4}
 

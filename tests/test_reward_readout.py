@@ -11,10 +11,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from pipeline import evaluation
-from pipeline.rollout import (Rollout, TokenModel, close_replies, encode_prompts, read_reward, reward_scores,
-                              turn_closing)
-from pipeline.tokenizer import END, train_bpe
+from pipeline.data.prompts import prompt_batch
+from pipeline.data.tokenizer import END, train_bpe
+from pipeline.inference.sampler import Rollout
+from pipeline.models.token_model import TokenModel
+from pipeline.rl.readout import (close_replies, read_reward, rm_input_ids, score_ids, score_rollout, score_texts,
+                                 turn_closing)
 
 PROMPTS = [
     [{"role": "user", "content": "How old is Bera?"}],
@@ -53,7 +55,7 @@ def trl_scores(rm, tok):
         conv = p + [{"role": "assistant", "content": r}]
         ids = (_tokenize(tok, conv) if _tokenize else tok.apply_chat_template(conv, tokenize=True, return_dict=True))
         ids = list(ids["input_ids"])
-        assert ids == evaluation.rm_input_ids(tok, p, r)
+        assert ids == rm_input_ids(tok, p, r)
         with torch.no_grad():
             out.append(float(rm(input_ids=torch.tensor([ids])).logits[0, 0]))
     return out
@@ -62,7 +64,7 @@ def trl_scores(rm, tok):
 def ppo_rollout(tok) -> Rollout:
     """The (prompt, reply) pairs as PPO's sampler leaves them: prompts left-padded, replies right-padded and cut
     after their end-of-turn token (none for an unfinished one)."""
-    p_ids, p_mask = encode_prompts(tok, PROMPTS, 256, "cpu")
+    p_ids, p_mask = prompt_batch(tok, PROMPTS, 256, "cpu")
     end = tok.convert_tokens_to_ids(END)
     reps = [tok(r, add_special_tokens=False)["input_ids"] + ([end] if e else []) for r, e in zip(REPLIES, ENDED)]
     R = max(map(len, reps)) + 2
@@ -74,7 +76,7 @@ def ppo_rollout(tok) -> Rollout:
 
 
 def test_the_closing_comes_from_the_template(tok):
-    ids = evaluation.rm_input_ids(tok, [{"role": "user", "content": "Hi"}], "Hello.")
+    ids = rm_input_ids(tok, [{"role": "user", "content": "Hi"}], "Hello.")
     assert tok.convert_ids_to_tokens(ids)[-3:] == [".", "<|end|>", "Ċ"]  # the template writes "\n" after <|end|>
     assert tok.convert_ids_to_tokens(turn_closing(tok)) == ["<|end|>", "Ċ"]
 
@@ -94,27 +96,27 @@ def test_every_path_reads_the_same_score(tok, rm, monkeypatch):
     close = lambda xs: pytest.approx(ref, abs=1e-5)  # noqa: E731
 
     # the text-level scorer (bare model and TokenModel), in batches that pad
-    assert evaluation.reward_scores(rm, tok, PROMPTS, REPLIES, batch_size=3) == close(ref)
-    assert evaluation.score_ids(TokenModel(rm), [evaluation.rm_input_ids(tok, p, r) for p, r in
+    assert score_texts(rm, tok, PROMPTS, REPLIES, batch_size=3) == close(ref)
+    assert score_ids(TokenModel(rm), [rm_input_ids(tok, p, r) for p, r in
                                                  zip(PROMPTS, REPLIES)], tok.pad_token_id, 4) == close(ref)
 
     # PPO's rollouts: the reply tokens are the ones the template gives, so the sequences are the same
     ro = ppo_rollout(tok)
     closing = turn_closing(tok)
     for pack in (0, 1, 2, 3):
-        assert reward_scores(TokenModel(rm), ro, closing, pack).tolist() == close(ref), pack
-    assert reward_scores(rm, ro, closing).tolist() == close(ref)  # a bare model through its own forward
+        assert score_rollout(TokenModel(rm), ro, closing, pack).tolist() == close(ref), pack
+    assert score_rollout(rm, ro, closing).tolist() == close(ref)  # a bare model through its own forward
     # the old readout (at <|end|>, or at the last generated token of the unfinished reply) is somewhere else
     old = read_reward(TokenModel(rm), ro).tolist()
     assert all(abs(a - b) > 1e-4 for a, b in zip(old, ref))
 
     # the reward stage's statistics on the SFT policy's answers
-    import stages.reward as reward_stage
+    import pipeline.eval.reward_model as rm_eval
 
-    monkeypatch.setattr(reward_stage, "generate", lambda policy, tok_, msgs, *a, **k: list(REPLIES))
+    monkeypatch.setattr(rm_eval, "generate", lambda policy, tok_, msgs, *a, **k: list(REPLIES))
     cfg = SimpleNamespace(train=SimpleNamespace(stats_samples=1, gen_batch_size=4, eval_batch_size=2, batch_size=2),
                           generation=None, seed=0)
-    stats = reward_stage.reward_stats(None, rm, tok, PROMPTS, cfg)
+    stats = rm_eval.reward_stats(None, rm, tok, PROMPTS, cfg)
     assert stats["n"] == 4 and stats["mean"] == pytest.approx(sum(ref) / 4, abs=1e-5)
 
     # bench/bon_frontier.py's scorer

@@ -10,8 +10,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from pipeline.rollout import (Rollout, TokenModel, check_packing, critic_forward, packed_layout, padded_layout,
-                              policy_forward, response_logits, reward_scores, sample)
+from pipeline.inference.sampler import Rollout, sample
+from pipeline.models.token_model import TokenModel
+from pipeline.rl.forward import (check_packing, critic_forward, packed_layout, padded_layout, policy_forward,
+                                 response_logits)
+from pipeline.rl.readout import score_rollout
 
 V, PAD, END = 40, 0, 1
 
@@ -71,7 +74,7 @@ def test_packed_forward_equals_padded(models, per_row):
         for fn in (lambda r, k: response_logits(policy, r, k), lambda r, k: critic_forward(critic, r, k)):
             a, b = fn(RO, per_row), fn(RO, 0)
             torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(reward_scores(critic, RO, [END, 3], per_row), reward_scores(critic, RO, [END, 3]),
+        torch.testing.assert_close(score_rollout(critic, RO, [END, 3], per_row), score_rollout(critic, RO, [END, 3]),
                                    atol=1e-5, rtol=1e-5)
     assert check_packing(policy, RO, per_row, 0.7) < 1e-5
 
@@ -120,7 +123,7 @@ def test_the_samplers_logprobs_are_the_recomputed_ones(models):
 
 
 def test_token_model_finds_heads_and_refuses_headless_models():
-    from pipeline.errors import UserError
+    from pipeline.core.errors import UserError
 
     assert TokenModel(LlamaForSequenceClassification(_config())).model.score is not None
     with pytest.raises(UserError, match="cannot find"):
@@ -132,7 +135,8 @@ import torch, torch.distributed as dist
 from accelerate import Accelerator
 from transformers import LlamaForSequenceClassification
 from tests.test_rollout import _config, _rollout
-from pipeline.rollout import TokenModel, critic_forward
+from pipeline.models.token_model import TokenModel
+from pipeline.rl.forward import critic_forward
 acc = Accelerator(cpu=True)
 torch.manual_seed(0)
 critic = TokenModel(LlamaForSequenceClassification(_config()))

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_stage
-from pipeline.errors import UserError
-from pipeline.run import StageRun, config_hash, latest_stage, read_manifest
+
+from pipeline.core.errors import UserError
+from pipeline.core.runs import StageRun, config_hash, latest_stage, read_manifest
 
 
 def _cfg(root, stage="pretrain", *over):

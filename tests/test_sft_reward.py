@@ -8,9 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import SMOKE, compose_stage
-from pipeline.errors import UserError
+
+from pipeline.core.errors import UserError
 
 SFT_METRICS = {"eval/loss", "eval/gold_score", "eval/pretrain_gold_score", "eval/ended_fraction",
                "eval/response_tokens", "eval/gold/correctness"}
@@ -50,8 +50,8 @@ def test_inference_configs_compose():
 @pytest.fixture(scope="module")
 def tiny(smoke_root):
     """The smoke pretrained checkpoint: our tokenizer with its chat template, a small Llama."""
-    from pipeline.models import load_causal_lm
-    from pipeline.tokenizer import load_tokenizer
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.models.loading import load_causal_lm
 
     final = smoke_root / "default" / "pretrain" / "final"
     return load_tokenizer(final, need_chat_template=True), load_causal_lm(final), final
@@ -61,7 +61,7 @@ def test_assistant_only_loss_covers_exactly_the_assistant_turns(tiny, tmp_path):
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    from pipeline.trainer import trainer_args
+    from pipeline.trainers.hf import trainer_args
 
     tok, model, _ = tiny
     cfg = compose_stage("sft", SMOKE)
@@ -99,7 +99,7 @@ def _check_groups(batches, groups):
 
 
 def test_group_batch_sampler_keeps_groups_whole():
-    from stages.reward import GroupBatchSampler
+    from pipeline.trainers.reward import GroupBatchSampler
 
     groups = [f"p{g}" for g in range(20) for _ in range(3 + g % 4)]
     s = GroupBatchSampler(groups, groups_per_batch=3, seed=0)
@@ -119,8 +119,8 @@ def test_reward_trainer_batches_whole_groups(tiny, tmp_path):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig
 
-    from stages.reward import make_trainer_class
-    from pipeline.trainer import trainer_args
+    from pipeline.trainers.hf import trainer_args
+    from pipeline.trainers.reward import make_trainer_class
 
     tok, _, final = tiny
     rm = AutoModelForSequenceClassification.from_pretrained(final, num_labels=1, dtype=torch.float32)
@@ -152,7 +152,7 @@ def test_reward_trainer_batches_whole_groups(tiny, tmp_path):
 
 
 def test_collate_groups_scores_each_completion_once():
-    from stages.reward import collate_groups
+    from pipeline.trainers.reward import collate_groups
 
     a, b, c = [5, 6, 7], [5, 8], [5, 9, 9, 9]
     batch = collate_groups([{"chosen_ids": a, "rejected_ids": b}, {"chosen_ids": a, "rejected_ids": c},
@@ -205,8 +205,8 @@ def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
     assert json.loads((final / "reward_stats.json").read_text())["mean"] == m["reward_stats"]["mean"]
 
     # the SFT policy's own samples, ranked by the simulated labellers, saved in reward_data/'s format
-    from pipeline.oracle import GoldOracle
-    from pipeline.synthetic import expand_pairs
+    from pipeline.data.formats import expand_pairs
+    from pipeline.world.oracle import GoldOracle
 
     cfg = compose_stage("reward", SMOKE)
     records = [json.loads(x) for x in (final.parent / "onpolicy_comparisons.jsonl").read_text().splitlines()]
@@ -225,10 +225,10 @@ def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
 
 
 def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
-    from pipeline.generation import load_for_inference
-    from pipeline.run import resolve_checkpoint
-    from stages.chat import chat
-    from stages.generate import run_generate
+    from pipeline.core.runs import resolve_checkpoint
+    from pipeline.models.loading import load_for_inference
+    from stages.tools.chat import chat
+    from stages.tools.generate import run_generate
 
     cfg = compose_stage("chat", [f"paths.root={sft_done}", "stage=sft", "generation.max_new_tokens=8"])
     path, label, _ = resolve_checkpoint(cfg)
@@ -251,7 +251,7 @@ def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
 
 
 def test_chat_picks_the_latest_policy_stage(tmp_path):
-    from pipeline.run import resolve_checkpoint
+    from pipeline.core.runs import resolve_checkpoint
 
     def done(stage, run="default"):
         d = tmp_path / run / stage
@@ -331,7 +331,7 @@ def test_reward_data_without_usable_pairs(sft_done, tmp_path):
 
 
 def test_onpolicy_comparisons_need_the_world_and_two_samples(sft_done, tmp_path, capsys):
-    from pipeline.config import problems
+    from pipeline.core.config import problems
     from stages.reward import run_reward
 
     assert problems(compose_stage("reward", SMOKE + ["onpolicy.samples=1"])) == [
@@ -353,10 +353,9 @@ def test_onpolicy_comparisons_need_the_world_and_two_samples(sft_done, tmp_path,
 def test_simulated_labellers_rank_by_the_gold_score():
     import random
 
-    from pipeline.config import WorldConfig
-    from pipeline.labellers import distinct_prompts
-    from pipeline.oracle import GoldOracle
-    from pipeline.synthetic import label_agreement, labelled
+    from pipeline.core.config import WorldConfig
+    from pipeline.world.labellers import distinct_prompts, label_agreement, labelled
+    from pipeline.world.oracle import GoldOracle
 
     oracle = GoldOracle.from_config(WorldConfig())
     p = [{"role": "user", "content": "What is 9 plus 8?"}]
@@ -373,7 +372,7 @@ def test_simulated_labellers_rank_by_the_gold_score():
 def test_pair_accuracy_compares_answers_to_the_same_prompt_only():
     import math
 
-    from pipeline.evaluation import pair_accuracy
+    from pipeline.eval.reward_model import pair_accuracy
 
     # (reward, gold): prompt 1 has pairs (a,b) right, (a,c) right, (b,c) wrong; prompt 2 a gold tie (skipped),
     # prompt 3 a reward tie (half); across prompts nothing is compared, though there every order would be wrong

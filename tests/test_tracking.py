@@ -3,8 +3,9 @@
 import json
 
 from conftest import compose_stage
-from pipeline.run import StageRun
-from pipeline.tracking import Tracker, scrub, wandb_mode
+
+from pipeline.core.runs import StageRun
+from pipeline.core.tracking import Tracker, scrub, wandb_mode
 
 
 def test_scrub_drops_credentials():

@@ -3,7 +3,7 @@ from itertools import combinations
 
 import pytest
 
-from pipeline.world import KINDS, SCHEMA, VOCAB, World, a_an
+from pipeline.world.world import KINDS, SCHEMA, VOCAB, World, a_an
 
 
 @pytest.fixture(scope="module")

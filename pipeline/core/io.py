@@ -1,0 +1,61 @@
+"""Writing files so that a reader never sees half of one: written aside, flushed, then renamed into place.
+
+Every file the pipeline writes for another process or a later run to read (manifests, checkpoints' state, the
+world's generated data, generated replies) goes through `write_atomic`; `inventory` and `damaged` check a folder
+against the sizes recorded when it was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+
+# ---- files ---------------------------------------------------------------------------------------------------
+def _line(obj) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Readers (other ranks, other runs) see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    _write_atomic(path, lambda f: f.write(text))
+
+
+def write_jsonl(path: Path, records) -> None:
+    _write_atomic(path, lambda f: f.writelines(map(_line, records)))
+
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def inventory(folder: Path) -> dict[str, int]:
+    """{relative path: size} of every file under `folder`: cheap to check, and catches truncated or missing files."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def damaged(folder: Path, expected: dict[str, int]) -> Optional[str]:
+    """What is wrong with `folder` against its recorded inventory, or None when it is whole."""
+    for name, size in expected.items():
+        p = Path(folder) / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} is {p.stat().st_size} bytes, expected {size}"
+    return None

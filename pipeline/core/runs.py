@@ -1,0 +1,352 @@
+"""Run directories, manifests and the handoff between stages.
+
+    runs/<run>/<stage>/
+        config.yaml        the resolved config this stage ran with
+        manifest.json      stage, run, status, config hash, parent fingerprint, versions, git commit, times, metrics
+        metrics.jsonl      every logged metric (the report reads these, no network needed)
+        checkpoints/       intermediate resume points, removed once the stage completes
+        final/             a plain Hugging Face checkpoint; appears only when complete (written aside, then renamed)
+
+A stage finds its input only through its parent's manifest. A finished stage with the same config (and the same
+parent) is not redone; a different config is refused unless `force=true`, so finished work is never overwritten
+by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.core.errors import UserError
+from pipeline.core.io import damaged, inventory, write_json_atomic
+from pipeline.core.registry import ORDER, POLICY_STAGES, SPECS
+
+# Keys that never change what a stage computes, so they stay out of the config hash.
+_UNHASHED = {"run", "parent_run", "force", "paths", "logger"}
+
+
+_PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "hydra-core", "tokenizers"]
+
+
+def config_hash(cfg: DictConfig) -> str:
+    c = OmegaConf.to_container(cfg, resolve=True)
+    c = {k: v for k, v in c.items() if k not in _UNHASHED}
+    used = SPECS[c["stage"]].data if c.get("stage") in SPECS else None
+    if used is not None and isinstance(c.get("data"), dict):
+        data = c["data"]
+        c["data"] = {k: (data[k] if "." not in k else data[k.split(".")[0]][k.split(".")[1]]) for k in used}
+    return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_command(stage: str, run: str) -> str:
+    return f"make {stage}" + ("" if run == "default" else f" RUN={run}")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in _PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                           cwd=Path(__file__).resolve().parent)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+
+def read_manifest(stage_dir: Path) -> Optional[dict]:
+    p = Path(stage_dir) / "manifest.json"
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, OSError) as e:
+        raise UserError(f"{p}: unreadable manifest ({e}); delete the stage folder or rerun with force=true")
+
+
+def run_name(cfg: DictConfig) -> str:
+    """The run's folder name. In a Hydra sweep (-m) each job gets its own run, suffixed by its overrides,
+    while parents are still looked up in the base run (parent_run)."""
+    name = cfg.run
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            ov = [o for o in hc.overrides.task if not o.split("=")[0].lstrip("+~") in ("run", "force", "parent_run")]
+            suffix = re.sub(r"[^A-Za-z0-9._=,-]+", "_", ",".join(ov))
+            name = f"{name}__{suffix}" if suffix else f"{name}__{hc.job.num}"
+    except ValueError:  # Hydra not initialised (tests, library use)
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9._=,+-]+(__[A-Za-z0-9._=,+-]+)?", name):
+        raise UserError(f"run name '{name}' may only use letters, digits and . _ = , + -")
+    return name
+
+
+class StageRun:
+    """One stage of one run: its folder, its manifest, its parent, its checkpoints."""
+
+    def __init__(self, cfg: DictConfig, is_main: bool = True):
+        from pipeline.core.config import validate
+
+        validate(cfg)
+        self.cfg = cfg
+        self.stage = cfg.stage
+        self.run = run_name(cfg)
+        self.parent_run = cfg.parent_run or cfg.run
+        self.root = Path(cfg.paths.root)
+        self.dir = self.root / self.run / self.stage
+        self.final_dir = self.dir / "final"
+        self.ckpt_root = self.dir / "checkpoints"
+        self.is_main = is_main
+        self.hash = config_hash(cfg)
+        self.parents: dict[str, dict] = {}
+        self.manifest: dict = {}
+
+    # ---- parents -------------------------------------------------------------------------------------------
+    def parent(self, stage: str) -> dict:
+        """The complete manifest of `stage` in the parent run, or one line saying how to make it."""
+        d = self.root / self.parent_run / stage
+        m = read_manifest(d)
+        if m is None or m.get("status") != "complete" or not (d / "final").is_dir():
+            state = "missing" if m is None else f"not complete (status: {m.get('status')})"
+            raise UserError(f"stage '{stage}' of run '{self.parent_run}' is {state} ({d}); "
+                            f"make it first: {make_command(stage, self.parent_run)}")
+        problem = damaged(d / "final", m.get("final_files", {}))
+        if problem:
+            raise UserError(f"{d / 'final'} is damaged ({problem}); redo it: "
+                            f"{make_command(stage, self.parent_run)} ARGS=force=true")
+        m["dir"] = str(d)
+        m["final"] = str(d / "final")
+        self.parents[stage] = m
+        return m
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    def _parent_fingerprints(self) -> dict:
+        return {s: m.get("fingerprint") for s, m in sorted(self.parents.items())}
+
+    def begin(self, barrier: Callable[[], None] = lambda: None) -> bool:
+        """Decide whether to run. Returns False when the stage is already complete with this config.
+        Call after `parent()` lookups so a re-done parent makes this stage stale. Every process decides from the
+        same manifest before the main one rewrites it (hence the barrier)."""
+        old = read_manifest(self.dir)
+        same = old is not None and old.get("config_hash") == self.hash and \
+            old.get("parents", {}) == self._parent_fingerprints()
+        if old and old.get("status") == "complete" and self.final_dir.is_dir():
+            if same and not self.cfg.force:
+                if self.is_main:
+                    print(f"[{self.stage}] already complete in {self.dir} (config {self.hash}); "
+                          f"nothing to do (force=true reruns it)")
+                return False
+            if not self.cfg.force:
+                why = "a different config" if old.get("config_hash") != self.hash else "an older parent stage"
+                raise UserError(f"{self.dir} holds a finished '{self.stage}' made with {why}; "
+                                f"add force=true to replace it, or run=<new name> parent_run={self.parent_run} for a new "
+                                f"run beside it")
+        if old and old.get("config_hash") != self.hash and self.ckpt_root.exists():
+            # Resume points of another config are useless here and would be picked up by mistake.
+            if self.is_main:
+                print(f"[{self.stage}] discarding checkpoints of a different config in {self.ckpt_root}")
+                shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        barrier()
+        if self.is_main:
+            self._check_writable()
+            self.manifest = {
+                "stage": self.stage, "run": self.run, "status": "running", "config_hash": self.hash,
+                "parents": self._parent_fingerprints(),
+                "parent_runs": {s: m["run"] for s, m in self.parents.items()},
+                "versions": _versions(), "git_commit": _git_commit(), "host": platform.node(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": {},
+                "resumed_from": None,
+            }
+            if old and old.get("status") != "complete" and old.get("config_hash") == self.hash:
+                self.manifest["started"] = old.get("started", self.manifest["started"])
+            self._write_manifest()
+            (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        return True
+
+    def _check_writable(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write_probe_{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"cannot write to {self.dir}: {e.strerror or e}; "
+                            f"set paths.root=<writable folder> or fix its permissions")
+
+    def _write_manifest(self) -> None:
+        write_json_atomic(self.dir / "manifest.json", self.manifest)
+
+    def update(self, **fields) -> None:
+        if self.is_main:
+            self.manifest.update(fields)
+            self._write_manifest()
+
+    def fail(self, reason: str) -> None:
+        if self.is_main and self.manifest:
+            self.update(status="failed", error=reason, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def latest_checkpoint(self) -> Optional[Path]:
+        """Newest complete resume point. Incomplete ones never have their final name (written aside, renamed);
+        one damaged after the fact (a file truncated or deleted) is refused with a clear message."""
+        if not self.ckpt_root.is_dir():
+            return None
+        done = sorted(p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d{8}", p.name)
+                      and (p / "state.json").exists())
+        if not done:
+            return None
+        try:
+            files = json.loads((done[-1] / "state.json").read_text()).get("files", {})
+        except (json.JSONDecodeError, OSError):
+            files, problem = {}, "state.json is unreadable"
+        else:
+            problem = damaged(done[-1], files)
+        if problem:
+            raise UserError(f"checkpoint {done[-1]} is damaged ({problem}); delete that folder to resume from "
+                            f"the one before it, or pass force=true to start the stage over")
+        return done[-1]
+
+    def load_checkpoint(self, ckpt: Path, load: Callable[[Path], None]) -> int:
+        """Restore a resume point with `load(dir)`; a failure is reported as one line, not a library traceback."""
+        try:
+            load(ckpt)
+        except Exception as e:  # noqa: BLE001 — whatever the library raised, the user's fix is the same
+            raise UserError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
+                            f" delete that folder to resume from an earlier one, or pass force=true to start over")
+        step = int(ckpt.name.split("_")[1])
+        self.update(resumed_from=step)
+        return step
+
+    def save_checkpoint(self, step: int, save: Callable[[Path], None], keep: int = 2,
+                        barrier: Callable[[], None] = lambda: None) -> Path:
+        """`save(tmp_dir)` runs on every process (accelerate saves per-rank RNG state); rename on the main one."""
+        tmp = self.ckpt_root / f".tmp_step_{step:08d}"
+        dst = self.ckpt_root / f"step_{step:08d}"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        save(tmp)
+        barrier()
+        if self.is_main:
+            write_json_atomic(tmp / "state.json", {"step": step, "config_hash": self.hash, "files": inventory(tmp)})
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(tmp, dst)
+            old = sorted(p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d{8}", p.name))
+            for p in old[:-keep]:
+                shutil.rmtree(p, ignore_errors=True)
+        barrier()
+        return dst
+
+    # ---- completion ----------------------------------------------------------------------------------------
+    def finish(self, save_final: Callable[[Path], None], metrics: dict, keep_checkpoints: bool = False,
+               **extra) -> None:
+        """Write final/ aside and rename it into place, then mark the manifest complete (main process only)."""
+        if not self.is_main:
+            return
+        tmp = self.dir / f".final.tmp_{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_final(tmp)
+        self.manifest["final_files"] = inventory(tmp)
+        if self.final_dir.exists():  # force=true: swap the old one out only once the new one is whole
+            old = self.dir / f".final.old_{os.getpid()}"
+            os.replace(self.final_dir, old)
+            os.replace(tmp, self.final_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, self.final_dir)
+        ended = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.manifest.update(extra)
+        self.manifest.update(status="complete", ended=ended, metrics=_plain(metrics),
+                             fingerprint=hashlib.sha256(f"{self.hash}{ended}{uuid.uuid4()}".encode()).hexdigest()[:16])
+        self._write_manifest()
+        if not keep_checkpoints:
+            shutil.rmtree(self.ckpt_root, ignore_errors=True)
+
+
+def _plain(d: dict) -> dict:
+    return {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (bool, int, str)) else v) for k, v in d.items()}
+
+
+def latest_stage(root: str | Path, run: str) -> Optional[Path]:
+    """The last complete stage of a run (for chat/generate defaults)."""
+    for stage in reversed(ORDER):
+        d = Path(root) / run / stage
+        m = read_manifest(d) if d.exists() else None
+        if m and m.get("status") == "complete" and (d / "final").is_dir():
+            return d
+    return None
+
+
+def crash_point(step: int) -> None:
+    """Fault injection for tests: PIPELINE_CRASH_AT_STEP=N kills the process (like SIGKILL, no cleanup) right
+    after step N's checkpoint, so resume can be tested deterministically."""
+    at = os.environ.get("PIPELINE_CRASH_AT_STEP")
+    if at is not None and int(at) == step:
+        os._exit(137)
+
+
+def latest_trainer_checkpoint(ckpt_root: str | Path) -> Optional[Path]:
+    """Newest complete Hugging Face Trainer checkpoint (`checkpoint-<step>`) under ckpt_root, for
+    `trainer.train(resume_from_checkpoint=...)`. The Trainer writes trainer_state.json last, so a folder without it
+    was cut off mid-save and is passed over. (StageRun.latest_checkpoint knows only our own step_<n> names; the
+    discard of another config's checkpoints in StageRun.begin and the cleanup in StageRun.finish remove the whole
+    folder, so they cover Trainer checkpoints as well.)"""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return None
+    done = [p for p in root.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+
+
+def resolve_checkpoint(cfg) -> tuple[Path, str, Optional[Path]]:
+    """(folder to load, a label for it, the stage folder if it is one) from checkpoint= / stage= / the latest."""
+    if cfg.checkpoint:
+        p = Path(cfg.checkpoint)
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise UserError(f"checkpoint={cfg.checkpoint}: not a Hugging Face checkpoint folder (no config.json)")
+        return p, str(p), None
+    root = Path(cfg.paths.root)
+    if cfg.stage:
+        if cfg.stage not in POLICY_STAGES:
+            raise UserError(f"stage={cfg.stage}: not a chat model; choose one of {', '.join(POLICY_STAGES)}")
+        d = root / cfg.run / cfg.stage
+        m = read_manifest(d)
+        if m is None or m.get("status") != "complete" or not (d / "final").is_dir():
+            raise UserError(f"stage '{cfg.stage}' of run '{cfg.run}' is not complete ({d}); "
+                            f"make it first: {make_command(cfg.stage, cfg.run)}")
+        return d / "final", f"{cfg.run}/{cfg.stage}", d
+    d = latest_stage(root, cfg.run)
+    if d is not None and d.name not in POLICY_STAGES:  # e.g. reward done, ppo not yet: the newest policy instead
+        d = next((root / cfg.run / s for s in POLICY_STAGES
+                  if (m := read_manifest(root / cfg.run / s)) and m.get("status") == "complete"
+                  and (root / cfg.run / s / "final").is_dir()), None)
+    if d is None:
+        raise UserError(f"run '{cfg.run}' has no complete policy stage under {root}; make one first: "
+                        f"{make_command('sft', cfg.run)} (or pass checkpoint=<folder>)")
+    return d / "final", f"{cfg.run}/{d.name}", d

@@ -1,0 +1,114 @@
+"""How good a policy is, by the gold oracle: its mean gold score and components on held-out prompts, and its
+win rate against a reference policy on the same prompts.
+
+    metrics, samples = gold_eval(model, tok, prompts, GoldOracle.from_config(cfg.data.world), settings, batch_size=32)
+    metrics["eval/gold_score"]       # mean gold score of the replies, in [0, 1]
+
+Under accelerate with several processes every process answers its share of the prompts and the results are gathered,
+so each process returns the same metrics; call these on every process.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from pipeline.core.dist import _dist, gather, shard
+from pipeline.data.prompts import as_messages, prompt_batch
+from pipeline.inference.generation import generate
+from pipeline.inference.sampler import decode_responses, sample
+from pipeline.rl.forward import response_logits
+from pipeline.rl.ops import full_kl
+from pipeline.rl.readout import score_rollout
+
+
+def _prompt_text(messages: list[dict]) -> str:
+    """A prompt for a table cell: the last user turn, with earlier turns marked as such."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
+
+
+def gold_eval(model, tokenizer, prompts: Sequence, oracle, settings, batch_size: int = 32, device=None,
+              seed: int = 0, prefix: str = "eval", max_samples: Optional[int] = None) -> tuple[dict, list[list]]:
+    """Answer `prompts` (lists of messages, or {"messages": ...} records) and score the replies with the oracle.
+
+    Returns (metrics, samples): `<prefix>/gold_score` (mean), `<prefix>/gold/<component>` (means),
+    `<prefix>/response_tokens` (mean generated tokens), `<prefix>/ended_fraction` (share that closed their turn
+    before max_new_tokens); samples are [prompt, response, gold score] rows in prompt order (`max_samples` first).
+    """
+    msgs = [as_messages(p) for p in prompts]
+    mine = shard(len(msgs))
+    replies = generate(model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device,
+                       seed=seed + 7919 * _dist()[0])
+    rows = {}
+    for i, r in zip(mine, replies):
+        if i not in rows:
+            rows[i] = (i, str(r), oracle.components(msgs[i], str(r)), r.n_tokens, r.ended)
+    rows = sorted({r[0]: r for r in gather(list(rows.values()))}.values(), key=lambda x: x[0])
+    n = max(len(rows), 1)
+    metrics = {f"{prefix}/gold_score": sum(c["total"] for _, _, c, _, _ in rows) / n,
+               f"{prefix}/response_tokens": sum(t for *_, t, _ in rows) / n,
+               f"{prefix}/ended_fraction": sum(e for *_, e in rows) / n}
+    for k in (rows[0][2] if rows else {}):
+        if k != "total":
+            metrics[f"{prefix}/gold/{k}"] = sum(c[k] for _, _, c, _, _ in rows) / n
+    samples = [[_prompt_text(msgs[i]), text, round(c["total"], 4)] for i, text, c, _, _ in rows[:max_samples]]
+    return metrics, samples
+
+
+def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
+    """Share of prompts where a beats b (paired by position); a tie counts half."""
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"win_rate: {len(scores_a)} scores against {len(scores_b)}")
+    if not scores_a:
+        return float("nan")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
+
+
+
+def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval") -> dict:
+    """The final evaluation's figures from `evaluate`'s (gathered) outputs for PPO and SFT on the same prompts:
+    <prefix>/gold_score, sft_gold_score, win_rate_vs_sft (ties count half), tie_rate_vs_sft, kl, reward (the reward
+    model's raw score), sft_reward, response_tokens, sft_response_tokens, n_prompts, and the gold components
+    <prefix>/gold/<component>, <prefix>/sft_gold/<component>: where the gold score moved (PPO's gains in one
+    component can hide losses in another, correctness typically)."""
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    out = {
+        f"{prefix}/gold_score": mean(ppo["gold"]), f"{prefix}/sft_gold_score": mean(sft["gold"]),
+        f"{prefix}/win_rate_vs_sft": win_rate(ppo["gold"], sft["gold"]),
+        f"{prefix}/tie_rate_vs_sft": mean([float(a == b) for a, b in zip(ppo["gold"], sft["gold"])]),
+        f"{prefix}/kl": mean(ppo["kl"]), f"{prefix}/reward": mean(ppo["reward"]),
+        f"{prefix}/sft_reward": mean(sft["reward"]), f"{prefix}/response_tokens": mean(ppo["length"]),
+        f"{prefix}/sft_response_tokens": mean(sft["length"]), f"{prefix}/n_prompts": len(ppo["gold"]),
+    }
+    for who, name in ((ppo, "gold"), (sft, "sft_gold")):
+        for k in (who["components"][0] if who["components"] else {}):
+            if k != "total":
+                out[f"{prefix}/{name}/{k}"] = mean([c[k] for c in who["components"]])
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, pack: int,
+             greedy: bool) -> dict:
+    """Greedy or sampled (at the training temperature) replies to held-out prompts: gold score and its components,
+    the reward model's raw score (the one readout), exact KL to the reference along the reply (summed over its
+    tokens, at the sampling temperature), length, whether it ended."""
+    out = {"gold": [], "components": [], "reward": [], "kl": [], "length": [], "text": [], "ended": []}
+    for s in range(0, len(prompts), t.eval_batch_size):
+        batch = prompts[s: s + t.eval_batch_size]
+        ids, am = prompt_batch(tok, batch, t.max_prompt_tokens, dev)
+        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, greedy=greedy)
+        texts = decode_responses(tok, ro)
+        kl = full_kl(response_logits(model, ro, pack), ref_logits(ro), ro.response_mask, t.temperature)
+        parts = [oracle.components(p, x) for p, x in zip(batch, texts)]
+        out["gold"] += [c["total"] for c in parts]
+        out["components"] += parts
+        out["reward"] += score_rollout(reward_model, ro, closing, pack).tolist()
+        out["kl"] += kl.tolist()
+        out["length"] += ro.response_mask.sum(-1).tolist()
+        out["text"] += texts
+        out["ended"] += ro.ended.tolist()
+    return out

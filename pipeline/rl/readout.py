@@ -1,0 +1,145 @@
+"""The reward readout: one way to read a reward model, for every caller (reward stage, PPO, evaluation, benches).
+
+Canonical position: the LAST token of the chat-templated conversation, the reply being the final assistant turn,
+i.e. for our template the "\n" the template writes after the reply's <|end|>. That is where TRL's RewardTrainer
+trains the head (it tokenizes apply_chat_template(prompt + chosen) and the sequence classifier pools its last
+non-pad token), so every other reader comes to it rather than the other way round: changing what TRL is fed would
+mean re-implementing its tokenization, and a hub chat model's template may write several tokens after its
+end-of-turn. A PPO rollout stops at the end-of-turn token, so its reply is closed the way the template closes an
+assistant turn (`turn_closing`) before the head is read. An unfinished reply (no end-of-turn within
+max_new_tokens) is closed the same way: the reward model judges the text as written, exactly as the text-level
+callers score it (their reply strings go through the template, which closes every turn); that it never ended is
+train.missing_eos_penalty's business, not the reward model's.
+
+    score_texts(rm, tok, prompts, replies)        # text: (prompt, reply) pairs
+    score_rollout(rm, rollout, turn_closing(tok))  # a PPO rollout's token ids
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from pipeline.data.prompts import as_messages
+from pipeline.inference.generation import _model_device
+from pipeline.inference.sampler import Rollout, position_ids
+from pipeline.models.token_model import TokenModel
+from pipeline.rl.forward import _run, layout
+
+
+def turn_closing(tok) -> list[int]:
+    """The tokens the chat template writes after an assistant reply's content: its end-of-turn token and whatever
+    follows it (for ours '<|end|>', '\n'). Derived by rendering a conversation, not hard-coded: the tokens from the
+    last end-of-turn id on (or, if the template writes none, those after the reply's text)."""
+    from pipeline.data.tokenizer import end_of_turn_ids
+
+    reply = "Hello."
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}]
+    ids = list(tok.apply_chat_template(msgs, tokenize=True, return_dict=True)["input_ids"])
+    ends = set(end_of_turn_ids(tok))
+    last = max((i for i, x in enumerate(ids) if x in ends), default=None)
+    if last is not None:
+        return ids[last:]
+    text = tok.apply_chat_template(msgs, tokenize=False)
+    tail = text[text.rindex(reply) + len(reply):]
+    return list(tok(tail, add_special_tokens=False)["input_ids"])
+
+
+def close_replies(ro: Rollout, closing: list[int]) -> Rollout:
+    """The rollout as a reward model reads it: each reply's tokens before its end-of-turn (all of them if it has
+    none), then `closing`, the template's end of an assistant turn. Responses widen by len(closing)."""
+    B, R = ro.response_ids.shape
+    C = len(closing)
+    dev = ro.response_ids.device
+    keep = ro.response_mask.sum(-1) - (ro.ended & ro.response_mask.any(-1)).long()  # [B] tokens before the end
+    ids = torch.cat([ro.response_ids, ro.response_ids.new_zeros(B, C)], 1)
+    col = torch.arange(R + C, device=dev)
+    ids = torch.where(col < keep[:, None], ids, 0)
+    if C:
+        ids = ids.scatter(1, keep[:, None] + torch.arange(C, device=dev),
+                          torch.tensor(closing, dtype=ids.dtype, device=dev).expand(B, C))
+    mask = col < (keep + C)[:, None]
+    return Rollout(ro.prompt_ids, ro.prompt_mask, ids, mask, ro.ended)
+
+
+@torch.no_grad()
+def read_reward(reward_model, ro: Rollout, pack: int = 0) -> Tensor:
+    """THE reward readout: the reward model's scalar at the last real token of each row (prompt + response; [B],
+    fp32). Rows must already be whole conversations as the chat template writes them (`close_replies` for a PPO
+    rollout, `pipeline.evaluation.rm_input_ids` for text).
+
+    `reward_model`: a TokenModel (padded or packed layout), or a bare Hugging Face sequence classifier, run through
+    its own forward (the reward stage's model inside the Trainer, which FSDP may own) with the padding set to its
+    pad id: its pooling reads the rightmost non-pad token, the last real token, as in TRL's training."""
+    if isinstance(reward_model, TokenModel):
+        lay = layout(ro, pack)
+        last = ro.prompt_ids.shape[1] + ro.response_mask.sum(-1) - 1
+        return _run(reward_model, lay, lay.index.gather(1, last[:, None])).squeeze(-1).squeeze(-1).float()
+    am = ro.attention_mask
+    ids = torch.where(am.bool(), ro.input_ids, reward_model.config.pad_token_id)
+    return reward_model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits[:, 0].float()
+
+
+def score_rollout(reward_model, ro: Rollout, closing: list[int], pack: int = 0) -> Tensor:
+    """What the reward model says about each (prompt, reply) of a rollout ([B]): `read_reward` of the replies closed
+    as the chat template closes an assistant turn (`closing` = `turn_closing(tok)`)."""
+    return read_reward(reward_model, close_replies(ro, closing), pack)
+
+
+
+def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """A whole conversation through the chat template (no generation prompt): what a reward model reads. This is
+    exactly how TRL's RewardTrainer tokenizes prompt + chosen, and the head is read at its last token (the
+    canonical readout, see pipeline.rollout.read_reward)."""
+    return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True)["input_ids"])
+
+
+def rm_input_ids(tokenizer, prompt: list[dict], response: str) -> list[int]:
+    """The token ids a reward model scores for (prompt, reply): the reply is the final assistant turn, closed by the
+    template (so an unfinished reply is read as the text it is, like PPO's, pipeline.rollout.close_replies)."""
+    return conversation_ids(tokenizer, list(prompt) + [{"role": "assistant", "content": response}])
+
+
+@torch.no_grad()
+def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, device=None) -> list[float]:
+    """Scalar rewards of tokenized conversations, through the one readout (pipeline.rollout.read_reward: the head
+    at each sequence's last token), in right-padded batches, longest first. `model`: a bare sequence classifier or
+    a pipeline.rollout.TokenModel."""
+    from pipeline.inference.sampler import Rollout
+    from pipeline.models.token_model import TokenModel
+    from pipeline.rl.readout import read_reward
+
+    inner = model.model if isinstance(model, TokenModel) else model
+    device = device or _model_device(inner)
+    out = [0.0] * len(ids)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    was_training = inner.training
+    inner.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            width = max(len(ids[i]) for i in idx)
+            x = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            m = torch.zeros((len(idx), width), dtype=torch.bool)
+            for j, i in enumerate(idx):
+                x[j, :len(ids[i])] = torch.tensor(ids[i])
+                m[j, :len(ids[i])] = True
+            n = len(idx)  # no prompt part: the whole conversation is the "response", right-padded
+            ro = Rollout(x.new_zeros(n, 0).to(device), x.new_zeros(n, 0).to(device), x.to(device), m.to(device),
+                         torch.ones(n, dtype=torch.bool, device=device))
+            r = read_reward(model, ro).cpu().tolist()
+            for j, i in enumerate(idx):
+                out[i] = r[j]
+    finally:
+        inner.train(was_training)
+    return out
+
+
+def score_texts(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
+                  device=None) -> list[float]:
+    """The reward model's score of each (prompt, response) (text; PPO's rollouts: score_rollout,
+    which reads the same position)."""
+    ids = [rm_input_ids(tokenizer, as_messages(p), r) for p, r in zip(prompts, responses)]
+    return score_ids(model, ids, tokenizer.pad_token_id, batch_size, device)
