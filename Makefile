@@ -20,6 +20,13 @@ ARGS   ?=
 STAGE_ARGS = run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
 comma := ,
 
+# The training stages, in order, come from their specs (pipeline/core/registry.py: standard library only, so the
+# system Python reads it before .venv exists); each is `python -m stages.<name>`.
+STAGES := $(shell $(PYTHON) -m pipeline.core.registry)
+ifeq ($(STAGES),)
+$(error cannot read the stage list: $(PYTHON) -m pipeline.core.registry failed (run make from the repository root))
+endif
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -27,29 +34,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-.PHONY: help setup all tokenizer pretrain sft reward ppo report compare chat generate reward-data test test-slow \
-	bench clean
+.PHONY: help setup all $(STAGES) report compare chat generate reward-data test test-slow bench clean
 help:  ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+	@$(PYTHON) -m pipeline.core.registry --describe | expand -t 14
 
 setup: $(STAMP)  ## create .venv and install the project with its dev extras (once)
 
-all: tokenizer pretrain sft reward ppo report  ## the whole pipeline, ending with the report card
+all: $(STAGES) report  ## the whole pipeline, ending with the report card
 
-tokenizer: $(STAMP)  ## train the BPE tokenizer on the corpus -> runs/<run>/tokenizer/final
-	$(PY) -m stages.tokenizer $(STAGE_ARGS)
-
-pretrain: $(STAMP)  ## pretrain the causal LM -> runs/<run>/pretrain/final
-	$(PY) -m stages.pretrain $(STAGE_ARGS)
-
-sft: $(STAMP)  ## supervised fine-tuning on demonstrations (TRL) -> runs/<run>/sft/final
-	$(PY) -m stages.sft $(STAGE_ARGS)
-
-reward: $(STAMP)  ## reward model on ranked pairs (TRL) -> runs/<run>/reward/final
-	$(PY) -m stages.reward $(STAGE_ARGS)
-
-ppo: $(STAMP)  ## RLHF with PPO against the reward model -> runs/<run>/ppo/final
-	$(PY) -m stages.ppo $(STAGE_ARGS)
+$(STAGES): $(STAMP)
+	$(PY) -m stages.$@ $(STAGE_ARGS)
 
 report: $(STAMP)  ## report card: runs/<run>/report.md with plots and side-by-side answers
 	$(PY) -m stages.tools.report run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)

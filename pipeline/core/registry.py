@@ -1,6 +1,7 @@
 """The stages of the pipeline, in the order `make all` runs them: one spec each, and the only place the list lives.
 
-    python -m pipeline.core.registry          # the stage names in order (the Makefile reads its targets from here)
+    python -m pipeline.core.registry              # the stage names in order (the Makefile reads its targets from here)
+    python -m pipeline.core.registry --describe   # one line each, for make help
 
 A spec says what the rest of the house needs to know about a stage without importing it: the config schema it
 composes on (pipeline/core/config.py), the stages whose final/ it reads, which parts of `data` it reads (the rest
@@ -66,4 +67,9 @@ def spec(name: str) -> StageSpec:
 
 
 if __name__ == "__main__":
-    print(" ".join(ORDER))
+    import sys
+
+    if sys.argv[1:] == ["--describe"]:  # make help
+        print("\n".join(f"{s.name}\t{s.help} -> runs/<run>/{s.name}/final" for s in STAGES))
+    else:
+        print(" ".join(ORDER))
