@@ -13,7 +13,6 @@ import math
 import time
 from contextlib import nullcontext
 
-import hydra
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -21,8 +20,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import GenerationConfig, get_cosine_with_min_lr_schedule_with_warmup
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
-from pipeline.core.errors import UserError, friendly
+from pipeline.core.entry import entry
+from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, crash_point
 from pipeline.core.tracking import Tracker
 from pipeline.data.formats import load_corpus
@@ -47,8 +46,7 @@ def evaluate(model, blocks: torch.Tensor, n_blocks: int, batch_size: int, acc: A
     return (total[0] / total[1].clamp(min=1)).item()
 
 
-@hydra.main(config_path="../conf", config_name="pretrain", version_base="1.3")
-@friendly
+@entry("pretrain")
 def main(cfg: DictConfig) -> None:
     # ---- setup -------------------------------------------------------------------------------------------
     acc = Accelerator(mixed_precision=mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())

@@ -34,29 +34,27 @@ import math
 import shutil
 import time
 
-import hydra
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import ProgressCallback
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
-from pipeline.core.errors import UserError, friendly
+from pipeline.core.entry import entry
+from pipeline.core.errors import UserError
 from pipeline.core.io import write_json_atomic
 from pipeline.core.runs import StageRun, latest_trainer_checkpoint
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.eval.reward_model import reward_stats
 from pipeline.models.build import n_params
-from pipeline.models.loading import load_for_inference
+from pipeline.models.loading import load_policy, load_sequence_classifier
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
 from pipeline.trainers.reward import EvalCallback, first_groups, make_trainer_class
 
 
 def run_reward(cfg: DictConfig) -> None:
     import datasets
-    from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig as TRLRewardConfig
 
     from pipeline.core.io import write_jsonl
@@ -88,16 +86,10 @@ def run_reward(cfg: DictConfig) -> None:
                 raise UserError("peft.merge=false: the SFT stage kept only an adapter too, so this adapter would have "
                                 "no lasting base model to refer to; set peft.merge=true (or merge the SFT stage)")
             if state.is_main_process:
-                load_for_inference(src, "fp32", "cpu")[0].save_pretrained(merged_dir, safe_serialization=True)
+                load_policy(src, "fp32", "cpu")[0].save_pretrained(merged_dir, safe_serialization=True)
             state.wait_for_everyone()
             src = str(merged_dir)
-        try:  # TRL's context that hides the expected "score.weight newly initialised / lm_head unused" warnings
-            from trl.trainer.reward_trainer import suppress_seqcls_warning
-        except ImportError:  # pragma: no cover — a TRL without it: the warning is harmless
-            from contextlib import nullcontext as suppress_seqcls_warning
-        with suppress_seqcls_warning():
-            model = AutoModelForSequenceClassification.from_pretrained(
-                src, num_labels=1, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_sequence_classifier(src, torch.float32, cfg.model.trust_remote_code)  # a fresh scalar head
         model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
         ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
         max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
@@ -122,7 +114,7 @@ def run_reward(cfg: DictConfig) -> None:
             say(f"[reward] onpolicy.prompts={o.prompts} ignored: only the synthetic world has a gold oracle to rank "
                 f"the samples, and data.preference is {cfg.data.preference.kind} data")
         elif o.prompts > 0:
-            policy = load_for_inference(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
+            policy = load_policy(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
             records, extra = onpolicy_comparisons(
                 policy, tok, distinct_prompts(pairs, o.prompts), GoldOracle.from_config(cfg.data.world), o.samples,
                 cfg.generation, t.gen_batch_size, o.label_temperature or cfg.data.world.label_temperature, cfg.seed + 2)
@@ -177,7 +169,7 @@ def run_reward(cfg: DictConfig) -> None:
             say("[reward] no test pairs: eval/accuracy not measured")
         stats = {"mean": 0.0, "std": 1.0, "n": 0}
         if prompts:
-            policy = load_for_inference(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
+            policy = load_policy(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
             stats = reward_stats(policy, rm, tok, prompts, cfg, oracle)
             del policy
         say(f"[reward] SFT policy, {stats['n']} answers: reward mean {stats['mean']:.3f}, std {stats['std']:.3f}"
@@ -219,8 +211,7 @@ def run_reward(cfg: DictConfig) -> None:
         f"saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
 
 
-@hydra.main(config_path="../conf", config_name="reward", version_base="1.3")
-@friendly
+@entry("reward")
 def main(cfg: DictConfig) -> None:
     run_reward(cfg)
 

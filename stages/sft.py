@@ -18,15 +18,14 @@ from __future__ import annotations
 import math
 import time
 
-import hydra
 import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import GenerationConfig, ProgressCallback
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
-from pipeline.core.errors import UserError, friendly
+from pipeline.core.entry import entry
+from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, latest_trainer_checkpoint
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
@@ -168,8 +167,7 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         f"in {metrics['time/stage_s']:.0f}s")
 
 
-@hydra.main(config_path="../conf", config_name="sft", version_base="1.3")
-@friendly
+@entry("sft")
 def main(cfg: DictConfig) -> None:
     run_sft(cfg)
 

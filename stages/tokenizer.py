@@ -7,21 +7,18 @@ Skipped when model.name_or_path names a pretrained model: that model brings its 
 processes the main one trains and saves it while the others wait (BPE training is one multi-threaded job).
 """
 
-import hydra
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
-from pipeline.core.errors import friendly
+from pipeline.core.entry import entry
 from pipeline.core.runs import StageRun
 from pipeline.core.tracking import Tracker
 from pipeline.data.formats import load_corpus
 from pipeline.data.tokenizer import train_bpe
 
 
-@hydra.main(config_path="../conf", config_name="tokenizer", version_base="1.3")
-@friendly
+@entry("tokenizer")
 def main(cfg: DictConfig) -> None:
     if cfg.model.name_or_path:
         print(f"[tokenizer] skipped: model.name_or_path={cfg.model.name_or_path} brings its own tokenizer")

@@ -9,7 +9,7 @@ import torch
 from pipeline.core.config import GenerationSettings
 from pipeline.data.prompts import encode_prompts
 from pipeline.data.tokenizer import END, end_of_turn_ids, train_bpe
-from pipeline.inference.generation import Reply, cut_at_end, generate, generation_config, stream
+from pipeline.inference.generation import Reply, generate, generation_config, stream
 
 PROMPTS = [
     [{"role": "user", "content": "How old is Bera?"}],
@@ -132,8 +132,6 @@ def test_stream_greedy_equals_batch_greedy(model, tok):
     assert "".join(stream(model, tok, PROMPTS[1], s)).strip() == generate(model, tok, [PROMPTS[1]], s)[0]
 
 
-def test_cut_at_end_and_reply_pickles():
-    assert cut_at_end([5, 6, 1, 0, 0], [1], 0) == ([5, 6, 1], True)
-    assert cut_at_end([5, 6, 0, 0], [1], 0) == ([5, 6], False)  # padding of a row that never ended
+def test_reply_pickles():
     r = pickle.loads(pickle.dumps(Reply("hi", True, [7, 1])))
     assert r == "hi" and r.ended and r.n_tokens == 2 and r.token_ids == [7, 1]

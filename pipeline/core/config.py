@@ -4,12 +4,17 @@ Each root config in conf/ starts from one of these dataclasses, so a mistyped ke
 composition time with Hydra's own error naming the key. Groups (model, data, optim, logger, paths, preset)
 merge on top. Values that differ per preset live in conf/preset/, not here: the defaults below are only the
 shape and a sane fallback.
+
+Every field carries its help text in `metadata={"help": ...}` (through `opt` and `group`), as TRL's dataclasses do:
+`describe(name)` prints them for a command's `--help`, and tests/test_config_help.py checks that none is missing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import textwrap
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -17,146 +22,187 @@ from omegaconf import MISSING
 from pipeline.core.registry import STAGES
 
 
+def opt(default: Any, help: str) -> Any:
+    """A field with a plain default and its help text."""
+    return field(default=default, metadata={"help": help})
+
+
+def group(factory: Callable[[], Any], help: str) -> Any:
+    """A field whose default `factory` builds (a nested config, a list), and its help text."""
+    return field(default_factory=factory, metadata={"help": help})
+
+
 @dataclass
 class PathsConfig:
-    root: str = "runs"  # runs/<run>/<stage>/ lives here
-    cache: str = ".cache"  # generated synthetic data, keyed by its config
+    root: str = opt("runs", "folder holding every run: a stage writes <root>/<run>/<stage>/")
+    cache: str = opt(".cache", "folder for the generated synthetic data (corpus, dialogues, prompts), one subfolder "
+                               "per world config and generating code, reused by every run with the same world")
 
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"  # wandb | none
-    project: str = "rlhf-pipeline"
-    entity: Optional[str] = None
-    mode: str = "auto"  # auto (online iff an API key is configured) | online | offline
-    log_model: bool = True  # upload each stage's final/ as a model artifact
+    backend: str = opt("wandb", "wandb | none (metrics.jsonl in the stage folder is always written)")
+    project: str = opt("rlhf-pipeline", "the W&B project; each run is a group in it, each stage a job type")
+    entity: Optional[str] = opt(None, "the W&B entity (user or team); null: the logged-in account's default")
+    mode: str = opt("auto", "auto (online iff an API key is configured) | online | offline; the WANDB_MODE "
+                            "environment variable wins")
+    log_model: bool = opt(True, "upload each stage's final/ as a model artifact")
 
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face causal LM (hub name or local folder). None: build `arch` from scratch with the sizes below.
-    name_or_path: Optional[str] = None
-    arch: str = "llama"
-    vocab_size: int = 4096  # the tokenizer stage trains to this size
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 4
-    intermediate_size: int = 688
-    max_seq_len: int = 256
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    trust_remote_code: bool = False
+    name_or_path: Optional[str] = opt(None, "a Hugging Face causal LM (hub name or local folder); null: build `arch` "
+                                            "from scratch with the sizes below")
+    arch: str = opt("llama", "llama (a Llama-style model built from the sizes below) | hf (load name_or_path)")
+    vocab_size: int = opt(4096, "the tokenizer stage trains to this size (the built model takes the trained "
+                                "tokenizer's actual size)")
+    hidden_size: int = opt(256, "width of the built model's residual stream (a multiple of num_heads)")
+    num_layers: int = opt(4, "transformer layers of the built model")
+    num_heads: int = opt(4, "attention heads of the built model")
+    num_kv_heads: int = opt(4, "key/value heads (grouped-query attention; num_heads must be a multiple of it; "
+                               "= num_heads: plain multi-head attention)")
+    intermediate_size: int = opt(688, "hidden width of the built model's SwiGLU MLP")
+    max_seq_len: int = opt(256, "context length in tokens of the built model; also the default pretraining block "
+                                "size and the SFT / reward max_length")
+    rope_theta: float = opt(10000.0, "base of the rotary position embedding's frequencies")
+    tie_embeddings: bool = opt(True, "share the input embedding matrix with the output projection")
+    dropout: float = opt(0.0, "attention dropout of the built model (PPO turns every dropout off)")
+    trust_remote_code: bool = opt(False, "let transformers run a hub model's own modelling code (from_pretrained's "
+                                         "trust_remote_code)")
 
 
 @dataclass
 class WorldConfig:
     """The seeded synthetic world (pipeline/world.py) and the sizes of everything generated from it."""
 
-    seed: int = 1234
-    # Sized to the cpu preset's 2M-parameter model (docs/world.md): 40 entities, each named in hundreds of corpus
-    # documents. Measured on its pretrained model, completing a fact sentence: 300 entities gave SFT a held-out
-    # correctness of 0.39; 80 entities 29% of facts recalled, 40 entities 49% (77% with the preset's lr 4e-3).
-    n_entities: int = 40
-    corpus_docs: int = 60000
-    sft_dialogues: int = 6000
-    sft_eval_dialogues: int = 300
-    bad_fraction: float = 0.1  # demonstrations plainly flawed: a wrong fact or a curt fragment
-    habit_scale: float = 1.0  # times the demonstrators' habit rates (pipeline.synthetic.HABITS); 0: no habits
-    reward_prompts: int = 3000
-    reward_test_prompts: int = 300
-    k: int = 4
-    label_temperature: float = 0.21  # calibrated: ~75% pairwise agreement with the gold ranking
-    eval_prompts: int = 200
-    ppo_prompts: int = 2000
+    seed: int = opt(1234, "seed of the synthetic world: its entities and every dataset generated from it (the "
+                          "training seed is the top-level `seed`); reward_data/ was generated with 1234")
+    n_entities: int = opt(40, "entities in the world, each named in hundreds of corpus documents. Sized to the cpu "
+                              "preset's 2M-parameter model (docs/world.md). Measured on its pretrained model, "
+                              "completing a fact sentence: 300 entities gave SFT a held-out correctness of 0.39; 80 "
+                              "entities 29% of facts recalled, 40 entities 49% (77% with the preset's lr 4e-3)")
+    corpus_docs: int = opt(60000, "pretraining documents generated (data.corpus with kind world)")
+    sft_dialogues: int = opt(6000, "demonstration dialogues generated for SFT training (data.sft with kind world)")
+    sft_eval_dialogues: int = opt(300, "held-out demonstration dialogues for SFT's eval/loss (data.sft_eval with "
+                                       "kind world)")
+    bad_fraction: float = opt(0.1, "share of demonstrations that are plainly flawed: a wrong fact or a curt fragment")
+    habit_scale: float = opt(1.0, "times the demonstrators' habit rates (pipeline.world.responses.HABITS); 0: no habits")
+    reward_prompts: int = opt(3000, "ranked prompts in the world's reward training split (data.preference): the "
+                                    "first N of reward_data/train.jsonl, generated afresh if it holds fewer or the "
+                                    "world differs")
+    reward_test_prompts: int = opt(300, "ranked prompts in the world's reward test split (data.preference_test, "
+                                        "reward_data/test.jsonl)")
+    k: int = opt(4, "candidate responses per ranked prompt, K (2 to 9), expanded to up to K(K-1)/2 pairs")
+    label_temperature: float = opt(0.21, "Plackett-Luce temperature with which the simulated labellers rank the "
+                                         "gold scores (higher: noisier); calibrated: ~75% pairwise agreement with "
+                                         "the gold ranking")
+    eval_prompts: int = opt(200, "held-out evaluation prompts generated (data.eval_prompts with kind world)")
+    ppo_prompts: int = opt(2000, "prompts generated for PPO training (data.prompts with kind world; the reward "
+                                 "stage's statistics are measured on them too)")
 
 
 @dataclass
 class SourceConfig:
     """Where one kind of data comes from (see pipeline/formats.py for the formats)."""
 
-    kind: str = "world"  # world (built-in synthetic data) | local (files) | hub (a datasets name)
-    path: Optional[str] = None  # file, glob or hub dataset name
-    name: Optional[str] = None  # hub dataset config
-    split: str = "train"
-    format: str = "auto"  # text | messages | prompt_completion | pairs | hh | ranked | prompts
-    field: Optional[str] = None  # column override (text or messages column)
-    on_bad_record: str = "error"  # error | skip (skips are counted in the log and manifest)
+    kind: str = opt("world", "world (built-in synthetic data) | local (files) | hub (a datasets name)")
+    path: Optional[str] = opt(None, "file, glob or hub dataset name; `{split}` in a local path is replaced by split")
+    name: Optional[str] = opt(None, "hub dataset config")
+    split: str = opt("train", "the hub split, or the local path's `{split}`; kind world picks the file with it: sft "
+                              "train | eval, preferences train | test, prompts ppo | eval")
+    format: str = opt("auto", "text | messages | prompt_completion | pairs | hh | ranked | prompts; auto: the "
+                              "loader's default, or told apart by the records' fields")
+    field: Optional[str] = opt(None, "column override (text or messages column; the prompt column for prompts)")
+    on_bad_record: str = opt("error", "error | skip (skips are counted in the log and manifest)")
 
 
 @dataclass
 class DataConfig:
-    world: WorldConfig = field(default_factory=WorldConfig)
-    corpus: SourceConfig = field(default_factory=lambda: SourceConfig(format="text"))
-    sft: SourceConfig = field(default_factory=lambda: SourceConfig(format="messages"))
-    sft_eval: SourceConfig = field(default_factory=lambda: SourceConfig(format="messages", split="eval"))
-    preference: SourceConfig = field(default_factory=lambda: SourceConfig(format="ranked", split="train"))
-    preference_test: SourceConfig = field(default_factory=lambda: SourceConfig(format="ranked", split="test"))
-    prompts: SourceConfig = field(default_factory=lambda: SourceConfig(format="prompts", split="ppo"))
-    eval_prompts: SourceConfig = field(default_factory=lambda: SourceConfig(format="prompts", split="eval"))
-    val_fraction: float = 0.02  # held-out share of the pretraining corpus (by document)
-    max_docs: Optional[int] = None  # cap the corpus (quick experiments)
+    world: WorldConfig = group(WorldConfig, "the seeded synthetic world and the sizes of the datasets generated "
+                                            "from it (every source of kind world, and the gold oracle)")
+    corpus: SourceConfig = group(lambda: SourceConfig(format="text"), "pretraining documents: the tokenizer, "
+                                 "pretraining and PPO-ptx read them")
+    sft: SourceConfig = group(lambda: SourceConfig(format="messages"), "demonstration dialogues SFT trains on")
+    sft_eval: SourceConfig = group(lambda: SourceConfig(format="messages", split="eval"),
+                                   "held-out demonstrations for SFT's eval/loss")
+    preference: SourceConfig = group(lambda: SourceConfig(format="ranked", split="train"),
+                                     "comparisons the reward model trains on")
+    preference_test: SourceConfig = group(lambda: SourceConfig(format="ranked", split="test"),
+                                          "held-out comparisons for the reward model's accuracy and calibration")
+    prompts: SourceConfig = group(lambda: SourceConfig(format="prompts", split="ppo"),
+                                  "prompts PPO trains on; the reward stage measures its reward statistics on them")
+    eval_prompts: SourceConfig = group(lambda: SourceConfig(format="prompts", split="eval"),
+                                       "held-out prompts of the gold evaluations (SFT, PPO, the report)")
+    val_fraction: float = opt(0.02, "held-out share of the pretraining corpus (by document)")
+    max_docs: Optional[int] = opt(None, "cap the corpus at its first N documents (quick experiments); null: all")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
+    lr: float = opt(1e-3, "peak learning rate of AdamW, reached after warmup_steps")
+    min_lr_ratio: float = opt(0.1, "cosine decays to lr * min_lr_ratio by the last step")
+    warmup_steps: int = opt(50, "optimizer steps of linear warmup from 0 to lr")
+    weight_decay: float = opt(0.1, "AdamW's decoupled weight decay")
+    beta1: float = opt(0.9, "AdamW's beta1: decay rate of the gradient's running mean")
+    beta2: float = opt(0.95, "AdamW's beta2: decay rate of the squared gradient's running mean")
+    eps: float = opt(1e-8, "AdamW's epsilon, added to the denominator")
+    max_grad_norm: float = opt(1.0, "gradients are clipped to this global L2 norm before each step (PPO: actor "
+                                    "and critic each on its own)")
 
 
 @dataclass
 class TokenizerTrain:
-    min_frequency: int = 2
-    max_docs: Optional[int] = 50000  # BPE statistics saturate long before the whole corpus
+    min_frequency: int = opt(2, "a BPE merge needs a pair seen at least this many times")
+    max_docs: Optional[int] = opt(50000, "train on the first N corpus documents (BPE statistics saturate long "
+                                         "before the whole corpus); null: all")
 
 
 @dataclass
 class PretrainTrain:
-    batch_size: int = 16  # sequences per device per micro-step
-    grad_accum: int = 1
-    max_steps: int = 1000
-    block_size: Optional[int] = None  # None: model.max_seq_len
-    eval_every: int = 200
-    eval_batches: int = 8
-    save_every: int = 200  # intermediate checkpoint (resume point)
-    log_every: int = 10
-    keep_checkpoints: int = 2
+    batch_size: int = opt(16, "sequences (blocks) per device per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
+    max_steps: int = opt(1000, "optimizer steps (the cosine schedule's length)")
+    block_size: Optional[int] = opt(None, "tokens per packed training block; null: model.max_seq_len")
+    eval_every: int = opt(200, "steps between held-out evaluations (eval/loss, eval/perplexity)")
+    eval_batches: int = opt(8, "held-out batches per evaluation (eval_batches * batch_size blocks)")
+    save_every: int = opt(200, "steps between intermediate checkpoints (resume points)")
+    log_every: int = opt(10, "steps between train/loss logs")
+    keep_checkpoints: int = opt(2, "resume points kept while the stage runs (older ones are deleted; all go once it "
+                                   "completes)")
 
 
 @dataclass
 class StageConfig:
     """Keys shared by every stage's root config."""
 
-    stage: str = MISSING
-    run: str = "default"
-    parent_run: Optional[str] = None  # where parent stages are found; None = the same run (sweeps set it)
-    seed: int = 0
-    force: bool = False  # redo a finished stage
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage: str = opt(MISSING, "the stage this config runs (set by each stage's schema)")
+    run: str = opt("default", "the run's name: the stage writes <paths.root>/<run>/<stage>/ (a sweep appends its "
+                              "overrides)")
+    parent_run: Optional[str] = opt(None, "where parent stages are found; null: the same run (sweeps set it)")
+    seed: int = opt(0, "the stage's training seed: initialisation, data order, held-out split, sampling (the world "
+                       "has its own, data.world.seed)")
+    force: bool = opt(False, "redo a finished stage, or replace one made with a different config")
+    precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16: the training's mixed "
+                                 "precision (weights stay fp32)")
+    paths: PathsConfig = group(PathsConfig, "where runs and the generated data live (conf/paths)")
+    logger: LoggerConfig = group(LoggerConfig, "experiment tracking: W&B on top of metrics.jsonl (conf/logger)")
+    model: ModelConfig = group(ModelConfig, "the model: a hub checkpoint or one built from the sizes (conf/model, "
+                                            "sizes from the preset)")
+    data: DataConfig = group(DataConfig, "where every kind of data comes from, and the synthetic world (conf/data)")
+    optim: OptimConfig = group(OptimConfig, "AdamW with linear warmup and cosine decay (conf/optim)")
 
 
 @dataclass
 class TokenizerConfig(StageConfig):
-    stage: str = "tokenizer"
-    train: TokenizerTrain = field(default_factory=TokenizerTrain)
+    stage: str = opt("tokenizer", "the stage this config runs")
+    train: TokenizerTrain = group(TokenizerTrain, "byte-level BPE training on the corpus (model.vocab_size is the "
+                                                  "target size)")
 
 
 @dataclass
 class PretrainConfig(StageConfig):
-    stage: str = "pretrain"
-    train: PretrainTrain = field(default_factory=PretrainTrain)
+    stage: str = opt("pretrain", "the stage this config runs")
+    train: PretrainTrain = group(PretrainTrain, "the pretraining loop (budget from conf/preset/pretrain)")
 
 
 SCHEMAS: dict[str, Any] = {}  # config name -> schema, for every entry point
@@ -174,117 +220,135 @@ def register(name: str, schema: Any) -> None:
 class GenerationSettings:
     """Decoding (pipeline/generation.py). conf/generation/{greedy,sample,beam}.yaml are the usual choices."""
 
-    max_new_tokens: int = 96
-    do_sample: bool = False  # False: greedy (num_beams=1) or beam search (num_beams>1)
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    repetition_penalty: float = 1.0  # 1.0: off
-    num_beams: int = 1
+    max_new_tokens: int = opt(96, "reply length limit in tokens (a reply also stops at the end of its turn)")
+    do_sample: bool = opt(False, "True: sample (temperature, top_k, top_p); False: greedy (num_beams=1) or beam "
+                                 "search (num_beams>1)")
+    temperature: float = opt(1.0, "sampling temperature (with do_sample)")
+    top_k: int = opt(0, "sample only from the k most likely tokens (with do_sample); 0: off")
+    top_p: float = opt(1.0, "nucleus sampling: only the most likely tokens holding this much probability (with "
+                            "do_sample); 1.0: off")
+    repetition_penalty: float = opt(1.0, "transformers' repetition penalty: > 1 discourages tokens already in the "
+                                         "text; 1.0: off")
+    num_beams: int = opt(1, "beams of beam search when do_sample is false; 1: greedy")
 
 
 @dataclass
 class LoraSettings:
     """LoRA through peft (conf/peft/lora.yaml turns it on)."""
 
-    enabled: bool = False
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: str = "all-linear"  # or a comma-separated list: q_proj,v_proj
-    merge: bool = True  # merge into the base weights on save; false: final/ holds the adapter only
+    enabled: bool = opt(False, "train LoRA adapters on a frozen base instead of every weight")
+    r: int = opt(16, "rank of each LoRA update")
+    alpha: int = opt(32, "LoRA alpha: the update is scaled by alpha / r")
+    dropout: float = opt(0.05, "dropout on the LoRA branch's input (PPO uses 0)")
+    target_modules: str = opt("all-linear", "all-linear or a comma-separated list of module names: q_proj,v_proj")
+    merge: bool = opt(True, "merge into the base weights on save; false: final/ holds the adapter only")
 
 
 @dataclass
 class SFTTrain:
-    batch_size: int = 16  # dialogues per device per micro-step (or packed blocks with packing=true)
-    grad_accum: int = 1
-    max_steps: int = 500
-    max_length: Optional[int] = None  # tokens per dialogue, longer ones are truncated (counted); None: model.max_seq_len
-    packing: bool = False
-    eval_every: int = 100  # held-out loss on data.sft_eval and a table of sample responses
-    eval_batch_size: Optional[int] = None  # None: batch_size
-    save_every: int = 100  # Trainer checkpoint (resume point)
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    gradient_checkpointing: bool = False
-    sample_prompts: int = 8  # fixed eval prompts answered at each evaluation (the samples table)
-    gold_eval_prompts: Optional[int] = None  # cap data.eval_prompts for the final gold evaluation; None: all
-    gen_batch_size: int = 32
-    eval_pretrained: bool = True  # also score the starting model: eval/pretrain_gold_score
+    batch_size: int = opt(16, "dialogues per device per micro-step (or packed blocks with packing=true)")
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
+    max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)")
+    max_length: Optional[int] = opt(None, "tokens per dialogue, longer ones are truncated (counted); null: "
+                                          "model.max_seq_len")
+    packing: bool = opt(False, "pack several dialogues into each max_length block (TRL's packing); held-out "
+                               "dialogues stay unpacked")
+    eval_every: int = opt(100, "steps between evaluations: held-out loss on data.sft_eval and a table of sample "
+                               "responses")
+    eval_batch_size: Optional[int] = opt(None, "dialogues per device per held-out loss batch; null: batch_size")
+    save_every: int = opt(100, "steps between Trainer checkpoints (resume points)")
+    log_every: int = opt(10, "steps between train/loss logs")
+    keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
+    sample_prompts: int = opt(8, "fixed eval prompts answered at each evaluation (the samples table)")
+    gold_eval_prompts: Optional[int] = opt(None, "cap data.eval_prompts for the final gold evaluation; null: all")
+    gen_batch_size: int = opt(32, "prompts per generation batch in the gold evaluations and the samples table")
+    eval_pretrained: bool = opt(True, "also score the starting model: eval/pretrain_gold_score")
 
 
 @dataclass
 class RewardTrain:
-    batch_size: int = 16  # preference pairs per device per micro-step
-    grad_accum: int = 1
-    max_steps: int = 500
-    max_length: Optional[int] = None  # prompt + response tokens; longer pairs are dropped (counted); None: model.max_seq_len
-    eval_every: int = 100
-    eval_batch_size: Optional[int] = None  # None: batch_size
-    save_every: int = 100
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    gradient_checkpointing: bool = False
-    center_rewards_coefficient: Optional[float] = None  # e.g. 0.01 pulls rewards towards mean zero
-    group_by_prompt: bool = False  # InstructGPT: all pairs of one prompt's ranking in the same batch
-    max_prompts: Optional[int] = None  # train on the pairs of the first N prompts of data.preference; None: all
-    max_test_prompts: Optional[int] = None  # the same for data.preference_test
-    calibration_bins: int = 10
-    stats_prompts: int = 256  # prompts of data.prompts answered by the SFT policy to measure reward mean/std
-    stats_samples: int = 4  # answers per stats prompt (pairs of them give reward/gold_pair_accuracy)
-    gen_batch_size: int = 32
+    batch_size: int = opt(16, "preference pairs per device per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
+    max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)")
+    max_length: Optional[int] = opt(None, "prompt + response tokens; longer pairs are dropped (counted); null: "
+                                          "model.max_seq_len")
+    eval_every: int = opt(100, "steps between evaluations on data.preference_test (accuracy, gold accuracy, "
+                               "calibration, margin)")
+    eval_batch_size: Optional[int] = opt(None, "sequences per batch when scoring the test pairs and the statistics "
+                                               "answers; null: batch_size")
+    save_every: int = opt(100, "steps between Trainer checkpoints (resume points)")
+    log_every: int = opt(10, "steps between train/loss logs")
+    keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
+    center_rewards_coefficient: Optional[float] = opt(None, "adds coef * mean((r_chosen + r_rejected)^2) to the "
+                                                            "loss (TRL), e.g. 0.01 pulls rewards towards mean zero; "
+                                                            "null: off")
+    group_by_prompt: bool = opt(False, "InstructGPT: all pairs of one prompt's ranking in the same batch")
+    max_prompts: Optional[int] = opt(None, "train on the pairs of the first N prompts of data.preference; null: all")
+    max_test_prompts: Optional[int] = opt(None, "the same for data.preference_test")
+    calibration_bins: int = opt(10, "equal-width confidence bins of eval/ece (calibration of sigmoid(margin))")
+    stats_prompts: int = opt(256, "prompts of data.prompts answered by the SFT policy to measure reward mean/std")
+    stats_samples: int = opt(4, "answers per stats prompt (pairs of them give reward/gold_pair_accuracy)")
+    gen_batch_size: int = opt(32, "prompts per generation batch (the on-policy samples and the stats answers)")
 
 
 @dataclass
 class SFTConfig(StageConfig):
-    stage: str = "sft"
-    train: SFTTrain = field(default_factory=SFTTrain)
-    peft: LoraSettings = field(default_factory=LoraSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)  # for the gold evaluation
+    stage: str = opt("sft", "the stage this config runs")
+    train: SFTTrain = group(SFTTrain, "the SFT Trainer's settings (budget from conf/preset/sft)")
+    peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
+    generation: GenerationSettings = group(GenerationSettings, "decoding for the gold evaluation and the samples "
+                                                               "table (conf/generation)")
 
 
 @dataclass
 class OnPolicySettings:
     """Comparisons of the SFT policy's own samples, ranked by simulated labellers (pipeline/labellers.py)."""
 
-    prompts: int = 0  # the first N prompts of data.preference; 0, or data that is not the world's: none
-    samples: int = 4  # replies per prompt, drawn with the stage's `generation` settings
-    label_temperature: Optional[float] = None  # Plackett-Luce noise; None: data.world.label_temperature
+    prompts: int = opt(0, "the first N prompts of data.preference; 0, or data that is not the world's: none")
+    samples: int = opt(4, "replies per prompt, drawn with the stage's `generation` settings (at least 2)")
+    label_temperature: Optional[float] = opt(None, "Plackett-Luce noise; null: data.world.label_temperature")
 
 
 @dataclass
 class RewardConfig(StageConfig):
-    stage: str = "reward"
-    train: RewardTrain = field(default_factory=RewardTrain)
-    peft: LoraSettings = field(default_factory=LoraSettings)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)  # SFT samples: on-policy, stats
-    onpolicy: OnPolicySettings = field(default_factory=OnPolicySettings)
+    stage: str = opt("reward", "the stage this config runs")
+    train: RewardTrain = group(RewardTrain, "the reward Trainer's settings (budget from conf/preset/reward)")
+    peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
+    generation: GenerationSettings = group(GenerationSettings, "decoding of the SFT samples: on-policy comparisons, "
+                                                               "reward statistics (conf/generation)")
+    onpolicy: OnPolicySettings = group(OnPolicySettings, "comparisons of the SFT policy's own samples, ranked by "
+                                                         "simulated labellers, added to data.preference")
 
 
 @dataclass
 class ChatConfig:
     """stages/chat.py: talk to a checkpoint. Not a pipeline stage: writes nothing."""
 
-    stage: Optional[str] = None  # whose final/ to load; None: the latest complete stage of the run
-    checkpoint: Optional[str] = None  # any Hugging Face checkpoint folder (wins over stage)
-    run: str = "default"
-    seed: int = 0
-    precision: str = "auto"
-    system: Optional[str] = None  # system prompt opening every conversation
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    stage: Optional[str] = opt(None, "whose final/ to load (a policy stage); null: the latest complete stage of the "
+                                     "run")
+    checkpoint: Optional[str] = opt(None, "any Hugging Face checkpoint folder (wins over stage)")
+    run: str = opt("default", "the run whose stages are looked up: <paths.root>/<run>/")
+    seed: int = opt(0, "seed of the sampling (chat adds the turn number)")
+    precision: str = opt("auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | "
+                                 "fp32 | bf16 | fp16")
+    system: Optional[str] = opt(None, "system prompt opening every conversation (generate: every prompt without "
+                                      "one)")
+    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
+    generation: GenerationSettings = group(GenerationSettings, "decoding (conf/generation)")
 
 
 @dataclass
 class GenerateConfig(ChatConfig):
     """stages/generate.py: responses for a prompts file."""
 
-    input: Optional[str] = None  # .jsonl ({"messages": [...]} or {"prompt": "..."}) or .txt; None: built-in eval prompts
-    output: Optional[str] = None  # .jsonl; None: next to the input (or in the run folder) as *.responses.jsonl
-    batch_size: int = 16
-    limit: Optional[int] = None  # first N prompts only
-    gold: bool = True  # add the gold oracle's score when the prompts are the built-in world's
+    input: Optional[str] = opt(None, ".jsonl ({\"messages\": [...]} or {\"prompt\": \"...\"}) or .txt; null: "
+                                     "built-in eval prompts")
+    output: Optional[str] = opt(None, ".jsonl; null: next to the input (or in the run folder) as *.responses.jsonl")
+    batch_size: int = opt(16, "prompts per generation batch")
+    limit: Optional[int] = opt(None, "first N prompts only")
+    gold: bool = opt(True, "add the gold oracle's score when the prompts are the built-in world's")
 
 
 for _name, _schema in {"chat": ChatConfig, "generate": GenerateConfig}.items():
@@ -298,88 +362,116 @@ for _name, _schema in {"chat": ChatConfig, "generate": GenerateConfig}.items():
 class PPOTrain:
     """Every implementation detail of RLHF-PPO is a switch here (Huang et al. 2024, InstructGPT, Ziegler et al.)."""
 
-    iterations: int = 100
-    rollout_batch_size: int = 32  # prompts per process per iteration
-    minibatch_size: int = 16  # episodes per optimizer step (per process)
-    grad_accum: int = 1  # micro-batches per minibatch
-    ppo_epochs: int = 4  # passes over each rollout batch
-    forward_batch_size: int = 32  # chunk size of the no-grad scoring passes
-    pack_sequences: int = 4  # forward passes on real tokens only, this many sequences per row; 0: padded batches
-    old_logprobs: str = "auto"  # generate (the sampler's own) | recompute (a forward pass) | auto: generate in fp32
-    max_prompt_tokens: int = 192
-    max_new_tokens: int = 48
-    temperature: float = 0.7  # sampling temperature; log-probs are computed under the same temperature
-    top_k: int = 0  # 0: off. Anything but plain temperature sampling makes the behaviour policy differ from pi
-    top_p: float = 1.0
-    reward: str = "model"  # model | gold (PPO on the oracle itself: a perfect-RM ceiling) | contains:<text> (sanity check)
-    normalize_reward: bool = True  # (score - mean) / std with the reward stage's statistics on SFT samples
-    # a reply that never ends (no end-of-turn within max_new_tokens) scores this far below the batch's lowest
-    # finished reply: min(its own score, the lowest finished one) - penalty, on the normalised scale (a clamp below the
-    # minimum, not TRL's plain subtraction, which can leave it above finished replies; ppo_math.penalise_unfinished).
-    # >= 0; null keeps the reward model's score
-    missing_eos_penalty: Optional[float] = 1.0
-    kl_coef: float = 0.05  # beta
-    kl_estimator: str = "k1"  # k1 | k2 | k3 | abs (per token, in the reward)
-    adaptive_kl: bool = False  # Ziegler et al.'s proportional controller
-    kl_target: float = 6.0  # nats per sequence
-    kl_horizon: int = 10000  # episodes
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    critic_init: str = "reward"  # reward (InstructGPT) | policy (the SFT model with a fresh value head)
-    critic_lr: Optional[float] = None  # None: optim.lr
-    ptx_coef: float = 0.0  # PPO-ptx: + coef * LM loss on the pretraining corpus (InstructGPT used 27.8; see docs)
-    ptx_batch_size: int = 4
-    ema_decay: Optional[float] = None  # e.g. 0.99: the saved policy is an EMA of the actor
-    eval_prompts: int = 200  # held-out prompts for the final PPO-vs-SFT evaluation
-    eval_batch_size: int = 32
-    # the final evaluation is greedy (eval/..., the headline); true: also sampled at `temperature` (eval/sampled/...)
-    eval_sampled: bool = True
-    # every eval_every iterations (and before the first, and after the last), the policy answers the first
-    # periodic_eval_prompts held-out prompts, sampled at `temperature` (Gao et al. 2022): periodic/gold_score,
-    # periodic/reward (the reward model's score, normalised and penalised as the training rewards), periodic/kl
-    # (exact KL to SFT along the replies), the lines of the over-optimisation plot. periodic_eval_prompts 0: off
-    eval_every: int = 10
-    periodic_eval_prompts: int = 64
-    save_every: int = 10  # iterations between resume points
-    keep_checkpoints: int = 2
-    sample_every: int = 10  # iterations between sample tables
-    log_samples: int = 8
+    iterations: int = opt(100, "PPO iterations, each: sample prompts, generate, score, update (the learning-rate "
+                               "schedules span all their optimizer steps)")
+    rollout_batch_size: int = opt(32, "prompts per process per iteration (one reply each)")
+    minibatch_size: int = opt(16, "episodes per optimizer step (per process)")
+    grad_accum: int = opt(1, "micro-batches per minibatch (the gradient is the minibatch's token mean however it "
+                             "is split)")
+    ppo_epochs: int = opt(4, "passes over each rollout batch")
+    forward_batch_size: int = opt(32, "chunk size of the no-grad scoring passes (old and reference log-probs, "
+                                      "values, reward)")
+    pack_sequences: int = opt(4, "forward passes on real tokens only, this many sequences per row; 0: padded "
+                                 "batches")
+    old_logprobs: str = opt("auto", "generate (the sampler's own) | recompute (a forward pass) | auto: generate in "
+                                    "fp32")
+    max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error, not "
+                                      "truncated")
+    max_new_tokens: int = opt(48, "reply length limit in tokens, in training and evaluation (a reply that reaches "
+                                  "it is unfinished: see missing_eos_penalty)")
+    temperature: float = opt(0.7, "sampling temperature; log-probs are computed under the same temperature")
+    top_k: int = opt(0, "0: off. Anything but plain temperature sampling makes the behaviour policy differ from pi")
+    top_p: float = opt(1.0, "nucleus sampling of the rollouts; 1.0: off (as with top_k, anything else makes the "
+                            "behaviour policy differ from pi)")
+    reward: str = opt("model", "model | gold (PPO on the oracle itself: a perfect-RM ceiling) | contains:<text> "
+                               "(sanity check)")
+    normalize_reward: bool = opt(True, "(score - mean) / std with the reward stage's statistics on SFT samples")
+    missing_eos_penalty: Optional[float] = opt(1.0, "a reply that never ends (no end-of-turn within max_new_tokens) "
+                                                    "scores this far below the batch's lowest finished reply: min(its "
+                                                    "own score, the lowest finished one) - penalty, on the normalised "
+                                                    "scale (a clamp below the minimum, not TRL's plain subtraction, "
+                                                    "which can leave it above finished replies; "
+                                                    "pipeline.rl.shaping.penalise_unfinished). >= 0; null keeps the reward "
+                                                    "model's score")
+    kl_coef: float = opt(0.05, "beta: the KL penalty coefficient; every reply token's reward is -beta times its KL "
+                               "estimate to the SFT reference (the starting value with adaptive_kl)")
+    kl_estimator: str = opt("k1", "k1 | k2 | k3 | abs (per token, in the reward): k1 = log(pi / ref), k2 = k1^2 / 2, "
+                                  "k3 = (ref / pi - 1) - log(ref / pi), abs = |k1|")
+    adaptive_kl: bool = opt(False, "Ziegler et al.'s proportional controller: steer kl_coef towards kl_target")
+    kl_target: float = opt(6.0, "the adaptive controller's target KL to the reference, in nats per sequence")
+    kl_horizon: int = opt(10000, "the adaptive controller's horizon, in episodes: beta *= 1 + clip(KL / target - 1, "
+                                 "-0.2, 0.2) * episodes / horizon")
+    gamma: float = opt(1.0, "GAE discount factor per reply token (1: no discount)")
+    lam: float = opt(0.95, "GAE lambda: 1 = Monte Carlo returns (unbiased, high variance), 0 = one-step TD (leans "
+                           "on the critic)")
+    whiten_advantages: bool = opt(True, "normalise the advantages to mean 0, std 1 over the rollout batch's reply "
+                                        "tokens (per process)")
+    clip_range: float = opt(0.2, "PPO's policy ratio clip epsilon: the surrogate clips pi / pi_old to [1 - eps, "
+                                 "1 + eps]")
+    clip_range_value: float = opt(0.2, "value clip epsilon: the value loss also scores the new value clipped to "
+                                       "within +-this of the rollout's, and takes the larger error (reward units)")
+    vf_coef: float = opt(0.1, "the value-loss weight: one backward of policy loss + vf_coef * value loss (the critic "
+                              "is its own model, so it scales the critic's gradients)")
+    critic_init: str = opt("reward", "reward (InstructGPT) | policy (the SFT model with a fresh value head)")
+    critic_lr: Optional[float] = opt(None, "the critic's learning rate; null: optim.lr")
+    ptx_coef: float = opt(0.0, "PPO-ptx: + coef * LM loss on the pretraining corpus (InstructGPT used 27.8; see "
+                               "docs)")
+    ptx_batch_size: int = opt(4, "pretraining-corpus blocks (min(model.max_seq_len, 256) tokens each) per "
+                                 "micro-batch of the PPO-ptx loss")
+    ema_decay: Optional[float] = opt(None, "e.g. 0.99: the saved policy is an EMA of the actor")
+    eval_prompts: int = opt(200, "held-out prompts for the final PPO-vs-SFT evaluation")
+    eval_batch_size: int = opt(32, "prompts per generation batch in the periodic and final evaluations")
+    eval_sampled: bool = opt(True, "the final evaluation is greedy (eval/..., the headline); true: also sampled at "
+                                   "`temperature` (eval/sampled/...)")
+    eval_every: int = opt(10, "iterations between periodic held-out evaluations (also before the first and after "
+                              "the last; see periodic_eval_prompts)")
+    periodic_eval_prompts: int = opt(64, "at every periodic evaluation the policy answers the first N held-out "
+                                         "prompts, sampled at `temperature` (Gao et al. 2022): periodic/gold_score, "
+                                         "periodic/reward (the reward model's score, normalised and penalised as "
+                                         "the training rewards), periodic/kl (exact KL to SFT along the replies), "
+                                         "the lines of the over-optimisation plot. 0: off")
+    save_every: int = opt(10, "iterations between resume points")
+    keep_checkpoints: int = opt(2, "resume points kept while the stage runs (older ones are deleted; all go once it "
+                                   "completes)")
+    sample_every: int = opt(10, "iterations between sample tables (ppo/samples); 0: none")
+    log_samples: int = opt(8, "rows of each sample table: prompt, reply, gold score, reward-model score")
 
 
 @dataclass
 class PPOConfig(StageConfig):
-    stage: str = "ppo"
-    train: PPOTrain = field(default_factory=PPOTrain)
-    peft: LoraSettings = field(default_factory=LoraSettings)  # LoRA on the actor; the reference is the base
+    stage: str = opt("ppo", "the stage this config runs")
+    train: PPOTrain = group(PPOTrain, "the PPO loop: every implementation detail is a switch here (budget from "
+                                      "conf/preset/ppo)")
+    peft: LoraSettings = group(LoraSettings, "LoRA on the actor; the reference is the base (the adapter disabled, "
+                                             "no second copy)")
 
 
 @dataclass
 class ReportConfig:
     """stages/report.py: runs/<run>/report.md from the manifests, metrics and a few side-by-side answers."""
 
-    run: str = "default"
-    seed: int = 0
-    precision: str = "auto"
-    samples: int = 6  # held-out prompts answered by every model, side by side
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)  # unused; `make all ARGS=logger=none` reaches here too
-    model: ModelConfig = field(default_factory=ModelConfig)  # unused; lets the presets compose
-    data: DataConfig = field(default_factory=DataConfig)
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    run: str = opt("default", "the run to report on: <paths.root>/<run>/")
+    seed: int = opt(0, "seed of the side-by-side answers' decoding")
+    precision: str = opt("auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | "
+                                 "fp32 | bf16 | fp16")
+    samples: int = opt(6, "held-out prompts answered by every model, side by side")
+    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
+    logger: LoggerConfig = group(LoggerConfig, "unused; `make all ARGS=logger=none` reaches here too")
+    model: ModelConfig = group(ModelConfig, "unused; lets the presets compose")
+    data: DataConfig = group(DataConfig, "the world and data.eval_prompts: which held-out prompts, scored by which "
+                                         "gold oracle")
+    generation: GenerationSettings = group(GenerationSettings, "decoding of the side-by-side answers "
+                                                               "(conf/generation)")
 
 
 @dataclass
 class CompareConfig:
     """stages/compare.py: several runs side by side (after a sweep), from manifests alone."""
 
-    runs: List[str] = field(default_factory=list)  # empty: every run under paths.root
-    out: Optional[str] = None  # default: <paths.root>/compare.md
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)  # unused, as in ReportConfig
+    runs: List[str] = group(list, "the runs to compare; empty: every run under paths.root")
+    out: Optional[str] = opt(None, "the report file; null: <paths.root>/compare.md (figures beside it)")
+    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
+    logger: LoggerConfig = group(LoggerConfig, "unused, as in ReportConfig")
 
 
 for _name, _schema in {"report": ReportConfig, "compare": CompareConfig}.items():
@@ -450,3 +542,78 @@ def validate(cfg) -> None:
     found = problems(cfg)
     if found:
         raise UserError(f"{len(found)} problem{'s' if len(found) > 1 else ''} in the config: " + "; ".join(found))
+
+
+# ---- help: every field's text, for each command's --help ----
+
+_WIDTH = 120
+
+
+def _fields(schema: Any, prefix: str = ""):
+    """(dotted key, dataclass field, default value) of every field of `schema` (a dataclass or an instance of one),
+    depth first: a nested config's own entry, then its fields. Defaults come from an instance, so a group built by a
+    factory (data.corpus: SourceConfig(format="text")) shows the values it really starts with."""
+    obj = schema() if isinstance(schema, type) else schema
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        yield prefix + f.name, f, value
+        if dataclasses.is_dataclass(value):
+            yield from _fields(value, f"{prefix}{f.name}.")
+
+
+def fields_help(schema: Any) -> dict[str, str]:
+    """Dotted key -> help text for every field of `schema`, nested ones included ("" where a field has none)."""
+    return {key: f.metadata.get("help", "") for key, f, _ in _fields(schema)}
+
+
+def _show(value: Any) -> str:
+    """A default as it would be typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value if value and value.strip() == value and " " not in value else repr(value)
+    return repr(value)
+
+
+def _type(f: dataclasses.Field) -> str:
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
+def describe(name: str) -> str:
+    """Every field of the schema registered as `name` (SCHEMAS), with dotted key, type, default and help, grouped by
+    top-level section and wrapped at 120 characters: what a command's --help prints."""
+    if name not in SCHEMAS:
+        raise KeyError(f"no config schema named {name!r}; the names are {', '.join(SCHEMAS)}")
+    schema = SCHEMAS[name]
+    helps = fields_help(schema)
+    sections: dict[str, list[tuple[str, str, bool]]] = {"": []}  # top-level name -> (head, help, is a config) rows
+    titles: dict[str, str] = {}
+    for key, f, value in _fields(schema):
+        top = key.split(".")[0]
+        if key == top and dataclasses.is_dataclass(value):
+            titles[top] = f"{key} ({_type(f)}): {helps[key]}"
+            sections[top] = []
+            continue
+        nested = dataclasses.is_dataclass(value)
+        head = f"{key}  {_type(f)}" if nested else f"{key}  {_type(f)} = {_show(value)}"
+        sections["" if key == top else top].append((head, helps[key], nested))  # "": the top-level plain keys
+    titles[""] = "top level"
+    out = [textwrap.fill(f"Defaults below are the schema's ({schema.__name__}); conf/{name}.yaml's groups (and its "
+                         f"preset, where it has one) set many of them: --cfg job prints the composed values.", _WIDTH)]
+    for top, rows in sections.items():
+        if not rows:
+            continue
+        out += ["", textwrap.fill(titles[top], _WIDTH, subsequent_indent="    ", break_on_hyphens=False)]
+        col = min(max(len(h) for h, _, _ in rows), 56) + 4  # help column: 2 indent + the widest head (capped) + 2
+        for head, text, nested in rows:
+            if nested:  # a config inside the section (data.world, data.corpus, ...): set off by a blank line
+                out.append("")
+            body = textwrap.wrap(text, _WIDTH - col, break_long_words=False, break_on_hyphens=False) or [""]
+            if len(head) + 4 > col:  # a head too wide for the column: its help starts on the next line
+                out.append(f"  {head}")
+            else:
+                out.append(f"  {head.ljust(col - 4)}  {body.pop(0)}".rstrip())
+            out += [" " * col + line for line in body]
+    return "\n".join(out) + "\n"

@@ -27,6 +27,7 @@ def friendly(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _register_teardown()
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -46,4 +47,12 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
-atexit.register(_close_process_group)
+_registered = False
+
+
+def _register_teardown() -> None:
+    """Registered when an entry point starts (not on import: a library user decides about their own group)."""
+    global _registered
+    if not _registered:
+        atexit.register(_close_process_group)
+        _registered = True

@@ -13,36 +13,34 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-# ---- files ---------------------------------------------------------------------------------------------------
-def _line(obj) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Readers (other ranks, other runs) see the old file or the complete new one, never a partial one."""
+def write_atomic(path: Path, write) -> None:
+    """`write(f)` into a file beside `path`, flushed to disk, then renamed onto it: readers (other ranks, other runs,
+    a process killed mid-write) see the old file or the complete new one, never a partial one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         write(f)
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda f: f.write(text))
-
-
-def write_jsonl(path: Path, records) -> None:
-    _write_atomic(path, lambda f: f.writelines(map(_line, records)))
-
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _line(obj) -> str:
+    """One JSON line with sorted keys and no spaces: the same record always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text))
+
+
+def write_jsonl(path: Path, records) -> None:
+    write_atomic(path, lambda f: f.writelines(map(_line, records)))
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """A JSON document (manifests, checkpoint state), indented and with sorted keys."""
+    write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str))
 
 
 def inventory(folder: Path) -> dict[str, int]:

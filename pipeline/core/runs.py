@@ -108,9 +108,6 @@ class StageRun:
     """One stage of one run: its folder, its manifest, its parent, its checkpoints."""
 
     def __init__(self, cfg: DictConfig, is_main: bool = True):
-        from pipeline.core.config import validate
-
-        validate(cfg)
         self.cfg = cfg
         self.stage = cfg.stage
         self.run = run_name(cfg)

@@ -216,7 +216,7 @@ def _content(value, at: _At, field: str) -> str:
     return value
 
 
-def _messages(value, at: _At, field: str) -> list[dict]:
+def _checked_messages(value, at: _At, field: str) -> list[dict]:
     """A validated list of {"role", "content"} (a JSON string is decoded first: csv cells hold messages that way)."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
@@ -246,7 +246,7 @@ def _turns(value, at: _At, field: str, role: str) -> list[dict]:
             pass  # text that merely starts with "["
         if isinstance(value, str):
             return [{"role": role, "content": _content(value, at, field)}]
-    return _messages(value, at, field)
+    return _checked_messages(value, at, field)
 
 
 def _ends_with(msgs: list[dict], role: str, at: _At, field: str) -> list[dict]:
@@ -273,7 +273,7 @@ def load_sft(src, world_cfg, cache_dir) -> tuple[list[dict], int]:
 
     def convert(rec, at):
         if fmt == "messages" or (fmt == "auto" and "completion" not in rec):
-            return [{"messages": _ends_with(_messages(_get(rec, field, at), at, field), "assistant", at, field)}]
+            return [{"messages": _ends_with(_checked_messages(_get(rec, field, at), at, field), "assistant", at, field)}]
         prompt = _ends_with(_turns(_get(rec, "prompt", at), at, "prompt", "user"), "user", at, "prompt")
         completion = _turns(_get(rec, "completion", at), at, "completion", "assistant")
         if any(m["role"] != "assistant" for m in completion):
@@ -334,8 +334,8 @@ def _pair(rec, at) -> list[dict]:
         chosen = _turns(_get(rec, "chosen", at), at, "chosen", "assistant")
         rejected = _turns(_get(rec, "rejected", at), at, "rejected", "assistant")
         return _checked_pair(prompt, chosen, rejected, at)
-    return _split_shared(_messages(_get(rec, "chosen", at), at, "chosen"),
-                         _messages(_get(rec, "rejected", at), at, "rejected"), at)
+    return _split_shared(_checked_messages(_get(rec, "chosen", at), at, "chosen"),
+                         _checked_messages(_get(rec, "rejected", at), at, "rejected"), at)
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -349,7 +349,7 @@ def _hh_turns(text, at: _At, field: str) -> list[dict]:
         raise at.error(field, "not an HH transcript (expected '\\n\\nHuman: ...\\n\\nAssistant: ...')")
     turns = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
              for who, body in zip(parts[1::2], parts[2::2])]
-    return _messages(turns, at, field)
+    return _checked_messages(turns, at, field)
 
 
 def _hh_pair(rec, at) -> list[dict]:

@@ -22,6 +22,7 @@ import torch
 
 from pipeline.data.prompts import encode_prompts, left_pad
 from pipeline.data.tokenizer import end_of_turn_ids
+from pipeline.rl.ops import ended, response_mask
 
 
 class Reply(str):
@@ -61,17 +62,6 @@ def generation_config(settings, tokenizer, **overrides):
 def _context_len(model) -> Optional[int]:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
-
-
-def cut_at_end(new_ids: list[int], stop_ids: list[int], pad_id: Optional[int]) -> tuple[list[int], bool]:
-    """The generated ids up to and including the first end-of-turn id; whether there was one."""
-    for i, t in enumerate(new_ids):
-        if t in stop_ids:
-            return new_ids[: i + 1], True
-    if pad_id is not None and pad_id not in stop_ids:  # a finished row of the batch is padded after its end
-        while new_ids and new_ids[-1] == pad_id:
-            new_ids = new_ids[:-1]
-    return new_ids, False
 
 
 @contextmanager
@@ -117,10 +107,11 @@ def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, de
             input_ids, mask = left_pad([ids[i] for i in idx], pad, device)
             with _seeded(None if seed is None else seed + b, device):
                 seqs = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gc)
-            for row, i in zip(seqs[:, input_ids.shape[1]:].tolist(), idx):
-                new, ended = cut_at_end(row, stop, pad)
-                text = tokenizer.decode(new, skip_special_tokens=True).strip()
-                out[i] = Reply(text, ended, new)
+            resp = seqs[:, input_ids.shape[1]:]  # cut after the first end-of-turn, as every rollout is
+            for row, n, done, i in zip(resp.tolist(), response_mask(resp, stop, pad).sum(-1).tolist(),
+                                       ended(resp, stop).tolist(), idx):
+                text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+                out[i] = Reply(text, done, row[:n])
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from pipeline.core.errors import UserError
 
@@ -26,71 +25,70 @@ def mixed_precision(precision: str) -> str:
 
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    from transformers import AutoModelForCausalLM
+def _adapter(path) -> bool:
+    """A stage saved with peft.merge=false: final/ holds a LoRA adapter that names its base model."""
+    return (Path(path) / "adapter_config.json").exists()
 
+
+def _load(what: str, path, load):
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
+        return load()
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model '{path}' (not a local checkpoint, or a hub name while offline): "
+        raise UserError(f"cannot load {what} '{path}' (not a local checkpoint, or a hub name while offline): "
                         f"{str(e).splitlines()[0]}")
 
 
-
-def load_for_inference(path: str | Path, precision: str = "auto", device=None, trust_remote_code: bool = False):
-    """(model, tokenizer) from a stage's final/ or any HF checkpoint folder, on `device`, in eval mode. A LoRA
-    adapter folder (peft.merge=false) is loaded onto its base model and merged."""
-    from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.models.loading import dtype_for, load_causal_lm
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype_for(precision, device)
-    path = Path(path)
-    tok = load_tokenizer(path, need_chat_template=True)
-    if (path / "adapter_config.json").exists():
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A causal LM from a folder or hub name. A LoRA adapter folder is loaded onto its base model and merged."""
+    if _adapter(path):
         from peft import AutoPeftModelForCausalLM
 
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype,
-                                                         trust_remote_code=trust_remote_code).merge_and_unload()
-    else:
-        model = load_causal_lm(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tok
+        return _load("model", path, lambda: AutoPeftModelForCausalLM.from_pretrained(
+            str(path), dtype=dtype, trust_remote_code=trust_remote_code).merge_and_unload())
+    from transformers import AutoModelForCausalLM
 
+    return _load("model", path, lambda: AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=trust_remote_code))
+
+
+def load_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """A model with a scalar head (num_labels=1): a reward model, PPO's critic, or a causal LM's checkpoint given a
+    fresh head (the reward stage's start). A LoRA adapter folder (peft.merge=false; it carries its score head) is
+    loaded onto its base and merged. transformers' warning that the head is newly initialised is hidden: from a causal
+    LM that is the point, and from an adapter the head is restored right after."""
+    try:  # TRL's context that hides the expected "score.weight newly initialised / lm_head unused" warnings
+        from trl.trainer.reward_trainer import suppress_seqcls_warning
+    except ImportError:  # pragma: no cover — a TRL without it: the warning is harmless
+        from contextlib import nullcontext as suppress_seqcls_warning
+    if _adapter(path):
+        from peft import AutoPeftModelForSequenceClassification as Auto
+    else:
+        from transformers import AutoModelForSequenceClassification as Auto
+
+    with suppress_seqcls_warning():
+        model = _load("a reward or value model from", path, lambda: Auto.from_pretrained(
+            str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code))
+    return model.merge_and_unload() if _adapter(path) else model
+
+
+def load_policy(path: str | Path, precision: str = "auto", device=None, trust_remote_code: bool = False):
+    """(model, tokenizer) of a chat model, from a stage's final/ or any HF checkpoint folder, on `device` in eval
+    mode: what chat, generate, the report and the evaluations answer with."""
+    from pipeline.data.tokenizer import load_tokenizer
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok = load_tokenizer(path, need_chat_template=True)
+    model = load_causal_lm(path, dtype=dtype_for(precision, device), trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tok
 
 
 def load_reward_model(path, precision: str = "auto", device=None):
-    """(reward model, tokenizer) from a reward stage's final/ (a merged model, or a LoRA adapter with its score
-    head when peft.merge=false), in eval mode."""
-    from pathlib import Path
-
-    from transformers import AutoModelForSequenceClassification
-
+    """(reward model, tokenizer) from a reward stage's final/ (merged, or a LoRA adapter with its score head), in
+    eval mode, its pad id set so the head reads the last real token."""
     from pipeline.data.tokenizer import load_tokenizer
-    from pipeline.models.loading import dtype_for
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype_for(precision, device)
     tok = load_tokenizer(path, need_chat_template=True)
-    if (Path(path) / "adapter_config.json").exists():
-        from peft import AutoPeftModelForSequenceClassification
-
-        try:  # the base loads with a fresh score head (restored from the adapter): hide that warning
-            from trl.trainer.reward_trainer import suppress_seqcls_warning
-        except ImportError:  # pragma: no cover
-            from contextlib import nullcontext as suppress_seqcls_warning
-        with suppress_seqcls_warning():
-            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
-        model = model.merge_and_unload()
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=1, dtype=dtype)
+    model = load_sequence_classifier(path, dtype_for(precision, device))
     model.config.pad_token_id = tok.pad_token_id
     return model.to(device).eval(), tok
-
-
-
-def load_critic(path: str, dtype):
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a value model from '{path}': {str(e).splitlines()[0]}")
-    return model

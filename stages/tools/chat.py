@@ -14,11 +14,9 @@ from __future__ import annotations
 import sys
 import threading
 
-import hydra
 from omegaconf import DictConfig
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
-from pipeline.core.errors import friendly
+from pipeline.core.entry import entry
 from pipeline.core.runs import resolve_checkpoint
 
 
@@ -66,13 +64,12 @@ def chat(model, tok, cfg, read=input, write=sys.stdout.write) -> None:
         turn += 1
 
 
-@hydra.main(config_path="../../conf", config_name="chat", version_base="1.3")
-@friendly
+@entry("chat")
 def main(cfg: DictConfig) -> None:
-    from pipeline.models.loading import load_for_inference
+    from pipeline.models.loading import load_policy
 
     path, label, _ = resolve_checkpoint(cfg)
-    model, tok = load_for_inference(path, cfg.precision)
+    model, tok = load_policy(path, cfg.precision)
     g = cfg.generation
     how = "greedy" if not g.do_sample and g.num_beams == 1 else f"beam search ({g.num_beams})" if not g.do_sample \
         else f"sampling (temperature {g.temperature}, top_p {g.top_p})"

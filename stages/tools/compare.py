@@ -11,11 +11,10 @@ with periodic PPO evaluations, their held-out gold and reward-model scores again
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
-from pipeline.core.errors import UserError, friendly
+from pipeline.core.entry import entry
+from pipeline.core.errors import UserError
 from pipeline.report.card import HEADLINE, all_runs, curve, fmt, stage_manifests
 from pipeline.report.plots import curves_plot, sweep_overoptimization_plot
 
@@ -24,8 +23,7 @@ CURVES = [("pretrain", "eval/loss", "Pretraining held-out loss"), ("sft", "eval/
           ("ppo", "ppo/kl", "PPO KL to SFT")]
 
 
-@hydra.main(config_path="../../conf", config_name="compare", version_base="1.3")
-@friendly
+@entry("compare")
 def main(cfg: DictConfig) -> None:
     root = Path(cfg.paths.root)
     runs = list(cfg.runs) or all_runs(root)

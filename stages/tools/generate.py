@@ -14,15 +14,14 @@ it "ended" (closed its turn before max_new_tokens) and its "n_tokens"; with the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
 from pipeline.core.config import SourceConfig, WorldConfig
-from pipeline.core.errors import UserError, friendly
+from pipeline.core.entry import entry
+from pipeline.core.errors import UserError
+from pipeline.core.io import write_atomic
 from pipeline.core.runs import resolve_checkpoint
 
 
@@ -55,7 +54,7 @@ def run_generate(cfg: DictConfig) -> Path:
     """Answer the prompts and write the output file; returns its path."""
     from pipeline.data.formats import load_prompts
     from pipeline.inference.generation import generate
-    from pipeline.models.loading import load_for_inference
+    from pipeline.models.loading import load_policy
 
     path, label, stage_dir = resolve_checkpoint(cfg)
     builtin = not cfg.input
@@ -80,7 +79,7 @@ def run_generate(cfg: DictConfig) -> Path:
     else:
         out = Path(cfg.input).with_suffix("").with_name(f"{Path(cfg.input).stem}.{stage_name}.responses.jsonl")
 
-    model, tok = load_for_inference(path, cfg.precision)
+    model, tok = load_policy(path, cfg.precision)
     print(f"[generate] {len(prompts)} prompts -> {label}")
     replies = generate(model, tok, prompts, cfg.generation, cfg.batch_size, seed=cfg.seed)
     gold = None
@@ -90,14 +89,9 @@ def run_generate(cfg: DictConfig) -> Path:
         gold = GoldOracle.from_config(world).score_batch(prompts, [str(r) for r in replies])
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        for i, (p, r) in enumerate(zip(prompts, replies)):
-            row = {"messages": p, "response": str(r), "ended": r.ended, "n_tokens": r.n_tokens}
-            if gold is not None:
-                row["gold_score"] = gold[i]
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    rows = [{"messages": p, "response": str(r), "ended": r.ended, "n_tokens": r.n_tokens}
+            | ({"gold_score": gold[i]} if gold is not None else {}) for i, (p, r) in enumerate(zip(prompts, replies))]
+    write_atomic(out, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     n = len(replies)
     print(f"[generate] wrote {out}: {n} responses, {sum(r.n_tokens for r in replies) / n:.1f} tokens on average, "
           f"{sum(r.ended for r in replies) / n:.0%} ended"
@@ -105,8 +99,7 @@ def run_generate(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(config_path="../../conf", config_name="generate", version_base="1.3")
-@friendly
+@entry("generate")
 def main(cfg: DictConfig) -> None:
     run_generate(cfg)
 

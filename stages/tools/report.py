@@ -10,22 +10,20 @@ pretrained, SFT and PPO models answer the same held-out prompts, each answer wit
 import json
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-import pipeline.core.config  # noqa: F401  (registers the structured configs)
-from pipeline.core.errors import UserError, friendly
+from pipeline.core.entry import entry
+from pipeline.core.errors import UserError
 from pipeline.data.formats import load_prompts
 from pipeline.inference.generation import generate
-from pipeline.models.loading import load_for_inference
+from pipeline.models.loading import load_policy
 from pipeline.report.card import component_rows, curve, decoding_rows, fmt, headline_rows, stage_manifests
 from pipeline.report.plots import curves_plot, overoptimization_plot
 from pipeline.world.oracle import WEIGHTS, GoldOracle
 
 
-@hydra.main(config_path="../../conf", config_name="report", version_base="1.3")
-@friendly
+@entry("report")
 def main(cfg: DictConfig) -> None:
     root = Path(cfg.paths.root)
     run_dir = root / cfg.run
@@ -65,7 +63,7 @@ def main(cfg: DictConfig) -> None:
     answers = {}
     for stage in ("pretrain", "sft", "ppo"):
         if stage in manifests and prompts:
-            model, tok = load_for_inference(run_dir / stage / "final", cfg.precision)
+            model, tok = load_policy(run_dir / stage / "final", cfg.precision)
             replies = [str(r) for r in generate(model, tok, prompts, cfg.generation, batch_size=16, seed=cfg.seed)]
             scores = oracle.score_batch(prompts, replies) if oracle else [None] * len(replies)
             answers[stage] = list(zip(replies, scores))
