@@ -67,7 +67,7 @@ def main(spec_path: str, out_path: str) -> None:
     reward = AutoModelForSequenceClassification.from_pretrained(spec["reward"], num_labels=1, dtype=torch.float32)
 
     # Our score, on TRL's reward-model path only (see the docstring): closed replies, (raw - mean) / std, and the
-    # penalty that puts an unfinished reply below the batch's finished ones (pipeline.ppo_math.penalise_unfinished;
+    # penalty that puts an unfinished reply below the batch's finished ones (pipeline.rl.shaping.penalise_unfinished;
     # written out here because this side imports nothing from the repository).
     end_id, mean, std, penalty = spec["end_id"], spec["rm_mean"], spec["rm_std"], w["missing_eos_penalty"]
     closing = list(spec["closing"])

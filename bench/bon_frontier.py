@@ -83,7 +83,7 @@ def main() -> None:
     from pipeline.data.formats import load_prompts
     from pipeline.eval.gold import win_rate
     from pipeline.inference.generation import generate
-    from pipeline.models.loading import load_for_inference, load_reward_model
+    from pipeline.models.loading import load_policy, load_reward_model
     from pipeline.world.oracle import GoldOracle
 
     if a.threads:
@@ -110,7 +110,7 @@ def main() -> None:
         return SimpleNamespace(max_new_tokens=max_new, do_sample=sample, temperature=temperature if sample else 1.0,
                                top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1)
 
-    policy, tok = load_for_inference(run / "sft" / "final", "fp32", "cpu")[:2]
+    policy, tok = load_policy(run / "sft" / "final", "fp32", "cpu")[:2]
     greedy = [str(r) for r in generate(policy, tok, prompts, settings(False), batch_size=a.batch_size)]
     k = ns[-1]
     asked = [p for p in prompts for _ in range(k)]  # prompt-major: each prompt's k samples side by side

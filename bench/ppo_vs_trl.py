@@ -17,7 +17,7 @@ What it does, in one run:
    epochs, iterations, max new tokens, temperature, KL coefficient and estimator, clip ranges, vf_coef, gamma,
    lambda, learning rate and AdamW settings, the scoring forward-pass chunk, and the score itself (the reward
    model's scalar, read where our stage reads it, normalised with the reward stage's mean/std, and for a reply
-   without an end of turn put missing_eos_penalty below the batch's lowest finished one). Prompts: the world's PPO prompts (pipeline.formats.load_prompts), chat-templated as our stage does.
+   without an end of turn put missing_eos_penalty below the batch's lowest finished one). Prompts: the world's PPO prompts (pipeline.data.formats.load_prompts), chat-templated as our stage does.
 4. Runs ours as `python -m stages.ppo` with those overrides (logger=none, no checkpoints or sample tables inside
    the loop, a 2-prompt final evaluation) and TRL as bench/_trl_ppo_driver.py in the TRL venv
    (`trl.experimental.ppo.PPOTrainer`; see that file for the settings that make it run this workload). Each is a
@@ -29,8 +29,8 @@ What it does, in one run:
    the kept iterations (per side, over all rounds); the median iteration is printed too, and the wall time
    between consecutive iteration ends (which adds logging and, for TRL, its gc.collect/empty_cache calls).
 6. Gold score: each final policy (ours from runs/<run>/ppo/final, TRL's from trainer.save_model) and the SFT
-   policy answer the held-out evaluation prompts with pipeline.generation.generate — greedy, and sampled at the
-   training temperature (--gold-samples seeded samples per prompt) — judged by pipeline.oracle.GoldOracle.
+   policy answer the held-out evaluation prompts with pipeline.inference.generation.generate — greedy, and sampled at the
+   training temperature (--gold-samples seeded samples per prompt) — judged by pipeline.world.oracle.GoldOracle.
    With --seeds, every seed runs on both sides (the seed sets sampling and initialisation, as `seed=` does for
    the stage) and each side's gold score is the mean over its seeds' final policies: one run per side is not
    enough, as which shortcut of the reward model a run finds, and when, varies from seed to seed.
@@ -222,14 +222,14 @@ def gold_scores(models: dict[str, Path], prompts: list, oracle, max_new_tokens: 
     from omegaconf import OmegaConf
 
     from pipeline.inference.generation import generate
-    from pipeline.models.loading import load_for_inference
+    from pipeline.models.loading import load_policy
 
     base = dict(max_new_tokens=max_new_tokens, top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1)
     greedy = OmegaConf.create({**base, "do_sample": False, "temperature": 1.0})
     sampled = OmegaConf.create({**base, "do_sample": True, "temperature": temperature})
     out = {}
     for name, path in models.items():
-        model, tok = load_for_inference(path, precision="fp32")
+        model, tok = load_policy(path, precision="fp32")
         replies = generate(model, tok, prompts, greedy, batch_size=32)
         g = oracle.score_batch(prompts, replies)
         s = [oracle.score_batch(prompts, generate(model, tok, prompts, sampled, batch_size=32, seed=seed + k))

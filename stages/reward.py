@@ -16,7 +16,7 @@ each completion is scored once per batch, so a ranking of K costs K forward pass
 On-policy comparisons (`onpolicy.prompts`, `onpolicy.samples`): InstructGPT's labellers ranked the SFT model's own
 samples, not hand-written candidates. Before training, the SFT policy answers the first `onpolicy.prompts` prompts
 of the world's comparisons `onpolicy.samples` times each (the `generation` settings, as PPO samples), the gold
-oracle ranks the replies with the shipped data's label noise (pipeline/labellers.py), and those pairs join the
+oracle ranks the replies with the shipped data's label noise (pipeline/world/labellers.py), and those pairs join the
 shipped ones; they are kept as onpolicy_comparisons.jsonl in the stage folder. Without them the reward model has
 never seen the mistakes this policy makes, and PPO finds them (docs/ppo.md).
 
@@ -184,7 +184,7 @@ def run_reward(cfg: DictConfig) -> None:
         # ---- save: a plain HF sequence-classification checkpoint + reward_stats.json ----------------------
         state.wait_for_everyone()
         stats_file = {**stats, "input": "the chat template over prompt + [assistant reply] "
-                                        "(pipeline.evaluation.rm_input_ids); the score is at the last token",
+                                        "(pipeline.rl.readout.rm_input_ids); the score is at the last token",
                       "prompts": cfg.data.prompts.kind if cfg.data.prompts.kind != "local" else cfg.data.prompts.path,
                       "generation": dict(cfg.generation)}
 

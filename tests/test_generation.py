@@ -1,4 +1,4 @@
-"""pipeline.generation on a tiny random Llama with our tokenizer: every decoding mode, stopping at the end of the
+"""pipeline.inference.generation on a tiny random Llama with our tokenizer: every decoding mode, stopping at the end of the
 turn, determinism, and that nothing of the model's own generation_config leaks in."""
 
 import pickle

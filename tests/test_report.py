@@ -1,4 +1,4 @@
-"""Reading finished runs back (pipeline/report.py): the component table of the report card."""
+"""Reading finished runs back (pipeline/report/card.py): the component table of the report card."""
 
 from pipeline.report.card import component_rows
 

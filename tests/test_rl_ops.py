@@ -1,4 +1,4 @@
-"""pipeline.ppo_math against hand-computed numbers (the arithmetic is written out in comments)."""
+"""pipeline/rl (ops, advantages, losses, shaping) against hand-computed numbers (the arithmetic is written out in comments)."""
 
 import math
 

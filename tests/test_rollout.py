@@ -1,4 +1,4 @@
-"""pipeline/rollout.py: packed forward passes compute what the padded ones do, only faster; the sampler's own
+"""pipeline/rl/forward.py and pipeline/inference/sampler.py: packed forward passes compute what the padded ones do, only faster; the sampler's own
 log-probs match a recomputing forward; the wrapper that DDP sees is the one whose forward runs."""
 
 import os

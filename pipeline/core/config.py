@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass
 class WorldConfig:
-    """The seeded synthetic world (pipeline/world.py) and the sizes of everything generated from it."""
+    """The seeded synthetic world (pipeline/world/world.py) and the sizes of everything generated from it."""
 
     seed: int = opt(1234, "seed of the synthetic world: its entities and every dataset generated from it (the "
                           "training seed is the top-level `seed`); reward_data/ was generated with 1234")
@@ -218,7 +218,7 @@ def register(name: str, schema: Any) -> None:
 
 @dataclass
 class GenerationSettings:
-    """Decoding (pipeline/generation.py). conf/generation/{greedy,sample,beam}.yaml are the usual choices."""
+    """Decoding (pipeline/inference/generation.py). conf/generation/{greedy,sample,beam}.yaml are the usual choices."""
 
     max_new_tokens: int = opt(96, "reply length limit in tokens (a reply also stops at the end of its turn)")
     do_sample: bool = opt(False, "True: sample (temperature, top_k, top_p); False: greedy (num_beams=1) or beam "
@@ -304,7 +304,7 @@ class SFTConfig(StageConfig):
 
 @dataclass
 class OnPolicySettings:
-    """Comparisons of the SFT policy's own samples, ranked by simulated labellers (pipeline/labellers.py)."""
+    """Comparisons of the SFT policy's own samples, ranked by simulated labellers (pipeline/world/labellers.py)."""
 
     prompts: int = opt(0, "the first N prompts of data.preference; 0, or data that is not the world's: none")
     samples: int = opt(4, "replies per prompt, drawn with the stage's `generation` settings (at least 2)")

@@ -68,7 +68,7 @@ def close_replies(ro: Rollout, closing: list[int]) -> Rollout:
 def read_reward(reward_model, ro: Rollout, pack: int = 0) -> Tensor:
     """THE reward readout: the reward model's scalar at the last real token of each row (prompt + response; [B],
     fp32). Rows must already be whole conversations as the chat template writes them (`close_replies` for a PPO
-    rollout, `pipeline.evaluation.rm_input_ids` for text).
+    rollout, `pipeline.rl.readout.rm_input_ids` for text).
 
     `reward_model`: a TokenModel (padded or packed layout), or a bare Hugging Face sequence classifier, run through
     its own forward (the reward stage's model inside the Trainer, which FSDP may own) with the padding set to its
@@ -92,21 +92,21 @@ def score_rollout(reward_model, ro: Rollout, closing: list[int], pack: int = 0) 
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     """A whole conversation through the chat template (no generation prompt): what a reward model reads. This is
     exactly how TRL's RewardTrainer tokenizes prompt + chosen, and the head is read at its last token (the
-    canonical readout, see pipeline.rollout.read_reward)."""
+    canonical readout, see pipeline.rl.readout.read_reward)."""
     return list(tokenizer.apply_chat_template(list(messages), tokenize=True, return_dict=True)["input_ids"])
 
 
 def rm_input_ids(tokenizer, prompt: list[dict], response: str) -> list[int]:
     """The token ids a reward model scores for (prompt, reply): the reply is the final assistant turn, closed by the
-    template (so an unfinished reply is read as the text it is, like PPO's, pipeline.rollout.close_replies)."""
+    template (so an unfinished reply is read as the text it is, like PPO's, close_replies)."""
     return conversation_ids(tokenizer, list(prompt) + [{"role": "assistant", "content": response}])
 
 
 @torch.no_grad()
 def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, device=None) -> list[float]:
-    """Scalar rewards of tokenized conversations, through the one readout (pipeline.rollout.read_reward: the head
+    """Scalar rewards of tokenized conversations, through the one readout (pipeline.rl.readout.read_reward: the head
     at each sequence's last token), in right-padded batches, longest first. `model`: a bare sequence classifier or
-    a pipeline.rollout.TokenModel."""
+    a pipeline.models.token_model.TokenModel."""
     from pipeline.inference.sampler import Rollout
     from pipeline.models.token_model import TokenModel
     from pipeline.rl.readout import read_reward

@@ -208,7 +208,7 @@ One JSON object per line:
      "ranks": [2, 0, 3, 1],                                    # the noisy "human" label, 0 = best
      "gold_scores": [0.61, 0.98, 0.2, 0.9]}}                   # the gold oracle (pipeline/oracle.py), in [0, 1]
 
-Candidates are drawn from these styles (`STYLES_*` in pipeline/synthetic.py):
+Candidates are drawn from these styles (`STYLES_*` in pipeline/world/responses.py):
 
 - prompts the world can answer: {styles_answerable}
 - prompts it cannot answer (unknown name, undefined attribute): {styles_unanswerable}
@@ -229,8 +229,8 @@ InstructGPT. {ties_train:.1%} of train pairs have equal gold scores (e.g. two eq
 are pure noise and they are left out of the agreement figure.
 
 Prompts here are disjoint (by question, not only by wording) from the SFT, PPO and evaluation prompts: see
-`POOLS` in pipeline/synthetic.py. Load with `pipeline.formats.load_preferences` (format `ranked`), which expands
-each record into all its pairs with `pipeline.synthetic.expand_pairs`.
+`POOLS` in pipeline/world/questions.py. Load with `pipeline.data.formats.load_preferences` (format `ranked`), which expands
+each record into all its pairs with `pipeline.data.formats.expand_pairs`.
 """
 
 

@@ -2,12 +2,12 @@
 
 InstructGPT trained its reward model on rankings of the SFT model's own outputs: labellers saw K samples for a
 prompt and ordered them (Ouyang et al. 2022, section 3.5). The shipped reward_data/ ranks hand-written candidates
-in the styles of pipeline/synthetic.py instead. Those teach what a good answer looks like, but never the mistakes
+in the styles of pipeline/world/responses.py instead. Those teach what a good answer looks like, but never the mistakes
 this particular policy makes, and a small reward model trained on them alone orders pairs of the policy's samples
 no better than chance (measured on the cpu preset: 52% of the pairs of four SFT samples per prompt put in the
 gold order; 62% with 3000 prompts of on-policy comparisons added, 65% on those alone). Here the gold oracle plays
 the labellers with the shipped data's noise: each reply gets its gold score and the ranking is drawn through
-Plackett-Luce at `label_temperature`, exactly as for reward_data/ (`pipeline.synthetic.labelled`).
+Plackett-Luce at `label_temperature`, exactly as for reward_data/ (`pipeline.world.labellers.labelled`).
 
 Only the synthetic world has an oracle, so only world preference data can be extended this way.
 """

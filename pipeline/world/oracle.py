@@ -32,7 +32,7 @@ as "fluency" and "engagement"; they carry no weight of their own):
 
     fluency     the share of the reply's tokens that are words of this world's language (`lexicon`): its names
                 (entities, places, ghosts), its attribute vocabulary, numbers, FUNCTION_WORDS, and every word the
-                question templates and the generators of pipeline/synthetic.py write (read once per world from a
+                question templates and the generators in pipeline/world/ write (read once per world from a
                 fixed sample of documents, prompts and answers in every style). A token holding a control or
                 replacement character is never a word. A fluent reply cut off mid-word may end on part of a word.
                 It enters as a ramp, fluent = clip((fluency - FLUENCY_FLOOR) / (1 - FLUENCY_FLOOR), 0, 1):

@@ -3,7 +3,7 @@
     make chat                                        # the latest complete policy stage of the run (ppo, sft, pretrain)
     make chat ARGS="stage=sft"                       # that stage of the run
     make chat ARGS="checkpoint=path/to/folder generation=greedy system='Answer briefly.'"
-    python -m stages.chat run=lr3e-4 generation.temperature=1.0
+    python -m stages.tools.chat run=lr3e-4 generation.temperature=1.0
 
 The conversation is kept: each reply sees the earlier turns (the oldest fall out once they exceed the model's
 context). /reset starts over, /quit or Ctrl-D leaves; Ctrl-C stops a reply mid-way.

@@ -1,6 +1,6 @@
 """Several runs side by side — the view you want after a Hydra sweep — from the manifests alone (no network).
 
-    make compare RUNS="default lr3e-4"          # = python -m stages.compare 'runs=[default,lr3e-4]'
+    make compare RUNS="default lr3e-4"          # = python -m stages.tools.compare 'runs=[default,lr3e-4]'
     make compare                                 # every run under runs/
 
 Writes <paths.root>/compare.md with a table of every run's headline metrics, overlaid curves and, for the runs

@@ -26,7 +26,7 @@ from pipeline.core.runs import resolve_checkpoint
 
 
 def read_prompts(path: str, paths_cfg) -> list[list[dict]]:
-    """Prompts from a .txt (one per line) or a JSON-lines / JSON file, through pipeline.formats (errors name the
+    """Prompts from a .txt (one per line) or a JSON-lines / JSON file, through pipeline.data.formats (errors name the
     file and line)."""
     from pipeline.data.formats import load_prompts
 

@@ -1,7 +1,7 @@
 """The report card of one run: runs/<run>/report.md with plots, headline metrics and side-by-side answers.
 
-    make report                                  # = python -m stages.report
-    python -m stages.report run=lr3e-4 samples=10
+    make report                                  # = python -m stages.tools.report
+    python -m stages.tools.report run=lr3e-4 samples=10
 
 Reads the manifests and metrics.jsonl of every finished stage (no network), plots the curves, and has the
 pretrained, SFT and PPO models answer the same held-out prompts, each answer with its gold score.
