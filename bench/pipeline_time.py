@@ -26,7 +26,9 @@ from pathlib import Path
 
 from _common import REPO, machine, update_results  # (bench/ is on sys.path)
 
-STAGES = ("tokenizer", "pretrain", "sft", "reward", "ppo", "report")
+from pipeline.core.registry import ORDER
+
+STAGES = (*ORDER, "report")
 SECTION = "## Whole pipeline"
 HEADER = ("| date | machine | load avg | preset | " + " | ".join(f"{s} s" for s in STAGES)
           + " | total min | peak GB (stage) | pretrain eval loss | SFT / pretrained gold | RM gold acc / acc "
@@ -42,7 +44,7 @@ def run_stage(stage: str, overrides: list[str], log: Path, env: dict) -> tuple[f
     """(wall seconds, peak RSS in GB) of one stage process."""
     t = time.time()
     with open(log, "w") as f:
-        p = subprocess.Popen([sys.executable, "-m", f"stages.{stage}", *overrides], cwd=REPO, env=env, stdout=f,
+        p = subprocess.Popen([sys.executable, "-m", f"stages.{stage}" if stage in ORDER else f"stages.tools.{stage}", *overrides], cwd=REPO, env=env, stdout=f,
                              stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(p.pid, 0)
     wall = time.time() - t

@@ -55,6 +55,8 @@ from _common import BENCH, REPO
 from _common import machine as machine_name  # noqa: E402  (bench/ is on sys.path)
 from _common import run_logged, update_results
 
+from pipeline.core.registry import ORDER  # noqa: E402
+
 SECTION = "## PPO vs TRL 1.12"
 TRL_VENV = BENCH / ".venv-trl112"
 TRL_STAMP = TRL_VENV / ".stamp-trl-1.12.0-torch-2.13.0"
@@ -96,7 +98,7 @@ def complete(stage_dir: Path) -> bool:
 def ensure_parent(root: Path, run: str, preset: str, env: dict) -> None:
     if complete(root / run / "sft") and complete(root / run / "reward"):
         return
-    todo = [s for s in ("tokenizer", "pretrain", "sft", "reward") if not complete(root / run / s)]
+    todo = [s for s in ORDER[: ORDER.index("ppo")] if not complete(root / run / s)]
     print(f"[bench] building {run}'s {', '.join(todo)} (preset={preset}) under the runs root")
     for stage in todo:
         dt = run_logged([sys.executable, "-m", f"stages.{stage}", f"preset={preset}", "logger=none",

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from _common import REPO, machine, update_results  # (bench/ is on sys.path)
-from pipeline_time import run_stage
+from pipeline_time import STAGES, run_stage
 
 SECTION = "## RLHF gain"
 HEADER = ("| date | machine | preset | world seed | PPO seed | pipeline min | peak GB | pretrained / SFT gold | "
@@ -83,7 +83,7 @@ def main() -> None:
         root.mkdir(parents=True, exist_ok=True)
         common = [f"preset={args.preset}", f"paths.root={root}", f"data.world.seed={ws}", "logger=none"]
         walls, peaks = {}, {}
-        for stage in ("tokenizer", "pretrain", "sft", "reward", "ppo", "report"):
+        for stage in STAGES:
             extra = [f"seed={args.ppo_seeds[0]}"] if stage == "ppo" else []
             walls[stage], peaks[stage] = run_stage(stage, common + extra, root / f"{stage}.log", env)
             print(f"[world {ws}] {stage:<10} {walls[stage]:7.1f} s   peak {peaks[stage]:.2f} GB", flush=True)

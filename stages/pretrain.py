@@ -32,7 +32,7 @@ from pipeline.models.loading import load_causal_lm, mixed_precision
 
 
 @torch.no_grad()
-def evaluate(model, blocks: torch.Tensor, n_blocks: int, batch_size: int, acc: Accelerator) -> float:
+def heldout_loss(model, blocks: torch.Tensor, n_blocks: int, batch_size: int, acc: Accelerator) -> float:
     """Mean token loss over the first n_blocks held-out blocks, sharded across processes, exact for any world size."""
     model.eval()
     mine = torch.arange(min(n_blocks, len(blocks)))[acc.process_index:: acc.num_processes]
@@ -137,7 +137,7 @@ def main(cfg: DictConfig) -> None:
             tracker.log(logged, step=done)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
         if done % t.eval_every == 0 or done == t.max_steps:
-            eval_loss = evaluate(model, val_blocks, eval_blocks, t.batch_size, acc)
+            eval_loss = heldout_loss(model, val_blocks, eval_blocks, t.batch_size, acc)
             metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
             tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, step=done)
             say(f"[pretrain] step {done}: eval/loss {eval_loss:.4f}, perplexity {metrics['eval/perplexity']:.2f}")
@@ -148,7 +148,7 @@ def main(cfg: DictConfig) -> None:
 
     # ---- save: a plain Hugging Face checkpoint that the next stage (or anyone) loads with from_pretrained --
     if "eval/loss" not in metrics:  # resumed after the last step: evaluate so the manifest is complete
-        eval_loss = evaluate(model, val_blocks, eval_blocks, t.batch_size, acc)
+        eval_loss = heldout_loss(model, val_blocks, eval_blocks, t.batch_size, acc)
         metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
     acc.wait_for_everyone()
     state = acc.get_state_dict(model)

@@ -58,7 +58,8 @@ def run_reward(cfg: DictConfig) -> None:
     from trl import RewardConfig as TRLRewardConfig
 
     from pipeline.core.io import write_jsonl
-    from pipeline.data.formats import check_prompt_lengths, expand_pairs, load_preferences, load_prompts
+    from pipeline.data.formats import check_prompt_lengths, load_preferences, load_prompts
+    from pipeline.data.pairs import expand_pairs
     from pipeline.world.labellers import distinct_prompts, onpolicy_comparisons
     from pipeline.world.oracle import GoldOracle
 

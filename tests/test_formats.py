@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.core.config import WorldConfig
 from pipeline.core.errors import UserError
-from pipeline.data.formats import (check_prompt_lengths, expand_pairs, load_corpus, load_preferences, load_prompts,
-                                   load_sft)
+from pipeline.data.formats import check_prompt_lengths, load_corpus, load_preferences, load_prompts, load_sft
+from pipeline.data.pairs import expand_pairs
 from pipeline.world.datasets import ranked_prompts
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "formats"

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.core.errors import UserError, data_error
+from pipeline.data.pairs import expand_pairs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("system", "user", "assistant")
@@ -382,7 +383,6 @@ def _checked_pair(prompt, chosen, rejected, at: _At, group: str | None = None, m
 
 
 def _ranked_pairs(rec, at) -> list[dict]:
-    from pipeline.data.formats import expand_pairs
 
     prompt = _ends_with(_turns(_get(rec, "prompt", at), at, "prompt", "user"), "user", at, "prompt")
     responses, ranks = _get(rec, "responses", at), _get(rec, "ranks", at)
@@ -404,7 +404,6 @@ def _world_preferences(src, world_cfg, split: str) -> tuple[list[dict], int]:
     """reward_data/<split>.jsonl, or the first N records of it: records are drawn one after another from one random
     stream, so a smaller reward_prompts is a prefix of the shipped file. A different world is generated afresh."""
     from pipeline.core.config import WorldConfig
-    from pipeline.data.formats import expand_pairs
     from pipeline.world.datasets import as_world_config, ranked_prompts
 
     if split not in ("train", "test"):
@@ -471,20 +470,3 @@ def _n_tokens(tokenizer, msgs: list[dict]) -> int:
     else:
         ids = tokenizer("\n".join(m["content"] for m in msgs), add_special_tokens=True)["input_ids"]
     return len(ids)
-
-
-def expand_pairs(ranked_records: list[dict]) -> list[dict]:
-    """All pairs of each ranked record in TRL's conversational preference format (ties and duplicates skipped)."""
-    out = []
-    for rec in ranked_records:
-        gold = rec.get("gold_scores")
-        for i, j in itertools.combinations(range(len(rec["responses"])), 2):
-            if rec["ranks"][i] == rec["ranks"][j] or rec["responses"][i] == rec["responses"][j]:
-                continue
-            c, r = (i, j) if rec["ranks"][i] < rec["ranks"][j] else (j, i)
-            out.append({"prompt": rec["prompt"],
-                        "chosen": [{"role": "assistant", "content": rec["responses"][c]}],
-                        "rejected": [{"role": "assistant", "content": rec["responses"][r]}],
-                        "group": rec["id"],
-                        "gold_margin": round(gold[c] - gold[r], 4) if gold else None})
-    return out

@@ -69,7 +69,7 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
 
 
 def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval") -> dict:
-    """The final evaluation's figures from `evaluate`'s (gathered) outputs for PPO and SFT on the same prompts:
+    """The final evaluation's figures from `rollout_eval`'s (gathered) outputs for PPO and SFT on the same prompts:
     <prefix>/gold_score, sft_gold_score, win_rate_vs_sft (ties count half), tie_rate_vs_sft, kl, reward (the reward
     model's raw score), sft_reward, response_tokens, sft_response_tokens, n_prompts, and the gold components
     <prefix>/gold/<component>, <prefix>/sft_gold/<component>: where the gold score moved (PPO's gains in one
@@ -91,7 +91,7 @@ def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval") -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, prompts, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, pack: int,
+def rollout_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, pack: int,
              greedy: bool) -> dict:
     """Greedy or sampled (at the training temperature) replies to held-out prompts: gold score and its components,
     the reward model's raw score (the one readout), exact KL to the reference along the reply (summed over its

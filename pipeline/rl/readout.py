@@ -109,7 +109,6 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, de
     a pipeline.models.token_model.TokenModel."""
     from pipeline.inference.sampler import Rollout
     from pipeline.models.token_model import TokenModel
-    from pipeline.rl.readout import read_reward
 
     inner = model.model if isinstance(model, TokenModel) else model
     device = device or _model_device(inner)

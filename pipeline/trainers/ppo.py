@@ -21,7 +21,7 @@ from pipeline.core.dist import gather, shard
 from pipeline.core.errors import UserError
 from pipeline.data.packing import batch_indices
 from pipeline.data.prompts import prompt_batch
-from pipeline.eval.gold import eval_metrics, evaluate
+from pipeline.eval.gold import eval_metrics, rollout_eval
 from pipeline.inference.sampler import Rollout, decode_responses, sample
 from pipeline.rl.advantages import gae
 from pipeline.rl.forward import check_packing, chunked, critic_forward, policy_forward, response_logits
@@ -239,9 +239,9 @@ class PPOLoop:
 
     # ---- 4. evaluate -------------------------------------------------------------------------------------
     def _evaluate(self, model, prompts: list, greedy: bool) -> dict:
-        """`evaluate` on this process's shard of `prompts`, gathered (padding repeats dropped), in prompt order."""
+        """`rollout_eval` on this process's shard of `prompts`, gathered (padding repeats dropped), in prompt order."""
         mine = shard(len(prompts))
-        out = evaluate(model, [prompts[i] for i in mine], self.tok, self.end_ids, self.t, self.oracle,
+        out = rollout_eval(model, [prompts[i] for i in mine], self.tok, self.end_ids, self.t, self.oracle,
                        self.reward_model, self.closing, self.ref_logits, self.dev, self.packing, greedy)
         rows = {i: {k: v[j] for k, v in out.items()} for j, i in enumerate(mine)}
         rows = dict(sorted(gather(list(rows.items()))))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pipeline.core.config import WorldConfig
 from pipeline.core.io import _line, write_jsonl, write_text
-from pipeline.data.formats import expand_pairs
+from pipeline.data.pairs import expand_pairs
 from pipeline.world.corpus import corpus_documents
 from pipeline.world.labellers import label_agreement, labelled
 from pipeline.world.language import _SYSTEMS, FOLLOWUPS, Question, render, truth
@@ -158,7 +158,7 @@ def ranked_prompts(world_cfg, split: str = "train") -> list[dict]:
     return out
 
 
-def config_hash(world_cfg) -> str:
+def world_hash(world_cfg) -> str:
     cfg = dataclasses.asdict(as_world_config(world_cfg))
     return hashlib.sha256(_line({"code": _CODE_HASH, **cfg}).encode()).hexdigest()[:12]
 
@@ -175,7 +175,7 @@ FILES = {
 def materialise(world_cfg, cache_dir) -> dict[str, Path]:
     """Write (or reuse) cache_dir/<config hash>/{corpus,sft,sft_eval,eval_prompts,ppo_prompts}.jsonl."""
     cfg = as_world_config(world_cfg)
-    d = Path(cache_dir) / config_hash(cfg)
+    d = Path(cache_dir) / world_hash(cfg)
     d.mkdir(parents=True, exist_ok=True)
     paths = {name: d / f"{name}.jsonl" for name in FILES}
     for name, make in FILES.items():

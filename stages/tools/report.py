@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
+from pipeline.core.registry import POLICY_STAGES
 from pipeline.data.formats import load_prompts
 from pipeline.inference.generation import generate
 from pipeline.models.loading import load_policy
@@ -61,7 +62,7 @@ def main(cfg: DictConfig) -> None:
     prompts = prompts[: cfg.samples]
     oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.eval_prompts.kind == "world" else None
     answers = {}
-    for stage in ("pretrain", "sft", "ppo"):
+    for stage in reversed(POLICY_STAGES):  # pretrain, sft, ppo
         if stage in manifests and prompts:
             model, tok = load_policy(run_dir / stage / "final", cfg.precision)
             replies = [str(r) for r in generate(model, tok, prompts, cfg.generation, batch_size=16, seed=cfg.seed)]
