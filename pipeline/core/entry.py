@@ -22,8 +22,7 @@ def entry(config_name: str):
     def decorate(fn):
         import hydra
 
-        import pipeline.core.config  # noqa: F401  (registers the structured configs)
-        from pipeline.core.config import validate
+        from pipeline.core.config import validate  # importing it registers the structured configs
         from pipeline.core.errors import friendly
 
         @functools.wraps(fn)
@@ -39,8 +38,11 @@ def entry(config_name: str):
                 from pipeline.core.config import describe
 
                 doc = sys.modules[fn.__module__].__doc__ or ""
-                print(doc.strip() + "\n\nConfig (conf/" + config_name + ".yaml; override any key as key=value):\n\n"
-                      + describe(config_name))
+                try:
+                    print(doc.strip() + "\n\nConfig (conf/" + config_name + ".yaml; override any key as key=value):"
+                          "\n\n" + describe(config_name))
+                except BrokenPipeError:  # `--help | head`
+                    sys.stderr.close()
                 return
             composed()
 
