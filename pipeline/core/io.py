@@ -43,6 +43,26 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, lambda f: json.dump(obj, f, indent=2, sort_keys=True, default=str))
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a file the user gave us, which must be UTF-8 (a leading byte-order mark is dropped). Anything else
+    is one UserError naming the file, the byte offset and line of the first bad byte, and what the file looks like."""
+    from pipeline.core.errors import UserError
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        looks = "UTF-16 (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
+            "binary" if b"\x00" in data[:4096] else "text in another encoding"
+        raise UserError(f"{path}: not UTF-8 at byte {e.start} (line {line}: {e.reason}); it looks like {looks}. "
+                        f"The file must be UTF-8 (convert it, e.g. iconv -f <encoding> -t utf-8)") from None
+
+
 def inventory(folder: Path) -> dict[str, int]:
     """{relative path: size} of every file under `folder`: cheap to check, and catches truncated or missing files."""
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(Path(folder).rglob("*")) if p.is_file()}

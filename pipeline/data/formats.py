@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from pipeline.core.errors import UserError, data_error
+from pipeline.core.io import read_utf8
 from pipeline.data.pairs import expand_pairs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -99,29 +100,35 @@ def _files(pattern: str) -> list[Path]:
     return files
 
 
+def _lines(text: str) -> list[str]:
+    """Lines as a text-mode file reads them (\\n, \\r\\n or \\r end a line; str.splitlines would also split at
+    U+2028 and other separators that JSON strings may hold unescaped)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+
+
 def _jsonl(path: Path) -> Iterator[tuple[_At, object]]:
-    with open(path, encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-        f.seek(0)
-        if path.suffix == ".json" and head.startswith("["):  # one JSON array: records have numbers, not lines
+    text = read_utf8(path)
+    if path.suffix == ".json" and text[:4096].lstrip().startswith("["):  # one JSON array: records are numbered
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise data_error(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
+        if not isinstance(records, list):
+            raise data_error(path, None, None, "a .json file must hold one array of records, or JSON lines")
+        yield from ((_At(str(path), record=i + 1), rec) for i, rec in enumerate(records))
+        return
+    for i, line in enumerate(_lines(text)):
+        if line.strip():
+            at = _At(str(path), i + 1)
             try:
-                records = json.load(f)
+                yield at, json.loads(line)
             except json.JSONDecodeError as e:
-                raise data_error(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
-            yield from ((_At(str(path), record=i + 1), rec) for i, rec in enumerate(records))
-            return
-        for i, line in enumerate(f):
-            if line.strip():
-                at = _At(str(path), i + 1)
-                try:
-                    yield at, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield at, at.error(None, f"malformed JSON line: {e.msg}")
+                yield at, at.error(None, f"malformed JSON line: {e.msg}")
 
 
 def _paragraphs(path: Path) -> Iterator[tuple[_At, object]]:
     start, buf = None, []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines() + [""]):
+    for i, line in enumerate(_lines(read_utf8(path)) + [""]):
         if line.strip():
             start = i + 1 if not buf else start
             buf.append(line)

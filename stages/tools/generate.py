@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.core.config import SourceConfig, WorldConfig
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
-from pipeline.core.io import write_atomic
+from pipeline.core.io import read_utf8, write_atomic
 from pipeline.core.runs import resolve_checkpoint
 
 
@@ -34,7 +34,7 @@ def read_prompts(path: str, paths_cfg) -> list[list[dict]]:
     if not p.exists():
         raise UserError(f"input={path}: no such file")
     if p.suffix == ".txt":
-        lines = [ln.strip() for ln in p.read_text().splitlines()]
+        lines = [ln.strip() for ln in read_utf8(p).splitlines()]
         return [[{"role": "user", "content": ln}] for ln in lines if ln]
     src = OmegaConf.structured(SourceConfig(kind="local", path=str(p), format="prompts"))
     recs, _ = load_prompts(src, None, paths_cfg.cache)
