@@ -148,5 +148,44 @@ def test_unloadable_checkpoint_is_one_line(tmp_path):
 def test_damaged_parent_final_is_refused(tmp_path):
     _complete(tmp_path, "tokenizer")
     (tmp_path / "default" / "tokenizer" / "final" / "weights.bin").write_text("")
-    with pytest.raises(UserError, match="damaged .*weights.bin.*make tokenizer ARGS=force=true"):
+    with pytest.raises(UserError, match="damaged .*weights.bin.*make tokenizer ARGS=\"force=true\""):
+        StageRun(_cfg(tmp_path, "pretrain")).parent("tokenizer")
+
+
+def _files(d: Path) -> dict:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_force_is_a_transaction_the_old_stage_stays_until_the_new_one_completes(tmp_path):
+    r = _complete(tmp_path, "tokenizer")
+    before = _files(r.dir)
+    forced = StageRun(_cfg(tmp_path, "tokenizer", "train.min_frequency=7", "force=true"))
+    assert forced.begin() is True
+    assert forced.dir != r.dir and forced.dir.name == ".tokenizer.next"
+    assert _files(r.dir) == before  # manifest, config.yaml, final/ untouched while it runs
+    assert read_manifest(forced.dir)["status"] == "running"
+    forced.fail("ValueError: bad data")  # the new run fails: children still see the old, complete stage
+    assert _files(r.dir) == before and read_manifest(r.dir)["status"] == "complete"
+    child = StageRun(_cfg(tmp_path, "pretrain"))
+    assert child.parent("tokenizer")["fingerprint"] == read_manifest(r.dir)["fingerprint"]
+
+    again = StageRun(_cfg(tmp_path, "tokenizer", "train.min_frequency=7", "force=true"))
+    assert again.begin() is True
+    again.finish(lambda d: (d / "weights.bin").write_text("new"), {"eval/loss": 0.5})
+    m = read_manifest(r.dir)
+    assert again.dir == r.dir and m["status"] == "complete" and m["metrics"] == {"eval/loss": 0.5}
+    assert (r.final_dir / "weights.bin").read_text() == "new" and "min_frequency: 7" in (r.dir / "config.yaml").read_text()
+    assert not (tmp_path / "default" / ".tokenizer.next").exists()
+
+
+def test_an_interrupted_parent_is_reported_with_the_command_that_resumes_it(tmp_path):
+    r = StageRun(_cfg(tmp_path, "tokenizer"))
+    assert r.begin()
+    r.update(pid=2 ** 22 + 12345, overrides=["preset=smoke", "train.min_frequency=3"])  # a process that is gone
+    with pytest.raises(UserError) as e:
+        StageRun(_cfg(tmp_path, "pretrain")).parent("tokenizer")
+    assert "interrupted" in str(e.value)
+    assert 'make tokenizer PRESET=smoke ARGS="train.min_frequency=3"' in str(e.value)
+    r.fail("UserError: data.corpus: no usable documents")
+    with pytest.raises(UserError, match="failed .*no usable documents.*rerun: make tokenizer PRESET=smoke"):
         StageRun(_cfg(tmp_path, "pretrain")).parent("tokenizer")

@@ -27,8 +27,15 @@ def entry(config_name: str):
 
         @functools.wraps(fn)
         def checked(cfg):
+            from pipeline.core.runs import fail_current
+
             validate(cfg)
-            return fn(cfg)
+            try:
+                return fn(cfg)
+            except BaseException as e:  # recorded in the stage's manifest whatever it was, then handled as before
+                if not (isinstance(e, SystemExit) and e.code in (0, None)):
+                    fail_current(e)
+                raise
 
         composed = hydra.main(config_path=str(CONF), config_name=config_name, version_base="1.3")(friendly(checked))
 

@@ -50,8 +50,62 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_command(stage: str, run: str) -> str:
-    return f"make {stage}" + ("" if run == "default" else f" RUN={run}")
+def make_command(stage: str, run: str, overrides: Optional[list[str]] = None, extra: str = "") -> str:
+    """The make command that (re)makes `stage` of `run` with the same overrides (preset included) it was, or would
+    be, made with; `extra` is appended to ARGS (e.g. force=true)."""
+    overrides = list(overrides or [])
+    preset = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "preset"), None)
+    args = [o for o in overrides if o.split("=", 1)[0] not in ("preset", "run", "force", "parent_run")]
+    args += [extra] if extra else []
+    return (f"make {stage}" + ("" if run == "default" else f" RUN={run}") + (f" PRESET={preset}" if preset else "")
+            + (f" ARGS=\"{' '.join(args)}\"" if args else ""))
+
+
+def command_overrides() -> list[str]:
+    """The overrides this command was started with (Hydra's task overrides; empty outside Hydra)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # Hydra not initialised (tests, library use)
+        return []
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def describe_unfinished(m: dict, stage_dir: Path, stage: str, run: str, overrides: list[str]) -> str:
+    """Why a stage is not complete, in words, with the command that fixes it: failed (and why), interrupted (its
+    process is gone: rerunning resumes it), or still running (and where)."""
+    status = m.get("status")
+    again = make_command(stage, run, m.get("overrides", overrides))
+    if status == "failed":
+        return f"failed ({m.get('error', 'no reason recorded')}); fix that and rerun: {again}"
+    if status == "running":
+        if m.get("host") == platform.node() and m.get("pid") and not _alive(m["pid"]):
+            return f"interrupted (its process {m['pid']} is gone); resume it: {again}"
+        return f"still running (process {m.get('pid', '?')} on {m.get('host', '?')}); wait for it, or if it is dead: {again}"
+    return f"not complete (status: {status}); make it: {again}"
+
+
+_CURRENT: list = []  # the StageRun this process has begun, so the entry point can record a failure on any stage
+
+
+def fail_current(e: BaseException) -> None:
+    """Record why the stage this process is running stopped (any exception, Ctrl-C included) in its manifest."""
+    for run in _CURRENT:
+        if isinstance(e, KeyboardInterrupt):
+            reason = "interrupted (Ctrl-C)"
+        elif isinstance(e, UserError):
+            reason = str(e)
+        else:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        run.fail(reason)
 
 
 def _versions() -> dict:
@@ -118,6 +172,7 @@ class StageRun:
         self.ckpt_root = self.dir / "checkpoints"
         self.is_main = is_main
         self.hash = config_hash(cfg)
+        self.replacing: Optional[Path] = None  # the finished stage folder a force=true run will replace
         self.parents: dict[str, dict] = {}
         self.manifest: dict = {}
 
@@ -126,14 +181,17 @@ class StageRun:
         """The complete manifest of `stage` in the parent run, or one line saying how to make it."""
         d = self.root / self.parent_run / stage
         m = read_manifest(d)
-        if m is None or m.get("status") != "complete" or not (d / "final").is_dir():
-            state = "missing" if m is None else f"not complete (status: {m.get('status')})"
-            raise UserError(f"stage '{stage}' of run '{self.parent_run}' is {state} ({d}); "
-                            f"make it first: {make_command(stage, self.parent_run)}")
+        ov = command_overrides()
+        if m is None:
+            raise UserError(f"stage '{stage}' of run '{self.parent_run}' is missing ({d}); make it first: "
+                            f"{make_command(stage, self.parent_run, ov)}")
+        if m.get("status") != "complete" or not (d / "final").is_dir():
+            raise UserError(f"stage '{stage}' of run '{self.parent_run}' is "
+                            f"{describe_unfinished(m, d, stage, self.parent_run, ov)} ({d})")
         problem = damaged(d / "final", m.get("final_files", {}))
         if problem:
             raise UserError(f"{d / 'final'} is damaged ({problem}); redo it: "
-                            f"{make_command(stage, self.parent_run)} ARGS=force=true")
+                            f"{make_command(stage, self.parent_run, m.get('overrides', ov), 'force=true')}")
         m["dir"] = str(d)
         m["final"] = str(d / "final")
         self.parents[stage] = m
@@ -161,6 +219,14 @@ class StageRun:
                 raise UserError(f"{self.dir} holds a finished '{self.stage}' made with {why}; "
                                 f"add force=true to replace it, or run=<new name> parent_run={self.parent_run} for a new "
                                 f"run beside it")
+            # force=true over a finished stage is a transaction: the new run is made beside it, in .<stage>.next/,
+            # and swapped in by one rename when it completes; until then (and if it fails) children see the old one
+            self._stage_in(self.dir.parent / f".{self.stage}.next")
+            old = read_manifest(self.dir)  # an earlier forced attempt with the same config is resumed
+            if old and (old.get("config_hash") != self.hash or old.get("parents", {}) != self._parent_fingerprints()):
+                if self.is_main:
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                old = None
         if old and old.get("config_hash") != self.hash and self.ckpt_root.exists():
             # Resume points of another config are useless here and would be picked up by mistake.
             if self.is_main:
@@ -173,7 +239,8 @@ class StageRun:
                 "stage": self.stage, "run": self.run, "status": "running", "config_hash": self.hash,
                 "parents": self._parent_fingerprints(),
                 "parent_runs": {s: m["run"] for s, m in self.parents.items()},
-                "versions": _versions(), "git_commit": _git_commit(), "host": platform.node(),
+                "versions": _versions(), "git_commit": _git_commit(), "host": platform.node(), "pid": os.getpid(),
+                "overrides": [o for o in command_overrides() if o.split("=", 1)[0].lstrip("+~") != "force"],
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": {},
                 "resumed_from": None,
             }
@@ -181,7 +248,13 @@ class StageRun:
                 self.manifest["started"] = old.get("started", self.manifest["started"])
             self._write_manifest()
             (self.dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        _CURRENT[:] = [self]
         return True
+
+    def _stage_in(self, d: Path) -> None:
+        """Make this run's files in `d`, to be swapped with the stage's folder by `finish`."""
+        self.replacing, self.dir = self.dir, d
+        self.final_dir, self.ckpt_root = d / "final", d / "checkpoints"
 
     def _check_writable(self) -> None:
         try:
@@ -202,7 +275,7 @@ class StageRun:
             self._write_manifest()
 
     def fail(self, reason: str) -> None:
-        if self.is_main and self.manifest:
+        if self.is_main and self.manifest and self.manifest.get("status") == "running":
             self.update(status="failed", error=reason, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -283,6 +356,28 @@ class StageRun:
         self._write_manifest()
         if not keep_checkpoints:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
+        if self.replacing is not None:  # force=true: the finished new stage takes the old one's place in one rename
+            exchange(self.dir, self.replacing)
+            shutil.rmtree(self.dir, ignore_errors=True)  # now the old stage
+            self.dir, self.replacing = self.replacing, None
+            self.final_dir, self.ckpt_root = self.dir / "final", self.dir / "checkpoints"
+
+
+def exchange(a: Path, b: Path) -> None:
+    """Swap two folders. Linux's renameat2(RENAME_EXCHANGE) does it in one atomic step, so a reader sees one or the
+    other, never neither; elsewhere three renames (a reader may find `b` missing for a moment)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.renameat2(-100, os.fsencode(str(a)), -100, os.fsencode(str(b)), 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
+            return
+    except (AttributeError, OSError):
+        pass
+    tmp = Path(b).with_name(Path(b).name + f".swap_{os.getpid()}")
+    os.replace(b, tmp)
+    os.replace(a, b)
+    os.replace(tmp, a)
 
 
 def _plain(d: dict) -> dict:
