@@ -31,7 +31,7 @@ from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, crash_point
 from pipeline.core.tracking import Tracker
-from pipeline.data.formats import load_corpus, load_prompts
+from pipeline.data.formats import check_prompt_lengths, load_corpus, load_prompts
 from pipeline.data.packing import pack
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.models.loading import load_causal_lm, load_sequence_classifier, mixed_precision
@@ -92,6 +92,13 @@ def main(cfg: DictConfig) -> None:
     eval_prompts, _ = load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)
     if not prompts:
         raise UserError(f"no usable PPO prompts in data.prompts ({cfg.data.prompts.kind}:{cfg.data.prompts.path})")
+    def fit(recs, name):  # a prompt over train.max_prompt_tokens names its source and record (or is skipped)
+        src = cfg.data[name]
+        return check_prompt_lengths(recs, tok, t.max_prompt_tokens, src.on_bad_record,
+                                    f"data.{name} ({src.path or src.kind}; limit train.max_prompt_tokens)")
+
+    (prompts, n), (eval_prompts, _) = fit(prompts, "prompts"), fit(eval_prompts, "eval_prompts")
+    skipped += n
     prompts = [p["messages"] for p in prompts]
     eval_prompts = [p["messages"] for p in eval_prompts]
     periodic_prompts, eval_prompts = eval_prompts[: t.periodic_eval_prompts], eval_prompts[: t.eval_prompts]

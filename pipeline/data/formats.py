@@ -142,9 +142,16 @@ def _dataset_rows(ds, source: str, first_line: int | None) -> Iterator[tuple[_At
         yield (_At(source, i + first_line) if first_line is not None else _At(source, record=i + 1)), row
 
 
-def _load_dataset(what: str, *args, **kwargs):
+def _load_dataset(what: str, *args, hub: bool = False, **kwargs):
     import datasets  # heavy; only when needed
 
+    from pipeline.core.hub import offline, offline_hint
+
+    if hub and offline():  # the local datasets cache, or one line at once instead of retries
+        try:
+            return datasets.load_dataset(*args, **kwargs)
+        except Exception:  # noqa: BLE001
+            raise UserError(f"cannot load {what}: {offline_hint(repr(args[0]))}") from None
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # datasets raises many types, always deep; one line is what the user needs
@@ -162,7 +169,7 @@ def _rows(src, split: str, required: tuple[str, ...] = ()) -> Iterator[tuple[_At
     if kind == "hub":
         name = _opt(src, "name")
         ds = _load_dataset(f"dataset '{path}'" + (f" config '{name}'" if name else "") + f" split '{split}' (offline?)",
-                           path, name, split=split)
+                           path, name, split=split, hub=True)
         _check_columns(ds, path, required)
         yield from _dataset_rows(ds, f"{path}[{split}]", None)
         return

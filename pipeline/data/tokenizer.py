@@ -49,9 +49,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
 def load_tokenizer(path: str | Path, need_chat_template: bool = False):
     from transformers import AutoTokenizer
 
+    from pipeline.core.hub import hub_name, offline, offline_hint
+
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
+        if hub_name(path) and offline():
+            raise UserError(f"cannot load a tokenizer from '{path}': {offline_hint(repr(str(path)))}") from None
         raise UserError(f"cannot load a tokenizer from '{path}' (offline, or not a tokenizer folder): "
                         f"{str(e).splitlines()[0]}")
     if tok.pad_token is None:  # many hub LMs ship without one; padding is always masked, so eos is safe

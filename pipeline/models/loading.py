@@ -31,11 +31,18 @@ def _adapter(path) -> bool:
 
 
 def _load(what: str, path, load):
+    from pipeline.core.hub import hub_name, offline, offline_hint
+
+    if hub_name(path) and offline():  # fail at once, not after a minute of retries
+        try:
+            return load()  # it may be in the local cache
+        except (OSError, ValueError):
+            raise UserError(f"cannot load {what} '{path}': {offline_hint(repr(str(path)))}") from None
     try:
         return load()
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load {what} '{path}' (not a local checkpoint, or a hub name while offline): "
-                        f"{str(e).splitlines()[0]}")
+                        f"{str(e).splitlines()[0]}") from None
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
