@@ -28,7 +28,7 @@ from pipeline.data.formats import load_corpus
 from pipeline.data.packing import batch_indices, pack, split_documents
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.models.build import build_from_config, n_params
-from pipeline.models.loading import load_causal_lm, mixed_precision
+from pipeline.models.loading import fit_special_ids, load_causal_lm, mixed_precision
 
 
 @torch.no_grad()
@@ -66,7 +66,8 @@ def main(cfg: DictConfig) -> None:
     if from_scratch:
         model = build_from_config(cfg.model, tok)
     else:
-        model = load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
+        model = fit_special_ids(load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code),
+                                tok)
     block = cfg.train.block_size or cfg.model.max_seq_len
     if block > model.config.max_position_embeddings:
         raise UserError(f"train.block_size={block} exceeds the model's context ({model.config.max_position_embeddings})")

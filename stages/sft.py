@@ -26,12 +26,12 @@ from transformers import GenerationConfig, ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun, latest_trainer_checkpoint, read_manifest
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import gold_eval, win_rate
 from pipeline.models.build import n_params
-from pipeline.models.loading import load_causal_lm
+from pipeline.models.loading import fit_special_ids, load_causal_lm
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, bookkeeping, final_model, lora_config, trainer_args
 from pipeline.trainers.sft import SamplesCallback, count_long
 
@@ -50,8 +50,12 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
     # ---- setup -------------------------------------------------------------------------------------------
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes still form a group
     run = StageRun(cfg, is_main=state.is_main_process)
-    from_hub = bool(cfg.model.name_or_path)
-    parent = None if from_hub else run.parent("pretrain")
+    # model.name_or_path with a finished pretrain stage in this run: continue from that (continued pretraining
+    # happened there), unless model.start_over; without one, start from name_or_path itself
+    named = cfg.model.name_or_path
+    pretrained = read_manifest(run.root / run.parent_run / "pretrain")
+    own_parent = not named or (not cfg.model.start_over and pretrained is not None)
+    parent = run.parent("pretrain") if own_parent else None
     if not run.begin(barrier=state.wait_for_everyone):
         return
     t0 = time.time()
@@ -65,9 +69,14 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
 
     try:
         # ---- model: the parent's final/ (or any HF causal LM); its tokenizer must carry a chat template ------
-        src = parent["final"] if parent else cfg.model.name_or_path
+        src = parent["final"] if parent else named
+        if named:
+            say(f"[sft] model.name_or_path={named}: " + (
+                f"continuing from this run's pretrain stage ({src}; model.start_over=true starts from {named} itself)"
+                if parent else f"starting from {named} itself" + (" (model.start_over=true)" if cfg.model.start_over
+                                                                  else " (this run has no finished pretrain stage)")))
         tok = load_tokenizer(src, need_chat_template=True)
-        model = load_causal_lm(src, trust_remote_code=cfg.model.trust_remote_code).to(state.device)
+        model = fit_special_ids(load_causal_lm(src, trust_remote_code=cfg.model.trust_remote_code), tok).to(state.device)
         ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
         max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
         say(f"[sft] from {src}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"

@@ -69,6 +69,9 @@ class ModelConfig:
     dropout: float = opt(0.0, "attention dropout of the built model (PPO turns every dropout off)")
     trust_remote_code: bool = opt(False, "let transformers run a hub model's own modelling code (from_pretrained's "
                                          "trust_remote_code)")
+    start_over: bool = opt(False, "sft with name_or_path set: start from name_or_path itself even when this run has "
+                                  "a finished pretrain stage (by default sft continues from the run's own pretrained "
+                                  "model, so make all with model=hf does continued pretraining, then SFT on it)")
 
 
 @dataclass

@@ -78,6 +78,22 @@ def load_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float3
     return model.merge_and_unload() if _adapter(path) else model
 
 
+def fit_special_ids(model, tok):
+    """The model's bos / eos / pad token ids (config and generation config) made to fit the tokenizer it is trained
+    with: an id outside the vocabulary (a GPT-2 config's bos 50256 with a smaller tokenizer) is replaced by the
+    tokenizer's own, so no stage saves, and no load warns about, a token that does not exist."""
+    n = len(tok)
+    own = {"bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+           "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        for key, fallback in own.items():
+            v = getattr(cfg, key, None) if cfg is not None else None
+            ids = v if isinstance(v, list) else [v]
+            if v is not None and any(i is None or not 0 <= i < n for i in ids):
+                setattr(cfg, key, fallback)
+    return model
+
+
 def load_policy(path: str | Path, precision: str = "auto", device=None, trust_remote_code: bool = False):
     """(model, tokenizer) of a chat model, from a stage's final/ or any HF checkpoint folder, on `device` in eval
     mode: what chat, generate, the report and the evaluations answer with."""
