@@ -1,4 +1,6 @@
-"""bench/ scripts whose logic can be checked: best-of-n picks (bench/bon_frontier.py)."""
+"""bench/ scripts whose logic can be checked: best-of-n picks (bench/bon_frontier.py); the speed scripts run on a
+small world and count what they time (bench/oracle_speed.py, bench/synthetic_speed.py: their figures are printed,
+never asserted)."""
 
 import os
 import re
@@ -12,13 +14,32 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.fixture(scope="module")
-def bon():
-    sys.path.insert(0, str(BENCH))  # the script imports bench/_common.py as a sibling
+def _script(name):
+    sys.path.insert(0, str(BENCH))  # the scripts import bench/_common.py as a sibling
     try:
-        return runpy.run_path(str(BENCH / "bon_frontier.py"))
+        return runpy.run_path(str(BENCH / name))
     finally:
         sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def bon():
+    return _script("bon_frontier.py")
+
+
+def test_speed_scripts_time_what_they_say():
+    from pipeline.core.config import WorldConfig
+
+    rates = _script("oracle_speed.py")["measure"](n_prompts=20, repeats=1)
+    assert set(rates) == {"cold", "warm"} and all(r > 0 for r in rates.values())
+    synthetic = _script("synthetic_speed.py")
+    small = WorldConfig(n_entities=30, corpus_docs=50, sft_dialogues=20, sft_eval_dialogues=5, reward_prompts=10,
+                        reward_test_prompts=5, eval_prompts=7, ppo_prompts=9)
+    seconds, sizes = synthetic["measure"](small, repeats=1)
+    assert list(seconds) == list(synthetic["SETS"])
+    assert sizes == {"corpus": 50, "corpus_docs": 50, "corpus_chars": sizes["corpus_chars"], "sft": 20,
+                     "sft_eval": 5, "eval_prompts": 7, "ppo_prompts": 9, "reward_train": 10, "reward_test": 5}
+    assert sizes["corpus_chars"] > 50 * 20
 
 
 def test_best_of_n_picks_by_hand(bon):

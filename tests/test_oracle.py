@@ -1,6 +1,4 @@
 import random
-import runpy
-from pathlib import Path
 
 import pytest
 
@@ -281,13 +279,6 @@ def test_truth_and_batch(oracle, world):
         [oracle.score(p, r) for p, r in zip(prompts, ["4.", "5.", "2 plus 2 is 4."])]
     with pytest.raises(ValueError):
         oracle.score_batch(prompts, ["4."])
-
-
-def test_speed_at_least_10k_scores_per_second():
-    bench = Path(__file__).resolve().parents[1] / "bench" / "oracle_speed.py"  # a script, not a package
-    rates = runpy.run_path(str(bench))["measure"](n_prompts=1000)
-    print(f"\ngold oracle: {rates['cold']:,.0f} scores/s (cold parse cache), {rates['warm']:,.0f} (warm), one core")
-    assert max(rates.values()) >= 10_000
 
 
 def test_a_decline_counts_only_for_what_was_asked(oracle, world):

@@ -197,12 +197,15 @@ def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
 
     m = manifest(sft_done, "reward")
     assert m["status"] == "complete" and RM_METRICS <= m["metrics"].keys(), sorted(m["metrics"])
-    assert 0 <= m["metrics"]["eval/accuracy"] <= 1 and 0 <= m["metrics"]["eval/ece"] <= 1
-    assert set(m["reward_stats"]) == {"mean", "std"} and m["reward_stats"]["std"] >= 0
+    # the statistics PPO normalises with are the ones measured (a reward model that reads one fixed token, e.g.
+    # padding, scores every answer alike: std 0)
+    assert m["reward_stats"] == {"mean": m["metrics"]["reward/mean"], "std": m["metrics"]["reward/std"]}
+    assert m["reward_stats"]["std"] > 0
     final = sft_done / "default" / "reward" / "final"
     rm = AutoModelForSequenceClassification.from_pretrained(final)
     assert rm.config.num_labels == 1 and rm.config.pad_token_id is not None
     assert json.loads((final / "reward_stats.json").read_text())["mean"] == m["reward_stats"]["mean"]
+    _check_test_pair_metrics(rm, final, m["metrics"])
 
     # the SFT policy's own samples, ranked by the simulated labellers, saved in reward_data/'s format
     from pipeline.data.formats import expand_pairs
@@ -224,16 +227,87 @@ def test_reward_end_to_end_and_reruns_are_noops(sft_done, capsys):
         assert "nothing to do" in capsys.readouterr().out
 
 
+def _check_test_pair_metrics(rm, final, metrics):
+    """The reward stage's eval/* recomputed here from its final reward model on the test pairs it evaluates (the
+    first train.max_test_prompts prompts of data.preference_test whose pairs fit max_length), each sequence scored
+    alone by the classifier's own pooling: accuracy is the share of positive margins (ties half), gold accuracy
+    the share that agree in sign with the gold margin (gold ties left out), ECE sigmoid(margin)'s calibration
+    computed by hand, margin and Bradley-Terry loss their means."""
+    import math
+
+    import torch
+
+    from pipeline.data.formats import check_prompt_lengths, load_preferences
+    from pipeline.data.tokenizer import load_tokenizer
+    from pipeline.rl.readout import conversation_ids
+    from pipeline.trainers.reward import first_groups
+
+    cfg = compose_stage("reward", SMOKE)
+    t = cfg.train
+    tok = load_tokenizer(final, need_chat_template=True)
+    max_len = min(t.max_length or cfg.model.max_seq_len, rm.config.max_position_embeddings)
+    pairs = first_groups(load_preferences(cfg.data.preference_test, cfg.data.world)[0], t.max_test_prompts)
+    pairs = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference_test.on_bad_record, "test")[0]
+    margins, gold = [], []
+    rm.eval()
+    with torch.no_grad():
+        for p in pairs:
+            ids = [conversation_ids(tok, list(p["prompt"]) + list(p[side])) for side in ("chosen", "rejected")]
+            if max(map(len, ids)) > max_len:
+                continue
+            c, r = (float(rm(input_ids=torch.tensor([x])).logits[0, 0]) for x in ids)
+            margins.append(c - r)
+            gold.append(p.get("gold_margin"))
+    n = len(margins)
+    assert n == metrics["eval/pairs"] > 0 and n + metrics["eval/too_long_pairs"] == len(pairs)
+    assert metrics["eval/accuracy"] == sum(1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in margins) / n
+    judged = [(x, g) for x, g in zip(margins, gold) if g]
+    assert metrics["eval/gold_pairs"] == len(judged) > 0
+    agree = [0.5 if x == 0 else float((x > 0) == (g > 0)) for x, g in judged]
+    assert metrics["eval/gold_accuracy"] == pytest.approx(sum(agree) / len(agree))
+    assert metrics["eval/margin"] == pytest.approx(sum(margins) / n, abs=1e-5)
+    assert metrics["eval/loss"] == pytest.approx(sum(math.log(1 + math.exp(-x)) for x in margins) / n, abs=1e-5)
+    # ECE: the chosen reply is always the labelled winner, so the confidence is sigmoid(|margin|) and the
+    # prediction is right when the margin is positive; 10 bins of width 0.05 over [0.5, 1]
+    bins = {}
+    for x in margins:
+        conf = 1 / (1 + math.exp(-abs(x)))
+        bins.setdefault(min(int((conf - 0.5) / 0.05), 9), []).append((conf, float(x > 0)))
+    ece = sum(abs(sum(r for _, r in b) - sum(c for c, _ in b)) for b in bins.values()) / n
+    print(f"\nreward model on {n} test pairs: accuracy {metrics['eval/accuracy']:.4f}, ECE {metrics['eval/ece']:.5f} "
+          f"(by hand {ece:.5f}), {len(bins)} bins in use")
+    assert metrics["eval/ece"] == pytest.approx(ece, abs=1e-5)
+
+
+def test_preference_metrics_by_hand():
+    """Accuracy, gold accuracy, margin and ECE of four hand-picked margins, worked out by hand."""
+    import math
+
+    from pipeline.eval.reward_model import preference_metrics
+
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # margins 2.0 (right, confidence 0.881, bin [0.85, 0.9)), -2.1 (wrong, 0.891, the same bin), 0.0 (a tie: half
+    # right for accuracy, a wrong prediction at confidence 0.5, bin [0.5, 0.55)), 0.5 (right, 0.622, bin [0.6, 0.65))
+    m = preference_metrics([2.0, 0.0, 1.0, 0.5], [0.0, 2.1, 1.0, 0.0], gold_margins=[1.0, 1.0, 0.0, -1.0])
+    assert m["eval/accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert m["eval/margin"] == pytest.approx((2.0 - 2.1 + 0 + 0.5) / 4)
+    assert m["eval/pairs"] == 4
+    assert m["eval/gold_accuracy"] == pytest.approx(1 / 3) and m["eval/gold_pairs"] == 3  # the gold tie left out
+    ece = (2 * abs(0.5 - (sig(2.0) + sig(2.1)) / 2) + abs(0.0 - 0.5) + abs(1.0 - sig(0.5))) / 4
+    assert m["eval/ece"] == pytest.approx(ece, abs=1e-12)
+    assert ece == pytest.approx(0.41231, abs=1e-5)
+
+
 def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
     from pipeline.core.runs import resolve_checkpoint
-    from pipeline.models.loading import load_for_inference
+    from pipeline.models.loading import load_policy
     from stages.tools.chat import chat
     from stages.tools.generate import run_generate
 
     cfg = compose_stage("chat", [f"paths.root={sft_done}", "stage=sft", "generation.max_new_tokens=8"])
     path, label, _ = resolve_checkpoint(cfg)
     assert label == "default/sft"
-    model, tok = load_for_inference(path)
+    model, tok = load_policy(path)
     said = iter(["Hello?", "/reset", "What is 2 plus 2?", "/quit"])
     out = []
     chat(model, tok, cfg, read=lambda _: next(said), write=out.append)
