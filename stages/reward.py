@@ -43,7 +43,7 @@ from transformers import ProgressCallback
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_json_atomic
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.eval.reward_model import reward_stats
@@ -201,7 +201,7 @@ def run_reward(cfg: DictConfig) -> None:
         run.finish(save, metrics, adapter=adapter, reward_stats={"mean": stats["mean"], "std": stats["std"]})
         tracker.finish(metrics, run.final_dir)
     except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
+        run.fail(failure_reason(e))
         tracker.close()
         raise
     finally:

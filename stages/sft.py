@@ -26,7 +26,7 @@ from transformers import GenerationConfig, ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint, read_manifest
+from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint, read_manifest
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import gold_eval, win_rate
@@ -167,7 +167,7 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         run.finish(save, metrics, adapter=adapter, start_model=str(src))
         tracker.finish(metrics, run.final_dir)
     except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
+        run.fail(failure_reason(e))
         tracker.close()
         raise
     say(f"[sft] eval/loss {metrics.get('eval/loss', float('nan')):.4f}; gold score "

@@ -186,6 +186,11 @@ def test_bad_input_is_one_line_and_costs_nothing(name, stage, args, names, smoke
     assert "Traceback" not in err
     assert names in lines[0], f"{names!r} not in: {lines[0]}"
     assert snapshot(root / "default") == before, "the finished run changed"
+    run = next((a.split("=", 1)[1] for a in args if a.startswith("run=")), "default")
+    m_path = root / run / stage / "manifest.json"
+    if run != "default" and m_path.exists():  # a stage that had begun records why it stopped, on every stage
+        m = json.loads(m_path.read_text())
+        assert m["status"] == "failed" and m["error"] == lines[0][len("error: "):], m
     for stage_dir in (root / "default").glob(".*.next"):  # a failed force=true attempt says why, beside the stage
         m = json.loads((stage_dir / "manifest.json").read_text())
         assert m["status"] == "failed" and m["error"]

@@ -96,16 +96,19 @@ def describe_unfinished(m: dict, stage_dir: Path, stage: str, run: str, override
 _CURRENT: list = []  # the StageRun this process has begun, so the entry point can record a failure on any stage
 
 
+def failure_reason(e: BaseException) -> str:
+    """What a manifest records of why a stage stopped: a UserError's own line, else the exception's first line."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    if isinstance(e, UserError):
+        return str(e)
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
 def fail_current(e: BaseException) -> None:
     """Record why the stage this process is running stopped (any exception, Ctrl-C included) in its manifest."""
     for run in _CURRENT:
-        if isinstance(e, KeyboardInterrupt):
-            reason = "interrupted (Ctrl-C)"
-        elif isinstance(e, UserError):
-            reason = str(e)
-        else:
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        run.fail(reason)
+        run.fail(failure_reason(e))
 
 
 def _versions() -> dict:
