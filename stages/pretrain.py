@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import GenerationConfig, get_cosine_with_min_lr_schedule_with_warmup
 
+from pipeline.core.dist import shard
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, crash_point
@@ -33,14 +34,20 @@ from pipeline.models.loading import fit_special_ids, load_causal_lm, mixed_preci
 
 @torch.no_grad()
 def heldout_loss(model, blocks: torch.Tensor, n_blocks: int, batch_size: int, acc: Accelerator) -> float:
-    """Mean token loss over the first n_blocks held-out blocks, sharded across processes, exact for any world size."""
+    """Mean token loss over the first n_blocks held-out blocks, sharded across processes (`shard`: every process runs
+    the same number of forward passes, as FSDP needs; a repeated block pads a short shard and counts nothing), exact
+    for any world size."""
     model.eval()
-    mine = torch.arange(min(n_blocks, len(blocks)))[acc.process_index:: acc.num_processes]
+    n = min(n_blocks, len(blocks))
+    mine, real = shard(n), len(range(acc.process_index, n, acc.num_processes))
     total = torch.zeros(2, device=acc.device)  # [sum of token losses, number of tokens]
     for i in range(0, len(mine), batch_size):
         x = blocks[mine[i: i + batch_size]].to(acc.device)
-        n_tok = x.numel() - x.shape[0]
-        total += torch.stack([model(input_ids=x, labels=x).loss.float() * n_tok, torch.tensor(n_tok, device=acc.device)])
+        labels = x.clone()
+        labels[max(0, real - i):] = -100  # the padding repeats, if any: ignored by the loss
+        n_tok = (labels[:, 1:] != -100).sum()
+        loss = model(input_ids=x, labels=labels).loss.float()
+        total += torch.stack([torch.where(n_tok > 0, loss * n_tok, 0.0), n_tok.to(total.dtype)])
     model.train()
     total = acc.reduce(total, reduction="sum")
     return (total[0] / total[1].clamp(min=1)).item()
