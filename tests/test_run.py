@@ -189,3 +189,15 @@ def test_an_interrupted_parent_is_reported_with_the_command_that_resumes_it(tmp_
     r.fail("UserError: data.corpus: no usable documents")
     with pytest.raises(UserError, match="failed .*no usable documents.*rerun: make tokenizer PRESET=smoke"):
         StageRun(_cfg(tmp_path, "pretrain")).parent("tokenizer")
+
+
+def test_a_switch_added_later_keeps_old_runs_hashes():
+    """model.start_over came after runs were made: off, it leaves the hash as it was without it (those runs stay
+    complete); on, it is a different config."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_stage("sft", ["preset=smoke"])
+    without = OmegaConf.to_container(cfg)
+    del without["model"]["start_over"]
+    assert config_hash(OmegaConf.create(without)) == config_hash(cfg)
+    assert config_hash(compose_stage("sft", ["preset=smoke", "model.start_over=true"])) != config_hash(cfg)

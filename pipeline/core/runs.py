@@ -35,6 +35,7 @@ from pipeline.core.registry import ORDER, POLICY_STAGES, SPECS
 
 # Keys that never change what a stage computes, so they stay out of the config hash.
 _UNHASHED = {"run", "parent_run", "force", "paths", "logger"}
+_ADDED_OFF = [("model", "start_over")]
 
 
 _PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "hydra-core", "tokenizers"]
@@ -43,6 +44,9 @@ _PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "
 def config_hash(cfg: DictConfig) -> str:
     c = OmegaConf.to_container(cfg, resolve=True)
     c = {k: v for k, v in c.items() if k not in _UNHASHED}
+    for group, key in _ADDED_OFF:  # switches added later, off by default: runs made before them keep their hash
+        if isinstance(c.get(group), dict) and c[group].get(key) is False:
+            c[group].pop(key)
     used = SPECS[c["stage"]].data if c.get("stage") in SPECS else None
     if used is not None and isinstance(c.get("data"), dict):
         data = c["data"]
