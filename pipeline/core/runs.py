@@ -83,7 +83,7 @@ def _alive(pid) -> bool:
     return True
 
 
-def describe_unfinished(m: dict, stage_dir: Path, stage: str, run: str, overrides: list[str]) -> str:
+def describe_unfinished(m: dict, stage: str, run: str, overrides: list[str]) -> str:
     """Why a stage is not complete, in words, with the command that fixes it: failed (and why), interrupted (its
     process is gone: rerunning resumes it), or still running (and where)."""
     status = m.get("status")
@@ -194,7 +194,7 @@ class StageRun:
                             f"{make_command(stage, self.parent_run, ov)}")
         if m.get("status") != "complete" or not (d / "final").is_dir():
             raise UserError(f"stage '{stage}' of run '{self.parent_run}' is "
-                            f"{describe_unfinished(m, d, stage, self.parent_run, ov)} ({d})")
+                            f"{describe_unfinished(m, stage, self.parent_run, ov)} ({d})")
         problem = damaged(d / "final", m.get("final_files", {}))
         if problem:
             raise UserError(f"{d / 'final'} is damaged ({problem}); redo it: "

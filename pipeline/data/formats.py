@@ -147,14 +147,12 @@ def _load_dataset(what: str, *args, hub: bool = False, **kwargs):
 
     from pipeline.core.hub import offline, offline_hint
 
-    if hub and offline():  # the local datasets cache, or one line at once instead of retries
-        try:
-            return datasets.load_dataset(*args, **kwargs)
-        except Exception:  # noqa: BLE001
-            raise UserError(f"cannot load {what}: {offline_hint(repr(args[0]))}") from None
+    cut_off = hub and offline()  # probed first: offline, the local cache or one line at once instead of retries
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as e:  # datasets raises many types, always deep; one line is what the user needs
+        if cut_off:
+            raise UserError(f"cannot load {what}: {offline_hint(repr(args[0]))}") from None
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"cannot load {what}: {type(e).__name__}: {msg}") from None
 

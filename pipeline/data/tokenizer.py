@@ -51,10 +51,11 @@ def load_tokenizer(path: str | Path, need_chat_template: bool = False):
 
     from pipeline.core.hub import hub_name, offline, offline_hint
 
+    cut_off = hub_name(path) and offline()  # probed first: offline, the load fails at once instead of retrying
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:
-        if hub_name(path) and offline():
+        if cut_off:
             raise UserError(f"cannot load a tokenizer from '{path}': {offline_hint(repr(str(path)))}") from None
         raise UserError(f"cannot load a tokenizer from '{path}' (offline, or not a tokenizer folder): "
                         f"{str(e).splitlines()[0]}")

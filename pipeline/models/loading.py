@@ -33,14 +33,12 @@ def _adapter(path) -> bool:
 def _load(what: str, path, load):
     from pipeline.core.hub import hub_name, offline, offline_hint
 
-    if hub_name(path) and offline():  # fail at once, not after a minute of retries
-        try:
-            return load()  # it may be in the local cache
-        except (OSError, ValueError):
-            raise UserError(f"cannot load {what} '{path}': {offline_hint(repr(str(path)))}") from None
+    cut_off = hub_name(path) and offline()  # probed first: offline, the load fails at once instead of retrying
     try:
-        return load()
+        return load()  # offline, a hub name may still be in the local cache
     except (OSError, ValueError) as e:
+        if cut_off:
+            raise UserError(f"cannot load {what} '{path}': {offline_hint(repr(str(path)))}") from None
         raise UserError(f"cannot load {what} '{path}' (not a local checkpoint, or a hub name while offline): "
                         f"{str(e).splitlines()[0]}") from None
 
