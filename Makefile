@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-.PHONY: help setup all $(STAGES) report compare chat generate reward-data test test-slow bench clean
+.PHONY: help setup all $(STAGES) report compare chat serve generate reward-data test test-slow bench clean
 help:  ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 	@$(PYTHON) -m pipeline.core.registry --describe | expand -t 14
@@ -55,6 +55,9 @@ compare: $(STAMP)  ## several runs side by side: make compare RUNS="a b" -> runs
 
 chat: $(STAMP)  ## chat in the terminal with the latest stage of the run (ARGS="stage=sft" to pick one)
 	$(PY) -m stages.tools.chat run=$(RUN) $(ARGS)
+
+serve: $(STAMP)  ## OpenAI-compatible API + chat page on 127.0.0.1:8000 (ARGS as for chat; docs/serving.md)
+	$(PY) -m stages.tools.serve run=$(RUN) $(ARGS)
 
 generate: $(STAMP)  ## responses for a prompts file: make generate ARGS="input=prompts.jsonl"
 	$(PY) -m stages.tools.generate run=$(RUN) $(ARGS)

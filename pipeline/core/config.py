@@ -354,7 +354,71 @@ class GenerateConfig(ChatConfig):
     gold: bool = opt(True, "add the gold oracle's score when the prompts are the built-in world's")
 
 
-for _name, _schema in {"chat": ChatConfig, "generate": GenerateConfig}.items():
+@dataclass
+class AuthSettings:
+    keys_env: Optional[str] = opt("RLHF_API_KEYS", "environment variable holding the API keys, comma-separated "
+                                                   "(null: none from the environment)")
+    keys_file: Optional[str] = opt(None, "a file of API keys, one per line (# comments); read with keys_env")
+
+
+@dataclass
+class LimitSettings:
+    requests_per_minute: int = opt(600, "requests per minute per API key (a bucket that refills continuously)")
+    tokens_per_minute: int = opt(200_000, "tokens per minute per API key: prompt + max_tokens x n charged up front, "
+                                          "the unused part given back when the request ends")
+    concurrent_requests: int = opt(16, "requests of one API key in flight at once; more get 429")
+    max_body_bytes: int = opt(1_048_576, "largest request body; a bigger one gets 413")
+
+
+@dataclass
+class EngineSettings:
+    max_batch: int = opt(32, "rows (choices) decoded together at most; more requests wait their turn")
+    max_waiting: int = opt(512, "requests waiting for a row at most; more get 503 (overloaded)")
+    max_tokens_default: Optional[int] = opt(None, "max_tokens of a request that sets none (null: the rest of the "
+                                                  "model's context, as OpenAI's API does)")
+    seed: int = opt(0, "seed of the sampling of requests that give no seed")
+
+
+@dataclass
+class ModerationSettings:
+    input: bool = opt(True, "moderate the prompt: a flagged one is refused (400, code content_filter)")
+    output: bool = opt(True, "moderate the reply as it is written: a flagged one ends with finish_reason "
+                             "content_filter")
+    classifier: str = opt("lexicon", "lexicon (built-in phrase lists, offline; see serving/moderation.py) | a Hugging "
+                                     "Face sequence-classification folder")
+    categories: Optional[List[str]] = opt(None, "categories that flag (null: all the classifier has); the others "
+                                                "are still scored")
+    threshold: float = opt(0.5, "score at or above which a category flags")
+    thresholds: Any = opt(None, "per-category thresholds over `threshold`, e.g. "
+                                                       "'{violence: 0.8}'")
+    terms: Any = opt(None, "extra phrases per category for the lexicon (weight 1: one "
+                                                      "match flags), e.g. '{violence: [pummel]}'")
+    label_map: Any = opt(None, "a HF classifier's label -> category name (unmapped labels keep "
+                                                    "their name)")
+
+
+@dataclass
+class ServeConfig:
+    """stages/tools/serve.py: an OpenAI-compatible API and a chat page for a checkpoint."""
+
+    stage: Optional[str] = opt(None, "whose final/ to serve (a policy stage); null: the latest complete stage of the "
+                                     "run")
+    checkpoint: Optional[str] = opt(None, "any Hugging Face causal-LM folder (wins over stage)")
+    run: str = opt("default", "the run whose stages are looked up: <paths.root>/<run>/")
+    precision: str = opt("auto", "dtype of the weights: auto | fp32 | bf16 | fp16")
+    host: str = opt("127.0.0.1", "address to bind; anything but loopback needs an API key")
+    port: int = opt(8000, "TCP port")
+    model_name: Optional[str] = opt(None, "the model id clients send and /v1/models lists (null: <run>/<stage>, or "
+                                          "the checkpoint folder's name)")
+    log_level: str = opt("info", "uvicorn's and the server's log level: debug | info | warning | error")
+    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
+    auth: AuthSettings = group(AuthSettings, "API keys")
+    limits: LimitSettings = group(LimitSettings, "rate and size limits, per API key")
+    engine: EngineSettings = group(EngineSettings, "the batching generation engine")
+    moderation: ModerationSettings = group(ModerationSettings, "the moderation filter on prompts and replies")
+
+
+for _name, _schema in {"chat": ChatConfig, "generate": GenerateConfig, "serve": ServeConfig}.items():
     register(_name, _schema)
 
 

@@ -1,0 +1,356 @@
+"""The generation engine: continuous batching of every request in flight over one shared KV cache.
+
+    engine = Engine(model, tokenizer, max_batch=32)
+    engine.start()                                        # a background thread owns the model from here on
+    req = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7), n=1, on_token=callback)
+    req.cancel()                                          # the client went away: its rows leave at the next step
+
+One thread runs the model; callers only submit and cancel. Each loop turn (a "step"):
+  1. rows whose request was cancelled, or that the caller stopped (a stop string, the moderation filter), leave;
+  2. waiting prompts join while there is room: they are prefilled together, their first token is sampled, and
+     their KV cache is merged into the running batch (both sides left-padded to the same length);
+  3. one decoding forward for every row, one token sampled per row, rows that ended (end of turn, max_tokens,
+     the model's context) leave.
+So a request never waits for another to finish (what static batching does), and a new one starts within one step.
+Rows are left-padded: each row's positions count only its own tokens, and the attention mask hides the padding,
+which is how `model.generate` batches prompts of different lengths too.
+
+The tokens go out through `on_token(choice, token_id, finish_reason)`; finish_reason is None while the row runs,
+then "stop" (end of turn), "length" (max_tokens or the model's context) or "cancelled". By default the engine
+thread calls on_token itself; with `engine.sink` set, it hands each step's tokens over in one list instead
+(`sink([(request, choice, token, finish), ...])`), so that a server wakes its event loop once a step, not once a
+token. Callers turn tokens into text (serving/text.py) on their own side.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger("serving.engine")
+
+
+@dataclass
+class SamplingParams:
+    """Decoding for one request, as OpenAI's API names it. temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+
+@dataclass
+class _Row:
+    """One choice of one request: a row of the batch once admitted."""
+
+    request: "Request"
+    choice: int
+    generator: Optional[torch.Generator]
+    n_generated: int = 0
+    last: int = -1          # the newest sampled token, not yet fed to the model
+    stopped: bool = False   # the caller asked this choice to end (stop string, moderation)
+
+
+@dataclass
+class Request:
+    """A submitted request: `n` rows that share a prompt. `cancel()` is safe from any thread."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    n: int
+    on_token: Callable[[int, int, Optional[str]], None]
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    rows: list[_Row] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def stop_choice(self, choice: int) -> None:
+        """End one choice early (its reply is complete as far as the caller is concerned)."""
+        for r in self.rows:
+            if r.choice == choice:
+                r.stopped = True
+
+
+class EngineFull(Exception):
+    """More requests are waiting than the engine accepts (engine.max_waiting)."""
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                generators: list[Optional[torch.Generator]], default: torch.Generator) -> torch.Tensor:
+    """One token per row of `logits` [B, V]: greedy where temperature is 0, otherwise nucleus sampling at that
+    temperature with the row's own generator (seeded requests) or the engine's."""
+    greedy = logits.argmax(-1)
+    hot = temperature > 0
+    if not bool(hot.any()):
+        return greedy
+    x = logits[hot].float() / temperature[hot, None]
+    probs = torch.softmax(x, -1)
+    p = top_p[hot]
+    if bool((p < 1).any()):
+        sorted_p, order = probs.sort(-1, descending=True)
+        # keep the smallest set whose mass reaches top_p (the most likely token always stays)
+        drop = sorted_p.cumsum(-1) - sorted_p >= p[:, None]
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    out = greedy.clone()
+    rows = hot.nonzero().flatten().tolist()
+    for j, i in enumerate(rows):
+        out[i] = torch.multinomial(probs[j], 1, generator=generators[i] or default)[0]
+    return out
+
+
+def _returned_cache(out, given):
+    c = getattr(out, "past_key_values", None)
+    if c is None:
+        c = getattr(out, "cache", None)
+    return c if c is not None else given
+
+
+class Engine:
+    """Continuous batching over a Hugging Face causal LM with a dynamic KV cache (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_waiting: int = 512, seed: int = 0):
+        from pipeline.data.tokenizer import end_of_turn_ids
+
+        self.model, self.tok = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
+        # A generated pad ends the reply too: `generate` cuts there (rl.ops.response_mask), so the server does.
+        self.end_ids = set(end_of_turn_ids(tokenizer)) | ({tokenizer.pad_token_id} - {None})
+        import inspect
+
+        # transformers 5 renamed the forward's past_key_values to cache; older releases know only the old name.
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cfg = model.config
+        self.context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+        self._rng = torch.Generator(device="cpu").manual_seed(seed)
+        self._waiting: deque[Request] = deque()
+        self._rows: list[_Row] = []
+        self._cache = None               # DynamicCache over the running rows, [B, heads, T, head_dim] per layer
+        self._mask: Optional[torch.Tensor] = None  # [B, T]: 1 where the cache holds a real token
+        self._pos: Optional[torch.Tensor] = None   # [B]: the position of each row's next token
+        self._ids = itertools.count(1)
+        self._wake = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._running = False
+        self.steps = 0
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows per decoding step, for the metrics
+        self.on_step: Optional[Callable[[int], None]] = None
+        self.sink: Optional[Callable[[list], None]] = None
+        self._out: list = []  # this step's (request, choice, token, finish), for the sink
+        self.error: Optional[BaseException] = None
+
+    # ---- the callers' side --------------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, n: int,
+               on_token: Callable[[int, int, Optional[str]], None]) -> Request:
+        req = Request(next(self._ids), list(prompt), params, int(n), on_token)
+        with self._wake:
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineFull(f"{len(self._waiting)} requests are waiting (engine.max_waiting)")
+            self._waiting.append(req)
+            self._wake.notify()
+        return req
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running = False
+        with self._wake:
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- the engine thread --------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while self._running:
+                    with self._wake:
+                        while self._running and not self._rows and not self._waiting:
+                            self._wake.wait()
+                    self.step()
+        except BaseException as e:  # noqa: BLE001 — a broken model fails every request, loudly, not silently
+            log.exception("the engine stopped")
+            self.error = e
+            self._out = []
+            for r in self._rows:
+                self._tell(r.request, r.choice, -1, "error")
+            for req in self._waiting:
+                for c in range(req.n):
+                    self._tell(req, c, -1, "error")
+            self._rows, self._waiting = [], deque()
+            self._flush()
+
+    def step(self) -> None:
+        """One turn of the loop (see the module docstring); public so tests can drive the engine by hand."""
+        self._retire([r for r in self._rows if r.request.cancelled or r.stopped],
+                     lambda r: "cancelled" if r.request.cancelled else None)
+        new = self._admit()
+        if new:
+            self._prefill(new)
+        if self._rows:
+            self._decode()
+            self.steps += 1
+        self._flush()
+        if self.on_step is not None:
+            self.on_step(len(self._rows))
+
+    def _tell(self, req: "Request", choice: int, token: int, finish: Optional[str]) -> None:
+        if self.sink is None:
+            req.on_token(choice, token, finish)
+        else:
+            self._out.append((req, choice, token, finish))
+
+    def _flush(self) -> None:
+        if self._out and self.sink is not None:
+            out, self._out = self._out, []
+            self.sink(out)
+
+    def _admit(self) -> list[_Row]:
+        rows: list[_Row] = []
+        with self._wake:
+            while self._waiting and len(self._rows) + len(rows) + self._waiting[0].n <= max(self.max_batch,
+                                                                                             self._waiting[0].n):
+                req = self._waiting.popleft()
+                if req.cancelled:
+                    continue
+                for c in range(req.n):
+                    g = None
+                    if req.params.seed is not None:  # choice c of a seeded request draws from seed + c
+                        g = torch.Generator(device="cpu").manual_seed(int(req.params.seed) + c)
+                    row = _Row(req, c, g)
+                    req.rows.append(row)
+                    rows.append(row)
+                if self._rows and len(self._rows) + len(rows) >= self.max_batch:
+                    break
+        return rows
+
+    def _params(self, rows: list[_Row]):
+        t = torch.tensor([r.request.params.temperature for r in rows], dtype=torch.float32)
+        p = torch.tensor([r.request.params.top_p for r in rows], dtype=torch.float32)
+        return t, p, [r.generator for r in rows]
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        width = max(len(r.request.prompt) for r in rows)
+        ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            p = r.request.prompt
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), use_cache=True, **{self._cache_kw: cache})
+        t, p, g = self._params(rows)
+        first = sample_next(out.logits[:, -1, :], t, p, g, self._rng).tolist()
+        self._merge(rows, _returned_cache(out, cache), mask, mask.sum(-1))
+        for r, tok in zip(rows, first):
+            r.last = tok
+        self._emit(rows, first)
+
+    def _decode(self) -> None:
+        last = torch.tensor([[r.last for r in self._rows]], dtype=torch.long).T
+        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1)
+        out = self.model(input_ids=last.to(self.device), attention_mask=self._mask.to(self.device),
+                         position_ids=self._pos[:, None].to(self.device), use_cache=True,
+                         **{self._cache_kw: self._cache})
+        self._cache = _returned_cache(out, self._cache)
+        self._pos = self._pos + 1
+        t, p, g = self._params(self._rows)
+        nxt = sample_next(out.logits[:, -1, :], t, p, g, self._rng).tolist()
+        self.batch_sizes.append(len(self._rows))
+        for r, tok in zip(self._rows, nxt):
+            r.last = tok
+        self._emit(list(self._rows), nxt)
+
+    def _emit(self, rows: list[_Row], tokens: list[int]) -> None:
+        """Hand each row's new token to its request, and retire the rows that ended with it."""
+        done: dict[int, str] = {}
+        for r, tok in zip(rows, tokens):
+            r.n_generated += 1
+            if tok in self.end_ids:
+                done[id(r)] = "stop"
+            elif r.n_generated >= r.request.params.max_tokens or \
+                    len(r.request.prompt) + r.n_generated >= self.context:
+                done[id(r)] = "length"
+            if r.request.cancelled:
+                continue
+            self._tell(r.request, r.choice, tok, done.get(id(r)))
+        if done:
+            self._retire([r for r in rows if id(r) in done], lambda r: None)
+
+    def _retire(self, rows: list[_Row], reason: Callable[[_Row], Optional[str]]) -> None:
+        """Drop `rows` from the batch; `reason(row)` is told to the request (None: it already was)."""
+        if not rows:
+            return
+        gone = {id(r) for r in rows}
+        for r in rows:
+            why = reason(r)
+            if why is not None:
+                self._tell(r.request, r.choice, -1, why)
+        keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._cache, self._mask, self._pos = None, None, None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        self._cache.batch_select_indices(idx.to(self.device))
+        self._mask, self._pos = self._mask[idx], self._pos[idx]
+        # Columns that every remaining row has as padding are dead weight in every later step: cut them.
+        dead = int((self._mask.cumsum(-1) == 0).all(0).sum())
+        if dead:
+            self._rebuild(lambda k: k[:, :, dead:], self._mask[:, dead:])
+
+    def _rebuild(self, cut, mask) -> None:
+        from transformers import DynamicCache
+
+        data = [(cut(layer.keys), cut(layer.values)) for layer in self._cache.layers]
+        self._cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+        self._mask = mask
+
+    def _merge(self, rows: list[_Row], cache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Append the prefilled `rows` (their cache and mask) to the running batch, left-padding the shorter side."""
+        from transformers import DynamicCache
+
+        if not self._rows:
+            self._rows, self._cache, self._mask, self._pos = list(rows), cache, mask, lengths.clone()
+            return
+        old_t, new_t = self._mask.shape[1], mask.shape[1]
+        width = max(old_t, new_t)
+
+        def pad(x, t):  # [B, H, T, D] -> [B, H, width, D], zeros in front
+            return torch.nn.functional.pad(x, (0, 0, width - t, 0)) if t < width else x
+
+        data = [(torch.cat([pad(a.keys, old_t), pad(b.keys, new_t)]),
+                 torch.cat([pad(a.values, old_t), pad(b.values, new_t)]))
+                for a, b in zip(self._cache.layers, cache.layers)]
+        self._cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - old_t, 0)),
+                                torch.nn.functional.pad(mask, (width - new_t, 0))])
+        self._pos = torch.cat([self._pos, lengths])
+        self._rows = self._rows + list(rows)
