@@ -15,10 +15,10 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -29,8 +29,8 @@ from serving.engine import Engine, EngineFull, SamplingParams
 from serving.limits import RateLimiter, identify, load_keys
 from serving.metrics import Metrics
 from serving.moderation import HFClassifier, Moderator
-from serving.protocol import (APIError, ChatCompletionRequest, ModerationRequest, chunk, completion, completion_id, now,
-                              usage, validation_error)
+from serving.protocol import (APIError, ChatCompletionRequest, ModerationRequest, chunk, completion, completion_id,
+                              new_id, now, usage, validation_error)
 from serving.text import ReplyText
 
 log = logging.getLogger("serving")
@@ -64,9 +64,12 @@ class Service:
 
     def _load_now(self) -> None:
         try:
-            model, tok = self._load()
             e = self.cfg.engine
-            engine = Engine(model, tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed)
+            if e.threads:
+                torch.set_num_threads(int(e.threads))
+            model, tok = self._load()
+            engine = Engine(model, tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
+                            fast=e.fast_path)
             engine.on_step = self._on_step
             engine.sink = self._sink
             engine.start()
@@ -147,7 +150,7 @@ class Accounting:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        rid = "req_" + uuid.uuid4().hex[:16]
+        rid = new_id("req")
         scope.setdefault("state", {})["rid"] = rid
         endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
         status = [500]
@@ -248,7 +251,7 @@ def create_app(service: Service) -> FastAPI:
             lease.release(0)
         for v in verdicts:
             _count_moderation(m, "endpoint", v, request.state.rid)
-        return JSONResponse({"id": "modr-" + uuid.uuid4().hex[:24], "model": service.moderator.classifier.name,
+        return JSONResponse({"id": new_id("modr"), "model": service.moderator.classifier.name,
                              "results": [v.as_openai() for v in verdicts]}, headers=service.limiter.headers(who))
 
     @app.post("/v1/chat/completions")
@@ -266,7 +269,7 @@ def create_app(service: Service) -> FastAPI:
         messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()}
                     for x in req.messages]
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        ids = _encode(tok, prompt)
         ctx = engine.context
         asked = req.max_completion_tokens or req.max_tokens
         max_tokens = asked or min(service.cfg.engine.max_tokens_default or ctx, ctx - len(ids))
@@ -336,6 +339,15 @@ def _acquire(service: Service, who: str, tokens: int):
     except APIError as e:  # a 429 tells the client where it stands, as every response does
         e.headers.update(service.limiter.headers(who))
         raise
+
+
+def _encode(tok, text: str) -> list[int]:
+    """Token ids of a templated prompt (the template holds any bos). The Rust tokenizer directly where there is
+    one: transformers' wrapper around it costs more than the encoding itself, once per request."""
+    fast = getattr(tok, "backend_tokenizer", None)
+    if fast is not None:
+        return fast.encode(text, add_special_tokens=False).ids
+    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 def _no_model(name: str) -> APIError:
@@ -436,7 +448,7 @@ class _Run:
         if finish is not None:
             piece += c.text.finish()
         if piece and self.moderator is not None:
-            v = (await _moderate(self.moderator, [c.delivered + piece]))[0]
+            v = (await _moderate(self.moderator, [self.moderator.window(c.delivered, piece)]))[0]
             if v.flagged:
                 _count_moderation(self.service.metrics, "output", v, self.rid)
                 piece, finish = "", "content_filter"
@@ -491,6 +503,6 @@ class _Run:
                     self.service.metrics.finished.labels("cancelled").inc()
         self.service.metrics.completion_tokens.inc(self.completion_tokens)
         lease.release(self.prompt_tokens + self.completion_tokens)
-        log.info("request=%s key=%s prompt_tokens=%d completion_tokens=%d finish=%s seconds=%.3f", self.rid,
+        log.debug("request=%s key=%s prompt_tokens=%d completion_tokens=%d finish=%s seconds=%.3f", self.rid,
                  lease.who, self.prompt_tokens, self.completion_tokens,
                  ",".join(str(c.finish) for c in self.choices), time.perf_counter() - self.t0)

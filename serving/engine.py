@@ -12,8 +12,8 @@ One thread runs the model; callers only submit and cancel. Each loop turn (a "st
   3. one decoding forward for every row, one token sampled per row, rows that ended (end of turn, max_tokens,
      the model's context) leave.
 So a request never waits for another to finish (what static batching does), and a new one starts within one step.
-Rows are left-padded: each row's positions count only its own tokens, and the attention mask hides the padding,
-which is how `model.generate` batches prompts of different lengths too.
+How the model runs a growing and shrinking batch (its KV cache, padding, a fast path for Llamas) is the runner's
+business: serving/runners.py.
 
 The tokens go out through `on_token(choice, token_id, finish_reason)`; finish_reason is None while the row runs,
 then "stop" (end of turn), "length" (max_tokens or the model's context) or "cancelled". By default the engine
@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from serving.runners import make_runner
 
 log = logging.getLogger("serving.engine")
 
@@ -110,17 +112,11 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return out
 
 
-def _returned_cache(out, given):
-    c = getattr(out, "past_key_values", None)
-    if c is None:
-        c = getattr(out, "cache", None)
-    return c if c is not None else given
-
-
 class Engine:
     """Continuous batching over a Hugging Face causal LM with a dynamic KV cache (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_waiting: int = 512, seed: int = 0):
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_waiting: int = 512, seed: int = 0,
+                 fast: bool = True):
         from pipeline.data.tokenizer import end_of_turn_ids
 
         self.model, self.tok = model, tokenizer
@@ -128,18 +124,13 @@ class Engine:
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
         # A generated pad ends the reply too: `generate` cuts there (rl.ops.response_mask), so the server does.
         self.end_ids = set(end_of_turn_ids(tokenizer)) | ({tokenizer.pad_token_id} - {None})
-        import inspect
-
-        # transformers 5 renamed the forward's past_key_values to cache; older releases know only the old name.
-        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cfg = model.config
         self.context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
         self._rng = torch.Generator(device="cpu").manual_seed(seed)
         self._waiting: deque[Request] = deque()
-        self._rows: list[_Row] = []
-        self._cache = None               # DynamicCache over the running rows, [B, heads, T, head_dim] per layer
-        self._mask: Optional[torch.Tensor] = None  # [B, T]: 1 where the cache holds a real token
-        self._pos: Optional[torch.Tensor] = None   # [B]: the position of each row's next token
+        self._rows: list[_Row] = []      # the running rows, in the runner's batch order
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.runner = make_runner(model, pad, self.max_batch, self.context, fast=fast)
         self._ids = itertools.count(1)
         self._wake = threading.Condition()
         self._thread: Optional[threading.Thread] = None
@@ -154,6 +145,8 @@ class Engine:
     # ---- the callers' side --------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, n: int,
                on_token: Callable[[int, int, Optional[str]], None]) -> Request:
+        if n > self.max_batch:
+            raise ValueError(f"n={n} is more than the engine decodes at once (engine.max_batch={self.max_batch})")
         req = Request(next(self._ids), list(prompt), params, int(n), on_token)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
@@ -231,8 +224,7 @@ class Engine:
     def _admit(self) -> list[_Row]:
         rows: list[_Row] = []
         with self._wake:
-            while self._waiting and len(self._rows) + len(rows) + self._waiting[0].n <= max(self.max_batch,
-                                                                                             self._waiting[0].n):
+            while self._waiting and len(self._rows) + len(rows) + self._waiting[0].n <= self.max_batch:
                 req = self._waiting.popleft()
                 if req.cancelled:
                     continue
@@ -243,8 +235,6 @@ class Engine:
                     row = _Row(req, c, g)
                     req.rows.append(row)
                     rows.append(row)
-                if self._rows and len(self._rows) + len(rows) >= self.max_batch:
-                    break
         return rows
 
     def _params(self, rows: list[_Row]):
@@ -253,36 +243,18 @@ class Engine:
         return t, p, [r.generator for r in rows]
 
     def _prefill(self, rows: list[_Row]) -> None:
-        from transformers import DynamicCache
-
-        width = max(len(r.request.prompt) for r in rows)
-        ids = torch.full((len(rows), width), self.tok.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            p = r.request.prompt
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), use_cache=True, **{self._cache_kw: cache})
+        logits = self.runner.add([r.request.prompt for r in rows])
+        self._rows = self._rows + list(rows)
         t, p, g = self._params(rows)
-        first = sample_next(out.logits[:, -1, :], t, p, g, self._rng).tolist()
-        self._merge(rows, _returned_cache(out, cache), mask, mask.sum(-1))
+        first = sample_next(logits, t, p, g, self._rng).tolist()
         for r, tok in zip(rows, first):
             r.last = tok
         self._emit(rows, first)
 
     def _decode(self) -> None:
-        last = torch.tensor([[r.last for r in self._rows]], dtype=torch.long).T
-        self._mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1)
-        out = self.model(input_ids=last.to(self.device), attention_mask=self._mask.to(self.device),
-                         position_ids=self._pos[:, None].to(self.device), use_cache=True,
-                         **{self._cache_kw: self._cache})
-        self._cache = _returned_cache(out, self._cache)
-        self._pos = self._pos + 1
+        logits = self.runner.step([r.last for r in self._rows])
         t, p, g = self._params(self._rows)
-        nxt = sample_next(out.logits[:, -1, :], t, p, g, self._rng).tolist()
+        nxt = sample_next(logits, t, p, g, self._rng).tolist()
         self.batch_sizes.append(len(self._rows))
         for r, tok in zip(self._rows, nxt):
             r.last = tok
@@ -313,44 +285,5 @@ class Engine:
             why = reason(r)
             if why is not None:
                 self._tell(r.request, r.choice, -1, why)
-        keep = [i for i, r in enumerate(self._rows) if id(r) not in gone]
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
-            self._cache, self._mask, self._pos = None, None, None
-            return
-        idx = torch.tensor(keep, dtype=torch.long)
-        self._cache.batch_select_indices(idx.to(self.device))
-        self._mask, self._pos = self._mask[idx], self._pos[idx]
-        # Columns that every remaining row has as padding are dead weight in every later step: cut them.
-        dead = int((self._mask.cumsum(-1) == 0).all(0).sum())
-        if dead:
-            self._rebuild(lambda k: k[:, :, dead:], self._mask[:, dead:])
-
-    def _rebuild(self, cut, mask) -> None:
-        from transformers import DynamicCache
-
-        data = [(cut(layer.keys), cut(layer.values)) for layer in self._cache.layers]
-        self._cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
-        self._mask = mask
-
-    def _merge(self, rows: list[_Row], cache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Append the prefilled `rows` (their cache and mask) to the running batch, left-padding the shorter side."""
-        from transformers import DynamicCache
-
-        if not self._rows:
-            self._rows, self._cache, self._mask, self._pos = list(rows), cache, mask, lengths.clone()
-            return
-        old_t, new_t = self._mask.shape[1], mask.shape[1]
-        width = max(old_t, new_t)
-
-        def pad(x, t):  # [B, H, T, D] -> [B, H, width, D], zeros in front
-            return torch.nn.functional.pad(x, (0, 0, width - t, 0)) if t < width else x
-
-        data = [(torch.cat([pad(a.keys, old_t), pad(b.keys, new_t)]),
-                 torch.cat([pad(a.values, old_t), pad(b.values, new_t)]))
-                for a, b in zip(self._cache.layers, cache.layers)]
-        self._cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
-        self._mask = torch.cat([torch.nn.functional.pad(self._mask, (width - old_t, 0)),
-                                torch.nn.functional.pad(mask, (width - new_t, 0))])
-        self._pos = torch.cat([self._pos, lengths])
-        self._rows = self._rows + list(rows)
+        order = self.runner.remove([i for i, r in enumerate(self._rows) if id(r) in gone])
+        self._rows = [self._rows[i] for i in order]

@@ -82,7 +82,7 @@ class LexiconClassifier:
         alts = "|".join(re.escape(p) for p in sorted(self._hits, key=len, reverse=True))
         self._re = re.compile(r"(?<!\w)(?=(" + alts + r")(?!\w))")
         self._prefixes = {p[:k] for p in self._hits for k in range(1, len(p))}
-        self._longest = max(map(len, self._hits))
+        self.longest = max(map(len, self._hits))
 
     def scores(self, texts: list[str]) -> list[dict[str, float]]:
         out = []
@@ -98,7 +98,7 @@ class LexiconClassifier:
         """How many trailing characters of a reply being written could still become a listed phrase: the longest
         tail that starts at a word boundary and is the start of one."""
         low = text.lower()
-        for j in range(max(0, len(low) - self._longest + 1), len(low)):
+        for j in range(max(0, len(low) - self.longest + 1), len(low)):
             if (j == 0 or not (low[j - 1].isalnum() or low[j - 1] == "_")) and low[j:] in self._prefixes:
                 return len(low) - j
         return 0
@@ -198,3 +198,14 @@ class Moderator:
 
     def holdback(self, text: str) -> int:
         return self.classifier.holdback(text)
+
+    def window(self, checked: str, new: str) -> str:
+        """What to judge when `new` is appended to the already judged `checked`: for the lexicon, the new text
+        and enough before it for a phrase to straddle the two; a model judges the whole text."""
+        n = getattr(self.classifier, "longest", None)
+        if n is None:
+            return checked + new
+        start = max(0, len(checked) - n)
+        while start > 0 and (checked[start - 1].isalnum() or checked[start - 1] == "_"):
+            start -= 1  # never cut a word in two: its tail could read as a phrase of its own
+        return checked[start:] + new

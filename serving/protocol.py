@@ -7,6 +7,7 @@ have OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, with the 
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import time
@@ -104,8 +105,16 @@ class ModerationRequest(_Strict):
     model: Optional[str] = None
 
 
+_PREFIX = uuid.uuid4().hex[:12]   # ids are unique, not secret: a random prefix per process and a counter
+_COUNTER = itertools.count(1)
+
+
+def new_id(kind: str) -> str:
+    return f"{kind}-{_PREFIX}{next(_COUNTER):012x}"
+
+
 def completion_id() -> str:
-    return "chatcmpl-" + uuid.uuid4().hex[:24]
+    return new_id("chatcmpl")
 
 
 def now() -> int:

@@ -50,12 +50,15 @@ def _collect(outs, i):
     return on_token
 
 
-def test_engine_matches_generate_when_requests_join_and_leave_mid_batch(model, tok):
+@pytest.mark.parametrize("fast", [True, False], ids=["llama-runner", "hf-runner"])
+def test_engine_matches_generate_when_requests_join_and_leave_mid_batch(model, tok, fast):
     """Greedy replies are token for token those of model.generate one prompt at a time, although the requests
-    join a running batch at different steps (their caches merged, left-padded) and leave it at different ones."""
+    join a running batch at different steps and leave it at different ones: with the lean Llama forward (slots
+    swapped as rows leave) and with the model's own forward (caches merged, left-padded)."""
     ref = generate(model, tok, PROMPTS, GenerationSettings(max_new_tokens=24), batch_size=1)
     ids = encode_prompts(tok, PROMPTS)
-    eng = Engine(model, tok, max_batch=8)
+    eng = Engine(model, tok, max_batch=8, fast=fast)
+    assert type(eng.runner).__name__ == ("LlamaRunner" if fast else "HFRunner")
     outs: dict = {}
     lengths = [24, 9, 24, 17]  # different max_tokens: rows leave at different steps
     with torch.inference_mode():
@@ -75,8 +78,9 @@ def test_engine_matches_generate_when_requests_join_and_leave_mid_batch(model, t
     assert max(eng.batch_sizes) >= 3  # they really ran together
 
 
-def test_engine_cancel_frees_the_rows_at_the_next_step(model, tok):
-    eng = Engine(model, tok, max_batch=4)
+@pytest.mark.parametrize("fast", [True, False], ids=["llama-runner", "hf-runner"])
+def test_engine_cancel_frees_the_rows_at_the_next_step(model, tok, fast):
+    eng = Engine(model, tok, max_batch=4, fast=fast)
     outs: dict = {}
     ids = encode_prompts(tok, PROMPTS)
     with torch.inference_mode():

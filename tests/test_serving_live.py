@@ -73,7 +73,8 @@ def checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    """The real command, with two keys and a small body limit; its log is kept to check what it says."""
+    """The real command, with two keys and a small body limit; its log (at debug: a line per request) is kept to
+    check what it says."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_API_KEYS": ",".join(KEYS)}
@@ -81,7 +82,8 @@ def server(checkpoint, tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "stages.tools.serve", f"checkpoint={checkpoint}", f"port={port}",
              "model_name=tiny", "limits.requests_per_minute=100000", "limits.tokens_per_minute=100000000",
-             "limits.concurrent_requests=16", "limits.max_body_bytes=20000", "engine.max_batch=32"],
+             "limits.concurrent_requests=16", "limits.max_body_bytes=20000", "engine.max_batch=32",
+             "log_level=debug"],
             cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -377,6 +377,10 @@ class EngineSettings:
     max_tokens_default: Optional[int] = opt(None, "max_tokens of a request that sets none (null: the rest of the "
                                                   "model's context, as OpenAI's API does)")
     seed: int = opt(0, "seed of the sampling of requests that give no seed")
+    threads: Optional[int] = opt(None, "torch's CPU threads (null: torch's default, one per core); on a small "
+                                       "model, 1 leaves a core to the HTTP side")
+    fast_path: bool = opt(True, "run Llama checkpoints through the lean forward with a slot cache "
+                                "(serving/runners.py); false: the model's own forward for every architecture")
 
 
 @dataclass

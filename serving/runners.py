@@ -1,0 +1,255 @@
+"""Running the model for the engine: a batch of rows that grows (prefill) and shrinks, one token per row a step.
+
+    runner = make_runner(model)             # LlamaRunner when the checkpoint is a Llama, else HFRunner
+    logits = runner.add([ids_a, ids_b])     # prefill two prompts, appended to the batch: [2, vocab]
+    logits = runner.step([tok_1, ..., tok_B])  # feed each row its newest token: [B, vocab]
+    order = runner.remove([0, 3])           # drop rows 0 and 3; the rows left, as their old indices, in order
+
+Two ways, one contract (tests/test_serving.py checks both against `model.generate`, token for token):
+- HFRunner: any Hugging Face causal LM through its own forward and a DynamicCache. Rows are left-padded to a
+  common length; joining rows are prefilled apart and their caches merged in, and columns that every row has as
+  padding are cut when rows leave.
+- LlamaRunner: Llama-architecture checkpoints (ours, and the Hub's Llamas with plain RoPE) run by a lean forward
+  of a dozen tensor ops per layer over a preallocated cache with one slot per row: q/k/v and gate/up fused into
+  one matmul each, no per-step mask building or cache concatenation, and a row that leaves is replaced by the
+  last one (one slot copied), so the batch is always the first B slots and attention reads a view, not a copy.
+  On a small model the HF forward's Python overhead is most of a step; this path is several times faster there.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class HFRunner:
+    def __init__(self, model, pad_id: int):
+        self.model, self.pad_id = model, pad_id
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        # transformers 5 renamed the forward's past_key_values to cache; older releases know only the old name.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # The prefill needs the last position's logits only: not computing the others saves the output
+        # projection over the whole prompt.
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self._cache = None
+        self._mask: Optional[torch.Tensor] = None  # [B, T]: 1 where the cache holds a real token
+        self._pos: Optional[torch.Tensor] = None   # [B]: the position of each row's next token
+
+    @property
+    def size(self) -> int:
+        return 0 if self._pos is None else len(self._pos)
+
+    def _forward(self, ids, mask, pos, cache, last_only=False):
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), use_cache=True, **{self._cache_kw: cache},
+                         **(self._last_only if last_only else {}))
+        c = getattr(out, "past_key_values", None)
+        if c is None:
+            c = getattr(out, "cache", None)
+        return out.logits[:, -1, :], (c if c is not None else cache)
+
+    def add(self, prompts: list[list[int]]) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, pos, DynamicCache(config=self.model.config), last_only=True)
+        self._merge(cache, mask, mask.sum(-1))
+        return logits
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        self._mask = torch.cat([self._mask, torch.ones((len(last), 1), dtype=torch.long)], dim=1)
+        logits, self._cache = self._forward(torch.tensor(last)[:, None], self._mask, self._pos[:, None], self._cache)
+        self._pos = self._pos + 1
+        return logits
+
+    def remove(self, drop: list[int]) -> list[int]:
+        gone = set(drop)
+        keep = [i for i in range(self.size) if i not in gone]
+        if not keep:
+            self._cache, self._mask, self._pos = None, None, None
+            return keep
+        idx = torch.tensor(keep, dtype=torch.long)
+        self._cache.batch_select_indices(idx.to(self.device))
+        self._mask, self._pos = self._mask[idx], self._pos[idx]
+        # Columns that every remaining row has as padding are dead weight in every later step: cut them.
+        dead = int((self._mask.cumsum(-1) == 0).all(0).sum())
+        if dead:
+            self._rebuild([(layer.keys[:, :, dead:], layer.values[:, :, dead:]) for layer in self._cache.layers])
+            self._mask = self._mask[:, dead:]
+        return keep
+
+    def _rebuild(self, data) -> None:
+        from transformers import DynamicCache
+
+        self._cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+
+    def _merge(self, cache, mask: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Append prefilled rows (their cache and mask) to the batch, left-padding the shorter side."""
+        if self._cache is None:
+            self._cache, self._mask, self._pos = cache, mask, lengths.clone()
+            return
+        old_t, new_t = self._mask.shape[1], mask.shape[1]
+        width = max(old_t, new_t)
+
+        def pad(x, t):  # [B, H, T, D] -> [B, H, width, D], zeros in front
+            return F.pad(x, (0, 0, width - t, 0)) if t < width else x
+
+        self._rebuild([(torch.cat([pad(a.keys, old_t), pad(b.keys, new_t)]),
+                        torch.cat([pad(a.values, old_t), pad(b.values, new_t)]))
+                       for a, b in zip(self._cache.layers, cache.layers)])
+        self._mask = torch.cat([F.pad(self._mask, (width - old_t, 0)), F.pad(mask, (width - new_t, 0))])
+        self._pos = torch.cat([self._pos, lengths])
+
+
+class LlamaRunner:
+    """See the module docstring. `supports(model)` says whether a checkpoint can take this path."""
+
+    @staticmethod
+    def supports(model) -> bool:
+        cfg = model.config
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        return (type(model).__name__ == "LlamaForCausalLM" and not getattr(cfg, "attention_bias", False)
+                and not getattr(cfg, "mlp_bias", False) and rope.get("rope_type", "default") == "default"
+                and getattr(cfg, "hidden_act", "silu") == "silu" and getattr(cfg, "pretraining_tp", 1) == 1)
+
+    def __init__(self, model, max_rows: int, max_len: int):
+        cfg, m = model.config, model.model
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        self.eps = cfg.rms_norm_eps
+        self.embed = m.embed_tokens.weight
+        self.norm = m.norm.weight
+        self.head = model.lm_head.weight
+        self.layers = []
+        for layer in m.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            self.layers.append((layer.input_layernorm.weight,
+                                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+                                layer.post_attention_layernorm.weight,
+                                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+        inv = 1.0 / theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd)
+        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        ang = torch.cat([ang, ang], -1)
+        self.cos, self.sin = ang.cos().to(self.device, self.dtype), ang.sin().to(self.device, self.dtype)
+        shape = (len(self.layers), max_rows, self.nkv, max_len, self.hd)
+        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.pos = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # each slot's next position
+        self.n = 0
+
+    @property
+    def size(self) -> int:
+        return self.n
+
+    def _rms(self, x, w):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype) * w
+
+    def _rope(self, x, cos, sin):  # x [B, H, T, D]; cos/sin [B, 1, T, D]
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+
+    def _layers(self, x, pos, write, attend):
+        """The decoder layers over x [B, T, hidden] at positions pos [B, T]; `write(l, k, v)` stores the new keys
+        and values, `attend(l, q)` returns the attention output [B, H, T, D]."""
+        b, t, _ = x.shape
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
+        nq, nk = self.nh * self.hd, self.nkv * self.hd
+        for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
+            qkv = F.linear(self._rms(x, w_in), w_qkv)
+            q = qkv[..., :nq].view(b, t, self.nh, self.hd).transpose(1, 2)
+            k = qkv[..., nq:nq + nk].view(b, t, self.nkv, self.hd).transpose(1, 2)
+            v = qkv[..., nq + nk:].view(b, t, self.nkv, self.hd).transpose(1, 2)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+            write(i, k, v)
+            o = attend(i, q).transpose(1, 2).reshape(b, t, nq)
+            x = x + F.linear(o, w_o)
+            gate, up = F.linear(self._rms(x, w_post), w_gu).chunk(2, -1)
+            x = x + F.linear(F.silu(gate) * up, w_down)
+        return x
+
+    def _logits(self, x):
+        return F.linear(self._rms(x, self.norm), self.head).float()
+
+    def add(self, prompts: list[list[int]]) -> torch.Tensor:
+        # Right-padded, causal: a real token never sees the padding after it, and the padding's keys land in
+        # cache positions that decoding overwrites before anyone reads them.
+        n, width = len(prompts), max(map(len, prompts))
+        ids = torch.zeros((n, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        slots = slice(self.n, self.n + n)
+        pos = torch.arange(width, device=self.device).expand(n, width)
+
+        def write(i, k, v):
+            self.k[i, slots, :, :width] = k
+            self.v[i, slots, :, :width] = v
+
+        def attend(i, q):
+            return F.scaled_dot_product_attention(q, self.k[i, slots, :, :width], self.v[i, slots, :, :width],
+                                                  is_causal=True, enable_gqa=self.nkv != self.nh)
+
+        x = self._layers(self.embed[ids], pos, write, attend)
+        self.pos[slots] = lengths
+        self.n += n
+        return self._logits(x[torch.arange(n, device=self.device), lengths - 1])
+
+    def step(self, last: list[int]) -> torch.Tensor:
+        b = self.n
+        pos = self.pos[:b]
+        span = int(pos.max()) + 1
+        rows = torch.arange(b, device=self.device)
+        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+
+        def write(i, k, v):
+            self.k[i, rows, :, pos] = k[:, :, 0]
+            self.v[i, rows, :, pos] = v[:, :, 0]
+
+        def attend(i, q):
+            return F.scaled_dot_product_attention(q, self.k[i, :b, :, :span], self.v[i, :b, :, :span],
+                                                  attn_mask=mask, enable_gqa=self.nkv != self.nh)
+
+        ids = torch.tensor(last, device=self.device)[:, None]
+        x = self._layers(self.embed[ids], pos[:, None], write, attend)
+        self.pos[:b] += 1
+        return self._logits(x[:, -1])
+
+    def remove(self, drop: list[int]) -> list[int]:
+        order = list(range(self.n))
+        for i in sorted(drop, reverse=True):  # the last row moves into the hole: one slot copied, not all
+            last = self.n - 1
+            if i != last:
+                self.k[:, i], self.v[:, i], self.pos[i] = self.k[:, last], self.v[:, last], self.pos[last]
+                order[i] = order[last]
+            order.pop()
+            self.n -= 1
+        return order
+
+
+def make_runner(model, pad_id: int, max_rows: int, context: int, fast: bool = True,
+                budget_bytes: float = 2 * 2 ** 30):
+    """The LlamaRunner where the checkpoint allows it and its cache fits `budget_bytes`, else the HF forward."""
+    if fast and LlamaRunner.supports(model):
+        cfg = model.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        size = 2 * cfg.num_hidden_layers * max_rows * cfg.num_key_value_heads * context * hd
+        if size * next(model.parameters()).element_size() <= budget_bytes:
+            return LlamaRunner(model, max_rows, context)
+    return HFRunner(model, pad_id)
+
