@@ -55,6 +55,7 @@ class Service:
         self.load_error: Optional[str] = None
         self.created = now()
         self.loop: Optional[asyncio.AbstractEventLoop] = None  # the server's, known from the first request
+        self.on_load_failed: Optional[Callable[[], None]] = None
         self._steps_seen = 0
 
     def start_loading(self) -> None:
@@ -77,9 +78,11 @@ class Service:
             self.metrics.ready.set(1)
             log.info("model %s loaded: context %d tokens, batches of up to %d rows", self.model_name,
                      engine.context, engine.max_batch)
-        except Exception as e:  # noqa: BLE001 — the server stays up and says why on every request
-            self.load_error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 — reported once, in one line, by whoever started us
+            self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.error("loading the model failed: %s", self.load_error)
+            if self.on_load_failed is not None:
+                self.on_load_failed()
 
     def _on_step(self, rows: int) -> None:
         m = self.metrics
@@ -365,9 +368,13 @@ def _count_moderation(m: Metrics, direction: str, v, rid: str) -> None:
     m.moderation.labels(direction, str(v.flagged).lower()).inc()
     for c in v.flagged_categories:
         m.moderation_categories.labels(direction, c).inc()
-    if v.flagged:  # the decision and its scores, never the text
+    # Every decision with its scores, never the text: a flag at info, a pass at debug.
+    if v.flagged:
         log.info("moderation %s request=%s flagged=%s", direction, rid,
                  ",".join(f"{c}:{v.category_scores[c]:.2f}" for c in v.flagged_categories))
+    elif log.isEnabledFor(logging.DEBUG):
+        log.debug("moderation %s request=%s passed (highest %s)", direction, rid,
+                  max(v.category_scores.items(), key=lambda kv: kv[1], default=("-", 0))[0])
 
 
 class _Choice:

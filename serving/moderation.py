@@ -108,11 +108,16 @@ class HFClassifier:
     """Any Hugging Face sequence-classification folder; label names (through label_map) are the categories."""
 
     def __init__(self, path: str, label_map: dict | None = None, device=None):
+        from pathlib import Path
+
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from pipeline.core.errors import UserError
 
+        if not (Path(path) / "config.json").is_file():
+            raise UserError(f"moderation.classifier={path}: not a Hugging Face sequence-classification folder (no "
+                            f"config.json); use lexicon or a local folder")
         try:
             self.tok = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()

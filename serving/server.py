@@ -42,13 +42,22 @@ def serve(cfg, path, label: str) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("serving").setLevel(level)
     app = create_app(service)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=int(cfg.port), access_log=False,
+                                           log_level=str(cfg.log_level).lower(), timeout_graceful_shutdown=5))
+    service.on_load_failed = lambda: setattr(server, "should_exit", True)  # nothing to serve: stop, and say why
     service.start_loading()
     auth = f"{len(service.keys)} API key(s)" if service.keys else "no API key (loopback only)"
     print(f"serving {name} ({path}) on http://{cfg.host}:{cfg.port}: chat page at /, OpenAI API at /v1, {auth}, "
           f"moderation {cfg.moderation.classifier}", flush=True)
     try:
-        uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level=str(cfg.log_level).lower(),
-                    access_log=False, timeout_graceful_shutdown=5)
+        server.run()
+    except SystemExit:  # uvicorn's way of saying it could not bind; said once, below, as the other errors are
+        pass
     finally:
         if service.engine is not None:
             service.engine.stop()
+    if service.load_error:
+        raise UserError(f"{path}: the model failed to load ({service.load_error})")
+    if not server.started:
+        raise UserError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine); "
+                        f"pick another with port=<n> or host=<address>")

@@ -262,3 +262,43 @@ def test_every_rejection_has_openais_error_shape():
                                   "code": "rate_limit_exceeded"}}
     assert e.response_headers() == {"retry-after": "2", "retry-after-ms": "1200"}
     assert math.isclose(APIError(503, "x", retry_after=0.1).retry_after, 0.1)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tok, tmp_path_factory):
+    """A Hugging Face sequence-classification folder, as a local moderation model would be saved."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, num_labels=2,
+                      id2label={0: "ok", 1: "VIOLENT"}, label2id={"ok": 0, "VIOLENT": 1},
+                      pad_token_id=tok.pad_token_id)
+    d = tmp_path_factory.mktemp("clf")
+    LlamaForSequenceClassification(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_a_hugging_face_classifier_as_the_moderator(classifier_dir):
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    settings = OmegaConf.create({"classifier": str(classifier_dir), "categories": ["violence"], "threshold": 0.5,
+                                 "thresholds": {"violence": 0.0}, "terms": None,
+                                 "label_map": {"VIOLENT": "violence"}})
+    mod = Moderator.from_settings(settings)
+    texts = ["How old is Bera?", "Tovi works as a baker."]
+    verdicts = mod.check_many(texts)
+    # the scores are the model's own softmax, label renamed through label_map
+    tk = AutoTokenizer.from_pretrained(classifier_dir)
+    m = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    for text, v in zip(texts, verdicts):
+        with torch.no_grad():
+            p = torch.softmax(m(**tk([text], return_tensors="pt")).logits, -1)[0]
+        assert v.category_scores["violence"] == pytest.approx(float(p[1]), abs=1e-5)
+        assert v.category_scores["ok"] == pytest.approx(float(p[0]), abs=1e-5)
+        assert v.flagged and v.flagged_categories == ["violence"]  # threshold 0: always, and only the chosen one
+    assert mod.holdback("a half-writ") == len("half-writ")  # a model judges whole words
+    with pytest.raises(Exception, match="unknown categories"):
+        Moderator.from_settings(OmegaConf.merge(settings, {"categories": ["VIOLENT-typo"]}))

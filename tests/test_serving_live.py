@@ -504,3 +504,40 @@ def test_chat_page_in_headless_chromium(server):
     want = _post(url, _chat(max_tokens=12)).json()["choices"][0]["message"]["content"]
     assert reply.split("\n")[0].strip() == want
     assert "(cut at max_tokens)" in reply
+
+
+# ---- bad input to `make serve`: one line, exit 2 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("arg, words", [
+    ("port=70000", "port=70000"),
+    ("limits.requests_per_minute=0", "limits.requests_per_minute=0 must be positive"),
+    ("moderation.threshold=2", "moderation.threshold"),
+    ("moderation.thresholds=5", "moderation.thresholds"),
+    ("moderation.categories=[nonsense]", "unknown categories"),
+    ("moderation.classifier=no/such/folder", "moderation.classifier=no/such/folder"),
+    ("log_level=loud", "log_level='loud'"),
+    ("engine.max_batch=0", "engine.max_batch=0"),
+    ("limit.rpm=3", "limit.rpm"),
+])
+def test_bad_serve_arguments_are_one_line(checkpoint, arg, words):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "stages.tools.serve", f"checkpoint={checkpoint}", arg,
+                        f"port={_free_port()}" if not arg.startswith("port") else "run=default"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and words in lines[0], p.stderr
+
+
+def test_a_checkpoint_that_does_not_load_stops_the_server_with_one_line(checkpoint, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in checkpoint.iterdir():
+        if f.suffix in (".json", ".jinja"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "stages.tools.serve", f"checkpoint={broken}", f"port={_free_port()}",
+                        "log_level=warning"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    last = [x for x in p.stderr.splitlines() if x.strip()][-1]
+    assert last.startswith("error: ") and "the model failed to load" in last and "broken" in last

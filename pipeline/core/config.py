@@ -561,10 +561,14 @@ _CHOICES = {
     "train.kl_estimator": ("k1", "k2", "k3", "abs"),
     "train.critic_init": ("reward", "policy"),
     "train.old_logprobs": ("auto", "generate", "recompute"),
+    "log_level": ("debug", "info", "warning", "error"),
 }
 _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.iterations", "train.rollout_batch_size",
              "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",
-             "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len")
+             "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
+             "limits.requests_per_minute", "limits.tokens_per_minute", "limits.concurrent_requests",
+             "limits.max_body_bytes", "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
+             "engine.threads")
 
 
 def problems(cfg) -> list[str]:
@@ -601,6 +605,12 @@ def problems(cfg) -> list[str]:
     if pen is not None and pen < 0:
         out.append(f"train.missing_eos_penalty={pen} must be >= 0: it is how far below the lowest finished reply an "
                    f"unfinished one scores (null: no penalty)")
+    port = get("port")
+    if port is not None and not 0 < port < 65536:
+        out.append(f"port={port} is not a TCP port (1-65535)")
+    th = get("moderation.threshold")
+    if th is not None and not 0 <= th <= 1:
+        out.append(f"moderation.threshold={th} must be between 0 and 1")
     mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")
     if mb and rb and mb > rb:
         out.append(f"train.minibatch_size={mb} is larger than train.rollout_batch_size={rb}")
