@@ -268,6 +268,9 @@ def create_app(service: Service) -> FastAPI:
             raise APIError(400, bad[1], param=bad[0], code="unsupported_parameter", reason="bad_request")
         if req.model != service.model_name:
             raise _no_model(req.model)
+        if req.n > engine.max_batch:
+            raise APIError(400, f"n={req.n} is more than this server decodes at once ({engine.max_batch}).",
+                           param="n", code="invalid_value", reason="bad_request")
         tok = service.tok
         messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()}
                     for x in req.messages]
@@ -305,8 +308,8 @@ def create_app(service: Service) -> FastAPI:
         m.prompt_tokens.inc(len(ids))
         if not req.stream:
             try:
-                await run.finished()
-            finally:
+                await _unless_gone(request, run.finished())
+            finally:  # done, failed, or the client hung up while waiting: its rows are freed either way
                 run.close(lease)
             if run.error:
                 raise APIError(500, run.error, type="server_error", reason="engine_error")
@@ -334,6 +337,22 @@ def _wrap(app: FastAPI, service: Service):
     app.add_middleware(BodyLimit, limit=service.cfg.limits.max_body_bytes, metrics=service.metrics)
     app.add_middleware(Accounting, metrics=service.metrics)
     return app
+
+
+async def _unless_gone(request: Request, work) -> None:
+    """Await `work`, giving up as soon as the client disconnects (a non-streaming client that hangs up should
+    not keep its rows busy until the reply is complete)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def _acquire(service: Service, who: str, tokens: int):

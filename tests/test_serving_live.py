@@ -146,9 +146,9 @@ class ThreadServer:
             self.service.engine.stop()
 
 
-def _post(url, body, key=KEYS[0], **kw):
+def _post(url, body, key=KEYS[0], timeout=60, **kw):
     headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
+    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout, **kw)
 
 
 def _chat(**kw):
@@ -409,6 +409,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     assert _metric(url, "serve_running_rows") == 0
     # it stopped long before its 900 tokens
     assert _metric(url, "serve_completion_tokens_total") - tokens_before < 900
+    # the same for a client that hangs up while waiting for a whole (non-streaming) reply
+    tokens_before = _metric(url, "serve_completion_tokens_total")
+    with pytest.raises(httpx.TimeoutException):
+        _post(url, _chat(max_tokens=900), timeout=0.15)
+    t0 = time.time()
+    while _metric(url, "serve_choices_finished_total", 'reason="cancelled"') < before + 2:
+        assert time.time() - t0 < 20, "the row of the non-streaming request was never freed"
+        time.sleep(0.1)
+    assert _metric(url, "serve_completion_tokens_total") - tokens_before < 900
 
 
 def test_load_32_clients_by_10_requests(server):
@@ -519,13 +528,22 @@ def test_chat_page_in_headless_chromium(server):
     ("engine.max_batch=0", "engine.max_batch=0"),
     ("limit.rpm=3", "limit.rpm"),
 ])
-def test_bad_serve_arguments_are_one_line(checkpoint, arg, words):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-m", "stages.tools.serve", f"checkpoint={checkpoint}", arg,
-                        f"port={_free_port()}" if not arg.startswith("port") else "run=default"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    lines = [x for x in p.stderr.splitlines() if x.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and words in lines[0], p.stderr
+def test_bad_serve_arguments_are_one_line(checkpoint, arg, words, capsys):
+    """The real command line, run in this process (as tests/test_bad_input.py runs the stages)."""
+    from stages.tools.serve import main
+
+    argv = sys.argv
+    sys.argv = ["stages.tools.serve", f"checkpoint={checkpoint}", arg]
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and words in lines[0], lines
 
 
 def test_a_checkpoint_that_does_not_load_stops_the_server_with_one_line(checkpoint, tmp_path):
