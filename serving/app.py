@@ -41,7 +41,7 @@ FINGERPRINT = "rlhf-pipeline"
 class Service:
     """What every route shares: the model once loaded, the engine, keys, limits, the moderator, the metrics."""
 
-    def __init__(self, cfg, load: Callable[[], tuple], model_name: str):
+    def __init__(self, cfg, load: Callable[[], tuple], model_name: str, spawn: Optional[tuple] = None):
         self.cfg = cfg
         self.model_name = model_name
         self.keys = load_keys(cfg.auth.keys_env, cfg.auth.keys_file)
@@ -50,6 +50,7 @@ class Service:
         self.moderator = Moderator.from_settings(cfg.moderation)
         self.metrics = Metrics()
         self._load = load
+        self._spawn = spawn  # (checkpoint folder, precision): what an engine process loads (engine.process)
         self.engine: Optional[Engine] = None
         self.tok = None
         self.load_error: Optional[str] = None
@@ -66,11 +67,19 @@ class Service:
     def _load_now(self) -> None:
         try:
             e = self.cfg.engine
-            if e.threads:
-                torch.set_num_threads(int(e.threads))
-            model, tok = self._load()
-            engine = Engine(model, tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
-                            fast=e.fast_path)
+            if self._spawn is not None and e.process:
+                from pipeline.data.tokenizer import load_tokenizer
+                from serving.worker import EngineProcess
+
+                tok = load_tokenizer(self._spawn[0], need_chat_template=True)
+                engine = EngineProcess(self._spawn[0], self._spawn[1], max_batch=e.max_batch,
+                                       max_waiting=e.max_waiting, seed=e.seed, fast=e.fast_path, threads=e.threads)
+            else:
+                if e.threads:
+                    torch.set_num_threads(int(e.threads))
+                model, tok = self._load()
+                engine = Engine(model, tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
+                                fast=e.fast_path)
             engine.on_step = self._on_step
             engine.sink = self._sink
             engine.start()

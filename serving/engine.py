@@ -71,6 +71,7 @@ class Request:
     n: int
     on_token: Callable[[int, int, Optional[str]], None]
     submitted: float = field(default_factory=time.monotonic)
+    tag: object = None      # the caller's own name for it (the engine process's parent id)
     cancelled: bool = False
     rows: list[_Row] = field(default_factory=list)
 
@@ -144,10 +145,10 @@ class Engine:
 
     # ---- the callers' side --------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, n: int,
-               on_token: Callable[[int, int, Optional[str]], None]) -> Request:
+               on_token: Optional[Callable[[int, int, Optional[str]], None]], tag: object = None) -> Request:
         if n > self.max_batch:
             raise ValueError(f"n={n} is more than the engine decodes at once (engine.max_batch={self.max_batch})")
-        req = Request(next(self._ids), list(prompt), params, int(n), on_token)
+        req = Request(next(self._ids), list(prompt), params, int(n), on_token, tag=tag)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
                 raise EngineFull(f"{len(self._waiting)} requests are waiting (engine.max_waiting)")

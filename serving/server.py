@@ -34,7 +34,8 @@ def serve(cfg, path, label: str) -> None:
     from pipeline.models.loading import load_policy
 
     name = cfg.model_name or label
-    service = Service(cfg, load=lambda: load_policy(path, cfg.precision), model_name=name)
+    service = Service(cfg, load=lambda: load_policy(path, cfg.precision), model_name=name,
+                      spawn=(str(path), str(cfg.precision)))
     if not service.keys and not is_loopback(cfg.host):
         raise UserError(f"host={cfg.host} is reachable from other machines, and no API key is set: put keys in "
                         f"${cfg.auth.keys_env} (comma-separated) or auth.keys_file=<file>, or serve on host=127.0.0.1")

@@ -559,3 +559,60 @@ def test_a_checkpoint_that_does_not_load_stops_the_server_with_one_line(checkpoi
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     last = [x for x in p.stderr.splitlines() if x.strip()][-1]
     assert last.startswith("error: ") and "the model failed to load" in last and "broken" in last
+
+
+def test_engine_process_gives_the_engines_tokens_and_reports_its_death(checkpoint):
+    """serving/worker.py: the engine in its own process answers token for token as the engine in this one does;
+    cancel reaches it; if the process dies, every request in flight ends with an error instead of hanging."""
+    from pipeline.data.prompts import encode_prompts
+    from pipeline.models.loading import load_policy
+    from serving.engine import Engine, SamplingParams
+    from serving.worker import EngineProcess
+
+    model, tok = load_policy(checkpoint, "fp32")
+    ids = encode_prompts(tok, [PROMPT, SECRET_PROMPT])
+    local, outs = Engine(model, tok, max_batch=4), {}
+    with torch.inference_mode():
+        for i, p in enumerate(ids):
+            local.submit(p, SamplingParams(max_tokens=10, temperature=0), 1,
+                         lambda c, t, f, i=i: outs.setdefault(i, []).append(t) if t >= 0 else None)
+        while local.running or local.waiting:
+            local.step()
+
+    remote = EngineProcess(checkpoint, "fp32", max_batch=4)
+    try:
+        got, finished, lock = {}, {}, threading.Lock()
+
+        def sink(events):
+            with lock:
+                for req, c, t, f in events:
+                    if t >= 0:
+                        got.setdefault(req.id, []).append(t)
+                    if f:
+                        finished[req.id] = f
+
+        remote.sink = sink
+        remote.start()
+        reqs = [remote.submit(p, SamplingParams(max_tokens=10, temperature=0), 1, None) for p in ids]
+        long = remote.submit(ids[0], SamplingParams(max_tokens=900, temperature=0), 1, None)
+        t0 = time.time()
+        while not all(r.id in finished for r in reqs):
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        assert [got[r.id] for r in reqs] == [outs[0], outs[1]]
+        long.cancel()
+        while long.id not in finished:
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        assert finished[long.id] == "cancelled" and len(got[long.id]) < 900
+
+        doomed = remote.submit(ids[0], SamplingParams(max_tokens=900, temperature=0), 1, None)
+        while doomed.id not in got:
+            time.sleep(0.01)
+        remote.proc.kill()
+        while doomed.id not in finished:
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        assert finished[doomed.id] == "error" and remote.error is not None
+    finally:
+        remote.stop()

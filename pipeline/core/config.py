@@ -381,6 +381,8 @@ class EngineSettings:
                                        "model, 1 leaves a core to the HTTP side")
     fast_path: bool = opt(True, "run Llama checkpoints through the lean forward with a slot cache "
                                 "(serving/runners.py); false: the model's own forward for every architecture")
+    process: bool = opt(True, "run the engine in a process of its own (serving/worker.py), so that the model and "
+                              "the HTTP side do not share one GIL; false: a thread of the server's process")
 
 
 @dataclass

@@ -1,0 +1,206 @@
+"""The engine in a process of its own, behind the same interface as `Engine` (submit, cancel, stop_choice, sink).
+
+    engine = EngineProcess(path, precision="fp32", max_batch=32)   # spawns, loads the model there, waits for it
+    req = engine.submit(prompt_ids, SamplingParams(...), n=1, on_token=None)
+    engine.sink = deliver                                           # each step's tokens, as with Engine
+
+Why a process: in one process the model's Python (a few hundred tensor ops a step) and the HTTP side share one
+GIL, so on a small model the server tops out at one core however many it has. Here the engine process runs
+`Engine` as it is; commands go to it on one queue (submit, cancel, stop a choice, stop) and each step's tokens come
+back on another, one message per step. A reader thread turns them back into `(request, choice, token, finish)`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing as mp
+import queue
+import threading
+from collections import deque
+from dataclasses import asdict
+from typing import Callable, Optional
+
+from serving.engine import EngineFull, SamplingParams
+
+log = logging.getLogger("serving.engine")
+
+
+class RemoteRequest:
+    def __init__(self, engine: "EngineProcess", rid: int, n: int, on_token):
+        self.engine, self.id, self.n, self.on_token = engine, rid, n, on_token
+        self.open = n           # choices not finished yet
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.engine._cmd.put(("cancel", self.id))
+
+    def stop_choice(self, choice: int) -> None:
+        self.engine._cmd.put(("stop_choice", self.id, choice))
+
+
+class EngineProcess:
+    def __init__(self, path, precision: str, max_batch: int = 32, max_waiting: int = 512, seed: int = 0,
+                 fast: bool = True, threads: Optional[int] = None, start_timeout: float = 600):
+        ctx = mp.get_context("spawn")  # a clean interpreter: no fork of this process's threads and locks
+        self._cmd, self._out = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=_child, name="engine", daemon=True,
+                                args=(str(path), precision, dict(max_batch=max_batch, max_waiting=max_waiting,
+                                                                  seed=seed, fast=fast), threads,
+                                      self._cmd, self._out))
+        self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
+        self.proc.start()
+        msg = self._first(start_timeout)
+        if msg[0] == "error":
+            self.proc.join(5)
+            raise RuntimeError(msg[1])
+        _, self.context, self.runner_name = msg
+        self._requests: dict[int, RemoteRequest] = {}
+        self._ids = itertools.count(1)
+        self.sink: Optional[Callable[[list], None]] = None
+        self.on_step: Optional[Callable[[int], None]] = None
+        self.error: Optional[BaseException] = None
+        self.running, self.waiting, self.steps = 0, 0, 0
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
+
+    def _first(self, timeout: float):
+        while True:
+            try:
+                return self._out.get(timeout=1.0)
+            except queue.Empty:
+                timeout -= 1
+                if not self.proc.is_alive():
+                    return ("error", f"the engine process exited ({self.proc.exitcode}) while loading")
+                if timeout <= 0:
+                    self.proc.kill()
+                    return ("error", "the engine process did not finish loading in time")
+
+    def start(self) -> None:
+        self._reader.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams, n: int, on_token) -> RemoteRequest:
+        if n > self.max_batch:
+            raise ValueError(f"n={n} is more than the engine decodes at once (engine.max_batch={self.max_batch})")
+        if len(self._requests) >= self.max_batch + self.max_waiting:
+            raise EngineFull(f"{len(self._requests)} requests in flight")
+        req = RemoteRequest(self, next(self._ids), int(n), on_token)
+        self._requests[req.id] = req
+        self._cmd.put(("submit", req.id, list(prompt), asdict(params), int(n)))
+        return req
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._out.get(timeout=1.0)
+            except queue.Empty:
+                if not self.proc.is_alive():
+                    self._fail(RuntimeError(f"the engine process exited ({self.proc.exitcode})"))
+                    return
+                continue
+            if msg[0] == "stopped":
+                return
+            if msg[0] == "error":
+                self._fail(RuntimeError(msg[1]))
+                return
+            _, events, self.running, self.waiting, rows = msg
+            if rows:
+                self.steps += 1
+                self.batch_sizes.append(rows)
+            out = []
+            for rid, choice, token, finish in events:
+                req = self._requests.get(rid)
+                if req is None:
+                    continue
+                out.append((req, choice, token, finish))
+                if finish is not None:
+                    req.open -= 1
+                    if req.open == 0:
+                        del self._requests[rid]
+            if out and self.sink is not None:
+                self.sink(out)
+            elif self.sink is None:
+                for req, choice, token, finish in out:
+                    req.on_token(choice, token, finish)
+            if self.on_step is not None:
+                self.on_step(self.running)
+
+    def _fail(self, e: BaseException) -> None:
+        log.error("the engine process failed: %s", e)
+        self.error = e
+        events = [(req, c, -1, "error") for req in self._requests.values() for c in range(req.n)]
+        self._requests.clear()
+        if events and self.sink is not None:
+            self.sink(events)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            self._cmd.put(("stop",))
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
+def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
+    """The engine process: load, say ready, then run commands while the engine thread generates."""
+    import signal
+
+    import torch
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops us with "stop"
+
+    from pipeline.models.loading import load_policy
+    from serving.engine import Engine
+
+    try:
+        if threads:
+            torch.set_num_threads(int(threads))
+        model, tok = load_policy(path, precision)
+        engine = Engine(model, tok, **engine_kwargs)
+    except Exception as e:  # noqa: BLE001 — the parent reports it in one line
+        out.put(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+        return
+    requests: dict[int, object] = {}   # the parent's id -> the engine's request
+    remaining: dict[int, int] = {}     # the parent's id -> choices not finished
+
+    def sink(events):
+        msg = []
+        for req, choice, token, finish in events:
+            msg.append((req.tag, choice, token, finish))
+            if finish is not None:
+                remaining[req.tag] = remaining.get(req.tag, 1) - 1
+                if remaining[req.tag] <= 0:
+                    requests.pop(req.tag, None)
+                    remaining.pop(req.tag, None)
+        out.put(("tokens", msg, engine.running, engine.waiting,
+                 engine.batch_sizes[-1] if engine.batch_sizes and engine.steps != sink.steps else 0))
+        sink.steps = engine.steps
+
+    sink.steps = 0
+    engine.sink = sink
+    out.put(("ready", engine.context, type(engine.runner).__name__))
+    engine.start()
+    while True:
+        c = cmd.get()
+        if c[0] == "submit":
+            _, rid, prompt, params, n = c
+            remaining[rid] = n
+            try:
+                requests[rid] = engine.submit(prompt, SamplingParams(**params), n, on_token=None, tag=rid)
+            except (EngineFull, ValueError):
+                remaining.pop(rid, None)
+                out.put(("tokens", [(rid, i, -1, "error") for i in range(n)], engine.running, engine.waiting, 0))
+        elif c[0] == "cancel":
+            req = requests.get(c[1])
+            if req is not None:
+                req.cancel()
+        elif c[0] == "stop_choice":
+            req = requests.get(c[1])
+            if req is not None:
+                req.stop_choice(c[2])
+        elif c[0] == "stop":
+            engine.stop()
+            out.put(("stopped",))
+            return
