@@ -6,8 +6,9 @@
 
 Why a process: in one process the model's Python (a few hundred tensor ops a step) and the HTTP side share one
 GIL, so on a small model the server tops out at one core however many it has. Here the engine process runs
-`Engine` as it is; commands go to it on one queue (submit, cancel, stop a choice, stop) and each step's tokens come
+`Engine` as it is; commands go to it on one pipe (submit, cancel, stop a choice, stop) and each step's tokens come
 back on another, one message per step. A reader thread turns them back into `(request, choice, token, finish)`.
+(Pipes rather than multiprocessing queues: no feeder threads to hang an exit, no semaphores to leak.)
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing as mp
-import queue
 import threading
 from collections import deque
 from dataclasses import asdict
@@ -35,23 +35,27 @@ class RemoteRequest:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
-            self.engine._cmd.put(("cancel", self.id))
+            self.engine._send(("cancel", self.id))
 
     def stop_choice(self, choice: int) -> None:
-        self.engine._cmd.put(("stop_choice", self.id, choice))
+        self.engine._send(("stop_choice", self.id, choice))
 
 
 class EngineProcess:
     def __init__(self, path, precision: str, max_batch: int = 32, max_waiting: int = 512, seed: int = 0,
                  fast: bool = True, threads: Optional[int] = None, start_timeout: float = 600):
         ctx = mp.get_context("spawn")  # a clean interpreter: no fork of this process's threads and locks
-        self._cmd, self._out = ctx.Queue(), ctx.Queue()
+        self._cmd, child_cmd = ctx.Pipe(duplex=False)[::-1]   # (send end here, receive end there)
+        self._out, child_out = ctx.Pipe(duplex=False)          # (receive end here, send end there)
+        self._lock = threading.Lock()  # the event loop and the main thread both send commands
         self.proc = ctx.Process(target=_child, name="engine", daemon=True,
                                 args=(str(path), precision, dict(max_batch=max_batch, max_waiting=max_waiting,
                                                                   seed=seed, fast=fast), threads,
-                                      self._cmd, self._out))
+                                      child_cmd, child_out))
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
         self.proc.start()
+        child_cmd.close()
+        child_out.close()
         msg = self._first(start_timeout)
         if msg[0] == "error":
             self.proc.join(5)
@@ -66,17 +70,33 @@ class EngineProcess:
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
 
+    def _send(self, msg) -> None:
+        with self._lock:
+            try:
+                self._cmd.send(msg)
+            except (OSError, ValueError):  # the process is gone; the reader reports it
+                pass
+
+    def _recv(self, timeout: float):
+        """The next message, or None after `timeout` s; ("gone",) once the process has exited."""
+        try:
+            if self._out.poll(timeout):
+                return self._out.recv()
+        except (EOFError, OSError):
+            return ("gone",)
+        return None if self.proc.is_alive() else ("gone",)
+
     def _first(self, timeout: float):
         while True:
-            try:
-                return self._out.get(timeout=1.0)
-            except queue.Empty:
-                timeout -= 1
-                if not self.proc.is_alive():
-                    return ("error", f"the engine process exited ({self.proc.exitcode}) while loading")
-                if timeout <= 0:
-                    self.proc.kill()
-                    return ("error", "the engine process did not finish loading in time")
+            msg = self._recv(1.0)
+            if msg is not None and msg[0] != "gone":
+                return msg
+            timeout -= 1
+            if msg is not None:
+                return ("error", f"the engine process exited ({self.proc.exitcode}) while loading")
+            if timeout <= 0:
+                self.proc.kill()
+                return ("error", "the engine process did not finish loading in time")
 
     def start(self) -> None:
         self._reader.start()
@@ -88,18 +108,18 @@ class EngineProcess:
             raise EngineFull(f"{len(self._requests)} requests in flight")
         req = RemoteRequest(self, next(self._ids), int(n), on_token)
         self._requests[req.id] = req
-        self._cmd.put(("submit", req.id, list(prompt), asdict(params), int(n)))
+        self._send(("submit", req.id, list(prompt), asdict(params), int(n)))
         return req
 
     def _read(self) -> None:
         while True:
-            try:
-                msg = self._out.get(timeout=1.0)
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    self._fail(RuntimeError(f"the engine process exited ({self.proc.exitcode})"))
-                    return
+            msg = self._recv(1.0)
+            if msg is None:
                 continue
+            if msg[0] == "gone":
+                self.proc.join(1)
+                self._fail(RuntimeError(f"the engine process exited ({self.proc.exitcode})"))
+                return
             if msg[0] == "stopped":
                 return
             if msg[0] == "error":
@@ -137,10 +157,11 @@ class EngineProcess:
 
     def stop(self) -> None:
         if self.proc.is_alive():
-            self._cmd.put(("stop",))
+            self._send(("stop",))
             self.proc.join(10)
             if self.proc.is_alive():
                 self.proc.kill()
+                self.proc.join(5)
 
 
 def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
@@ -150,6 +171,14 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops us with "stop"
+    lock = threading.Lock()  # the engine thread (tokens) and this one (replies to commands) both send
+
+    def send(msg):
+        with lock:
+            try:
+                out.send(msg)
+            except (OSError, ValueError):
+                pass
 
     from pipeline.models.loading import load_policy
     from serving.engine import Engine
@@ -160,7 +189,7 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
         model, tok = load_policy(path, precision)
         engine = Engine(model, tok, **engine_kwargs)
     except Exception as e:  # noqa: BLE001 — the parent reports it in one line
-        out.put(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
+        send(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
         return
     requests: dict[int, object] = {}   # the parent's id -> the engine's request
     remaining: dict[int, int] = {}     # the parent's id -> choices not finished
@@ -174,16 +203,25 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
                 if remaining[req.tag] <= 0:
                     requests.pop(req.tag, None)
                     remaining.pop(req.tag, None)
-        out.put(("tokens", msg, engine.running, engine.waiting,
+        send(("tokens", msg, engine.running, engine.waiting,
                  engine.batch_sizes[-1] if engine.batch_sizes and engine.steps != sink.steps else 0))
         sink.steps = engine.steps
 
     sink.steps = 0
     engine.sink = sink
-    out.put(("ready", engine.context, type(engine.runner).__name__))
+    send(("ready", engine.context, type(engine.runner).__name__))
     engine.start()
+    parent = mp.parent_process()
     while True:
-        c = cmd.get()
+        try:
+            c = cmd.recv() if cmd.poll(1.0) else None
+        except (EOFError, OSError):  # the server is gone
+            c = ("stop",)
+        if c is None:
+            if parent is not None and not parent.is_alive():  # the server was killed: nobody left to serve
+                c = ("stop",)
+            else:
+                continue
         if c[0] == "submit":
             _, rid, prompt, params, n = c
             remaining[rid] = n
@@ -191,7 +229,7 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
                 requests[rid] = engine.submit(prompt, SamplingParams(**params), n, on_token=None, tag=rid)
             except (EngineFull, ValueError):
                 remaining.pop(rid, None)
-                out.put(("tokens", [(rid, i, -1, "error") for i in range(n)], engine.running, engine.waiting, 0))
+                send(("tokens", [(rid, i, -1, "error") for i in range(n)], engine.running, engine.waiting, 0))
         elif c[0] == "cancel":
             req = requests.get(c[1])
             if req is not None:
@@ -202,5 +240,5 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
                 req.stop_choice(c[2])
         elif c[0] == "stop":
             engine.stop()
-            out.put(("stopped",))
+            send(("stopped",))
             return
