@@ -459,7 +459,7 @@ def main() -> None:
     if not args.no_results:
         _common.RESULTS = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
         # a folder outside the repository is named by its last parts only: no machine's paths in results.md
-        model = f"{ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else Path(*ckpt.parts[-3:])}" + \
+        model = f"{ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else Path(*[x for x in ckpt.parts[-3:] if x != ckpt.anchor])}" + \
             (f" ({params / 1e6:.2f}M params)" if params else "")
         settings = f"{args.requests_per_client} req/client x {args.max_tokens} tok, " + \
             (f"OMP_NUM_THREADS={args.threads}" if args.threads else f"default threads ({n_cores()} cores)")
