@@ -1,6 +1,8 @@
 """The HTTP side: OpenAI's endpoints over the engine, with keys, rate limits, size limits and moderation.
 
-    service = Service(cfg, load=lambda: (model, tokenizer))   # load runs in a thread; 503 until it is done
+    service = Service(cfg, load=lambda: (model, tokenizer),   # in a thread of this process, or with
+                      model_name="default/ppo", spawn=(folder, "auto"))  # spawn, an engine process (the default)
+    service.start_loading()                                   # 503 until the model is loaded
     app = create_app(service)                                 # a FastAPI app; uvicorn runs it (serving/server.py)
 
 Routes: POST /v1/chat/completions (stream or not), GET /v1/models, POST /v1/moderations, GET /health,
