@@ -14,6 +14,7 @@ the JSON body (400), model name (404), context length (400 context_length_exceed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -57,9 +58,8 @@ class Service:
         self.tok = None
         self.load_error: Optional[str] = None
         self.created = now()
-        self.loop: Optional[asyncio.AbstractEventLoop] = None  # the server's, known from the first request
+        self.loop: Optional[asyncio.AbstractEventLoop] = None  # the server's, set when it starts (create_app)
         self.on_load_failed: Optional[Callable[[], None]] = None
-        self._steps_seen = 0
 
     def start_loading(self) -> None:
         import threading
@@ -95,14 +95,13 @@ class Service:
             if self.on_load_failed is not None:
                 self.on_load_failed()
 
-    def _on_step(self, rows: int) -> None:
+    def _on_step(self, running: int, decoded: int) -> None:
         m = self.metrics
+        m.running.set(running)
         if self.engine is not None:
-            m.running.set(rows)
             m.waiting.set(self.engine.waiting)
-            if self.engine.steps != self._steps_seen and self.engine.batch_sizes:
-                self._steps_seen = self.engine.steps
-                m.batch.observe(self.engine.batch_sizes[-1])
+        if decoded:
+            m.batch.observe(decoded)
 
     def _sink(self, events: list) -> None:
         """The engine thread's tokens of one step: one wake-up of the event loop for all of them."""
@@ -195,7 +194,12 @@ def _error_response(e: APIError) -> JSONResponse:
 
 
 def create_app(service: Service) -> FastAPI:
-    app = FastAPI(title="rlhf-pipeline", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.loop = asyncio.get_running_loop()  # where the engine's tokens are handed over (Service._sink)
+        yield
+
+    app = FastAPI(title="rlhf-pipeline", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     m = service.metrics
 
     @app.exception_handler(APIError)
@@ -305,7 +309,6 @@ def create_app(service: Service) -> FastAPI:
                 raise APIError(400, f"The prompt was refused by the moderation filter (flagged: "
                                     f"{', '.join(flagged)}). Please rephrase it.", param="messages",
                                code="content_filter", reason="moderation_input")
-        service.loop = asyncio.get_running_loop()
         lease = _acquire(service, who, len(ids) + max_tokens * req.n)
         headers = service.limiter.headers(who)
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -70,7 +69,6 @@ class Request:
     params: SamplingParams
     n: int
     on_token: Callable[[int, int, Optional[str]], None]
-    submitted: float = field(default_factory=time.monotonic)
     tag: object = None      # the caller's own name for it (the engine process's parent id)
     cancelled: bool = False
     rows: list[_Row] = field(default_factory=list)
@@ -114,14 +112,12 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
 
 
 class Engine:
-    """Continuous batching over a Hugging Face causal LM with a dynamic KV cache (see the module docstring)."""
+    """Continuous batching over a Hugging Face causal LM (see the module docstring; the model runs in a runner)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_waiting: int = 512, seed: int = 0,
                  fast: bool = True):
         from pipeline.data.tokenizer import end_of_turn_ids
 
-        self.model, self.tok = model, tokenizer
-        self.device = next(model.parameters()).device
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
         # A generated pad ends the reply too: `generate` cuts there (rl.ops.response_mask), so the server does.
         self.end_ids = set(end_of_turn_ids(tokenizer)) | ({tokenizer.pad_token_id} - {None})
@@ -138,7 +134,8 @@ class Engine:
         self._running = False
         self.steps = 0
         self.batch_sizes: deque[int] = deque(maxlen=1000)  # rows per decoding step, for the metrics
-        self.on_step: Optional[Callable[[int], None]] = None
+        self.decoded = 0  # rows the last step decoded (0: it decoded none)
+        self.on_step: Optional[Callable[[int, int], None]] = None  # on_step(rows running, rows decoded)
         self.sink: Optional[Callable[[list], None]] = None
         self._out: list = []  # this step's (request, choice, token, finish), for the sink
         self.error: Optional[BaseException] = None
@@ -203,13 +200,19 @@ class Engine:
                      lambda r: "cancelled" if r.request.cancelled else None)
         new = self._admit()
         if new:
-            self._prefill(new)
+            rows = list(new)
+            logits = self.runner.add([r.request.prompt for r in rows])
+            self._rows = self._rows + rows
+            self._sample(rows, logits)
+        self.decoded = len(self._rows)
         if self._rows:
-            self._decode()
+            rows = list(self._rows)
+            self._sample(rows, self.runner.step([r.last for r in rows]))
+            self.batch_sizes.append(len(rows))
             self.steps += 1
         self._flush()
         if self.on_step is not None:
-            self.on_step(len(self._rows))
+            self.on_step(len(self._rows), self.decoded)
 
     def _tell(self, req: "Request", choice: int, token: int, finish: Optional[str]) -> None:
         if self.sink is None:
@@ -243,23 +246,13 @@ class Engine:
         p = torch.tensor([r.request.params.top_p for r in rows], dtype=torch.float32)
         return t, p, [r.generator for r in rows]
 
-    def _prefill(self, rows: list[_Row]) -> None:
-        logits = self.runner.add([r.request.prompt for r in rows])
-        self._rows = self._rows + list(rows)
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits (the prefill's or a decoding step's), handed on."""
         t, p, g = self._params(rows)
-        first = sample_next(logits, t, p, g, self._rng).tolist()
-        for r, tok in zip(rows, first):
+        tokens = sample_next(logits, t, p, g, self._rng).tolist()
+        for r, tok in zip(rows, tokens):
             r.last = tok
-        self._emit(rows, first)
-
-    def _decode(self) -> None:
-        logits = self.runner.step([r.last for r in self._rows])
-        t, p, g = self._params(self._rows)
-        nxt = sample_next(logits, t, p, g, self._rng).tolist()
-        self.batch_sizes.append(len(self._rows))
-        for r, tok in zip(self._rows, nxt):
-            r.last = tok
-        self._emit(list(self._rows), nxt)
+        self._emit(rows, tokens)
 
     def _emit(self, rows: list[_Row], tokens: list[int]) -> None:
         """Hand each row's new token to its request, and retire the rows that ended with it."""

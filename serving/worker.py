@@ -17,7 +17,6 @@ import itertools
 import logging
 import multiprocessing as mp
 import threading
-from collections import deque
 from dataclasses import asdict
 from typing import Callable, Optional
 
@@ -64,10 +63,9 @@ class EngineProcess:
         self._requests: dict[int, RemoteRequest] = {}
         self._ids = itertools.count(1)
         self.sink: Optional[Callable[[list], None]] = None
-        self.on_step: Optional[Callable[[int], None]] = None
+        self.on_step: Optional[Callable[[int, int], None]] = None  # as Engine's: (rows running, rows decoded)
         self.error: Optional[BaseException] = None
-        self.running, self.waiting, self.steps = 0, 0, 0
-        self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self.running = self.waiting = self.decoded = 0
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
 
     def _send(self, msg) -> None:
@@ -102,8 +100,6 @@ class EngineProcess:
         self._reader.start()
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int, on_token) -> RemoteRequest:
-        if n > self.max_batch:
-            raise ValueError(f"n={n} is more than the engine decodes at once (engine.max_batch={self.max_batch})")
         if len(self._requests) >= self.max_batch + self.max_waiting:
             raise EngineFull(f"{len(self._requests)} requests in flight")
         req = RemoteRequest(self, next(self._ids), int(n), on_token)
@@ -125,10 +121,7 @@ class EngineProcess:
             if msg[0] == "error":
                 self._fail(RuntimeError(msg[1]))
                 return
-            _, events, self.running, self.waiting, rows = msg
-            if rows:
-                self.steps += 1
-                self.batch_sizes.append(rows)
+            _, events, self.running, self.waiting, self.decoded = msg
             out = []
             for rid, choice, token, finish in events:
                 req = self._requests.get(rid)
@@ -145,7 +138,7 @@ class EngineProcess:
                 for req, choice, token, finish in out:
                     req.on_token(choice, token, finish)
             if self.on_step is not None:
-                self.on_step(self.running)
+                self.on_step(self.running, self.decoded)
 
     def _fail(self, e: BaseException) -> None:
         log.error("the engine process failed: %s", e)
@@ -203,11 +196,8 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
                 if remaining[req.tag] <= 0:
                     requests.pop(req.tag, None)
                     remaining.pop(req.tag, None)
-        send(("tokens", msg, engine.running, engine.waiting,
-                 engine.batch_sizes[-1] if engine.batch_sizes and engine.steps != sink.steps else 0))
-        sink.steps = engine.steps
+        send(("tokens", msg, engine.running, engine.waiting, engine.decoded))
 
-    sink.steps = 0
     engine.sink = sink
     send(("ready", engine.context, type(engine.runner).__name__))
     engine.start()
