@@ -326,19 +326,25 @@ class RewardConfig(StageConfig):
 
 
 @dataclass
-class ChatConfig:
-    """stages/chat.py: talk to a checkpoint. Not a pipeline stage: writes nothing."""
+class CheckpointChoice:
+    """Which chat model a tool loads (runs.resolve_checkpoint reads these keys): chat, generate and serve."""
 
     stage: Optional[str] = opt(None, "whose final/ to load (a policy stage); null: the latest complete stage of the "
                                      "run")
     checkpoint: Optional[str] = opt(None, "any Hugging Face checkpoint folder (wins over stage)")
     run: str = opt("default", "the run whose stages are looked up: <paths.root>/<run>/")
-    seed: int = opt(0, "seed of the sampling (chat adds the turn number)")
     precision: str = opt("auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | "
                                  "fp32 | bf16 | fp16")
+    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
+
+
+@dataclass
+class ChatConfig(CheckpointChoice):
+    """stages/chat.py: talk to a checkpoint. Not a pipeline stage: writes nothing."""
+
+    seed: int = opt(0, "seed of the sampling (chat adds the turn number)")
     system: Optional[str] = opt(None, "system prompt opening every conversation (generate: every prompt without "
                                       "one)")
-    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
     generation: GenerationSettings = group(GenerationSettings, "decoding (conf/generation)")
 
 
@@ -395,29 +401,22 @@ class ModerationSettings:
     categories: Optional[List[str]] = opt(None, "categories that flag (null: all the classifier has); the others "
                                                 "are still scored")
     threshold: float = opt(0.5, "score at or above which a category flags")
-    thresholds: Any = opt(None, "per-category thresholds over `threshold`, e.g. "
-                                                       "'{violence: 0.8}'")
-    terms: Any = opt(None, "extra phrases per category for the lexicon (weight 1: one "
-                                                      "match flags), e.g. '{violence: [pummel]}'")
-    label_map: Any = opt(None, "a HF classifier's label -> category name (unmapped labels keep "
-                                                    "their name)")
+    # Any, not Dict[...]: OmegaConf cannot merge a command-line mapping into a typed dict that defaults to null.
+    thresholds: Any = opt(None, "per-category thresholds over `threshold`, e.g. '{violence: 0.8}'")
+    terms: Any = opt(None, "extra phrases per category for the lexicon (weight 1: one match flags), e.g. "
+                           "'{violence: [pummel]}'")
+    label_map: Any = opt(None, "a HF classifier's label -> category name (unmapped labels keep their name)")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(CheckpointChoice):
     """stages/tools/serve.py: an OpenAI-compatible API and a chat page for a checkpoint."""
 
-    stage: Optional[str] = opt(None, "whose final/ to serve (a policy stage); null: the latest complete stage of the "
-                                     "run")
-    checkpoint: Optional[str] = opt(None, "any Hugging Face causal-LM folder (wins over stage)")
-    run: str = opt("default", "the run whose stages are looked up: <paths.root>/<run>/")
-    precision: str = opt("auto", "dtype of the weights: auto | fp32 | bf16 | fp16")
     host: str = opt("127.0.0.1", "address to bind; anything but loopback needs an API key")
     port: int = opt(8000, "TCP port")
     model_name: Optional[str] = opt(None, "the model id clients send and /v1/models lists (null: <run>/<stage>, or "
                                           "the checkpoint folder's name)")
     log_level: str = opt("info", "uvicorn's and the server's log level: debug | info | warning | error")
-    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
     auth: AuthSettings = group(AuthSettings, "API keys")
     limits: LimitSettings = group(LimitSettings, "rate and size limits, per API key")
     engine: EngineSettings = group(EngineSettings, "the batching generation engine")
