@@ -55,6 +55,16 @@ SMOKE = ["preset=smoke", "logger=none"]
 
 
 @pytest.fixture(scope="session")
+def tiny_tok():
+    """Our BPE tokenizer trained on a few hundred world-like sentences: the tokenizer of the tiny random models the
+    generation and serving tests build."""
+    from pipeline.data.tokenizer import train_bpe
+
+    return train_bpe([f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}?" for i in range(300)],
+                     400)
+
+
+@pytest.fixture(scope="session")
 def smoke_chain(smoke_root) -> Path:
     """smoke_root plus the SFT and reward stages: everything PPO needs."""
     common = ["preset=smoke", "logger=none", f"paths.root={smoke_root}"]

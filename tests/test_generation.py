@@ -8,7 +8,7 @@ import torch
 
 from pipeline.core.config import GenerationSettings
 from pipeline.data.prompts import encode_prompts
-from pipeline.data.tokenizer import END, end_of_turn_ids, train_bpe
+from pipeline.data.tokenizer import END, end_of_turn_ids
 from pipeline.inference.generation import Reply, generate, generation_config, stream
 
 PROMPTS = [
@@ -20,9 +20,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    texts = [f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}?" for i in range(300)]
-    return train_bpe(texts, 400)
+def tok(tiny_tok):
+    return tiny_tok
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 
 from pipeline.core.config import GenerationSettings
 from pipeline.data.prompts import encode_prompts
-from pipeline.data.tokenizer import train_bpe
 from pipeline.inference.generation import generate
 from serving import limits
 from serving.engine import Engine, SamplingParams, sample_next
@@ -19,9 +18,8 @@ from serving.text import ReplyText, partial_word
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return train_bpe([f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}?" for i in range(300)],
-                     400)
+def tok(tiny_tok):
+    return tiny_tok
 
 
 @pytest.fixture(scope="module")

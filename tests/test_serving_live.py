@@ -48,17 +48,15 @@ def _wait_ready(url: str, proc=None, timeout: float = 240) -> None:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
+def checkpoint(tmp_path_factory, tiny_tok) -> Path:
     """A tiny random Llama with our tokenizer, saved as any HF checkpoint folder is. Its output rows for the
     end-of-turn and pad ids are zero, so greedy replies always run to max_tokens (the disconnect test needs a
     long reply)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.data.tokenizer import end_of_turn_ids, train_bpe
+    from pipeline.data.tokenizer import end_of_turn_ids
 
-    out = tmp_path_factory.mktemp("tiny")
-    tok = train_bpe([f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}?" for i in range(300)],
-                    400)
+    out, tok = tmp_path_factory.mktemp("tiny"), tiny_tok
     torch.manual_seed(0)
     m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
