@@ -518,6 +518,148 @@ class PPOConfig(StageConfig):
                                              "no second copy)")
 
 
+# ---- the methods: other ways to learn from the same preferences (stages/{bon,dpo,expert_iteration,rloo,grpo}.py) --
+
+
+@dataclass
+class MethodEval:
+    """The one evaluation every method gets, PPO's final evaluation included (pipeline.eval.gold.versus_sft): the
+    same held-out prompts answered by the method and by SFT, greedy and sampled, scored by the gold oracle."""
+
+    prompts: int = opt(200, "the first N of data.eval_prompts (PPO: train.eval_prompts)")
+    batch_size: int = opt(50, "prompts per generation batch")
+    max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error")
+    max_new_tokens: int = opt(48, "reply length limit in tokens (PPO: train.max_new_tokens)")
+    temperature: float = opt(0.7, "the sampled evaluation's temperature, and the one the exact KL to SFT is taken "
+                                  "under (PPO: train.temperature)")
+    top_k: int = opt(0, "top-k of the sampled evaluation; 0: off")
+    top_p: float = opt(1.0, "nucleus sampling of the sampled evaluation; 1.0: off")
+    greedy: bool = opt(True, "also the greedy evaluation (eval/...); the sampled one (eval/sampled/...) is always made, "
+                             "since best-of-n has only that")
+    bootstrap: int = opt(1000, "bootstrap resamples of the prompts for the win rate's 95% interval")
+    periodic_prompts: int = opt(64, "RLOO, GRPO: the first N held-out prompts answered every train.eval_every steps "
+                                    "(sampled: gold, reward-model score, exact KL), the method's curve on the gold-KL "
+                                    "plot; 0: off")
+
+
+@dataclass
+class TrainerBudget:
+    """The Hugging Face Trainer's budget, as SFT's and the reward stage's (pipeline/trainers/hf.py trainer_args)."""
+
+    batch_size: int = opt(16, "examples per device per micro-step")
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
+    max_steps: int = opt(200, "optimizer steps (the cosine schedule's length)")
+    eval_every: int = opt(50, "steps between periodic evaluations, where the method has them")
+    eval_batch_size: Optional[int] = opt(None, "examples per device per evaluation batch; null: batch_size")
+    save_every: int = opt(50, "steps between Trainer checkpoints (resume points)")
+    log_every: int = opt(10, "steps between train/... logs")
+    keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
+
+
+@dataclass
+class BoNSettings:
+    n: int = opt(16, "replies sampled from SFT per prompt (at eval.temperature); the reward model's best is the answer. "
+                     "Its KL to SFT is at most log n - (n-1)/n; the manifest also gives every power of 2 below n, "
+                     "the first m of the same samples (a curve over n)")
+
+
+@dataclass
+class BoNConfig(StageConfig):
+    stage: str = opt("bon", "the stage this config runs")
+    bon: BoNSettings = group(BoNSettings, "best-of-n with the reward model (conf/preset/bon)")
+    eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
+
+
+@dataclass
+class DPOTrain(TrainerBudget):
+    beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the SFT reference (IPO: its "
+                           "regularisation)")
+    loss_type: str = opt("sigmoid", "TRL's DPO loss: sigmoid (DPO) | ipo | hinge | robust | ... (trl.DPOConfig)")
+    max_length: Optional[int] = opt(None, "prompt + reply tokens; longer pairs are cut at the end; null: "
+                                          "model.max_seq_len")
+    onpolicy: bool = opt(True, "also the on-policy comparisons the reward stage recorded "
+                               "(onpolicy_comparisons.jsonl), as the reward model learnt from them")
+    max_prompts: Optional[int] = opt(None, "the pairs of the first N prompts of data.preference; null: all")
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    stage: str = opt("dpo", "the stage this config runs")
+    train: DPOTrain = group(DPOTrain, "TRL's DPOTrainer (budget from conf/preset/dpo)")
+    peft: LoraSettings = group(LoraSettings, "LoRA on the policy; the reference is the adapter-disabled base")
+    eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
+
+
+@dataclass
+class ExpertIterationTrain(TrainerBudget):
+    rounds: int = opt(1, "rounds of sample -> keep the reward model's best -> fine-tune; each round samples from the "
+                         "previous round's policy (round 1: SFT)")
+    prompts: int = opt(512, "PPO prompts (data.prompts) per round; round r takes the r-th slice, wrapping around")
+    samples: int = opt(4, "replies per prompt, n: the reward model's best of them is kept")
+    temperature: float = opt(0.7, "sampling temperature of the candidates")
+    max_new_tokens: int = opt(48, "candidate length limit in tokens")
+    gen_batch_size: int = opt(32, "prompts per generation batch")
+    max_length: Optional[int] = opt(None, "tokens per kept dialogue; null: model.max_seq_len")
+
+
+@dataclass
+class ExpertIterationConfig(StageConfig):
+    stage: str = opt("expert_iteration", "the stage this config runs")
+    train: ExpertIterationTrain = group(ExpertIterationTrain, "rejection-sampling fine-tuning (budget from "
+                                                              "conf/preset/expert_iteration); max_steps per round")
+    peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
+    eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
+
+
+@dataclass
+class GroupRLTrain(TrainerBudget):
+    """RLOO's and GRPO's settings (TRL's trainers; pipeline/trainers/group_rl.py)."""
+
+    num_generations: int = opt(4, "k: replies per prompt; each is judged against the others of its group (RLOO: "
+                                   "their mean, leaving it out; GRPO: the group's mean and spread). batch_size must be "
+                                   "a multiple of it")
+    beta: float = opt(0.05, "KL to the SFT policy: RLOO subtracts beta * KL from the reward, GRPO adds beta * KL "
+                            "(k3) to the loss")
+    temperature: float = opt(0.7, "sampling temperature of the replies (PPO: train.temperature)")
+    max_new_tokens: int = opt(48, "reply length limit in tokens")
+    max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error")
+    reward: str = opt("model", "model (read as PPO reads it: pipeline.rl.readout) | gold (the oracle itself) | "
+                               "contains:<text> (sanity check)")
+    normalize_reward: bool = opt(True, "(score - mean) / std with the reward stage's statistics, as PPO")
+    missing_eos_penalty: Optional[float] = opt(1.0, "a reply that never ends scores this far below the group batch's "
+                                                    "lowest finished one, as PPO's train.missing_eos_penalty; null: off")
+    epsilon: float = opt(0.2, "the policy ratio's clip range")
+    num_iterations: int = opt(1, "updates per batch of replies (mu)")
+    loss_type: str = opt("dapo", "GRPO only: TRL's loss aggregation: dapo | grpo | dr_grpo | bnpo | ...")
+    scale_rewards: str = opt("group", "GRPO only: group | batch | none: how advantages are scaled")
+
+
+@dataclass
+class RLOOConfig(StageConfig):
+    stage: str = opt("rloo", "the stage this config runs")
+    train: GroupRLTrain = group(GroupRLTrain, "TRL's RLOOTrainer (budget from conf/preset/rloo)")
+    peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
+    eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
+
+
+@dataclass
+class GRPOConfig(StageConfig):
+    stage: str = opt("grpo", "the stage this config runs")
+    train: GroupRLTrain = group(GroupRLTrain, "TRL's GRPOTrainer (budget from conf/preset/grpo)")
+    peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
+    eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
+
+
+@dataclass
+class MethodsConfig:
+    """stages/tools/methods.py: runs/<run>/methods.md, every method side by side, from their manifests."""
+
+    run: str = opt("default", "the run whose methods are tabled: <paths.root>/<run>/")
+    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
+    logger: LoggerConfig = group(LoggerConfig, "unused, as in ReportConfig")
+
+
 @dataclass
 class ReportConfig:
     """stages/report.py: runs/<run>/report.md from the manifests, metrics and a few side-by-side answers."""
@@ -546,7 +688,7 @@ class CompareConfig:
     logger: LoggerConfig = group(LoggerConfig, "unused, as in ReportConfig")
 
 
-for _name, _schema in {"report": ReportConfig, "compare": CompareConfig}.items():
+for _name, _schema in {"report": ReportConfig, "compare": CompareConfig, "methods": MethodsConfig}.items():
     register(_name, _schema)
 for _spec in STAGES:  # every training stage composes on the schema its spec names
     register(_spec.name, globals()[_spec.schema])
@@ -569,7 +711,12 @@ _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.i
              "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
              "limits.requests_per_minute", "limits.tokens_per_minute", "limits.concurrent_requests",
              "limits.max_body_bytes", "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
-             "engine.threads")
+             "engine.threads", "bon.n", "train.rounds", "train.prompts", "train.samples", "train.num_generations",
+             "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap")
+
+
+_DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 
 
 def problems(cfg) -> list[str]:
@@ -612,6 +759,14 @@ def problems(cfg) -> list[str]:
     th = get("moderation.threshold")
     if th is not None and not 0 <= th <= 1:
         out.append(f"moderation.threshold={th} must be between 0 and 1")
+    k = get("train.num_generations")
+    if k is not None and k < 2:
+        out.append(f"train.num_generations={k} must be at least 2: each reply is judged against the others of its "
+                   f"prompt")
+    elif k and (get("train.batch_size") or 0) % k:
+        out.append(f"train.batch_size={get('train.batch_size')} must be a multiple of train.num_generations={k}")
+    if get("stage") == "dpo" and get("train.loss_type") not in _DPO_LOSSES:
+        out.append(f"train.loss_type={get('train.loss_type')!r} is not one of {', '.join(_DPO_LOSSES)}")
     mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")
     if mb and rb and mb > rb:
         out.append(f"train.minibatch_size={mb} is larger than train.rollout_batch_size={rb}")

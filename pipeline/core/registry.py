@@ -1,12 +1,16 @@
 """The stages of the pipeline, in the order `make all` runs them: one spec each, and the only place the list lives.
 
     python -m pipeline.core.registry              # the stage names in order (the Makefile reads its targets from here)
+    python -m pipeline.core.registry --methods    # the method stages (make methods runs them; make all does not)
     python -m pipeline.core.registry --describe   # one line each, for make help
 
 A spec says what the rest of the house needs to know about a stage without importing it: the config schema it
 composes on (pipeline/core/config.py), the stages whose final/ it reads, which parts of `data` it reads (the rest
 stays out of its config hash, so changing PPO's prompts does not redo pretraining), the metrics the report card and
-`make compare` show first, and whether its final/ is a chat model. Adding a stage is a script in stages/, a root
+`make compare` show first, whether its final/ is a chat model, and whether `make all` runs it: the other ways to learn
+from preferences (DPO, RLOO, GRPO, best-of-n, expert iteration) are stages with parents, manifests and targets like
+the rest, but they are alternatives to PPO rather than steps after it, so `make methods` runs them on demand and the
+chain stays within its time budget. Adding a stage is a script in stages/, a root
 config in conf/, its schema, and one spec here (CONTRIBUTING.md walks through it).
 
 Standard library only: the Makefile runs this file with the system Python, before any virtual environment exists.
@@ -26,6 +30,7 @@ class StageSpec:
     data: tuple[str, ...] = ()  # the parts of cfg.data it reads ("world.x": one field of the world config)
     headline: tuple[str, ...] = ()  # the figures that say what it did, in the order a reader wants them
     policy: bool = False  # its final/ is a causal LM that chat, generate and serve can talk to
+    chain: bool = True  # `make all` runs it; False: a method stage, run by `make <name>` or `make methods`
 
     @property
     def module(self) -> str:
@@ -33,6 +38,10 @@ class StageSpec:
 
 
 _WORLD = ("world.seed", "world.n_entities")
+# every method's figures come from one evaluation (sampled: best-of-n has no greedy form), so they line up
+_METHOD = ("eval/sampled/gold_score", "eval/sampled/sft_gold_score", "eval/sampled/win_rate_vs_sft",
+           "eval/sampled/win_rate_ci_low", "eval/sampled/win_rate_ci_high", "eval/sampled/kl", "eval/gold_score",
+           "eval/win_rate_vs_sft")
 _CORPUS = (*_WORLD, "world.corpus_docs", "corpus", "max_docs")
 
 STAGES: tuple[StageSpec, ...] = (
@@ -52,17 +61,33 @@ STAGES: tuple[StageSpec, ...] = (
               headline=("eval/gold_score", "eval/sft_gold_score", "eval/win_rate_vs_sft", "eval/kl", "eval/reward",
                         "eval/sampled/gold_score", "eval/sampled/sft_gold_score", "eval/sampled/win_rate_vs_sft",
                         "eval/sampled/kl"), policy=True),
+    # the methods: each starts from the same SFT policy and learns from the same comparisons (or reward model), and
+    # each is scored by pipeline.eval.gold.versus_sft, as PPO's final evaluation is
+    StageSpec("bon", "best-of-n at inference time with the reward model (no new weights)", "BoNConfig",
+              parents=("sft", "reward"), data=("world", "eval_prompts"), chain=False,
+              headline=_METHOD),
+    StageSpec("dpo", "DPO on the reward stage's comparisons (TRL)", "DPOConfig", parents=("sft", "reward"),
+              data=("world", "preference", "eval_prompts"), headline=_METHOD, policy=True, chain=False),
+    StageSpec("expert_iteration", "best of n SFT samples by the reward model, fine-tuned on (rounds)",
+              "ExpertIterationConfig", parents=("sft", "reward"), data=("world", "prompts", "eval_prompts"),
+              headline=_METHOD, policy=True, chain=False),
+    StageSpec("rloo", "RLOO against the reward model (TRL)", "RLOOConfig", parents=("sft", "reward"),
+              data=("world", "prompts", "eval_prompts"), headline=_METHOD, policy=True, chain=False),
+    StageSpec("grpo", "GRPO against the reward model (TRL)", "GRPOConfig", parents=("sft", "reward"),
+              data=("world", "prompts", "eval_prompts"), headline=_METHOD, policy=True, chain=False),
 )
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
-ORDER: tuple[str, ...] = tuple(SPECS)
-# newest first: the policy chat, generate and the report pick when none is named
-POLICY_STAGES: tuple[str, ...] = tuple(s.name for s in reversed(STAGES) if s.policy)
+ORDER: tuple[str, ...] = tuple(s.name for s in STAGES if s.chain)  # make all, in order
+METHODS: tuple[str, ...] = tuple(s.name for s in STAGES if not s.chain)  # make methods, in order
+# newest first: the policy chat, generate and the report pick when none is named (the chain's; a method's by name)
+POLICY_STAGES: tuple[str, ...] = tuple(s.name for s in reversed(STAGES) if s.policy and s.chain)
+POLICIES: tuple[str, ...] = tuple(s.name for s in reversed(STAGES) if s.policy)  # every chat model stage=... names
 
 
 def spec(name: str) -> StageSpec:
     if name not in SPECS:
-        raise KeyError(f"unknown stage {name!r}; the stages are {', '.join(ORDER)}")
+        raise KeyError(f"unknown stage {name!r}; the stages are {', '.join(SPECS)}")
     return SPECS[name]
 
 
@@ -70,6 +95,8 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["--describe"]:  # make help
-        print("\n".join(f"{s.name}\t{s.help} -> runs/<run>/{s.name}/final" for s in STAGES))
+        print("\n".join(f"{s.name.replace('_', '-')}\t{s.help} -> runs/<run>/{s.name}/final" for s in STAGES))
+    elif sys.argv[1:] == ["--methods"]:
+        print(" ".join(METHODS))
     else:
         print(" ".join(ORDER))

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.core.errors import UserError
 from pipeline.core.io import damaged, inventory, write_json_atomic
-from pipeline.core.registry import ORDER, POLICY_STAGES, SPECS
+from pipeline.core.registry import ORDER, POLICIES, POLICY_STAGES, SPECS
 
 # Keys that never change what a stage computes, so they stay out of the config hash.
 _UNHASHED = {"run", "parent_run", "force", "paths", "logger"}
@@ -432,8 +432,8 @@ def resolve_checkpoint(cfg) -> tuple[Path, str, Optional[Path]]:
         return p, str(p), None
     root = Path(cfg.paths.root)
     if cfg.stage:
-        if cfg.stage not in POLICY_STAGES:
-            raise UserError(f"stage={cfg.stage}: not a chat model; choose one of {', '.join(POLICY_STAGES)}")
+        if cfg.stage not in POLICIES:
+            raise UserError(f"stage={cfg.stage}: not a chat model; choose one of {', '.join(POLICIES)}")
         d = root / cfg.run / cfg.stage
         m = read_manifest(d)
         if m is None or m.get("status") != "complete" or not (d / "final").is_dir():

@@ -4,6 +4,9 @@ win rate against a reference policy on the same prompts.
     metrics, samples = gold_eval(model, tok, prompts, GoldOracle.from_config(cfg.data.world), settings, batch_size=32)
     metrics["eval/gold_score"]       # mean gold score of the replies, in [0, 1]
 
+    metrics, outputs = versus_sft(answer)   # THE evaluation of a method against SFT: PPO's final one and every
+                                            # method stage's (greedy and sampled, win rate with its 95% interval)
+
 Under accelerate with several processes every process answers its share of the prompts and the results are gathered,
 so each process returns the same metrics; call these on every process.
 """
@@ -68,16 +71,37 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
 
 
 
-def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval") -> dict:
-    """The final evaluation's figures from `rollout_eval`'s (gathered) outputs for PPO and SFT on the same prompts:
-    <prefix>/gold_score, sft_gold_score, win_rate_vs_sft (ties count half), tie_rate_vs_sft, kl, reward (the reward
+def win_rate_interval(scores_a: Sequence[float], scores_b: Sequence[float], resamples: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of `win_rate(a, b)`: prompts are drawn with replacement, the pairs kept
+    together, `resamples` times. Seeded, so a resumed or repeated evaluation reports the same interval."""
+    import random
+
+    if len(scores_a) != len(scores_b):
+        raise ValueError(f"win_rate_interval: {len(scores_a)} scores against {len(scores_b)}")
+    n = len(scores_a)
+    if not n or resamples < 1:
+        return float("nan"), float("nan")
+    outcome = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(outcome, k=n)) / n for _ in range(resamples))
+    tail = (1 - level) / 2
+    return means[round(tail * (resamples - 1))], means[round((1 - tail) * (resamples - 1))]
+
+
+def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval", resamples: int = 1000) -> dict:
+    """The final evaluation's figures from `rollout_eval`'s (gathered) outputs for a policy (PPO, or any method)
+    and SFT on the same prompts: <prefix>/gold_score, sft_gold_score, win_rate_vs_sft (ties count half) with its 95%
+    bootstrap interval over prompts (win_rate_ci_low, win_rate_ci_high), tie_rate_vs_sft, kl, reward (the reward
     model's raw score), sft_reward, response_tokens, sft_response_tokens, n_prompts, and the gold components
     <prefix>/gold/<component>, <prefix>/sft_gold/<component>: where the gold score moved (PPO's gains in one
     component can hide losses in another, correctness typically)."""
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    lo, hi = win_rate_interval(ppo["gold"], sft["gold"], resamples)
     out = {
         f"{prefix}/gold_score": mean(ppo["gold"]), f"{prefix}/sft_gold_score": mean(sft["gold"]),
         f"{prefix}/win_rate_vs_sft": win_rate(ppo["gold"], sft["gold"]),
+        f"{prefix}/win_rate_ci_low": lo, f"{prefix}/win_rate_ci_high": hi,
         f"{prefix}/tie_rate_vs_sft": mean([float(a == b) for a, b in zip(ppo["gold"], sft["gold"])]),
         f"{prefix}/kl": mean(ppo["kl"]), f"{prefix}/reward": mean(ppo["reward"]),
         f"{prefix}/sft_reward": mean(sft["reward"]), f"{prefix}/response_tokens": mean(ppo["length"]),
@@ -111,4 +135,75 @@ def rollout_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing,
         out["length"] += ro.response_mask.sum(-1).tolist()
         out["text"] += texts
         out["ended"] += ro.ended.tolist()
+    return out
+
+
+def gathered(evaluate, prompts: list) -> dict:
+    """`evaluate(prompts)` (a `rollout_eval`-shaped dict of lists) on this process's shard of `prompts`, gathered
+    from every process (padding repeats dropped), in prompt order: every process returns the whole of it."""
+    mine = shard(len(prompts))
+    out = evaluate([prompts[i] for i in mine])
+    rows = {i: {k: v[j] for k, v in out.items()} for j, i in enumerate(mine)}
+    rows = dict(sorted(gather(list(rows.items()))))
+    return {k: [r[k] for r in rows.values()] for k in out}
+
+
+def versus_sft(answer, greedy: bool = True, sampled: bool = True, resamples: int = 1000) -> tuple[dict, dict]:
+    """THE evaluation of a method against SFT, the one PPO's final evaluation and every method stage make:
+    `answer(who, greedy)` gives the gathered `rollout_eval` outputs of the method (who="policy") or of SFT
+    (who="sft") on the same held-out prompts. Greedy figures are eval/..., sampled ones eval/sampled/...
+    (`eval_metrics`: gold score and components, win and tie rate over SFT with the win rate's bootstrap interval,
+    the reward model's score, KL to SFT, reply length). Returns (metrics, {prefix: [method's, SFT's outputs]})."""
+    metrics, outputs = {}, {}
+    for prefix, g in (("eval", True), ("eval/sampled", False)):
+        if (g and greedy) or (not g and sampled):
+            both = [answer("policy", g), answer("sft", g)]
+            outputs[prefix] = both
+            metrics.update(eval_metrics(*both, prefix, resamples))
+    return metrics, outputs
+
+
+def kl_bound(n: int) -> float:
+    """The KL of best-of-n sampling to the policy it samples from is at most log n - (n-1)/n (Stiennon et al. 2020,
+    appendix G.3; exact when no two samples tie)."""
+    import math
+
+    return math.log(n) - (n - 1) / n
+
+
+@torch.no_grad()
+def best_of_n_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing, dev, pack: int, n: int,
+                   also: Sequence[int] = ()) -> dict:
+    """Best-of-n as a policy: `n` replies per prompt sampled from `model` at t.temperature, the reward model's
+    best (the one readout) is the answer. The outputs have `rollout_eval`'s keys, the KL being the bound
+    `kl_bound(n)`; `also` gives the pick among the first m of the same samples for each m, as "m:<m>:gold",
+    "m:<m>:reward" and "m:<m>:length" (a curve over n at the cost of one draw)."""
+    out = {"gold": [], "components": [], "reward": [], "kl": [], "length": [], "text": [], "ended": []}
+    for m in also:
+        out.update({f"m:{m}:gold": [], f"m:{m}:reward": [], f"m:{m}:length": []})
+    for s in range(0, len(prompts), t.eval_batch_size):
+        batch = prompts[s: s + t.eval_batch_size]
+        many = [p for p in batch for _ in range(n)]  # prompt-major: prompt i's samples are rows i*n .. i*n+n-1
+        ids, am = prompt_batch(tok, many, t.max_prompt_tokens, dev)
+        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p)
+        texts = decode_responses(tok, ro)
+        rm = score_rollout(reward_model, ro, closing, pack).view(len(batch), n)
+        length = ro.response_mask.sum(-1).view(len(batch), n)
+        ended = ro.ended.view(len(batch), n)
+        parts = [oracle.components(p, x) for p, x in zip(many, texts)]
+        for i in range(len(batch)):
+            for m in also:
+                j = i * n + int(rm[i, :m].argmax())
+                out[f"m:{m}:gold"].append(parts[j]["total"])
+                out[f"m:{m}:reward"].append(float(rm.view(-1)[j]))
+                out[f"m:{m}:length"].append(int(length.view(-1)[j]))
+            k = int(rm[i].argmax())
+            j = i * n + k
+            out["gold"].append(parts[j]["total"])
+            out["components"].append(parts[j])
+            out["reward"].append(float(rm[i, k]))
+            out["kl"].append(kl_bound(n))
+            out["length"].append(int(length[i, k]))
+            out["text"].append(texts[j])
+            out["ended"].append(bool(ended[i, k]))
     return out

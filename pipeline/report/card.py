@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.registry import ORDER, STAGES
+from pipeline.core.registry import METHODS, ORDER, STAGES
 from pipeline.core.runs import read_manifest
 
 # The figures that say what each stage did, in the order a reader wants them (each stage's spec names them).
@@ -14,7 +14,7 @@ HEADLINE = {s.name: list(s.headline) for s in STAGES}
 
 def stage_manifests(root: Path, run: str) -> dict[str, dict]:
     out = {}
-    for stage in ORDER:
+    for stage in (*ORDER, *METHODS):
         m = read_manifest(root / run / stage) if (root / run / stage).exists() else None
         if m:
             out[stage] = m
@@ -69,7 +69,7 @@ def component_rows(manifests: dict[str, dict], weights: dict[str, float]) -> lis
 
 def all_runs(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / s / "manifest.json").exists()
-                                                                        for s in ORDER)) if root.exists() else []
+                                                                        for s in (*ORDER, *METHODS))) if root.exists() else []
 
 
 # PPO's final evaluation, greedy and sampled: (label, PPO's key, SFT's key or None), the prefix left out

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.core.dist import gather, shard
 from pipeline.core.errors import UserError
 from pipeline.data.packing import batch_indices
 from pipeline.data.prompts import prompt_batch
-from pipeline.eval.gold import eval_metrics, rollout_eval
+from pipeline.eval.gold import gathered, rollout_eval, versus_sft
 from pipeline.inference.sampler import Rollout, decode_responses, sample
 from pipeline.rl.advantages import gae
 from pipeline.rl.forward import check_packing, chunked, critic_forward, policy_forward, response_logits
@@ -240,12 +239,9 @@ class PPOLoop:
     # ---- 4. evaluate -------------------------------------------------------------------------------------
     def _evaluate(self, model, prompts: list, greedy: bool) -> dict:
         """`rollout_eval` on this process's shard of `prompts`, gathered (padding repeats dropped), in prompt order."""
-        mine = shard(len(prompts))
-        out = rollout_eval(model, [prompts[i] for i in mine], self.tok, self.end_ids, self.t, self.oracle,
-                       self.reward_model, self.closing, self.ref_logits, self.dev, self.packing, greedy)
-        rows = {i: {k: v[j] for k, v in out.items()} for j, i in enumerate(mine)}
-        rows = dict(sorted(gather(list(rows.items()))))
-        return {k: [r[k] for r in rows.values()] for k in out}
+        return gathered(lambda mine: rollout_eval(model, mine, self.tok, self.end_ids, self.t, self.oracle,
+                                                  self.reward_model, self.closing, self.ref_logits, self.dev,
+                                                  self.packing, greedy), prompts)
 
     def periodic_eval(self, done: int, prompts: list) -> None:
         """Held-out gold, reward (as trained on) and exact KL to SFT of the policy after `done` iterations, sampled
@@ -282,22 +278,17 @@ class PPOLoop:
         deterministic) and sampled at the training temperature (eval/sampled/...: the policy PPO optimised, and the
         one whose KL the per-iteration figures and best-of-n's bound describe). Returns (metrics, outputs)."""
         policy = self.final_policy()
-        metrics, evals = {}, {}
-        decodings = (("eval", True), ("eval/sampled", False)) if self.t.eval_sampled else (("eval", True),)
-        for prefix, greedy in decodings:
-            both = []
-            for who in ("ppo", "sft"):
-                torch.manual_seed(self.cfg.seed * 1_000_003 + 7717 + self.acc.process_index)  # same seed for both
-                if who == "ppo":
-                    both.append(self._evaluate(policy, prompts, greedy))
-                elif self.ref is not None:
-                    both.append(self._evaluate(self.ref, prompts, greedy))
-                else:
-                    with policy.model.disable_adapter():
-                        both.append(self._evaluate(policy, prompts, greedy))
-            evals[prefix] = both
-            metrics.update(eval_metrics(*both, prefix))
-        return metrics, evals
+
+        def answer(who, greedy):
+            torch.manual_seed(self.cfg.seed * 1_000_003 + 7717 + self.acc.process_index)  # same seed for both
+            if who == "policy":
+                return self._evaluate(policy, prompts, greedy)
+            if self.ref is not None:
+                return self._evaluate(self.ref, prompts, greedy)
+            with policy.model.disable_adapter():
+                return self._evaluate(policy, prompts, greedy)
+
+        return versus_sft(answer, sampled=self.t.eval_sampled)
 
 
 def minibatch_backward(policy, critic, ro, mb, micro: int, old_logp, advantages, old_values, returns, t, pack: int,

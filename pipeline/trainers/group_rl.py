@@ -1,0 +1,126 @@
+"""RLOO and GRPO through TRL's trainers (stages/rloo.py, stages/grpo.py): the reward they optimise, read exactly as
+PPO reads it, and the periodic held-out evaluation that draws their curve on the gold-KL plot.
+
+TRL accepts a sequence-classification model in `reward_funcs` and would then tokenize prompt + completion its own
+way and pool the head wherever that lands. We hand it a callable instead (`PipelineReward`), which rebuilds PPO's
+rollout from TRL's own completion token ids (the prompts chat-templated exactly as PPO's sampler sees them) and
+reads the reward model through pipeline.rl.readout.score_rollout: the head at the last token of the templated
+conversation, the reply closed as the template closes a turn, then normalised with the reward stage's statistics
+and unfinished replies put below finished ones, as PPO's training score is (PPOLoop.training_score).
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import TrainerCallback
+
+from pipeline.data.prompts import prompt_batch
+from pipeline.inference.sampler import Rollout
+from pipeline.rl.readout import score_rollout
+from pipeline.rl.shaping import penalise_unfinished
+
+
+class PipelineReward:
+    """`reward(prompts, completions, completion_ids, **kw) -> list[float]`, TRL's reward-function signature.
+
+    mode "model": the reward model (a TokenModel) by the one readout, normalised with `stats` {mean, std} when
+    `normalise`; "gold": the gold oracle's score (the perfect-reward-model ceiling, as PPO's train.reward=gold);
+    "contains:<text>": 1 if the reply contains the text (a sanity check any working learner learns)."""
+
+    def __init__(self, mode: str, tok, end_ids, max_prompt_tokens: int, reward_model=None, closing=None,
+                 oracle=None, stats: dict | None = None, normalise: bool = True, missing_eos_penalty=None):
+        self.__name__ = "reward_model" if mode == "model" else mode.partition(":")[0]  # TRL logs rewards/<name>
+        self.mode, self.tok, self.end_ids, self.max_prompt_tokens = mode, tok, list(end_ids), max_prompt_tokens
+        self.reward_model, self.closing, self.oracle = reward_model, closing, oracle
+        stats = stats or {}
+        on = normalise and mode == "model"
+        self.mean = stats.get("mean", 0.0) if on else 0.0
+        self.std = max(stats.get("std", 1.0), 1e-6) if on else 1.0
+        self.penalty = missing_eos_penalty
+
+    def rollout(self, prompts, completion_ids, device) -> Rollout:
+        """PPO's Rollout of these prompts and TRL's completion tokens (each cut after its first end of turn)."""
+        ids, am = prompt_batch(self.tok, prompts, self.max_prompt_tokens, device)
+        width = max([len(c) for c in completion_ids] + [1])
+        resp = torch.full((len(completion_ids), width), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(completion_ids), width), dtype=torch.bool)
+        ended = torch.zeros(len(completion_ids), dtype=torch.bool)
+        for i, c in enumerate(completion_ids):
+            c = list(c)
+            cut = next((j + 1 for j, x in enumerate(c) if x in self.end_ids), len(c))
+            resp[i, :cut] = torch.tensor(c[:cut], dtype=torch.long)
+            mask[i, :cut] = True
+            ended[i] = cut < len(c) or (bool(c) and c[cut - 1] in self.end_ids)
+        return Rollout(ids, am, resp.to(device), mask.to(device), ended.to(device))
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, completion_ids=None, **_) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        if self.mode == "gold":
+            return [float(x) for x in self.oracle.score_batch(prompts, texts)]
+        if self.mode.startswith("contains:"):
+            needle = self.mode.partition(":")[2]
+            return [float(needle in x) for x in texts]
+        dev = next(self.reward_model.parameters()).device
+        ro = self.rollout(prompts, completion_ids, dev)
+        score = (score_rollout(self.reward_model, ro, self.closing) - self.mean) / self.std
+        if self.penalty is not None:
+            score = penalise_unfinished(score, ro.ended, self.penalty)
+        return score.cpu().tolist()
+
+
+class PeriodicEval(TrainerCallback):
+    """Every `every` steps (and before the first and after the last): the policy on the first held-out prompts,
+    sampled, by `judge.periodic` (gold, reward-model score, exact KL to SFT), logged as periodic/... and kept in
+    `path` (periodic.json, PPO's format: the method's curve on the gold-KL plot). Rows already in the file are kept,
+    so a resumed run extends its curve."""
+
+    def __init__(self, judge, tracker, path, every: int, enabled: bool = True):
+        self.judge, self.tracker, self.path, self.every, self.enabled = judge, tracker, path, every, enabled
+        self.rows = json.loads(path.read_text()) if path.is_file() else []
+
+    def _eval(self, model, step: int) -> None:
+        if not self.enabled or model is None or any(r["iteration"] == step for r in self.rows):
+            return
+        row = self.judge.periodic(model, step)
+        self.rows.append(row)
+        self.tracker.log({"periodic/gold_score": row["gold"], "periodic/reward": row["reward"],
+                          "periodic/kl": row["kl"], "periodic/rm_score": row["rm_score"],
+                          "periodic/ended_fraction": row["ended_fraction"], "periodic/seconds": row["seconds"]},
+                         step=step)
+        if self.tracker.is_main:
+            self.path.write_text(json.dumps(self.rows, indent=1))
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._eval(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+            self._eval(model, state.global_step)
+
+
+def trl_trainer(algorithm: str, cfg, run, model, tok, reward, train_ds, callbacks):
+    """TRL's RLOOTrainer or GRPOTrainer with our config: train.batch_size replies per device per step, in groups of
+    train.num_generations per prompt, KL to the SFT policy with coefficient train.beta (the reference is the model
+    TRL loads from SFT's folder, or with LoRA the adapter-disabled base)."""
+    from pipeline.trainers.hf import lora_config, trainer_args
+
+    t = cfg.train
+    if algorithm == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+
+        extra = {"loss_type": t.loss_type, "scale_rewards": t.scale_rewards}
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+
+        extra = {}
+    args = trainer_args(Config, cfg, run, t, evaluate=False, num_generations=t.num_generations,
+                        max_completion_length=t.max_new_tokens, temperature=t.temperature, beta=t.beta,
+                        epsilon=t.epsilon, num_iterations=t.num_iterations, log_completions=False,
+                        disable_dropout=True, **extra)
+    return Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=train_ds, processing_class=tok,
+                   peft_config=lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0), callbacks=callbacks)

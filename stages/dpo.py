@@ -1,0 +1,132 @@
+"""Method — DPO: the SFT policy fitted directly to the comparisons, no reward model in the loop (Rafailov et al.).
+
+    make dpo                                                  # = python -m stages.dpo
+    python -m stages.dpo train.beta=0.3 run=dpo-b03 parent_run=default
+    python -m stages.dpo train.loss_type=ipo peft=lora         # IPO; LoRA (merged into final/ unless peft.merge=false)
+
+TRL's DPOTrainer on the comparisons the reward model learnt from: data.preference (the shipped ranked comparisons,
+expanded to pairs) and, with train.onpolicy, the on-policy comparisons the reward stage recorded
+(runs/<run>/reward/onpolicy_comparisons.jsonl). The SFT policy is the reference (with LoRA, the adapter-disabled
+base); beta and the loss type come from config. The reward model is only a judge here: the evaluation every method
+gets (pipeline.eval.gold.versus_sft) reads it for eval/.../reward. Interrupted? Run the same command again: the
+Trainer resumes from its last checkpoint.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from transformers import ProgressCallback
+
+from pipeline.core.entry import entry
+from pipeline.core.errors import UserError
+from pipeline.core.io import read_utf8
+from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint
+from pipeline.core.tracking import Tracker
+from pipeline.data.formats import check_prompt_lengths, load_preferences
+from pipeline.data.pairs import expand_pairs
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.models.loading import fit_special_ids, load_causal_lm
+from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
+from pipeline.trainers.methods import Judge, sample_rows, summary
+from pipeline.trainers.reward import first_groups
+
+
+@entry("dpo")
+def main(cfg: DictConfig) -> None:
+    import datasets
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    state = PartialState(cpu=not torch.cuda.is_available())
+    run = StageRun(cfg, is_main=state.is_main_process)
+    sft_parent = run.parent("sft")
+    rm_parent = run.parent("reward")
+    if not run.begin(barrier=state.wait_for_everyone):
+        return
+    t0 = time.time()
+    set_seed(cfg.seed)
+    tracker = Tracker(cfg, run, state.is_main_process)
+    tracker.use_parent(sft_parent)
+    tracker.use_parent(rm_parent)
+    say = print if state.is_main_process else (lambda *a, **k: None)
+    datasets.disable_progress_bars()
+    t = cfg.train
+
+    try:
+        # ---- model: the SFT policy (and, without LoRA, a frozen copy of it as the reference) ----------------
+        tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
+        model = fit_special_ids(load_causal_lm(sft_parent["final"]), tok).to(state.device)
+        ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
+        max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
+
+        # ---- data: the reward stage's comparisons, shipped and on-policy --------------------------------------
+        pairs, skipped = load_preferences(cfg.data.preference, cfg.data.world)
+        pairs = first_groups(pairs, t.max_prompts)
+        onpolicy = Path(rm_parent["dir"]) / "onpolicy_comparisons.jsonl"
+        n_onpolicy = 0
+        if t.onpolicy and onpolicy.is_file():  # expanded as the reward stage expanded them: the same pairs
+            more = expand_pairs([json.loads(line) for line in read_utf8(onpolicy).splitlines() if line.strip()])
+            pairs, n_onpolicy = pairs + more, len(more)
+        pairs, n = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
+        skipped += n
+        if not pairs:
+            raise UserError(f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): no usable "
+                            f"preference pairs" + (f" ({skipped} bad records skipped)" if skipped else ""))
+        train_ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+        say(f"[dpo] {len(pairs)} pairs ({n_onpolicy} on-policy from the reward stage), beta {t.beta}, "
+            f"loss {t.loss_type}, max_length {max_len}" + (", LoRA" if cfg.peft.enabled else "")
+            + (f", {skipped} bad records skipped" if skipped else ""))
+
+        # ---- training: TRL's DPOTrainer, the SFT policy as the reference -----------------------------------
+        args = trainer_args(TRLDPOConfig, cfg, run, t, evaluate=False, max_length=max_len, beta=t.beta,
+                            loss_type=[t.loss_type])
+        log_cb = TrackerCallback(tracker, say)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
+                             peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=[log_cb])
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress())
+        ckpt = latest_trainer_checkpoint(run.ckpt_root)
+        if ckpt is not None:
+            run.update(resumed_from=int(ckpt.name.split("-")[1]))
+            say(f"[dpo] resuming from {ckpt}")
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        loss = log_cb.last.get("train/loss", float("nan"))
+        if "train/loss" in log_cb.last and not math.isfinite(loss):
+            raise UserError(f"DPO diverged: train/loss is {loss} (try a lower optim.lr or a smaller train.beta)")
+
+        # ---- evaluation: the one every method gets ---------------------------------------------------------
+        state.wait_for_everyone()
+        out_model, adapter, weights = final_model(trainer, cfg.peft)
+        judge = Judge(cfg, sft_parent, rm_parent, state.device)
+        metrics, outputs = judge.versus_sft(out_model)
+        metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("train/rewards/")})
+        metrics.update({"train/loss": loss, "train/tokens": log_cb.last.get("train/num_tokens", 0),
+                        "data/train_pairs": len(pairs), "data/onpolicy_pairs": n_onpolicy,
+                        "data/skipped_records": skipped, "time/stage_s": time.time() - t0})
+        tracker.log(metrics, step=trainer.state.global_step)
+        tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "dpo", "dpo_gold"],
+                      sample_rows(judge.prompts, outputs["eval/sampled"]), step=trainer.state.global_step)
+
+        # ---- save: a plain Hugging Face checkpoint (SFT's generation config) -------------------------------
+        def save(d):
+            out_model.save_pretrained(d, state_dict=weights, safe_serialization=True)
+            tok.save_pretrained(d)
+
+        run.finish(save, metrics, adapter=adapter)
+        tracker.finish(metrics, run.final_dir)
+    except BaseException as e:
+        run.fail(failure_reason(e))
+        tracker.close()
+        raise
+    say(summary("dpo", metrics) + f"; saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
