@@ -21,11 +21,14 @@ STAGE_ARGS = run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)
 comma := ,
 
 # The training stages, in order, come from their specs (pipeline/core/registry.py: standard library only, so the
-# system Python reads it before .venv exists); each is `python -m stages.<name>`.
+# system Python reads it before .venv exists); each is `python -m stages.<name>`. The method stages (DPO, RLOO,
+# GRPO, best-of-n, expert iteration) are alternatives to PPO, not steps of make all: make methods runs them.
 STAGES := $(shell $(PYTHON) -m pipeline.core.registry)
 ifeq ($(STAGES),)
 $(error cannot read the stage list: $(PYTHON) -m pipeline.core.registry failed (run make from the repository root))
 endif
+METHODS := $(shell $(PYTHON) -m pipeline.core.registry --methods)
+DASHED  := $(foreach m,$(METHODS),$(if $(findstring _,$(m)),$(subst _,-,$(m))))  # make expert-iteration: stages.expert_iteration
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +37,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-.PHONY: help setup all $(STAGES) report compare chat serve generate reward-data test test-slow bench clean
+.PHONY: help setup all $(STAGES) $(METHODS) $(DASHED) methods report compare chat serve generate reward-data test test-slow bench clean
 help:  ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 	@$(PYTHON) -m pipeline.core.registry --describe | expand -t 14
@@ -43,8 +46,15 @@ setup: $(STAMP)  ## create .venv and install the project with its dev extras (on
 
 all: $(STAGES) report  ## the whole pipeline, ending with the report card
 
-$(STAGES): $(STAMP)
+$(STAGES) $(METHODS): $(STAMP)
 	$(PY) -m stages.$@ $(STAGE_ARGS)
+
+$(DASHED): $(STAMP)
+	$(PY) -m stages.$(subst -,_,$@) $(STAGE_ARGS)
+
+methods: $(STAMP)  ## every method on the run's SFT policy and reward model -> runs/<run>/methods.md (after make all)
+	@set -e; for m in $(METHODS); do echo "$(PY) -m stages.$$m $(STAGE_ARGS)"; $(PY) -m stages.$$m $(STAGE_ARGS); done
+	$(PY) -m stages.tools.methods run=$(RUN) $(filter paths.%,$(ARGS))
 
 report: $(STAMP)  ## report card: runs/<run>/report.md with plots and side-by-side answers
 	$(PY) -m stages.tools.report run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)

@@ -88,3 +88,59 @@ def decoding_rows(ppo_metrics: dict, weights: dict[str, float]) -> list[tuple]:
     rows += [(f"gold: {k}", g(f"eval/sft_gold/{k}"), g(f"eval/gold/{k}"), g(f"eval/sampled/sft_gold/{k}"),
               g(f"eval/sampled/gold/{k}")) for k in weights]
     return rows if any(v is not None for row in rows for v in row[1:]) else []
+
+
+# ---- the methods table (make methods): every way to learn from the preferences, scored alike -----------------
+
+def _minutes(m: dict):
+    """A stage's wall time in minutes: its own time/stage_s, else its manifest's start and end."""
+    import datetime
+
+    s = m.get("metrics", {}).get("time/stage_s")
+    if s is not None:
+        return s / 60
+    try:
+        a, b = (datetime.datetime.strptime(m[k], "%Y-%m-%dT%H:%M:%S%z") for k in ("started", "ended"))
+    except (KeyError, ValueError):
+        return None
+    return (b - a).total_seconds() / 60
+
+
+def method_rows(manifests: dict[str, dict]) -> list[dict]:
+    """One row per complete method (PPO included, SFT first as the baseline), from the manifests alone: the sampled
+    evaluation every method shares (pipeline.eval.gold.versus_sft: best-of-n has no greedy form) -- gold score,
+    win rate over SFT with its 95% bootstrap interval, whether the interval clears 0.5, KL to SFT (best-of-n: its
+    bound), reply tokens -- with the greedy gold where measured, wall minutes and training tokens."""
+    done = {s: m for s, m in manifests.items() if m.get("status") == "complete"}
+    rows = []
+    for stage in ("ppo", *METHODS):
+        g = done.get(stage, {}).get("metrics", {}).get
+        if g("eval/sampled/gold_score") is None:
+            continue
+        if not rows:
+            rows.append({"method": "sft", "gold": g("eval/sampled/sft_gold_score"), "win": 0.5, "lo": None,
+                         "hi": None, "beats": None, "kl": 0.0, "length": g("eval/sampled/sft_response_tokens"),
+                         "greedy": next((v for m in done.values() if (v := m.get("metrics", {}).get(
+                             "eval/sft_gold_score")) is not None), None), "minutes": _minutes(done["sft"]) if "sft" in done else None,
+                         "tokens": None, "n": g("eval/sampled/n_prompts")})
+        lo, hi = g("eval/sampled/win_rate_ci_low"), g("eval/sampled/win_rate_ci_high")
+        rows.append({"method": stage, "gold": g("eval/sampled/gold_score"), "win": g("eval/sampled/win_rate_vs_sft"),
+                     "lo": lo, "hi": hi, "beats": None if lo is None else ("above" if lo > 0.5 else "below"
+                                                                           if hi < 0.5 else "no"),
+                     "kl": g("eval/sampled/kl"), "length": g("eval/sampled/response_tokens"),
+                     "greedy": g("eval/gold_score"), "minutes": _minutes(done[stage]), "tokens": g("train/tokens"),
+                     "n": g("eval/sampled/n_prompts")})
+    return rows
+
+
+def methods_table(rows: list[dict]) -> list[str]:
+    """AlpacaFarm's table for one run, as markdown lines."""
+    f = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
+    out = ["| method | gold (sampled) | win rate vs SFT [95% CI] | beats SFT? | KL to SFT | reply tokens | "
+           "gold (greedy) | minutes | training tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = f" [{f(r['lo'], 2)}, {f(r['hi'], 2)}]" if r["lo"] is not None else ""
+        out.append(f"| {r['method']} | {f(r['gold'])} | {f(r['win'], 2)}{ci} | {r['beats'] or '–'} | {f(r['kl'], 2)} "
+                   f"| {f(r['length'], 1)} | {f(r['greedy'])} | {f(r['minutes'], 1)} | "
+                   f"{'–' if r['tokens'] is None else int(r['tokens'])} |")
+    return out

@@ -89,3 +89,27 @@ def curves_plot(series: dict[str, list[tuple[float, float]]], path: Path, title:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def methods_plot(points: dict[str, tuple[float, float]], curves: dict[str, list[tuple[float, float]]], path: Path,
+                 title: str = "") -> Path:
+    """Gold score against KL to SFT for every method of one run: `points` {method: (kl, gold)} from the final
+    sampled evaluation; `curves` {label: [(kl, gold), ...]}, best-of-n over n and the RL methods over their training
+    (their periodic held-out evaluations), drawn as lines with the final point marked on top."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=110)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*curves, *points]))}
+    for label, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=1.2, alpha=0.6, color=colors[label],
+                    marker=".", ms=4)
+    for name, (kl, gold) in points.items():
+        ax.scatter([kl], [gold], s=40, color=colors[name], zorder=3, label=name)
+        ax.annotate(name, (kl, gold), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("KL(method || SFT)  (nats; best-of-n: the bound log n - (n-1)/n)")
+    ax.set_ylabel("gold score (held-out, sampled)")
+    ax.set_title(title or "gold against KL, every method")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

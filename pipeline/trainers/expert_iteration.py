@@ -15,9 +15,11 @@ from pipeline.rl.readout import score_rollout
 def best_replies(policy, tok, prompts: list, end_ids, n: int, reward_model, closing, oracle, t, dev,
                  batch_size: int, max_prompt_tokens: int, seed: int) -> tuple[list[dict], dict]:
     """Dialogues {"messages": prompt + [the best of n replies]} for `prompts`, and what the choice did: the kept
-    replies' and all samples' mean reward-model score and gold score, and the tokens generated. `policy` is a
-    TokenModel; the reward model is read by the one readout, at the last token of the templated conversation."""
-    kept, stats = [], {"rm_kept": 0.0, "rm_all": 0.0, "gold_kept": 0.0, "gold_all": 0.0, "generated_tokens": 0}
+    replies' and all samples' mean reward-model score and gold score, the tokens generated, and how many prompts
+    had only empty replies (nothing to imitate: left out). `policy` is a TokenModel; the reward model is read by the
+    one readout, at the last token of the templated conversation."""
+    kept, stats = [], {"rm_kept": 0.0, "rm_all": 0.0, "gold_kept": 0.0, "gold_all": 0.0, "generated_tokens": 0,
+                       "empty_prompts": 0}
     was = policy.model.training
     policy.model.eval()
     try:
@@ -30,8 +32,12 @@ def best_replies(policy, tok, prompts: list, end_ids, n: int, reward_model, clos
             texts = decode_responses(tok, ro)
             rm = score_rollout(reward_model, ro, closing).view(len(batch), n)
             gold = torch.tensor(oracle.score_batch(many, texts)).view(len(batch), n)
-            best = rm.argmax(-1)
+            empty = torch.tensor([not x.strip() for x in texts]).view(len(batch), n)
+            best = rm.masked_fill(empty, float("-inf")).argmax(-1)  # an empty reply is no demonstration
             for i, p in enumerate(batch):
+                if empty[i].all():
+                    stats["empty_prompts"] += 1
+                    continue
                 kept.append({"messages": list(p) + [{"role": "assistant", "content": texts[i * n + int(best[i])]}]})
             rows = torch.arange(len(batch))
             stats["rm_kept"] += float(rm[rows, best].sum())

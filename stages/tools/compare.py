@@ -5,7 +5,8 @@
 
 Writes <paths.root>/compare.md with a table of every run's headline metrics, overlaid curves and, for the runs
 with periodic PPO evaluations, their held-out gold and reward-model scores against sqrt(KL) on one figure: over a
-`train.kl_coef` sweep it shows which settings over-optimise the reward model.
+`train.kl_coef` sweep it shows which settings over-optimise the reward model. Runs with method stages (make
+methods) get their methods tables side by side too.
 """
 
 import json
@@ -15,7 +16,8 @@ from omegaconf import DictConfig
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
-from pipeline.report.card import HEADLINE, all_runs, curve, fmt, stage_manifests
+from pipeline.core.registry import ORDER
+from pipeline.report.card import HEADLINE, all_runs, curve, fmt, method_rows, methods_table, stage_manifests
 from pipeline.report.plots import curves_plot, sweep_overoptimization_plot
 
 CURVES = [("pretrain", "eval/loss", "Pretraining held-out loss"), ("sft", "eval/loss", "SFT held-out loss"),
@@ -37,13 +39,19 @@ def main(cfg: DictConfig) -> None:
     figs.mkdir(parents=True, exist_ok=True)
     manifests = {r: stage_manifests(root, r) for r in runs}
 
-    cols = [(s, k) for s, keys in HEADLINE.items() for k in keys
+    cols = [(s, k) for s, keys in HEADLINE.items() if s in ORDER for k in keys  # the methods get their own table
             if any(k in manifests[r].get(s, {}).get("metrics", {}) for r in runs)]
     L = [f"# Comparing {len(runs)} runs", "", "| run | " + " | ".join(f"{s} `{k}`" for s, k in cols) + " |",
          "|---|" + "---|" * len(cols)]
     for r in runs:
         L.append(f"| {r} | " + " | ".join(fmt(manifests[r].get(s, {}).get("metrics", {}).get(k)) for s, k in cols) + " |")
     L.append("")
+    methods = {r: rows for r in runs if len(rows := method_rows(manifests[r])) > 1}
+    if methods:
+        L += ["## Methods", "", "Each run's methods table (make methods): the same sampled evaluation against that "
+              "run's own SFT policy.", ""]
+        for r, rows in methods.items():
+            L += [f"### {r}", "", *methods_table(rows), ""]
     for stage, key, title in CURVES:
         series = {r: curve(root, r, stage, key) for r in runs}
         if any(series.values()):
