@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from pipeline.core.registry import ORDER
+from pipeline.core.registry import SPECS
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -33,7 +33,7 @@ def run_stage(stage: str, *overrides: str, env: dict | None = None, check: bool 
               timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m stages.<stage> overrides...` from the repo root, as `make <stage>` does."""
     e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    module = f"stages.{stage}" if stage in ORDER else f"stages.tools.{stage}"
+    module = f"stages.{stage}" if stage in SPECS else f"stages.tools.{stage}"
     p = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=e,
                        capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:

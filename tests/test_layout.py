@@ -6,7 +6,7 @@ import itertools
 import re
 from pathlib import Path
 
-from pipeline.core.registry import ORDER, POLICY_STAGES, SPECS
+from pipeline.core.registry import METHODS, ORDER, POLICIES, POLICY_STAGES, SPECS
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = sorted((REPO / "pipeline").rglob("*.py"))
@@ -60,7 +60,7 @@ def test_no_name_defined_in_two_library_modules():
 def test_the_stage_list_lives_in_the_registry():
     """No other file of the library, the stages, the benches or the Makefile spells out the stages as a list (four
     or more names side by side; a pair such as PPO against SFT is a comparison, not the list)."""
-    name = r"""["'](?:%s)["']""" % "|".join(ORDER)
+    name = r"""["'](?:%s)["']""" % "|".join((*ORDER, *METHODS))
     listed = re.compile(r"\s*,\s*".join([name] * 4))
     files = [*LIBRARY, *(REPO / "stages").rglob("*.py"), *(REPO / "bench").glob("*.py"), REPO / "Makefile"]
     offenders = [str(p.relative_to(REPO)) for p in files
@@ -72,11 +72,15 @@ def test_the_stage_list_lives_in_the_registry():
 def test_registry_specs_are_consistent():
     import pipeline.core.config as config
 
+    order = (*ORDER, *METHODS)  # a method's parents are chain stages: make all makes them before make methods
+    assert list(SPECS) == list(order) and all(SPECS[m].parents and not SPECS[m].chain for m in METHODS)
     for name, spec in SPECS.items():
         assert config.SCHEMAS[name] is getattr(config, spec.schema), name
-        assert all(ORDER.index(p) < ORDER.index(name) for p in spec.parents), f"{name}: a parent runs after it"
+        assert all(order.index(p) < order.index(name) for p in spec.parents), f"{name}: a parent runs after it"
+        assert name in METHODS or all(p in ORDER for p in spec.parents), f"{name}: the chain needs a method"
         assert (REPO / "stages" / f"{name}.py").is_file() and (REPO / "conf" / f"{name}.yaml").is_file(), name
     assert POLICY_STAGES == ("ppo", "sft", "pretrain")  # newest first: chat's default when none is named
+    assert set(POLICIES) == set(POLICY_STAGES) | {m for m in METHODS if SPECS[m].policy}  # stage=dpo etc. by name
     # every stage's data keys exist in the data config
     data = config.DataConfig()
     for spec, key in itertools.chain.from_iterable(((s, k) for k in s.data) for s in SPECS.values()):
