@@ -98,8 +98,9 @@ def main(cfg: DictConfig) -> None:
         metrics.update({"train/tokens": log_cb.last.get("train/num_tokens", 0), "data/skipped_records": skipped + n,
                         "train/episodes": t.max_steps * t.batch_size * t.grad_accum * state.num_processes,
                         "time/stage_s": time.time() - t0})
-        metrics["train/episodes_per_s"] = metrics["train/episodes"] / max(log_cb.last.get("train/runtime", 0), 1e-9) \
-            if log_cb.last.get("train/runtime") else float("nan")
+        # throughput of the training alone: the periodic evaluations' seconds are not the algorithm's
+        busy = log_cb.last.get("train/runtime", float("nan")) - periodic.seconds
+        metrics["train/episodes_per_s"] = metrics["train/episodes"] / busy if busy > 0 else float("nan")
         tracker.log(metrics, step=trainer.state.global_step)
         tracker.table("eval/samples", ["prompt", "sft", "sft_gold", ALGORITHM, f"{ALGORITHM}_gold"],
                       sample_rows(judge.prompts, outputs["eval/sampled"]), step=trainer.state.global_step)

@@ -80,11 +80,13 @@ class PeriodicEval(TrainerCallback):
     def __init__(self, judge, tracker, path, every: int, enabled: bool = True):
         self.judge, self.tracker, self.path, self.every, self.enabled = judge, tracker, path, every, enabled
         self.rows = json.loads(path.read_text()) if path.is_file() else []
+        self.seconds = 0.0  # spent evaluating in this process (the rest of train/runtime is training)
 
     def _eval(self, model, step: int) -> None:
         if not self.enabled or model is None or any(r["iteration"] == step for r in self.rows):
             return
         row = self.judge.periodic(model, step)
+        self.seconds += row["seconds"]
         self.rows.append(row)
         self.tracker.log({"periodic/gold_score": row["gold"], "periodic/reward": row["reward"],
                           "periodic/kl": row["kl"], "periodic/rm_score": row["rm_score"],
