@@ -113,7 +113,7 @@ def main(cfg: DictConfig) -> None:
             trainer.add_callback(QuietProgress())
             ckpt = latest_trainer_checkpoint(rdir)
             if ckpt is not None:
-                run.update(resumed_from=r * 1_000_000 + int(ckpt.name.split("-")[1]))
+                run.update(resumed_from=int(ckpt.name.split("-")[1]), resumed_round=r)
                 say(f"[expert_iteration] resuming round {r} from {ckpt}")
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
             loss = log_cb.last.get("train/loss", float("nan"))
