@@ -715,8 +715,13 @@ _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.i
              "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap")
 
 
-_DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+# keys whose choices differ by stage (TRL's own, checked here so a typo is one line, not TRL's traceback)
+_STAGE_CHOICES = {
+    "dpo": {"train.loss_type": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+                                "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")},
+    "grpo": {"train.loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+             "train.scale_rewards": ("group", "batch", "none")},
+}
 
 
 def problems(cfg) -> list[str]:
@@ -765,8 +770,9 @@ def problems(cfg) -> list[str]:
                    f"prompt")
     elif k and (get("train.batch_size") or 0) % k:
         out.append(f"train.batch_size={get('train.batch_size')} must be a multiple of train.num_generations={k}")
-    if get("stage") == "dpo" and get("train.loss_type") not in _DPO_LOSSES:
-        out.append(f"train.loss_type={get('train.loss_type')!r} is not one of {', '.join(_DPO_LOSSES)}")
+    for key, allowed in _STAGE_CHOICES.get(get("stage"), {}).items():
+        if get(key) not in allowed:
+            out.append(f"{key}={get(key)!r} is not one of {', '.join(allowed)}")
     mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")
     if mb and rb and mb > rb:
         out.append(f"train.minibatch_size={mb} is larger than train.rollout_batch_size={rb}")

@@ -187,7 +187,7 @@ def best_of_n_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closin
         ids, am = prompt_batch(tok, many, t.max_prompt_tokens, dev)
         ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p)
         texts = decode_responses(tok, ro)
-        rm = score_rollout(reward_model, ro, closing, pack).view(len(batch), n)
+        rm = score_rollout(reward_model, ro, closing, pack).cpu().view(len(batch), n)
         length = ro.response_mask.sum(-1).view(len(batch), n)
         ended = ro.ended.view(len(batch), n)
         parts = [oracle.components(p, x) for p, x in zip(many, texts)]

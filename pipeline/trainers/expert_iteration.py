@@ -30,7 +30,7 @@ def best_replies(policy, tok, prompts: list, end_ids, n: int, reward_model, clos
             ids, am = prompt_batch(tok, many, max_prompt_tokens, dev)
             ro = sample(policy, tok, ids, am, end_ids, t.max_new_tokens, t.temperature)
             texts = decode_responses(tok, ro)
-            rm = score_rollout(reward_model, ro, closing).view(len(batch), n)
+            rm = score_rollout(reward_model, ro, closing).cpu().view(len(batch), n)
             gold = torch.tensor(oracle.score_batch(many, texts)).view(len(batch), n)
             empty = torch.tensor([not x.strip() for x in texts]).view(len(batch), n)
             best = rm.masked_fill(empty, float("-inf")).argmax(-1)  # an empty reply is no demonstration
