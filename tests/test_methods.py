@@ -165,10 +165,10 @@ def test_dpo_loss_falls_on_a_preference_set_with_an_obvious_rule(smoke_chain, tm
                                          "chosen": [{"role": "assistant", "content": "Bera is a baker."}],
                                          "rejected": [{"role": "assistant", "content": "No no no no no."}]}) + "\n"
                              for q in qs))
-    run_stage("dpo", *SMOKE, f"paths.root={smoke_chain}", "run=rule", "parent_run=default", "data.preference.kind=local",
-              f"data.preference.path={pairs}", "data.preference.format=pairs", "train.onpolicy=false",
-              "train.max_prompts=null", "train.max_steps=12", "optim.lr=1e-3", "train.save_every=100",
-              "eval.prompts=4")
+    run_stage("dpo", *SMOKE, f"paths.root={smoke_chain}", "run=rule", "parent_run=default",
+              "data.preference.kind=local", f"data.preference.path={pairs}", "data.preference.format=pairs",
+              "train.onpolicy=false", "train.max_prompts=null", "train.max_steps=12", "optim.lr=1e-3",
+              "train.save_every=100", "eval.prompts=4")
     loss = _curve(smoke_chain, "rule", "dpo", "train/loss")
     acc = _curve(smoke_chain, "rule", "dpo", "train/rewards/accuracies")
     assert len(loss) >= 10 and loss[0] == pytest.approx(math.log(2), abs=0.02), loss
@@ -200,8 +200,8 @@ def test_bad_input_is_one_line(smoke_chain, tmp_path, capsys):
     other = tmp_path / "runs"
     shutil.copytree(smoke_chain / "default" / "sft", other / "other" / "sft")  # an SFT policy, no reward model
     cases = [
-        ("dpo", [*common, "run=np", "parent_run=default", "data.preference.kind=local", f"data.preference.path={no_prompt}",
-                 "data.preference.format=pairs"], "noprompt.jsonl:1"),
+        ("dpo", [*common, "run=np", "parent_run=default", "data.preference.kind=local",
+                 f"data.preference.path={no_prompt}", "data.preference.format=pairs"], "noprompt.jsonl:1"),
         ("bon", [*SMOKE, f"paths.root={other}", "run=other"], "make reward RUN=other"),
         ("grpo", [*SMOKE, f"paths.root={other}", "run=other"], "make reward RUN=other"),
         ("bon", [*common, "bon.n=0"], "bon.n=0 must be positive"),
@@ -219,3 +219,38 @@ def test_bad_input_is_one_line(smoke_chain, tmp_path, capsys):
     m = _m(smoke_chain, "np", "dpo")  # a stage that had begun records why it stopped
     assert m["status"] == "failed" and "noprompt.jsonl:1" in m["error"]
     assert not (other / "other" / "bon").exists()
+
+
+# ---- bench/methods.py: over seeds, on the smoke preset ------------------------------------------------------------
+
+def _bench():
+    import runpy
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        return runpy.run_path(str(REPO / "bench" / "methods.py"))
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+
+def test_bench_summary_over_seeds_by_hand():
+    row = lambda m, g, beats: {"method": m, "gold": g, "win": 0.6, "beats": beats, "kl": 1.0, "length": 10.0,  # noqa
+                               "minutes": 2.0}
+    s = {r["method"]: r for r in _bench()["summarise"]({0: [row("dpo", 0.5, "above")], 1: [row("dpo", 0.7, "no")]})}
+    assert s["dpo"]["seeds"] == 2 and s["dpo"]["gold"] == pytest.approx(0.6)
+    assert s["dpo"]["sd"] == pytest.approx(0.1414, abs=1e-4) and (s["dpo"]["above"], s["dpo"]["below"]) == (1, 0)
+
+
+def test_bench_runs_methods_over_a_seed(smoke_chain):
+    out = _bench()["main"](["--runs-root", str(smoke_chain), "--run", "default", "--preset", "smoke", "--seeds", "0",
+                            "--methods", "bon,rloo"])
+    methods = [r["method"] for r in out["per_seed"][0]]
+    assert methods == ["sft", "ppo", "bon", "rloo"], methods
+    assert set(out["speed"]) == {"ppo (ours)", "rloo (TRL)"} and all(v[0] > 0 for v in out["speed"].values())
+    assert out["minutes"][0] > 0 and (smoke_chain / "default__seed0" / "methods.md").is_file()
+    # one evaluation: SFT's sampled answers are the same draw whether PPO's final evaluation or a method's made them
+    sft = {s: _m(smoke_chain, "default__seed0", s)["metrics"]["eval/sampled/sft_gold_score"]
+           for s in ("ppo", "bon", "rloo")}
+    assert len(set(sft.values())) == 1, sft

@@ -534,8 +534,8 @@ class MethodEval:
                                   "under (PPO: train.temperature)")
     top_k: int = opt(0, "top-k of the sampled evaluation; 0: off")
     top_p: float = opt(1.0, "nucleus sampling of the sampled evaluation; 1.0: off")
-    greedy: bool = opt(True, "also the greedy evaluation (eval/...); the sampled one (eval/sampled/...) is always made, "
-                             "since best-of-n has only that")
+    greedy: bool = opt(True, "also the greedy evaluation (eval/...); the sampled one (eval/sampled/...) is always "
+                             "made, since best-of-n has only that")
     bootstrap: int = opt(1000, "bootstrap resamples of the prompts for the win rate's 95% interval")
     periodic_prompts: int = opt(64, "RLOO, GRPO: the first N held-out prompts answered every train.eval_every steps "
                                     "(sampled: gold, reward-model score, exact KL), the method's curve on the gold-KL "
@@ -559,9 +559,9 @@ class TrainerBudget:
 
 @dataclass
 class BoNSettings:
-    n: int = opt(16, "replies sampled from SFT per prompt (at eval.temperature); the reward model's best is the answer. "
-                     "Its KL to SFT is at most log n - (n-1)/n; the manifest also gives every power of 2 below n, "
-                     "the first m of the same samples (a curve over n)")
+    n: int = opt(16, "replies sampled from SFT per prompt (at eval.temperature); the reward model's best is the "
+                     "answer. Its KL to SFT is at most log n - (n-1)/n; the manifest also gives every power of 2 "
+                     "below n, the first m of the same samples (a curve over n)")
 
 
 @dataclass

@@ -68,8 +68,9 @@ def component_rows(manifests: dict[str, dict], weights: dict[str, float]) -> lis
 
 
 def all_runs(root: Path) -> list[str]:
+    stages = (*ORDER, *METHODS)
     return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / s / "manifest.json").exists()
-                                                                        for s in (*ORDER, *METHODS))) if root.exists() else []
+                                                                        for s in stages)) if root.exists() else []
 
 
 # PPO's final evaluation, greedy and sampled: (label, PPO's key, SFT's key or None), the prefix left out
@@ -118,10 +119,11 @@ def method_rows(manifests: dict[str, dict]) -> list[dict]:
         if g("eval/sampled/gold_score") is None:
             continue
         if not rows:
+            greedy = next((v for m in done.values() if (v := m.get("metrics", {}).get("eval/sft_gold_score"))
+                           is not None), None)  # best-of-n has none: any method's greedy SFT answers
             rows.append({"method": "sft", "gold": g("eval/sampled/sft_gold_score"), "win": 0.5, "lo": None,
                          "hi": None, "beats": None, "kl": 0.0, "length": g("eval/sampled/sft_response_tokens"),
-                         "greedy": next((v for m in done.values() if (v := m.get("metrics", {}).get(
-                             "eval/sft_gold_score")) is not None), None), "minutes": _minutes(done["sft"]) if "sft" in done else None,
+                         "greedy": greedy, "minutes": _minutes(done["sft"]) if "sft" in done else None,
                          "tokens": None, "n": g("eval/sampled/n_prompts")})
         lo, hi = g("eval/sampled/win_rate_ci_low"), g("eval/sampled/win_rate_ci_high")
         rows.append({"method": stage, "gold": g("eval/sampled/gold_score"), "win": g("eval/sampled/win_rate_vs_sft"),

@@ -84,11 +84,15 @@ class Judge:
         """`policy` (a causal LM) against SFT, greedy (eval.greedy) and sampled; or, with `best_of` = n, SFT's
         best of n samples by the reward model (sampled only), with the picks among the first m for m in `also`."""
         if best_of:
+            # about eval.batch_size replies per generate call, as for SFT's own answers, whose batches (and so
+            # draws) stay those of every other method's evaluation
+            t = SimpleNamespace(**{**vars(self.t), "eval_batch_size": max(1, self.t.eval_batch_size // best_of)})
+
             def answer(who, greedy):
                 self._seed()
                 if who == "sft":
                     return self._answer(self.sft, self.prompts, greedy)
-                return gathered(lambda mine: best_of_n_eval(self.sft, mine, self.tok, self.end_ids, self.t,
+                return gathered(lambda mine: best_of_n_eval(self.sft, mine, self.tok, self.end_ids, t,
                                                             self.oracle, self.reward_model, self.closing, self.dev,
                                                             0, best_of, also), self.prompts)
 
