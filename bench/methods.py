@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated method stages")
     ap.add_argument("--no-ppo", action="store_true", help="leave PPO out (its figures then come from nowhere)")
-    ap.add_argument("--args", default="", help="extra overrides for every method stage, space-separated")
+    ap.add_argument("--args", default="", help="extra overrides for every method stage (not PPO), space-separated")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables to this markdown file")
     a = ap.parse_args(argv)
     root, seeds = a.runs_root.resolve(), [int(s) for s in a.seeds.split(",")]
@@ -108,12 +108,13 @@ def main(argv=None) -> dict:
     per_seed, walls, speed = {}, {}, {}
     for s in seeds:
         run = f"{a.run}__seed{s}"
-        common = [f"run={run}", f"parent_run={a.run}", f"seed={s}", *a.args.split()]
+        common = [f"run={run}", f"parent_run={a.run}", f"seed={s}"]
         todo = (["ppo"] if not a.no_ppo else []) + methods
         for stage in todo:
             print(f"[methods bench] seed {s}: {stage}", flush=True)
-            walls[(s, stage)] = run_logged(stage_cmd(stage, a.preset, root, *common), logs / f"{run}_{stage}.log",
-                                           env)
+            extra = a.args.split() if stage != "ppo" else []  # the methods' keys (eval.*, train.*) are not PPO's
+            walls[(s, stage)] = run_logged(stage_cmd(stage, a.preset, root, *common, *extra),
+                                           logs / f"{run}_{stage}.log", env)
         run_logged([sys.executable, "-m", "stages.tools.methods", f"run={run}", f"paths.root={root}"],
                    logs / f"{run}_table.log", env)
         # the method table of a seed's run: its parents (sft, reward) live in the base run

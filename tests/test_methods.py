@@ -254,3 +254,49 @@ def test_bench_runs_methods_over_a_seed(smoke_chain):
     sft = {s: _m(smoke_chain, "default__seed0", s)["metrics"]["eval/sampled/sft_gold_score"]
            for s in ("ppo", "bon", "rloo")}
     assert len(set(sft.values())) == 1, sft
+
+
+def test_rloo_and_grpo_read_the_reward_model_as_ppo_does(smoke_chain):
+    """TRL hands the reward function its own completion tokens; rebuilt into PPO's rollout, they must score exactly
+    what PPO's readout gives the same replies (normalised with the reward stage's statistics, unfinished replies
+    below finished ones), and the text readout agrees on finished replies."""
+    import torch
+
+    from pipeline.data.prompts import prompt_batch
+    from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+    from pipeline.inference.sampler import decode_responses, sample
+    from pipeline.models.loading import load_causal_lm, load_sequence_classifier
+    from pipeline.models.token_model import TokenModel
+    from pipeline.rl.readout import score_rollout, score_texts, turn_closing
+    from pipeline.rl.shaping import penalise_unfinished
+    from pipeline.trainers.group_rl import PipelineReward
+    from pipeline.world.oracle import GoldOracle
+
+    d = smoke_chain / "default"
+    tok = load_tokenizer(d / "sft" / "final", need_chat_template=True)
+    policy = TokenModel(load_causal_lm(d / "sft" / "final").eval())
+    rm = TokenModel(load_sequence_classifier(d / "reward" / "final").eval())
+    stats = _m(smoke_chain, "default", "reward")["reward_stats"]
+    prompts = [[{"role": "user", "content": q}] for q in ("How old is Bera?", "What does Tovi do?")] * 4
+    torch.manual_seed(0)
+    ids, am = prompt_batch(tok, prompts, 192, "cpu")
+    ro = sample(policy, tok, ids, am, end_of_turn_ids(tok), 12, 1.0)
+    completion_ids = [r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]  # what TRL passes
+    texts = decode_responses(tok, ro)
+    reward = PipelineReward("model", tok, end_of_turn_ids(tok), 192, rm, turn_closing(tok), stats=stats,
+                            missing_eos_penalty=1.0)
+    got = reward(prompts, [[{"role": "assistant", "content": x}] for x in texts], completion_ids=completion_ids)
+    ppo = penalise_unfinished((score_rollout(rm, ro, turn_closing(tok)) - stats["mean"]) / stats["std"], ro.ended, 1.0)
+    assert got == pytest.approx(ppo.tolist(), abs=1e-5)
+    # the text readout (re-tokenizing the decoded reply) agrees wherever the reply's tokens survive the round trip;
+    # where they do not, TRL's tokens are what the policy said, hence the rebuilt rollout
+    text = score_texts(rm, tok, prompts, texts)
+    same = [e and tok(x, add_special_tokens=False)["input_ids"] == c[:-1]
+            for x, c, e in zip(texts, completion_ids, ro.ended.tolist())]
+    assert any(same)
+    for g, x, ok in zip(got, text, same):
+        if ok:
+            assert g == pytest.approx((x - stats["mean"]) / stats["std"], abs=1e-4)
+    gold = PipelineReward("gold", tok, [], 192, oracle=GoldOracle.from_config(compose_stage("grpo", SMOKE).data.world))
+    assert gold(prompts, [[{"role": "assistant", "content": x}] for x in texts]) == pytest.approx(
+        gold.oracle.score_batch(prompts, texts))
