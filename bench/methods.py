@@ -99,9 +99,8 @@ def main(argv=None) -> dict:
            "TOKENIZERS_PARALLELISM": "false"}
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    chain = [s for s in ORDER if s != "ppo" or not a.no_ppo]
-    for stage in ["tokenizer", "pretrain", "sft", "reward"]:  # the parents every method reads
-        if stage in chain and not complete(root / a.run / stage):
+    for stage in ORDER[: ORDER.index("ppo")]:  # the stages every method's parents need
+        if not complete(root / a.run / stage):
             print(f"[methods bench] making {stage} of {a.run}", flush=True)
             run_logged(stage_cmd(stage, a.preset, root, f"run={a.run}"), logs / f"{a.run}_{stage}.log", env)
 
