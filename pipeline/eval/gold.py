@@ -164,8 +164,8 @@ def versus_sft(answer, greedy: bool = True, sampled: bool = True, resamples: int
 
 
 def kl_bound(n: int) -> float:
-    """The KL of best-of-n sampling to the policy it samples from is at most log n - (n-1)/n (Stiennon et al. 2020,
-    appendix G.3; exact when no two samples tie)."""
+    """log n - (n-1)/n: the KL of best-of-n sampling to the policy it samples from as Stiennon et al. (2020) give
+    it, which Beirami et al. (2024) show is an upper bound (reached when no two samples tie)."""
     import math
 
     return math.log(n) - (n - 1) / n
