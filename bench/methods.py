@@ -116,8 +116,9 @@ def main(argv=None) -> dict:
                                            logs / f"{run}_{stage}.log", env)
         run_logged([sys.executable, "-m", "stages.tools.methods", f"run={run}", f"paths.root={root}"],
                    logs / f"{run}_table.log", env)
-        # the method table of a seed's run: its parents (sft, reward) live in the base run
-        manifests = {**stage_manifests(root, a.run), **stage_manifests(root, run)}
+        # the seed's own methods (and PPO), with its parents (sft, reward) from the base run
+        base = {k: m for k, m in stage_manifests(root, a.run).items() if k in ORDER[: ORDER.index("ppo")]}
+        manifests = {**base, **stage_manifests(root, run)}
         per_seed[s] = method_rows(manifests)
         if not a.no_ppo:
             speed.setdefault("ppo (ours)", []).append(mean_metric(root, run, "ppo", "ppo/episodes_per_s"))
