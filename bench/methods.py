@@ -2,7 +2,7 @@
 KL and cost; and the episodes per second of RLOO and GRPO (TRL) beside our PPO on the same workload.
 
     python bench/methods.py --runs-root bench/out/runs/cpu --run default --preset cpu --seeds 0,1,2
-    python bench/methods.py --preset smoke --seeds 0 --runs-root /tmp/runs      # builds the chain first if missing
+    python bench/methods.py --preset smoke --seeds 0 --runs-root bench/out/runs/smoke   # builds the chain first if missing
     python bench/methods.py ... --out bench/out/methods.md                      # the tables as markdown too
 
 What it does:
