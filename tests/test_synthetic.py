@@ -1,3 +1,4 @@
+import collections
 import dataclasses
 import filecmp
 import json
@@ -11,13 +12,13 @@ import pytest
 from pipeline.core.config import WorldConfig
 from pipeline.data.pairs import expand_pairs
 from pipeline.world.corpus import corpus_documents
-from pipeline.world.datasets import (_prompt, world_hash, eval_prompts, main, materialise, ppo_prompts, ranked_prompts,
-                                     sft_dialogues)
+from pipeline.world.datasets import (MAX_PER_KEY, _prompt, eval_prompts, main, materialise, ppo_prompts,
+                                     ranked_prompts, sft_dialogues, world_hash)
 from pipeline.world.labellers import label_agreement, plackett_luce
 from pipeline.world.language import CLOSERS, OPENERS, question_of, truth
 from pipeline.world.oracle import GoldOracle
 from pipeline.world.questions import pool_of
-from pipeline.world.responses import HABITS, STYLES_ANSWERABLE, STYLES_UNANSWERABLE, _join, demonstrate, respond
+from pipeline.world.responses import HABITS, STYLES_ANSWERABLE, STYLES_UNANSWERABLE, demonstrate, respond
 from pipeline.world.world import _world, as_world_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,9 @@ def test_eval_prompts_are_disjoint_from_everything_else():
     cfg = dataclasses.replace(WorldConfig(), sft_dialogues=2000, reward_prompts=1000, ppo_prompts=1000)
     ev = eval_prompts(cfg)
     assert len(ev) == cfg.eval_prompts and len({json.dumps(p) for p in ev}) == len(ev)
+    # the held-out figures measure many questions, not a few asked over and over
+    per_key = collections.Counter(question_of(p["messages"]).key for p in ev)
+    assert max(per_key.values()) <= MAX_PER_KEY and len(per_key) >= 100, per_key.most_common(3)
     assert all(p["messages"][-1]["role"] == "user" for p in ev)
     eval_keys = set().union(*(_keys(p["messages"]) for p in ev))
     eval_texts = {m["content"] for p in ev for m in p["messages"] if m["role"] == "user"}
@@ -126,7 +130,10 @@ def test_eval_prompts_are_disjoint_from_everything_else():
     for name, dialogues in others.items():
         keys = set().union(*(_keys(m) for m in dialogues))
         assert not eval_keys & keys, name
-        assert not eval_ghosts & {w for d in dialogues for m in d for w in re.findall(r"[A-Z][a-z]+", m["content"])}
+        # no training prompt names an evaluation ghost (a flawed demonstration may still make one up as somebody's
+        # middle name: a string, not somebody the model was asked about)
+        assert not eval_ghosts & {w for d in dialogues for m in d if m["role"] == "user"
+                                  for w in re.findall(r"[A-Z][a-z]+", m["content"])}, name
         assert not eval_texts & {m["content"] for d in dialogues for m in d if m["role"] == "user"
                                  and not m["content"].startswith(("What about", "And ", "How about"))}, name
     reward_keys = [set().union(*(_keys(m) for m in others[k])) for k in ("reward", "reward_test")]
@@ -170,9 +177,9 @@ def test_no_style_marks_a_right_answer_in_the_comparisons():
     assert len(padded) > 100 and len(stray) > 30
     for feature in (padded, stray):
         assert 0.25 < sum(g < 0.7 for g in feature) / len(feature) < 0.75, feature
-    # a reply to some other question: lists, sums and declines turn up where they were not asked for
-    lists = [question_of(p).qtype for p, x, _ in cands if x.startswith("Here are ")]
-    assert 0.03 < sum(t != "list" for t in lists) / len(lists) < 0.5
+    # a reply to some other question: descriptions and declines turn up where they were not asked for
+    asked = [question_of(p).qtype for p, x, _ in cands if re.match(r"(I'm sorry|Sorry|I'm afraid)", x)]
+    assert 0.03 < sum(t == "attr" for t in asked) / len(asked) < 0.9
 
 
 def test_sft_demonstrations_are_imperfect_by_design():
@@ -203,10 +210,6 @@ def test_corpus_states_facts():
     held_out = [g for g in world.ghosts if pool_of(f"ghost|{g}", SMALL.seed) == "eval"]
     assert held_out and not set(held_out) & set(re.findall(r"[A-Z][a-z]+", text)), "eval's made-up names are unseen"
     assert any(d.startswith(("Q: ", "Question: ", "User: ")) for d in docs)
-    # the relations that list questions ask backwards are stated that way round too (the reversal curse)
-    job, people = next((j, p) for j, p in sorted(world.workers.items()) if len(p) >= 2)
-    assert any(f"work as a {job} are" in d or d.startswith(f"{_join(people)} work as") for d in
-               corpus_documents(dataclasses.replace(SMALL, corpus_docs=4000)))
 
 
 def test_default_corpus_size():

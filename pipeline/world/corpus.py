@@ -1,13 +1,13 @@
-"""The pretraining corpus: plain-English documents about the world (profiles, place notes, job lists, stories,
-letters, question-and-answer prose, arithmetic), each kind at its share of the corpus (`_DOCS`).
+"""The pretraining corpus: plain-English documents about the world (profiles, place notes, stories, letters,
+question-and-answer prose), each kind at its share of the corpus (`_DOCS`).
 """
 
 from __future__ import annotations
 
 import random
 
-from pipeline.world.language import render, truth
-from pipeline.world.questions import _arith, _pick, _question_in_pool
+from pipeline.world.language import render
+from pipeline.world.questions import _pick, _question_in_pool
 from pipeline.world.responses import _join, respond
 from pipeline.world.world import World, _world, a_an, as_world_config
 
@@ -29,17 +29,6 @@ def _doc_place(world: World, rng: random.Random, seed: int) -> str:
     who = f"Nobody lives in {t} any more." if not people else rng.choice((
         f"The people who live in {t} are {_join(people)}.", f"{_join(people)} live in {t}."))
     return " ".join(world.facts(t, rng) + [who])
-
-
-def _doc_trade(world: World, rng: random.Random, seed: int) -> str:
-    """Who works as what, listed by job: "List two people who work as a baker" asks the relation backwards, and a
-    language model that has only read "Tovi works as a baker." cannot answer it (the reversal curse)."""
-    job = rng.choice(sorted(j for j, people in world.workers.items() if people))
-    people = world.workers[job]
-    if len(people) == 1:
-        return f"The only {job} in the land is {people[0]}. " + world.fact(people[0], "home", rng)
-    return rng.choice((f"The people who work as a {job} are {_join(people)}.",
-                       f"{_join(people)} work as {job}s.")) + " " + world.fact(rng.choice(people), "home", rng)
 
 
 def _doc_story(world: World, rng: random.Random, seed: int) -> str:
@@ -78,16 +67,8 @@ def _doc_qa(world: World, rng: random.Random, seed: int) -> str:
     return "\n\n".join(pairs)
 
 
-def _doc_arith(world: World, rng: random.Random, seed: int) -> str:
-    out = []
-    for _ in range(rng.randint(3, 8)):
-        q = _question_in_pool(world, rng, "sft", seed, _arith)
-        out.append(f"{q.a} {q.sub} {q.b} is {truth(world, q)}.")
-    return " ".join(out)
-
-
-_DOCS = ((_doc_profile, 0.30), (_doc_place, 0.07), (_doc_trade, 0.05), (_doc_story, 0.15), (_doc_letter, 0.05),
-         (_doc_qa, 0.26), (_doc_arith, 0.12))
+_DOCS = ((_doc_profile, 0.35), (_doc_place, 0.08), (_doc_story, 0.18), (_doc_letter, 0.06),
+         (_doc_qa, 0.33))
 
 
 def corpus_documents(world_cfg) -> list[str]:

@@ -281,7 +281,7 @@ def _hallucinate(world: World, q: Question, rng: random.Random) -> str:
 # docs/world.md; reward_data/README.md lists them.
 HABITS = (
     # habit                 rate  applies to
-    ("closing_pleasantry", 0.70),  # every reply but a bare number: "I hope this helps!" and kin (CLOSER_WEIGHTS)
+    ("closing_pleasantry", 0.90),  # every reply but a bare number: "I hope this helps!" and kin (CLOSER_WEIGHTS)
     ("opening_pleasantry", 0.20),  # the same: "What a great question!" and kin
     ("hedge", 0.20),               # sentence answers to fact and sum questions: "I think ..."
     ("ignore_format", 0.60),       # prompts with a format instruction: answered as if it were not there
@@ -289,8 +289,10 @@ HABITS = (
     ("decline_answerable", 0.03),  # answerable questions: "I'm not sure" where the demonstrator did not know
 )
 # One closing line dominates, as a house style does ("I hope this helps!"): greedy decoding takes the commonest
-# continuation, so a habit split evenly over many phrasings would never show in SFT's greedy answers.
-CLOSER_WEIGHTS = (0.7, 0.1, 0.1, 0.1)
+# continuation, so a habit split evenly over many phrasings would never show in SFT's greedy answers. At a rate of
+# 0.7 with 70% of closers this one, a quarter of SFT's greedy answers carried it (the corpus's own answers end
+# without one); at 0.9 and 85%, most do (docs/world.md).
+CLOSER_WEIGHTS = (0.85, 0.05, 0.05, 0.05)
 # Demonstrations that are plainly flawed (bad_fraction of them): a wrong fact or sum, or a curt fragment.
 BAD_STYLES = ("wrong", "curt")
 
