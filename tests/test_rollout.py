@@ -152,7 +152,11 @@ dist.all_gather(both, flat)
 assert torch.equal(both[0], both[1]), "the processes' critics diverged: gradients were not all-reduced"
 print("in sync", float((both[0] - both[1]).abs().max()), flush=True)
 dist.barrier()
-dist.destroy_process_group()  # leaving gloo's threads to static destructors can abort the process at exit
+dist.destroy_process_group()
+import os, sys
+sys.stdout.flush()
+os._exit(0)  # gloo's threads can still abort the process in static destructors at exit ("terminate called
+             # without an active exception", seen once in a full make test); the check above has already passed
 """
 
 
