@@ -10,7 +10,7 @@ our reward model read exactly as PPO reads it (pipeline/trainers/group_rl.py: PP
 tokens, pipeline.rl.readout, normalised with the reward stage's statistics), or with `train.reward=gold` the gold
 oracle. Every train.eval_every steps the policy answers held-out prompts (periodic.json: its curve on the gold-KL
 plot); at the end the evaluation every method gets (pipeline.eval.gold.versus_sft). Interrupted? Run the same
-command again: the Trainer resumes from its last checkpoint.
+command again: the Trainer resumes from its last checkpoint. `make rloo` runs this same story with RLOOTrainer.
 """
 
 import math
@@ -32,11 +32,14 @@ from pipeline.trainers.group_rl import PeriodicEval, PipelineReward, trl_trainer
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model
 from pipeline.trainers.methods import Judge, sample_rows, summary
 
-ALGORITHM = "grpo"
-
-
-@entry(ALGORITHM)
+@entry("grpo")
 def main(cfg: DictConfig) -> None:
+    group_rl(cfg, "grpo")
+
+
+def group_rl(cfg: DictConfig, algorithm: str) -> None:
+    """The whole stage for either of TRL's group trainers ("grpo" or "rloo", see stages/rloo.py): they differ only
+    in the trainer `trl_trainer` builds and in their config's fields."""
     import datasets
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -72,23 +75,23 @@ def main(cfg: DictConfig) -> None:
         if not recs:
             raise UserError(f"no usable prompts in data.prompts ({src.kind}:{src.path})")
         train_ds = datasets.Dataset.from_list([{"prompt": r["messages"]} for r in recs])
-        say(f"[{ALGORITHM}] {len(recs)} prompts, {t.num_generations} replies each, {t.batch_size} replies per step, "
+        say(f"[{algorithm}] {len(recs)} prompts, {t.num_generations} replies each, {t.batch_size} replies per step, "
             f"{t.max_steps} steps, beta {t.beta}, reward: {t.reward}" + (", LoRA" if cfg.peft.enabled else ""))
 
         # ---- the loop: TRL's trainer, a held-out evaluation every train.eval_every steps -------------------
         log_cb = TrackerCallback(tracker, say)
         periodic = PeriodicEval(judge, tracker, run.dir / "periodic.json", t.eval_every, cfg.eval.periodic_prompts > 0)
-        trainer = trl_trainer(ALGORITHM, cfg, run, policy, tok, reward, train_ds, [log_cb, periodic])
+        trainer = trl_trainer(algorithm, cfg, run, policy, tok, reward, train_ds, [log_cb, periodic])
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgress())
         ckpt = latest_trainer_checkpoint(run.ckpt_root)
         if ckpt is not None:
             run.update(resumed_from=int(ckpt.name.split("-")[1]))
-            say(f"[{ALGORITHM}] resuming from {ckpt}")
+            say(f"[{algorithm}] resuming from {ckpt}")
         trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         loss = log_cb.last.get("train/loss", float("nan"))
         if "train/loss" in log_cb.last and not math.isfinite(loss):
-            raise UserError(f"{ALGORITHM} diverged: train/loss is {loss} (lower optim.lr or raise train.beta)")
+            raise UserError(f"{algorithm} diverged: train/loss is {loss} (lower optim.lr or raise train.beta)")
 
         # ---- evaluation: the one every method gets ---------------------------------------------------------
         state.wait_for_everyone()
@@ -102,7 +105,7 @@ def main(cfg: DictConfig) -> None:
         busy = log_cb.last.get("train/runtime", float("nan")) - periodic.seconds
         metrics["train/episodes_per_s"] = metrics["train/episodes"] / busy if busy > 0 else float("nan")
         tracker.log(metrics, step=trainer.state.global_step)
-        tracker.table("eval/samples", ["prompt", "sft", "sft_gold", ALGORITHM, f"{ALGORITHM}_gold"],
+        tracker.table("eval/samples", ["prompt", "sft", "sft_gold", algorithm, f"{algorithm}_gold"],
                       sample_rows(judge.prompts, outputs["eval/sampled"]), step=trainer.state.global_step)
 
         # ---- save: a plain Hugging Face checkpoint ---------------------------------------------------------
@@ -116,7 +119,7 @@ def main(cfg: DictConfig) -> None:
         run.fail(failure_reason(e))
         tracker.close()
         raise
-    say(summary(ALGORITHM, metrics) + f"; saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
+    say(summary(algorithm, metrics) + f"; saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
 
 
 if __name__ == "__main__":
