@@ -112,8 +112,9 @@ def main(argv=None) -> dict:
         for stage in todo:
             print(f"[methods bench] seed {s}: {stage}", flush=True)
             extra = a.args.split() if stage != "ppo" else []  # the methods' keys (eval.*, train.*) are not PPO's
-            walls[(s, stage)] = run_logged(stage_cmd(stage, a.preset, root, *common, *extra),
-                                           logs / f"{run}_{stage}.log", env)
+            was_done = complete(root / run / stage)  # made earlier (another invocation): run only to check, untimed
+            wall = run_logged(stage_cmd(stage, a.preset, root, *common, *extra), logs / f"{run}_{stage}.log", env)
+            walls[(s, stage)] = None if was_done else wall
         run_logged([sys.executable, "-m", "stages.tools.methods", f"run={run}", f"paths.root={root}"],
                    logs / f"{run}_table.log", env)
         # the seed's own methods (and PPO), with its parents (sft, reward) from the base run
@@ -128,10 +129,12 @@ def main(argv=None) -> dict:
                     json.loads((root / run / m / "manifest.json").read_text())["metrics"]["train/episodes_per_s"])
 
     summary = summarise(per_seed)
-    minutes = {s: sum(w for (seed, st), w in walls.items() if seed == s and st in methods) / 60 for s in seeds}
+    timed = {s: [walls[(s, st)] for st in methods] for s in seeds}
+    minutes = {s: sum(w) / 60 if None not in w else None for s, w in timed.items()}
     lines = [f"machine: {machine_name()}; preset {a.preset}; run {a.run}; seeds {a.seeds}", "", *table(summary), "",
              "make methods wall minutes per seed (the method stages, PPO not counted): "
-             + ", ".join(f"seed {s}: {m:.1f}" for s, m in minutes.items()), "",
+             + ", ".join(f"seed {s}: " + (f"{m:.1f}" if m is not None else "not timed (made by an earlier run)")
+                         for s, m in minutes.items()), "",
              "training episodes per second, mean over seeds: "
              + ", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in speed.items())]
     beat = [s["method"] for s in summary if s["above"] == s["seeds"] and s["method"] != "sft"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -23,10 +24,9 @@ from typing import Callable, Optional
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
-from sse_starlette.sse import EventSourceResponse
 
 from serving.engine import Engine, EngineFull, SamplingParams
 from serving.limits import RateLimiter, identify, load_keys
@@ -333,12 +333,14 @@ def create_app(service: Service) -> FastAPI:
         async def events():
             try:
                 async for c in run.chunks():
-                    yield {"data": json.dumps(c, separators=(",", ":"))}
-                yield {"data": "[DONE]"}
-            finally:  # also when the client went away mid-stream (sse-starlette cancels this generator)
+                    yield c
+                yield b"data: [DONE]\n\n"
+            finally:  # also when the client went away mid-stream (Starlette cancels this generator)
                 run.close(lease)
 
-        return EventSourceResponse(events(), headers=headers, sep="\n", ping=15)
+        # Server-sent events as OpenAI (and vLLM) send them: `data: <json>` lines, each event its own chunk.
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
     return _wrap(app, service)
 
@@ -416,6 +418,24 @@ class _Choice:
         self.delivered = ""      # text the client has (or will get): what passed the moderation filter
         self.n_tokens = 0
         self.finish: Optional[str] = None
+
+
+def _event(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def chunk_encoder(cid: str, model: str, created: int, fingerprint: str, with_usage: bool):
+    """`one(index, delta, finish=None)` -> one streamed chunk as an SSE event, the bytes `_event(chunk(...))` would
+    give. Everything but the choice is the same in every chunk of a reply, so it is encoded once, not per token."""
+    dumps = functools.partial(json.dumps, separators=(",", ":"))
+    before, after = dumps(chunk(cid, model, created, ["@"], fingerprint)).split('"@"')  # around the one choice
+    after = after[:-1] + (',"usage":null}' if with_usage else "}")
+
+    def one(i: int, delta: dict, finish: Optional[str] = None) -> bytes:
+        choice = f'{{"index":{i},"delta":{dumps(delta)},"logprobs":null,"finish_reason":{dumps(finish)}}}'
+        return f"data: {before}{choice}{after}\n\n".encode()
+
+    return one
 
 
 def _deliver(events: list) -> None:
@@ -508,19 +528,14 @@ class _Run:
                  "logprobs": None, "finish_reason": c.finish} for i, c in enumerate(self.choices)]
 
     async def chunks(self):
-        model, fp = self.service.model_name, FINGERPRINT
+        """The stream's server-sent events, encoded: `data: <chat.completion.chunk>\\n\\n` each."""
         with_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
-        extra = {"usage": None} if with_usage else {}
-
-        def one(i, delta, finish=None):
-            return {**chunk(self.cid, model, self.created, [{"index": i, "delta": delta, "logprobs": None,
-                                                              "finish_reason": finish}], fp), **extra}
-
+        one = chunk_encoder(self.cid, self.service.model_name, self.created, FINGERPRINT, with_usage)
         for i in range(len(self.choices)):
             yield one(i, {"role": "assistant", "content": ""})
         async for batch in self._pieces():
             if self.error:
-                yield {"error": {"message": self.error, "type": "server_error", "param": None, "code": None}}
+                yield _event({"error": {"message": self.error, "type": "server_error", "param": None, "code": None}})
                 return
             for i, piece, finish in batch:
                 if piece:
@@ -528,7 +543,8 @@ class _Run:
                 if finish is not None:
                     yield one(i, {}, finish)
         if with_usage:
-            yield chunk(self.cid, model, self.created, [], fp, usage(self.prompt_tokens, self.completion_tokens))
+            yield _event(chunk(self.cid, self.service.model_name, self.created, [], FINGERPRINT,
+                               usage(self.prompt_tokens, self.completion_tokens)))
 
     def close(self, lease) -> None:
         """The request is over (done, failed, or the client left): free its rows and give back unused tokens."""

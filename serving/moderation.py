@@ -87,8 +87,12 @@ class LexiconClassifier:
     def scores(self, texts: list[str]) -> list[dict[str, float]]:
         out = []
         for text in texts:
+            found = set(self._re.findall(text.lower()))
+            if not found:  # the common case (every piece of every reply is checked): nothing to multiply
+                out.append(dict.fromkeys(self.labels, 0.0))
+                continue
             keep = dict.fromkeys(self.labels, 1.0)
-            for phrase in set(self._re.findall(text.lower())):
+            for phrase in found:
                 for cat, w in self._hits[phrase]:
                     keep[cat] *= 1.0 - w
             out.append({c: round(1.0 - k, 6) for c, k in keep.items()})

@@ -26,6 +26,10 @@ def partial_word(text: str) -> int:
 class ReplyText:
     def __init__(self, tokenizer, stop: list[str] | tuple = (), hold: Optional[Callable[[str], int]] = None):
         self.tok = tokenizer
+        # The Rust tokenizer directly where transformers' decode would add nothing to it (no clean-up of spaces):
+        # its wrapper costs more than the decoding, and this runs once per token.
+        fast = getattr(tokenizer, "backend_tokenizer", None)
+        self.rust = fast if not getattr(tokenizer, "clean_up_tokenization_spaces", False) else None
         self.stops = [s for s in stop if s]
         self.hold = hold
         self.ids: list[int] = []
@@ -33,7 +37,8 @@ class ReplyText:
         self.stopped = False    # a stop string was found; no more text will come
 
     def _decoded(self) -> str:
-        return self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
+        text = (self.rust or self.tok).decode(self.ids, skip_special_tokens=True)
+        return text.lstrip()
 
     def _cut_at_stop(self, text: str) -> str:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]

@@ -160,6 +160,7 @@ def main(cfg: DictConfig) -> None:
     # ---- final evaluation on held-out prompts: PPO against SFT, judged by the gold oracle ------------------
     metrics, evals = loop.final_eval(eval_prompts)
     metrics["data/skipped_records"] = skipped
+    metrics["train/tokens"] = state.tokens  # prompt + reply tokens of every training episode (the methods table)
     tracker.log(metrics, step=t.iterations)
     if acc.is_main_process:
         ppo_eval, sft_eval = evals["eval"]

@@ -128,6 +128,13 @@ def test_ppo_stage_contract(smoke_chain):
                 "ppo/approx_kl", "ppo/value_loss", "ppo/explained_variance", "ppo/response_length",
                 "ppo/ratio_mean", "ppo/gen_tokens_per_s", "ppo/episodes_per_s", "ppo/grad_norm", "ppo/value_grad_norm"):
         assert len(_curve(smoke_chain, "default", key)) == 4, key
+    # training tokens (the methods table's cost column): each iteration adds its 8 episodes' replies and their
+    # prompts (at least one token each), and the manifest holds the total
+    tokens, lengths = _curve(smoke_chain, "default", "train/tokens"), _curve(smoke_chain, "default",
+                                                                            "ppo/response_length")
+    added = [b - a for a, b in zip([0, *tokens], tokens)]
+    assert all(n >= 8 * (r + 1) for n, r in zip(added, lengths)), (added, lengths)
+    assert m["train/tokens"] == tokens[-1]
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(d / "final")

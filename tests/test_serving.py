@@ -161,6 +161,21 @@ def test_reply_text_holds_the_word_being_written_and_broken_characters():
     assert "".join(out) + rest == "café!" and "\ufffd" not in "".join(out)
 
 
+def test_reply_text_with_a_real_tokenizer_streams_what_decode_gives(tok):
+    """ReplyText decodes through the Rust tokenizer directly; piece for piece, the stream must be the one that
+    transformers' decode gives (special tokens skipped), for replies of random tokens, broken characters included."""
+
+    class Wrapped:  # the tokenizer seen through transformers' decode only
+        decode = staticmethod(tok.decode)
+
+    assert ReplyText(tok).rust is not None and ReplyText(Wrapped()).rust is None
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        ids = torch.randint(0, len(tok), (int(torch.randint(1, 30, (1,), generator=g)),), generator=g).tolist()
+        fast, slow = ReplyText(tok), ReplyText(Wrapped())
+        assert [fast.add(i) for i in ids] + [fast.finish()] == [slow.add(i) for i in ids] + [slow.finish()]
+
+
 def test_bucket_refills_continuously(monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(limits.time, "monotonic", lambda: clock[0])
@@ -300,3 +315,19 @@ def test_a_hugging_face_classifier_as_the_moderator(classifier_dir):
     assert mod.holdback("a half-writ") == len("half-writ")  # a model judges whole words
     with pytest.raises(Exception, match="unknown categories"):
         Moderator.from_settings(OmegaConf.merge(settings, {"categories": ["VIOLENT-typo"]}))
+
+
+def test_stream_chunks_are_encoded_as_the_chunk_objects_would_be():
+    """The streaming path encodes a reply's constant fields once (serving.app.chunk_encoder); every event must be
+    byte for byte what encoding the whole chat.completion.chunk gives, whatever the id and model name hold."""
+    from serving.app import _event, chunk_encoder
+    from serving.protocol import chunk
+
+    for with_usage in (False, True):
+        for cid, model in (("chatcmpl-abc", "default/ppo"), ('odd"id\\', 'a "@" model \u00e9')):
+            one = chunk_encoder(cid, model, 1700000000, "fp", with_usage)
+            for i, delta, finish in ((0, {"role": "assistant", "content": ""}, None),
+                                     (3, {"content": 'say "hi"\n\u00e9'}, None), (1, {}, "content_filter")):
+                whole = chunk(cid, model, 1700000000, [{"index": i, "delta": delta, "logprobs": None,
+                                                         "finish_reason": finish}], "fp")
+                assert one(i, delta, finish) == _event({**whole, **({"usage": None} if with_usage else {})})

@@ -35,13 +35,15 @@ class LoopState:
 
     def __init__(self):
         self.kl_coef, self.history, self.ema, self.periodic = None, [], None, []
+        self.tokens = 0  # prompt + reply tokens of every episode so far, all processes (the methods table's cost)
 
     def state_dict(self):
-        return {"kl_coef": self.kl_coef, "history": self.history, "ema": self.ema, "periodic": self.periodic}
+        return {"kl_coef": self.kl_coef, "history": self.history, "ema": self.ema, "periodic": self.periodic,
+                "tokens": self.tokens}
 
     def load_state_dict(self, sd):
         self.kl_coef, self.history, self.ema = sd["kl_coef"], sd["history"], sd["ema"]
-        self.periodic = sd.get("periodic", [])
+        self.periodic, self.tokens = sd.get("periodic", []), sd.get("tokens", 0)
 
 
 @dataclass
@@ -224,6 +226,9 @@ class PPOLoop:
         m = {k: acc.reduce(v.float().detach(), reduction="mean").item() for k, v in local.items()}
         m["ppo/kl_coef"] = self.kl_ctl.value
         m["ppo/episodes_per_s"] = B * acc.num_processes / t_total
+        # counted as TRL's trainers count train/num_tokens: each episode's prompt and reply once, not per epoch
+        self.state.tokens += int(acc.reduce(ro.attention_mask.sum().float(), reduction="sum").item())
+        m["train/tokens"] = self.state.tokens
         m["ppo/policy_loss"], m["ppo/value_loss"] = m.pop("ppo/pg"), m.pop("ppo/vf")
         self.kl_ctl.update(m["ppo/kl"], B * acc.num_processes)
         self.state.kl_coef = self.kl_ctl.value
