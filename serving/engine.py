@@ -7,10 +7,10 @@
 
 One thread runs the model; callers only submit and cancel. Each loop turn (a "step"):
   1. rows whose request was cancelled, or that the caller stopped (a stop string, the moderation filter), leave;
-  2. waiting prompts join while there is room: they are prefilled together, their first token is sampled, and
-     their KV cache is merged into the running batch (both sides left-padded to the same length);
-  3. one decoding forward for every row, one token sampled per row, rows that ended (end of turn, max_tokens,
-     the model's context) leave.
+  2. waiting prompts join while there is room;
+  3. one forward for the running rows (their newest token) and the joining prompts (prefilled) together, one
+     token sampled per row (a joining row's first), rows that ended (end of turn, max_tokens, the model's
+     context) leave.
 So a request never waits for another to finish (what static batching does), and a new one starts within one step.
 How the model runs a growing and shrinking batch (its KV cache, padding, a fast path for Llamas) is the runner's
 business: serving/runners.py.
@@ -199,17 +199,15 @@ class Engine:
         self._retire([r for r in self._rows if r.request.cancelled or r.stopped],
                      lambda r: "cancelled" if r.request.cancelled else None)
         new = self._admit()
-        if new:
-            rows = list(new)
-            logits = self.runner.add([r.request.prompt for r in rows])
-            self._rows = self._rows + rows
-            self._sample(rows, logits)
-        self.decoded = len(self._rows)
-        if self._rows:
-            rows = list(self._rows)
-            self._sample(rows, self.runner.step([r.last for r in rows]))
-            self.batch_sizes.append(len(rows))
-            self.steps += 1
+        running = list(self._rows)
+        self.decoded = len(running)
+        if running or new:
+            logits = self.runner.step([r.last for r in running], [r.request.prompt for r in new])
+            self._rows = running + new
+            self._sample(running + new, logits)
+            if running:
+                self.batch_sizes.append(len(running))
+                self.steps += 1
         self._flush()
         if self.on_step is not None:
             self.on_step(len(self._rows), self.decoded)

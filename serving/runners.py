@@ -1,9 +1,9 @@
 """Running the model for the engine: a batch of rows that grows (prefill) and shrinks, one token per row a step.
 
-    runner = make_runner(model)             # LlamaRunner when the checkpoint is a Llama, else HFRunner
-    logits = runner.add([ids_a, ids_b])     # prefill two prompts, appended to the batch: [2, vocab]
-    logits = runner.step([tok_1, ..., tok_B])  # feed each row its newest token: [B, vocab]
-    order = runner.remove([0, 3])           # drop rows 0 and 3; the rows left, as their old indices, in order
+    runner = make_runner(model)                # LlamaRunner when the checkpoint is a Llama, else HFRunner
+    logits = runner.step([], [ids_a, ids_b])   # prefill two prompts, appended to the batch: [2, vocab]
+    logits = runner.step([tok_1, tok_2], [ids_c])  # feed each row its newest token, and prefill a third: [3, vocab]
+    order = runner.remove([0])                 # drop row 0; the rows left, as their old indices, in order
 
 Two ways, one contract (tests/test_serving.py checks both against `model.generate`, token for token):
 - HFRunner: any Hugging Face causal LM through its own forward and a DynamicCache. Rows are left-padded to a
@@ -11,9 +11,11 @@ Two ways, one contract (tests/test_serving.py checks both against `model.generat
   padding are cut when rows leave.
 - LlamaRunner: Llama-architecture checkpoints (ours, and the Hub's Llamas with plain RoPE) run by a lean forward
   of a dozen tensor ops per layer over a preallocated cache with one slot per row: q/k/v and gate/up fused into
-  one matmul each, no per-step mask building or cache concatenation, and a row that leaves is replaced by the
-  last one (one slot copied), so the batch is always the first B slots and attention reads a view, not a copy.
-  On a small model the HF forward's Python overhead is most of a step; this path is several times faster there.
+  one matmul each, no cache concatenation, and a row that leaves is replaced by the last one (one slot copied),
+  so the batch is always the first B slots and attention reads a view, not a copy. A step is one forward over
+  the running rows' tokens and the joining prompts' tokens packed together (vLLM's mixed prefill and decode), not
+  a prefill pass and then a decoding pass. On a small model the HF forward's Python overhead is most of a step;
+  this path is several times faster there.
 """
 
 from __future__ import annotations
@@ -52,7 +54,14 @@ class HFRunner:
             c = getattr(out, "cache", None)
         return out.logits[:, -1, :], (c if c is not None else cache)
 
-    def add(self, prompts: list[list[int]]) -> torch.Tensor:
+    def step(self, last: list[int], prompts: list[list[int]] = ()) -> torch.Tensor:
+        """The running rows' next logits, then the new prompts' (prefilled apart, then merged into the batch)."""
+        out = [self._decode(last)] if len(last) else []
+        if prompts:
+            out.append(self._add(prompts))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _add(self, prompts: list[list[int]]) -> torch.Tensor:
         from transformers import DynamicCache
 
         width = max(map(len, prompts))
@@ -66,7 +75,7 @@ class HFRunner:
         self._merge(cache, mask, mask.sum(-1))
         return logits
 
-    def step(self, last: list[int]) -> torch.Tensor:
+    def _decode(self, last: list[int]) -> torch.Tensor:
         self._mask = torch.cat([self._mask, torch.ones((len(last), 1), dtype=torch.long)], dim=1)
         logits, self._cache = self._forward(torch.tensor(last)[:, None], self._mask, self._pos[:, None], self._cache)
         self._pos = self._pos + 1
@@ -159,76 +168,72 @@ class LlamaRunner:
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype) * w
 
-    def _rope(self, x, cos, sin):  # x [B, H, T, D]; cos/sin [B, 1, T, D]
+    def _rope(self, x, cos, sin):  # x [N, H, D]; cos/sin [N, 1, D]
         half = x.shape[-1] // 2
         return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
 
-    def _layers(self, x, pos, write, attend):
-        """The decoder layers over x [B, T, hidden] at positions pos [B, T]; `write(l, k, v)` stores the new keys
-        and values, `attend(l, q)` returns the attention output [B, H, T, D]."""
-        b, t, _ = x.shape
+    def _decode_attention(self, q, k, v, mask):
+        """One query per row over its slot ([B, H, 1, D] against [B, Hkv, S, D]), the additive mask [B, 1, 1, S]
+        hiding what lies past each row's position. Written out: for a single query, PyTorch's CPU SDPA kernel costs
+        several times what these three ops do."""
+        if self.nkv != self.nh:
+            k, v = (x.repeat_interleave(self.nh // self.nkv, 1) for x in (k, v))
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.hd ** -0.5).add_(mask)
+        return torch.matmul(torch.softmax(scores, -1), v)
+
+    def step(self, last: list[int], prompts: list[list[int]] = ()) -> torch.Tensor:
+        """One forward for the whole batch: the running rows' newest tokens and the new prompts' every token, packed
+        into one sequence of N tokens, so a step with joining requests costs one pass, not a prefill pass and a
+        decoding pass. The linear layers see [N, hidden]; only attention splits: the running rows (one query each)
+        read their own slots up to their position, the new rows (right-padded to a common width, causal) theirs.
+        Returns the logits [B + n, vocab] of each running row, then of each prompt's last token."""
+        b, n = self.n, len(prompts)
+        width = max(map(len, prompts)) if n else 0
+        dev = self.device
+        # packed tokens: row i < b at its position; prompt j's tokens at b + j * width + 0..width-1 (padding
+        # after a prompt is computed and written to cache slots that decoding overwrites before anyone reads them)
+        ids = torch.zeros(b + n * width, dtype=torch.long)
+        ids[:b] = torch.tensor(last, dtype=torch.long)
+        for j, p in enumerate(prompts):
+            ids[b + j * width: b + j * width + len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(dev)
+        pos = torch.cat([self.pos[:b], torch.arange(width, device=dev).repeat(n)])
+        slot = torch.cat([torch.arange(b, device=dev),
+                          torch.arange(b, b + n, device=dev).repeat_interleave(width)])
+        span = int(self.pos[:b].max()) + 1 if b else 0
+        mask = None
+        if b:  # -inf after each row's own position: an additive mask, built once for every layer
+            mask = torch.zeros((b, 1, 1, span), device=dev, dtype=self.dtype).masked_fill_(
+                torch.arange(span, device=dev)[None, None, None, :] > self.pos[:b, None, None, None], float("-inf"))
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
-        nq, nk = self.nh * self.hd, self.nkv * self.hd
+        nq, nk, hd, gqa = self.nh * self.hd, self.nkv * self.hd, self.hd, self.nkv != self.nh
+        x = self.embed[ids]
         for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
             qkv = F.linear(self._rms(x, w_in), w_qkv)
-            q = qkv[..., :nq].view(b, t, self.nh, self.hd).transpose(1, 2)
-            k = qkv[..., nq:nq + nk].view(b, t, self.nkv, self.hd).transpose(1, 2)
-            v = qkv[..., nq + nk:].view(b, t, self.nkv, self.hd).transpose(1, 2)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            write(i, k, v)
-            o = attend(i, q).transpose(1, 2).reshape(b, t, nq)
-            x = x + F.linear(o, w_o)
+            q = self._rope(qkv[:, :nq].view(-1, self.nh, hd), cos, sin)
+            k = self._rope(qkv[:, nq:nq + nk].view(-1, self.nkv, hd), cos, sin)
+            self.k[i, slot, :, pos] = k
+            self.v[i, slot, :, pos] = qkv[:, nq + nk:].view(-1, self.nkv, hd)
+            parts = []
+            if b:
+                parts.append(self._decode_attention(q[:b, :, None], self.k[i, :b, :, :span], self.v[i, :b, :, :span],
+                                                    mask).reshape(b, nq))
+            if n:
+                qn = q[b:].view(n, width, self.nh, hd).transpose(1, 2)
+                new = slice(b, b + n)
+                parts.append(F.scaled_dot_product_attention(
+                    qn, self.k[i, new, :, :width], self.v[i, new, :, :width], is_causal=True,
+                    enable_gqa=gqa).transpose(1, 2).reshape(n * width, nq))
+            x = x + F.linear(parts[0] if len(parts) == 1 else torch.cat(parts), w_o)
             gate, up = F.linear(self._rms(x, w_post), w_gu).chunk(2, -1)
             x = x + F.linear(F.silu(gate) * up, w_down)
-        return x
-
-    def _logits(self, x):
-        return F.linear(self._rms(x, self.norm), self.head).float()
-
-    def add(self, prompts: list[list[int]]) -> torch.Tensor:
-        # Right-padded, causal: a real token never sees the padding after it, and the padding's keys land in
-        # cache positions that decoding overwrites before anyone reads them.
-        n, width = len(prompts), max(map(len, prompts))
-        ids = torch.zeros((n, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        slots = slice(self.n, self.n + n)
-        pos = torch.arange(width, device=self.device).expand(n, width)
-
-        def write(i, k, v):
-            self.k[i, slots, :, :width] = k
-            self.v[i, slots, :, :width] = v
-
-        def attend(i, q):
-            return F.scaled_dot_product_attention(q, self.k[i, slots, :, :width], self.v[i, slots, :, :width],
-                                                  is_causal=True, enable_gqa=self.nkv != self.nh)
-
-        x = self._layers(self.embed[ids], pos, write, attend)
-        self.pos[slots] = lengths
-        self.n += n
-        return self._logits(x[torch.arange(n, device=self.device), lengths - 1])
-
-    def step(self, last: list[int]) -> torch.Tensor:
-        b = self.n
-        pos = self.pos[:b]
-        span = int(pos.max()) + 1
-        rows = torch.arange(b, device=self.device)
-        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-
-        def write(i, k, v):
-            self.k[i, rows, :, pos] = k[:, :, 0]
-            self.v[i, rows, :, pos] = v[:, :, 0]
-
-        def attend(i, q):
-            return F.scaled_dot_product_attention(q, self.k[i, :b, :, :span], self.v[i, :b, :, :span],
-                                                  attn_mask=mask, enable_gqa=self.nkv != self.nh)
-
-        ids = torch.tensor(last, device=self.device)[:, None]
-        x = self._layers(self.embed[ids], pos[:, None], write, attend)
+        if n:
+            lengths = torch.tensor([len(p) for p in prompts], device=dev)
+            self.pos[b:b + n] = lengths
+            x = x[torch.cat([torch.arange(b, device=dev), b + torch.arange(n, device=dev) * width + lengths - 1])]
         self.pos[:b] += 1
-        return self._logits(x[:, -1])
+        self.n += n
+        return F.linear(self._rms(x, self.norm), self.head).float()
 
     def remove(self, drop: list[int]) -> list[int]:
         order = list(range(self.n))
