@@ -153,11 +153,16 @@ class LlamaRunner:
         inv = 1.0 / theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd)
         ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
         ang = torch.cat([ang, ang], -1)
-        self.cos, self.sin = ang.cos().to(self.device, self.dtype), ang.sin().to(self.device, self.dtype)
+        self.cos = ang.cos().to(self.device, self.dtype)
+        # rotate_half(x) * sin is x rolled by half a head times sin with its first half negated: one op fewer
+        half = self.hd // 2
+        self.sin = (ang.sin() * torch.cat([-torch.ones(half), torch.ones(half)])).to(self.device, self.dtype)
         shape = (len(self.layers), max_rows, self.nkv, max_len, self.hd)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.max_len = max_len
         self.pos = torch.zeros(max_rows, dtype=torch.long, device=self.device)  # each slot's next position
+        self.slots = torch.arange(max_rows, device=self.device)
         self.n = 0
 
     @property
@@ -165,12 +170,13 @@ class LlamaRunner:
         return self.n
 
     def _rms(self, x, w):
-        x32 = x.float()
+        if self.dtype == torch.float32:  # one fused op, bit for bit the model's own RMSNorm in float32
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
+        x32 = x.float()  # in half precision the model normalises in float32, then scales in its own dtype
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(self.dtype) * w
 
-    def _rope(self, x, cos, sin):  # x [N, H, D]; cos/sin [N, 1, D]
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
+    def _rope(self, x, cos, sin):  # x [N, H, D]; cos/sin [N, 1, D] (sin sign-folded, see __init__)
+        return x * cos + x.roll(self.hd // 2, -1) * sin
 
     def _decode_attention(self, q, k, v, mask):
         """One query per row over its slot ([B, H, 1, D] against [B, Hkv, S, D]), the additive mask [B, 1, 1, S]
@@ -190,16 +196,20 @@ class LlamaRunner:
         b, n = self.n, len(prompts)
         width = max(map(len, prompts)) if n else 0
         dev = self.device
-        # packed tokens: row i < b at its position; prompt j's tokens at b + j * width + 0..width-1 (padding
-        # after a prompt is computed and written to cache slots that decoding overwrites before anyone reads them)
-        ids = torch.zeros(b + n * width, dtype=torch.long)
-        ids[:b] = torch.tensor(last, dtype=torch.long)
-        for j, p in enumerate(prompts):
-            ids[b + j * width: b + j * width + len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(dev)
-        pos = torch.cat([self.pos[:b], torch.arange(width, device=dev).repeat(n)])
-        slot = torch.cat([torch.arange(b, device=dev),
-                          torch.arange(b, b + n, device=dev).repeat_interleave(width)])
+        if n:
+            # packed tokens: row i < b at its position; prompt j's tokens at b + j * width + 0..width-1 (padding
+            # after a prompt is computed and written to cache slots that decoding overwrites before it is read)
+            ids = torch.zeros(b + n * width, dtype=torch.long)
+            ids[:b] = torch.tensor(last, dtype=torch.long)
+            for j, p in enumerate(prompts):
+                ids[b + j * width: b + j * width + len(p)] = torch.tensor(p, dtype=torch.long)
+            ids = ids.to(dev)
+            pos = torch.cat([self.pos[:b], torch.arange(width, device=dev).repeat(n)])
+            slot = torch.cat([self.slots[:b], self.slots[b:b + n].repeat_interleave(width)])
+        else:  # decoding only, the common step
+            ids, pos, slot = torch.tensor(last, dtype=torch.long, device=dev), self.pos[:b].clone(), self.slots[:b]
+        # where each token's key and value go in the cache, as rows of its [rows * heads * length, head_dim] view
+        at = ((slot[:, None] * self.nkv + torch.arange(self.nkv, device=dev)) * self.max_len + pos[:, None]).flatten()
         span = int(self.pos[:b].max()) + 1 if b else 0
         mask = None
         if b:  # -inf after each row's own position: an additive mask, built once for every layer
@@ -210,10 +220,10 @@ class LlamaRunner:
         x = self.embed[ids]
         for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
             qkv = F.linear(self._rms(x, w_in), w_qkv)
-            q = self._rope(qkv[:, :nq].view(-1, self.nh, hd), cos, sin)
-            k = self._rope(qkv[:, nq:nq + nk].view(-1, self.nkv, hd), cos, sin)
-            self.k[i, slot, :, pos] = k
-            self.v[i, slot, :, pos] = qkv[:, nq + nk:].view(-1, self.nkv, hd)
+            qk = self._rope(qkv[:, :nq + nk].view(-1, self.nh + self.nkv, hd), cos, sin)  # q and k in one go
+            q = qk[:, :self.nh]
+            self.k[i].view(-1, hd).index_copy_(0, at, qk[:, self.nh:].reshape(-1, hd))
+            self.v[i].view(-1, hd).index_copy_(0, at, qkv[:, nq + nk:].reshape(-1, hd))
             parts = []
             if b:
                 parts.append(self._decode_attention(q[:b, :, None], self.k[i, :b, :, :span], self.v[i, :b, :, :span],
