@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -62,8 +63,6 @@ class Service:
         self.on_load_failed: Optional[Callable[[], None]] = None
 
     def start_loading(self) -> None:
-        import threading
-
         threading.Thread(target=self._load_now, name="load", daemon=True).start()
 
     def _load_now(self) -> None:
@@ -83,8 +82,16 @@ class Service:
                 engine = Engine(model, tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
                                 fast=e.fast_path)
             engine.on_step = self._on_step
-            engine.sink = self._sink
-            engine.start()
+            if self._spawn is not None and e.process and self.loop is not None:
+                # the engine process's pipe is read on the event loop itself: its tokens need no hand-over
+                engine.sink = _deliver
+                done = threading.Event()
+                self.loop.call_soon_threadsafe(lambda: (engine.start(self.loop), done.set()))
+                if not done.wait(60):
+                    raise RuntimeError("the server's event loop did not take the engine's pipe")
+            else:
+                engine.sink = self._sink
+                engine.start()
             self.tok, self.engine = tok, engine
             self.metrics.ready.set(1)
             log.info("model %s loaded: context %d tokens, batches of up to %d rows", self.model_name,

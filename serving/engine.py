@@ -183,16 +183,20 @@ class Engine:
                             self._wake.wait()
                     self.step()
         except BaseException as e:  # noqa: BLE001 — a broken model fails every request, loudly, not silently
-            log.exception("the engine stopped")
-            self.error = e
-            self._out = []
-            for r in self._rows:
-                self._tell(r.request, r.choice, -1, "error")
-            for req in self._waiting:
-                for c in range(req.n):
-                    self._tell(req, c, -1, "error")
-            self._rows, self._waiting = [], deque()
-            self._flush()
+            self.fail(e)
+
+    def fail(self, e: BaseException) -> None:
+        """The model broke: every request in flight or waiting ends with "error", and the engine takes no more."""
+        log.exception("the engine stopped", exc_info=e)
+        self.error = e
+        self._out = []
+        for r in self._rows:
+            self._tell(r.request, r.choice, -1, "error")
+        for req in self._waiting:
+            for c in range(req.n):
+                self._tell(req, c, -1, "error")
+        self._rows, self._waiting = [], deque()
+        self._flush()
 
     def step(self) -> None:
         """One turn of the loop (see the module docstring); public so tests can drive the engine by hand."""

@@ -6,9 +6,11 @@
 
 Why a process: in one process the model's Python (a few hundred tensor ops a step) and the HTTP side share one
 GIL, so on a small model the server tops out at one core however many it has. Here the engine process runs
-`Engine` as it is; commands go to it on one pipe (submit, cancel, stop a choice, stop) and each step's tokens come
-back on another, one message per step. A reader thread turns them back into `(request, choice, token, finish)`.
-(Pipes rather than multiprocessing queues: no feeder threads to hang an exit, no semaphores to leak.)
+`Engine`'s steps in its one thread, taking the commands that arrived (submit, cancel, stop a choice, stop) from one
+pipe between steps; each step's tokens go back on another pipe, one message per step, and the server's event loop
+reads them when the pipe wakes it (`start(loop)`; a reader thread without a loop) and turns them back into
+`(request, choice, token, finish)`. (Pipes rather than multiprocessing queues: no feeder threads to hang an exit,
+no semaphores to leak.)
 """
 
 from __future__ import annotations
@@ -96,8 +98,28 @@ class EngineProcess:
                 self.proc.kill()
                 return ("error", "the engine process did not finish loading in time")
 
-    def start(self) -> None:
-        self._reader.start()
+    def start(self, loop=None) -> None:
+        """Read the engine's messages on `loop` (an asyncio loop; call from its thread), woken by the pipe itself,
+        or, without one, in a reader thread. On the loop, no thread waits for the GIL between the pipe and the
+        requests, and the sink runs where the requests live."""
+        if loop is None:
+            self._reader.start()
+            return
+        fd = self._out.fileno()
+
+        def readable():
+            while True:
+                try:
+                    if not self._out.poll():
+                        return
+                    msg = self._out.recv()
+                except (EOFError, OSError):
+                    msg = ("gone",)
+                if not self._handle(msg):
+                    loop.remove_reader(fd)
+                    return
+
+        loop.add_reader(fd, readable)
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int, on_token) -> RemoteRequest:
         if len(self._requests) >= self.max_batch + self.max_waiting:
@@ -110,35 +132,39 @@ class EngineProcess:
     def _read(self) -> None:
         while True:
             msg = self._recv(1.0)
-            if msg is None:
+            if msg is not None and not self._handle(msg):
+                return
+
+    def _handle(self, msg) -> bool:
+        """One message from the engine process; False once it has no more to say."""
+        if msg[0] == "gone":
+            self.proc.join(1)
+            self._fail(RuntimeError(f"the engine process exited ({self.proc.exitcode})"))
+            return False
+        if msg[0] == "stopped":
+            return False
+        if msg[0] == "error":
+            self._fail(RuntimeError(msg[1]))
+            return False
+        _, events, self.running, self.waiting, self.decoded = msg
+        out = []
+        for rid, choice, token, finish in events:
+            req = self._requests.get(rid)
+            if req is None:
                 continue
-            if msg[0] == "gone":
-                self.proc.join(1)
-                self._fail(RuntimeError(f"the engine process exited ({self.proc.exitcode})"))
-                return
-            if msg[0] == "stopped":
-                return
-            if msg[0] == "error":
-                self._fail(RuntimeError(msg[1]))
-                return
-            _, events, self.running, self.waiting, self.decoded = msg
-            out = []
-            for rid, choice, token, finish in events:
-                req = self._requests.get(rid)
-                if req is None:
-                    continue
-                out.append((req, choice, token, finish))
-                if finish is not None:
-                    req.open -= 1
-                    if req.open == 0:
-                        del self._requests[rid]
-            if out and self.sink is not None:
-                self.sink(out)
-            elif self.sink is None:
-                for req, choice, token, finish in out:
-                    req.on_token(choice, token, finish)
-            if self.on_step is not None:
-                self.on_step(self.running, self.decoded)
+            out.append((req, choice, token, finish))
+            if finish is not None:
+                req.open -= 1
+                if req.open == 0:
+                    del self._requests[rid]
+        if out and self.sink is not None:
+            self.sink(out)
+        elif self.sink is None:
+            for req, choice, token, finish in out:
+                req.on_token(choice, token, finish)
+        if self.on_step is not None:
+            self.on_step(self.running, self.decoded)
+        return True
 
     def _fail(self, e: BaseException) -> None:
         log.error("the engine process failed: %s", e)
@@ -158,20 +184,21 @@ class EngineProcess:
 
 
 def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
-    """The engine process: load, say ready, then run commands while the engine thread generates."""
+    """The engine process: load, say ready, then one loop that takes every command waiting and runs one engine step,
+    in one thread. (A second thread for the commands would wait for the GIL, which the engine's Python holds
+    between tensor ops, up to the interpreter's switch interval, 5 ms, per command: a burst of 32 requests took
+    a sixth of a second to admit.)"""
     import signal
 
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops us with "stop"
-    lock = threading.Lock()  # the engine thread (tokens) and this one (replies to commands) both send
 
     def send(msg):
-        with lock:
-            try:
-                out.send(msg)
-            except (OSError, ValueError):
-                pass
+        try:
+            out.send(msg)
+        except (OSError, ValueError):
+            pass
 
     from pipeline.models.loading import load_policy
     from serving.engine import Engine
@@ -198,20 +225,8 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
                     remaining.pop(req.tag, None)
         send(("tokens", msg, engine.running, engine.waiting, engine.decoded))
 
-    engine.sink = sink
-    send(("ready", engine.context, type(engine.runner).__name__))
-    engine.start()
-    parent = mp.parent_process()
-    while True:
-        try:
-            c = cmd.recv() if cmd.poll(1.0) else None
-        except (EOFError, OSError):  # the server is gone
-            c = ("stop",)
-        if c is None:
-            if parent is not None and not parent.is_alive():  # the server was killed: nobody left to serve
-                c = ("stop",)
-            else:
-                continue
+    def command(c) -> bool:
+        """Carry out one command; False for stop."""
         if c[0] == "submit":
             _, rid, prompt, params, n = c
             remaining[rid] = n
@@ -220,15 +235,36 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
             except (EngineFull, ValueError):
                 remaining.pop(rid, None)
                 send(("tokens", [(rid, i, -1, "error") for i in range(n)], engine.running, engine.waiting, 0))
-        elif c[0] == "cancel":
+        elif c[0] in ("cancel", "stop_choice"):
             req = requests.get(c[1])
             if req is not None:
-                req.cancel()
-        elif c[0] == "stop_choice":
-            req = requests.get(c[1])
-            if req is not None:
-                req.stop_choice(c[2])
+                req.cancel() if c[0] == "cancel" else req.stop_choice(c[2])
         elif c[0] == "stop":
-            engine.stop()
-            send(("stopped",))
-            return
+            return False
+        return True
+
+    engine.sink = sink
+    send(("ready", engine.context, type(engine.runner).__name__))
+    parent = mp.parent_process()
+    with torch.inference_mode():
+        while True:
+            busy = engine.running or engine.waiting
+            try:  # every command waiting; with nothing to generate, wait for one (a second at a time)
+                if cmd.poll(0 if busy else 1.0):
+                    go = True
+                    while go and cmd.poll(0):
+                        go = command(cmd.recv())
+                    if not go:
+                        break
+                elif not busy and parent is not None and not parent.is_alive():
+                    break  # the server was killed: nobody left to serve
+            except (EOFError, OSError):  # the server is gone
+                break
+            if engine.error is None and (engine.running or engine.waiting):
+                try:
+                    engine.step()
+                except Exception as e:  # noqa: BLE001 — every request fails, the parent says why, in one line
+                    engine.fail(e)
+                    send(("error", f"the generation engine failed: {str(e).splitlines()[0] if str(e) else e!r}"))
+                    return
+    send(("stopped",))
