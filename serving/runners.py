@@ -250,7 +250,10 @@ class LlamaRunner:
         for i in sorted(drop, reverse=True):  # the last row moves into the hole: one slot copied, not all
             last = self.n - 1
             if i != last:
-                self.k[:, i], self.v[:, i], self.pos[i] = self.k[:, last], self.v[:, last], self.pos[last]
+                used = int(self.pos[last])  # the positions it has written; the rest of the slot is never read
+                self.k[:, i, :, :used] = self.k[:, last, :, :used]
+                self.v[:, i, :, :used] = self.v[:, last, :, :used]
+                self.pos[i] = self.pos[last]
                 order[i] = order[last]
             order.pop()
             self.n -= 1
