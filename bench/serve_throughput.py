@@ -472,6 +472,8 @@ def main() -> None:
             (f"OMP_NUM_THREADS={args.threads}" if args.threads else f"default threads ({n_cores()} cores)")
         if args.peer_cb_args:
             settings += f", peer CB {args.peer_cb_args}"
+        if args.ours_override:
+            settings += ", ours " + " ".join(args.ours_override)
 
         def cell(name: str, c: int, what: str) -> str:
             if name not in [s.name for s in servers]:

@@ -423,6 +423,7 @@ class _Choice:
     def __init__(self, tok, stop, hold):
         self.text = ReplyText(tok, stop or (), hold=hold)
         self.delivered = ""      # text the client has (or will get): what passed the moderation filter
+        self.streamed = False    # some of it has gone out
         self.n_tokens = 0
         self.finish: Optional[str] = None
 
@@ -458,6 +459,7 @@ class _Run:
         self.cid, self.created = completion_id(), now()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.moderator = service.moderator if service.cfg.moderation.output else None
+        self.interval = int(service.cfg.get("stream_interval", 1) or 1) if req.stream else 1
         hold = self.moderator.holdback if self.moderator is not None else None
         self.choices = [_Choice(service.tok, req.stop, hold) for _ in range(req.n)]
         self.request = None
@@ -476,27 +478,36 @@ class _Run:
         """Lists of (choice, new text, finish_reason or None) as the replies grow, one list per wake-up: whatever
         arrived meanwhile is merged, so a slow reader gets fewer, longer chunks instead of falling behind."""
         open_ = set(range(len(self.choices)))
+        text: dict[int, str] = {}   # released text not yet handed on, per choice
+        tokens: dict[int, int] = {}  # tokens since a choice's last piece went out
         while open_:
             events = [await self.queue.get()]
             while not self.queue.empty():
                 events.append(self.queue.get_nowait())
-            text: dict[int, str] = {}
             for i, token, finish in events:
                 c = self.choices[i]
                 if c.finish is not None:
                     continue
                 piece = await self._advance(i, c, token, finish)
+                tokens[i] = tokens.get(i, 0) + (token >= 0)
                 if piece:
                     text[i] = text.get(i, "") + piece
                 if c.finish is not None:
                     open_.discard(i)
                     text.setdefault(i, "")
                     self.service.metrics.finished.labels(c.finish).inc()
-            if any(text.values()) and self.first_text is None:
+            # a choice's text goes out at its end, with its first text, or every `stream_interval` tokens
+            due = [i for i in sorted(text) if self.choices[i].finish is not None or
+                   (text[i] and (tokens[i] >= self.interval or not self.choices[i].streamed))]
+            if any(text[i] for i in due) and self.first_text is None:
                 self.first_text = time.perf_counter()
                 self.service.metrics.ttft.observe(self.first_text - self.t0)
-            if text:
-                yield [(i, piece, self.choices[i].finish) for i, piece in sorted(text.items())]
+            if due:
+                out = [(i, text.pop(i), self.choices[i].finish) for i in due]
+                for i, piece, _ in out:
+                    tokens[i] = 0
+                    self.choices[i].streamed |= bool(piece)
+                yield out
 
     async def _advance(self, i: int, c: _Choice, token: int, finish: Optional[str]) -> str:
         """One engine event for choice i: the text it releases (after stop strings and moderation)."""

@@ -191,6 +191,32 @@ def test_openai_client_streaming_and_not_give_the_same_reply(server):
     assert len(times) > 5 and times[0] < 0.5 * times[-1]
 
 
+def _streamed_pieces(c, max_tokens):
+    pieces, finish = [], None
+    for ch in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                        max_tokens=max_tokens, temperature=0, stream=True):
+        for choice in ch.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    return pieces, finish
+
+
+def test_stream_interval_sends_the_same_text_in_fewer_chunks(server, checkpoint):
+    """stream_interval=4 (vLLM's --stream-interval): the same greedy reply, its text in chunks of up to 4 tokens'
+    worth, the first text as soon as it exists; the default (1) sends about a chunk per token."""
+    per_token, finish = _streamed_pieces(_client(server), 40)
+    assert finish == "length" and len(per_token) > 20, per_token
+    with ThreadServer(checkpoint, ["auth.keys_env=null", "stream_interval=4"]) as s:
+        _wait_ready(s.url)
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
+        pieces, finish = _streamed_pieces(c, 40)
+        whole = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=40, temperature=0).choices[0].message.content
+    assert "".join(pieces) == "".join(per_token) == whole and finish == "length"
+    assert 3 <= len(pieces) <= 1 + 40 // 4, pieces  # the first text, then one chunk per 4 tokens at most
+
+
 def test_raw_stream_is_openais_event_format(server):
     with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=_chat(stream=True),
                       headers={"authorization": f"Bearer {KEYS[1]}"}, timeout=60) as r:

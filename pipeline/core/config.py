@@ -418,6 +418,10 @@ class ServeConfig(CheckpointChoice):
     model_name: Optional[str] = opt(None, "the model id clients send and /v1/models lists (null: <run>/<stage>, or "
                                           "the checkpoint folder's name)")
     log_level: str = opt("info", "uvicorn's and the server's log level: debug | info | warning | error")
+    stream_interval: int = opt(1, "tokens per streamed chunk at most, as vLLM's --stream-interval: 1 sends each "
+                                  "token as it comes (OpenAI's way); more sends fewer, longer chunks (less work for "
+                                  "server and client per token, coarser streaming); the first text and the end go "
+                                  "out at once")
     auth: AuthSettings = group(AuthSettings, "API keys")
     limits: LimitSettings = group(LimitSettings, "rate and size limits, per API key")
     engine: EngineSettings = group(EngineSettings, "the batching generation engine")
@@ -712,7 +716,7 @@ _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.i
              "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
              "limits.requests_per_minute", "limits.tokens_per_minute", "limits.concurrent_requests",
              "limits.max_body_bytes", "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
-             "engine.threads", "bon.n", "train.rounds", "train.prompts", "train.samples", "train.num_generations",
+             "engine.threads", "stream_interval", "bon.n", "train.rounds", "train.prompts", "train.samples", "train.num_generations",
              "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap")
 
 
