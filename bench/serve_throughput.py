@@ -474,6 +474,8 @@ def main() -> None:
             settings += f", peer CB {args.peer_cb_args}"
         if args.ours_override:
             settings += ", ours " + " ".join(args.ours_override)
+        if version:
+            settings += f", peer transformers {version}"
 
         def cell(name: str, c: int, what: str) -> str:
             if name not in [s.name for s in servers]:
