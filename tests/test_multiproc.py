@@ -60,3 +60,16 @@ def test_results_agree_with_one_process(two_proc_chain):
     # with that prompt's gold score, the replies those of each process's shard, win and tie rates from those rows,
     # and the KL recomputed from the 2-process run's PPO and SFT checkpoints; the policy moved, so that KL is positive
     assert check_greedy_eval(root, "mp", PPO_OVERRIDES, nproc=2) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["bon", "dpo", "expert_iteration", "rloo", "grpo"])
+def test_method_stages_under_two_processes(two_proc_chain, method):
+    """Each method stage under 2 processes on the 2-process chain: it completes once, one process reports, and its
+    evaluation gathered every held-out prompt, as the single-process run of the same stage does."""
+    root, _ = two_proc_chain
+    p = run_multiproc(method, *SMOKE, f"paths.root={root}", "run=mp")
+    m = _manifest(root, "mp", method)
+    assert m["status"] == "complete" and (root / "mp" / method / "final").is_dir(), method
+    assert p.stdout.count(f"[{method}] sampled: gold") == 1, p.stdout[-2000:]
+    assert m["metrics"]["eval/sampled/n_prompts"] == compose_stage(method, SMOKE).eval.prompts
