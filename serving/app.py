@@ -68,7 +68,8 @@ class Service:
     def _load_now(self) -> None:
         try:
             e = self.cfg.engine
-            if self._spawn is not None and e.process:
+            remote = self._spawn is not None and e.process
+            if remote:
                 from pipeline.data.tokenizer import load_tokenizer
                 from serving.worker import EngineProcess
 
@@ -82,7 +83,7 @@ class Service:
                 engine = Engine(model, tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
                                 fast=e.fast_path)
             engine.on_step = self._on_step
-            if self._spawn is not None and e.process and self.loop is not None:
+            if remote and self.loop is not None:
                 # the engine process's pipe is read on the event loop itself: its tokens need no hand-over
                 engine.sink = _deliver
                 done = threading.Event()
@@ -459,7 +460,7 @@ class _Run:
         self.cid, self.created = completion_id(), now()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.moderator = service.moderator if service.cfg.moderation.output else None
-        self.interval = int(service.cfg.get("stream_interval", 1) or 1) if req.stream else 1
+        self.interval = service.cfg.stream_interval if req.stream else 1
         hold = self.moderator.holdback if self.moderator is not None else None
         self.choices = [_Choice(service.tok, req.stop, hold) for _ in range(req.n)]
         self.request = None

@@ -260,7 +260,7 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
                     break  # the server was killed: nobody left to serve
             except (EOFError, OSError):  # the server is gone
                 break
-            if engine.error is None and (engine.running or engine.waiting):
+            if engine.running or engine.waiting:
                 try:
                     engine.step()
                 except Exception as e:  # noqa: BLE001 — every request fails, the parent says why, in one line

@@ -716,8 +716,8 @@ _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.i
              "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
              "limits.requests_per_minute", "limits.tokens_per_minute", "limits.concurrent_requests",
              "limits.max_body_bytes", "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
-             "engine.threads", "stream_interval", "bon.n", "train.rounds", "train.prompts", "train.samples", "train.num_generations",
-             "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap")
+             "engine.threads", "stream_interval", "bon.n", "train.rounds", "train.prompts", "train.samples",
+             "train.num_generations", "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap")
 
 
 # keys whose choices differ by stage (TRL's own, checked here so a typo is one line, not TRL's traceback)
