@@ -342,11 +342,11 @@ def create_app(service: Service) -> FastAPI:
             try:
                 async for c in run.chunks():
                     yield c
-                yield b"data: [DONE]\n\n"
             finally:  # also when the client went away mid-stream (Starlette cancels this generator)
                 run.close(lease)
 
-        # Server-sent events as OpenAI (and vLLM) send them: `data: <json>` lines, each event its own chunk.
+        # Server-sent events as OpenAI (and vLLM) send them: `data: <json>` lines, one chat.completion.chunk each,
+        # ending `data: [DONE]`. The events of one wake-up go out in one write (run.chunks).
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
 
@@ -547,23 +547,32 @@ class _Run:
                  "logprobs": None, "finish_reason": c.finish} for i, c in enumerate(self.choices)]
 
     async def chunks(self):
-        """The stream's server-sent events, encoded: `data: <chat.completion.chunk>\\n\\n` each."""
+        """The stream's server-sent events (`data: <chat.completion.chunk>\\n\\n` each, then `data: [DONE]`), as
+        bytes, one piece per wake-up: every event that is due then goes out in one write, not one write each (the
+        role with the first text, the last text with its finish_reason, the usage and [DONE]). What a client
+        parses is the same events either way; the writes are what cost."""
         with_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         one = chunk_encoder(self.cid, self.service.model_name, self.created, FINGERPRINT, with_usage)
-        for i in range(len(self.choices)):
-            yield one(i, {"role": "assistant", "content": ""})
+        out = [one(i, {"role": "assistant", "content": ""}) for i in range(len(self.choices))]
         async for batch in self._pieces():
             if self.error:
-                yield _event({"error": {"message": self.error, "type": "server_error", "param": None, "code": None}})
+                out.append(_event({"error": {"message": self.error, "type": "server_error", "param": None,
+                                             "code": None}}))
+                yield b"".join(out)
                 return
             for i, piece, finish in batch:
                 if piece:
-                    yield one(i, {"content": piece})
+                    out.append(one(i, {"content": piece}))
                 if finish is not None:
-                    yield one(i, {}, finish)
+                    out.append(one(i, {}, finish))
+            if any(c.finish is None for c in self.choices):
+                yield b"".join(out)
+                out = []
         if with_usage:
-            yield _event(chunk(self.cid, self.service.model_name, self.created, [], FINGERPRINT,
-                               usage(self.prompt_tokens, self.completion_tokens)))
+            out.append(_event(chunk(self.cid, self.service.model_name, self.created, [], FINGERPRINT,
+                                    usage(self.prompt_tokens, self.completion_tokens))))
+        out.append(b"data: [DONE]\n\n")
+        yield b"".join(out)
 
     def close(self, lease) -> None:
         """The request is over (done, failed, or the client left): free its rows and give back unused tokens."""
