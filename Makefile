@@ -88,6 +88,7 @@ bench: $(STAMP)  ## the benchmark suite (~1 h on 2 cores, idle machine); figures
 	$(PY) bench/bon_frontier.py --runs-root bench/out/runs/cpu --run default
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) bench/serve_throughput.py --checkpoint bench/out/runs/cpu/default/sft/final --threads 1
+	$(PY) bench/serve_throughput.py --checkpoint bench/out/runs/cpu/default/sft/final --threads 1 --client openai
 
 clean:  ## remove runs/ and generated data caches (keeps .venv)
 	rm -rf runs .cache

@@ -4,10 +4,12 @@
     python bench/serve_throughput.py --threads 1                              # ours, then both peer modes
     python bench/serve_throughput.py --checkpoint runs/cpu/sft/final --concurrency 1 8 32 --requests-per-client 8
     python bench/serve_throughput.py --concurrency 1 4 --requests-per-client 4 --max-tokens 32 --no-results  # quick
+    python bench/serve_throughput.py --threads 1 --client openai              # load from the official client
     python bench/serve_throughput.py --skip-ours --peer-python bench/.venv-peer/bin/python   # the peer alone
 
-The peer needs `transformers[serving]` (the project's `bench` extra; `make bench` installs it into .venv, and
---peer-python defaults to this interpreter). For a separate environment:
+The peer needs `transformers[serving]` and the default load generator aiohttp (both in the project's `bench`
+extra; `make bench` installs them into .venv, and --peer-python defaults to this interpreter). For a separate
+environment of the peer:
 
     python3 -m venv bench/.venv-peer && bench/.venv-peer/bin/pip install torch==2.13.0 && \
         bench/.venv-peer/bin/pip install "transformers[serving]==5.24.0"
@@ -34,9 +36,13 @@ What it does, in one run:
 3. Warms up: two requests one after the other, then a burst of min(8, highest concurrency) at once (the peer's
    continuous batching builds its cache on the first request).
 4. For each --concurrency level C, a closed loop: C clients, each sending --requests-per-client streaming chat
-   completions one after the other (a new one as soon as the last ends), through one `openai.AsyncOpenAI` client
-   (base_url http://127.0.0.1:<port>/v1). Every server gets the same 16 short questions in the same order,
-   temperature 0 (greedy), max_tokens --max-tokens, stream_options include_usage.
+   completions one after the other (a new one as soon as the last ends). The load generator (--client) is
+   aiohttp reading the server-sent events line by line with json.loads (what vLLM's benchmark_serving does), or
+   the official `openai.AsyncOpenAI` client (base_url http://127.0.0.1:<port>/v1), which builds a pydantic model
+   per chunk: on 2 cores that client costs about as much CPU per request as our whole server, so it measures
+   itself as much as the servers; its figures are kept beside the others in bench/results.md. Every server gets
+   the same 16 short questions in the same order, temperature 0 (greedy), max_tokens --max-tokens,
+   stream_options include_usage.
    Per request: latency (send to end of stream), TTFT (send to the first chunk with text), generated tokens (the
    usage of the stream's last chunk when the server sends one, else the number of chunks with text).
    Per level: requests/s and generated tokens/s over the level's wall time, p50/p95 latency and TTFT, mean tokens
@@ -48,13 +54,14 @@ What it does, in one run:
    tokens/s at that level) in tokens/s, and the p95 latency and TTFT of each.
 
 Everything shares the machine with the client: on 2 cores the client's own stream parsing takes a share, the
-same for every server. Read the load average printed first; above ~0.5, another process shared the cores.
+same for every server (the openai client's is several times aiohttp's). Read the load average printed first; above ~0.5, another process shared the cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import os
 import shlex
@@ -80,8 +87,9 @@ HEADER = ("| date | machine | load avg | model | settings | concurrency | ours r
 INTRO = ("`python bench/serve_throughput.py`: our OpenAI-compatible server (`python -m stages.tools.serve`) against "
          "`transformers serve` (transformers[serving] 5.24) in its default mode and with `--continuous-batching`, "
          "same checkpoint, on 127.0.0.1. A closed loop of C clients per level, each sending its requests one after "
-         "the other: streaming chat completions of 16 fixed short questions, greedy, max_tokens fixed, through the "
-         "`openai` AsyncOpenAI client. tok/s: generated tokens (the stream's usage) per wall second of the level; "
+         "the other: streaming chat completions of 16 fixed short questions, greedy, max_tokens fixed, sent by the "
+         "client the settings name (aiohttp reading the event stream, as vLLM's benchmark_serving does, or the "
+         "official `openai` AsyncOpenAI client, whose per-chunk parsing takes a large share of 2 cores). tok/s: generated tokens (the stream's usage) per wall second of the level; "
          "latency: send to end of stream; TTFT: send to the first text chunk. Best peer: the peer mode with the "
          "most tok/s at that level. Load avg: the 1-minute load at the start (above ~0.5: another process shared "
          "the cores). Settings: requests per client x max tokens, threads. One row per concurrency level and run, "
@@ -275,30 +283,83 @@ async def one_request(client, model: str, prompt: str, max_tokens: int, level: L
     level.tokens.append(usage if usage is not None else chunks)
 
 
-async def run_level(base_url: str, model: str, concurrency: int, per_client: int, max_tokens: int,
-                    timeout: float) -> Level:
-    from openai import AsyncOpenAI
+async def one_request_raw(session, url: str, model: str, prompt: str, max_tokens: int, level: Level) -> None:
+    """The same request as one_request, sent with aiohttp and its server-sent events read line by line (what
+    vLLM's benchmark_serving does): only `json.loads` per event, no client-side models."""
+    t0 = time.perf_counter()
+    ttft = None
+    chunks = 0
+    usage = None
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        async with session.post(url, json=body, headers={"Authorization": "Bearer none"}) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:160]}")
+            async for line in resp.content:  # one SSE line at a time, however the bytes were written
+                line = line.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":  # (`transformers serve` ends its streams without it: so does the openai client)
+                    break
+                obj = json.loads(data)
+                if "error" in obj:
+                    raise RuntimeError(f"error event: {str(obj['error'])[:160]}")
+                if obj.get("usage") and obj["usage"].get("completion_tokens") is not None:
+                    usage = obj["usage"]["completion_tokens"]
+                for choice in obj.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        chunks += 1
+                        if ttft is None:
+                            ttft = time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001  (any failure of a request is an error of the server under test)
+        level.errors += 1
+        if not level.first_error:
+            level.first_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        return
+    level.latency.append(time.perf_counter() - t0)
+    level.ttft.append(ttft if ttft is not None else time.perf_counter() - t0)
+    if usage is None:
+        level.chunk_counted += 1
+    level.tokens.append(usage if usage is not None else chunks)
 
+
+async def run_level(base_url: str, model: str, concurrency: int, per_client: int, max_tokens: int,
+                    timeout: float, client: str = "openai") -> Level:
     level = Level(concurrency)
-    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=timeout) as client:
+
+    async def closed_loop(send) -> None:
         async def worker(i: int) -> None:
             for j in range(per_client):
-                await one_request(client, model, PROMPTS[(i * per_client + j) % len(PROMPTS)], max_tokens, level)
+                await send(PROMPTS[(i * per_client + j) % len(PROMPTS)])
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         level.wall = time.perf_counter() - t0
+
+    if client == "aiohttp":
+        import aiohttp
+
+        conn = aiohttp.TCPConnector(limit=0)  # one connection per client, as the openai client keeps
+        async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            url = base_url + "/v1/chat/completions"
+            await closed_loop(lambda p: one_request_raw(session, url, model, p, max_tokens, level))
+        return level
+    from openai import AsyncOpenAI
+
+    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=timeout) as oc:
+        await closed_loop(lambda p: one_request(oc, model, p, max_tokens, level))
     return level
 
 
-def warm_up(server: Server, burst: int, max_tokens: int, timeout: float) -> str:
+def warm_up(server: Server, burst: int, max_tokens: int, timeout: float, client: str = "openai") -> str:
     """Two requests, then a burst; '' when they all succeeded, else the first error."""
-    a = asyncio.run(run_level(server.base_url(), server.model, 1, 2, max_tokens, timeout))
-    b = asyncio.run(run_level(server.base_url(), server.model, burst, 1, max_tokens, timeout))
+    a = asyncio.run(run_level(server.base_url(), server.model, 1, 2, max_tokens, timeout, client))
+    b = asyncio.run(run_level(server.base_url(), server.model, burst, 1, max_tokens, timeout, client))
     return a.first_error or b.first_error
 
 
-# ---- report ----------------------------------------------------------------------------------------------------
 def fmt(x: float, nd: int = 2) -> str:
     return "-" if x != x else f"{x:.{nd}f}"  # NaN -> "-"
 
@@ -311,8 +372,9 @@ def main() -> None:
                          "(default: runs/cpu/sft/final)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
                     help="closed-loop client counts, one level each (default: 1 8 32)")
-    ap.add_argument("--requests-per-client", type=int, default=8,
-                    help="requests each client sends per level, one after the other (default: 8)")
+    ap.add_argument("--requests-per-client", type=int, default=16,
+                    help="requests each client sends per level, one after the other (default: 16; fewer make "
+                         "the levels of our server last a second or two, short enough for noise to show)")
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default: 64)")
     ap.add_argument("--repeats", type=int, default=2,
                     help="times each level runs back to back on each server; the fastest counts (default: 2)")
@@ -323,6 +385,10 @@ def main() -> None:
     ap.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra override for `python -m stages.tools.serve` (repeatable; replaces a default one "
                          "with the same key)")
+    ap.add_argument("--client", choices=["aiohttp", "openai"], default="aiohttp",
+                    help="the load generator: aiohttp reading the event stream line by line, as vLLM's "
+                         "benchmark_serving does (default; light, so the 2 cores go to the servers), or the official "
+                         "openai client (its models per chunk cost about as much CPU as our server on a small model)")
     ap.add_argument("--skip-ours", action="store_true", help="measure the peer alone")
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for every server (default: unset, each library's own default)")
@@ -339,9 +405,10 @@ def main() -> None:
         raise SystemExit(f"checkpoint not found: {ckpt} has no config.json (train one with `make all`, or pass "
                          f"--checkpoint DIR)")
     try:
-        import openai
+        client_lib = importlib.import_module(args.client)
     except ImportError:
-        raise SystemExit("the `openai` package is missing here: .venv/bin/pip install openai") from None
+        raise SystemExit(f"the `{args.client}` package is missing here: .venv/bin/pip install {args.client} "
+                         f"(the bench extra has it)") from None
 
     levels = sorted(set(args.concurrency))
     if min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1 or args.repeats < 1:
@@ -384,7 +451,7 @@ def main() -> None:
     print(f"[bench] {mach}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"[bench] checkpoint {ckpt} ({params / 1e6:.2f}M parameters)" if params else f"[bench] checkpoint {ckpt}")
     print(f"[bench] concurrency {' '.join(map(str, levels))}; {args.requests_per_client} requests per client; "
-          f"max_tokens {args.max_tokens}; greedy; openai {openai.__version__}"
+          f"max_tokens {args.max_tokens}; greedy; client {args.client} {client_lib.__version__}"
           + (f"; peer: transformers {version} ({args.peer_python})" if version else ""))
 
     results: dict[str, dict[int, Level]] = {}
@@ -400,7 +467,7 @@ def main() -> None:
                 s.failure = f"could not be started: {e}"
             if not s.failure and s.wait_ready(args.ready_timeout, str(ckpt)):
                 print(f"[bench] {s.name}: ready in {time.time() - t:.1f} s (model '{s.model}')")
-                err = warm_up(s, burst, args.max_tokens, args.request_timeout)
+                err = warm_up(s, burst, args.max_tokens, args.request_timeout, args.client)
                 if err:
                     s.failure = f"warmup request failed: {err}"
             if s.failure:
@@ -414,7 +481,7 @@ def main() -> None:
                 runs = []
                 for r in range(args.repeats):
                     lv = asyncio.run(run_level(s.base_url(), s.model, c, args.requests_per_client, args.max_tokens,
-                                               args.request_timeout))
+                                               args.request_timeout, args.client))
                     runs.append(lv)
                     print(f"[bench] {s.name} c={c} ({r + 1}/{args.repeats}): {lv.rps():.2f} req/s, "
                           f"{lv.tps():.1f} tok/s, latency p50/p95 {fmt(pct(lv.latency, .5))}/"
@@ -469,6 +536,7 @@ def main() -> None:
         model = f"{ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else Path(*[x for x in ckpt.parts[-3:] if x != ckpt.anchor])}" + \
             (f" ({params / 1e6:.2f}M params)" if params else "")
         settings = f"{args.requests_per_client} req/client x {args.max_tokens} tok, best of {args.repeats}, " + \
+            f"client {args.client}, " + \
             (f"OMP_NUM_THREADS={args.threads}" if args.threads else f"default threads ({n_cores()} cores)")
         if args.peer_cb_args:
             settings += f", peer CB {args.peer_cb_args}"

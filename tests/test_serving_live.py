@@ -218,14 +218,23 @@ def test_stream_interval_sends_the_same_text_in_fewer_chunks(server, checkpoint)
 
 
 def test_raw_stream_is_openais_event_format(server):
-    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=_chat(stream=True),
+    """The events, in OpenAI's order, however the server groups them into writes: the role, the text (about a token
+    each: what moderation holds back goes out with the next piece), the finish_reason, the usage (asked for),
+    [DONE]."""
+    body = _chat(stream=True, stream_options={"include_usage": True})
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
                       headers={"authorization": f"Bearer {KEYS[1]}"}, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        body = r.read().decode()
-    events = [e for e in body.split("\n\n") if e.strip()]
+        raw = r.read().decode()
+    events = [e for e in raw.split("\n\n") if e.strip()]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
-    first = json.loads(events[0][6:])
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = chunks[1:-2]
+    assert 1 <= len(text) <= 12 and all(c["choices"][0]["delta"].keys() == {"content"} for c in text)  # 12 tokens
+    assert all(c["choices"][0]["finish_reason"] is None and c["usage"] is None for c in chunks[:-2])
+    assert chunks[-2]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 12
 
 
 def test_seed_n_and_stop(server):
