@@ -53,8 +53,9 @@ What it does, in one run:
    bench/results.md (--out; other sections kept as they are): ours / the best peer (the peer mode with the most
    tokens/s at that level) in tokens/s, and the p95 latency and TTFT of each.
 
-Everything shares the machine with the client: on 2 cores the client's own stream parsing takes a share, the
-same for every server (the openai client's is several times aiohttp's). Read the load average printed first; above ~0.5, another process shared the cores.
+Everything shares the machine with the client: on 2 cores the client's own stream parsing takes a share that
+grows with the replies it gets through, so it weighs most on the fastest server (the openai client's costs
+several times aiohttp's). Read the load average printed first; above ~0.5, another process shared the cores.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ INTRO = ("`python bench/serve_throughput.py`: our OpenAI-compatible server (`pyt
          "same checkpoint, on 127.0.0.1. A closed loop of C clients per level, each sending its requests one after "
          "the other: streaming chat completions of 16 fixed short questions, greedy, max_tokens fixed, sent by the "
          "client the settings name (aiohttp reading the event stream, as vLLM's benchmark_serving does, or the "
-         "official `openai` AsyncOpenAI client, whose per-chunk parsing takes a large share of 2 cores). tok/s: generated tokens (the stream's usage) per wall second of the level; "
-         "latency: send to end of stream; TTFT: send to the first text chunk. Best peer: the peer mode with the "
+         "official `openai` AsyncOpenAI client, whose per-chunk parsing takes a large share of 2 cores; rows that "
+         "name none used the openai client). tok/s: generated tokens (the stream's usage) per wall second of the "
+         "level; latency: send to end of stream; TTFT: send to the first text chunk. Best peer: the peer mode with the "
          "most tok/s at that level. Load avg: the 1-minute load at the start (above ~0.5: another process shared "
          "the cores). Settings: requests per client x max tokens, threads. One row per concurrency level and run, "
          "newest last.")
