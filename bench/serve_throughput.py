@@ -256,65 +256,55 @@ def pct(xs: list, q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int, level: Level) -> None:
-    t0 = time.perf_counter()
-    ttft = None
-    chunks = 0
-    usage = None
-    try:
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-            stream=True, stream_options={"include_usage": True})
-        async for chunk in stream:
-            if getattr(chunk, "usage", None) is not None and chunk.usage.completion_tokens is not None:
-                usage = chunk.usage.completion_tokens
-            for choice in chunk.choices or []:
-                if choice.delta is not None and choice.delta.content:
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-    except Exception as e:  # noqa: BLE001  (any failure of a request is an error of the server under test)
-        level.errors += 1
-        if not level.first_error:
-            level.first_error = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        return
-    level.latency.append(time.perf_counter() - t0)
-    level.ttft.append(ttft if ttft is not None else time.perf_counter() - t0)
-    if usage is None:
-        level.chunk_counted += 1
-    level.tokens.append(usage if usage is not None else chunks)
-
-
-async def one_request_raw(session, url: str, model: str, prompt: str, max_tokens: int, level: Level) -> None:
-    """The same request as one_request, sent with aiohttp and its server-sent events read line by line (what
-    vLLM's benchmark_serving does): only `json.loads` per event, no client-side models."""
-    t0 = time.perf_counter()
-    ttft = None
-    chunks = 0
-    usage = None
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+def request_body(model: str, prompt: str, max_tokens: int) -> dict:
+    """The one request every server gets, whichever client sends it."""
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+
+
+async def openai_events(client, body: dict):
+    """(completion tokens in the chunk's usage or None, whether it carries text) per chunk, through the official
+    client (a pydantic model per chunk)."""
+    async for chunk in await client.chat.completions.create(**body):
+        u = getattr(chunk, "usage", None)
+        yield (u.completion_tokens if u is not None else None,
+               any(c.delta is not None and c.delta.content for c in chunk.choices or []))
+
+
+async def aiohttp_events(session, url: str, body: dict):
+    """The same per event, through aiohttp with the server-sent events read line by line (what vLLM's
+    benchmark_serving does): only `json.loads` per event, no client-side models."""
+    async with session.post(url, json=body, headers={"Authorization": "Bearer none"}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:160]}")
+        async for line in resp.content:  # one SSE line at a time, however the bytes were written
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":  # (`transformers serve` ends its streams without it: so does the openai client)
+                return
+            obj = json.loads(data)
+            if "error" in obj:
+                raise RuntimeError(f"error event: {str(obj['error'])[:160]}")
+            yield ((obj.get("usage") or {}).get("completion_tokens"),
+                   any((c.get("delta") or {}).get("content") for c in obj.get("choices") or []))
+
+
+async def one_request(events, level: Level) -> None:
+    """Time one streamed request, read through `events` (openai_events or aiohttp_events), into `level`."""
+    t0 = time.perf_counter()
+    ttft = None
+    chunks = 0
+    usage = None
     try:
-        async with session.post(url, json=body, headers={"Authorization": "Bearer none"}) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {(await resp.text())[:160]}")
-            async for line in resp.content:  # one SSE line at a time, however the bytes were written
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":  # (`transformers serve` ends its streams without it: so does the openai client)
-                    break
-                obj = json.loads(data)
-                if "error" in obj:
-                    raise RuntimeError(f"error event: {str(obj['error'])[:160]}")
-                if obj.get("usage") and obj["usage"].get("completion_tokens") is not None:
-                    usage = obj["usage"]["completion_tokens"]
-                for choice in obj.get("choices") or []:
-                    if (choice.get("delta") or {}).get("content"):
-                        chunks += 1
-                        if ttft is None:
-                            ttft = time.perf_counter() - t0
+        async for tokens, text in events:
+            if tokens is not None:
+                usage = tokens
+            if text:
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001  (any failure of a request is an error of the server under test)
         level.errors += 1
         if not level.first_error:
@@ -331,10 +321,10 @@ async def run_level(base_url: str, model: str, concurrency: int, per_client: int
                     timeout: float, client: str = "openai") -> Level:
     level = Level(concurrency)
 
-    async def closed_loop(send) -> None:
+    async def closed_loop(events) -> None:  # events(prompt): that request's event stream (openai/aiohttp_events)
         async def worker(i: int) -> None:
             for j in range(per_client):
-                await send(PROMPTS[(i * per_client + j) % len(PROMPTS)])
+                await one_request(events(PROMPTS[(i * per_client + j) % len(PROMPTS)]), level)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
@@ -346,12 +336,12 @@ async def run_level(base_url: str, model: str, concurrency: int, per_client: int
         conn = aiohttp.TCPConnector(limit=0)  # one connection per client, as the openai client keeps
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
             url = base_url + "/v1/chat/completions"
-            await closed_loop(lambda p: one_request_raw(session, url, model, p, max_tokens, level))
+            await closed_loop(lambda p: aiohttp_events(session, url, request_body(model, p, max_tokens)))
         return level
     from openai import AsyncOpenAI
 
     async with AsyncOpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=timeout) as oc:
-        await closed_loop(lambda p: one_request(oc, model, p, max_tokens, level))
+        await closed_loop(lambda p: openai_events(oc, request_body(model, p, max_tokens)))
     return level
 
 
@@ -362,6 +352,7 @@ def warm_up(server: Server, burst: int, max_tokens: int, timeout: float, client:
     return a.first_error or b.first_error
 
 
+# ---- report ----------------------------------------------------------------------------------------------------
 def fmt(x: float, nd: int = 2) -> str:
     return "-" if x != x else f"{x:.{nd}f}"  # NaN -> "-"
 

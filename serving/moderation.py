@@ -101,12 +101,12 @@ class LexiconClassifier:
     def holdback(self, text: str) -> int:
         """How many trailing characters of a reply being written could still become a listed phrase: the longest
         tail that starts at a word boundary and is the start of one."""
-        # Only the tail can matter (this runs once per streamed piece): the last `longest` characters, and the one
-        # before them for the word boundary.
+        # Only the tail can matter (this runs once per streamed piece): where a phrase's start could still be, and
+        # the character before it, for the word boundary.
         start = max(0, len(text) - self.longest + 1)
-        low = text[max(0, start - 1):].lower()
-        off = start - max(0, start - 1)  # 1 when there is a character before the tail, else 0
-        for j in range(off, len(low)):
+        lo = max(0, start - 1)
+        low = text[lo:].lower()
+        for j in range(start - lo, len(low)):
             if (j == 0 or not (low[j - 1].isalnum() or low[j - 1] == "_")) and low[j:] in self._prefixes:
                 return len(low) - j
         return 0
