@@ -35,7 +35,7 @@ from pipeline.data.formats import check_prompt_lengths, load_corpus, load_prompt
 from pipeline.data.packing import pack
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.models.loading import load_causal_lm, load_sequence_classifier, mixed_precision
-from pipeline.models.token_model import TokenModel, disable_dropout
+from pipeline.models.token_model import TokenModel, disable_dropout, fold_normalisation
 from pipeline.report.plots import overoptimization_plot
 from pipeline.rl.readout import turn_closing
 from pipeline.rl.shaping import AdaptiveKLController, FixedKLController
@@ -77,6 +77,10 @@ def main(cfg: DictConfig) -> None:
         ref = copy.deepcopy(policy).to(dev).eval().requires_grad_(False)
     reward_model = load_sequence_classifier(rm_parent["final"]).to(dev).eval().requires_grad_(False)
     critic = load_sequence_classifier(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"])
+    rm_stats = rm_parent.get("reward_stats") or {}
+    if t.critic_init == "reward" and t.normalize_reward and t.reward == "model" and rm_stats:
+        # the critic learns returns built from the normalised score: its head starts on that scale, not the RM's
+        fold_normalisation(critic, rm_stats["mean"], max(rm_stats["std"], 1e-6))
     for m in (policy, critic, reward_model) + ((ref,) if ref is not None else ()):
         disable_dropout(m)
     # read at the tokens that matter only (no logits for the prompt); these wrappers are what DDP wraps. The frozen
@@ -139,7 +143,7 @@ def main(cfg: DictConfig) -> None:
         state.ema = [p.detach().clone() for p in acc.unwrap_model(policy).parameters()]
     loop = PPOLoop(cfg, acc, run, tracker, tok, end_of_turn_ids(tok), policy, critic, ref, reward_model, closing,
                    GoldOracle.from_config(cfg.data.world), [(opt_p, sched_p), (opt_v, sched_v)], kl_ctl, state,
-                   rm_parent.get("reward_stats") or {}, ptx_blocks, gen_logprobs)
+                   rm_stats, ptx_blocks, gen_logprobs)
 
     # ---- the loop: make experience -> update -> log (-> evaluate every train.eval_every) -------------------
     bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, desc="ppo",

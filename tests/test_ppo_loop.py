@@ -137,3 +137,68 @@ def test_overoptimization_plot_with_periodic_evaluations(tmp_path):
     for p in (periodic, None):
         out = overoptimization_plot(history, tmp_path / f"o{p is None}.png", "t", periodic=p)
         assert out.stat().st_size > 1000
+
+
+# ---- the two defects of issue 25: dropout left on in Llama's attention, the critic on the reward model's scale ----
+def test_disable_dropout_makes_two_train_mode_forwards_equal():
+    """model.dropout > 0 builds Llama attention with its own copy of the rate: zeroing the config alone left it on,
+    so PPO's training forward (train mode) did not compute the rollout's log-probs."""
+    from pipeline.models.token_model import disable_dropout
+
+    cfg = _config()
+    cfg.attention_dropout = 0.5
+    torch.manual_seed(0)
+    for model in (LlamaForCausalLM(cfg), LlamaForSequenceClassification(cfg)):
+        x = torch.randint(2, cfg.vocab_size, (3, 9))
+        model.train()
+        with torch.no_grad():  # the rate really is applied before: the check below can fail
+            assert not torch.equal(model(x).logits, model(x).logits)
+        disable_dropout(model)
+        assert all(m.attention_dropout == 0.0 for m in model.modules() if hasattr(m, "attention_dropout"))
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+def test_critic_from_the_reward_model_starts_on_the_normalised_scale():
+    """fold_normalisation: the critic's head outputs (raw - mean) / std at every position, what the returns are
+    built from. Reward stats as measured on the default run's reward model: mean -0.66, std 0.76."""
+    from pipeline.models.token_model import fold_normalisation
+    from pipeline.rl.readout import read_reward
+
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(_config()).eval()
+    critic = LlamaForSequenceClassification(_config()).eval()
+    critic.load_state_dict(rm.state_dict())
+    fold_normalisation(critic, -0.66, 0.76)
+    assert critic.score.bias is not None and critic.score.bias.requires_grad
+    ro = _rollout([6, 2, 4, 1, 3], [5, 1, 3, 2, 5])
+    raw = read_reward(TokenModel(rm), ro)
+    torch.testing.assert_close(read_reward(TokenModel(critic), ro), (raw + 0.66) / 0.76, rtol=1e-5, atol=1e-5)
+    # and with a head that already has a bias b: (W h + b - mean) / std
+    fold_normalisation(critic, 1.0, 2.0)
+    torch.testing.assert_close(read_reward(TokenModel(critic), ro), ((raw + 0.66) / 0.76 - 1.0) / 2.0,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_the_stages_critic_has_the_normalised_score_s_statistics(smoke_chain):
+    """On the smoke run: the reward model folded with its own reward_stats (as stages/ppo.py builds the critic)
+    scores the very answers those statistics were measured on with mean 0 and standard deviation 1."""
+    import json
+
+    from conftest import compose_stage
+
+    from pipeline.eval.reward_model import reward_stats
+    from pipeline.data.formats import load_prompts
+    from pipeline.models.loading import load_policy, load_sequence_classifier
+    from pipeline.models.token_model import fold_normalisation
+
+    m = json.loads((smoke_chain / "default" / "reward" / "manifest.json").read_text())
+    cfg = compose_stage("reward", ["preset=smoke", "logger=none", f"paths.root={smoke_chain}"])
+    policy, tok = load_policy(smoke_chain / "default" / "sft" / "final", "fp32", "cpu")
+    critic = load_sequence_classifier(smoke_chain / "default" / "reward" / "final").eval()
+    critic.config.pad_token_id = tok.pad_token_id
+    fold_normalisation(critic, m["reward_stats"]["mean"], m["reward_stats"]["std"])
+    prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
+    got = reward_stats(policy, critic, tok, prompts[: cfg.train.stats_prompts], cfg)
+    assert abs(m["reward_stats"]["mean"]) > 1e-3 or abs(m["reward_stats"]["std"] - 1) > 1e-3  # a real change
+    assert got["mean"] == pytest.approx(0.0, abs=1e-4) and got["std"] == pytest.approx(1.0, abs=1e-4)

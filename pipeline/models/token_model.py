@@ -53,10 +53,37 @@ def _head(base):
 
 
 def disable_dropout(model) -> None:
-    """PPO's ratio and KL assume the same function computes old and new log-probs: no dropout anywhere."""
+    """PPO's ratio and KL assume the same function computes old and new log-probs: no dropout anywhere. The
+    config's rates are not enough: a module copies its rate when it is built (Llama's attention keeps its own
+    `attention_dropout` and applies it in train mode), so the float rates on the modules are zeroed too."""
+    rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+             "attn_dropout", "dropout_p", "dropout_rate")
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    for k in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        for k in rates:
+            if isinstance(getattr(m, k, None), float):
+                setattr(m, k, 0.0)
+    for k in rates:
         if hasattr(model.config, k) and isinstance(getattr(model.config, k), float):
             setattr(model.config, k, 0.0)
+
+
+def fold_normalisation(model, mean: float, std: float) -> None:
+    """Make a sequence classifier output (score - mean) / std instead of its score: its scalar head becomes a biased
+    linear layer with weight W / std and bias (b - mean) / std. PPO's critic starts as the reward model but is
+    trained on returns built from the normalised score; with the raw head its first values sit on the reward
+    model's scale, so the last token's TD error starts biased by the difference (favouring late tokens and long
+    replies) until value clipping lets the critic catch up."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = next((n for n in ("score", "classifier") if isinstance(getattr(base, n, None), torch.nn.Linear)), None)
+    if name is None:
+        raise UserError(f"{type(base).__name__}: no linear scalar head (score or classifier) to normalise")
+    head = getattr(base, name)
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
+                          dtype=head.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(head.weight / std)
+        new.bias.copy_(((head.bias if head.bias is not None else 0.0) - mean) / std)
+    new.requires_grad_(head.weight.requires_grad)
+    setattr(base, name, new)

@@ -219,6 +219,8 @@ class PPOLoop:
             "ppo/nonscore_reward": (exp.rewards.sum(-1) - exp.score).mean(),
             "ppo/response_length": mask.sum(-1).float().mean(), "ppo/ended_fraction": ro.ended.float().mean(),
             "ppo/explained_variance": explained_variance(exp.old_values, exp.returns, mask).nan_to_num(0.0),
+            # the critic's values and its targets over reply tokens: on one scale from the first iteration
+            "ppo/value_mean": masked_mean(exp.old_values, mask), "ppo/return_mean": masked_mean(exp.returns, mask),
             **{f"ppo/{k}": torch.tensor(sum(v) / max(len(v), 1), device=dev) for k, v in log.items() if v},
             "ppo/gen_tokens_per_s": n_tok / exp.seconds_generating,
             "ppo/train_tokens_per_s": n_tok * t.ppo_epochs / (t_total - exp.seconds_generating),
