@@ -375,6 +375,9 @@ class LimitSettings:
                                           "the unused part given back when the request ends")
     concurrent_requests: int = opt(16, "requests of one API key in flight at once; more get 429")
     max_body_bytes: int = opt(1_048_576, "largest request body; a bigger one gets 413")
+    max_messages: int = opt(2048, "messages in one chat completion at most; more get 400 before anything is "
+                                  "tokenised")
+    max_moderation_inputs: int = opt(32, "texts in one /v1/moderations request at most; more get 400")
 
 
 @dataclass
@@ -715,7 +718,8 @@ _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.i
              "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",
              "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
              "limits.requests_per_minute", "limits.tokens_per_minute", "limits.concurrent_requests",
-             "limits.max_body_bytes", "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
+             "limits.max_body_bytes", "limits.max_messages", "limits.max_moderation_inputs",
+             "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
              "engine.threads", "stream_interval", "bon.n", "train.rounds", "train.prompts", "train.samples",
              "train.num_generations", "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap")
 
