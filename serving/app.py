@@ -6,9 +6,15 @@
     app = create_app(service)                                 # a FastAPI app; uvicorn runs it (serving/server.py)
 
 Routes: POST /v1/chat/completions (stream or not), GET /v1/models, POST /v1/moderations, GET /health,
-GET /metrics, GET / (the chat page). What a request goes through, in OpenAI's order: size limit (413), key (401),
-the JSON body (400), model name (404), context length (400 context_length_exceeded), the prompt's moderation
-(400 content_filter), rate limits (429), then the engine (503 when its queue is full).
+GET /metrics, GET /openapi.json, GET / (the chat page). What a request goes through: the Host header in keyless
+mode (403), size limit (413), key (401), the key's request lease (429: requests per minute, in flight), the
+Content-Type (415), the JSON body (400), model name (404), message count and characters (400, before anything is
+tokenised), then off the event loop the template, the tokens and the prompt's moderation (400
+context_length_exceeded, content_filter), the tokens per minute (429), then the engine (503 when its queue is full).
+
+Nothing a client sends can stop the server: every exception ends its own request, in OpenAI's error shape with the
+request's `x-request-id` (a 500 for what is our fault, logged with its traceback but not its message, which could
+quote the request), and the engine process, should it die, is reaped and started again (Service.supervise).
 """
 
 from __future__ import annotations
@@ -16,25 +22,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
+import math
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.engine import Engine, EngineFull, SamplingParams
 from serving.limits import RateLimiter, identify, load_keys
 from serving.metrics import Metrics
-from serving.moderation import HFClassifier, Moderator
+from serving.moderation import Moderator
+from serving.prompts import PromptEncoder
 from serving.protocol import (APIError, ChatCompletionRequest, ModerationRequest, chunk, completion, completion_id,
-                              new_id, now, usage, validation_error)
+                              first_bad_string, new_id, now, usage, validation_error)
 from serving.text import ReplyText
 
 log = logging.getLogger("serving")
@@ -55,12 +67,18 @@ class Service:
         self.metrics = Metrics()
         self._load = load
         self._spawn = spawn  # (checkpoint folder, precision): what an engine process loads (engine.process)
+        self._remote = False
+        self._model = None
         self.engine: Optional[Engine] = None
         self.tok = None
+        self.prompts: Optional[PromptEncoder] = None
         self.load_error: Optional[str] = None
         self.created = now()
         self.loop: Optional[asyncio.AbstractEventLoop] = None  # the server's, set when it starts (create_app)
         self.on_load_failed: Optional[Callable[[], None]] = None
+        self.restarts = 0
+        self._deaths: list[float] = []  # when the engine died lately: a crash loop backs off
+        self._closing = False
 
     def start_loading(self) -> None:
         threading.Thread(target=self._load_now, name="load", daemon=True).start()
@@ -68,33 +86,17 @@ class Service:
     def _load_now(self) -> None:
         try:
             e = self.cfg.engine
-            remote = self._spawn is not None and e.process
-            if remote:
+            self._remote = self._spawn is not None and e.process
+            if self._remote:
                 from pipeline.data.tokenizer import load_tokenizer
-                from serving.worker import EngineProcess
 
                 tok = load_tokenizer(self._spawn[0], need_chat_template=True)
-                engine = EngineProcess(self._spawn[0], self._spawn[1], max_batch=e.max_batch,
-                                       max_waiting=e.max_waiting, seed=e.seed, fast=e.fast_path, threads=e.threads)
             else:
                 if e.threads:
                     torch.set_num_threads(int(e.threads))
-                model, tok = self._load()
-                engine = Engine(model, tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
-                                fast=e.fast_path)
-            engine.on_step = self._on_step
-            if remote and self.loop is not None:
-                # the engine process's pipe is read on the event loop itself: its tokens need no hand-over
-                engine.sink = _deliver
-                done = threading.Event()
-                self.loop.call_soon_threadsafe(lambda: (engine.start(self.loop), done.set()))
-                if not done.wait(60):
-                    raise RuntimeError("the server's event loop did not take the engine's pipe")
-            else:
-                engine.sink = self._sink
-                engine.start()
-            self.tok, self.engine = tok, engine
-            self.metrics.ready.set(1)
+                self._model, tok = self._load()
+            self.tok, self.prompts = tok, PromptEncoder(tok)
+            engine = self._start_engine()
             log.info("model %s loaded: context %d tokens, batches of up to %d rows", self.model_name,
                      engine.context, engine.max_batch)
         except Exception as e:  # noqa: BLE001 — reported once, in one line, by whoever started us
@@ -102,6 +104,69 @@ class Service:
             log.error("loading the model failed: %s", self.load_error)
             if self.on_load_failed is not None:
                 self.on_load_failed()
+
+    def _start_engine(self):
+        """A new engine (a process, or a thread over the loaded model), started and made the one requests go to."""
+        e = self.cfg.engine
+        if self._remote:
+            from serving.worker import EngineProcess
+
+            engine = EngineProcess(self._spawn[0], self._spawn[1], max_batch=e.max_batch,
+                                   max_waiting=e.max_waiting, seed=e.seed, fast=e.fast_path, threads=e.threads)
+        else:
+            engine = Engine(self._model, self.tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
+                            fast=e.fast_path)
+        engine.on_step = self._on_step
+        engine.on_death = self._engine_died
+        if self._remote and self.loop is not None:
+            # the engine process's pipe is read on the event loop itself: its tokens need no hand-over
+            engine.sink = _deliver
+            done = threading.Event()
+            self.loop.call_soon_threadsafe(lambda: (engine.start(self.loop), done.set()))
+            if not done.wait(60):
+                raise RuntimeError("the server's event loop did not take the engine's pipe")
+        else:
+            engine.sink = self._sink
+            engine.start()
+        if self._closing:  # the server stopped while this one started
+            engine.stop()
+            raise RuntimeError("the server is stopping")
+        self.engine = engine
+        self.metrics.ready.set(1)
+        return engine
+
+    def _engine_died(self, error: BaseException) -> None:
+        """The supervisor: the engine died (its requests in flight have ended with an error). Until a new one is
+        up, /health says loading and requests get 503 with Retry-After; the restart is counted. Deaths in a row
+        back off (1 s, 2 s, ... 30 s) rather than spin."""
+        if self._closing:
+            return
+        self.engine = None
+        self.metrics.ready.set(0)
+        self.metrics.engine_restarts.inc()
+        self.restarts += 1
+        t = time.monotonic()
+        self._deaths = [d for d in self._deaths if t - d < 60] + [t]
+        delay = 0.0 if len(self._deaths) <= 1 else min(30.0, 2.0 ** (len(self._deaths) - 2))
+        log.error("the generation engine died (%s); starting a new one%s", error,
+                  f" in {delay:.0f} s" if delay else "")
+
+        def restart():
+            time.sleep(delay)
+            try:
+                self._start_engine()
+                log.info("the generation engine is back (restart %d)", self.restarts)
+            except Exception as e:  # noqa: BLE001 — nothing to serve with: /health says error, the log why
+                if not self._closing:
+                    self.load_error = f"the engine could not be restarted: {str(e).splitlines()[0] if str(e) else e!r}"
+                    log.error("%s", self.load_error)
+
+        threading.Thread(target=restart, name="engine-restart", daemon=True).start()
+
+    def close(self) -> None:
+        self._closing = True
+        if self.engine is not None:
+            self.engine.stop()
 
     def _on_step(self, running: int, decoded: int) -> None:
         m = self.metrics
@@ -120,13 +185,35 @@ class Service:
         if self.load_error:
             raise APIError(500, f"The model failed to load: {self.load_error}", type="server_error",
                            reason="load_failed")
-        if self.engine is None:
+        engine = self.engine
+        if engine is None:
             raise APIError(503, "The model is still loading; try again shortly.", type="server_error",
                            code="model_loading", retry_after=2, reason="loading")
-        if self.engine.error is not None:
-            raise APIError(500, "The generation engine stopped; see the server log.", type="server_error",
-                           reason="engine_error")
-        return self.engine
+        if engine.error is not None:  # dead, and the supervisor about to replace it
+            raise APIError(503, "The generation engine is restarting; try again shortly.", type="server_error",
+                           code="model_loading", retry_after=2, reason="loading")
+        return engine
+
+    # ---- the heavy part of a request, run off the event loop (asyncio.to_thread) ------------------------------
+    def prepare(self, messages: list[dict], moderate: bool):
+        """The prompt's token ids (control tokens in the messages kept as text), and the moderation verdicts of
+        each system/developer/user message and of the whole conversation as the model reads it."""
+        ids = self.prompts.encode(messages)
+        verdicts = []
+        if moderate:
+            said = [x["content"] for x in messages if x["role"] != "assistant"]
+            if len(messages) > 1:  # a phrase split over messages is one phrase to the model
+                said.append("\n".join(x["content"] for x in messages))
+            verdicts = self.moderator.check_many(said)
+        return ids, verdicts
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens of /v1/moderations inputs: by the served model's tokenizer, or while it loads, OpenAI's rule of
+        thumb (4 bytes a token)."""
+        fast = getattr(self.tok, "backend_tokenizer", None)
+        if fast is not None:
+            return sum(len(e.ids) for e in fast.encode_batch(texts, add_special_tokens=False))
+        return sum(math.ceil(len(t.encode("utf-8")) / 4) for t in texts)
 
 
 class BodyLimit:
@@ -160,9 +247,11 @@ class BodyLimit:
 
 
 class Accounting:
-    """ASGI middleware: a request id on every response (x-request-id), and each request counted and timed by
-    endpoint and status, a stream when its last byte goes. (Pure ASGI, not BaseHTTPMiddleware: that one reads
-    the body in a task of its own, where the body limit's 413 would turn into a 500.)"""
+    """ASGI middleware, the outermost: a request id on every response (x-request-id), each request counted and timed
+    by endpoint and status (a stream when its last byte goes), and the last line of defence: an exception that gets
+    this far is logged (its traceback, not its message: that could quote the request) and answered with OpenAI's
+    500 if no response has started. (Pure ASGI, not BaseHTTPMiddleware: that one reads the body in a task of its
+    own, where the body limit's 413 would turn into a 500.)"""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -175,6 +264,7 @@ class Accounting:
         scope.setdefault("state", {})["rid"] = rid
         endpoint = scope["path"] if scope["path"] in _ENDPOINTS else "other"
         status = [500]
+        started = [False]
         done = [False]
 
         def finish():
@@ -185,6 +275,7 @@ class Accounting:
 
         async def sending(msg):
             if msg["type"] == "http.response.start":
+                started[0] = True
                 status[0] = msg["status"]
                 msg = {**msg, "headers": [*msg.get("headers", []), (b"x-request-id", rid.encode())]}
             await send(msg)
@@ -193,40 +284,190 @@ class Accounting:
 
         try:
             await self.app(scope, receive, sending)
+        except Exception as e:  # noqa: BLE001 — one request's failure, never the server's
+            if not getattr(e, "_logged", False):
+                log_exception(rid, e)
+            if not started[0]:
+                with contextlib.suppress(Exception):
+                    await _server_error()(scope, receive, sending)
         finally:
             finish()
 
 
+def log_exception(rid: str, e: BaseException) -> None:
+    """An unexpected exception in the log: where it happened and its type, without its message (which may hold the
+    request's text), with the request id to find it by."""
+    stack = "".join(traceback.format_tb(e.__traceback__))
+    log.error("request=%s failed with %s (a bug: please report it)\n%s", rid, type(e).__name__, stack.rstrip())
+    with contextlib.suppress(Exception):
+        e._logged = True
+
+
+def _server_error() -> JSONResponse:
+    return _error_response(APIError(500, "The server had an error while processing your request. Sorry about that! "
+                                         "You can retry your request, or report it with its x-request-id.",
+                                    type="server_error", reason="internal_error"))
+
+
+_LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost", "ip6-loopback"}
+
+
+def is_loopback_host(host: Optional[str]) -> bool:
+    """Whether a Host header names this machine by a loopback name or address (with or without a port)."""
+    if not host:
+        return False
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8000
+        name = host[1:host.find("]")] if "]" in host else ""
+    else:
+        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackHost:
+    """ASGI middleware for the keyless (loopback-only) mode: a request whose Host header is not a loopback name is
+    refused (403). A web page the user visits can point its own host name at 127.0.0.1 (DNS rebinding) and then
+    talk to a keyless server as a same-origin site; the Host header is what gives it away."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not is_loopback_host(host):
+                self.metrics.rejections.labels("host_not_allowed").inc()
+                return await _error_response(APIError(
+                    403, "This server has no API keys, so it only answers requests addressed to a loopback name "
+                         "(localhost, 127.0.0.1, [::1]); the Host header named another. Set API keys to serve "
+                         "other names.", code="host_not_allowed", reason="host_not_allowed"))(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class OpenAIJSON(JSONResponse):
+    """JSON that never fails to encode: a string that is not valid Unicode (a lone surrogate) comes out with a
+    replacement character instead of an exception."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
+            "utf-8", "replace")
+
+
 def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.response_headers())
+    return OpenAIJSON(e.body(), status_code=e.status, headers=e.response_headers())
 
 
-def create_app(service: Service) -> FastAPI:
+_JSON_TYPES = ("application/json",)
+
+
+def _json_content_type(request: Request) -> None:
+    """A JSON body must say so: a cross-site HTML form can POST text/plain without a CORS preflight, never JSON."""
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media not in _JSON_TYPES:
+        shown = (ctype[:60] + "...") if len(ctype) > 60 else ctype
+        raise APIError(415, f"Invalid Content-Type header ({shown or 'none'}); expected application/json.",
+                       code="unsupported_media_type", reason="unsupported_media_type")
+
+
+def _parse_json(raw: bytes):
+    """The body as JSON, or a 400 that says what is wrong with it."""
+    try:
+        return json.loads(raw or b"null")
+    except RecursionError:
+        raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json", reason="bad_request") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "The request body is not valid UTF-8.", code="invalid_json", reason="bad_request") \
+            from None
+    except ValueError as e:
+        if "integer string conversion" in str(e):
+            raise APIError(400, "The JSON body has an integer with more than 4300 digits.", code="invalid_json",
+                           reason="bad_request") from None
+        raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON object.",
+                       code="invalid_json", reason="bad_request") from None
+
+
+def _openapi_body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(
+        ref_template="#/components/schemas/{model}")}}}}
+
+
+def create_app(service: Service):
+    """The FastAPI app with its routes, inside the middlewares (the returned ASGI app: give it to uvicorn)."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.loop = asyncio.get_running_loop()  # where the engine's tokens are handed over (Service._sink)
         yield
 
-    app = FastAPI(title="rlhf-pipeline", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app = FastAPI(title="rlhf-pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
+                  lifespan=lifespan)
     m = service.metrics
+    limits = service.cfg.limits
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         m.rejections.labels(e.reason).inc()
         return _error_response(e)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        """The router's own 404 and 405, in OpenAI's shape (OpenAI says "Invalid URL (GET /v1/x)")."""
+        where = f"{request.method} {request.url.path}"
+        if e.status_code == 404:
+            err = APIError(404, f"Invalid URL ({where})", reason="not_found")
+        elif e.status_code == 405:
+            err = APIError(405, f"Invalid method for this URL ({where}); it takes {e.headers.get('allow', '?')}"
+                           if e.headers else f"Invalid method for this URL ({where})", type="invalid_request_error",
+                           reason="method_not_allowed", headers=dict(e.headers or {}))
+        else:
+            err = APIError(e.status_code, str(e.detail), type="invalid_request_error", reason="bad_request",
+                           headers=dict(e.headers or {}))
+        m.rejections.labels(err.reason).inc()
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        err = validation_error(list(e.errors()))
+        m.rejections.labels(err.reason).inc()
+        return _error_response(err)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        """Anything else is our bug: OpenAI's 500, logged once (Accounting, outside, sees it re-raised)."""
+        log_exception(getattr(request.state, "rid", "-"), e)
+        m.rejections.labels("internal_error").inc()
+        return _server_error()
+
     def authorize(request: Request) -> str:
         return identify(service.keys, request.headers.get("authorization"))
 
-    async def body(request: Request, model):
+    async def body(request: Request, model, lists: dict[str, int]):
+        """The request's JSON body validated as `model`: Content-Type first, then the JSON (a large body parsed
+        off the event loop), lists longer than their cap (`lists`: field -> most items) refused before they are
+        validated, and strings that are not valid Unicode refused before anything uses them."""
+        _json_content_type(request)
         raw = await request.body()
-        try:
-            obj = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON "
-                                "object.", reason="bad_request") from None
+        obj = await asyncio.to_thread(_parse_json, raw) if len(raw) > 65536 else _parse_json(raw)
         if not isinstance(obj, dict):
-            raise APIError(400, "The request body must be a JSON object.", reason="bad_request")
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json", reason="bad_request")
+        for field, cap in lists.items():
+            v = obj.get(field)
+            if isinstance(v, list) and len(v) > cap:
+                raise APIError(400, f"Invalid '{field}': array too long. Expected an array with maximum length "
+                                    f"{cap}, but got an array with length {len(v)} instead.", param=field,
+                               code="array_above_max_length", reason="bad_request")
+        if b"\\u" in raw:  # a lone surrogate can only come from a \uD8xx escape
+            bad = first_bad_string(obj)
+            if bad is not None:
+                raise APIError(400, f"Invalid value for '{bad or 'body'}': the string is not valid Unicode (it "
+                                    f"holds a lone surrogate).", param=bad or None, code="invalid_value",
+                               reason="bad_request")
         try:
             return model.model_validate(obj)
         except ValidationError as e:
@@ -234,11 +475,12 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if service.load_error or (service.engine is not None and service.engine.error is not None):
-            return JSONResponse({"status": "error"}, status_code=500)
-        if service.engine is None:
-            return JSONResponse({"status": "loading"}, status_code=503, headers={"retry-after": "2"})
-        return {"status": "ok"}
+        if service.load_error:
+            return OpenAIJSON({"status": "error"}, status_code=500)
+        if service.engine is None or service.engine.error is not None:
+            return OpenAIJSON({"status": "loading", "restarts": service.restarts}, status_code=503,
+                              headers={"retry-after": "2"})
+        return {"status": "ok", "restarts": service.restarts}
 
     @app.get("/metrics")
     async def metrics():
@@ -265,26 +507,38 @@ def create_app(service: Service) -> FastAPI:
             raise _no_model(name)
         return model_card()
 
-    @app.post("/v1/moderations")
+    @app.post("/v1/moderations", openapi_extra=_openapi_body(ModerationRequest))
     async def moderations(request: Request):
         who = authorize(request)
-        req = await body(request, ModerationRequest)
-        texts = [req.input] if isinstance(req.input, str) else list(req.input)
-        lease = _acquire(service, who, 0)
+        lease = _acquire(service, who)
+        used = 0
         try:
-            verdicts = await _moderate(service.moderator, texts)
+            req = await body(request, ModerationRequest, {"input": limits.max_moderation_inputs})
+            texts = [req.input] if isinstance(req.input, str) else list(req.input)
+            tokens = await asyncio.to_thread(service.count_tokens, texts)
+            _charge(service, lease, tokens)
+            used = tokens
+            verdicts = await asyncio.to_thread(service.moderator.check_many, texts)
         finally:
-            lease.release(0)
+            lease.release(used)
         for v in verdicts:
             _count_moderation(m, "endpoint", v, request.state.rid)
-        return JSONResponse({"id": new_id("modr"), "model": service.moderator.classifier.name,
-                             "results": [v.as_openai() for v in verdicts]}, headers=service.limiter.headers(who))
+        return OpenAIJSON({"id": new_id("modr"), "model": service.moderator.classifier.name,
+                           "results": [v.as_openai() for v in verdicts]}, headers=service.limiter.headers(who))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
         t0 = time.perf_counter()
         who = authorize(request)
-        req = await body(request, ChatCompletionRequest)
+        lease = _acquire(service, who)  # counted from here: whatever is wrong with it, it was a request
+        try:
+            return await _chat(request, who, lease, t0)
+        except BaseException:
+            lease.release(0)
+            raise
+
+    async def _chat(request: Request, who: str, lease, t0: float):
+        req = await body(request, ChatCompletionRequest, {"messages": limits.max_messages})
         engine = service.ready()
         bad = req.unsupported()
         if bad:
@@ -294,12 +548,16 @@ def create_app(service: Service) -> FastAPI:
         if req.n > engine.max_batch:
             raise APIError(400, f"n={req.n} is more than this server decodes at once ({engine.max_batch}).",
                            param="n", code="invalid_value", reason="bad_request")
-        tok = service.tok
+        ctx = engine.context
         messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()}
                     for x in req.messages]
-        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = _encode(tok, prompt)
-        ctx = engine.context
+        chars = sum(len(x["content"]) for x in messages)
+        if chars > service.prompts.max_chars(ctx):  # cannot fit, whatever the text: refused before tokenising
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your messages have "
+                                f"{chars} characters, more than {ctx} tokens can hold (at most "
+                                f"{service.prompts.max_chars(ctx)} characters of this model's tokens). Please reduce "
+                                f"the length of the messages.", param="messages", code="context_length_exceeded")
+        ids, verdicts = await asyncio.to_thread(service.prepare, messages, bool(service.cfg.moderation.input))
         asked = req.max_completion_tokens or req.max_tokens
         max_tokens = asked or min(service.cfg.engine.max_tokens_default or ctx, ctx - len(ids))
         if len(ids) + max(1, max_tokens) > ctx:
@@ -307,9 +565,7 @@ def create_app(service: Service) -> FastAPI:
                                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
                                 f"completion). Please reduce the length of the messages or completion.",
                            param="messages", code="context_length_exceeded")
-        if service.cfg.moderation.input:
-            said = [x["content"] for x in messages if x["role"] != "assistant"]
-            verdicts = await _moderate(service.moderator, said)
+        if verdicts:
             flagged = sorted({c for v in verdicts for c in v.flagged_categories})
             for v in verdicts:
                 _count_moderation(m, "input", v, request.state.rid)
@@ -317,14 +573,14 @@ def create_app(service: Service) -> FastAPI:
                 raise APIError(400, f"The prompt was refused by the moderation filter (flagged: "
                                     f"{', '.join(flagged)}). Please rephrase it.", param="messages",
                                code="content_filter", reason="moderation_input")
-        lease = _acquire(service, who, len(ids) + max_tokens * req.n)
+        _charge(service, lease, len(ids) + max_tokens * req.n)
         headers = service.limiter.headers(who)
+        engine = service.ready()  # again: the engine may have been replaced while the prompt was prepared
         params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
         run = _Run(service, req, request.state.rid, len(ids), t0)
         try:
             run.request = engine.submit(ids, params, req.n, run.on_token)
         except EngineFull:
-            lease.release(0)
             raise APIError(503, "The server is overloaded; try again shortly.", type="server_error",
                            code="overloaded", retry_after=1, reason="overloaded") from None
         m.prompt_tokens.inc(len(ids))
@@ -335,8 +591,8 @@ def create_app(service: Service) -> FastAPI:
                 run.close(lease)
             if run.error:
                 raise APIError(500, run.error, type="server_error", reason="engine_error")
-            return JSONResponse(completion(run.cid, service.model_name, run.choices_json(), len(ids),
-                                           run.completion_tokens, FINGERPRINT), headers=headers)
+            return OpenAIJSON(completion(run.cid, service.model_name, run.choices_json(), len(ids),
+                                         run.completion_tokens, FINGERPRINT), headers=headers)
 
         async def events():
             try:
@@ -353,14 +609,19 @@ def create_app(service: Service) -> FastAPI:
     return _wrap(app, service)
 
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/models", "/v1/moderations", "/health", "/metrics", "/"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/models", "/v1/moderations", "/health", "/metrics", "/", "/openapi.json"}
 
 
 def _wrap(app: FastAPI, service: Service):
-    """The app inside its two middlewares (the last added is the outermost)."""
-    app.add_middleware(BodyLimit, limit=service.cfg.limits.max_body_bytes, metrics=service.metrics)
-    app.add_middleware(Accounting, metrics=service.metrics)
-    return app
+    """The app inside its middlewares, outermost first: Accounting (request id, metrics, the last-resort 500), the
+    Host check (keyless mode only), the body limit. They are outside FastAPI's own stack so that every response,
+    its 500s included, passes through Accounting."""
+    inner = BodyLimit(app, limit=service.cfg.limits.max_body_bytes, metrics=service.metrics)
+    if not service.keys:
+        inner = LoopbackHost(inner, service.metrics)
+    outer = Accounting(inner, service.metrics)
+    outer.fastapi = app
+    return outer
 
 
 async def _unless_gone(request: Request, work) -> None:
@@ -379,21 +640,21 @@ async def _unless_gone(request: Request, work) -> None:
             task.cancel()
 
 
-def _acquire(service: Service, who: str, tokens: int):
+def _acquire(service: Service, who: str):
+    """The key's lease on one request (requests per minute, in flight), taken before any work is done for it."""
     try:
-        return service.limiter.acquire(who, tokens)
+        return service.limiter.acquire(who)
     except APIError as e:  # a 429 tells the client where it stands, as every response does
         e.headers.update(service.limiter.headers(who))
         raise
 
 
-def _encode(tok, text: str) -> list[int]:
-    """Token ids of a templated prompt (the template holds any bos). The Rust tokenizer directly where there is
-    one: transformers' wrapper around it costs more than the encoding itself, once per request."""
-    fast = getattr(tok, "backend_tokenizer", None)
-    if fast is not None:
-        return fast.encode(text, add_special_tokens=False).ids
-    return tok(text, add_special_tokens=False)["input_ids"]
+def _charge(service: Service, lease, tokens: int) -> None:
+    try:
+        lease.charge(tokens)
+    except APIError as e:
+        e.headers.update(service.limiter.headers(lease.who))
+        raise
 
 
 def _no_model(name: str) -> APIError:
@@ -401,10 +662,11 @@ def _no_model(name: str) -> APIError:
                     code="model_not_found", reason="model_not_found")
 
 
-async def _moderate(moderator: Moderator, texts: list[str]):
-    if isinstance(moderator.classifier, HFClassifier):  # a model: keep it off the event loop
-        return await asyncio.to_thread(moderator.check_many, texts)
-    return moderator.check_many(texts)
+async def _moderate_piece(moderator: Moderator, text: str):
+    """A piece of a reply as it streams: the lexicon inline (a short window, microseconds), a model off the loop."""
+    if getattr(moderator.classifier, "longest", None) is not None:
+        return moderator.check_many([text])[0]
+    return (await asyncio.to_thread(moderator.check_many, [text]))[0]
 
 
 def _count_moderation(m: Metrics, direction: str, v, rid: str) -> None:
@@ -527,7 +789,7 @@ class _Run:
         if finish is not None:
             piece += c.text.finish()
         if piece and self.moderator is not None:
-            v = (await _moderate(self.moderator, [self.moderator.window(c.delivered, piece)]))[0]
+            v = await _moderate_piece(self.moderator, self.moderator.window(c.delivered, piece))
             if v.flagged:
                 _count_moderation(self.service.metrics, "output", v, self.rid)
                 piece, finish = "", "content_filter"

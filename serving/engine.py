@@ -16,7 +16,12 @@ How the model runs a growing and shrinking batch (its KV cache, padding, a fast 
 business: serving/runners.py.
 
 The tokens go out through `on_token(choice, token_id, finish_reason)`; finish_reason is None while the row runs,
-then "stop" (end of turn), "length" (max_tokens or the model's context) or "cancelled". By default the engine
+then "stop" (end of turn), "length" (max_tokens or the model's context), "cancelled", or "error".
+
+A request can fail only itself: what is done per row (its seeded generator, its sampling, handing its tokens on)
+is guarded per row, and a row that fails ends its own request with "error" while the others go on. A forward that
+raises ends the rows that were in it with "error", and the engine starts over on an empty batch with a new runner
+(the cache of a forward that failed half-way is not trusted); it takes requests as before. By default the engine
 thread calls on_token itself; with `engine.sink` set, it hands each step's tokens over in one list instead
 (`sink([(request, choice, token, finish), ...])`), so that a server wakes its event loop once a step, not once a
 token. Callers turn tokens into text (serving/text.py) on their own side.
@@ -38,9 +43,13 @@ from serving.runners import make_runner
 log = logging.getLogger("serving.engine")
 
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by a smaller one overflows to inf.
+TEMPERATURE_EPS = 1e-5
+
+
 @dataclass
 class SamplingParams:
-    """Decoding for one request, as OpenAI's API names it. temperature 0 is greedy."""
+    """Decoding for one request, as OpenAI's API names it. temperature 0 (below TEMPERATURE_EPS) is greedy."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -89,25 +98,43 @@ class EngineFull(Exception):
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
                 generators: list[Optional[torch.Generator]], default: torch.Generator) -> torch.Tensor:
-    """One token per row of `logits` [B, V]: greedy where temperature is 0, otherwise nucleus sampling at that
-    temperature with the row's own generator (seeded requests) or the engine's."""
-    greedy = logits.argmax(-1)
-    hot = temperature > 0
-    if not bool(hot.any()):
-        return greedy
-    x = logits[hot].float() / temperature[hot, None]
-    probs = torch.softmax(x, -1)
-    p = top_p[hot]
-    if bool((p < 1).any()):
-        sorted_p, order = probs.sort(-1, descending=True)
-        # keep the smallest set whose mass reaches top_p (the most likely token always stays)
-        drop = sorted_p.cumsum(-1) - sorted_p >= p[:, None]
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    out = greedy.clone()
-    rows = hot.nonzero().flatten().tolist()
-    for j, i in enumerate(rows):
-        out[i] = torch.multinomial(probs[j], 1, generator=generators[i] or default)[0]
+    """One token per row of `logits` [B, V]: greedy where temperature is below TEMPERATURE_EPS, otherwise nucleus
+    sampling at that temperature with the row's own generator (seeded requests) or the engine's. Non-finite logits
+    are tamed first (NaN is never drawn, +inf counts as the largest float); a row with no finite logit at all, or
+    whose draw fails, gets -1: it cannot be sampled, and the engine ends that row alone."""
+    x = logits.float()
+    bad = None
+    if not bool(torch.isfinite(x).all()):
+        x = torch.nan_to_num(x, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+        bad = ~(x > float("-inf")).any(-1)
+    greedy = x.argmax(-1)
+    hot = temperature >= TEMPERATURE_EPS
+    if bad is not None:
+        hot &= ~bad
+    out = greedy
+    if bool(hot.any()):
+        y = x[hot]
+        # shifted so the largest is 0 before dividing: nothing overflows to +inf, whatever the temperature
+        y = (y - y.max(-1, keepdim=True).values) / temperature[hot, None]
+        probs = torch.softmax(y, -1)
+        p = top_p[hot]
+        if bool((p < 1).any()):
+            sorted_p, order = probs.sort(-1, descending=True)
+            # keep the smallest set whose mass reaches top_p (the most likely token always stays)
+            drop = sorted_p.cumsum(-1) - sorted_p >= p[:, None]
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        out = greedy.clone()
+        rows = hot.nonzero().flatten().tolist()
+        for j, i in enumerate(rows):
+            try:
+                out[i] = torch.multinomial(probs[j], 1, generator=generators[i] or default)[0]
+            except RuntimeError:  # noqa: PERF203 — this row cannot be drawn; the others still are
+                log.exception("sampling row %d failed", i)
+                out[i] = -1
+    if bad is not None and bool(bad.any()):
+        out = out.clone() if out is greedy else out
+        out[bad] = -1
     return out
 
 
@@ -127,7 +154,8 @@ class Engine:
         self._waiting: deque[Request] = deque()
         self._rows: list[_Row] = []      # the running rows, in the runner's batch order
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.runner = make_runner(model, pad, self.max_batch, self.context, fast=fast)
+        self._make_runner = lambda: make_runner(model, pad, self.max_batch, self.context, fast=fast)
+        self.runner = self._make_runner()
         self._ids = itertools.count(1)
         self._wake = threading.Condition()
         self._thread: Optional[threading.Thread] = None
@@ -139,12 +167,15 @@ class Engine:
         self.sink: Optional[Callable[[list], None]] = None
         self._out: list = []  # this step's (request, choice, token, finish), for the sink
         self.error: Optional[BaseException] = None
+        self.on_death: Optional[Callable[[BaseException], None]] = None  # the loop died (after fail)
 
     # ---- the callers' side --------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, n: int,
                on_token: Optional[Callable[[int, int, Optional[str]], None]], tag: object = None) -> Request:
         if n > self.max_batch:
             raise ValueError(f"n={n} is more than the engine decodes at once (engine.max_batch={self.max_batch})")
+        if self.error is not None:
+            raise EngineFull("the engine has stopped")
         req = Request(next(self._ids), list(prompt), params, int(n), on_token, tag=tag)
         with self._wake:
             if len(self._waiting) >= self.max_waiting:
@@ -184,6 +215,8 @@ class Engine:
                     self.step()
         except BaseException as e:  # noqa: BLE001 — a broken model fails every request, loudly, not silently
             self.fail(e)
+            if self.on_death is not None:
+                self.on_death(e)
 
     def fail(self, e: BaseException) -> None:
         """The model broke: every request in flight or waiting ends with "error", and the engine takes no more."""
@@ -206,7 +239,11 @@ class Engine:
         running = list(self._rows)
         self.decoded = len(running)
         if running or new:
-            logits = self.runner.step([r.last for r in running], [r.request.prompt for r in new])
+            try:
+                logits = self.runner.step([r.last for r in running], [r.request.prompt for r in new])
+            except Exception as e:  # noqa: BLE001 — the rows of this forward fail; the engine goes on
+                self._forward_failed(running + new, e)
+                return
             self._rows = running + new
             self._sample(running + new, logits)
             if running:
@@ -216,11 +253,30 @@ class Engine:
         if self.on_step is not None:
             self.on_step(len(self._rows), self.decoded)
 
+    def _forward_failed(self, rows: list[_Row], e: BaseException) -> None:
+        """A forward raised: its rows end with "error", and a new runner starts from an empty batch."""
+        log.exception("a forward of %d rows failed; they end with an error, the engine goes on", len(rows),
+                      exc_info=e)
+        self._out = []
+        for r in rows:
+            self._tell(r.request, r.choice, -1, "error")
+        self._rows = []
+        old, self.runner = self.runner, None
+        del old
+        self.runner = self._make_runner()
+        self._flush()
+        if self.on_step is not None:
+            self.on_step(0, 0)
+
     def _tell(self, req: "Request", choice: int, token: int, finish: Optional[str]) -> None:
-        if self.sink is None:
-            req.on_token(choice, token, finish)
-        else:
+        if self.sink is not None:
             self._out.append((req, choice, token, finish))
+            return
+        try:
+            req.on_token(choice, token, finish)
+        except Exception:  # noqa: BLE001 — a caller's callback that raises ends its own request, no other
+            log.exception("the callback of request %d raised; the request is cancelled", req.id)
+            req.cancel()
 
     def _flush(self) -> None:
         if self._out and self.sink is not None:
@@ -234,11 +290,18 @@ class Engine:
                 req = self._waiting.popleft()
                 if req.cancelled:
                     continue
+                try:
+                    gens = [None] * req.n
+                    if req.params.seed is not None:  # choice c of a seeded request draws from seed + c (mod 2**64)
+                        gens = [torch.Generator(device="cpu").manual_seed((int(req.params.seed) + c) % 2 ** 64)
+                                for c in range(req.n)]
+                except Exception:  # noqa: BLE001 — this request alone fails
+                    log.exception("admitting request %d failed", req.id)
+                    for c in range(req.n):
+                        self._tell(req, c, -1, "error")
+                    continue
                 for c in range(req.n):
-                    g = None
-                    if req.params.seed is not None:  # choice c of a seeded request draws from seed + c
-                        g = torch.Generator(device="cpu").manual_seed(int(req.params.seed) + c)
-                    row = _Row(req, c, g)
+                    row = _Row(req, c, gens[c])
                     req.rows.append(row)
                     rows.append(row)
         return rows
@@ -252,6 +315,13 @@ class Engine:
         """Each row's next token from its logits (the prefill's or a decoding step's), handed on."""
         t, p, g = self._params(rows)
         tokens = sample_next(logits, t, p, g, self._rng).tolist()
+        failed = [r for r, tok in zip(rows, tokens) if tok < 0]
+        if failed:  # rows that could not be sampled (no finite logit, a failed draw) end alone, with "error"
+            log.error("%d row(s) could not be sampled; their requests end with an error", len(failed))
+            bad = {id(r) for r in failed}
+            kept = [(r, tok) for r, tok in zip(rows, tokens) if id(r) not in bad]
+            self._retire(failed, lambda r: "error")
+            rows, tokens = [r for r, _ in kept], [tok for _, tok in kept]
         for r, tok in zip(rows, tokens):
             r.last = tok
         self._emit(rows, tokens)

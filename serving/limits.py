@@ -2,7 +2,8 @@
 
     keys = load_keys("RLHF_API_KEYS", "keys.txt")           # {key id: key}; ids are what logs and metrics see
     who = identify(keys, request.headers.get("authorization"))  # a key id, or raises APIError 401
-    lease = limiter.acquire(who, tokens=prompt + max_tokens * n) # or raises APIError 429 with Retry-After
+    lease = limiter.acquire(who)                             # one request, before any work: or 429, Retry-After
+    lease.charge(prompt + max_tokens * n)                    # its tokens, once the prompt is tokenised: or 429
     ...; lease.release(used_tokens)                          # unused tokens go back to the budget
 
 Keys come from an environment variable (comma-separated) and/or a file (one per line, # comments). They are
@@ -10,9 +11,10 @@ compared in constant time (hmac.compare_digest against every key, so the time do
 matched), and are never logged or echoed: logs and metrics name a key by the first 8 hex digits of its SHA-256.
 
 Each key has three limits: requests per minute and tokens per minute (token buckets that refill continuously, so
-a client that waits Retry-After seconds gets through), and requests in flight at once. A request is charged its
-prompt tokens plus max_tokens for each of its n choices up front, as OpenAI estimates it, and the tokens it did not
-generate are given back when it ends. A 429 carries `Retry-After` (and `retry-after-ms`, which the official client
+a client that waits Retry-After seconds gets through), and requests in flight at once. A request takes its request
+and its place in flight first, before its body is even read, so a request that turns out bad still counts (a
+flood of bad requests meets the limit like any other); it is then charged its prompt tokens plus max_tokens for each
+of its n choices, as OpenAI estimates it, and the tokens it did not generate are given back when it ends. A 429 carries `Retry-After` (and `retry-after-ms`, which the official client
 reads first) and the `x-ratelimit-*` headers on every response, so existing clients back off by themselves.
 """
 
@@ -118,8 +120,12 @@ class Bucket:
 class Lease:
     limiter: "RateLimiter"
     who: str
-    tokens: int
+    tokens: int = 0
     released: bool = False
+
+    def charge(self, tokens: int) -> None:
+        """Take `tokens` from the key's tokens-per-minute budget, or raise its 429 (the request still counted)."""
+        self.limiter._charge(self, int(tokens))
 
     def release(self, used_tokens: int) -> None:
         if not self.released:
@@ -151,15 +157,11 @@ class RateLimiter:
                     "x-ratelimit-reset-requests": _duration(rq.reset_in()),
                     "x-ratelimit-reset-tokens": _duration(tk.reset_in())}
 
-    def acquire(self, who: str, tokens: int) -> Lease:
-        """A lease on one request of `tokens` (estimated), or APIError 429 saying which limit and for how long."""
+    def acquire(self, who: str) -> Lease:
+        """A lease on one request (its place in flight and one of the minute's requests), or APIError 429 saying
+        which limit and for how long."""
         with self._lock:
-            rq, tk = self._buckets(who)
-            if tokens > self.tpm:
-                raise APIError(429, f"Request too large: it needs up to {tokens} tokens (prompt + max_tokens x n), "
-                                    f"more than the limit of {self.tpm} tokens per minute. Lower max_tokens or "
-                                    f"shorten the messages.", type="tokens", code="rate_limit_exceeded",
-                               reason="tokens")
+            rq, _ = self._buckets(who)
             if self._inflight.get(who, 0) >= self.concurrent:
                 raise APIError(429, f"Too many requests in flight: the limit is {self.concurrent} at once. "
                                     f"Please try again when one has finished.", type="requests",
@@ -169,16 +171,26 @@ class RateLimiter:
                 raise APIError(429, f"Rate limit reached on requests per min (RPM): limit {self.rpm}. Please try "
                                     f"again in {_duration(wait)}.", type="requests", code="rate_limit_exceeded",
                                retry_after=wait, reason="requests")
+            rq.take(1)
+            self._inflight[who] = self._inflight.get(who, 0) + 1
+            return Lease(self, who)
+
+    def _charge(self, lease: Lease, tokens: int) -> None:
+        with self._lock:
+            _, tk = self._buckets(lease.who)
+            if tokens > self.tpm:
+                raise APIError(429, f"Request too large: it needs up to {tokens} tokens (prompt + max_tokens x n), "
+                                    f"more than the limit of {self.tpm} tokens per minute. Lower max_tokens or "
+                                    f"shorten the messages.", type="tokens", code="rate_limit_exceeded",
+                               reason="tokens")
             wait = tk.wait_for(tokens)
             if wait > 0:
                 raise APIError(429, f"Rate limit reached on tokens per min (TPM): limit {self.tpm}, remaining "
                                     f"{max(0, int(tk.level))}, requested {tokens}. Please try again in "
                                     f"{_duration(wait)}.", type="tokens", code="rate_limit_exceeded",
                                retry_after=wait, reason="tokens")
-            rq.take(1)
             tk.take(tokens)
-            self._inflight[who] = self._inflight.get(who, 0) + 1
-            return Lease(self, who, tokens)
+            lease.tokens += tokens
 
     def _release(self, lease: Lease, used: int) -> None:
         with self._lock:

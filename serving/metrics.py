@@ -32,4 +32,7 @@ class Metrics:
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.running = Gauge("serve_running_rows", "rows (choices) being generated now", registry=r)
         self.waiting = Gauge("serve_waiting_requests", "requests waiting for a row", registry=r)
-        self.ready = Gauge("serve_model_ready", "1 once the model is loaded", registry=r)
+        self.ready = Gauge("serve_model_ready", "1 once the model is loaded (0 again while the engine restarts)",
+                           registry=r)
+        self.engine_restarts = Counter("serve_engine_restarts", "times the generation engine died and was started "
+                                       "again", registry=r)

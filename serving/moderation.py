@@ -10,7 +10,10 @@ Two classifiers:
 - `lexicon` (the default, offline, no weights): phrases per category, each with a weight; a category's score is
   1 - prod(1 - w) over the phrases found (whole words, any case). It is a transparent baseline, not a safety
   system: it sees phrases, not meaning, so it misses paraphrases and flags quotations. Extend it with
-  `moderation.terms` (category -> phrases, weight 1) or replace it.
+  `moderation.terms` (category -> phrases, weight 1) or replace it. Text and phrases are normalised before they
+  are matched (`normalize`): NFKC (fullwidth and styled letters), case folded, accents, invisible and format
+  characters dropped, common look-alike letters (Cyrillic, Greek) mapped to Latin, runs of whitespace made one
+  space, and letters spelled out one by one with a separator (`b.o.m.b`, `b-o-m-b`, `b o m b`) joined.
 - a Hugging Face sequence-classification folder (`moderation.classifier=<folder>`, e.g. a toxicity or moderation
   model saved locally): each label is a category (renamed through `moderation.label_map`); sigmoid scores for
   multi-label models, softmax otherwise.
@@ -19,6 +22,7 @@ Two classifiers:
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass, field
 
 # OpenAI's moderation categories (omni-moderation), in its order.
@@ -52,6 +56,49 @@ LEXICON: dict[str, list[tuple[str, float]]] = {
 }
 
 
+# Letters that look like Latin ones (lower case: the text is case folded first), from Unicode's confusables list:
+# the ones a person would type to slip past a word list.
+_CONFUSABLES = {
+    # Cyrillic
+    "а": "a", "б": "b", "в": "b", "с": "c", "ԁ": "d", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j",
+    "к": "k", "ӏ": "l", "м": "m", "н": "h", "о": "o", "р": "p", "ԛ": "q", "г": "r", "ѕ": "s", "т": "t", "ц": "u",
+    "у": "y", "ѵ": "v", "ԝ": "w", "х": "x", "ү": "y", "з": "3",
+    # Greek
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "μ": "u", "ν": "v", "ο": "o", "ρ": "p",
+    "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ω": "w",
+    # Latin look-alikes and punctuation
+    "ı": "i", "ȷ": "j", "ɡ": "g", "ɑ": "a", "ʏ": "y", "ℓ": "l", "\u2019": "'", "\u2018": "'", "\u02bc": "'",
+    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-",
+}
+# Characters that show nothing: format characters (zero-width space and joiners, word joiner, byte-order mark, soft
+# hyphen, bidirectional controls, tags), variation selectors, and the combining marks that decorate Latin letters.
+_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+              "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+              "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f")
+_TABLE = str.maketrans({**_CONFUSABLES})
+_INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]+")
+_SPACES = re.compile(r"\s+")
+# three or more single letters, each pair separated by the same character (b.o.m.b, b-o-m-b, b o m b)
+_SPELLED = re.compile(r"(?<!\w)[^\W\d_](?:(?P<sep>[\s.\-_*+~/\\|,:;'`^=#])[^\W\d_])(?:(?P=sep)[^\W\d_])+(?!\w)")
+
+
+def normalize(text: str) -> str:
+    """The text as the lexicon matches it (see the module docstring). ASCII text, the common case, takes a short
+    way: only case, whitespace and spelled-out letters can matter there."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
+        text = _INVISIBLE_RE.sub("", text).translate(_TABLE)
+        text = unicodedata.normalize("NFKC", text)
+        text = _SPACES.sub(" ", text)
+    else:
+        text = text.lower()
+        if "  " in text or not text.isprintable():  # tabs, newlines, runs of spaces
+            text = _SPACES.sub(" ", text)
+    if _SPELLED.search(text):
+        text = _SPELLED.sub(lambda m: m.group(0)[::2], text)
+    return text
+
+
 @dataclass
 class Verdict:
     """One text's moderation result, in OpenAI's shape (`as_openai()`)."""
@@ -76,7 +123,7 @@ class LexiconClassifier:
         self._hits: dict[str, list[tuple[str, float]]] = {}  # phrase -> its (category, weight)s
         for cat, v in terms.items():
             for p, w in v:
-                self._hits.setdefault(p.lower(), []).append((cat, float(w)))
+                self._hits.setdefault(normalize(p), []).append((cat, float(w)))
         # One pass over the text finds every phrase (longest first, so "kill yourself" is not read as "kill you").
         # The lookahead lets phrases overlap; whole words only, any case.
         alts = "|".join(re.escape(p) for p in sorted(self._hits, key=len, reverse=True))
@@ -87,7 +134,7 @@ class LexiconClassifier:
     def scores(self, texts: list[str]) -> list[dict[str, float]]:
         out = []
         for text in texts:
-            found = set(self._re.findall(text.lower()))
+            found = self._find(normalize(text))
             if not found:  # the common case (every piece of every reply is checked): nothing to multiply
                 out.append(dict.fromkeys(self.labels, 0.0))
                 continue
@@ -98,9 +145,24 @@ class LexiconClassifier:
             out.append({c: round(1.0 - k, 6) for c, k in keep.items()})
         return out
 
+    def _find(self, text: str, piece: int = 16384) -> set[str]:
+        """The phrases in `text`, a piece at a time: one regex call holds the GIL from start to end, so a long
+        text is scanned in pieces that overlap by the longest phrase (a thread scanning it lets the event loop
+        in between pieces)."""
+        if len(text) <= piece:
+            return set(self._re.findall(text))
+        found: set[str] = set()
+        for at in range(0, len(text), piece):
+            lo = max(0, at - self.longest)
+            m = self._re.findall(text[lo:at + piece])
+            found.update(m)
+        return found
+
     def holdback(self, text: str) -> int:
         """How many trailing characters of a reply being written could still become a listed phrase: the longest
-        tail that starts at a word boundary and is the start of one."""
+        tail that starts at a word boundary and is the start of one. (On the text as written, lower-cased: a reply
+        that spells a phrase in a disguise is still stopped before the phrase is complete, by `scores` on the
+        normalised text, but its start may have gone out.)"""
         # Only the tail can matter (this runs once per streamed piece): where a phrase's start could still be, and
         # the character before it, for the word boundary.
         start = max(0, len(text) - self.longest + 1)
@@ -218,7 +280,7 @@ class Moderator:
         n = getattr(self.classifier, "longest", None)
         if n is None:
             return checked + new
-        start = max(0, len(checked) - n)
+        start = max(0, len(checked) - 4 * n)  # room for a phrase spread out by separators or invisible characters
         while start > 0 and (checked[start - 1].isalnum() or checked[start - 1] == "_"):
             start -= 1  # never cut a word in two: its tail could read as a phrase of its own
         return checked[start:] + new

@@ -25,8 +25,8 @@ class APIError(Exception):
                  headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-                             413: "invalid_request_error", 429: "rate_limit_error"}.get(status, "server_error")
+        self.type = type or ("invalid_request_error" if 400 <= status < 500 and status != 429 else
+                             "rate_limit_error" if status == 429 else "server_error")
         self.retry_after = retry_after
         self.reason = reason or code or self.type
         self.headers = dict(headers or {})
@@ -72,7 +72,7 @@ class ChatCompletionRequest(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)  # OpenAI's int64
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -103,6 +103,35 @@ class ChatCompletionRequest(_Strict):
 class ModerationRequest(_Strict):
     input: Union[str, list[str]]
     model: Optional[str] = None
+
+
+def first_bad_string(obj) -> Optional[str]:
+    """The dotted path of the first string (key or value) in a parsed JSON body that is not valid Unicode (a lone
+    surrogate, which JSON's \\uD800 escapes allow and nothing downstream can encode), "" for the body itself, or
+    None when all are valid. Walked with a stack, not recursion: the body may be nested deep."""
+    stack: list[tuple[object, str]] = [(obj, "")]
+    while stack:
+        x, path = stack.pop()
+        if isinstance(x, str):
+            if not _valid_unicode(x):
+                return path
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if not _valid_unicode(k):
+                    return path
+                stack.append((v, sub))
+        elif isinstance(x, list):
+            stack.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(x))
+    return None
+
+
+def _valid_unicode(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 _PREFIX = uuid.uuid4().hex[:12]   # ids are unique, not secret: a random prefix per process and a counter

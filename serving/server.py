@@ -55,8 +55,7 @@ def serve(cfg, path, label: str) -> None:
     except SystemExit:  # uvicorn's way of saying it could not bind; said once, below, as the other errors are
         pass
     finally:
-        if service.engine is not None:
-            service.engine.stop()
+        service.close()
     if service.load_error:
         raise UserError(f"{path}: the model failed to load ({service.load_error})")
     if not server.started:

@@ -11,6 +11,10 @@ pipe between steps; each step's tokens go back on another pipe, one message per 
 reads them when the pipe wakes it (`start(loop)`; a reader thread without a loop) and turns them back into
 `(request, choice, token, finish)`. (Pipes rather than multiprocessing queues: no feeder threads to hang an exit,
 no semaphores to leak.)
+
+If the process dies (killed, out of memory, a crash), the server hears it at once (the pipe closes): every request
+in flight ends with "error", the process is reaped (joined, its pipes closed, no zombie left) and `on_death` is
+called; the server's supervisor starts a new one (serving/app.py, Service).
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class EngineProcess:
         self.on_step: Optional[Callable[[int, int], None]] = None  # as Engine's: (rows running, rows decoded)
         self.error: Optional[BaseException] = None
         self.running = self.waiting = self.decoded = 0
+        self.on_death: Optional[Callable[[BaseException], None]] = None  # after the requests in flight have failed
+        self._loop = None
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
 
     def _send(self, msg) -> None:
@@ -106,6 +112,7 @@ class EngineProcess:
             self._reader.start()
             return
         fd = self._out.fileno()
+        self._loop = loop
 
         def readable():
             while True:
@@ -116,12 +123,13 @@ class EngineProcess:
                 except (EOFError, OSError):
                     msg = ("gone",)
                 if not self._handle(msg):
-                    loop.remove_reader(fd)
                     return
 
         loop.add_reader(fd, readable)
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int, on_token) -> RemoteRequest:
+        if self.error is not None:
+            raise EngineFull("the engine process has stopped")
         if len(self._requests) >= self.max_batch + self.max_waiting:
             raise EngineFull(f"{len(self._requests)} requests in flight")
         req = RemoteRequest(self, next(self._ids), int(n), on_token)
@@ -138,12 +146,14 @@ class EngineProcess:
     def _handle(self, msg) -> bool:
         """One message from the engine process; False once it has no more to say."""
         if msg[0] == "gone":
-            self.proc.join(1)
+            self._reap()
             self._fail(RuntimeError(f"the engine process exited ({self.proc.exitcode})"))
             return False
         if msg[0] == "stopped":
+            self._reap()
             return False
         if msg[0] == "error":
+            self._reap()
             self._fail(RuntimeError(msg[1]))
             return False
         _, events, self.running, self.waiting, self.decoded = msg
@@ -166,6 +176,24 @@ class EngineProcess:
             self.on_step(self.running, self.decoded)
         return True
 
+    def _reap(self) -> None:
+        """The process is gone or going: stop reading its pipe, close both ends, join it (no zombie)."""
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self._out.fileno())
+            except (OSError, ValueError):
+                pass
+        self.proc.join(5)
+        if self.proc.is_alive():  # said it failed but did not exit: make sure
+            self.proc.kill()
+            self.proc.join(5)
+        with self._lock:
+            for end in (self._cmd, self._out):
+                try:
+                    end.close()
+                except OSError:
+                    pass
+
     def _fail(self, e: BaseException) -> None:
         log.error("the engine process failed: %s", e)
         self.error = e
@@ -173,8 +201,14 @@ class EngineProcess:
         self._requests.clear()
         if events and self.sink is not None:
             self.sink(events)
+        elif events:
+            for req, c, t, f in events:
+                req.on_token(c, t, f)
+        if self.on_death is not None:
+            self.on_death(e)
 
     def stop(self) -> None:
+        self.on_death = None  # stopping is not dying: nobody restarts it
         if self.proc.is_alive():
             self._send(("stop",))
             self.proc.join(10)

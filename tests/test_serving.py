@@ -189,24 +189,32 @@ def test_bucket_refills_continuously(monkeypatch):
 
 
 def test_rate_limiter_requests_tokens_concurrency_and_refunds(monkeypatch):
+    """The lease is taken first (a request and a place in flight), the tokens charged on it once they are known."""
     clock = [0.0]
     monkeypatch.setattr(limits.time, "monotonic", lambda: clock[0])
     rl = RateLimiter(requests_per_minute=2, tokens_per_minute=100, concurrent=2)
-    a = rl.acquire("k", 30)
-    b = rl.acquire("k", 30)
+    a = rl.acquire("k")
+    a.charge(30)
+    b = rl.acquire("k")
+    b.charge(30)
     with pytest.raises(APIError) as e:  # two in flight
-        rl.acquire("k", 1)
+        rl.acquire("k")
     assert e.value.status == 429 and e.value.reason == "concurrency"
     a.release(used_tokens=10)            # 20 of its 30 tokens come back
     with pytest.raises(APIError) as e:   # two requests this minute
-        rl.acquire("k", 1)
+        rl.acquire("k")
     assert e.value.reason == "requests" and e.value.retry_after == pytest.approx(30.0)
     assert e.value.response_headers()["retry-after"] == "30"
-    assert rl.acquire("other", 1)        # another key has its own budget
+    assert rl.acquire("other")           # another key has its own budget
     clock[0] += 30
-    with pytest.raises(APIError) as e:   # 100 - 30 - 30 + 20 + 50 refilled -> 100 capped; 101 never fits
-        rl.acquire("k", 101)
+    c = rl.acquire("k")                  # a request refilled; 100 - 30 - 30 + 20 + 50 refilled -> 100 capped
+    with pytest.raises(APIError) as e:   # 101 never fits
+        c.charge(101)
     assert e.value.reason == "tokens" and e.value.retry_after is None
+    c.release(0)
+    with pytest.raises(APIError) as e:   # the refused request still counted: none left this minute
+        rl.acquire("k")
+    assert e.value.reason == "requests"
     b.release(30)
     h = rl.headers("k")
     assert h["x-ratelimit-limit-requests"] == "2" and h["x-ratelimit-limit-tokens"] == "100"
