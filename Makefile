@@ -1,5 +1,6 @@
 # The pipeline from the command line. `make help` lists the targets.
 #   make all                         tokenizer -> pretrain -> sft -> reward -> ppo -> report
+#   make iterate ROUNDS=3            then rounds 2..3: fresh comparisons -> reward_r<r> -> ppo_r<r> (docs/ppo.md)
 #   make pretrain ARGS="optim.lr=3e-4" RUN=lr3e-4 PRESET=smoke
 # Every target first makes .venv (once; redone only when pyproject.toml changes).
 
@@ -37,7 +38,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-.PHONY: help setup all $(STAGES) $(METHODS) $(DASHED) methods report compare chat serve generate reward-data test test-slow bench clean
+.PHONY: help setup all $(STAGES) $(METHODS) $(DASHED) methods iterate report compare chat serve generate reward-data test test-slow bench clean
 help:  ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 	@$(PYTHON) -m pipeline.core.registry --describe | expand -t 14
@@ -55,6 +56,15 @@ $(DASHED): $(STAMP)
 methods: $(STAMP)  ## every method on the run's SFT policy and reward model -> runs/<run>/methods.md (after make all)
 	@set -e; for m in $(METHODS); do echo "$(PY) -m stages.$$m $(STAGE_ARGS)"; $(PY) -m stages.$$m $(STAGE_ARGS); done
 	$(PY) -m stages.tools.methods run=$(RUN) $(filter paths.%,$(ARGS))
+
+ROUNDS ?= 3
+METHOD ?= ppo
+iterate: $(STAMP)  ## iterated RLHF after make all: rounds 2..ROUNDS (3) of fresh labels, reward update, PPO -> runs/<run>/rounds.md
+	@set -e; for r in $$(seq 2 $(ROUNDS)); do \
+	  if [ "$(METHOD)" = dpo ]; then steps="dpo"; else steps="reward ppo"; fi; \
+	  for s in $$steps; do echo "$(PY) -m stages.$$s round=$$r $(STAGE_ARGS)"; \
+	    $(PY) -m stages.$$s round=$$r iterate.policy=$(METHOD) $(STAGE_ARGS); done; done
+	$(PY) -m stages.tools.rounds run=$(RUN) method=$(METHOD) $(filter paths.%,$(ARGS))
 
 report: $(STAMP)  ## report card: runs/<run>/report.md with plots and side-by-side answers
 	$(PY) -m stages.tools.report run=$(RUN) $(if $(PRESET),preset=$(PRESET)) $(ARGS)

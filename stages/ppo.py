@@ -19,6 +19,7 @@ pipeline/inference/sampler.py; this file sets them up and runs them. Every imple
 import copy
 import json
 import math
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -29,6 +30,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
+from pipeline.core.io import write_json_atomic
+from pipeline.core.registry import stage_folder
 from pipeline.core.runs import StageRun, crash_point
 from pipeline.core.tracking import Tracker
 from pipeline.data.formats import check_prompt_lengths, load_corpus, load_prompts
@@ -40,6 +43,7 @@ from pipeline.report.plots import overoptimization_plot
 from pipeline.rl.readout import turn_closing
 from pipeline.rl.shaping import AdaptiveKLController, FixedKLController
 from pipeline.trainers.hf import lora_config
+from pipeline.eval.gold import eval_record
 from pipeline.trainers.ppo import LoopState, PPOLoop
 from pipeline.world.oracle import GoldOracle
 
@@ -50,14 +54,17 @@ def main(cfg: DictConfig) -> None:
     t = cfg.train
     acc = Accelerator(mixed_precision=mixed_precision(cfg.precision), cpu=not torch.cuda.is_available())
     run = StageRun(cfg, is_main=acc.is_main_process)
-    rm_parent = run.parent("reward")
+    r = run.round  # make iterate's round r > 1: continue round r-1's policy against round r's reward model
+    rm_parent = run.parent(stage_folder("reward", r))
     sft_parent = run.parent("sft")
+    start_parent = run.parent(stage_folder("ppo", r - 1)) if r > 1 else sft_parent  # the policy it starts from
+    ref_parent = sft_parent if r == 1 or cfg.iterate.kl_anchor == "sft" else start_parent  # the KL's anchor
     if not run.begin(barrier=acc.wait_for_everyone):
         return
     set_seed(cfg.seed)
     tracker = Tracker(cfg, run, acc.is_main_process)
-    tracker.use_parent(rm_parent)
-    tracker.use_parent(sft_parent)
+    for p in [rm_parent, sft_parent] + ([start_parent] if r > 1 else []):
+        tracker.use_parent(p)
     say, dev = acc.print, acc.device
 
     # ---- models: actor and frozen reference from SFT; frozen reward model; critic from the RM (or the policy) -
@@ -66,15 +73,17 @@ def main(cfg: DictConfig) -> None:
     if rm_tok.get_vocab() != tok.get_vocab():
         raise UserError(f"the reward model's tokenizer ({rm_parent['final']}) differs from the policy's "
                         f"({sft_parent['final']}); train both from the same SFT run")
-    policy = load_causal_lm(sft_parent["final"])
+    policy = load_causal_lm(start_parent["final"])
     policy.generation_config.pad_token_id = tok.pad_token_id
-    if cfg.peft.enabled:  # the adapter-disabled base is the reference: no second copy in memory
+    same = ref_parent is start_parent
+    if cfg.peft.enabled:  # the adapter-disabled base is the reference when it is the start: no second copy
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0))
-        ref = None
+        ref = None if same else load_causal_lm(ref_parent["final"]).to(dev).eval().requires_grad_(False)
     else:
-        ref = copy.deepcopy(policy).to(dev).eval().requires_grad_(False)
+        ref = (copy.deepcopy(policy) if same else load_causal_lm(ref_parent["final"])).to(dev).eval() \
+            .requires_grad_(False)
     reward_model = load_sequence_classifier(rm_parent["final"]).to(dev).eval().requires_grad_(False)
     critic = load_sequence_classifier(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"])
     rm_stats = rm_parent.get("reward_stats") or {}
@@ -144,6 +153,12 @@ def main(cfg: DictConfig) -> None:
     loop = PPOLoop(cfg, acc, run, tracker, tok, end_of_turn_ids(tok), policy, critic, ref, reward_model, closing,
                    GoldOracle.from_config(cfg.data.world), [(opt_p, sched_p), (opt_v, sched_v)], kl_ctl, state,
                    rm_stats, ptx_blocks, gen_logprobs)
+    if ref_parent is not sft_parent:  # KL anchored to round r-1's policy: SFT is still what the evaluation beats
+        loop.sft = TokenModel(load_causal_lm(sft_parent["final"]).to(dev).eval().requires_grad_(False),
+                              autocast=acc.autocast)
+    if r > 1:  # round r-1's held-out answers: this round is also judged against them
+        prev = Path(start_parent["dir"]) / "eval_outputs.json"
+        loop.previous = json.loads(prev.read_text()) if prev.exists() else None
 
     # ---- the loop: make experience -> update -> log (-> evaluate every train.eval_every) -------------------
     bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, desc="ppo",
@@ -176,6 +191,7 @@ def main(cfg: DictConfig) -> None:
         tracker.image("ppo/overoptimization", png, step=t.iterations)
         (run.dir / "history.json").write_text(json.dumps(state.history, indent=1))
         (run.dir / "periodic.json").write_text(json.dumps(state.periodic, indent=1))
+        write_json_atomic(run.dir / "eval_outputs.json", eval_record(evals))  # the next round compares with it
 
     # ---- save: the aligned policy as a plain Hugging Face checkpoint ---------------------------------------
     acc.wait_for_everyone()
@@ -186,13 +202,20 @@ def main(cfg: DictConfig) -> None:
         out_model.save_pretrained(d, safe_serialization=True)
         tok.save_pretrained(d)
 
-    run.finish(save, metrics, adapter=bool(cfg.peft.enabled and not cfg.peft.merge))
+    folder = lambda m: stage_folder(m["stage"], m.get("round", 1))  # noqa: E731
+    run.finish(save, metrics, adapter=bool(cfg.peft.enabled and not cfg.peft.merge),
+               lineage={"policy_from": folder(start_parent), "reward_model": folder(rm_parent),
+                        "kl_anchor": folder(ref_parent)})
     tracker.finish(metrics, run.final_dir)
     for prefix, how in (("eval", "greedy"), ("eval/sampled", f"sampled at T={t.temperature}")):
         if f"{prefix}/gold_score" in metrics:
             say(f"[ppo] {how}: gold score {metrics[f'{prefix}/gold_score']:.3f} (SFT "
                 f"{metrics[f'{prefix}/sft_gold_score']:.3f}), win rate vs SFT {metrics[f'{prefix}/win_rate_vs_sft']:.2f}"
                 f" (ties {metrics[f'{prefix}/tie_rate_vs_sft']:.2f}), KL {metrics[f'{prefix}/kl']:.2f}")
+    if "eval/win_rate_vs_previous" in metrics:
+        say(f"[{run.name}] greedy win rate vs round {r - 1}: {metrics['eval/win_rate_vs_previous']:.2f} "
+            f"[{metrics['eval/win_rate_vs_previous_ci_low']:.2f}, {metrics['eval/win_rate_vs_previous_ci_high']:.2f}] "
+            f"(its gold {metrics['eval/previous_gold_score']:.3f})")
     say("[ppo] greedy gold by component, SFT -> PPO: " + ", ".join(
         f"{k[len('eval/gold/'):]} {metrics['eval/sft_gold/' + k[len('eval/gold/'):]]:.2f} -> {v:.2f}"
         for k, v in metrics.items() if k.startswith("eval/gold/")) + f"; saved {run.final_dir}")

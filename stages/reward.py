@@ -30,9 +30,11 @@ reward/gold_pair_accuracy: how often it orders two answers to the same prompt as
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -42,11 +44,12 @@ from transformers import ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
-from pipeline.core.io import write_json_atomic
+from pipeline.core.io import read_utf8, write_json_atomic
+from pipeline.core.registry import stage_folder
 from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.eval.reward_model import reward_stats
+from pipeline.eval.reward_model import answer_stats, policy_answers
 from pipeline.models.build import n_params
 from pipeline.models.loading import load_policy, load_sequence_classifier
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
@@ -67,12 +70,19 @@ def run_reward(cfg: DictConfig) -> None:
     state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: several processes still form a group
     run = StageRun(cfg, is_main=state.is_main_process)
     parent = run.parent("sft")
+    r, it = run.round, cfg.iterate
+    if r > 1:  # a round of make iterate: the labellers see round r-1's policy; its reward model is the one updated
+        prev_rm = run.parent(stage_folder("reward", r - 1))
+        current = run.parent(stage_folder(it.policy, r - 1))
+        if it.reward_steps:
+            cfg.train.max_steps = it.reward_steps
     if not run.begin(barrier=state.wait_for_everyone):
         return
     t0 = time.time()
     set_seed(cfg.seed)
     tracker = Tracker(cfg, run, state.is_main_process)
-    tracker.use_parent(parent)
+    for p in (parent, prev_rm, current) if r > 1 else (parent,):
+        tracker.use_parent(p)
     say = print if state.is_main_process else (lambda *a, **k: None)
     datasets.disable_progress_bars()
     t = cfg.train
@@ -90,11 +100,14 @@ def run_reward(cfg: DictConfig) -> None:
                 load_policy(src, "fp32", "cpu")[0].save_pretrained(merged_dir, safe_serialization=True)
             state.wait_for_everyone()
             src = str(merged_dir)
-        model = load_sequence_classifier(src, torch.float32, cfg.model.trust_remote_code)  # a fresh scalar head
+        if r > 1 and it.reward_init == "continue":
+            src = prev_rm["final"]  # round r-1's reward model, head and all, updated on the comparisons so far
+        model = load_sequence_classifier(src, torch.float32, cfg.model.trust_remote_code)  # SFT: a fresh scalar head
         model.config.pad_token_id = tok.pad_token_id  # the head reads the last non-pad token
         ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
         max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
-        say(f"[reward] from {parent['final']}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"
+        say(f"[{run.name}] from {src if src != str(merged_dir) else parent['final']}: {n_params(model) / 1e6:.2f}M "
+            f"params, max_length {max_len}"
             + (", LoRA" if cfg.peft.enabled else "") + (", batches keep prompts together" if t.group_by_prompt else ""))
 
         # ---- data: ranked comparisons expanded to pairs; prompts alone must fit ---------------------------
@@ -110,8 +123,45 @@ def run_reward(cfg: DictConfig) -> None:
                             f"no usable preference pairs" + (f" ({skipped} bad records skipped)" if skipped else ""))
 
         # ---- on-policy comparisons: the SFT policy's own samples, ranked by simulated labellers --------------
+        # (round r > 1: round r-1's policy on a fresh slice of data.prompts, and every earlier round's as well)
         o, extra = cfg.onpolicy, {}
-        if o.prompts > 0 and cfg.data.preference.kind != "world":
+        comparison_files = []  # every on-policy comparison file this reward model learnt from, under paths.root
+        prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
+        oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.prompts.kind == "world" else None
+        if r > 1:
+            if cfg.data.preference.kind != "world" or oracle is None:
+                raise UserError(f"round={r}: iterated RLHF labels the policy's samples with the world's simulated "
+                                f"labellers, so data.preference and data.prompts must be kind world")
+            earlier = prev_rm.get("comparisons")
+            if earlier is None:  # a reward stage made before rounds existed: its on-policy file, if it wrote one
+                f = Path(prev_rm["dir"]) / "onpolicy_comparisons.jsonl"
+                earlier = [str(f.relative_to(run.root))] if f.is_file() else []
+            for f in earlier:
+                recs = [json.loads(x) for x in read_utf8(run.root / f).splitlines() if x.strip()]
+                pairs += expand_pairs(recs)
+                comparison_files.append(f)
+            extra["labels/earlier_pairs"] = len(pairs)
+            start = (r - 2) * it.prompts
+            fresh = [prompts[(start + j) % len(prompts)]["messages"] for j in range(min(it.prompts, len(prompts)))]
+            policy = load_policy(current["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
+            records, extra_r = onpolicy_comparisons(
+                policy, tok, fresh, oracle, it.samples, cfg.generation, t.gen_batch_size,
+                o.label_temperature or cfg.data.world.label_temperature, cfg.seed + 2 + 101 * (r - 1),
+                id_prefix=f"round{r}")
+            del policy
+            extra.update(extra_r)
+            if state.is_main_process:
+                write_jsonl(run.dir / "onpolicy_comparisons.jsonl", records)
+            comparison_files.append(f"{run.run}/{run.name}/onpolicy_comparisons.jsonl")
+            new_pairs = expand_pairs(records)
+            pairs += new_pairs
+            extra.update({"labels/round_rankings": len(records), "labels/round_pairs": len(new_pairs),
+                          "data/onpolicy_pairs": len(new_pairs)})
+            say(f"[{run.name}] round {r}: {it.samples} samples of {stage_folder(it.policy, r - 1)} for each of "
+                f"{len(fresh)} fresh prompts, {len(records)} ranked (mean gold {extra_r['onpolicy/gold_mean']:.3f}, "
+                f"labels agree with gold on {extra_r['onpolicy/label_agreement']:.0%} of pairs): {len(new_pairs)} "
+                f"new pairs, {len(pairs)} in all, in {extra_r['onpolicy/seconds']:.0f}s")
+        elif o.prompts > 0 and cfg.data.preference.kind != "world":
             say(f"[reward] onpolicy.prompts={o.prompts} ignored: only the synthetic world has a gold oracle to rank "
                 f"the samples, and data.preference is {cfg.data.preference.kind} data")
         elif o.prompts > 0:
@@ -122,6 +172,8 @@ def run_reward(cfg: DictConfig) -> None:
             del policy
             if state.is_main_process:  # the ranked format of reward_data/: reusable as data.preference.kind=local
                 write_jsonl(run.dir / "onpolicy_comparisons.jsonl", records)
+            comparison_files.append(f"{run.run}/{run.name}/onpolicy_comparisons.jsonl")
+            extra.update({"labels/round_rankings": len(records), "labels/round_pairs": len(expand_pairs(records))})
             onpolicy_pairs = expand_pairs(records)
             pairs, extra["data/onpolicy_pairs"] = pairs + onpolicy_pairs, len(onpolicy_pairs)
             say(f"[reward] on-policy: {o.samples} SFT samples for each of {extra['onpolicy/prompts']} prompts, "
@@ -131,9 +183,8 @@ def run_reward(cfg: DictConfig) -> None:
         cols = ["prompt", "chosen", "rejected", "group"]
         train_ds = datasets.Dataset.from_list([{k: p.get(k) if k != "group" else str(p.get(k, i))
                                                 for k in cols} for i, p in enumerate(pairs)])
-        prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
+        extra["labels/total_pairs"] = len(pairs)  # every comparison labelled so far: the label budget spent
         prompts = prompts[: t.stats_prompts]
-        oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.prompts.kind == "world" else None
 
         # ---- training: TRL's RewardTrainer, Bradley-Terry loss --------------------------------------------
         args = trainer_args(TRLRewardConfig, cfg, run, t, evaluate=False, max_length=max_len,
@@ -168,12 +219,25 @@ def run_reward(cfg: DictConfig) -> None:
             eval_cb.run(rm, trainer.state.global_step)
         if not test_pairs:
             say("[reward] no test pairs: eval/accuracy not measured")
+        # the statistics are taken on the answers of the policy PPO will start from: SFT, or round r-1's policy
         stats = {"mean": 0.0, "std": 1.0, "n": 0}
         if prompts:
-            policy = load_policy(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
-            stats = reward_stats(policy, rm, tok, prompts, cfg, oracle)
+            who = current if r > 1 else parent
+            policy = load_policy(who["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
+            answers = policy_answers(policy, tok, prompts, cfg, oracle)
             del policy
-        say(f"[reward] SFT policy, {stats['n']} answers: reward mean {stats['mean']:.3f}, std {stats['std']:.3f}"
+            stats = answer_stats(rm, tok, answers, cfg)
+            if r > 1 and oracle is not None:  # the distribution-shift figure: the old model on the new answers
+                old_rm = load_sequence_classifier(prev_rm["final"]).to(state.device).eval()
+                old_rm.config.pad_token_id = tok.pad_token_id
+                before = answer_stats(old_rm, tok, answers, cfg)
+                del old_rm
+                metrics["reward/before_gold_correlation"] = before["gold_correlation"]
+                metrics["reward/before_gold_pair_accuracy"] = before["pair_accuracy"]
+                say(f"[{run.name}] before its update, round {r - 1}'s reward model on these answers: correlation "
+                    f"with gold {before['gold_correlation']:.3f}, pairs in the gold order {before['pair_accuracy']:.3f}")
+        say(f"[{run.name}] {'SFT policy' if r == 1 else stage_folder(it.policy, r - 1)}, {stats['n']} answers: reward "
+            f"mean {stats['mean']:.3f}, std {stats['std']:.3f}"
             + (f", correlation with gold {stats['gold_correlation']:.3f}, pairs of answers to one prompt in the gold "
                f"order {stats['pair_accuracy']:.3f}" if "gold_correlation" in stats else ""))
         metrics.update({"train/loss": train_loss, "reward/mean": stats["mean"], "reward/std": stats["std"]})
@@ -198,7 +262,11 @@ def run_reward(cfg: DictConfig) -> None:
         metrics.update({"model/params": n_params(rm), "data/skipped_records": skipped + skipped_test,
                         "data/train_pairs": len(trainer.train_dataset), "data/too_long_pairs": too_long,
                         "time/stage_s": time.time() - t0})
-        run.finish(save, metrics, adapter=adapter, reward_stats={"mean": stats["mean"], "std": stats["std"]})
+        run.finish(save, metrics, adapter=adapter, reward_stats={"mean": stats["mean"], "std": stats["std"]},
+                   comparisons=comparison_files,
+                   lineage={"reward_model_from": stage_folder("reward", r - 1) if r > 1 and it.reward_init ==
+                            "continue" else "sft", "policy_sampled": stage_folder(it.policy, r - 1) if r > 1 else "sft",
+                            "comparisons": comparison_files})
         tracker.finish(metrics, run.final_dir)
     except BaseException as e:
         run.fail(failure_reason(e))
@@ -207,7 +275,7 @@ def run_reward(cfg: DictConfig) -> None:
     finally:
         if state.is_main_process:
             shutil.rmtree(merged_dir, ignore_errors=True)
-    say(f"[reward] eval/accuracy {metrics.get('eval/accuracy', float('nan')):.3f}, eval/gold_accuracy "
+    say(f"[{run.name}] eval/accuracy {metrics.get('eval/accuracy', float('nan')):.3f}, eval/gold_accuracy "
         f"{metrics.get('eval/gold_accuracy', float('nan')):.3f}, eval/ece {metrics.get('eval/ece', float('nan')):.3f}; "
         f"saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
 

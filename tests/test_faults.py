@@ -152,3 +152,34 @@ def test_same_seed_same_metrics(smoke_chain):
         for k in ("eval/loss", "eval/accuracy", "eval/gold_score"):
             if k in b:
                 assert a[k] == pytest.approx(b[k], abs=1e-6), (stage, k)
+
+
+def test_kill_in_the_middle_of_a_round_then_resume(smoke_chain):
+    """make iterate killed in round 2, after its reward update, right after PPO's first checkpoint; make iterate
+    again resumes that round's PPO and logs what an uninterrupted make iterate logged, every value."""
+    import shutil
+
+    from test_iterate import make_iterate
+
+    root = smoke_chain
+    run_stage("ppo", *SMOKE, f"paths.root={root}")
+    make_iterate(root)  # the uninterrupted reference: runs/default/{reward_r2,ppo_r2}
+    for stage in ("tokenizer", "pretrain", "sft", "reward", "ppo"):  # round 1 as it is, in a run of its own
+        shutil.rmtree(root / "killed-round" / stage, ignore_errors=True)
+        shutil.copytree(root / "default" / stage, root / "killed-round" / stage)
+    run_stage("reward", *SMOKE, f"paths.root={root}", "run=killed-round", "round=2")
+    step = compose_stage("ppo", SMOKE).train.save_every
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CRASH_AT_STEP": str(step)}
+    p = subprocess.run([sys.executable, "-m", "stages.ppo", *SMOKE, f"paths.root={root}", "run=killed-round",
+                        "round=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 137, p.stderr[-3000:]
+    assert _manifest(root, "killed-round", "ppo_r2")["status"] == "running"
+    make_iterate(root, run="killed-round")
+    resumed = _manifest(root, "killed-round", "ppo_r2")
+    assert resumed["status"] == "complete" and resumed["resumed_from"] == step and resumed["round"] == 2
+    for folder in ("reward_r2", "ppo_r2"):
+        a, b = _logged(root, "killed-round", folder), _logged(root, "default", folder)
+        assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
+        assert _max_difference(a, b) == 0.0, (folder, {k: (a[k], b[k]) for k in a if a[k] != b[k]})
+    assert (root / "killed-round" / "ppo_r2" / "final" / "model.safetensors").read_bytes() == \
+        (root / "default" / "ppo_r2" / "final" / "model.safetensors").read_bytes()

@@ -316,8 +316,32 @@ class OnPolicySettings:
 
 
 @dataclass
+class IterateSettings:
+    """Iterated RLHF (`make iterate`; docs/ppo.md "Iterated RLHF"): round r > 1 labels fresh comparisons of round
+    r-1's policy, updates the reward model on every comparison gathered so far, and continues PPO from that policy
+    against it. One group for the round's stages (reward, ppo, dpo), so one ARGS reaches them all."""
+
+    prompts: int = opt(512, "comparisons per round: prompts of data.prompts whose `samples` replies from the "
+                            "current policy the simulated labellers rank (round r takes the (r-1)-th slice, "
+                            "wrapping around); the label budget of a round")
+    samples: int = opt(4, "replies per labelled prompt, K (a ranking of the distinct ones gives up to K(K-1)/2 "
+                          "pairs)")
+    reward_init: str = opt("continue", "continue (round r's reward model starts from round r-1's) | sft (retrained "
+                                       "from the SFT policy with a fresh head); either trains on all comparisons "
+                                       "gathered so far")
+    reward_steps: Optional[int] = opt(None, "optimizer steps of a round's reward update; null: train.max_steps")
+    kl_anchor: str = opt("sft", "sft (every round's KL penalty is to the SFT policy, as Llama 2 and Anthropic "
+                                "did) | previous (to the policy the round starts from)")
+    policy: str = opt("ppo", "ppo | dpo: the method whose round r-1 policy the labellers see (dpo: online DPO, "
+                             "whose rounds label their own samples and need no reward model)")
+
+
+@dataclass
 class RewardConfig(StageConfig):
     stage: str = opt("reward", "the stage this config runs")
+    round: int = opt(1, "the round of iterated RLHF (make iterate): 1 is the one-shot reward stage; r > 1 writes "
+                        "runs/<run>/reward_r<r>/ from round r-1's policy and reward model (`iterate`)")
+    iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
     train: RewardTrain = group(RewardTrain, "the reward Trainer's settings (budget from conf/preset/reward)")
     peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
     generation: GenerationSettings = group(GenerationSettings, "decoding of the SFT samples: on-policy comparisons, "
@@ -520,6 +544,9 @@ class PPOTrain:
 @dataclass
 class PPOConfig(StageConfig):
     stage: str = opt("ppo", "the stage this config runs")
+    round: int = opt(1, "the round of iterated RLHF (make iterate): 1 is the one-shot PPO from SFT; r > 1 writes "
+                        "runs/<run>/ppo_r<r>/, continuing round r-1's policy against round r's reward model")
+    iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
     train: PPOTrain = group(PPOTrain, "the PPO loop: every implementation detail is a switch here (budget from "
                                       "conf/preset/ppo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the actor; the reference is the base (the adapter disabled, "
@@ -594,6 +621,10 @@ class DPOTrain(TrainerBudget):
 @dataclass
 class DPOConfig(StageConfig):
     stage: str = opt("dpo", "the stage this config runs")
+    round: int = opt(1, "the round of online DPO (make iterate ARGS=iterate.policy=dpo): 1 is the offline DPO on "
+                        "the reward stage's comparisons; r > 1 writes runs/<run>/dpo_r<r>/, trained from round r-1's "
+                        "policy on fresh comparisons of its own samples")
+    iterate: IterateSettings = group(IterateSettings, "what a round of online DPO does (used when round > 1)")
     train: DPOTrain = group(DPOTrain, "TRL's DPOTrainer (budget from conf/preset/dpo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy; the reference is the adapter-disabled base")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
@@ -669,6 +700,16 @@ class MethodsConfig:
 
 
 @dataclass
+class RoundsConfig:
+    """stages/tools/rounds.py: runs/<run>/rounds.md, iterated RLHF round by round, from the manifests."""
+
+    run: str = opt("default", "the run whose rounds are tabled: <paths.root>/<run>/")
+    method: str = opt("ppo", "ppo | dpo: the rounds of which method (make iterate METHOD=...)")
+    paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
+    logger: LoggerConfig = group(LoggerConfig, "unused, as in ReportConfig")
+
+
+@dataclass
 class ReportConfig:
     """stages/report.py: runs/<run>/report.md from the manifests, metrics and a few side-by-side answers."""
 
@@ -696,7 +737,8 @@ class CompareConfig:
     logger: LoggerConfig = group(LoggerConfig, "unused, as in ReportConfig")
 
 
-for _name, _schema in {"report": ReportConfig, "compare": CompareConfig, "methods": MethodsConfig}.items():
+for _name, _schema in {"report": ReportConfig, "compare": CompareConfig, "methods": MethodsConfig,
+                       "rounds": RoundsConfig}.items():
     register(_name, _schema)
 for _spec in STAGES:  # every training stage composes on the schema its spec names
     register(_spec.name, globals()[_spec.schema])
@@ -713,6 +755,9 @@ _CHOICES = {
     "train.critic_init": ("reward", "policy"),
     "train.old_logprobs": ("auto", "generate", "recompute"),
     "log_level": ("debug", "info", "warning", "error"),
+    "iterate.reward_init": ("continue", "sft"),
+    "iterate.kl_anchor": ("sft", "previous"),
+    "iterate.policy": ("ppo", "dpo"),
 }
 _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.iterations", "train.rollout_batch_size",
              "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",
@@ -721,7 +766,8 @@ _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.i
              "limits.max_body_bytes", "limits.max_messages", "limits.max_moderation_inputs",
              "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
              "engine.threads", "stream_interval", "bon.n", "train.rounds", "train.prompts", "train.samples",
-             "train.num_generations", "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap")
+             "train.num_generations", "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap",
+             "round", "iterate.prompts", "iterate.reward_steps")
 
 
 # keys whose choices differ by stage (TRL's own, checked here so a typo is one line, not TRL's traceback)
@@ -782,6 +828,8 @@ def problems(cfg) -> list[str]:
     for key, allowed in _STAGE_CHOICES.get(get("stage"), {}).items():
         if get(key) not in allowed:
             out.append(f"{key}={get(key)!r} is not one of {', '.join(allowed)}")
+    if get("round") is not None and get("round") > 1 and get("iterate.samples") < 2:
+        out.append(f"iterate.samples={get('iterate.samples')} must be at least 2 (a ranking compares replies)")
     mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")
     if mb and rb and mb > rb:
         out.append(f"train.minibatch_size={mb} is larger than train.rollout_batch_size={rb}")

@@ -85,6 +85,24 @@ POLICY_STAGES: tuple[str, ...] = tuple(s.name for s in reversed(STAGES) if s.pol
 POLICIES: tuple[str, ...] = tuple(s.name for s in reversed(STAGES) if s.policy)  # every chat model stage=... names
 
 
+# ---- rounds of iterated RLHF (make iterate): round r > 1 of a stage lives in its own folder of the run ----------
+ROUND_STAGES: tuple[str, ...] = ("reward", "ppo", "dpo")  # the stages a round of make iterate remakes
+
+
+def stage_folder(name: str, round: int = 1) -> str:
+    """The folder of `name`'s round `round` in runs/<run>/: the stage's own name for round 1 (the one-shot stage
+    make all makes), <name>_r<round> for the later rounds of make iterate (reward_r2, ppo_r2, ...)."""
+    return name if round <= 1 else f"{name}_r{round}"
+
+
+def split_folder(folder: str) -> tuple[str, int]:
+    """stage_folder's inverse: 'ppo_r3' -> ('ppo', 3), 'ppo' -> ('ppo', 1)."""
+    head, sep, tail = folder.rpartition("_r")
+    if sep and tail.isdigit() and head in ROUND_STAGES and int(tail) > 1:
+        return head, int(tail)
+    return folder, 1
+
+
 def spec(name: str) -> StageSpec:
     if name not in SPECS:
         raise KeyError(f"unknown stage {name!r}; the stages are {', '.join(SPECS)}")

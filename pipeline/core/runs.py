@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.core.errors import UserError
 from pipeline.core.io import damaged, inventory, write_json_atomic
-from pipeline.core.registry import ORDER, POLICIES, POLICY_STAGES, SPECS
+from pipeline.core.registry import ORDER, POLICIES, POLICY_STAGES, SPECS, split_folder, stage_folder
 
 # Keys that never change what a stage computes, so they stay out of the config hash.
 _UNHASHED = {"run", "parent_run", "force", "paths", "logger"}
@@ -44,6 +44,9 @@ _PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "
 def config_hash(cfg: DictConfig) -> str:
     c = OmegaConf.to_container(cfg, resolve=True)
     c = {k: v for k, v in c.items() if k not in _UNHASHED}
+    if c.get("round", 1) == 1:  # round 1 is the one-shot stage: the iteration settings do not reach it
+        c.pop("round", None)
+        c.pop("iterate", None)
     for group, key in _ADDED_OFF:  # switches added later, off by default: runs made before them keep their hash
         if isinstance(c.get(group), dict) and c[group].get(key) is False:
             c[group].pop(key)
@@ -59,9 +62,11 @@ def make_command(stage: str, run: str, overrides: Optional[list[str]] = None, ex
     be, made with; `extra` is appended to ARGS (e.g. force=true)."""
     overrides = list(overrides or [])
     preset = next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "preset"), None)
-    args = [o for o in overrides if o.split("=", 1)[0] not in ("preset", "run", "force", "parent_run")]
+    args = [o for o in overrides if o.split("=", 1)[0] not in ("preset", "run", "force", "parent_run", "round")]
     args += [extra] if extra else []
-    return (f"make {stage}" + ("" if run == "default" else f" RUN={run}") + (f" PRESET={preset}" if preset else "")
+    stage, r = split_folder(stage)
+    target = f"make {stage}" if r == 1 else f"make iterate ROUNDS={r}"  # a later round is made by make iterate
+    return (target + ("" if run == "default" else f" RUN={run}") + (f" PRESET={preset}" if preset else "")
             + (f" ARGS=\"{' '.join(args)}\"" if args else ""))
 
 
@@ -171,10 +176,12 @@ class StageRun:
     def __init__(self, cfg: DictConfig, is_main: bool = True):
         self.cfg = cfg
         self.stage = cfg.stage
+        self.round = int(cfg.get("round", 1) or 1)  # make iterate's round; 1: the one-shot stage
+        self.name = stage_folder(self.stage, self.round)  # its folder in the run: ppo, or ppo_r2 for round 2
         self.run = run_name(cfg)
         self.parent_run = cfg.parent_run or cfg.run
         self.root = Path(cfg.paths.root)
-        self.dir = self.root / self.run / self.stage
+        self.dir = self.root / self.run / self.name
         self.final_dir = self.dir / "final"
         self.ckpt_root = self.dir / "checkpoints"
         self.is_main = is_main
@@ -185,20 +192,25 @@ class StageRun:
 
     # ---- parents -------------------------------------------------------------------------------------------
     def parent(self, stage: str) -> dict:
-        """The complete manifest of `stage` in the parent run, or one line saying how to make it."""
-        d = self.root / self.parent_run / stage
+        """The complete manifest of `stage` in the parent run, or one line saying how to make it. A later round of
+        make iterate looks in its own run first: its rounds (and the round-1 policy they continue) live there, while
+        the chain it grew from (sft, the first reward model) may be parent_run's."""
+        where = self.parent_run
+        if self.round > 1 and (split_folder(stage)[1] > 1 or (self.root / self.run / stage).exists()):
+            where = self.run
+        d = self.root / where / stage
         m = read_manifest(d)
         ov = command_overrides()
         if m is None:
-            raise UserError(f"stage '{stage}' of run '{self.parent_run}' is missing ({d}); make it first: "
-                            f"{make_command(stage, self.parent_run, ov)}")
+            raise UserError(f"stage '{stage}' of run '{where}' is missing ({d}); make it first: "
+                            f"{make_command(stage, where, ov)}")
         if m.get("status") != "complete" or not (d / "final").is_dir():
-            raise UserError(f"stage '{stage}' of run '{self.parent_run}' is "
-                            f"{describe_unfinished(m, stage, self.parent_run, ov)} ({d})")
+            raise UserError(f"stage '{stage}' of run '{where}' is "
+                            f"{describe_unfinished(m, stage, where, ov)} ({d})")
         problem = damaged(d / "final", m.get("final_files", {}))
         if problem:
             raise UserError(f"{d / 'final'} is damaged ({problem}); redo it: "
-                            f"{make_command(stage, self.parent_run, m.get('overrides', ov), 'force=true')}")
+                            f"{make_command(stage, where, m.get('overrides', ov), 'force=true')}")
         m["dir"] = str(d)
         m["final"] = str(d / "final")
         self.parents[stage] = m
@@ -218,17 +230,17 @@ class StageRun:
         if old and old.get("status") == "complete" and self.final_dir.is_dir():
             if same and not self.cfg.force:
                 if self.is_main:
-                    print(f"[{self.stage}] already complete in {self.dir} (config {self.hash}); "
+                    print(f"[{self.name}] already complete in {self.dir} (config {self.hash}); "
                           f"nothing to do (force=true reruns it)")
                 return False
             if not self.cfg.force:
                 why = "a different config" if old.get("config_hash") != self.hash else "an older parent stage"
-                raise UserError(f"{self.dir} holds a finished '{self.stage}' made with {why}; "
+                raise UserError(f"{self.dir} holds a finished '{self.name}' made with {why}; "
                                 f"add force=true to replace it, or run=<new name> parent_run={self.parent_run} for a new "
                                 f"run beside it")
             # force=true over a finished stage is a transaction: the new run is made beside it, in .<stage>.next/,
             # and swapped in by one rename when it completes; until then (and if it fails) children see the old one
-            self._stage_in(self.dir.parent / f".{self.stage}.next")
+            self._stage_in(self.dir.parent / f".{self.name}.next")
             old = read_manifest(self.dir)  # an earlier forced attempt with the same config is resumed
             if old and (old.get("config_hash") != self.hash or old.get("parents", {}) != self._parent_fingerprints()):
                 if self.is_main:
@@ -237,14 +249,14 @@ class StageRun:
         if old and old.get("config_hash") != self.hash and self.ckpt_root.exists():
             # Resume points of another config are useless here and would be picked up by mistake.
             if self.is_main:
-                print(f"[{self.stage}] discarding checkpoints of a different config in {self.ckpt_root}")
+                print(f"[{self.name}] discarding checkpoints of a different config in {self.ckpt_root}")
                 shutil.rmtree(self.ckpt_root, ignore_errors=True)
         barrier()
         if self.is_main:
             self._check_writable()
             self.manifest = {
-                "stage": self.stage, "run": self.run, "status": "running", "config_hash": self.hash,
-                "parents": self._parent_fingerprints(),
+                "stage": self.stage, "round": self.round, "run": self.run, "status": "running",
+                "config_hash": self.hash, "parents": self._parent_fingerprints(),
                 "parent_runs": {s: m["run"] for s, m in self.parents.items()},
                 "versions": _versions(), "git_commit": _git_commit(), "host": platform.node(), "pid": os.getpid(),
                 "overrides": [o for o in command_overrides() if o.split("=", 1)[0].lstrip("+~") != "force"],

@@ -19,6 +19,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.core.registry import stage_folder
+
 _SECRET = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
 
 
@@ -72,7 +74,7 @@ class Tracker:
             id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=cfg.logger.project, entity=cfg.logger.entity, group=stage_run.run,
-                job_type=stage_run.stage, name=f"{stage_run.run}/{stage_run.stage}", id=run_id, resume="allow",
+                job_type=stage_run.stage, name=f"{stage_run.run}/{stage_run.name}", id=run_id, resume="allow",
                 dir=str(stage_run.dir), mode=wandb_mode(cfg.logger.mode),
                 config=scrub(OmegaConf.to_container(cfg, resolve=True)),
                 settings=wandb.Settings(silent=True, console="off"),
@@ -124,8 +126,9 @@ class Tracker:
         get the real edge in W&B's lineage graph."""
         if self.wandb is None:
             return
-        name = artifact_name(parent["run"], parent["stage"])
-        self._guard(lambda: self.wandb.config.update({"lineage": {parent["stage"]: {
+        folder = stage_folder(parent["stage"], parent.get("round", 1))  # ppo_r2: round 2's
+        name = artifact_name(parent["run"], folder)
+        self._guard(lambda: self.wandb.config.update({"lineage": {folder: {
             "artifact": name, "fingerprint": parent.get("fingerprint")}}}, allow_val_change=True))
         if self.wandb is not None and not self.wandb.offline:
             try:
@@ -142,8 +145,9 @@ class Tracker:
             def fin():
                 self.wandb.summary.update({k: float(v) for k, v in metrics.items()})
                 if final_dir is not None and self.log_model:
-                    art = wandb.Artifact(artifact_name(self.stage_run.run, self.stage_run.stage), type="model",
-                                         metadata={"stage": self.stage_run.stage, **metrics,
+                    art = wandb.Artifact(artifact_name(self.stage_run.run, self.stage_run.name), type="model",
+                                         metadata={"stage": self.stage_run.stage, "round": self.stage_run.round,
+                                                   **metrics,
                                                    "fingerprint": self.stage_run.manifest.get("fingerprint")})
                     art.add_dir(str(final_dir))
                     self.wandb.log_artifact(art)

@@ -163,6 +163,28 @@ def versus_sft(answer, greedy: bool = True, sampled: bool = True, resamples: int
     return metrics, outputs
 
 
+def eval_record(outputs: dict) -> dict:
+    """What a PPO stage keeps of its final evaluation (eval_outputs.json) for the next round to compare with: the
+    policy's gold score per held-out prompt, and its reply, greedy ("eval") and sampled ("eval/sampled")."""
+    return {prefix: {"gold": mine["gold"], "text": mine["text"]} for prefix, (mine, _) in outputs.items()}
+
+
+def versus_previous(mine: dict, previous: dict, resamples: int = 1000) -> dict:
+    """A round against the one before it, on the same held-out prompts (paired by position): for each prefix both
+    have, <prefix>/win_rate_vs_previous with its 95% bootstrap interval, tie rate and the previous round's gold."""
+    out = {}
+    for prefix, m in mine.items():
+        p = previous.get(prefix)
+        if p is None or len(p["gold"]) != len(m["gold"]):
+            continue
+        lo, hi = win_rate_interval(m["gold"], p["gold"], resamples)
+        out.update({f"{prefix}/win_rate_vs_previous": win_rate(m["gold"], p["gold"]),
+                    f"{prefix}/win_rate_vs_previous_ci_low": lo, f"{prefix}/win_rate_vs_previous_ci_high": hi,
+                    f"{prefix}/tie_rate_vs_previous": sum(a == b for a, b in zip(m["gold"], p["gold"])) / len(p["gold"]),
+                    f"{prefix}/previous_gold_score": sum(p["gold"]) / max(len(p["gold"]), 1)})
+    return out
+
+
 def kl_bound(n: int) -> float:
     """log n - (n-1)/n: the KL of best-of-n sampling to the policy it samples from as Stiennon et al. (2020) give
     it, which Beirami et al. (2024) show is an upper bound (reached when no two samples tie)."""

@@ -108,12 +108,27 @@ def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
     PPO will see at its start, `train.stats_samples` per prompt), and with the oracle, how well that reward tracks
     the gold score there: the correlation, and `pair_accuracy`, the share of pairs of answers to the same prompt
     (with different gold scores) that it orders as gold does. That last one is what PPO's advantages rest on."""
-    t, k = cfg.train, cfg.train.stats_samples
+    return answer_stats(rm, tok, policy_answers(policy, tok, prompts, cfg, oracle), cfg)
+
+
+def policy_answers(policy, tok, prompts, cfg, oracle=None) -> dict:
+    """This process's share of `prompts`, each answered `train.stats_samples` times by `policy` (the `generation`
+    settings, seed cfg.seed + 1), with the oracle's gold scores: what `answer_stats` scores, drawn once so that two
+    reward models (a round's before and after its update) are judged on the very same answers."""
+    k = cfg.train.stats_samples
     mine = shard(len(prompts))
     msgs = [as_messages(prompts[i]) for i in mine for _ in range(k)]
-    replies = [str(r) for r in generate(policy, tok, msgs, cfg.generation, t.gen_batch_size, seed=cfg.seed + 1)]
+    replies = [str(r) for r in generate(policy, tok, msgs, cfg.generation, cfg.train.gen_batch_size,
+                                        seed=cfg.seed + 1)]
+    golds = oracle.score_batch(msgs, replies) if oracle else None
+    return {"mine": list(mine), "messages": msgs, "replies": replies, "gold": golds, "k": k}
+
+
+def answer_stats(rm, tok, answers: dict, cfg) -> dict:
+    """`reward_stats`'s figures of reward model `rm` on `policy_answers`' answers, gathered over processes."""
+    t, k, mine, msgs, replies = cfg.train, answers["k"], answers["mine"], answers["messages"], answers["replies"]
     rewards = score_texts(rm, tok, msgs, replies, t.eval_batch_size or t.batch_size)
-    golds = oracle.score_batch(msgs, replies) if oracle else [None] * len(msgs)
+    golds = answers["gold"] if answers["gold"] is not None else [None] * len(msgs)
     per_prompt = {i: list(zip(rewards[j * k:(j + 1) * k], golds[j * k:(j + 1) * k])) for j, i in enumerate(mine)}
     groups = list(dict(gather(list(per_prompt.items()))).values())  # shards may repeat one prompt
     rows = [row for g in groups for row in g]
@@ -122,7 +137,7 @@ def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
     mean = sum(r) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in r) / max(n - 1, 1))
     out = {"mean": mean, "std": std, "n": n}
-    if oracle:
+    if answers["gold"] is not None:
         g = [b for _, b in rows]
         gm = sum(g) / n
         sg = math.sqrt(sum((x - gm) ** 2 for x in g) / max(n - 1, 1))

@@ -146,3 +146,53 @@ def methods_table(rows: list[dict]) -> list[str]:
                    f"| {f(r['length'], 1)} | {f(r['greedy'])} | {f(r['minutes'], 1)} | "
                    f"{'–' if r['tokens'] is None else int(r['tokens'])} |")
     return out
+
+
+def round_rows(root: Path, run: str, method: str = "ppo") -> list[dict]:
+    """One row per complete round of iterated RLHF (make iterate), round 1 being the one-shot stage: the greedy
+    evaluation against SFT and against the round before (win rates with their 95% intervals), correctness, KL to
+    SFT, and the round's reward model: its pairs of the current policy's answers in the gold order and its
+    correlation with gold there, before (the previous round's model) and after its update, and the labels spent."""
+    from pipeline.core.registry import stage_folder
+
+    rows, r = [], 1
+    while True:
+        pol = read_manifest(root / run / stage_folder(method, r)) if (root / run / stage_folder(method, r)).exists() \
+            else None
+        if not pol or pol.get("status") != "complete":
+            break
+        d = root / pol.get("parent_runs", {}).get(stage_folder("reward", r), run) / stage_folder("reward", r)
+        rm = (read_manifest(d) if d.exists() else None) or {}
+        g, h = pol.get("metrics", {}).get, rm.get("metrics", {}).get
+        rows.append({"round": r, "stage": stage_folder(method, r), "gold": g("eval/gold_score"),
+                     "sft_gold": g("eval/sft_gold_score"), "win": g("eval/win_rate_vs_sft"),
+                     "lo": g("eval/win_rate_ci_low"), "hi": g("eval/win_rate_ci_high"),
+                     "tie": g("eval/tie_rate_vs_sft"), "win_prev": g("eval/win_rate_vs_previous"),
+                     "prev_lo": g("eval/win_rate_vs_previous_ci_low"), "prev_hi": g("eval/win_rate_vs_previous_ci_high"),
+                     "correct": g("eval/gold/correctness"), "sft_correct": g("eval/sft_gold/correctness"),
+                     "kl": g("eval/kl"), "sampled_gold": g("eval/sampled/gold_score"),
+                     "sampled_win": g("eval/sampled/win_rate_vs_sft"),
+                     "pair_before": h("reward/before_gold_pair_accuracy"), "pair_after": h("reward/gold_pair_accuracy"),
+                     "corr_before": h("reward/before_gold_correlation"), "corr_after": h("reward/gold_correlation"),
+                     "labels": h("labels/round_pairs") if method == "ppo" else g("labels/round_pairs"),
+                     "total_labels": h("labels/total_pairs") if method == "ppo" else g("labels/total_pairs"),
+                     "minutes": (_minutes(pol) or 0) + (_minutes(rm) or 0) if rm else _minutes(pol)})
+        r += 1
+    return rows
+
+
+def rounds_table(rows: list[dict]) -> list[str]:
+    """The per-round table of iterated RLHF, as markdown lines."""
+    f = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
+    ci = lambda v, lo, hi: f"{f(v, 2)}" + (f" [{f(lo, 2)}, {f(hi, 2)}]" if lo is not None else "")  # noqa: E731
+    out = ["| round | stage | gold (greedy) | win rate vs SFT [95% CI] | ties | win rate vs previous [95% CI] | "
+           "correctness | KL to SFT | RM pairs in gold order, before -> after | RM gold correlation, before -> after "
+           "| pairs labelled (round / all) | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['round']} | {r['stage']} | {f(r['gold'])} | {ci(r['win'], r['lo'], r['hi'])} | "
+                   f"{f(r['tie'], 2)} | {ci(r['win_prev'], r['prev_lo'], r['prev_hi']) if r['round'] > 1 else '–'} | "
+                   f"{f(r['correct'])} | {f(r['kl'], 2)} | {f(r['pair_before'])} -> {f(r['pair_after'])} | "
+                   f"{f(r['corr_before'])} -> {f(r['corr_after'])} | "
+                   f"{'–' if r['labels'] is None else int(r['labels'])} / "
+                   f"{'–' if r['total_labels'] is None else int(r['total_labels'])} | {f(r['minutes'], 1)} |")
+    return out

@@ -113,3 +113,35 @@ def methods_plot(points: dict[str, tuple[float, float]], curves: dict[str, list[
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def rounds_plot(rows: list[dict], path: Path, title: str = "") -> Path:
+    """Iterated RLHF by round: held-out gold (greedy; SFT's as a dashed line) on the left axis, the win rate over
+    SFT and over the previous round with their 95% intervals on the right."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
+    rs = [r["round"] for r in rows]
+    ax.plot(rs, [r["gold"] for r in rows], "o-", color="C0", label="gold (greedy)")
+    if rows and rows[0]["sft_gold"] is not None:
+        ax.axhline(rows[0]["sft_gold"], color="C0", ls="--", lw=1, label="SFT gold")
+    ax.set_xlabel("round (1: the one-shot PPO of make all)")
+    ax.set_ylabel("held-out gold score")
+    ax.set_xticks(rs)
+    ax2 = ax.twinx()
+    for key, lo, hi, color, label in (("win", "lo", "hi", "C1", "win rate vs SFT"),
+                                      ("win_prev", "prev_lo", "prev_hi", "C2", "win rate vs previous round")):
+        pts = [(r["round"], r[key], r[lo], r[hi]) for r in rows if r[key] is not None]
+        if pts:
+            ax2.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                         yerr=[[p[1] - (p[2] if p[2] is not None else p[1]) for p in pts],
+                               [(p[3] if p[3] is not None else p[1]) - p[1] for p in pts]],
+                         fmt="s-", color=color, capsize=3, label=label)
+    ax2.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax2.set_ylabel("win rate (ties half)")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="best")
+    ax.set_title(title or "iterated RLHF by round")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

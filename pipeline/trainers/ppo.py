@@ -20,7 +20,7 @@ import torch
 from pipeline.core.errors import UserError
 from pipeline.data.packing import batch_indices
 from pipeline.data.prompts import prompt_batch
-from pipeline.eval.gold import gathered, rollout_eval, versus_sft
+from pipeline.eval.gold import gathered, rollout_eval, versus_previous, versus_sft
 from pipeline.inference.sampler import Rollout, decode_responses, sample
 from pipeline.rl.advantages import gae
 from pipeline.rl.forward import check_packing, chunked, critic_forward, policy_forward, response_logits
@@ -79,6 +79,9 @@ class PPOLoop:
         self.optimizers, self.kl_ctl, self.state = optimizers, kl_ctl, state  # optimizers: [(opt, sched), ...]
         self.ptx_blocks, self.gen_logprobs = ptx_blocks, gen_logprobs
         self.dev = acc.device
+        self.sft = None  # the SFT policy the final evaluation compares with, when the reference is another model
+        self.previous = None  # round r > 1: round r-1's final evaluation outputs, to compare with
+        self.seed = cfg.seed + 1009 * (int(cfg.get("round", 1) or 1) - 1)  # each round its own prompts and samples
         self.packing = self.t.pack_sequences  # 0 once check_packing finds the model's attention ignores boundaries
         normalise = self.t.normalize_reward and self.t.reward == "model"
         self.rm_mean = rm_stats.get("mean", 0.0) if normalise else 0.0
@@ -113,9 +116,9 @@ class PPOLoop:
         t, acc, cfg = self.t, self.acc, self.cfg
         t0 = time.time()
         idx = batch_indices(len(prompts), t.rollout_batch_size, it, 0, 1, acc.num_processes, acc.process_index,
-                            cfg.seed)
+                            self.seed)
         batch_prompts = [prompts[i] for i in idx.tolist()]
-        torch.manual_seed(cfg.seed * 1_000_003 + it * 7919 + acc.process_index)  # own sampling seed per rank
+        torch.manual_seed(self.seed * 1_000_003 + it * 7919 + acc.process_index)  # own sampling seed per rank
         self.policy.eval()
         p_ids, p_mask = prompt_batch(self.tok, batch_prompts, t.max_prompt_tokens, self.dev)
         ro = sample(acc.unwrap_model(self.policy), self.tok, p_ids, p_mask, self.end_ids, t.max_new_tokens,
@@ -290,12 +293,15 @@ class PPOLoop:
             torch.manual_seed(self.cfg.seed * 1_000_003 + 7717 + self.acc.process_index)  # same seed for both
             if who == "policy":
                 return self._evaluate(policy, prompts, greedy)
-            if self.ref is not None:
-                return self._evaluate(self.ref, prompts, greedy)
+            if self.sft is not None or self.ref is not None:
+                return self._evaluate(self.sft if self.sft is not None else self.ref, prompts, greedy)
             with policy.model.disable_adapter():
                 return self._evaluate(policy, prompts, greedy)
 
-        return versus_sft(answer, sampled=self.t.eval_sampled)
+        metrics, outputs = versus_sft(answer, sampled=self.t.eval_sampled)
+        if self.previous is not None:  # round r > 1: the same prompts and seeds, against round r-1's answers
+            metrics.update(versus_previous({k: v[0] for k, v in outputs.items()}, self.previous))
+        return metrics, outputs
 
 
 def minibatch_backward(policy, critic, ro, mb, micro: int, old_logp, advantages, old_values, returns, t, pack: int,

@@ -70,7 +70,7 @@ def distinct_prompts(pairs: list[dict], n: int) -> list[list[dict]]:
 
 
 def onpolicy_comparisons(policy, tok, prompts: list[list[dict]], oracle, samples: int, settings, batch_size: int,
-                         label_temperature: float, seed: int) -> tuple[list[dict], dict]:
+                         label_temperature: float, seed: int, id_prefix: str = "onpolicy") -> tuple[list[dict], dict]:
     """`samples` replies from `policy` to each prompt, ranked by simulated labellers: ranked records in the
     format of reward_data/ (`expand_pairs` makes them pairs), and what they were like: how many prompts gave two
     or more distinct replies, the replies' mean gold score, how often the noisy labels agree with the gold order.
@@ -84,7 +84,7 @@ def onpolicy_comparisons(policy, tok, prompts: list[list[dict]], oracle, samples
         distinct = list(dict.fromkeys(str(r) for r in replies[j * samples:(j + 1) * samples]))
         if len(distinct) >= 2:  # a prompt it always answers the same way gives no comparison
             # one random stream per prompt: the labels do not depend on how prompts were split across processes
-            records.append(labelled(f"onpolicy-{i:05d}", prompts[i], distinct, oracle, label_temperature,
+            records.append(labelled(f"{id_prefix}-{i:05d}", prompts[i], distinct, oracle, label_temperature,
                                     random.Random(f"{seed}:onpolicy:{i}")))
     records = sorted({r["id"]: r for r in gather(records)}.values(), key=lambda r: r["id"])
     golds = list(itertools.chain.from_iterable(r["gold_scores"] for r in records))

@@ -19,8 +19,9 @@ from pipeline.core.registry import POLICY_STAGES
 from pipeline.data.formats import load_prompts
 from pipeline.inference.generation import generate
 from pipeline.models.loading import load_policy
-from pipeline.report.card import component_rows, curve, decoding_rows, fmt, headline_rows, stage_manifests
-from pipeline.report.plots import curves_plot, overoptimization_plot
+from pipeline.report.card import (component_rows, curve, decoding_rows, fmt, headline_rows, round_rows, rounds_table,
+                                  stage_manifests)
+from pipeline.report.plots import curves_plot, overoptimization_plot, rounds_plot
 from pipeline.world.oracle import WEIGHTS, GoldOracle
 
 
@@ -97,6 +98,14 @@ def main(cfg: DictConfig) -> None:
               "answer with SFT's on each prompt by gold score; KL is exact, summed along PPO's replies.", "",
               "| | SFT greedy | PPO greedy | SFT sampled | PPO sampled |", "|---|---|---|---|---|"]
         L += [f"| {what} | " + " | ".join(fmt(v) for v in vals) + " |" for what, *vals in both]
+    rounds = round_rows(root, cfg.run)
+    if len(rounds) > 1:  # make iterate ran: iterated RLHF round by round (round 1 is the one-shot PPO above)
+        png = rounds_plot(rounds, figs / "rounds.png", title=f"{cfg.run}: iterated RLHF by round")
+        L += ["", "## Iterated RLHF, round by round", "",
+              "Every round after the first labels fresh comparisons of the previous round's policy, updates the "
+              "reward model on all comparisons so far and continues PPO against it (`make iterate`). Greedy "
+              "held-out answers; win rates count ties half, with 95% bootstrap intervals over prompts.", ""]
+        L += rounds_table(rounds) + ["", f"![by round](report/{png.name})"]
     L += ["", "## Curves", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
     if answers:
         L += ["## The same held-out prompts, answered by each model", "",
