@@ -392,9 +392,31 @@ def _parse_json(raw: bytes):
                        code="invalid_json", reason="bad_request") from None
 
 
+_BODIES = (ChatCompletionRequest, ModerationRequest)
+
+
 def _openapi_body(model) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema(
-        ref_template="#/components/schemas/{model}")}}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+def _openapi(app: FastAPI):
+    """FastAPI's schema of the routes, with the request bodies the routes validate themselves (pydantic's JSON
+    schema of protocol.py's models) under components, so that clients and fuzzers see what is accepted."""
+    from fastapi.openapi.utils import get_openapi
+
+    def schema():
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version="1", routes=app.routes)
+            comps = doc.setdefault("components", {}).setdefault("schemas", {})
+            for model in _BODIES:
+                s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                comps.update(s.pop("$defs", {}))
+                comps[model.__name__] = s
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    return schema
 
 
 def create_app(service: Service):
@@ -407,6 +429,7 @@ def create_app(service: Service):
 
     app = FastAPI(title="rlhf-pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
                   lifespan=lifespan)
+    app.openapi = _openapi(app)
     m = service.metrics
     limits = service.cfg.limits
 

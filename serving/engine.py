@@ -122,6 +122,7 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
             sorted_p, order = probs.sort(-1, descending=True)
             # keep the smallest set whose mass reaches top_p (the most likely token always stays)
             drop = sorted_p.cumsum(-1) - sorted_p >= p[:, None]
+            drop[:, 0] = False  # even when top_p rounds to 0 in float32 (5e-324 does)
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
         out = greedy.clone()

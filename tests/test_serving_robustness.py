@@ -183,6 +183,9 @@ def test_sample_next_never_raises_on_non_finite_logits():
         temps = torch.full((5,), t)
         out = sample_next(logits, temps, torch.full((5,), 0.9), [None] * 5, g).tolist()
         assert out[0] in (0, 2) and out[1] == 0 and out[2] == -1 and out[3] == 1 and out[4] == 0, (t, out)
+    # a top_p that rounds to 0 in float32 (found by tests/test_serving_fuzz.py) keeps the most likely token
+    out = sample_next(logits[:1], torch.ones(1), torch.tensor([5e-324], dtype=torch.float64).float(), [None], g)
+    assert out.tolist() == [2]
 
 
 # ---- errors in OpenAI's shape, with the request id ------------------------------------------------------------------
