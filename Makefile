@@ -85,7 +85,8 @@ generate: $(STAMP)  ## responses for a prompts file: make generate ARGS="input=p
 reward-data: $(STAMP)  ## regenerate reward_data/ byte for byte from the seeded world
 	$(PY) -m pipeline.world.datasets reward-data --out reward_data
 
-test: $(STAMP)  ## fast tests, end-to-end smoke included (~minutes on 2 cores)
+test: $(STAMP)  ## fast tests, end-to-end smoke included (~minutes on 2 cores; installs chromium for the chat page)
+	@bash .ci/browser
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)  ## slower checks (marked slow)
