@@ -23,11 +23,13 @@ def _m(root, run, folder):
     return json.loads((root / run / folder / "manifest.json").read_text())
 
 
-def make_iterate(root: Path, rounds: int = 2, run: str = "default", extra: str = "") -> subprocess.CompletedProcess:
+def make_iterate(root: Path, rounds: int = 2, run: str = "default", extra: str = "",
+                 method: str = "ppo") -> subprocess.CompletedProcess:
     """`make iterate` as a user runs it, with this interpreter's environment standing in for .venv."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     venv = Path(sys.executable).resolve().parents[1]
-    cmd = ["make", "-s", "iterate", f"ROUNDS={rounds}", "PRESET=smoke", f"RUN={run}", f"PY={sys.executable}",
+    cmd = ["make", "-s", "iterate", f"ROUNDS={rounds}", f"METHOD={method}", "PRESET=smoke", f"RUN={run}",
+           f"PY={sys.executable}",
            f"VENV={Path(sys.executable).parents[1]}", f"ARGS=logger=none paths.root={root} {extra}".strip()]
     if not any(venv.glob(".stamp-*")) and not any(Path(sys.executable).parents[1].glob(".stamp-*")):
         pytest.fail(f"make iterate needs the project's virtual environment (make setup): no .stamp-* in {venv}")
@@ -110,3 +112,26 @@ def test_make_iterate_again_is_a_no_op_and_a_missing_round_names_the_command(ite
     assert "already complete" in p.stdout
     q = run_stage("ppo", *SMOKE, f"paths.root={root}", "round=3", check=False)
     assert q.returncode == 2 and "make iterate ROUNDS=3" in q.stderr and "reward_r3" in q.stderr
+
+
+def test_online_dpo_rounds(iterated):
+    """make iterate METHOD=dpo: round 2 of DPO labels its own samples (no reward model in the loop), trains from
+    round 1's DPO policy, and is scored like every method, against SFT and against round 1; the methods table gains
+    the iterated rows."""
+    root, _ = iterated
+    run_stage("dpo", *SMOKE, f"paths.root={root}")
+    p = make_iterate(root, method="dpo")
+    m = _m(root, "default", "dpo_r2")
+    assert m["round"] == 2 and m["lineage"] == {"policy_from": "dpo", "kl_anchor": "sft"}
+    rows = [json.loads(x) for x in (root / "default" / "dpo_r2" / "onpolicy_comparisons.jsonl").read_text()
+            .splitlines()]
+    g = m["metrics"]
+    assert g["labels/round_rankings"] == len(rows) > 0 and g["labels/round_pairs"] == len(expand_pairs(rows))
+    assert g["data/train_pairs"] == len(expand_pairs(rows))  # online: this round's fresh pairs only
+    assert g["labels/total_pairs"] == _m(root, "default", "dpo")["metrics"]["labels/total_pairs"] + len(
+        expand_pairs(rows))
+    assert 0 <= g["eval/sampled/win_rate_vs_previous_ci_low"] <= g["eval/sampled/win_rate_vs_previous"] <= 1
+    assert "| 2 | dpo_r2 |" in (root / "default" / "rounds_dpo.md").read_text() and "rounds:" in p.stdout
+    run_stage("methods", f"paths.root={root}")
+    table = (root / "default" / "methods.md").read_text()
+    assert "| dpo_r2 |" in table and "| ppo_r2 |" in table

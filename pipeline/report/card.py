@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.core.registry import METHODS, ORDER, STAGES
+from pipeline.core.registry import METHODS, ORDER, STAGES, split_folder
 from pipeline.core.runs import read_manifest
 
 # The figures that say what each stage did, in the order a reader wants them (each stage's spec names them).
@@ -13,11 +13,22 @@ HEADLINE = {s.name: list(s.headline) for s in STAGES}
 
 
 def stage_manifests(root: Path, run: str) -> dict[str, dict]:
+    """Every stage folder's manifest in a run, by folder: the chain, the methods, and make iterate's later rounds
+    (ppo_r2, reward_r2, dpo_r2, ...) after the stage they repeat."""
+    from pipeline.core.registry import ROUND_STAGES, stage_folder
+
     out = {}
     for stage in (*ORDER, *METHODS):
-        m = read_manifest(root / run / stage) if (root / run / stage).exists() else None
-        if m:
-            out[stage] = m
+        folders = [stage]
+        if stage in ROUND_STAGES:
+            r = 2
+            while (root / run / stage_folder(stage, r)).exists():
+                folders.append(stage_folder(stage, r))
+                r += 1
+        for folder in folders:
+            m = read_manifest(root / run / folder) if (root / run / folder).exists() else None
+            if m:
+                out[folder] = m
     return out
 
 
@@ -114,7 +125,8 @@ def method_rows(manifests: dict[str, dict]) -> list[dict]:
     bound), reply tokens -- with the greedy gold where measured, wall minutes and training tokens."""
     done = {s: m for s, m in manifests.items() if m.get("status") == "complete"}
     rows = []
-    for stage in ("ppo", *METHODS):
+    rounds = lambda st: [f for f in done if split_folder(f)[0] == st and split_folder(f)[1] > 1]  # noqa: E731
+    for stage in (x for st in ("ppo", *METHODS) for x in (st, *sorted(rounds(st), key=lambda f: split_folder(f)[1]))):
         g = done.get(stage, {}).get("metrics", {}).get
         if g("eval/sampled/gold_score") is None:
             continue

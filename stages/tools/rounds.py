@@ -18,7 +18,7 @@ from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.runs import make_command
 from pipeline.report.card import round_rows, rounds_table
-from pipeline.report.plots import rounds_plot
+from pipeline.report.plots import curves_plot, rounds_plot
 
 
 def write_rounds(root: Path, run: str, method: str = "ppo") -> Path | None:
@@ -34,8 +34,12 @@ def write_rounds(root: Path, run: str, method: str = "ppo") -> Path | None:
          f"Greedy answers to the same held-out prompts, scored by the gold oracle; win rates count ties half, intervals are 95% bootstraps over prompts. The reward model's figures "
          f"are on the answers of the policy the round starts from (before: the previous round's model; after: this "
          f"round's).", ""]
+    pts = [(r["total_labels"], r["gold"]) for r in rows if r["total_labels"] is not None and r["gold"] is not None]
+    labels_png = curves_plot({method: pts}, run_dir / f"rounds{'' if method == 'ppo' else '_' + method}_labels.png",
+                             f"{run}: gold against comparisons labelled", xlabel="preference pairs labelled, all "
+                             "rounds so far", ylabel="held-out gold (greedy)")
     L += rounds_table(rows)
-    L += ["", f"![by round]({png.name})", ""]
+    L += ["", f"![by round]({png.name})", "", f"![gold against labels]({labels_png.name})", ""]
     out = run_dir / f"rounds{'' if method == 'ppo' else '_' + method}.md"
     out.write_text("\n".join(L))
     return out
