@@ -37,13 +37,13 @@ from pipeline.core.tracking import Tracker
 from pipeline.data.formats import check_prompt_lengths, load_corpus, load_prompts
 from pipeline.data.packing import pack
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.eval.gold import eval_record
 from pipeline.models.loading import load_causal_lm, load_sequence_classifier, mixed_precision
 from pipeline.models.token_model import TokenModel, disable_dropout, fold_normalisation
 from pipeline.report.plots import overoptimization_plot
 from pipeline.rl.readout import turn_closing
 from pipeline.rl.shaping import AdaptiveKLController, FixedKLController
 from pipeline.trainers.hf import lora_config
-from pipeline.eval.gold import eval_record
 from pipeline.trainers.ppo import LoopState, PPOLoop
 from pipeline.world.oracle import GoldOracle
 
