@@ -14,6 +14,13 @@ REPO = BENCH.parent
 RESULTS = BENCH / "results.md"
 
 
+def stage_env() -> dict:
+    """The environment a bench runs stages in: the checkout importable, offline, W&B offline unless told."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.setdefault("WANDB_MODE", "offline")
+    return env
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from _common import REPO, machine, update_results  # (bench/ is on sys.path)
+from _common import REPO, machine, stage_env, update_results  # (bench/ is on sys.path)
 from pipeline_time import run_stage
 
 sys.path.insert(0, str(REPO))
@@ -71,8 +70,7 @@ def main() -> None:
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     args = ap.parse_args()
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    env.setdefault("WANDB_MODE", "offline")
+    env = stage_env()
     where = machine()
     for ws in args.world_seeds:
         root = Path(args.runs_root) / f"world{ws}"

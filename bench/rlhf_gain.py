@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
-from _common import REPO, machine, update_results  # (bench/ is on sys.path)
+from _common import REPO, machine, stage_env, update_results  # (bench/ is on sys.path)
 from pipeline_time import STAGES, run_stage
 
 SECTION = "## RLHF gain"
@@ -72,8 +71,7 @@ def main() -> None:
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     args = ap.parse_args()
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    env.setdefault("WANDB_MODE", "offline")
+    env = stage_env()
     where = machine()
     for ws in args.world_seeds:
         root = Path(args.runs_root) / f"world{ws}"
