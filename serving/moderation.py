@@ -75,21 +75,23 @@ _CONFUSABLES = {
 _INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
               "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
               "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f")
-_TABLE = str.maketrans({**_CONFUSABLES})
+_CONFUSABLE_RE = re.compile("[" + "".join(map(re.escape, _CONFUSABLES)) + "]")
 _INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]+")
-_SPACES = re.compile(r"\s+")
+_SPACES = re.compile(r"[^\S ]\s*| \s+")  # any whitespace but a lone space: what must become one space
 # three or more single letters, each pair separated by the same character (b.o.m.b, b-o-m-b, b o m b)
-_SPELLED = re.compile(r"(?<!\w)[^\W\d_](?:(?P<sep>[\s.\-_*+~/\\|,:;'`^=#])[^\W\d_])(?:(?P=sep)[^\W\d_])+(?!\w)")
+_SPELLED = re.compile(r"\b[^\W\d_](?P<sep>[\s.\-_*+~/\\|,:;'`^=#])[^\W\d_](?:(?P=sep)[^\W\d_])+\b")
 
 
 def normalize(text: str) -> str:
     """The text as the lexicon matches it (see the module docstring). ASCII text, the common case, takes a short
-    way: only case, whitespace and spelled-out letters can matter there."""
+    way: only case, whitespace and spelled-out letters can matter there. (This runs on every streamed piece of a
+    moderated reply: each step is skipped where it would change nothing.)"""
     if not text.isascii():
         text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
-        text = _INVISIBLE_RE.sub("", text).translate(_TABLE)
-        text = unicodedata.normalize("NFKC", text)
-        text = _SPACES.sub(" ", text)
+        text = _INVISIBLE_RE.sub("", text)
+        if _CONFUSABLE_RE.search(text):
+            text = _CONFUSABLE_RE.sub(lambda m: _CONFUSABLES[m.group()], text)
+        text = _SPACES.sub(" ", unicodedata.normalize("NFKC", text))
     else:
         text = text.lower()
         if "  " in text or not text.isprintable():  # tabs, newlines, runs of spaces
@@ -280,7 +282,7 @@ class Moderator:
         n = getattr(self.classifier, "longest", None)
         if n is None:
             return checked + new
-        start = max(0, len(checked) - 4 * n)  # room for a phrase spread out by separators or invisible characters
+        start = max(0, len(checked) - 2 * n)  # room for a phrase spread out by separators or invisible characters
         while start > 0 and (checked[start - 1].isalnum() or checked[start - 1] == "_"):
             start -= 1  # never cut a word in two: its tail could read as a phrase of its own
         return checked[start:] + new

@@ -65,9 +65,11 @@ class PromptEncoder:
         return APIError(400, f"The chat template of this model refused the messages: {first}", param="messages",
                         code="invalid_messages", reason="bad_request")
 
-    def encode(self, messages: list[dict]) -> list[int]:
+    def encode(self, messages: list[dict], in_thread: bool = False) -> list[int]:
+        """The prompt's ids. `in_thread`: this runs off the event loop, so encode in a way that lets go of the GIL
+        (the Rust tokenizer's encode_batch; on the loop its thread pool costs more than a short prompt's encoding)."""
         if not any(self._control.search(m["content"]) for m in messages):
-            return self._ids(self.render(messages))
+            return self._ids(self.render(messages), in_thread)
         if not self._sanitize:
             raise APIError(400, "The messages contain text that reads as this model's control tokens; remove it "
                                 "(this server's transformers cannot keep it as text).", param="messages",
@@ -84,10 +86,12 @@ class PromptEncoder:
                                 f"{str(e).splitlines()[0]}", param="messages", code="invalid_messages",
                            reason="bad_request") from None
 
-    def _ids(self, text: str) -> list[int]:
+    def _ids(self, text: str, in_thread: bool = False) -> list[int]:
         """Token ids of a templated prompt (the template holds any bos). The Rust tokenizer directly where there is
-        one (transformers' wrapper costs more than the encoding), through encode_batch, which lets go of the GIL
-        while it works."""
+        one (transformers' wrapper costs more than the encoding); in a thread through encode_batch, which lets go
+        of the GIL while it works."""
         if self.fast is not None:
-            return self.fast.encode_batch([text], add_special_tokens=False)[0].ids
+            if in_thread:
+                return self.fast.encode_batch([text], add_special_tokens=False)[0].ids
+            return self.fast.encode(text, add_special_tokens=False).ids
         return self.tok(text, add_special_tokens=False)["input_ids"]

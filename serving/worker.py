@@ -147,7 +147,8 @@ class EngineProcess:
         """One message from the engine process; False once it has no more to say."""
         if msg[0] == "gone":
             self._reap()
-            self._fail(RuntimeError(f"the engine process exited ({self.proc.exitcode})"))
+            code = self.proc.exitcode  # None until the reaper has joined it
+            self._fail(RuntimeError("the engine process exited" + (f" ({code})" if code is not None else "")))
             return False
         if msg[0] == "stopped":
             self._reap()
@@ -183,16 +184,20 @@ class EngineProcess:
                 self._loop.remove_reader(self._out.fileno())
             except (OSError, ValueError):
                 pass
-        self.proc.join(5)
-        if self.proc.is_alive():  # said it failed but did not exit: make sure
-            self.proc.kill()
-            self.proc.join(5)
         with self._lock:
             for end in (self._cmd, self._out):
                 try:
                     end.close()
                 except OSError:
                     pass
+
+        def join():  # in a thread: this runs on the event loop, and an exiting interpreter takes its time
+            self.proc.join(5)
+            if self.proc.is_alive():  # said it failed but did not exit: make sure
+                self.proc.kill()
+                self.proc.join(5)
+
+        threading.Thread(target=join, name="engine-reap", daemon=True).start()
 
     def _fail(self, e: BaseException) -> None:
         log.error("the engine process failed: %s", e)
@@ -226,7 +231,10 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
 
     import torch
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle: it stops us with "stop"
+    # Ctrl-C and a SIGTERM to the process group are the server's to handle: it stops us with "stop" (and should it
+    # die, we notice and exit); dying first would have the server's supervisor start another engine as it stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def send(msg):
         try:

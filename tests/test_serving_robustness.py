@@ -250,12 +250,13 @@ def test_a_chat_template_that_raises_is_a_400(checkpoint, tmp_path):
     else:
         cfg["chat_template"] = strict
         (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with live_server(folder, keys=None) as s:
-        r = httpx.post(s["url"] + "/v1/chat/completions", timeout=60, json=_chat(messages=[
+    with ThreadServer(folder, ["auth.keys_env=null"]) as s:
+        _wait_ready(s.url)
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=60, json=_chat(messages=[
             {"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]))
         err = openai_error(r, 400, param="messages", code="invalid_messages")
         assert "roles must alternate" in err["message"]
-        still_serving(s["url"], key=None)
+        still_serving(s.url, key=None)
 
 
 def test_an_unexpected_exception_is_openais_500_and_its_message_is_not_logged(checkpoint, caplog):
@@ -519,3 +520,44 @@ def test_a_1mb_prompt_does_not_stall_the_streams_and_is_counted(checkpoint):
         r = httpx.post(url + "/v1/chat/completions", json=_chat(max_tokens=2), headers=AUTH)
         openai_error(r, 429, code="rate_limit_exceeded")
         assert r.json()["error"]["type"] == "requests"
+
+
+# ---- the chat page's fields, typed wrong ------------------------------------------------------------------------------
+
+def test_chat_page_with_a_wild_seed_and_temperature(srv):
+    """The chat page passes its seed and temperature fields through: in Debian's chromium, a seed of 2**64 gets the
+    server's 400 shown as an error in the page, a temperature of 1e-40 a (greedy) reply, and the server serves on."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is missing: run 'sudo apt-get install chromium' (make test does when it can)"
+    url = srv["url"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.fill("#api-key", KEYS[0])
+            page.dispatch_event("#api-key", "change")
+            page.wait_for_selector("body[data-model='tiny']", timeout=20000)
+            page.fill("#max_tokens", "6")
+            page.fill("#seed", "18446744073709551616")
+            page.fill("#input", PROMPT)
+            page.click("#send")
+            page.wait_for_selector(".msg.error", timeout=20000)
+            assert "seed" in page.inner_text(".msg.error")
+            page.wait_for_function("document.body.dataset.state === 'idle'", timeout=30000)
+            page.fill("#seed", "")
+            page.fill("#temperature", "1e-40")
+            page.fill("#input", PROMPT)
+            page.click("#send")
+            page.wait_for_selector(".msg.assistant", timeout=20000)
+            page.wait_for_function("document.body.dataset.state === 'idle'", timeout=30000)
+            reply = page.inner_text(".msg.assistant")
+        finally:
+            browser.close()
+    want = httpx.post(url + "/v1/chat/completions", json=_chat(max_tokens=6), headers=AUTH).json()
+    assert reply.split("\n")[0].strip() == want["choices"][0]["message"]["content"]
+    still_serving(url)
