@@ -9,7 +9,7 @@ Routes: POST /v1/chat/completions (stream or not), GET /v1/models, POST /v1/mode
 GET /metrics, GET /openapi.json, GET / (the chat page). What a request goes through: the Host header in keyless
 mode (403), size limit (413), key (401), the key's request lease (429: requests per minute, in flight), the
 Content-Type (415), the JSON body (400), model name (404), message count and characters (400, before anything is
-tokenised), then off the event loop the template, the tokens and the prompt's moderation (400
+tokenised), then (off the event loop for a long prompt) the template, the tokens and the prompt's moderation (400
 context_length_exceeded, content_filter), the tokens per minute (429), then the engine (503 when its queue is full).
 
 Nothing a client sends can stop the server: every exception ends its own request, in OpenAI's error shape with the
@@ -198,7 +198,7 @@ class Service:
                            code="model_loading", retry_after=2, reason="loading")
         return engine
 
-    # ---- the heavy part of a request, run off the event loop (asyncio.to_thread) ------------------------------
+    # ---- the heavy part of a request (off the event loop, asyncio.to_thread, for a long prompt) --------------
     def prepare(self, messages: list[dict], moderate: bool, in_thread: bool = False):
         """The prompt's token ids (control tokens in the messages kept as text), and the moderation verdicts of
         each system/developer/user message and of the whole conversation as the model reads it."""
@@ -586,7 +586,8 @@ def create_app(service: Service):
                                 f"{service.prompts.max_chars(ctx)} characters of this model's tokens). Please reduce "
                                 f"the length of the messages.", param="messages", code="context_length_exceeded")
         moderate = bool(service.cfg.moderation.input)
-        if chars <= INLINE_CHARS:  # a short prompt: less work than a thread hop costs the loop in GIL hand-offs
+        lexicon = getattr(service.moderator.classifier, "longest", None) is not None  # a model always off the loop
+        if chars <= INLINE_CHARS and (lexicon or not moderate):  # less work than a thread hop costs the loop
             ids, verdicts = service.prepare(messages, moderate)
         else:
             ids, verdicts = await asyncio.to_thread(service.prepare, messages, moderate, True)

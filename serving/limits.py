@@ -14,8 +14,9 @@ Each key has three limits: requests per minute and tokens per minute (token buck
 a client that waits Retry-After seconds gets through), and requests in flight at once. A request takes its request
 and its place in flight first, before its body is even read, so a request that turns out bad still counts (a
 flood of bad requests meets the limit like any other); it is then charged its prompt tokens plus max_tokens for each
-of its n choices, as OpenAI estimates it, and the tokens it did not generate are given back when it ends. A 429 carries `Retry-After` (and `retry-after-ms`, which the official client
-reads first) and the `x-ratelimit-*` headers on every response, so existing clients back off by themselves.
+of its n choices, as OpenAI estimates it, and the tokens it did not generate are given back when it ends. A 429
+carries `Retry-After` (and `retry-after-ms`, which the official client reads first) and the `x-ratelimit-*` headers
+on every response, so existing clients back off by themselves.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ import httpx
 import openai
 import pytest
 from conftest import REPO
-from test_serving_live import KEYS, PROMPT, ThreadServer, _chat, _free_port, _metric, _wait_ready, checkpoint  # noqa: F401
+from test_serving_live import checkpoint  # noqa: F401 — the module's fixture: the tiny checkpoint
+from test_serving_live import KEYS, PROMPT, ThreadServer, _chat, _free_port, _metric, _wait_ready
 
 
 @contextlib.contextmanager
@@ -276,8 +277,8 @@ def test_an_unexpected_exception_is_openais_500_and_its_message_is_not_logged(ch
 
         s.service.prepare = broken
         with caplog.at_level(logging.ERROR, logger="serving"):
-            r = httpx.post(s.url + "/v1/chat/completions", json=_chat(messages=[{"role": "user", "content": "trip: Tovi's secret"}]),
-                           timeout=60)
+            r = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                           json=_chat(messages=[{"role": "user", "content": "trip: Tovi's secret"}]))
         err = openai_error(r, 500)
         assert err["type"] == "server_error" and "x-request-id" in err["message"]
         logged = "\n".join(rec.getMessage() for rec in caplog.records)
@@ -286,7 +287,7 @@ def test_an_unexpected_exception_is_openais_500_and_its_message_is_not_logged(ch
         still_serving(s.url, key=None)
 
 
-# ---- limits before heavy work -----------------------------------------------------------------------------------------
+# ---- limits before heavy work ------------------------------------------------------------------------------------
 
 def test_rejected_requests_count_against_the_rate_limit(checkpoint):
     """With 3 requests a minute, 8 prompts of ~1 MB: 3 are refused for their length (without being tokenised) and
@@ -522,7 +523,7 @@ def test_a_1mb_prompt_does_not_stall_the_streams_and_is_counted(checkpoint):
         assert r.json()["error"]["type"] == "requests"
 
 
-# ---- the chat page's fields, typed wrong ------------------------------------------------------------------------------
+# ---- the chat page's fields, typed wrong -------------------------------------------------------------------------
 
 def test_chat_page_with_a_wild_seed_and_temperature(srv):
     """The chat page passes its seed and temperature fields through: in Debian's chromium, a seed of 2**64 gets the
