@@ -36,6 +36,7 @@ from _common import REPO, machine, stage_env, update_results  # (bench/ is on sy
 from pipeline_time import run_stage
 
 sys.path.insert(0, str(REPO))
+from pipeline.core.registry import ORDER  # noqa: E402
 from pipeline.report.card import round_rows  # noqa: E402
 
 SECTION = "## Iterated RLHF"
@@ -78,7 +79,7 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
         common = [f"preset={args.preset}", f"paths.root={root}", f"data.world.seed={ws}", "logger=none", *args.args]
-        for stage in ("tokenizer", "pretrain", "sft", "reward"):
+        for stage in ORDER[: ORDER.index("ppo")]:  # make all's chain up to the one-shot PPO
             w, peak = run_stage(stage, common, root / f"{stage}.log", env)
             print(f"[world {ws}] {stage:<10} {w:7.1f} s   peak {peak:.2f} GB", flush=True)
         runs = {}  # run -> (seed, {round: (seconds, peak GB)})
