@@ -164,7 +164,7 @@ def fresh_comparisons(cfg, run, policy, tok, start_parent: dict, device) -> tupl
 
     from pipeline.core.config import GenerationSettings
     from pipeline.data.formats import load_prompts
-    from pipeline.world.labellers import onpolicy_comparisons
+    from pipeline.world.labellers import round_comparisons
     from pipeline.world.oracle import GoldOracle
 
     r, it, e = run.round, cfg.iterate, cfg.eval
@@ -172,13 +172,10 @@ def fresh_comparisons(cfg, run, policy, tok, start_parent: dict, device) -> tupl
         raise UserError(f"round={r}: online DPO labels the policy's samples with the world's simulated labellers, so "
                         f"data.prompts must be kind world")
     prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
-    start = (r - 2) * it.prompts
-    fresh = [prompts[(start + j) % len(prompts)]["messages"] for j in range(min(it.prompts, len(prompts)))]
     settings = OmegaConf.structured(GenerationSettings(max_new_tokens=e.max_new_tokens, do_sample=True,
                                                        temperature=e.temperature, top_k=e.top_k, top_p=e.top_p))
-    records, stats = onpolicy_comparisons(policy, tok, fresh, GoldOracle.from_config(cfg.data.world), it.samples,
-                                          settings, e.batch_size, cfg.data.world.label_temperature,
-                                          cfg.seed + 2 + 101 * (r - 1), id_prefix=f"round{r}")
+    records, stats = round_comparisons(policy, tok, prompts, r, GoldOracle.from_config(cfg.data.world), it.samples,
+                                       it.prompts, settings, e.batch_size, cfg.data.world.label_temperature, cfg.seed)
     pairs = expand_pairs(records)
     total = (start_parent.get("metrics", {}).get("labels/total_pairs") or 0) + len(pairs)
     return pairs, records, {**stats, "labels/round_rankings": len(records), "labels/round_pairs": len(pairs),

@@ -63,7 +63,7 @@ def run_reward(cfg: DictConfig) -> None:
     from pipeline.core.io import write_jsonl
     from pipeline.data.formats import check_prompt_lengths, load_preferences, load_prompts
     from pipeline.data.pairs import expand_pairs
-    from pipeline.world.labellers import distinct_prompts, onpolicy_comparisons
+    from pipeline.world.labellers import distinct_prompts, onpolicy_comparisons, round_comparisons
     from pipeline.world.oracle import GoldOracle
 
     # ---- setup -------------------------------------------------------------------------------------------
@@ -141,13 +141,10 @@ def run_reward(cfg: DictConfig) -> None:
                 pairs += expand_pairs(recs)
                 comparison_files.append(f)
             extra["labels/earlier_pairs"] = len(pairs)
-            start = (r - 2) * it.prompts
-            fresh = [prompts[(start + j) % len(prompts)]["messages"] for j in range(min(it.prompts, len(prompts)))]
             policy = load_policy(current["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
-            records, extra_r = onpolicy_comparisons(
-                policy, tok, fresh, oracle, it.samples, cfg.generation, t.gen_batch_size,
-                o.label_temperature or cfg.data.world.label_temperature, cfg.seed + 2 + 101 * (r - 1),
-                id_prefix=f"round{r}")
+            records, extra_r = round_comparisons(
+                policy, tok, prompts, r, oracle, it.samples, it.prompts, cfg.generation, t.gen_batch_size,
+                o.label_temperature or cfg.data.world.label_temperature, cfg.seed)
             del policy
             extra.update(extra_r)
             if state.is_main_process:
@@ -158,7 +155,7 @@ def run_reward(cfg: DictConfig) -> None:
             extra.update({"labels/round_rankings": len(records), "labels/round_pairs": len(new_pairs),
                           "data/onpolicy_pairs": len(new_pairs)})
             say(f"[{run.name}] round {r}: {it.samples} samples of {stage_folder(it.policy, r - 1)} for each of "
-                f"{len(fresh)} fresh prompts, {len(records)} ranked (mean gold {extra_r['onpolicy/gold_mean']:.3f}, "
+                f"{extra_r['onpolicy/prompts']} fresh prompts, {len(records)} ranked (mean gold {extra_r['onpolicy/gold_mean']:.3f}, "
                 f"labels agree with gold on {extra_r['onpolicy/label_agreement']:.0%} of pairs): {len(new_pairs)} "
                 f"new pairs, {len(pairs)} in all, in {extra_r['onpolicy/seconds']:.0f}s")
         elif o.prompts > 0 and cfg.data.preference.kind != "world":
@@ -265,8 +262,7 @@ def run_reward(cfg: DictConfig) -> None:
         run.finish(save, metrics, adapter=adapter, reward_stats={"mean": stats["mean"], "std": stats["std"]},
                    comparisons=comparison_files,
                    lineage={"reward_model_from": stage_folder("reward", r - 1) if r > 1 and it.reward_init ==
-                            "continue" else "sft", "policy_sampled": stage_folder(it.policy, r - 1) if r > 1 else "sft",
-                            "comparisons": comparison_files})
+                            "continue" else "sft", "policy_sampled": stage_folder(it.policy, r - 1) if r > 1 else "sft"})
         tracker.finish(metrics, run.final_dir)
     except BaseException as e:
         run.fail(failure_reason(e))

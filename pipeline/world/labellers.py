@@ -92,3 +92,14 @@ def onpolicy_comparisons(policy, tok, prompts: list[list[dict]], oracle, samples
              "onpolicy/gold_mean": sum(golds) / len(golds) if golds else float("nan"),
              "onpolicy/label_agreement": label_agreement(records), "onpolicy/seconds": time.time() - t0}
     return records, stats
+
+
+def round_comparisons(policy, tok, prompts: list, r: int, oracle, samples: int, per_round: int, settings,
+                      batch_size: int, label_temperature: float, seed: int) -> tuple[list[dict], dict]:
+    """Round r's labels in make iterate (r > 1): `samples` replies of `policy` (round r-1's) to each of the round's
+    `per_round` fresh prompts, the (r-1)-th slice of `prompts` (a list of {"messages": ...}), wrapping around, ranked
+    by the same labellers as `onpolicy_comparisons`. The reward rounds and online DPO's rounds both label this way."""
+    start = (r - 2) * per_round
+    fresh = [prompts[(start + j) % len(prompts)]["messages"] for j in range(min(per_round, len(prompts)))]
+    return onpolicy_comparisons(policy, tok, fresh, oracle, samples, settings, batch_size, label_temperature,
+                                seed + 2 + 101 * (r - 1), id_prefix=f"round{r}")
