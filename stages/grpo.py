@@ -61,10 +61,11 @@ def group_rl(cfg: DictConfig, algorithm: str) -> None:
     try:
         # ---- models: the policy from SFT; the judge (frozen SFT, reward model, oracle); the reward ---------
         judge = Judge(cfg, sft_parent, rm_parent, state.device)
+        run.update(reward=judge.reward_info())  # the methods table says what each method optimised
         tok = judge.tok
         policy = fit_special_ids(load_causal_lm(sft_parent["final"]), tok).to(state.device)
         reward = PipelineReward(t.reward, tok, judge.end_ids, t.max_prompt_tokens, judge.reward_model, judge.closing,
-                                judge.oracle, rm_parent.get("reward_stats"), t.normalize_reward,
+                                judge.oracle, judge.reward_model.stats, t.normalize_reward,
                                 t.missing_eos_penalty)
 
         # ---- data: the PPO prompts -----------------------------------------------------------------------

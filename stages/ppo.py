@@ -41,7 +41,7 @@ from pipeline.eval.gold import eval_record
 from pipeline.models.loading import load_causal_lm, load_sequence_classifier, mixed_precision
 from pipeline.models.token_model import TokenModel, disable_dropout, fold_normalisation
 from pipeline.report.plots import overoptimization_plot
-from pipeline.rl.readout import turn_closing
+from pipeline.rl.readout import RewardEnsemble, turn_closing
 from pipeline.rl.shaping import AdaptiveKLController, FixedKLController
 from pipeline.trainers.hf import lora_config
 from pipeline.trainers.ppo import LoopState, PPOLoop
@@ -84,19 +84,27 @@ def main(cfg: DictConfig) -> None:
     else:
         ref = (copy.deepcopy(policy) if same else load_causal_lm(ref_parent["final"])).to(dev).eval() \
             .requires_grad_(False)
-    reward_model = load_sequence_classifier(rm_parent["final"]).to(dev).eval().requires_grad_(False)
+    # the reward model, or an ensemble of them (reward stage train.ensemble=K) combined by train.reward_objective;
+    # the frozen models are not prepared, so they get the Accelerator's autocast themselves (see below)
+    reward_model = RewardEnsemble.load(rm_parent["final"], dev, t.reward_objective, t.uwo_lambda, acc.autocast,
+                                       stats=rm_parent.get("reward_stats") or {})
     critic = load_sequence_classifier(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"])
-    rm_stats = rm_parent.get("reward_stats") or {}
+    rm_stats = reward_model.stats if rm_parent.get("reward_stats") or len(reward_model) > 1 else {}
+    head = reward_model.member_stats[0]  # the critic starts from member 0 (final/ itself)
+    run.update(reward={"ensemble": len(reward_model), "objective": t.reward_objective if len(reward_model) > 1
+                       else "single", **({"uwo_lambda": t.uwo_lambda} if t.reward_objective == "uwo" else {})})
+    if len(reward_model) > 1:
+        say(f"[ppo] an ensemble of {len(reward_model)} reward models, optimised by their {t.reward_objective}"
+            + (f" (lambda {t.uwo_lambda})" if t.reward_objective == "uwo" else ""))
     if t.critic_init == "reward" and t.normalize_reward and t.reward == "model" and rm_stats:
         # the critic learns returns built from the normalised score: its head starts on that scale, not the RM's
-        fold_normalisation(critic, rm_stats["mean"], max(rm_stats["std"], 1e-6))
-    for m in (policy, critic, reward_model) + ((ref,) if ref is not None else ()):
+        fold_normalisation(critic, head["mean"], max(head["std"], 1e-6))
+    for m in (policy, critic) + ((ref,) if ref is not None else ()):
         disable_dropout(m)
     # read at the tokens that matter only (no logits for the prompt); these wrappers are what DDP wraps. The frozen
     # models are not prepared, so they get the Accelerator's autocast themselves: under bf16 the reference then
     # computes exactly the policy's log-probs at the start (KL 0), and the reward model runs as the critic does
     policy, critic = TokenModel(policy), TokenModel(critic)
-    reward_model = TokenModel(reward_model, autocast=acc.autocast)
     ref = TokenModel(ref, autocast=acc.autocast) if ref is not None else None
     closing = turn_closing(rm_tok if rm_tok.chat_template else tok)  # where the reward model is read
 
@@ -179,6 +187,8 @@ def main(cfg: DictConfig) -> None:
     # ---- final evaluation on held-out prompts: PPO against SFT, judged by the gold oracle ------------------
     metrics, evals = loop.final_eval(eval_prompts)
     metrics["data/skipped_records"] = skipped
+    if len(reward_model) > 1 and t.reward == "model":  # which objective of which ensemble, and the alarm's verdict
+        metrics.update({"train/ensemble": len(reward_model), "alarm/fired_at": loop.alarm_fired_at()})
     metrics["train/tokens"] = state.tokens  # prompt + reply tokens of every training episode (the methods table)
     tracker.log(metrics, step=t.iterations)
     if acc.is_main_process:
@@ -187,7 +197,8 @@ def main(cfg: DictConfig) -> None:
             eval_prompts, sft_eval["text"], sft_eval["gold"], ppo_eval["text"], ppo_eval["gold"])][:32]
         tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "ppo", "ppo_gold"], rows, step=t.iterations)
         png = overoptimization_plot(state.history, run.dir / "overoptimization.png",
-                                    title=f"{run.run}: reward model vs gold oracle", periodic=state.periodic)
+                                    title=f"{run.run}: reward model vs gold oracle", periodic=state.periodic,
+                                    alarm_at=loop.alarm_fired_at())
         tracker.image("ppo/overoptimization", png, step=t.iterations)
         (run.dir / "history.json").write_text(json.dumps(state.history, indent=1))
         (run.dir / "periodic.json").write_text(json.dumps(state.periodic, indent=1))

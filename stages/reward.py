@@ -49,7 +49,7 @@ from pipeline.core.registry import stage_folder
 from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.eval.reward_model import answer_stats, policy_answers
+from pipeline.eval.reward_model import answer_stats, ensemble_figures, policy_answers
 from pipeline.models.build import n_params
 from pipeline.models.loading import load_policy, load_sequence_classifier
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
@@ -183,39 +183,22 @@ def run_reward(cfg: DictConfig) -> None:
         extra["labels/total_pairs"] = len(pairs)  # every comparison labelled so far: the label budget spent
         prompts = prompts[: t.stats_prompts]
 
-        # ---- training: TRL's RewardTrainer, Bradley-Terry loss --------------------------------------------
-        args = trainer_args(TRLRewardConfig, cfg, run, t, evaluate=False, max_length=max_len,
-                            center_rewards_coefficient=t.center_rewards_coefficient,
-                            remove_unused_columns=True)
-        log_cb = TrackerCallback(tracker, say)
-        eval_cb = EvalCallback(tok, test_pairs, cfg, max_len, tracker, say)
-        Trainer = make_trainer_class(t.group_by_prompt, cfg.seed)
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
-                          peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[log_cb, eval_cb])
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(QuietProgress())
-        too_long = len(train_ds) - len(trainer.train_dataset)
-        say(f"[reward] {len(trainer.train_dataset)} training pairs from {len(set(train_ds['group']))} prompts, "
-            f"{len(test_pairs)} test pairs; {too_long} pairs longer than {max_len} tokens left out"
-            + (f", {skipped + skipped_test} bad records skipped" if skipped + skipped_test else ""))
-        if len(trainer.train_dataset) == 0:
-            raise UserError(f"data.preference: no usable preference pairs: all {len(train_ds)} are longer than "
-                            f"max_length={max_len} tokens (raise train.max_length, or shorten the data)")
-        ckpt = latest_trainer_checkpoint(run.ckpt_root)
-        if ckpt is not None:
-            run.update(resumed_from=int(ckpt.name.split("-")[1]))
-            say(f"[reward] resuming from {ckpt}")
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        train_loss = log_cb.last.get("train/loss", float("nan"))  # absent when resumed after the last step
-        if "train/loss" in log_cb.last and not math.isfinite(train_loss):
-            raise UserError(f"training diverged: train/loss is {train_loss} (try a lower optim.lr)")
-
-        # ---- evaluation on the test pairs, and the reward statistics PPO normalises with --------------------
-        rm, adapter, weights = final_model(trainer, cfg.peft)
-        metrics = dict(eval_cb.last) if eval_cb.step == trainer.state.global_step else \
-            eval_cb.run(rm, trainer.state.global_step)
+        # ---- training: TRL's RewardTrainer, Bradley-Terry loss; train.ensemble=K trains K members ---------
+        K = t.ensemble
+        if K > 1 and cfg.peft.enabled and not cfg.peft.merge:
+            raise UserError(f"train.ensemble={K} with peft.merge=false: an ensemble's members are full checkpoints; "
+                            f"set peft.merge=true (or train.ensemble=1)")
+        members = []  # (model, adapter, state_dict, test metrics, train loss, steps), member 0 first
+        for k in range(K):
+            src_k = src if k == 0 or r == 1 or it.reward_init != "continue" else _member_path(prev_rm["final"], k)
+            members.append(train_member(k, cfg, run, state, model if k == 0 else src_k, tok, train_ds, test_pairs,
+                                        max_len, tracker, say, skipped + skipped_test, TRLRewardConfig))
+        rm, adapter, weights, metrics, train_loss, steps = members[0]
+        metrics = dict(metrics)
         if not test_pairs:
             say("[reward] no test pairs: eval/accuracy not measured")
+
+        # ---- evaluation on the test pairs, and the reward statistics PPO normalises with --------------------
         # the statistics are taken on the answers of the policy PPO will start from: SFT, or round r-1's policy
         stats = {"mean": 0.0, "std": 1.0, "n": 0}
         if prompts:
@@ -238,10 +221,26 @@ def run_reward(cfg: DictConfig) -> None:
             + (f", correlation with gold {stats['gold_correlation']:.3f}, pairs of answers to one prompt in the gold "
                f"order {stats['pair_accuracy']:.3f}" if "gold_correlation" in stats else ""))
         metrics.update({"train/loss": train_loss, "reward/mean": stats["mean"], "reward/std": stats["std"]})
+        metrics["train/ensemble"] = K
         if "gold_correlation" in stats:
             metrics["reward/gold_correlation"] = stats["gold_correlation"]
             metrics["reward/gold_pair_accuracy"] = stats["pair_accuracy"]
-        tracker.log({k: v for k, v in metrics.items() if k.startswith("reward/")}, step=trainer.state.global_step)
+        member_stats = [{"mean": stats["mean"], "std": stats["std"]}]
+        if K > 1:  # each member's statistics on the same answers, and what the ensemble makes of them
+            ens = ensemble_figures([m[0] for m in members], tok, answers if prompts else None, test_pairs, cfg,
+                                   max_len)
+            member_stats = ens.pop("member_stats")
+            member_stats[0] = {"mean": stats["mean"], "std": stats["std"]}  # member 0's, as measured above
+            metrics.update(ens)
+            for k, m in enumerate(members[1:], 1):
+                metrics.update({f"member{k}/{key}": v for key, v in m[3].items()})
+            say(f"[{run.name}] ensemble of {K} ({t.ensemble_diversity}): test pairs in the gold order "
+                f"{metrics.get('ensemble/gold_accuracy', float('nan')):.3f} (members "
+                + ", ".join(f"{x:.3f}" for x in metrics["ensemble/member_gold_accuracies"]) + "); on the policy's "
+                f"answers the members disagree by {metrics.get('ensemble/disagreement', float('nan')):.3f} (std of "
+                f"normalised scores), correlate {metrics.get('ensemble/member_correlation', float('nan')):.3f}")
+            metrics.pop("ensemble/member_gold_accuracies")
+        tracker.log({k: v for k, v in metrics.items() if k.startswith(("reward/", "ensemble/"))}, step=steps)
 
         # ---- save: a plain HF sequence-classification checkpoint + reward_stats.json ----------------------
         state.wait_for_everyone()
@@ -254,12 +253,23 @@ def run_reward(cfg: DictConfig) -> None:
             rm.save_pretrained(d, state_dict=weights, safe_serialization=True)
             tok.save_pretrained(d)
             write_json_atomic(d / "reward_stats.json", stats_file)
+            if K > 1:  # the other members beside member 0, each a whole sequence-classification folder
+                for k, (m, _, w, *_rest) in enumerate(members[1:], 1):
+                    m.save_pretrained(d / _member_path(".", k), state_dict=w, safe_serialization=True)
+                    tok.save_pretrained(d / _member_path(".", k))
+                    write_json_atomic(d / _member_path(".", k) / "reward_stats.json", {**stats_file, **member_stats[k]})
+                write_json_atomic(d / "ensemble.json", {
+                    "k": K, "diversity": t.ensemble_diversity,
+                    "members": [{"path": _member_path(".", k), "seed": cfg.seed + k, **member_stats[k],
+                                 "gold_accuracy": (members[k][3].get("eval/gold_accuracy"))} for k in range(K)],
+                    "read": "pipeline.rl.readout.RewardEnsemble.load: each member normalised with its own mean and "
+                            "std, combined by the method's train.reward_objective"})
 
         metrics.update(extra)
         metrics.update({"model/params": n_params(rm), "data/skipped_records": skipped + skipped_test,
-                        "data/train_pairs": len(trainer.train_dataset), "data/too_long_pairs": too_long,
                         "time/stage_s": time.time() - t0})
         run.finish(save, metrics, adapter=adapter, reward_stats={"mean": stats["mean"], "std": stats["std"]},
+                   ensemble={"k": K, "diversity": t.ensemble_diversity, "members": member_stats} if K > 1 else None,
                    comparisons=comparison_files,
                    lineage={"reward_model_from": stage_folder("reward", r - 1) if r > 1 and it.reward_init ==
                             "continue" else "sft", "policy_sampled": stage_folder(it.policy, r - 1) if r > 1 else "sft"})
@@ -271,9 +281,89 @@ def run_reward(cfg: DictConfig) -> None:
     finally:
         if state.is_main_process:
             shutil.rmtree(merged_dir, ignore_errors=True)
+            if run.final_dir.is_dir() and run.manifest.get("status") == "complete":
+                shutil.rmtree(run.dir / ".members", ignore_errors=True)
     say(f"[{run.name}] eval/accuracy {metrics.get('eval/accuracy', float('nan')):.3f}, eval/gold_accuracy "
         f"{metrics.get('eval/gold_accuracy', float('nan')):.3f}, eval/ece {metrics.get('eval/ece', float('nan')):.3f}; "
         f"saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
+
+
+def _member_path(final, k: int):
+    """Member k's folder: final/ itself for member 0, final/members/<k> for the others."""
+    return Path(final) if k == 0 else Path(final) / "members" / str(k)
+
+
+def train_member(k: int, cfg, run, state, start, tok, train_ds, test_pairs, max_len, tracker, say, skipped: int,
+                 config_cls):
+    """Member k of the reward model (k = 0 alone with train.ensemble=1: the reward model as it always was): TRL's
+    RewardTrainer on the pairs (train.ensemble_diversity=bootstrap: on a resample of the prompts, with
+    replacement), its head initialised and its batches ordered by seed cfg.seed + k, its checkpoints in
+    checkpoints/member<k> (k > 0). `start` is a loaded model (member 0) or the folder to load one from. An ensemble's
+    finished members wait in .members/<k> for final/, so a resumed stage does not train them again. Returns (model,
+    adapter, state_dict, test metrics, train loss, steps)."""
+    t = cfg.train
+    K, seed = t.ensemble, cfg.seed + k
+    staged = run.dir / ".members" / str(k)
+    prefix, offset = ("", 0) if k == 0 else (f"member{k}/", k * t.max_steps)  # one step axis for the tracker
+    if K > 1 and (staged / "done.json").is_file():
+        done = json.loads((staged / "done.json").read_text())
+        m = load_sequence_classifier(staged).to(state.device)
+        m.config.pad_token_id = tok.pad_token_id
+        say(f"[{run.name}] member {k} of {K}: trained before this resume ({staged})")
+        return m, False, None, done["metrics"], done["train_loss"], done["steps"]
+    if k:
+        set_seed(seed)  # member k's head; member 0's was drawn at cfg.seed when the stage loaded it
+    model = start if not isinstance(start, (str, Path)) else \
+        load_sequence_classifier(start, torch.float32, cfg.model.trust_remote_code)
+    model.config.pad_token_id = tok.pad_token_id
+    ds = train_ds
+    if K > 1 and t.ensemble_diversity == "bootstrap":  # the prompts drawn with replacement: whole rankings kept
+        groups = sorted(set(train_ds["group"]))
+        g = torch.Generator().manual_seed(seed * 7_919 + 13)
+        draw = [groups[i] for i in torch.randint(len(groups), (len(groups),), generator=g).tolist()]
+        rows: dict = {}
+        for i, grp in enumerate(train_ds["group"]):
+            rows.setdefault(grp, []).append(i)
+        ds = train_ds.select([i for grp in draw for i in rows[grp]])
+    ckpt_dir = run.ckpt_root if k == 0 else run.ckpt_root / f"member{k}"
+    args = trainer_args(config_cls, cfg, run, t, evaluate=False, max_length=max_len,
+                        center_rewards_coefficient=t.center_rewards_coefficient, remove_unused_columns=True,
+                        seed=seed, output_dir=str(ckpt_dir))
+    log_cb = TrackerCallback(tracker, say, prefix=prefix, step_offset=offset)
+    eval_cb = EvalCallback(tok, test_pairs, cfg, max_len, tracker, say, prefix=prefix, step_offset=offset)
+    Trainer = make_trainer_class(t.group_by_prompt, seed)
+    trainer = Trainer(model=model, args=args, train_dataset=ds, processing_class=tok,
+                      peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[log_cb, eval_cb])
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    too_long = len(ds) - len(trainer.train_dataset)
+    say(f"[{run.name}] " + (f"member {k} of {K}: " if K > 1 else "")
+        + f"{len(trainer.train_dataset)} training pairs from {len(set(ds['group']))} prompts, "
+        f"{len(test_pairs)} test pairs; {too_long} pairs longer than {max_len} tokens left out"
+        + (f", {skipped} bad records skipped" if skipped and k == 0 else ""))
+    if len(trainer.train_dataset) == 0:
+        raise UserError(f"data.preference: no usable preference pairs: all {len(ds)} are longer than "
+                        f"max_length={max_len} tokens (raise train.max_length, or shorten the data)")
+    ckpt = latest_trainer_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        if k == 0:
+            run.update(resumed_from=int(ckpt.name.split("-")[1]))
+        say(f"[reward] resuming from {ckpt}")
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_loss = log_cb.last.get(f"{prefix}train/loss", float("nan"))  # absent when resumed after the last step
+    if f"{prefix}train/loss" in log_cb.last and not math.isfinite(train_loss):
+        raise UserError(f"training diverged: train/loss is {train_loss} (try a lower optim.lr)")
+    rm, adapter, weights = final_model(trainer, cfg.peft)
+    steps = trainer.state.global_step
+    metrics = dict(eval_cb.last) if eval_cb.step == steps else eval_cb.run(rm, steps)
+    metrics = {key[len(prefix):]: v for key, v in metrics.items()}
+    metrics.update({"data/train_pairs": len(trainer.train_dataset), "data/too_long_pairs": too_long})
+    if K > 1 and state.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)
+        rm.save_pretrained(staged, state_dict=weights, safe_serialization=True)
+        write_json_atomic(staged / "done.json", {"metrics": metrics, "train_loss": train_loss, "steps": steps})
+    state.wait_for_everyone()
+    return rm, adapter, weights, metrics, train_loss, steps
 
 
 @entry("reward")

@@ -85,12 +85,14 @@ def test_methods_table_from_hand_made_manifests(tmp_path):
 
     root = tmp_path / "runs"
     _manifest(root, "sft", {"eval/gold_score": 0.65})
-    ppo = _manifest(root, "ppo", _method(0.66, 0.58, 0.52, 0.64, 1.1, **{"eval/gold_score": 0.70,
-                                                                          "eval/sft_gold_score": 0.65}))
+    ppo = _manifest(root, "ppo", _method(0.66, 0.58, 0.52, 0.64, 1.1, **{
+        "eval/gold_score": 0.70, "eval/sft_gold_score": 0.65, "eval/sampled/lc_win_rate_vs_sft": 0.55,
+        "eval/sampled/lc_win_rate_ci_low": 0.50, "eval/sampled/lc_win_rate_ci_high": 0.60}))
     (ppo / "periodic.json").write_text(json.dumps([{"iteration": 0, "kl": 0.0, "gold": 0.6, "reward": 0.0},
                                                    {"iteration": 40, "kl": 1.0, "gold": 0.66, "reward": 0.5}]))
     _manifest(root, "bon", _method(0.63, 0.55, 0.49, 0.61, kl_bound(16), **{"train/tokens": 0, "time/stage_s": 60.0}),
-              curve=[{"n": 1, "kl": 0.0, "gold": 0.6}, {"n": 16, "kl": kl_bound(16), "gold": 0.63}])
+              curve=[{"n": 1, "kl": 0.0, "gold": 0.6}, {"n": 16, "kl": kl_bound(16), "gold": 0.63}],
+              reward={"ensemble": 4, "objective": "mean"})
     _manifest(root, "dpo", _method(0.55, 0.41, 0.35, 0.47, 3.0, **{"eval/gold_score": 0.6, "train/tokens": 123}))
     _manifest(root, "grpo", {"eval/gold_score": 0.7})  # no sampled evaluation (failed or old): left out
     methods.main.run(compose_stage("methods", ["run=r", f"paths.root={root}"]))
@@ -98,11 +100,14 @@ def test_methods_table_from_hand_made_manifests(tmp_path):
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
     assert list(rows) == ["sft", "ppo", "bon", "dpo"]
-    assert rows["sft"][1:5] == ["0.600", "0.50", "–", "0.00"] and rows["sft"][6] == "0.650"
-    assert rows["ppo"][1:7] == ["0.660", "0.58 [0.52, 0.64]", "above", "1.10", "12.0", "0.700"]
-    assert rows["ppo"][7] == "6.0"  # minutes from the manifest's start and end
-    assert rows["bon"][2:5] == ["0.55 [0.49, 0.61]", "no", f"{kl_bound(16):.2f}"] and rows["bon"][7] == "1.0"
-    assert rows["dpo"][3] == "below" and rows["dpo"][8] == "123"
+    # method | optimised | gold | win [CI] | beats? | length-controlled win [CI] | KL | tokens | greedy | min | train tok
+    assert rows["sft"][1:5] == ["–", "0.600", "0.50", "–"] and rows["sft"][6] == "0.00" and rows["sft"][8] == "0.650"
+    assert rows["ppo"][1:5] == ["single RM", "0.660", "0.58 [0.52, 0.64]", "above"]
+    assert rows["ppo"][5] == "0.55 [0.50, 0.60]" and rows["ppo"][6:9] == ["1.10", "12.0", "0.700"]
+    assert rows["ppo"][9] == "6.0"  # minutes from the manifest's start and end
+    assert rows["bon"][3:5] == ["0.55 [0.49, 0.61]", "no"] and rows["bon"][6] == f"{kl_bound(16):.2f}"
+    assert rows["bon"][1] == "mean of 4" and rows["bon"][9] == "1.0"
+    assert rows["dpo"][1] == "–" and rows["dpo"][4] == "below" and rows["dpo"][10] == "123"
     assert "Beat SFT beyond their confidence interval: ppo." in text
     assert (root / "r" / "methods.png").stat().st_size > 1000
     run_stage("compare", f"paths.root={root}")

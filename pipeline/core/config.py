@@ -289,6 +289,13 @@ class RewardTrain:
                                                             "loss (TRL), e.g. 0.01 pulls rewards towards mean zero; "
                                                             "null: off")
     group_by_prompt: bool = opt(False, "InstructGPT: all pairs of one prompt's ranking in the same batch")
+    ensemble: int = opt(1, "K reward models (Coste et al. 2023): member 0 is final/ itself, member k final/members/k, "
+                           "listed with each one's statistics in final/ensemble.json; a method combines them by its "
+                           "reward_objective. 1: the single reward model. Each member costs one more training run")
+    ensemble_diversity: str = opt("seed", "what makes the members differ: seed (head initialisation and batch order "
+                                          "by seed + k, the same pairs) | bootstrap (also a resample of the prompts, "
+                                          "with replacement, whole rankings kept); see docs/ppo.md for the measured "
+                                          "choice")
     max_prompts: Optional[int] = opt(None, "train on the pairs of the first N prompts of data.preference; null: all")
     max_test_prompts: Optional[int] = opt(None, "the same for data.preference_test")
     calibration_bins: int = opt(10, "equal-width confidence bins of eval/ece (calibration of sigmoid(margin))")
@@ -489,7 +496,13 @@ class PPOTrain:
                             "behaviour policy differ from pi)")
     reward: str = opt("model", "model | gold (PPO on the oracle itself: a perfect-RM ceiling) | contains:<text> "
                                "(sanity check)")
-    normalize_reward: bool = opt(True, "(score - mean) / std with the reward stage's statistics on SFT samples")
+    normalize_reward: bool = opt(True, "(score - mean) / std with the reward stage's statistics on SFT samples (an "
+                                       "ensemble's members are always normalised, each with its own)")
+    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
+                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+                                        "member: its score, whatever this says")
+    uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
     missing_eos_penalty: Optional[float] = opt(1.0, "a reply that never ends (no end-of-turn within max_new_tokens) "
                                                     "scores this far below the batch's lowest finished reply: min(its "
                                                     "own score, the lowest finished one) - penalty, on the normalised "
@@ -542,6 +555,19 @@ class PPOTrain:
 
 
 @dataclass
+class AlarmSettings:
+    """The reward-hacking alarm (pipeline/rl/alarm.py, docs/ppo.md): from what a user without a gold oracle has, the
+    reward-model ensemble's members' disagreement on the policy's own samples and the proxy reward. It fires when
+    the proxy is rising while the members disagree more and more. Needs train.ensemble >= 2 in the reward stage."""
+
+    enabled: bool = opt(True, "watch every iteration (alarm/* metrics, a console line, the over-optimisation "
+                              "plot's mark); off: nothing is logged")
+    window: int = opt(5, "iterations in each trailing mean (the proxy's and the disagreement's)")
+    rise: float = opt(1.0, "the disagreement must exceed (1 + rise) times its lowest trailing mean so far")
+    patience: int = opt(3, "iterations in a row the condition must hold before it fires")
+
+
+@dataclass
 class PPOConfig(StageConfig):
     stage: str = opt("ppo", "the stage this config runs")
     round: int = opt(1, "the round of iterated RLHF (make iterate): 1 is the one-shot PPO from SFT; r > 1 writes "
@@ -549,6 +575,7 @@ class PPOConfig(StageConfig):
     iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
     train: PPOTrain = group(PPOTrain, "the PPO loop: every implementation detail is a switch here (budget from "
                                       "conf/preset/ppo)")
+    alarm: AlarmSettings = group(AlarmSettings, "the reward-hacking alarm, from the ensemble's disagreement")
     peft: LoraSettings = group(LoraSettings, "LoRA on the actor; the reference is the base (the adapter disabled, "
                                              "no second copy)")
 
@@ -597,6 +624,11 @@ class BoNSettings:
     n: int = opt(16, "replies sampled from SFT per prompt (at eval.temperature); the reward model's best is the "
                      "answer. Its KL to SFT is at most log n - (n-1)/n; the manifest also gives every power of 2 "
                      "below n, the first m of the same samples (a curve over n)")
+    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
+                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+                                        "member: its score, whatever this says")
+    uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
 
 
 @dataclass
@@ -640,6 +672,11 @@ class ExpertIterationTrain(TrainerBudget):
     max_new_tokens: int = opt(48, "candidate length limit in tokens")
     gen_batch_size: int = opt(32, "prompts per generation batch")
     max_length: Optional[int] = opt(None, "tokens per kept dialogue; null: model.max_seq_len")
+    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
+                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+                                        "member: its score, whatever this says")
+    uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
 
 
 @dataclass
@@ -666,6 +703,11 @@ class GroupRLTrain(TrainerBudget):
     reward: str = opt("model", "model (read as PPO reads it: pipeline.rl.readout) | gold (the oracle itself) | "
                                "contains:<text> (sanity check)")
     normalize_reward: bool = opt(True, "(score - mean) / std with the reward stage's statistics, as PPO")
+    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
+                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+                                        "member: its score, whatever this says")
+    uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
     missing_eos_penalty: Optional[float] = opt(1.0, "a reply that never ends scores this far below the group batch's "
                                                     "lowest finished one, as PPO's train.missing_eos_penalty; null: off")
     epsilon: float = opt(0.2, "the policy ratio's clip range")
@@ -758,6 +800,9 @@ _CHOICES = {
     "iterate.reward_init": ("continue", "sft"),
     "iterate.kl_anchor": ("sft", "previous"),
     "iterate.policy": ("ppo", "dpo"),
+    "train.reward_objective": ("mean", "worst", "uwo"),
+    "bon.reward_objective": ("mean", "worst", "uwo"),
+    "train.ensemble_diversity": ("seed", "bootstrap"),
 }
 _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.iterations", "train.rollout_batch_size",
              "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",
@@ -767,7 +812,7 @@ _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.i
              "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
              "engine.threads", "stream_interval", "bon.n", "train.rounds", "train.prompts", "train.samples",
              "train.num_generations", "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap",
-             "round", "iterate.prompts", "iterate.reward_steps")
+             "round", "iterate.prompts", "iterate.reward_steps", "train.ensemble", "alarm.window", "alarm.patience")
 
 
 # keys whose choices differ by stage (TRL's own, checked here so a typo is one line, not TRL's traceback)

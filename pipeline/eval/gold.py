@@ -89,19 +89,67 @@ def win_rate_interval(scores_a: Sequence[float], scores_b: Sequence[float], resa
     return means[round(tail * (resamples - 1))], means[round((1 - tail) * (resamples - 1))]
 
 
+def _lc_fit(y: torch.Tensor, x: torch.Tensor, ridge: float = 1e-3, steps: int = 25) -> torch.Tensor:
+    """Intercepts of logistic regressions y ~ sigmoid(a + b * x), one per row of y and x ([R, n]; y in [0, 1],
+    fractional for ties), by Newton's method with a small ridge on b (a win that length explains perfectly would
+    otherwise send b to infinity). Returns a, [R]."""
+    R = y.shape[0]
+    w = torch.zeros(R, 2, dtype=torch.float64)
+    X = torch.stack([torch.ones_like(x), x], -1)  # [R, n, 2]
+    reg = torch.diag(torch.tensor([0.0, ridge], dtype=torch.float64))
+    for _ in range(steps):
+        p = torch.sigmoid((X * w[:, None, :]).sum(-1))
+        grad = (X * (p - y)[..., None]).sum(1) + w @ reg
+        H = torch.einsum("rni,rnj->rij", X * (p * (1 - p))[..., None], X) + reg + 1e-9 * torch.eye(2, dtype=torch.float64)
+        w = w - torch.linalg.solve(H, grad[..., None])[..., 0]
+    return w[:, 0]
+
+
+def length_controlled_win_rate(scores_a: Sequence[float], scores_b: Sequence[float], len_a: Sequence[float],
+                               len_b: Sequence[float], resamples: int = 1000, level: float = 0.95,
+                               seed: int = 0) -> tuple[float, float, float]:
+    """The win rate of a over b at equal reply length, as AlpacaEval 2's length-controlled win rate: the per-prompt
+    outcome (1 win, 0.5 tie, 0 loss) regressed by logistic regression on the length difference, squashed as
+    AlpacaEval squashes it, tanh((len_a - len_b) / its standard deviation), and read at a difference of 0:
+    sigmoid(intercept). Where a wins only by being longer this is 0.5; where length plays no part it is the plain
+    win rate. Returns (rate, low, high), the interval a percentile bootstrap over prompts (refitted each time)."""
+    n = len(scores_a)
+    if not (n == len(scores_b) == len(len_a) == len(len_b)):
+        raise ValueError(f"length_controlled_win_rate: {n}, {len(scores_b)} scores, {len(len_a)}, {len(len_b)} lengths")
+    if not n:
+        return float("nan"), float("nan"), float("nan")
+    y = torch.tensor([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)],
+                     dtype=torch.float64)
+    d = torch.tensor([float(a) - float(b) for a, b in zip(len_a, len_b)], dtype=torch.float64)
+    sd = float(d.std(correction=0))
+    x = torch.tanh(d / sd) if sd > 0 else torch.zeros_like(d)
+    rate = float(torch.sigmoid(_lc_fit(y[None], x[None]))[0])
+    if resamples < 1:
+        return rate, float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(n, (resamples, n), generator=g)
+    boot = torch.sigmoid(_lc_fit(y[idx], x[idx])).sort().values
+    tail = (1 - level) / 2
+    return rate, float(boot[round(tail * (resamples - 1))]), float(boot[round((1 - tail) * (resamples - 1))])
+
+
 def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval", resamples: int = 1000) -> dict:
     """The final evaluation's figures from `rollout_eval`'s (gathered) outputs for a policy (PPO, or any method)
     and SFT on the same prompts: <prefix>/gold_score, sft_gold_score, win_rate_vs_sft (ties count half) with its 95%
-    bootstrap interval over prompts (win_rate_ci_low, win_rate_ci_high), tie_rate_vs_sft, kl, reward (the reward
+    bootstrap interval over prompts (win_rate_ci_low, win_rate_ci_high), the length-controlled win rate
+    (lc_win_rate_vs_sft, lc_win_rate_ci_low, lc_win_rate_ci_high: at equal reply length, length_controlled_win_rate),
+    tie_rate_vs_sft, kl, reward (the reward
     model's raw score), sft_reward, response_tokens, sft_response_tokens, n_prompts, and the gold components
     <prefix>/gold/<component>, <prefix>/sft_gold/<component>: where the gold score moved (PPO's gains in one
     component can hide losses in another, correctness typically)."""
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     lo, hi = win_rate_interval(ppo["gold"], sft["gold"], resamples)
+    lc, lc_lo, lc_hi = length_controlled_win_rate(ppo["gold"], sft["gold"], ppo["length"], sft["length"], resamples)
     out = {
         f"{prefix}/gold_score": mean(ppo["gold"]), f"{prefix}/sft_gold_score": mean(sft["gold"]),
         f"{prefix}/win_rate_vs_sft": win_rate(ppo["gold"], sft["gold"]),
         f"{prefix}/win_rate_ci_low": lo, f"{prefix}/win_rate_ci_high": hi,
+        f"{prefix}/lc_win_rate_vs_sft": lc, f"{prefix}/lc_win_rate_ci_low": lc_lo, f"{prefix}/lc_win_rate_ci_high": lc_hi,
         f"{prefix}/tie_rate_vs_sft": mean([float(a == b) for a, b in zip(ppo["gold"], sft["gold"])]),
         f"{prefix}/kl": mean(ppo["kl"]), f"{prefix}/reward": mean(ppo["reward"]),
         f"{prefix}/sft_reward": mean(sft["reward"]), f"{prefix}/response_tokens": mean(ppo["length"]),

@@ -44,12 +44,14 @@ def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], bi
 
 
 def preference_eval(model, tokenizer, pairs: Sequence[dict], batch_size: int = 32, bins: int = 10,
-                    max_length: Optional[int] = None, prefix: str = "eval", device=None) -> tuple[dict, list[float]]:
+                    max_length: Optional[int] = None, prefix: str = "eval", device=None,
+                    with_gold: bool = False) -> tuple:
     """Score preference pairs ({"prompt", "chosen", "rejected", optional "gold_margin"}) with a reward model.
 
     Each distinct (prompt, response) is scored once (a ranked prompt's K responses appear in K-1 pairs each), shared
     across processes. Pairs longer than max_length are left out, as in training. Returns (metrics, margins) with
-    `<prefix>/loss` (Bradley-Terry), accuracy, gold_accuracy, ece, margin (see preference_metrics)."""
+    `<prefix>/loss` (Bradley-Terry), accuracy, gold_accuracy, ece, margin (see preference_metrics); with_gold: also
+    the gold margins of the pairs kept (None where a pair has none), in the margins' order."""
     import json
 
     index: dict[str, int] = {}
@@ -80,7 +82,7 @@ def preference_eval(model, tokenizer, pairs: Sequence[dict], batch_size: int = 3
     margins = [a - b for a, b in zip(rc, rr)]
     out[f"{prefix}/loss"] = sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins) / max(len(margins), 1)
     out[f"{prefix}/too_long_pairs"] = len(pairs) - len(kept)
-    return out, margins
+    return (out, margins, gm) if with_gold else (out, margins)
 
 
 def preference_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float],
@@ -146,3 +148,72 @@ def answer_stats(rm, tok, answers: dict, cfg) -> dict:
         out["gold_mean"] = gm
         out["pair_accuracy"] = pair_accuracy(groups)
     return out
+
+
+def ensemble_figures(models: Sequence, tok, answers: Optional[dict], test_pairs: Sequence[dict], cfg,
+                     max_length: Optional[int]) -> dict:
+    """What an ensemble of reward models (the reward stage's train.ensemble=K) is worth, and how diverse it is.
+
+    On the starting policy's answers (`policy_answers`): each member's statistics {mean, std} ("member_stats", what
+    each member is normalised with), and over the members' normalised scores: ensemble/disagreement (their standard
+    deviation, averaged over the answers: the reward-hacking alarm's baseline), ensemble/member_correlation (the mean
+    Pearson correlation of two members' scores: 1 is no diversity at all), and the gold figures of their mean and of
+    their minimum (ensemble/gold_correlation, ensemble/gold_pair_accuracy, ensemble/worst_gold_pair_accuracy). On the
+    test pairs: ensemble/accuracy and ensemble/gold_accuracy of the mean normalised margin, beside each member's
+    (ensemble/member_gold_accuracies, a list)."""
+    t = cfg.train
+    bs = t.eval_batch_size or t.batch_size
+    out: dict = {}
+    K = len(models)
+    stats = [{"mean": 0.0, "std": 1.0} for _ in models]
+    if answers is not None:
+        k, mine = answers["k"], answers["mine"]
+        scores = [score_texts(m, tok, answers["messages"], answers["replies"], bs) for m in models]
+        golds = answers["gold"] if answers["gold"] is not None else [None] * len(answers["messages"])
+        rows = [(tuple(s[j] for s in scores), golds[j]) for j in range(len(golds))]
+        per_prompt = {i: rows[j * k:(j + 1) * k] for j, i in enumerate(mine)}
+        groups = list(dict(gather(list(per_prompt.items()))).values())
+        flat = [r for g in groups for r in g]
+        n = len(flat)
+        for m in range(K):
+            xs = [r[0][m] for r in flat]
+            mu = sum(xs) / n
+            stats[m] = {"mean": mu, "std": math.sqrt(sum((x - mu) ** 2 for x in xs) / max(n - 1, 1))}
+        z = lambda r: [(r[0][m] - stats[m]["mean"]) / max(stats[m]["std"], 1e-6) for m in range(K)]  # noqa: E731
+        zs = [z(r) for r in flat]
+        out["ensemble/disagreement"] = sum(math.sqrt(sum((v - sum(q) / K) ** 2 for v in q) / K) for q in zs) / n
+        cors = [_pearson([q[a] for q in zs], [q[b] for q in zs]) for a, b in itertools.combinations(range(K), 2)]
+        out["ensemble/member_correlation"] = sum(cors) / len(cors)
+        if answers["gold"] is not None:
+            mean_groups = [[(sum(z(r)) / K, r[1]) for r in g] for g in groups]
+            worst_groups = [[(min(z(r)), r[1]) for r in g] for g in groups]
+            out["ensemble/gold_correlation"] = _pearson([a for g in mean_groups for a, _ in g],
+                                                        [b for g in mean_groups for _, b in g])
+            out["ensemble/gold_pair_accuracy"] = pair_accuracy(mean_groups)
+            out["ensemble/worst_gold_pair_accuracy"] = pair_accuracy(worst_groups)
+    if test_pairs:
+        margins, accs, gm = [], [], None
+        for m in models:
+            res, mg, gm = preference_eval(m, tok, test_pairs, bs, t.calibration_bins, max_length, with_gold=True)
+            margins.append(mg)
+            accs.append(res.get("eval/gold_accuracy", float("nan")))
+        combined = [sum(mg[i] / max(stats[m]["std"], 1e-6) for m, mg in enumerate(margins)) / K
+                    for i in range(len(margins[0]))]
+        res = preference_metrics(combined, [0.0] * len(combined), gm if any(g is not None for g in gm) else None,
+                                 t.calibration_bins, "ensemble")
+        out.update({"ensemble/accuracy": res["ensemble/accuracy"], "ensemble/member_gold_accuracies": accs,
+                    "ensemble/member_gold_accuracy_mean": sum(accs) / K})
+        if "ensemble/gold_accuracy" in res:
+            out["ensemble/gold_accuracy"] = res["ensemble/gold_accuracy"]
+    out["member_stats"] = stats
+    return out
+
+
+def _pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    n = len(a)
+    if n < 2:
+        return float("nan")
+    ma, mb = sum(a) / n, sum(b) / n
+    sa = math.sqrt(sum((x - ma) ** 2 for x in a))
+    sb = math.sqrt(sum((y - mb) ** 2 for y in b))
+    return sum((x - ma) * (y - mb) for x, y in zip(a, b)) / (sa * sb) if sa > 0 and sb > 0 else float("nan")

@@ -134,12 +134,17 @@ def method_rows(manifests: dict[str, dict]) -> list[dict]:
             greedy = next((v for m in done.values() if (v := m.get("metrics", {}).get("eval/sft_gold_score"))
                            is not None), None)  # best-of-n has none: any method's greedy SFT answers
             rows.append({"method": "sft", "gold": g("eval/sampled/sft_gold_score"), "win": 0.5, "lo": None,
-                         "hi": None, "beats": None, "kl": 0.0, "length": g("eval/sampled/sft_response_tokens"),
+                         "hi": None, "lc": 0.5, "lc_lo": None, "lc_hi": None, "objective": None, "beats": None, "kl": 0.0, "length": g("eval/sampled/sft_response_tokens"),
                          "greedy": greedy, "minutes": _minutes(done["sft"]) if "sft" in done else None,
                          "tokens": None, "n": g("eval/sampled/n_prompts")})
         lo, hi = g("eval/sampled/win_rate_ci_low"), g("eval/sampled/win_rate_ci_high")
+        rw = done[stage].get("reward") or {}
+        obj = None if stage == "dpo" or split_folder(stage)[0] == "dpo" else (
+            f"{rw.get('objective')} of {rw.get('ensemble')}" if rw.get("ensemble", 1) > 1 else "single RM")
         rows.append({"method": stage, "gold": g("eval/sampled/gold_score"), "win": g("eval/sampled/win_rate_vs_sft"),
-                     "lo": lo, "hi": hi, "beats": None if lo is None else ("above" if lo > 0.5 else "below"
+                     "lo": lo, "hi": hi, "lc": g("eval/sampled/lc_win_rate_vs_sft"),
+                     "lc_lo": g("eval/sampled/lc_win_rate_ci_low"), "lc_hi": g("eval/sampled/lc_win_rate_ci_high"),
+                     "objective": obj, "beats": None if lo is None else ("above" if lo > 0.5 else "below"
                                                                            if hi < 0.5 else "no"),
                      "kl": g("eval/sampled/kl"), "length": g("eval/sampled/response_tokens"),
                      "greedy": g("eval/gold_score"), "minutes": _minutes(done[stage]), "tokens": g("train/tokens"),
@@ -150,11 +155,14 @@ def method_rows(manifests: dict[str, dict]) -> list[dict]:
 def methods_table(rows: list[dict]) -> list[str]:
     """AlpacaFarm's table for one run, as markdown lines."""
     f = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
-    out = ["| method | gold (sampled) | win rate vs SFT [95% CI] | beats SFT? | KL to SFT | reply tokens | "
-           "gold (greedy) | minutes | training tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| method | optimised | gold (sampled) | win rate vs SFT [95% CI] | beats SFT? | length-controlled win "
+           "rate [95% CI] | KL to SFT | reply tokens | gold (greedy) | minutes | training tokens |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f" [{f(r['lo'], 2)}, {f(r['hi'], 2)}]" if r["lo"] is not None else ""
-        out.append(f"| {r['method']} | {f(r['gold'])} | {f(r['win'], 2)}{ci} | {r['beats'] or '–'} | {f(r['kl'], 2)} "
+        lc = f(r.get("lc"), 2) + (f" [{f(r['lc_lo'], 2)}, {f(r['lc_hi'], 2)}]" if r.get("lc_lo") is not None else "")
+        out.append(f"| {r['method']} | {r.get('objective') or '–'} | {f(r['gold'])} | {f(r['win'], 2)}{ci} | "
+                   f"{r['beats'] or '–'} | {lc} | {f(r['kl'], 2)} "
                    f"| {f(r['length'], 1)} | {f(r['greedy'])} | {f(r['minutes'], 1)} | "
                    f"{'–' if r['tokens'] is None else int(r['tokens'])} |")
     return out

@@ -11,14 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def overoptimization_plot(history: list[dict], path: Path, title: str = "", periodic: list[dict] | None = None) -> Path:
+def overoptimization_plot(history: list[dict], path: Path, title: str = "", periodic: list[dict] | None = None,
+                          alarm_at: int = 0) -> Path:
     """Reward-model score and gold score against sqrt(KL) from the SFT policy (Gao et al. 2022's axes): while the
     proxy keeps rising, the gold score peaks and falls once the policy exploits the reward model.
 
     `periodic`: the held-out evaluations ({"iteration", "kl", "reward", "gold"}: fixed prompts, sampled replies,
     exact KL), drawn as lines with markers in iteration order; `history`, the per-iteration training batches (noisy:
     new prompts each time, a sampled KL estimate), as faint points behind them. Without periodic evaluations the
-    training points are joined in iteration order."""
+    training points are joined in iteration order. `alarm_at`: the iteration the reward-hacking alarm fired at
+    (pipeline/rl/alarm.py), marked by a dashed line at that iteration's KL."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     ax2 = ax.twinx()
     sx = lambda rows: [math.sqrt(max(h["kl"], 0.0)) for h in rows]  # noqa: E731
@@ -40,6 +42,10 @@ def overoptimization_plot(history: list[dict], path: Path, title: str = "", peri
         x = sx(history)
         ax.plot(x, [h["reward"] for h in history], "o-", ms=3, color=blue, label="reward model (normalised)")
         ax2.plot(x, [h["gold"] for h in history], "s-", ms=3, color=red, label="gold oracle")
+    hit = [h for h in history if h["iteration"] == alarm_at] if alarm_at else []
+    if hit:
+        ax.axvline(math.sqrt(max(hit[0]["kl"], 0.0)), color="black", ls="--", lw=1,
+                   label=f"alarm (no gold): iteration {alarm_at}")
     ax.set_xlabel("sqrt KL(policy || SFT)  (nats^1/2)")
     ax.set_ylabel("reward model score", color=blue)
     ax2.set_ylabel("gold score", color=red)

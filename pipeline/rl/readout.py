@@ -13,6 +13,12 @@ train.missing_eos_penalty's business, not the reward model's.
 
     score_texts(rm, tok, prompts, replies)        # text: (prompt, reply) pairs
     score_rollout(rm, rollout, turn_closing(tok))  # a PPO rollout's token ids
+
+An ensemble of reward models (the reward stage's train.ensemble=K, `RewardEnsemble.load`) is read the same way,
+member by member, each member's score normalised with its own statistics; `RewardEnsemble.read` gives their mean,
+standard deviation and minimum, and `score_rollout` of an ensemble gives the objective a method optimises
+(train.reward_objective: mean | worst | uwo). With one member the ensemble is exactly the single reward model: its
+raw score, normalised by the caller with `ensemble.stats` as before.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from pipeline.inference.generation import _model_device
 from pipeline.inference.sampler import Rollout, position_ids
 from pipeline.models.token_model import TokenModel
 from pipeline.rl.forward import _run, layout
+from pipeline.rl.shaping import ensemble_spread, reward_objective
 
 
 def turn_closing(tok) -> list[int]:
@@ -84,8 +91,82 @@ def read_reward(reward_model, ro: Rollout, pack: int = 0) -> Tensor:
 
 def score_rollout(reward_model, ro: Rollout, closing: list[int], pack: int = 0) -> Tensor:
     """What the reward model says about each (prompt, reply) of a rollout ([B]): `read_reward` of the replies closed
-    as the chat template closes an assistant turn (`closing` = `turn_closing(tok)`)."""
+    as the chat template closes an assistant turn (`closing` = `turn_closing(tok)`). Of a `RewardEnsemble`: its
+    `score`, the objective it is optimised by."""
+    if isinstance(reward_model, RewardEnsemble):
+        return reward_model.score(ro, closing, pack)
     return read_reward(reward_model, close_replies(ro, closing), pack)
+
+
+class RewardEnsemble:
+    """K frozen reward models (TokenModels), each with the statistics {mean, std} of its scores on the starting
+    policy's answers, read by the one readout and combined by `objective` (pipeline.rl.shaping.reward_objective).
+
+    `score(ro, closing)` is what every caller of `score_rollout` gets, on the scale `stats` describes: with one
+    member its raw score and that member's statistics (so K = 1 is the single reward model, number for number); with
+    several, the objective of the normalised members, which is already on the normalised scale (`stats` is then
+    mean 0, std 1). `read` gives the members' mean, std and minimum (normalised), the disagreement included."""
+
+    def __init__(self, members: list, stats: list[dict], objective: str = "mean", uwo_lambda: float = 1.0):
+        if not members or len(members) != len(stats):
+            raise ValueError(f"RewardEnsemble: {len(members)} members with {len(stats)} statistics")
+        reward_objective(torch.zeros(1, 1), objective, uwo_lambda)  # an unknown objective fails here, not mid-run
+        self.members, self.member_stats = list(members), [dict(s) for s in stats]
+        self.objective, self.uwo_lambda = objective, uwo_lambda
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def stats(self) -> dict:
+        """The statistics a caller normalises `score` with (PPO's, RLOO's and GRPO's training score)."""
+        return self.member_stats[0] if len(self) == 1 else {"mean": 0.0, "std": 1.0}
+
+    def parameters(self):  # the device of the readout: where callers put the rollouts they score
+        return self.members[0].parameters()
+
+    def normalised(self, ro: Rollout, closing: list[int], pack: int = 0) -> Tensor:
+        """[B, K]: member k's score of each reply, (raw - mean_k) / std_k."""
+        closed = close_replies(ro, closing)
+        cols = [(read_reward(m, closed, pack) - s.get("mean", 0.0)) / max(s.get("std", 1.0), 1e-6)
+                for m, s in zip(self.members, self.member_stats)]
+        return torch.stack(cols, -1)
+
+    def read(self, ro: Rollout, closing: list[int], pack: int = 0) -> dict[str, Tensor]:
+        """{mean, std, min, objective}, each [B], over the members' normalised scores."""
+        z = self.normalised(ro, closing, pack)
+        return {**ensemble_spread(z), "objective": reward_objective(z, self.objective, self.uwo_lambda)}
+
+    def score(self, ro: Rollout, closing: list[int], pack: int = 0) -> Tensor:
+        if len(self) == 1:
+            return read_reward(self.members[0], close_replies(ro, closing), pack)
+        return reward_objective(self.normalised(ro, closing, pack), self.objective, self.uwo_lambda)
+
+    @classmethod
+    def load(cls, final, device, objective: str = "mean", uwo_lambda: float = 1.0, autocast=None,
+             stats: dict | None = None) -> "RewardEnsemble":
+        """The reward stage's final/ as an ensemble: the members its ensemble.json lists (train.ensemble=K), or the
+        one model of final/ itself with `stats` (the manifest's reward_stats) or its reward_stats.json."""
+        import json
+        from pathlib import Path
+
+        from pipeline.models.loading import load_sequence_classifier
+        from pipeline.models.token_model import disable_dropout
+
+        final = Path(final)
+        index = final / "ensemble.json"
+        if index.is_file():
+            entries = json.loads(index.read_text())["members"]
+        else:
+            own = final / "reward_stats.json"
+            s = stats if stats is not None else json.loads(own.read_text()) if own.is_file() else {}
+            entries = [{"path": ".", "mean": s.get("mean", 0.0), "std": s.get("std", 1.0)}]
+        models = []
+        for e in entries:
+            m = load_sequence_classifier(final / e["path"]).to(device).eval().requires_grad_(False)
+            disable_dropout(m)
+            models.append(TokenModel(m, autocast=autocast))
+        return cls(models, [{"mean": e["mean"], "std": e["std"]} for e in entries], objective, uwo_lambda)
 
 
 

@@ -69,3 +69,28 @@ class AdaptiveKLController:
     def update(self, current_kl: float, n_steps: int) -> None:
         error = min(max(float(current_kl) / self.target - 1, -0.2), 0.2)
         self.value *= 1 + error * n_steps / self.horizon
+
+
+# ---- reward-model ensembles (Coste et al. 2023): the members' scores, each on its own normalised scale ---------
+
+OBJECTIVES = ("mean", "worst", "uwo")
+
+
+def ensemble_spread(z: Tensor) -> dict[str, Tensor]:
+    """The mean, standard deviation and minimum over an ensemble's members: `z` is ``[B, K]``, member k's score of
+    episode b normalised with member k's own statistics. The deviation is the population one (divide by K), so one
+    member gives 0; it is the members' disagreement the reward-hacking alarm watches."""
+    return {"mean": z.mean(-1), "std": z.std(-1, correction=0), "min": z.amin(-1)}
+
+
+def reward_objective(z: Tensor, objective: str = "mean", uwo_lambda: float = 1.0) -> Tensor:
+    """What a method optimises of an ensemble's normalised scores ``[B, K]``: mean (the members' average), worst
+    (their minimum: worst-case optimisation, WCO) or uwo (uncertainty-weighted: mean - uwo_lambda * the members'
+    variance, as Coste et al. define UWO). With one member all three are its score."""
+    if objective == "mean":
+        return z.mean(-1)
+    if objective == "worst":
+        return z.amin(-1)
+    if objective == "uwo":
+        return z.mean(-1) - uwo_lambda * z.var(-1, correction=0)
+    raise ValueError(f"reward objective {objective!r}: one of {', '.join(OBJECTIVES)}")

@@ -18,8 +18,9 @@ class TrackerCallback(TrainerCallback):
 
     RENAME = {"loss": "train/loss", "learning_rate": "train/lr", "grad_norm": "train/grad_norm", "epoch": "train/epoch"}
 
-    def __init__(self, tracker, say=print):
+    def __init__(self, tracker, say=print, prefix: str = "", step_offset: int = 0):
         self.tracker, self.say = tracker, say
+        self.prefix, self.offset = prefix, step_offset  # an ensemble's member k: member<k>/..., after member k-1's steps
         self.last: dict = {}  # latest value of every key (the manifest's metrics come from here)
         self.last_eval_step = -1
 
@@ -38,8 +39,9 @@ class TrackerCallback(TrainerCallback):
             out["eval/perplexity"] = math.exp(min(out["eval/loss"], 50))
             self.last_eval_step = state.global_step
         if out:
+            out = {f"{self.prefix}{k}": v for k, v in out.items()}
             self.last.update(out)
-            self.tracker.log(out, step=state.global_step)
+            self.tracker.log(out, step=state.global_step + self.offset)
 
 
 class QuietProgress(ProgressCallback):
@@ -64,7 +66,7 @@ def trainer_args(cls, cfg, run, t, evaluate: bool = True, **extra):
     """TrainingArguments (TRL's SFTConfig / RewardConfig) from our optim + train config. Checkpoints go to
     run.ckpt_root as checkpoint-<step>; StageRun removes them when the stage completes."""
     return cls(
-        output_dir=str(run.ckpt_root), per_device_train_batch_size=t.batch_size,
+        output_dir=extra.pop("output_dir", str(run.ckpt_root)), per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size or t.batch_size, gradient_accumulation_steps=t.grad_accum,
         max_steps=t.max_steps, learning_rate=cfg.optim.lr, lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio}, warmup_steps=cfg.optim.warmup_steps,
@@ -72,7 +74,7 @@ def trainer_args(cls, cfg, run, t, evaluate: bool = True, **extra):
         adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
         logging_steps=t.log_every, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_every,
         save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_checkpoints, report_to="none",
-        seed=cfg.seed, activation_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+        seed=extra.pop("seed", cfg.seed), activation_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also what makes several CPU processes train as DDP (gloo)
         **precision_flags(cfg.precision), **extra)

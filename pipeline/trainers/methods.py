@@ -14,15 +14,16 @@ import time
 from types import SimpleNamespace
 
 import torch
+from omegaconf import OmegaConf
 
 from pipeline.core.errors import UserError
 from pipeline.data.formats import check_prompt_lengths, load_prompts
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import best_of_n_eval, gathered, rollout_eval, versus_sft
-from pipeline.models.loading import load_causal_lm, load_sequence_classifier
+from pipeline.models.loading import load_causal_lm
 from pipeline.models.token_model import TokenModel, disable_dropout
 from pipeline.rl.forward import response_logits
-from pipeline.rl.readout import turn_closing
+from pipeline.rl.readout import RewardEnsemble, turn_closing
 from pipeline.world.oracle import GoldOracle
 
 
@@ -50,12 +51,18 @@ class Judge:
         same_vocabulary(self.tok, rm_tok, rm_parent["final"], sft_parent["final"])
         self.end_ids = end_of_turn_ids(self.tok)
         sft = load_causal_lm(sft_parent["final"]).to(device).eval().requires_grad_(False)
-        rm = load_sequence_classifier(rm_parent["final"]).to(device).eval().requires_grad_(False)
-        for m in (sft, rm):
-            disable_dropout(m)
-        self.sft, self.reward_model = TokenModel(sft), TokenModel(rm)
+        disable_dropout(sft)
+        self.sft = TokenModel(sft)
+        # the reward model, or the ensemble of them (reward stage train.ensemble=K) combined by the method's
+        # reward_objective (bon.reward_objective for best-of-n, train.reward_objective for the others; DPO: mean)
+        self.objective = OmegaConf.select(cfg, "train.reward_objective") or \
+            OmegaConf.select(cfg, "bon.reward_objective") or "mean"
+        lam = next((v for v in (OmegaConf.select(cfg, "train.uwo_lambda"), OmegaConf.select(cfg, "bon.uwo_lambda"))
+                    if v is not None), 1.0)
+        self.reward_model = RewardEnsemble.load(rm_parent["final"], device, self.objective, lam,
+                                                stats=rm_parent.get("reward_stats") or {})
         self.closing = turn_closing(rm_tok if rm_tok.chat_template else self.tok)
-        stats = rm_parent.get("reward_stats") or {}
+        stats = self.reward_model.stats  # one member: the reward stage's; an ensemble's objective: mean 0, std 1
         self.rm_mean, self.rm_std = stats.get("mean", 0.0), max(stats.get("std", 1.0), 1e-6)
         self.oracle = GoldOracle.from_config(cfg.data.world)
         src = cfg.data.eval_prompts
@@ -66,6 +73,13 @@ class Judge:
         recs, _ = check_prompt_lengths(recs, self.tok, self.e.max_prompt_tokens, src.on_bad_record,
                                        f"data.eval_prompts ({src.path or src.kind}; limit eval.max_prompt_tokens)")
         self.prompts = [r["messages"] for r in recs][: self.e.prompts]
+
+    def reward_info(self) -> dict:
+        """What the method optimised, for its manifest (`reward`) and the methods table: the ensemble's size and the
+        objective over its members (one member: its score, whatever the objective says)."""
+        rm = self.reward_model
+        return {"ensemble": len(rm), "objective": rm.objective if len(rm) > 1 else "single",
+                **({"uwo_lambda": rm.uwo_lambda} if len(rm) > 1 and rm.objective == "uwo" else {})}
 
     def ref_logits(self, ro):
         return response_logits(self.sft, ro, 0)

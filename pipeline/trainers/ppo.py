@@ -27,7 +27,8 @@ from pipeline.rl.forward import check_packing, chunked, critic_forward, policy_f
 from pipeline.rl.losses import policy_loss, value_loss
 from pipeline.rl.ops import ema_update, explained_variance, logprobs_from_logits, masked_mean, masked_whiten
 from pipeline.rl.readout import score_rollout
-from pipeline.rl.shaping import penalise_unfinished, penalised_rewards
+from pipeline.rl.alarm import alarm_series
+from pipeline.rl.shaping import ensemble_spread, penalise_unfinished, penalised_rewards, reward_objective
 
 
 class LoopState:
@@ -64,6 +65,7 @@ class Experience:
     returns: torch.Tensor  # [B, R]
     seconds_generating: float
     started: float
+    spread: dict | None = None  # an ensemble's {mean, std, min} over members, [B] each (None: one reward model)
 
 
 class PPOLoop:
@@ -138,7 +140,11 @@ class PPOLoop:
             chunked(lambda r: policy_forward(self.policy, r, t.temperature, self.packing), ro, fwd)
         ref_logp = chunked(self.ref_logprobs, ro, fwd)
         old_values = chunked(lambda r: critic_forward(self.critic, r, self.packing), ro, fwd)
-        if t.reward == "model":
+        spread = None  # an ensemble's members' mean, std and min (normalised): the alarm's inputs
+        if t.reward == "model" and len(self.reward_model) > 1:
+            z = chunked(lambda r: self.reward_model.normalised(r, self.closing, self.packing), ro, fwd)
+            raw, spread = reward_objective(z, t.reward_objective, t.uwo_lambda), ensemble_spread(z)
+        elif t.reward == "model":
             raw = chunked(lambda r: score_rollout(self.reward_model, r, self.closing, self.packing), ro, fwd)
         elif t.reward == "gold":
             raw = gold.clone()
@@ -154,7 +160,7 @@ class PPOLoop:
         if not (torch.isfinite(rewards).all() and torch.isfinite(advantages).all()):
             self.diverged(it, "rewards")
         return Experience(batch_prompts, ro, texts, gold, raw, score, old_logp, old_values, rewards, kl, advantages,
-                          returns, t_gen, t0)
+                          returns, t_gen, t0, spread)
 
     # ---- 2. update ---------------------------------------------------------------------------------------
     def update(self, exp: Experience, it: int) -> dict:
@@ -228,6 +234,8 @@ class PPOLoop:
             "ppo/gen_tokens_per_s": n_tok / exp.seconds_generating,
             "ppo/train_tokens_per_s": n_tok * t.ppo_epochs / (t_total - exp.seconds_generating),
         }
+        if exp.spread is not None:  # the members' view of this batch: the proxy and their disagreement, normalised
+            local.update({f"ensemble/{k}": v.mean() for k, v in exp.spread.items()})
         m = {k: acc.reduce(v.float().detach(), reduction="mean").item() for k, v in local.items()}
         m["ppo/kl_coef"] = self.kl_ctl.value
         m["ppo/episodes_per_s"] = B * acc.num_processes / t_total
@@ -237,14 +245,44 @@ class PPOLoop:
         m["ppo/policy_loss"], m["ppo/value_loss"] = m.pop("ppo/pg"), m.pop("ppo/vf")
         self.kl_ctl.update(m["ppo/kl"], B * acc.num_processes)
         self.state.kl_coef = self.kl_ctl.value
-        self.state.history.append({"iteration": it + 1, "kl": m["ppo/kl"], "reward": m["ppo/reward"],
-                                   "gold": m["ppo/gold_score"]})
+        row = {"iteration": it + 1, "kl": m["ppo/kl"], "reward": m["ppo/reward"], "gold": m["ppo/gold_score"],
+               "length": m["ppo/response_length"]}
+        if exp.spread is not None:
+            row.update(proxy=m["ensemble/mean"], disagreement=m["ensemble/std"])
+        self.state.history.append(row)
+        m.update(self.alarm(it + 1))
         self.tracker.log(m, step=it + 1)
         if t.sample_every and (it + 1) % t.sample_every == 0:
             rows = [[p[-1]["content"], r, float(g), float(s)] for p, r, g, s in
                     zip(exp.prompts, exp.texts, exp.gold.tolist(), exp.raw_score.tolist())][: t.log_samples]
             self.tracker.table("ppo/samples", ["prompt", "response", "gold", "reward_model"], rows, step=it + 1)
         return m
+
+    def alarm(self, done: int) -> dict:
+        """The reward-hacking alarm after `done` iterations (pipeline/rl/alarm.py), from the history alone: alarm/*
+        metrics, and a console line the iteration it first fires. Empty without an ensemble or with alarm.enabled
+        false: one reward model has no disagreement to watch."""
+        a = self.cfg.get("alarm")
+        h = self.state.history
+        if a is None or not a.enabled or not h or "disagreement" not in h[-1]:
+            return {}
+        last = alarm_series([r["proxy"] for r in h], [r["disagreement"] for r in h], a.window, a.rise, a.patience,
+                            kl=[r["kl"] for r in h], length=[r["length"] for r in h])[-1]
+        if last["fired_at"] == done:
+            self.acc.print(f"\n[ppo] ALARM at iteration {done}: the proxy reward is rising (+{last['proxy_trend']:.3f} "
+                           f"over {a.window} iterations) while the reward models disagree {last['disagreement_ratio']:.1f}x "
+                           f"more than at their closest; KL {last['kl']:.2f}, replies {last['length_ratio']:.2f}x "
+                           f"their early length. Likely reward hacking: compare the checkpoints before it")
+        return {f"alarm/{k}": float(v) for k, v in last.items()}
+
+    def alarm_fired_at(self) -> int:
+        """The iteration the alarm first fired at (0: never, or no ensemble)."""
+        a = self.cfg.get("alarm")
+        h = self.state.history
+        if a is None or not a.enabled or not h or "disagreement" not in h[-1]:
+            return 0
+        return alarm_series([r["proxy"] for r in h], [r["disagreement"] for r in h], a.window, a.rise,
+                            a.patience)[-1]["fired_at"]
 
     # ---- 4. evaluate -------------------------------------------------------------------------------------
     def _evaluate(self, model, prompts: list, greedy: bool) -> dict:

@@ -114,20 +114,22 @@ def make_trainer_class(group_by_prompt: bool, seed: int):
 class EvalCallback(TrainerCallback):
     """Every eval_every steps: accuracy, gold accuracy, calibration and margin on the test pairs."""
 
-    def __init__(self, tok, pairs, cfg, max_len, tracker, say):
+    def __init__(self, tok, pairs, cfg, max_len, tracker, say, prefix: str = "", step_offset: int = 0):
         self.tok, self.pairs, self.cfg, self.max_len, self.tracker, self.say = tok, pairs, cfg, max_len, tracker, say
+        self.prefix, self.offset = prefix, step_offset  # an ensemble's member k: member<k>/eval/...
         self.last: dict = {}
         self.step = -1
 
     def run(self, model, step: int) -> dict:
         t = self.cfg.train
-        self.last, _ = preference_eval(model, self.tok, self.pairs, t.eval_batch_size or t.batch_size,
-                                       t.calibration_bins, self.max_len)
+        last, _ = preference_eval(model, self.tok, self.pairs, t.eval_batch_size or t.batch_size,
+                                  t.calibration_bins, self.max_len)
         self.step = step
-        self.tracker.log(self.last, step=step)
-        self.say(f"[reward] step {step}: eval/accuracy {self.last['eval/accuracy']:.3f}, "
-                 f"eval/gold_accuracy {self.last.get('eval/gold_accuracy', float('nan')):.3f}, "
-                 f"eval/ece {self.last['eval/ece']:.3f}, eval/loss {self.last['eval/loss']:.4f}")
+        self.last = {f"{self.prefix}{k}": v for k, v in last.items()}
+        self.tracker.log(self.last, step=step + self.offset)
+        self.say(f"[reward] {self.prefix}step {step}: eval/accuracy {last['eval/accuracy']:.3f}, "
+                 f"eval/gold_accuracy {last.get('eval/gold_accuracy', float('nan')):.3f}, "
+                 f"eval/ece {last['eval/ece']:.3f}, eval/loss {last['eval/loss']:.4f}")
         return self.last
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

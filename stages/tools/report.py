@@ -56,7 +56,8 @@ def main(cfg: DictConfig) -> None:
     if "ppo" in manifests and hist.exists():
         plots.append(("Over-optimisation (Gao et al. axes): held-out evaluations (lines), training batches (faint)",
                       overoptimization_plot(json.loads(hist.read_text()), figs / "overoptimization.png",
-                                            periodic=json.loads(periodic.read_text()) if periodic.exists() else None)))
+                                            periodic=json.loads(periodic.read_text()) if periodic.exists() else None,
+                                            alarm_at=int(manifests["ppo"].get("metrics", {}).get("alarm/fired_at", 0)))))
 
     # ---- the same held-out prompts answered by every model ---------------------------------------------
     prompts = [p["messages"] for p in load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)[0]]
