@@ -35,7 +35,12 @@ from pipeline.core.registry import ORDER, POLICIES, POLICY_STAGES, SPECS, split_
 
 # Keys that never change what a stage computes, so they stay out of the config hash.
 _UNHASHED = {"run", "parent_run", "force", "paths", "logger"}
-_ADDED_OFF = [("model", "start_over")]
+# settings added after runs were made, at the value that behaves as before: left out of the hash at that value, so
+# a finished stage stays finished when the code learns a new switch (a whole group: None as the key)
+_ADDED_AT = [("model", "start_over", False), ("train", "ensemble", 1), ("train", "ensemble_diversity", "seed"),
+             ("train", "reward_objective", "mean"), ("train", "uwo_lambda", 1.0), ("bon", "reward_objective", "mean"),
+             ("bon", "uwo_lambda", 1.0),
+             ("alarm", None, {"enabled": True, "window": 5, "rise": 1.0, "patience": 3})]
 
 
 _PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "hydra-core", "tokenizers"]
@@ -47,8 +52,11 @@ def config_hash(cfg: DictConfig) -> str:
     if c.get("round", 1) == 1:  # round 1 is the one-shot stage: the iteration settings do not reach it
         c.pop("round", None)
         c.pop("iterate", None)
-    for group, key in _ADDED_OFF:  # switches added later, off by default: runs made before them keep their hash
-        if isinstance(c.get(group), dict) and c[group].get(key) is False:
+    for group, key, value in _ADDED_AT:  # switches added later, at their old behaviour: runs keep their hash
+        if key is None and c.get(group) == value:
+            c.pop(group)
+        elif key is not None and isinstance(c.get(group), dict) and key in c[group] and c[group][key] == value \
+                and type(c[group][key]) is type(value):
             c[group].pop(key)
     used = SPECS[c["stage"]].data if c.get("stage") in SPECS else None
     if used is not None and isinstance(c.get("data"), dict):
