@@ -40,7 +40,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.engine import Engine, EngineFull, SamplingParams
+from pipeline.inference.engine import Engine, EngineFull, SamplingParams
 from serving.limits import RateLimiter, identify, load_keys
 from serving.metrics import Metrics
 from serving.moderation import Moderator

@@ -26,9 +26,9 @@ import threading
 from dataclasses import asdict
 from typing import Callable, Optional
 
-from serving.engine import EngineFull, SamplingParams
+from pipeline.inference.engine import EngineFull, SamplingParams
 
-log = logging.getLogger("serving.engine")
+log = logging.getLogger("serving.worker")
 
 
 class RemoteRequest:
@@ -243,7 +243,7 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
             pass
 
     from pipeline.models.loading import load_policy
-    from serving.engine import Engine
+    from pipeline.inference.engine import Engine
 
     try:
         if threads:

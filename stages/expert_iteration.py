@@ -93,7 +93,7 @@ def main(cfg: DictConfig) -> None:
                 chosen = [prompts[(start + i) % len(prompts)] for i in range(t.prompts)]
                 kept, st = best_replies(TokenModel(policy), tok, chosen, judge.end_ids, t.samples, judge.reward_model,
                                         judge.closing, judge.oracle, t, state.device, t.gen_batch_size,
-                                        cfg.eval.max_prompt_tokens, cfg.seed + r)
+                                        cfg.eval.max_prompt_tokens, cfg.seed + r, cfg.sampler)
                 generated += st["generated_tokens"]
                 log = {f"round/{k}": v for k, v in st.items()}
                 tracker.log({**log, "round": r}, step=step)

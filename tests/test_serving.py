@@ -10,7 +10,7 @@ from pipeline.core.config import GenerationSettings
 from pipeline.data.prompts import encode_prompts
 from pipeline.inference.generation import generate
 from serving import limits
-from serving.engine import Engine, SamplingParams, sample_next
+from pipeline.inference.engine import Engine, SamplingParams, sample_next
 from serving.limits import Bucket, RateLimiter, identify, key_id, load_keys
 from serving.moderation import CATEGORIES, LexiconClassifier, Moderator
 from serving.protocol import APIError, ChatCompletionRequest, validation_error

@@ -609,7 +609,7 @@ def test_engine_process_gives_the_engines_tokens_and_reports_its_death(checkpoin
     cancel reaches it; if the process dies, every request in flight ends with an error instead of hanging."""
     from pipeline.data.prompts import encode_prompts
     from pipeline.models.loading import load_policy
-    from serving.engine import Engine, SamplingParams
+    from pipeline.inference.engine import Engine, SamplingParams
     from serving.worker import EngineProcess
 
     model, tok = load_policy(checkpoint, "fp32")

@@ -123,7 +123,7 @@ def test_engine_rows_fail_alone(checkpoint):
 
     from pipeline.data.prompts import encode_prompts
     from pipeline.models.loading import load_policy
-    from serving.engine import Engine, SamplingParams
+    from pipeline.inference.engine import Engine, SamplingParams
 
     model, tok = load_policy(checkpoint, "fp32")
     ids = encode_prompts(tok, [PROMPT])[0]
@@ -175,7 +175,7 @@ def test_engine_rows_fail_alone(checkpoint):
 def test_sample_next_never_raises_on_non_finite_logits():
     import torch
 
-    from serving.engine import sample_next
+    from pipeline.inference.engine import sample_next
 
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[1.0, float("nan"), 3.0], [float("inf"), 0.0, 1.0], [float("nan")] * 3,

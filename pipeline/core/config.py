@@ -421,7 +421,7 @@ class EngineSettings:
     threads: Optional[int] = opt(None, "torch's CPU threads (null: torch's default, one per core); on a small "
                                        "model, 1 leaves a core to the HTTP side")
     fast_path: bool = opt(True, "run Llama checkpoints through the lean forward with a slot cache "
-                                "(serving/runners.py); false: the model's own forward for every architecture")
+                                "(pipeline/inference/runners.py); false: the model's own forward for every architecture")
     process: bool = opt(True, "run the engine in a process of its own (serving/worker.py), so that the model and "
                               "the HTTP side do not share one GIL; false: a thread of the server's process")
 
@@ -570,6 +570,10 @@ class AlarmSettings:
 @dataclass
 class PPOConfig(StageConfig):
     stage: str = opt("ppo", "the stage this config runs")
+    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
+                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+                                 "pipeline/inference/sampler.py")
     round: int = opt(1, "the round of iterated RLHF (make iterate): 1 is the one-shot PPO from SFT; r > 1 writes "
                         "runs/<run>/ppo_r<r>/, continuing round r-1's policy against round r's reward model")
     iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
@@ -634,6 +638,10 @@ class BoNSettings:
 @dataclass
 class BoNConfig(StageConfig):
     stage: str = opt("bon", "the stage this config runs")
+    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
+                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+                                 "pipeline/inference/sampler.py")
     bon: BoNSettings = group(BoNSettings, "best-of-n with the reward model (conf/preset/bon)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
 
@@ -653,6 +661,10 @@ class DPOTrain(TrainerBudget):
 @dataclass
 class DPOConfig(StageConfig):
     stage: str = opt("dpo", "the stage this config runs")
+    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
+                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+                                 "pipeline/inference/sampler.py")
     round: int = opt(1, "the round of online DPO (make iterate ARGS=iterate.policy=dpo): 1 is the offline DPO on "
                         "the reward stage's comparisons; r > 1 writes runs/<run>/dpo_r<r>/, trained from round r-1's "
                         "policy on fresh comparisons of its own samples")
@@ -682,6 +694,10 @@ class ExpertIterationTrain(TrainerBudget):
 @dataclass
 class ExpertIterationConfig(StageConfig):
     stage: str = opt("expert_iteration", "the stage this config runs")
+    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
+                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+                                 "pipeline/inference/sampler.py")
     train: ExpertIterationTrain = group(ExpertIterationTrain, "rejection-sampling fine-tuning (budget from "
                                                               "conf/preset/expert_iteration); max_steps per round")
     peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
@@ -719,6 +735,10 @@ class GroupRLTrain(TrainerBudget):
 @dataclass
 class RLOOConfig(StageConfig):
     stage: str = opt("rloo", "the stage this config runs")
+    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
+                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+                                 "pipeline/inference/sampler.py")
     train: GroupRLTrain = group(GroupRLTrain, "TRL's RLOOTrainer (budget from conf/preset/rloo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
@@ -727,6 +747,10 @@ class RLOOConfig(StageConfig):
 @dataclass
 class GRPOConfig(StageConfig):
     stage: str = opt("grpo", "the stage this config runs")
+    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
+                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+                                 "pipeline/inference/sampler.py")
     train: GroupRLTrain = group(GroupRLTrain, "TRL's GRPOTrainer (budget from conf/preset/grpo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
@@ -803,6 +827,7 @@ _CHOICES = {
     "train.reward_objective": ("mean", "worst", "uwo"),
     "bon.reward_objective": ("mean", "worst", "uwo"),
     "train.ensemble_diversity": ("seed", "bootstrap"),
+    "sampler": ("engine", "hf"),
 }
 _POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.iterations", "train.rollout_batch_size",
              "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",

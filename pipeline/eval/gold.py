@@ -164,7 +164,7 @@ def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval", resamples: int = 10
 
 @torch.no_grad()
 def rollout_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, pack: int,
-             greedy: bool) -> dict:
+                 greedy: bool, backend: str = "hf") -> dict:
     """Greedy or sampled (at the training temperature) replies to held-out prompts: gold score and its components,
     the reward model's raw score (the one readout), exact KL to the reference along the reply (summed over its
     tokens, at the sampling temperature), length, whether it ended."""
@@ -172,7 +172,8 @@ def rollout_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing,
     for s in range(0, len(prompts), t.eval_batch_size):
         batch = prompts[s: s + t.eval_batch_size]
         ids, am = prompt_batch(tok, batch, t.max_prompt_tokens, dev)
-        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, greedy=greedy)
+        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, greedy=greedy,
+                    backend=backend)
         texts = decode_responses(tok, ro)
         kl = full_kl(response_logits(model, ro, pack), ref_logits(ro), ro.response_mask, t.temperature)
         parts = [oracle.components(p, x) for p, x in zip(batch, texts)]
@@ -243,7 +244,7 @@ def kl_bound(n: int) -> float:
 
 @torch.no_grad()
 def best_of_n_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing, dev, pack: int, n: int,
-                   also: Sequence[int] = ()) -> dict:
+                   also: Sequence[int] = (), backend: str = "hf") -> dict:
     """Best-of-n as a policy: `n` replies per prompt sampled from `model` at t.temperature, the reward model's
     best (the one readout) is the answer. The outputs have `rollout_eval`'s keys, the KL being the bound
     `kl_bound(n)`; `also` gives the pick among the first m of the same samples for each m, as "m:<m>:gold",
@@ -255,7 +256,7 @@ def best_of_n_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closin
         batch = prompts[s: s + t.eval_batch_size]
         many = [p for p in batch for _ in range(n)]  # prompt-major: prompt i's samples are rows i*n .. i*n+n-1
         ids, am = prompt_batch(tok, many, t.max_prompt_tokens, dev)
-        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p)
+        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, backend=backend)
         texts = decode_responses(tok, ro)
         rm = score_rollout(reward_model, ro, closing, pack).cpu().view(len(batch), n)
         length = ro.response_mask.sum(-1).view(len(batch), n)

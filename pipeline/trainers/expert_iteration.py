@@ -13,7 +13,7 @@ from pipeline.rl.readout import score_rollout
 
 @torch.no_grad()
 def best_replies(policy, tok, prompts: list, end_ids, n: int, reward_model, closing, oracle, t, dev,
-                 batch_size: int, max_prompt_tokens: int, seed: int) -> tuple[list[dict], dict]:
+                 batch_size: int, max_prompt_tokens: int, seed: int, backend: str = "hf") -> tuple[list[dict], dict]:
     """Dialogues {"messages": prompt + [the best of n replies]} for `prompts`, and what the choice did: the kept
     replies' and all samples' mean reward-model score and gold score, the tokens generated, and how many prompts
     had only empty replies (nothing to imitate: left out). `policy` is a TokenModel; the reward model is read by the
@@ -28,7 +28,7 @@ def best_replies(policy, tok, prompts: list, end_ids, n: int, reward_model, clos
             many = [p for p in batch for _ in range(n)]  # prompt-major
             torch.manual_seed(seed * 1_000_003 + s)
             ids, am = prompt_batch(tok, many, max_prompt_tokens, dev)
-            ro = sample(policy, tok, ids, am, end_ids, t.max_new_tokens, t.temperature)
+            ro = sample(policy, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, backend=backend)
             texts = decode_responses(tok, ro)
             rm = score_rollout(reward_model, ro, closing).cpu().view(len(batch), n)
             gold = torch.tensor(oracle.score_batch(many, texts)).view(len(batch), n)

@@ -45,6 +45,7 @@ class Judge:
 
     def __init__(self, cfg, sft_parent: dict, rm_parent: dict, device):
         self.cfg, self.e, self.dev = cfg, cfg.eval, device
+        self.backend = cfg.get("sampler", "hf")  # how every evaluation samples (pipeline/inference/sampler.py)
         self.t = settings(cfg.eval)
         self.tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
         rm_tok = load_tokenizer(rm_parent["final"])
@@ -87,7 +88,7 @@ class Judge:
     def _answer(self, model, prompts, greedy: bool) -> dict:
         return gathered(lambda mine: rollout_eval(model, mine, self.tok, self.end_ids, self.t, self.oracle,
                                                   self.reward_model, self.closing, self.ref_logits, self.dev, 0,
-                                                  greedy), prompts)
+                                                  greedy, self.backend), prompts)
 
     def _seed(self) -> None:
         from pipeline.core.dist import _dist
@@ -108,7 +109,7 @@ class Judge:
                     return self._answer(self.sft, self.prompts, greedy)
                 return gathered(lambda mine: best_of_n_eval(self.sft, mine, self.tok, self.end_ids, t,
                                                             self.oracle, self.reward_model, self.closing, self.dev,
-                                                            0, best_of, also), self.prompts)
+                                                            0, best_of, also, self.backend), self.prompts)
 
             return versus_sft(answer, greedy=False, resamples=self.e.bootstrap)
         model = policy if isinstance(policy, TokenModel) else TokenModel(policy)

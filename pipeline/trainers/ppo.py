@@ -85,6 +85,7 @@ class PPOLoop:
         self.previous = None  # round r > 1: round r-1's final evaluation outputs, to compare with
         self.seed = cfg.seed + 1009 * (int(cfg.get("round", 1) or 1) - 1)  # each round its own prompts and samples
         self.packing = self.t.pack_sequences  # 0 once check_packing finds the model's attention ignores boundaries
+        self.backend = cfg.get("sampler", "hf")  # rollouts and evaluations: pipeline/inference/sampler.py
         normalise = self.t.normalize_reward and self.t.reward == "model"
         self.rm_mean = rm_stats.get("mean", 0.0) if normalise else 0.0
         self.rm_std = max(rm_stats.get("std", 1.0), 1e-6) if normalise else 1.0
@@ -124,7 +125,7 @@ class PPOLoop:
         self.policy.eval()
         p_ids, p_mask = prompt_batch(self.tok, batch_prompts, t.max_prompt_tokens, self.dev)
         ro = sample(acc.unwrap_model(self.policy), self.tok, p_ids, p_mask, self.end_ids, t.max_new_tokens,
-                    t.temperature, t.top_k, t.top_p, keep_logprobs=self.gen_logprobs)
+                    t.temperature, t.top_k, t.top_p, keep_logprobs=self.gen_logprobs, backend=self.backend)
         t_gen = time.time() - t0
         if self.packing and first:  # packed and padded forwards must agree; if not, this model cannot be packed
             diff = check_packing(acc.unwrap_model(self.policy), ro, self.packing, t.temperature)
@@ -289,7 +290,7 @@ class PPOLoop:
         """`rollout_eval` on this process's shard of `prompts`, gathered (padding repeats dropped), in prompt order."""
         return gathered(lambda mine: rollout_eval(model, mine, self.tok, self.end_ids, self.t, self.oracle,
                                                   self.reward_model, self.closing, self.ref_logits, self.dev,
-                                                  self.packing, greedy), prompts)
+                                                  self.packing, greedy, self.backend), prompts)
 
     def periodic_eval(self, done: int, prompts: list) -> None:
         """Held-out gold, reward (as trained on) and exact KL to SFT of the policy after `done` iterations, sampled

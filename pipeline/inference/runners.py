@@ -131,7 +131,10 @@ class LlamaRunner:
                 and not getattr(cfg, "mlp_bias", False) and rope.get("rope_type", "default") == "default"
                 and getattr(cfg, "hidden_act", "silu") == "silu" and getattr(cfg, "pretraining_tp", 1) == 1)
 
-    def __init__(self, model, max_rows: int, max_len: int):
+    def __init__(self, model, max_rows: int, max_len: int, fuse: bool = True):
+        """fuse: q/k/v and gate/up as one matmul each, from weights concatenated once (a copy: serving's frozen
+        model); false reads the model's own parameter tensors, so a runner over a policy being trained always runs
+        its current weights, with nothing copied or reloaded after an update (the RL sampler's case)."""
         cfg, m = model.config, model.model
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -144,10 +147,11 @@ class LlamaRunner:
         self.layers = []
         for layer in m.layers:
             a, mlp = layer.self_attn, layer.mlp
-            self.layers.append((layer.input_layernorm.weight,
-                                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
-                                layer.post_attention_layernorm.weight,
-                                torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight))
+            qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
+            gu = (mlp.gate_proj.weight, mlp.up_proj.weight)
+            self.layers.append((layer.input_layernorm.weight, torch.cat(qkv) if fuse else qkv, a.o_proj.weight,
+                                layer.post_attention_layernorm.weight, torch.cat(gu) if fuse else gu,
+                                mlp.down_proj.weight))
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
         inv = 1.0 / theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd)
@@ -219,7 +223,9 @@ class LlamaRunner:
         nq, nk, hd, gqa = self.nh * self.hd, self.nkv * self.hd, self.hd, self.nkv != self.nh
         x = self.embed[ids]
         for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
-            qkv = F.linear(self._rms(x, w_in), w_qkv)
+            h = self._rms(x, w_in)
+            qkv = F.linear(h, w_qkv) if isinstance(w_qkv, torch.Tensor) else \
+                torch.cat([F.linear(h, w) for w in w_qkv], -1)
             qk = self._rope(qkv[:, :nq + nk].view(-1, self.nh + self.nkv, hd), cos, sin)  # q and k in one go
             q = qk[:, :self.nh]
             self.k[i].view(-1, hd).index_copy_(0, at, qk[:, self.nh:].reshape(-1, hd))
@@ -235,7 +241,9 @@ class LlamaRunner:
                     qn, self.k[i, new, :, :width], self.v[i, new, :, :width], is_causal=True,
                     enable_gqa=gqa).transpose(1, 2).reshape(n * width, nq))
             x = x + F.linear(parts[0] if len(parts) == 1 else torch.cat(parts), w_o)
-            gate, up = F.linear(self._rms(x, w_post), w_gu).chunk(2, -1)
+            h = self._rms(x, w_post)
+            gate, up = F.linear(h, w_gu).chunk(2, -1) if isinstance(w_gu, torch.Tensor) else \
+                (F.linear(h, w) for w in w_gu)
             x = x + F.linear(F.silu(gate) * up, w_down)
         if n:
             lengths = torch.tensor([len(p) for p in prompts], device=dev)

@@ -13,7 +13,7 @@ One thread runs the model; callers only submit and cancel. Each loop turn (a "st
      context) leave.
 So a request never waits for another to finish (what static batching does), and a new one starts within one step.
 How the model runs a growing and shrinking batch (its KV cache, padding, a fast path for Llamas) is the runner's
-business: serving/runners.py.
+business: pipeline/inference/runners.py.
 
 The tokens go out through `on_token(choice, token_id, finish_reason)`; finish_reason is None while the row runs,
 then "stop" (end of turn), "length" (max_tokens or the model's context), "cancelled", or "error".
@@ -38,9 +38,9 @@ from typing import Callable, Optional
 
 import torch
 
-from serving.runners import make_runner
+from pipeline.inference.runners import make_runner
 
-log = logging.getLogger("serving.engine")
+log = logging.getLogger(__name__)
 
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing logits by a smaller one overflows to inf.
