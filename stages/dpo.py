@@ -175,7 +175,8 @@ def fresh_comparisons(cfg, run, policy, tok, start_parent: dict, device) -> tupl
     settings = OmegaConf.structured(GenerationSettings(max_new_tokens=e.max_new_tokens, do_sample=True,
                                                        temperature=e.temperature, top_k=e.top_k, top_p=e.top_p))
     records, stats = round_comparisons(policy, tok, prompts, r, GoldOracle.from_config(cfg.data.world), it.samples,
-                                       it.prompts, settings, e.batch_size, cfg.data.world.label_temperature, cfg.seed)
+                                       it.prompts, settings, e.batch_size, cfg.data.world.label_temperature, cfg.seed,
+                                       backend=cfg.sampler)
     pairs = expand_pairs(records)
     total = (start_parent.get("metrics", {}).get("labels/total_pairs") or 0) + len(pairs)
     return pairs, records, {**stats, "labels/round_rankings": len(records), "labels/round_pairs": len(pairs),

@@ -144,7 +144,7 @@ def run_reward(cfg: DictConfig) -> None:
             policy = load_policy(current["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
             records, extra_r = round_comparisons(
                 policy, tok, prompts, r, oracle, it.samples, it.prompts, cfg.generation, t.gen_batch_size,
-                o.label_temperature or cfg.data.world.label_temperature, cfg.seed)
+                o.label_temperature or cfg.data.world.label_temperature, cfg.seed, backend=cfg.sampler)
             del policy
             extra.update(extra_r)
             if state.is_main_process:
@@ -165,7 +165,8 @@ def run_reward(cfg: DictConfig) -> None:
             policy = load_policy(parent["final"], cfg.precision, state.device, cfg.model.trust_remote_code)[0]
             records, extra = onpolicy_comparisons(
                 policy, tok, distinct_prompts(pairs, o.prompts), GoldOracle.from_config(cfg.data.world), o.samples,
-                cfg.generation, t.gen_batch_size, o.label_temperature or cfg.data.world.label_temperature, cfg.seed + 2)
+                cfg.generation, t.gen_batch_size, o.label_temperature or cfg.data.world.label_temperature, cfg.seed + 2,
+                backend=cfg.sampler)
             del policy
             if state.is_main_process:  # the ranked format of reward_data/: reusable as data.preference.kind=local
                 write_jsonl(run.dir / "onpolicy_comparisons.jsonl", records)

@@ -164,3 +164,34 @@ def test_after_an_in_place_update_the_engine_samples_from_the_new_weights():
     first = m[:, :1] & same[:, :1]  # the first token of each row is drawn from the same prompt state
     assert first.any()
     assert torch.allclose(again.logprobs[:, :1][first], fresh[:, :1][first], atol=1e-5)
+
+
+def test_generate_gives_the_same_greedy_replies_through_either_back_end(tiny_tok):
+    """pipeline.inference.generation.generate, the text-level decoder (the reward stage's on-policy answers, the
+    labellers' samples), with backend=engine: the same replies, ends and token ids as model.generate."""
+    from omegaconf import OmegaConf
+
+    import pipeline.core.config  # noqa: F401
+    from pipeline.core.config import GenerationSettings
+    from pipeline.inference.generation import generate
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tiny_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+                      pad_token_id=tiny_tok.pad_token_id)
+    m = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # a peaked model, so that some replies close their turn early
+        m.lm_head.weight.mul_(8.0)
+    prompts = [[{"role": "user", "content": f"What is {i} plus {i + 1}?"}] for i in range(10)]
+    greedy = OmegaConf.structured(GenerationSettings(max_new_tokens=16))
+    a = generate(m, tiny_tok, prompts, greedy, batch_size=4, backend="hf")
+    b = generate(m, tiny_tok, prompts, greedy, batch_size=4, backend="engine")
+    assert [str(x) for x in a] == [str(x) for x in b]
+    assert [x.token_ids for x in a] == [x.token_ids for x in b] and [x.ended for x in a] == [x.ended for x in b]
+    beams = OmegaConf.structured(GenerationSettings(max_new_tokens=8, num_beams=2))  # the engine has no beams: hf
+    assert [str(x) for x in generate(m, tiny_tok, prompts[:2], beams, backend="engine")] == \
+        [str(x) for x in generate(m, tiny_tok, prompts[:2], beams, backend="hf")]
+    sampled = OmegaConf.structured(GenerationSettings(max_new_tokens=16, do_sample=True, temperature=0.8))
+    c = generate(m, tiny_tok, prompts, sampled, batch_size=4, seed=3, backend="engine")
+    assert [str(x) for x in c] == [str(x) for x in generate(m, tiny_tok, prompts, sampled, batch_size=4, seed=3,
+                                                            backend="engine")]

@@ -346,6 +346,10 @@ class IterateSettings:
 @dataclass
 class RewardConfig(StageConfig):
     stage: str = opt("reward", "the stage this config runs")
+    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
+                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+                                 "pipeline/inference/sampler.py")
     round: int = opt(1, "the round of iterated RLHF (make iterate): 1 is the one-shot reward stage; r > 1 writes "
                         "runs/<run>/reward_r<r>/ from round r-1's policy and reward model (`iterate`)")
     iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")

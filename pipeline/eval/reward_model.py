@@ -121,7 +121,7 @@ def policy_answers(policy, tok, prompts, cfg, oracle=None) -> dict:
     mine = shard(len(prompts))
     msgs = [as_messages(prompts[i]) for i in mine for _ in range(k)]
     replies = [str(r) for r in generate(policy, tok, msgs, cfg.generation, cfg.train.gen_batch_size,
-                                        seed=cfg.seed + 1)]
+                                        seed=cfg.seed + 1, backend=cfg.get("sampler", "hf"))]
     golds = oracle.score_batch(msgs, replies) if oracle else None
     return {"mine": list(mine), "messages": msgs, "replies": replies, "gold": golds, "k": k}
 

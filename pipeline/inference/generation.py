@@ -22,6 +22,7 @@ import torch
 
 from pipeline.data.prompts import encode_prompts, left_pad
 from pipeline.data.tokenizer import end_of_turn_ids
+from pipeline.inference.sampler import engine_applies, engine_sample
 from pipeline.rl.ops import ended, response_mask
 
 
@@ -85,8 +86,10 @@ def _model_device(model):
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, device=None,
-             seed: Optional[int] = None) -> list[Reply]:
-    """Replies to `prompts` (lists of messages ending in a user turn) in order, as `Reply` strings."""
+             seed: Optional[int] = None, backend: str = "hf") -> list[Reply]:
+    """Replies to `prompts` (lists of messages ending in a user turn) in order, as `Reply` strings. backend
+    "engine" (or "auto") samples through the continuous-batching engine's runner where it applies (a Llama
+    checkpoint, no beams, no repetition penalty: pipeline/inference/sampler.py), else `model.generate`."""
     if not prompts:
         return []
     device = device or _model_device(model)
@@ -99,6 +102,8 @@ def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, de
     # Longest first: similar lengths share a batch, so less padding; the original order is restored at the end.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[Optional[Reply]] = [None] * len(ids)
+    engine = backend != "hf" and int(settings.num_beams) == 1 and float(settings.repetition_penalty) == 1.0 and \
+        engine_applies(model)
     was_training = model.training
     model.eval()
     try:
@@ -106,8 +111,13 @@ def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, de
             idx = order[start:start + batch_size]
             input_ids, mask = left_pad([ids[i] for i in idx], pad, device)
             with _seeded(None if seed is None else seed + b, device):
-                seqs = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gc)
-            resp = seqs[:, input_ids.shape[1]:]  # cut after the first end-of-turn, as every rollout is
+                if engine:
+                    resp = engine_sample(model, tokenizer, input_ids, mask, stop, int(settings.max_new_tokens),
+                                         float(settings.temperature), int(settings.top_k), float(settings.top_p),
+                                         greedy=not settings.do_sample).response_ids
+                else:
+                    seqs = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gc)
+                    resp = seqs[:, input_ids.shape[1]:]  # cut after the first end-of-turn, as every rollout is
             for row, n, done, i in zip(resp.tolist(), response_mask(resp, stop, pad).sum(-1).tolist(),
                                        ended(resp, stop).tolist(), idx):
                 text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()

@@ -70,7 +70,8 @@ def distinct_prompts(pairs: list[dict], n: int) -> list[list[dict]]:
 
 
 def onpolicy_comparisons(policy, tok, prompts: list[list[dict]], oracle, samples: int, settings, batch_size: int,
-                         label_temperature: float, seed: int, id_prefix: str = "onpolicy") -> tuple[list[dict], dict]:
+                         label_temperature: float, seed: int, id_prefix: str = "onpolicy",
+                         backend: str = "hf") -> tuple[list[dict], dict]:
     """`samples` replies from `policy` to each prompt, ranked by simulated labellers: ranked records in the
     format of reward_data/ (`expand_pairs` makes them pairs), and what they were like: how many prompts gave two
     or more distinct replies, the replies' mean gold score, how often the noisy labels agree with the gold order.
@@ -78,7 +79,7 @@ def onpolicy_comparisons(policy, tok, prompts: list[list[dict]], oracle, samples
     t0 = time.time()
     mine = shard(len(prompts))
     replies = generate(policy, tok, [prompts[i] for i in mine for _ in range(samples)], settings, batch_size,
-                       seed=seed)
+                       seed=seed, backend=backend)
     records = []
     for j, i in enumerate(mine):
         distinct = list(dict.fromkeys(str(r) for r in replies[j * samples:(j + 1) * samples]))
@@ -95,11 +96,11 @@ def onpolicy_comparisons(policy, tok, prompts: list[list[dict]], oracle, samples
 
 
 def round_comparisons(policy, tok, prompts: list, r: int, oracle, samples: int, per_round: int, settings,
-                      batch_size: int, label_temperature: float, seed: int) -> tuple[list[dict], dict]:
+                      batch_size: int, label_temperature: float, seed: int, backend: str = "hf") -> tuple[list[dict], dict]:
     """Round r's labels in make iterate (r > 1): `samples` replies of `policy` (round r-1's) to each of the round's
     `per_round` fresh prompts, the (r-1)-th slice of `prompts` (a list of {"messages": ...}), wrapping around, ranked
     by the same labellers as `onpolicy_comparisons`. The reward rounds and online DPO's rounds both label this way."""
     start = (r - 2) * per_round
     fresh = [prompts[(start + j) % len(prompts)]["messages"] for j in range(min(per_round, len(prompts)))]
     return onpolicy_comparisons(policy, tok, fresh, oracle, samples, settings, batch_size, label_temperature,
-                                seed + 2 + 101 * (r - 1), id_prefix=f"round{r}")
+                                seed + 2 + 101 * (r - 1), id_prefix=f"round{r}", backend=backend)
