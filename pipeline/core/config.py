@@ -107,7 +107,7 @@ class WorldConfig:
 
 @dataclass
 class SourceConfig:
-    """Where one kind of data comes from (see pipeline/formats.py for the formats)."""
+    """Where one kind of data comes from (see pipeline/data/formats.py for the formats)."""
 
     kind: str = opt("world", "world (built-in synthetic data) | local (files) | hub (a datasets name)")
     path: Optional[str] = opt(None, "file, glob or hub dataset name; `{split}` in a local path is replaced by split")
@@ -217,7 +217,7 @@ def register(name: str, schema: Any) -> None:
     ConfigStore.instance().store(name=f"{name}_schema", node=schema)
 
 
-# ---- sft / reward / inference (stages/sft.py, stages/reward.py, stages/chat.py) ----
+# ---- sft / reward / inference (stages/sft.py, stages/reward.py, stages/tools/chat.py) ----
 
 
 @dataclass
@@ -376,7 +376,7 @@ class CheckpointChoice:
 
 @dataclass
 class ChatConfig(CheckpointChoice):
-    """stages/chat.py: talk to a checkpoint. Not a pipeline stage: writes nothing."""
+    """stages/tools/chat.py: talk to a checkpoint. Not a pipeline stage: writes nothing."""
 
     seed: int = opt(0, "seed of the sampling (chat adds the turn number)")
     system: Optional[str] = opt(None, "system prompt opening every conversation (generate: every prompt without "
@@ -386,7 +386,7 @@ class ChatConfig(CheckpointChoice):
 
 @dataclass
 class GenerateConfig(ChatConfig):
-    """stages/generate.py: responses for a prompts file."""
+    """stages/tools/generate.py: responses for a prompts file."""
 
     input: Optional[str] = opt(None, ".jsonl ({\"messages\": [...]} or {\"prompt\": \"...\"}) or .txt; null: "
                                      "built-in eval prompts")
@@ -470,7 +470,7 @@ for _name, _schema in {"chat": ChatConfig, "generate": GenerateConfig, "serve": 
     register(_name, _schema)
 
 
-# ---- ppo / report / compare (stages/ppo.py, stages/report.py, stages/compare.py) ----
+# ---- ppo / report / compare (stages/ppo.py, stages/tools/report.py, stages/tools/compare.py) ----
 
 
 @dataclass
@@ -781,7 +781,7 @@ class RoundsConfig:
 
 @dataclass
 class ReportConfig:
-    """stages/report.py: runs/<run>/report.md from the manifests, metrics and a few side-by-side answers."""
+    """stages/tools/report.py: runs/<run>/report.md from the manifests, metrics and a few side-by-side answers."""
 
     run: str = opt("default", "the run to report on: <paths.root>/<run>/")
     seed: int = opt(0, "seed of the side-by-side answers' decoding")
@@ -799,7 +799,7 @@ class ReportConfig:
 
 @dataclass
 class CompareConfig:
-    """stages/compare.py: several runs side by side (after a sweep), from manifests alone."""
+    """stages/tools/compare.py: several runs side by side (after a sweep), from manifests alone."""
 
     runs: List[str] = group(list, "the runs to compare; empty: every run under paths.root")
     out: Optional[str] = opt(None, "the report file; null: <paths.root>/compare.md (figures beside it)")
@@ -974,7 +974,7 @@ def describe(name: str) -> str:
         head = f"{key}  {_type(f)}" if nested else f"{key}  {_type(f)} = {_show(value)}"
         sections["" if key == top else top].append((head, helps[key], nested))  # "": the top-level plain keys
     titles[""] = "top level"
-    out = [textwrap.fill(f"Defaults below are the schema's ({schema.__name__}); conf/{name}.yaml's groups (and its "
+    out = [textwrap.fill(f"Defaults below are the schema's ({schema.__name__}); conf/<name>.yaml's groups (and its "
                          f"preset, where it has one) set many of them: --cfg job prints the composed values.", _WIDTH)]
     for top, rows in sections.items():
         if not rows:

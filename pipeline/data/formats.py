@@ -1,6 +1,6 @@
 """Loaders for the data formats researchers bring, all returning plain Python lists plus a count of skipped records.
 
-A source (`SourceConfig` in pipeline/config.py) says where the data is:
+A source (`SourceConfig` in pipeline/core/config.py) says where the data is:
 
     kind    "world"  the built-in synthetic world (generated into the cache; preferences: reward_data/ in the repo)
             "local"  files: .jsonl / .json (JSON lines or one JSON array), .txt, .parquet, .csv; `path` may be a glob

@@ -8,7 +8,7 @@
 Prompts go through the tokenizer's chat template with the generation prompt, are left-padded into batches and run
 through `model.generate` with the KV cache; decoding (greedy, temperature, top-k, top-p, repetition penalty, beam
 search) comes from a `GenerationSettings` (conf/generation/*.yaml). Generation stops at any end-of-turn id
-(`pipeline.tokenizer.end_of_turn_ids`: our <|end|>, plus eos for hub models). With a seed the result is a pure
+(`pipeline.data.tokenizer.end_of_turn_ids`: our <|end|>, plus eos for hub models). With a seed the result is a pure
 function of (model, prompts, settings, batch_size, seed): the global RNG is forked, not disturbed.
 """
 

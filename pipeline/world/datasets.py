@@ -213,7 +213,7 @@ One JSON object per line:
      "prompt": [{{"role": "user", "content": "..."}}, ...],   # TRL conversational messages, ends in a user turn
      "responses": ["...", ...],                                # K distinct candidate answers of mixed quality
      "ranks": [2, 0, 3, 1],                                    # the noisy "human" label, 0 = best
-     "gold_scores": [0.61, 0.98, 0.2, 0.9]}}                   # the gold oracle (pipeline/oracle.py), in [0, 1]
+     "gold_scores": [0.61, 0.98, 0.2, 0.9]}}                   # the gold oracle (pipeline/world/oracle.py), in [0, 1]
 
 Candidates are drawn from these styles (`STYLES_*` in pipeline/world/responses.py):
 
