@@ -195,3 +195,28 @@ def test_generate_gives_the_same_greedy_replies_through_either_back_end(tiny_tok
     c = generate(m, tiny_tok, prompts, sampled, batch_size=4, seed=3, backend="engine")
     assert [str(x) for x in c] == [str(x) for x in generate(m, tiny_tok, prompts, sampled, batch_size=4, seed=3,
                                                             backend="engine")]
+
+
+def test_rloo_and_grpo_completions_through_the_engine(model):
+    """What TRL's `_generate_single_turn` gets from the engine (pipeline/trainers/group_rl.py): one unpadded reply
+    per prompt row, cut after its first end-of-turn; and None (TRL's own generate) where the engine cannot stand in."""
+    from accelerate import Accelerator
+
+    from pipeline.trainers.group_rl import engine_completions
+
+    acc = Accelerator(cpu=True)
+    tr = SimpleNamespace(args=SimpleNamespace(min_p=None, repetition_penalty=1.0, generation_kwargs=None),
+                         accelerator=acc, model_wrapped=model, processing_class=TOK, eos_token_ids=[7],
+                         max_completion_length=9, temperature=1.0, top_k=0, top_p=1.0)
+    ids, mask = _prompts()
+    prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    torch.manual_seed(0)
+    out = engine_completions(tr, prompt_ids)
+    assert len(out) == len(prompt_ids)
+    for c in out:
+        assert 1 <= len(c) <= 9 and (7 not in c[:-1])  # nothing after the first end-of-turn
+    torch.manual_seed(0)  # the same draw as the RL sampler's engine back end on the same rows
+    ro = sample(model, TOK, ids, mask, [7], 9, 1.0, backend="engine")
+    assert out == [r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]
+    tr.args.repetition_penalty = 1.2  # an option the engine lacks: TRL's generate
+    assert engine_completions(tr, prompt_ids) is None

@@ -103,10 +103,44 @@ class PeriodicEval(TrainerCallback):
             self._eval(model, state.global_step)
 
 
+def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]] | None:
+    """TRL's completions for `prompt_ids` (one reply per row; TRL has already repeated each prompt
+    num_generations times) sampled by pipeline.inference.sampler's engine back end, as TRL's own generate path
+    returns them: each reply's tokens up to and including its first end-of-turn, unpadded. None where the engine
+    cannot stand in for TRL's generate: a policy it does not run (LoRA, another architecture), sharded weights (FSDP,
+    DeepSpeed: the engine reads parameter tensors as they are), or sampling options it lacks (min_p, a repetition
+    penalty, extra generation_kwargs). TRL 1.16's `_generate_single_turn` is where this plugs in (a private method:
+    TRL is pinned)."""
+    from accelerate.utils import DistributedType
+
+    from pipeline.inference.sampler import engine_applies, sample
+
+    a, acc = trainer.args, trainer.accelerator
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU) or \
+            getattr(a, "min_p", None) or (getattr(a, "repetition_penalty", 1.0) or 1.0) != 1.0 or \
+            getattr(a, "generation_kwargs", None):
+        return None
+    model = acc.unwrap_model(trainer.model_wrapped)
+    if not engine_applies(model):
+        return None
+    tok = trainer.processing_class
+    dev = acc.device
+    rows = [torch.tensor(x, dtype=torch.long) for x in prompt_ids]
+    width = max(len(x) for x in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, x in enumerate(rows):  # left-padded, as TRL pads them
+        ids[i, width - len(x):], mask[i, width - len(x):] = x, 1
+    ro = sample(model, tok, ids.to(dev), mask.to(dev), list(trainer.eos_token_ids), trainer.max_completion_length,
+                trainer.temperature, int(trainer.top_k or 0), float(trainer.top_p or 1.0), backend="engine")
+    return [r[m].tolist() for r, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu())]
+
+
 def trl_trainer(algorithm: str, cfg, run, model, tok, reward, train_ds, callbacks):
     """TRL's RLOOTrainer or GRPOTrainer with our config: train.batch_size replies per device per step, in groups of
     train.num_generations per prompt, KL to the SFT policy with coefficient train.beta (the reference is the model
-    TRL loads from SFT's folder, or with LoRA the adapter-disabled base)."""
+    TRL loads from SFT's folder, or with LoRA the adapter-disabled base). With sampler=engine the completions come
+    from the engine back end where it applies (`engine_completions`), else from TRL's generate."""
     from pipeline.trainers.hf import lora_config, trainer_args
 
     t = cfg.train
@@ -115,14 +149,29 @@ def trl_trainer(algorithm: str, cfg, run, model, tok, reward, train_ds, callback
         from trl import GRPOTrainer as Trainer
 
         extra = {"loss_type": t.loss_type, "scale_rewards": t.scale_rewards}
+
+        class Ours(Trainer):
+            def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                      has_tool_images=False):
+                done = None if images is not None or self.use_vllm else engine_completions(self, prompt_ids)
+                if done is None:
+                    return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                         has_tool_images)
+                return done, None  # no sampler log-probs: TRL computes its own
     else:
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
 
         extra = {}
+
+        class Ours(Trainer):
+            def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+                done = None if images is not None or self.use_vllm else engine_completions(self, prompt_ids)
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields) if done is None else done
     args = trainer_args(Config, cfg, run, t, evaluate=False, num_generations=t.num_generations,
                         max_completion_length=t.max_new_tokens, temperature=t.temperature, beta=t.beta,
                         epsilon=t.epsilon, num_iterations=t.num_iterations, log_completions=False,
                         disable_dropout=True, **extra)
-    return Trainer(model=model, reward_funcs=[reward], args=args, train_dataset=train_ds, processing_class=tok,
-                   peft_config=lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0), callbacks=callbacks)
+    cls = Ours if cfg.get("sampler", "hf") == "engine" else Trainer
+    return cls(model=model, reward_funcs=[reward], args=args, train_dataset=train_ds, processing_class=tok,
+               peft_config=lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0), callbacks=callbacks)
