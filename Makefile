@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	@rm -f $(VENV)/.stamp-* && touch $@
 
-.PHONY: help setup all $(STAGES) $(METHODS) $(DASHED) methods iterate report compare chat serve generate reward-data test test-slow bench clean
+.PHONY: help setup all $(STAGES) $(METHODS) $(DASHED) methods iterate report compare chat serve generate reward-data lint test test-slow bench clean
 help:  ## list the targets
 	@grep -hE '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
 	@$(PYTHON) -m pipeline.core.registry --describe | expand -t 14
@@ -88,6 +88,10 @@ reward-data: $(STAMP)  ## regenerate reward_data/ byte for byte from the seeded 
 test: $(STAMP)  ## fast tests, end-to-end smoke included (~minutes on 2 cores; installs chromium for the chat page)
 	@bash .ci/browser
 	$(PY) -m pytest -q
+
+lint: $(STAMP)  ## ruff: the linter and the formatter's check (ruff format . fixes the format)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test-slow: $(STAMP)  ## slower checks (marked slow)
 	$(PY) -m pytest -q -m slow

@@ -65,15 +65,18 @@ def run_logged(cmd: list, log: Path, env: dict) -> float:
 
 def update_results(section: str, intro: str, header: str, row: str) -> None:
     """Append `row` to the table of `section` in bench/results.md (created with `intro` and `header` if new)."""
-    text = RESULTS.read_text() if RESULTS.exists() else \
-        "# Benchmark results\n\nFigures written by the scripts in bench/ (see bench/README.md).\n"
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else "# Benchmark results\n\nFigures written by the scripts in bench/ (see bench/README.md).\n"
+    )
     lines = text.splitlines()
     start = next((i for i, line in enumerate(lines) if line.strip() == section), None)
     if start is None:
         before, rows, after = lines, [], []
     else:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        table = [line for line in lines[start + 1: end] if line.startswith("|")]
+        table = [line for line in lines[start + 1 : end] if line.startswith("|")]
         before, rows, after = lines[:start], table[2:], lines[end:]
     while before and not before[-1].strip():
         before.pop()

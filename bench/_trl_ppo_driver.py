@@ -89,8 +89,9 @@ def main(spec_path: str, out_path: str) -> None:
         ended = (query_responses[:, context_length:] == end_id).any(-1)
         resp = query_responses[:, context_length:]
         lengths_seen.append(float(((resp != pad_token_id) | (resp == end_id)).sum(-1).float().mean()))
-        logits, final, lengths = original_get_reward(model, closed(query_responses, pad_token_id, context_length),
-                                                     pad_token_id, context_length)
+        logits, final, lengths = original_get_reward(
+            model, closed(query_responses, pad_token_id, context_length), pad_token_id, context_length
+        )
         final = (final - mean) / std
         if penalty is not None:
             if ended.any():
@@ -108,20 +109,49 @@ def main(spec_path: str, out_path: str) -> None:
         raise SystemExit(f"rollout batch {B} is not a multiple of the minibatch {M}")
     out_dir = spec["output_dir"]
     args = PPOConfig(
-        output_dir=out_dir, report_to="none", seed=w["seed"], use_cpu=not torch.cuda.is_available(),
-        bf16=False, fp16=False, gradient_checkpointing=False, optim="adamw_torch",
-        learning_rate=w["lr"], adam_beta1=w["beta1"], adam_beta2=w["beta2"], adam_epsilon=w["eps"],
-        weight_decay=w["weight_decay"], warmup_steps=0,
-        **({"lr_scheduler_type": "constant"} if w["min_lr_ratio"] == 1.0 else
-           {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": w["min_lr_ratio"]}}),
-        per_device_train_batch_size=M, gradient_accumulation_steps=B // M, num_mini_batches=B // M,
-        num_ppo_epochs=w["ppo_epochs"], total_episodes=w["iterations"] * B,
-        local_rollout_forward_batch_size=w["forward_batch_size"], response_length=w["max_new_tokens"],
-        stop_token_id=end_id, temperature=w["temperature"], missing_eos_penalty=None,
-        kl_coef=w["kl_coef"], kl_estimator=w["kl_estimator"], cliprange=w["clip_range"],
-        cliprange_value=w["clip_range_value"], vf_coef=w["vf_coef"], gamma=w["gamma"], lam=w["lam"],
-        whiten_rewards=False, num_sample_generations=0, save_strategy="no", logging_steps=1,
-        disable_tqdm=True, per_device_eval_batch_size=1, dataloader_num_workers=0,
+        output_dir=out_dir,
+        report_to="none",
+        seed=w["seed"],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        optim="adamw_torch",
+        learning_rate=w["lr"],
+        adam_beta1=w["beta1"],
+        adam_beta2=w["beta2"],
+        adam_epsilon=w["eps"],
+        weight_decay=w["weight_decay"],
+        warmup_steps=0,
+        **(
+            {"lr_scheduler_type": "constant"}
+            if w["min_lr_ratio"] == 1.0
+            else {"lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr_rate": w["min_lr_ratio"]}}
+        ),
+        per_device_train_batch_size=M,
+        gradient_accumulation_steps=B // M,
+        num_mini_batches=B // M,
+        num_ppo_epochs=w["ppo_epochs"],
+        total_episodes=w["iterations"] * B,
+        local_rollout_forward_batch_size=w["forward_batch_size"],
+        response_length=w["max_new_tokens"],
+        stop_token_id=end_id,
+        temperature=w["temperature"],
+        missing_eos_penalty=None,
+        kl_coef=w["kl_coef"],
+        kl_estimator=w["kl_estimator"],
+        cliprange=w["clip_range"],
+        cliprange_value=w["clip_range_value"],
+        vf_coef=w["vf_coef"],
+        gamma=w["gamma"],
+        lam=w["lam"],
+        whiten_rewards=False,
+        num_sample_generations=0,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        per_device_eval_batch_size=1,
+        dataloader_num_workers=0,
     )
 
     clock = time.process_time if spec.get("clock") == "cpu" else time.time
@@ -148,12 +178,27 @@ def main(spec_path: str, out_path: str) -> None:
     # Our optimizer settings: AdamW, the policy at lr and the value model at critic_lr (TRL would build one AdamW
     # over both at one lr); TRL's own scheduler is built on top of it.
     optimizer = torch.optim.AdamW(
-        [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": w["lr"]},
-         {"params": [p for p in value.parameters() if p.requires_grad], "lr": w["critic_lr"]}],
-        lr=w["lr"], betas=(w["beta1"], w["beta2"]), eps=w["eps"], weight_decay=w["weight_decay"])
-    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=prompts, value_model=value, eval_dataset=prompts.select(range(1)),
-                         optimizers=(optimizer, None), callbacks=[Clock()])
+        [
+            {"params": [p for p in policy.parameters() if p.requires_grad], "lr": w["lr"]},
+            {"params": [p for p in value.parameters() if p.requires_grad], "lr": w["critic_lr"]},
+        ],
+        lr=w["lr"],
+        betas=(w["beta1"], w["beta2"]),
+        eps=w["eps"],
+        weight_decay=w["weight_decay"],
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        train_dataset=prompts,
+        value_model=value,
+        eval_dataset=prompts.select(range(1)),
+        optimizers=(optimizer, None),
+        callbacks=[Clock()],
+    )
     trainer.accelerator.gradient_accumulation_steps = 1  # one optimizer step per minibatch, as ours (see above)
 
     class TimedLoader:  # the iteration's clock starts when its rollout batch is drawn
@@ -173,8 +218,12 @@ def main(spec_path: str, out_path: str) -> None:
 
     def timed_log(metrics, *a, **kw):  # called once per iteration, right after the PPO epochs
         marks["end"].append(clock())
-        logs.append({**{k: float(v) for k, v in metrics.items()},
-                     "response_length": sum(lengths_seen) / max(len(lengths_seen), 1)})
+        logs.append(
+            {
+                **{k: float(v) for k, v in metrics.items()},
+                "response_length": sum(lengths_seen) / max(len(lengths_seen), 1),
+            }
+        )
         lengths_seen.clear()
         return log(metrics, *a, **kw)
 
@@ -189,16 +238,24 @@ def main(spec_path: str, out_path: str) -> None:
 
     n = min(len(marks["start"]), len(marks["end"]))
     result = {
-        "versions": {"trl": trl.__version__, "torch": torch.__version__,
-                     "transformers": __import__("transformers").__version__,
-                     "accelerate": __import__("accelerate").__version__},
-        "threads": torch.get_num_threads(), "episodes_per_iteration": B,
+        "versions": {
+            "trl": trl.__version__,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "accelerate": __import__("accelerate").__version__,
+        },
+        "threads": torch.get_num_threads(),
+        "episodes_per_iteration": B,
         "iteration_s": [marks["end"][i] - marks["start"][i] for i in range(n)],  # rollout + update
         "gc_s": [sum(b - a for a, b in marks["gc"] if marks["start"][i] <= a <= marks["end"][i]) for i in range(n)],
         "wall_s": [b - a for a, b in zip([marks["train_begin"]] + marks["step_end"][:-1], marks["step_end"])],
-        "train_s": train_s, "load_s": load_s, "import_s": t_load - t_import, "logs": logs,
+        "train_s": train_s,
+        "load_s": load_s,
+        "import_s": t_load - t_import,
+        "logs": logs,
         "optimizer_steps": int(trainer.optimizer.state[next(iter(trainer.optimizer.state))]["step"])
-        if trainer.optimizer.state else 0,
+        if trainer.optimizer.state
+        else 0,
     }
     with open(out_path, "w") as f:
         json.dump(result, f)

@@ -43,11 +43,16 @@ def best_of_n(gold: list[float], reward: list[float], greedy_gold: list[float], 
     prompt): by gold ("oracle"), by gold with the greedy answer also a candidate ("greedy+oracle"), by reward
     ("rm"; the first of equal rewards)."""
     if not 1 <= n <= k or len(gold) != len(reward) or len(gold) != k * len(greedy_gold):
-        raise ValueError(f"best_of_n: n={n}, k={k}, {len(gold)} gold, {len(reward)} rewards, {len(greedy_gold)} prompts")
+        raise ValueError(
+            f"best_of_n: n={n}, k={k}, {len(gold)} gold, {len(reward)} rewards, {len(greedy_gold)} prompts"
+        )
     groups = [range(i * k, i * k + n) for i in range(len(greedy_gold))]
     oracle = [max(gold[j] for j in g) for g in groups]
-    return {"oracle": oracle, "greedy+oracle": [max(o, g) for o, g in zip(oracle, greedy_gold)],
-            "rm": [gold[max(g, key=lambda j: reward[j])] for g in groups]}
+    return {
+        "oracle": oracle,
+        "greedy+oracle": [max(o, g) for o, g in zip(oracle, greedy_gold)],
+        "rm": [gold[max(g, key=lambda j: reward[j])] for g in groups],
+    }
 
 
 def rm_scores(rm, tok, prompts: list, replies: list[str], batch_size: int) -> list[float]:
@@ -89,8 +94,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     run = Path(a.runs_root) / a.run
-    done = {s: m for s in ("sft", "reward", "ppo")
-            if (m := read_manifest(run / s)) and m.get("status") == "complete"}
+    done = {s: m for s in ("sft", "reward", "ppo") if (m := read_manifest(run / s)) and m.get("status") == "complete"}
     for s in ("sft", "reward"):
         if s not in done:
             raise SystemExit(f"{run / s}: no complete '{s}' stage; make it first ({make_command(s, a.run)})")
@@ -107,8 +111,15 @@ def main() -> None:
     oracle = GoldOracle.from_config(cfg.data.world)
 
     def settings(sample: bool):
-        return SimpleNamespace(max_new_tokens=max_new, do_sample=sample, temperature=temperature if sample else 1.0,
-                               top_k=0, top_p=1.0, repetition_penalty=1.0, num_beams=1)
+        return SimpleNamespace(
+            max_new_tokens=max_new,
+            do_sample=sample,
+            temperature=temperature if sample else 1.0,
+            top_k=0,
+            top_p=1.0,
+            repetition_penalty=1.0,
+            num_beams=1,
+        )
 
     policy, tok = load_policy(run / "sft" / "final", "fp32", "cpu")[:2]
     greedy = [str(r) for r in generate(policy, tok, prompts, settings(False), batch_size=a.batch_size)]
@@ -125,18 +136,25 @@ def main() -> None:
 
     print(f"{run}: {len(prompts)} held-out prompts, SFT samples at temperature {temperature}, {max_new} new tokens")
     print(f"SFT greedy gold {statistics.mean(g_greedy):.3f}")
-    print(f"{'n':>4} {'KL bound':>8} | {'oracle gold':>11} {'win':>5} | {'+greedy gold':>12} {'win':>5} | "
-          f"{'RM gold':>7} {'win':>5}")
+    print(
+        f"{'n':>4} {'KL bound':>8} | {'oracle gold':>11} {'win':>5} | {'+greedy gold':>12} {'win':>5} | "
+        f"{'RM gold':>7} {'win':>5}"
+    )
     for n, r in rows.items():
-        print(f"{n:>4} {kl_bound(n):>8.2f} | {statistics.mean(r['oracle']):>11.3f} {win_rate(r['oracle'], g_greedy):>5.3f}"
-              f" | {statistics.mean(r['greedy+oracle']):>12.3f} {win_rate(r['greedy+oracle'], g_greedy):>5.3f}"
-              f" | {statistics.mean(r['rm']):>7.3f} {win_rate(r['rm'], g_greedy):>5.3f}")
+        print(
+            f"{n:>4} {kl_bound(n):>8.2f} | {statistics.mean(r['oracle']):>11.3f} "
+            f"{win_rate(r['oracle'], g_greedy):>5.3f}"
+            f" | {statistics.mean(r['greedy+oracle']):>12.3f} {win_rate(r['greedy+oracle'], g_greedy):>5.3f}"
+            f" | {statistics.mean(r['rm']):>7.3f} {win_rate(r['rm'], g_greedy):>5.3f}"
+        )
     ppo = done.get("ppo", {}).get("metrics", {})
     ppo_cell = "-"
     if ppo:
         ppo_cell = f"{ppo['eval/gold_score']:.3f} / {ppo['eval/win_rate_vs_sft']:.3f} / {ppo['eval/kl']:.2f}"
-        print(f"PPO stage: gold {ppo['eval/gold_score']:.3f}, win rate {ppo['eval/win_rate_vs_sft']:.3f}, "
-              f"KL {ppo['eval/kl']:.2f} (SFT gold {ppo['eval/sft_gold_score']:.3f})")
+        print(
+            f"PPO stage: gold {ppo['eval/gold_score']:.3f}, win rate {ppo['eval/win_rate_vs_sft']:.3f}, "
+            f"KL {ppo['eval/kl']:.2f} (SFT gold {ppo['eval/sft_gold_score']:.3f})"
+        )
     if a.no_results:
         return
 
@@ -158,7 +176,8 @@ def main() -> None:
         f"| {datetime.date.today()} | {machine()} | {load:.2f} | {a.run} | {len(prompts)} | {temperature} | "
         f"{'/'.join(map(str, ns))} | {' / '.join(f'{kl_bound(n):.2f}' for n in ns)} | "
         f"{statistics.mean(g_greedy):.3f} | {cells('oracle', statistics.mean)} | {cells('oracle', wins)} | "
-        f"{cells('rm', statistics.mean)} | {cells('rm', wins)} | {ppo_cell} |")
+        f"{cells('rm', statistics.mean)} | {cells('rm', wins)} | {ppo_cell} |",
+    )
     print("row added to bench/results.md")
 
 

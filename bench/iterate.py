@@ -2,7 +2,7 @@
 (round 1) and `make iterate`'s rounds on it, all scored by the gold oracle; optionally the same label budget spent
 all at once in the reward stage against spread over the rounds.
 
-    python bench/iterate.py --runs-root /tmp/iter                                # cpu preset, worlds 1234 7 99, seeds 0 1 2
+    python bench/iterate.py --runs-root /tmp/iter              # cpu preset, worlds 1234 7 99, seeds 0 1 2
     python bench/iterate.py --runs-root /tmp/iter --world-seeds 1234 --seeds 0 --rounds 3 --equal-labels
 
 Per world seed (`data.world.seed`): tokenizer, pretrain, sft and reward in the run `default`. Per seed s: run
@@ -36,20 +36,24 @@ from _common import REPO, machine, stage_env, update_results  # (bench/ is on sy
 from pipeline_time import run_stage
 
 sys.path.insert(0, str(REPO))
-from pipeline.core.registry import ORDER  # noqa: E402
-from pipeline.report.card import round_rows  # noqa: E402
+from pipeline.core.registry import ORDER
+from pipeline.report.card import round_rows
 
 SECTION = "## Iterated RLHF"
-HEADER = ("| date | machine | preset | world seed | seed | run | round | greedy gold / SFT | win vs SFT [95% CI] | ties | "
-          "win vs previous [95% CI] | correctness SFT -> policy | KL | RM pairs in gold order before -> after | "
-          "pairs labelled (all) | round min | peak GB |")
-INTRO = ("`python bench/iterate.py`: per world seed `make all`'s chain, then per seed the one-shot PPO (round 1) and "
-         "`make iterate`'s later rounds on it (fresh comparisons of the current policy, the reward model updated on "
-         "all comparisons so far, PPO continued with its KL anchored to SFT). Greedy held-out answers scored by the "
-         "gold oracle; win rates count ties half, 95% bootstrap intervals over prompts. RM pairs: the share of pairs "
-         "of the current policy's own answers (to one prompt) that the reward model orders as gold does, before "
-         "(the previous round's model) and after the round's update. `eq-oneshot` / `eq-iter`: the same on-policy "
-         "label budget spent at once or over the rounds. One row per round, newest last.")
+HEADER = (
+    "| date | machine | preset | world seed | seed | run | round | greedy gold / SFT | win vs SFT [95% CI] | ties | "
+    "win vs previous [95% CI] | correctness SFT -> policy | KL | RM pairs in gold order before -> after | "
+    "pairs labelled (all) | round min | peak GB |"
+)
+INTRO = (
+    "`python bench/iterate.py`: per world seed `make all`'s chain, then per seed the one-shot PPO (round 1) and "
+    "`make iterate`'s later rounds on it (fresh comparisons of the current policy, the reward model updated on "
+    "all comparisons so far, PPO continued with its KL anchored to SFT). Greedy held-out answers scored by the "
+    "gold oracle; win rates count ties half, 95% bootstrap intervals over prompts. RM pairs: the share of pairs "
+    "of the current policy's own answers (to one prompt) that the reward model orders as gold does, before "
+    "(the previous round's model) and after the round's update. `eq-oneshot` / `eq-iter`: the same on-policy "
+    "label budget spent at once or over the rounds. One row per round, newest last."
+)
 
 
 def main() -> None:
@@ -59,15 +63,21 @@ def main() -> None:
     ap.add_argument("--world-seeds", type=int, nargs="+", default=[1234, 7, 99])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--equal-labels", action="store_true", help="also the equal-budget comparison (two more runs "
-                    "per seed)")
+    ap.add_argument(
+        "--equal-labels", action="store_true", help="also the equal-budget comparison (two more runs per seed)"
+    )
     ap.add_argument("--budget", type=int, default=2400, help="--equal-labels: on-policy prompts in all, B")
-    ap.add_argument("--per-round", type=int, default=None, help="--equal-labels: P (default: the preset's "
-                    "iterate.prompts)")
-    ap.add_argument("--args", nargs="*", default=[], help="extra overrides for every stage (e.g. "
-                    "iterate.reward_init=sft)")
-    ap.add_argument("--fresh", action="store_true", help="empty --runs-root first (default: finished stages are "
-                    "kept and say they are done)")
+    ap.add_argument(
+        "--per-round", type=int, default=None, help="--equal-labels: P (default: the preset's iterate.prompts)"
+    )
+    ap.add_argument(
+        "--args", nargs="*", default=[], help="extra overrides for every stage (e.g. iterate.reward_init=sft)"
+    )
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="empty --runs-root first (default: finished stages are kept and say they are done)",
+    )
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     args = ap.parse_args()
 
@@ -87,13 +97,14 @@ def main() -> None:
             runs[f"seed{s}"] = (s, chain(root, f"seed{s}", s, common + ["parent_run=default"], args.rounds, env, ws))
             if args.equal_labels:
                 per = args.per_round or _preset_prompts(args.preset)
-                for name, first in ((f"eq-oneshot-s{s}", args.budget), (f"eq-iter-s{s}",
-                                                                       args.budget - (args.rounds - 1) * per)):
+                for name, first in (
+                    (f"eq-oneshot-s{s}", args.budget),
+                    (f"eq-iter-s{s}", args.budget - (args.rounds - 1) * per),
+                ):
                     d = root / name
                     if not (d / "sft").exists():  # its own reward stage, so its own run beside the SFT it reads
                         shutil.copytree(root / "default" / "sft", d / "sft")
-                    base = common + [f"run={name}", f"seed={s}", f"onpolicy.prompts={first}",
-                                     f"iterate.prompts={per}"]
+                    base = common + [f"run={name}", f"seed={s}", f"onpolicy.prompts={first}", f"iterate.prompts={per}"]
                     w, peak = run_stage("reward", base, root / f"{name}-reward.log", env)
                     print(f"[world {ws}] {name} reward {w:7.1f} s", flush=True)
                     runs[name] = (s, chain(root, name, s, base, args.rounds if "iter" in name else 1, env, ws))
@@ -107,9 +118,10 @@ def chain(root: Path, run: str, seed: int, common: list, rounds: int, env: dict,
     times = {}
     for r in range(1, rounds + 1):
         w = peak = 0.0
-        for stage in (("ppo",) if r == 1 else ("reward", "ppo")):
-            a, b = run_stage(stage, common + [f"run={run}", f"seed={seed}", f"round={r}"],
-                             root / f"{run}-{stage}-r{r}.log", env)
+        for stage in ("ppo",) if r == 1 else ("reward", "ppo"):
+            a, b = run_stage(
+                stage, common + [f"run={run}", f"seed={seed}", f"round={r}"], root / f"{run}-{stage}-r{r}.log", env
+            )
             w, peak = w + a, max(peak, b)
         times[r] = (w, peak)
         print(f"[world {ws}] {run} round {r}: {w:7.1f} s, peak {peak:.2f} GB", flush=True)
@@ -119,7 +131,9 @@ def chain(root: Path, run: str, seed: int, common: list, rounds: int, env: dict,
 def _preset_prompts(preset: str) -> int:
     import yaml
 
-    return int(yaml.safe_load((REPO / "conf" / "preset" / "reward" / f"{preset}.yaml").read_text())["iterate"]["prompts"])
+    return int(
+        yaml.safe_load((REPO / "conf" / "preset" / "reward" / f"{preset}.yaml").read_text())["iterate"]["prompts"]
+    )
 
 
 def report(row: dict, where: str, preset: str, ws: int, seed: int, run: str, time_peak, no_results: bool) -> None:
@@ -128,13 +142,25 @@ def report(row: dict, where: str, preset: str, ws: int, seed: int, run: str, tim
         return
     f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     ci = lambda v, lo, hi: f"{f(v, 2)} [{f(lo, 2)}, {f(hi, 2)}]"  # noqa: E731
-    cells = [time.strftime("%Y-%m-%d"), where, preset, str(ws), str(seed), run, str(row["round"]),
-             f"{f(row['gold'])} / {f(row['sft_gold'])}", ci(row["win"], row["lo"], row["hi"]), f(row["tie"], 2),
-             ci(row["win_prev"], row["prev_lo"], row["prev_hi"]) if row["round"] > 1 else "-",
-             f"{f(row['sft_correct'])} -> {f(row['correct'])}", f(row["kl"], 2),
-             f"{f(row['pair_before'])} -> {f(row['pair_after'])}",
-             "-" if row["total_labels"] is None else str(int(row["total_labels"])),
-             "-" if time_peak is None else f"{time_peak[0] / 60:.1f}", "-" if time_peak is None else f"{time_peak[1]:.2f}"]
+    cells = [
+        time.strftime("%Y-%m-%d"),
+        where,
+        preset,
+        str(ws),
+        str(seed),
+        run,
+        str(row["round"]),
+        f"{f(row['gold'])} / {f(row['sft_gold'])}",
+        ci(row["win"], row["lo"], row["hi"]),
+        f(row["tie"], 2),
+        ci(row["win_prev"], row["prev_lo"], row["prev_hi"]) if row["round"] > 1 else "-",
+        f"{f(row['sft_correct'])} -> {f(row['correct'])}",
+        f(row["kl"], 2),
+        f"{f(row['pair_before'])} -> {f(row['pair_after'])}",
+        "-" if row["total_labels"] is None else str(int(row["total_labels"])),
+        "-" if time_peak is None else f"{time_peak[0] / 60:.1f}",
+        "-" if time_peak is None else f"{time_peak[1]:.2f}",
+    ]
     update_results(SECTION, INTRO, HEADER, "| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
 
 

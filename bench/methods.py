@@ -2,7 +2,7 @@
 KL and cost; and the episodes per second of RLOO and GRPO (TRL) beside our PPO on the same workload.
 
     python bench/methods.py --runs-root bench/out/runs/cpu --run default --preset cpu --seeds 0,1,2
-    python bench/methods.py --preset smoke --seeds 0 --runs-root bench/out/runs/smoke   # builds the chain first if missing
+    python bench/methods.py --preset smoke --seeds 0 --runs-root bench/out/runs/smoke  # builds the chain if missing
     python bench/methods.py ... --out bench/out/methods.md                      # the tables as markdown too
 
 What it does:
@@ -33,8 +33,8 @@ from pathlib import Path
 from _common import REPO, run_logged
 from _common import machine as machine_name
 
-from pipeline.core.registry import METHODS, ORDER  # noqa: E402
-from pipeline.report.card import method_rows, stage_manifests  # noqa: E402
+from pipeline.core.registry import METHODS, ORDER
+from pipeline.report.card import method_rows, stage_manifests
 
 
 def complete(d: Path) -> bool:
@@ -64,21 +64,36 @@ def summarise(per_seed: dict[int, list[dict]]) -> list[dict]:
     out = []
     for name, rs in by.items():
         sd = statistics.stdev([r["gold"] for r in rs]) if len(rs) > 1 else 0.0
-        out.append({"method": name, "seeds": len(rs), "gold": statistics.mean(r["gold"] for r in rs), "sd": sd,
-                    "win": statistics.mean(r["win"] for r in rs),
-                    "above": sum(r["beats"] == "above" for r in rs), "below": sum(r["beats"] == "below" for r in rs),
-                    "kl": statistics.mean(r["kl"] for r in rs), "length": statistics.mean(r["length"] for r in rs),
-                    "minutes": statistics.mean(r["minutes"] for r in rs if r["minutes"] is not None)
-                    if any(r["minutes"] is not None for r in rs) else float("nan")})
+        out.append(
+            {
+                "method": name,
+                "seeds": len(rs),
+                "gold": statistics.mean(r["gold"] for r in rs),
+                "sd": sd,
+                "win": statistics.mean(r["win"] for r in rs),
+                "above": sum(r["beats"] == "above" for r in rs),
+                "below": sum(r["beats"] == "below" for r in rs),
+                "kl": statistics.mean(r["kl"] for r in rs),
+                "length": statistics.mean(r["length"] for r in rs),
+                "minutes": statistics.mean(r["minutes"] for r in rs if r["minutes"] is not None)
+                if any(r["minutes"] is not None for r in rs)
+                else float("nan"),
+            }
+        )
     return out
 
 
 def table(summary: list[dict]) -> list[str]:
-    lines = ["| method | seeds | gold (sampled, mean ± sd) | win rate vs SFT | above / below SFT (95% CI) | KL | "
-             "reply tokens | minutes |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | seeds | gold (sampled, mean ± sd) | win rate vs SFT | above / below SFT (95% CI) | KL | "
+        "reply tokens | minutes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
-        lines.append(f"| {s['method']} | {s['seeds']} | {s['gold']:.3f} ± {s['sd']:.3f} | {s['win']:.2f} | "
-                     f"{s['above']} / {s['below']} | {s['kl']:.2f} | {s['length']:.1f} | {s['minutes']:.1f} |")
+        lines.append(
+            f"| {s['method']} | {s['seeds']} | {s['gold']:.3f} ± {s['sd']:.3f} | {s['win']:.2f} | "
+            f"{s['above']} / {s['below']} | {s['kl']:.2f} | {s['length']:.1f} | {s['minutes']:.1f} |"
+        )
     return lines
 
 
@@ -95,8 +110,13 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     root, seeds = a.runs_root.resolve(), [int(s) for s in a.seeds.split(",")]
     methods = [m for m in a.methods.split(",") if m]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     for stage in ORDER[: ORDER.index("ppo")]:  # the stages every method's parents need
@@ -115,8 +135,11 @@ def main(argv=None) -> dict:
             was_done = complete(root / run / stage)  # made earlier (another invocation): run only to check, untimed
             wall = run_logged(stage_cmd(stage, a.preset, root, *common, *extra), logs / f"{run}_{stage}.log", env)
             walls[(s, stage)] = None if was_done else wall
-        run_logged([sys.executable, "-m", "stages.tools.methods", f"run={run}", f"paths.root={root}"],
-                   logs / f"{run}_table.log", env)
+        run_logged(
+            [sys.executable, "-m", "stages.tools.methods", f"run={run}", f"paths.root={root}"],
+            logs / f"{run}_table.log",
+            env,
+        )
         # the seed's own methods (and PPO), with its parents (sft, reward) from the base run
         base = {k: m for k, m in stage_manifests(root, a.run).items() if k in ORDER[: ORDER.index("ppo")]}
         manifests = {**base, **stage_manifests(root, run)}
@@ -126,17 +149,26 @@ def main(argv=None) -> dict:
         for m in ("rloo", "grpo"):
             if m in methods:
                 speed.setdefault(f"{m} (TRL)", []).append(
-                    json.loads((root / run / m / "manifest.json").read_text())["metrics"]["train/episodes_per_s"])
+                    json.loads((root / run / m / "manifest.json").read_text())["metrics"]["train/episodes_per_s"]
+                )
 
     summary = summarise(per_seed)
     timed = {s: [walls[(s, st)] for st in methods] for s in seeds}
     minutes = {s: sum(w) / 60 if None not in w else None for s, w in timed.items()}
-    lines = [f"machine: {machine_name()}; preset {a.preset}; run {a.run}; seeds {a.seeds}", "", *table(summary), "",
-             "make methods wall minutes per seed (the method stages, PPO not counted): "
-             + ", ".join(f"seed {s}: " + (f"{m:.1f}" if m is not None else "not timed (made by an earlier run)")
-                         for s, m in minutes.items()), "",
-             "training episodes per second, mean over seeds: "
-             + ", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in speed.items())]
+    lines = [
+        f"machine: {machine_name()}; preset {a.preset}; run {a.run}; seeds {a.seeds}",
+        "",
+        *table(summary),
+        "",
+        "make methods wall minutes per seed (the method stages, PPO not counted): "
+        + ", ".join(
+            f"seed {s}: " + (f"{m:.1f}" if m is not None else "not timed (made by an earlier run)")
+            for s, m in minutes.items()
+        ),
+        "",
+        "training episodes per second, mean over seeds: "
+        + ", ".join(f"{k} {statistics.mean(v):.2f}" for k, v in speed.items()),
+    ]
     beat = [s["method"] for s in summary if s["above"] == s["seeds"] and s["method"] != "sft"]
     lines += ["", "beat SFT beyond the interval in every seed: " + (", ".join(beat) or "none")]
     print("\n".join(lines))

@@ -53,8 +53,10 @@ def lexicon_seconds() -> float:
 
 
 if __name__ == "__main__":
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
+    )
     print(f"lexicon of the default world: built in {lexicon_seconds():.2f}s of CPU, once per world")
     for mode, rate in measure().items():
         print(f"gold oracle, {mode} parse cache: {rate:,.0f} scores/s on one core")

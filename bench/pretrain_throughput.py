@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 from _common import REPO
-from _common import machine as machine_name  # noqa: E402  (bench/ is on sys.path)
+from _common import machine as machine_name
 from _common import run_logged, update_results
 
 SECTION = "## Pretraining throughput"
@@ -63,7 +63,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     for _ in range(repeats):
         t = time.perf_counter()
         torch.matmul(a, b, out=c)
-        rates.append(2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+        rates.append(2 * n**3 / (time.perf_counter() - t) / 1e9)
     return max(rates), statistics.median(rates)
 
 
@@ -85,8 +85,13 @@ def summarise(kept: list[tuple[int, float]]) -> dict:
     """Median of the per-interval rates (the headline: robust to another process stealing a core for a while),
     plus the plain mean (all tokens / all time) and the best interval."""
     rates = [tok / secs for tok, secs in kept]
-    return {"median": statistics.median(rates), "mean": sum(t for t, _ in kept) / sum(s for _, s in kept),
-            "best": max(rates), "rates": rates, "n": len(rates)}
+    return {
+        "median": statistics.median(rates),
+        "mean": sum(t for t, _ in kept) / sum(s for _, s in kept),
+        "best": max(rates),
+        "rates": rates,
+        "n": len(rates),
+    }
 
 
 # ---- the stage -------------------------------------------------------------------------------------------------
@@ -128,15 +133,23 @@ def bare_worker(stage_dir: Path, steps: int, out: Path) -> None:
     train_docs, _ = split_documents(docs, cfg.data.val_fraction, cfg.seed)
     blocks = pack(train_docs, tok, block)
     # The stage's own batches, gathered once here so that the timed loop does nothing but train.
-    batches = [[blocks[batch_indices(len(blocks), t.batch_size, s, m, t.grad_accum, 1, 0, cfg.seed)]
-                for m in range(t.grad_accum)] for s in range(steps)]
+    batches = [
+        [
+            blocks[batch_indices(len(blocks), t.batch_size, s, m, t.grad_accum, 1, 0, cfg.seed)]
+            for m in range(t.grad_accum)
+        ]
+        for s in range(steps)
+    ]
 
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.optim.warmup_steps, t.max_steps,
-                                                        min_lr_rate=cfg.optim.min_lr_ratio)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, cfg.optim.warmup_steps, t.max_steps, min_lr_rate=cfg.optim.min_lr_ratio
+    )
     tokens_per_step = t.batch_size * t.grad_accum * block
     model.train()
 
@@ -158,41 +171,69 @@ def bare_worker(stage_dir: Path, steps: int, out: Path) -> None:
             intervals.append((done, since * tokens_per_step, now - t_log))
             t_log, since = now, 0
 
-    out.write_text(json.dumps({
-        "intervals": intervals, "losses": losses, "threads": torch.get_num_threads(),
-        "flops_per_token": flops_per_token(model, block), "params": n_params(model), "block": block,
-        "tokens_per_step": tokens_per_step, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-        "blocks_shape": list(blocks.shape),
-    }))
+    out.write_text(
+        json.dumps(
+            {
+                "intervals": intervals,
+                "losses": losses,
+                "threads": torch.get_num_threads(),
+                "flops_per_token": flops_per_token(model, block),
+                "params": n_params(model),
+                "block": block,
+                "tokens_per_step": tokens_per_step,
+                "batch_size": t.batch_size,
+                "grad_accum": t.grad_accum,
+                "blocks_shape": list(blocks.shape),
+            }
+        )
+    )
 
 
 # ---- results.md ------------------------------------------------------------------------------------------------
-HEADER = ("| date | machine | torch threads | preset | timed steps per side | load avg | run spread | peak GFLOP/s "
-          "| stage tok/s | bare tok/s | stage/bare | MFU stage | MFU bare |")
-INTRO = ("`python bench/pretrain_throughput.py` (`make bench`): tokens/s of `python -m stages.pretrain` and of a bare "
-         "PyTorch loop on the same model, batches and optimizer, after warmup (runs alternate; per side the median "
-         "logged interval of its fastest run); MFU = tokens/s x flops_per_token / the measured fp32 matmul peak (best of 2048^3 "
-         "matmuls, same threads). Load avg: the 1-minute load when the run started (this figure above ~0.5 means "
-         "another process shared the cores); run spread: the largest gap between two runs of one side (above 5%: "
-         "disturbed, do not trust the ratio). One row per run, newest last.")
-
-
+HEADER = (
+    "| date | machine | torch threads | preset | timed steps per side | load avg | run spread | peak GFLOP/s "
+    "| stage tok/s | bare tok/s | stage/bare | MFU stage | MFU bare |"
+)
+INTRO = (
+    "`python bench/pretrain_throughput.py` (`make bench`): tokens/s of `python -m stages.pretrain` and of a bare "
+    "PyTorch loop on the same model, batches and optimizer, after warmup (runs alternate; per side the median "
+    "logged interval of its fastest run); MFU = tokens/s x flops_per_token / the measured fp32 matmul peak "
+    "(best of 2048^3 matmuls, same threads). Load avg: the 1-minute load when the run started (this figure above "
+    "~0.5 means another process shared the cores); run spread: the largest gap between two runs of one side (above 5%: "
+    "disturbed, do not trust the ratio). One row per run, newest last."
+)
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="cpu", help="conf/preset/<name> (default: cpu)")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run of each loop (default: 40)")
-    ap.add_argument("--warmup-steps", type=int, default=10,
-                    help="steps not timed at the start of every run, rounded up to the stage's log_every (default: 10)")
-    ap.add_argument("--rounds", type=int, default=2,
-                    help="runs of each loop, alternating stage, bare, bare, stage, ... (default: 2)")
-    ap.add_argument("--runs-root", default=None,
-                    help="paths.root for the tokenizer and pretrain runs (default: a temporary folder, removed after)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads for the peak and both loops (default: torch's default here)")
+    ap.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=10,
+        help="steps not timed at the start of every run, rounded up to the stage's log_every (default: 10)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="runs of each loop, alternating stage, bare, bare, stage, ... (default: 2)",
+    )
+    ap.add_argument(
+        "--runs-root",
+        default=None,
+        help="paths.root for the tokenizer and pretrain runs (default: a temporary folder, removed after)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the peak and both loops (default: torch's default here)",
+    )
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     ap.add_argument("--bare-worker", nargs=3, metavar=("STAGE_DIR", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -211,16 +252,26 @@ def main() -> None:
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
-               [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(
+            [str(REPO)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+        ),
+    }
     py = sys.executable
     machine = machine_name()
     load_start = os.getloadavg()[0]
-    print(f"[bench] {machine}; python {platform.python_version()}, torch {torch.__version__}, {threads} threads; "
-          f"load average {load_start:.2f}")
+    print(
+        f"[bench] {machine}; python {platform.python_version()}, torch {torch.__version__}, {threads} threads; "
+        f"load average {load_start:.2f}"
+    )
     if load_start > 0.5:
-        print("[bench] warning: the machine is busy; figures will be noisy (the fastest of the runs resists some of it)")
+        print(
+            "[bench] warning: the machine is busy; figures will be noisy (the fastest of the runs resists some of it)"
+        )
 
     # The stage's log_every sets the interval grid (and so the warmup rounding): compose its config as it will.
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -244,8 +295,16 @@ def main() -> None:
         dt = run_logged([py, "-m", "stages.tokenizer", *common], root / "tokenizer.log", env)
         print(f"[bench] tokenizer stage ready ({dt:.0f} s)")
         beyond = args.steps + 1  # no eval and no checkpoint inside the timed steps
-        stage_cmd = [py, "-m", "stages.pretrain", *common, f"train.max_steps={args.steps}",
-                     f"train.eval_every={beyond}", f"train.save_every={beyond}", "force=true"]
+        stage_cmd = [
+            py,
+            "-m",
+            "stages.pretrain",
+            *common,
+            f"train.max_steps={args.steps}",
+            f"train.eval_every={beyond}",
+            f"train.save_every={beyond}",
+            "force=true",
+        ]
         stage_dir = root / RUN / "pretrain"
         print("[bench] stage: python -m stages.pretrain " + " ".join(stage_cmd[3:]).replace(str(root), "<runs-root>"))
         print(f"[bench] timing steps {warmup + 1}..{args.steps} of each run; order: {', '.join(order)}")
@@ -254,15 +313,19 @@ def main() -> None:
             since = time.time()
             if side == "stage":
                 dt = run_logged(stage_cmd, root / f"pretrain.{n}.log", env)
-                rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()
-                        if line.strip()]
+                rows = [
+                    json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+                ]
                 rows = [r for r in rows if r.get("time", 0) >= since and "train/tokens_per_s" in r]
                 run_kept = post_warmup(stage_intervals(rows), warmup)
                 losses = {int(r["step"]): r["train/loss"] for r in rows}
             else:
                 out = root / f"bare.{n}.json"
-                dt = run_logged([py, str(Path(__file__).resolve()), "--bare-worker", str(stage_dir), str(args.steps),
-                                 str(out)], root / f"bare.{n}.log", env)
+                dt = run_logged(
+                    [py, str(Path(__file__).resolve()), "--bare-worker", str(stage_dir), str(args.steps), str(out)],
+                    root / f"bare.{n}.log",
+                    env,
+                )
                 bare = json.loads(out.read_text())
                 run_kept = post_warmup([tuple(i) for i in bare["intervals"]], warmup)
                 losses = {int(k): v for k, v in bare["losses"].items()}
@@ -272,8 +335,10 @@ def main() -> None:
                 loss_diffs += [abs(losses[k] - stage_losses[k]) for k in losses if k in stage_losses]
             kept[side] += run_kept
             per_run[side].append(summarise(run_kept))
-            print(f"[bench] {side:5s} run {len(per_run[side])}: {per_run[side][-1]['median']:.0f} tokens/s "
-                  f"(intervals: {', '.join(f'{r:.0f}' for r in per_run[side][-1]['rates'])}; {dt:.0f} s in all)")
+            print(
+                f"[bench] {side:5s} run {len(per_run[side])}: {per_run[side][-1]['median']:.0f} tokens/s "
+                f"(intervals: {', '.join(f'{r:.0f}' for r in per_run[side][-1]['rates'])}; {dt:.0f} s in all)"
+            )
         manifest = json.loads((stage_dir / "manifest.json").read_text())
     finally:
         if not args.runs_root:
@@ -304,35 +369,68 @@ def main() -> None:
         ("machine", machine),
         ("torch threads", f"{threads} (bare loop reports {bare['threads']})"),
         ("load average", f"{load_start:.2f} at start, {load_end:.2f} at end"),
-        ("fp32 matmul peak", f"{peak:.1f} GFLOP/s (best of 2048^3 matmuls; before {peak_before[0]:.1f}, "
-                             f"after {peak_after[0]:.1f})"),
-        ("model", f"{bare['params'] / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token, train blocks "
-                  f"{bare['blocks_shape']}"),
-        ("batch", f"{bare['batch_size']} x {bare['block']} tokens x grad_accum {bare['grad_accum']} "
-                  f"= {bare['tokens_per_step']} tokens/step"),
-        ("timed", f"steps {warmup + 1}..{args.steps} of {args.rounds} run(s) each: {timed} steps "
-                  f"in intervals of {log_every}"),
-        ("tokens/s stage", f"{head['stage']:.0f} median interval of the fastest run (all runs: median "
-                           f"{S['median']:.0f}, mean {S['mean']:.0f}, best {S['best']:.0f})"),
-        ("tokens/s bare", f"{head['bare']:.0f} median interval of the fastest run (all runs: median "
-                          f"{B['median']:.0f}, mean {B['mean']:.0f}, best {B['best']:.0f})"),
+        (
+            "fp32 matmul peak",
+            f"{peak:.1f} GFLOP/s (best of 2048^3 matmuls; before {peak_before[0]:.1f}, after {peak_after[0]:.1f})",
+        ),
+        (
+            "model",
+            f"{bare['params'] / 1e6:.2f}M params, {fpt / 1e6:.2f} MFLOP/token, train blocks {bare['blocks_shape']}",
+        ),
+        (
+            "batch",
+            f"{bare['batch_size']} x {bare['block']} tokens x grad_accum {bare['grad_accum']} "
+            f"= {bare['tokens_per_step']} tokens/step",
+        ),
+        (
+            "timed",
+            f"steps {warmup + 1}..{args.steps} of {args.rounds} run(s) each: {timed} steps in intervals of {log_every}",
+        ),
+        (
+            "tokens/s stage",
+            f"{head['stage']:.0f} median interval of the fastest run (all runs: median "
+            f"{S['median']:.0f}, mean {S['mean']:.0f}, best {S['best']:.0f})",
+        ),
+        (
+            "tokens/s bare",
+            f"{head['bare']:.0f} median interval of the fastest run (all runs: median "
+            f"{B['median']:.0f}, mean {B['mean']:.0f}, best {B['best']:.0f})",
+        ),
         ("ratio stage/bare", f"{ratio:.3f} (target 0.95: {verdict})"),
-        ("", f"all runs pooled: medians {S['median'] / B['median']:.3f}, means {S['mean'] / B['mean']:.3f}, "
-             f"best intervals {S['best'] / B['best']:.3f}"),
+        (
+            "",
+            f"all runs pooled: medians {S['median'] / B['median']:.3f}, means {S['mean'] / B['mean']:.3f}, "
+            f"best intervals {S['best'] / B['best']:.3f}",
+        ),
         ("run spread", f"{spread:.1%} (largest gap between two runs of one side; above 5% = disturbed)"),
         ("MFU stage", f"{mfu_s:.1%}"),
         ("MFU bare", f"{mfu_b:.1%}"),
-        ("same work", f"params {'equal' if same_params else 'DIFFER'}, train blocks "
-                      f"{'equal' if same_blocks else 'DIFFER'}, largest loss difference from the first stage run "
-                      f"at the logged steps {f'{max(loss_diffs):.1e}' if loss_diffs else 'n/a'}"),
+        (
+            "same work",
+            f"params {'equal' if same_params else 'DIFFER'}, train blocks "
+            f"{'equal' if same_blocks else 'DIFFER'}, largest loss difference from the first stage run "
+            f"at the logged steps {f'{max(loss_diffs):.1e}' if loss_diffs else 'n/a'}",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
 
     if not args.no_results:
-        cells = [time.strftime("%Y-%m-%d"), machine, str(threads), args.preset, timed, f"{load_start:.2f}",
-                 f"{spread:.1%}", f"{peak:.1f}", f"{head['stage']:.0f}", f"{head['bare']:.0f}", f"{ratio:.3f}",
-                 f"{mfu_s:.1%}", f"{mfu_b:.1%}"]
+        cells = [
+            time.strftime("%Y-%m-%d"),
+            machine,
+            str(threads),
+            args.preset,
+            timed,
+            f"{load_start:.2f}",
+            f"{spread:.1%}",
+            f"{peak:.1f}",
+            f"{head['stage']:.0f}",
+            f"{head['bare']:.0f}",
+            f"{ratio:.3f}",
+            f"{mfu_s:.1%}",
+            f"{mfu_b:.1%}",
+        ]
         update_results(SECTION, INTRO, HEADER, "| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         print(f"\n[bench] row added to bench/results.md ({SECTION[3:]})")
 

@@ -29,19 +29,23 @@ import shutil
 import time
 from pathlib import Path
 
-from _common import REPO, machine, stage_env, update_results  # (bench/ is on sys.path)
+from _common import machine, stage_env, update_results  # (bench/ is on sys.path)
 from pipeline_time import STAGES, run_stage
 
 SECTION = "## RLHF gain"
-HEADER = ("| date | machine | preset | world seed | PPO seed | pipeline min | peak GB | pretrained / SFT gold | "
-          "SFT correctness | RM gold acc / ceiling | greedy PPO / SFT gold | win | ties | KL | correctness SFT -> PPO "
-          "| sampled PPO / SFT gold | sampled win | sampled KL |")
-INTRO = ("`python bench/rlhf_gain.py`: `make all` on the preset for each world seed (`data.world.seed`), then PPO "
-         "with more seeds on the same SFT policy and reward model. Gold: the gold oracle on the held-out prompts "
-         "(greedy: the headline; sampled: at PPO's training temperature). Win: PPO over SFT per prompt, ties count "
-         "half. KL: exact KL to SFT along PPO's replies. Ceiling: the gold oracle's own accuracy against the noisy "
-         "test labels. Pipeline minutes and peak memory are the world's `make all` (the first PPO seed's row). One "
-         "row per PPO run, newest last.")
+HEADER = (
+    "| date | machine | preset | world seed | PPO seed | pipeline min | peak GB | pretrained / SFT gold | "
+    "SFT correctness | RM gold acc / ceiling | greedy PPO / SFT gold | win | ties | KL | correctness SFT -> PPO "
+    "| sampled PPO / SFT gold | sampled win | sampled KL |"
+)
+INTRO = (
+    "`python bench/rlhf_gain.py`: `make all` on the preset for each world seed (`data.world.seed`), then PPO "
+    "with more seeds on the same SFT policy and reward model. Gold: the gold oracle on the held-out prompts "
+    "(greedy: the headline; sampled: at PPO's training temperature). Win: PPO over SFT per prompt, ties count "
+    "half. KL: exact KL to SFT along PPO's replies. Ceiling: the gold oracle's own accuracy against the noisy "
+    "test labels. Pipeline minutes and peak memory are the world's `make all` (the first PPO seed's row). One "
+    "row per PPO run, newest last."
+)
 
 
 def ceiling(world_seed: int) -> float:
@@ -66,8 +70,12 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--world-seeds", type=int, nargs="+", default=[1234, 7])
     ap.add_argument("--ppo-seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--keep", action="store_true", help="keep what is already under --runs-root: finished stages say "
-                    "they are done and are not redone (the pipeline minutes are then left out)")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep what is already under --runs-root: finished stages say "
+        "they are done and are not redone (the pipeline minutes are then left out)",
+    )
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     args = ap.parse_args()
 
@@ -88,33 +96,60 @@ def main() -> None:
         runs = {args.ppo_seeds[0]: "default"}
         for s in args.ppo_seeds[1:]:
             runs[s] = f"ppo-seed{s}"
-            w, _ = run_stage("ppo", common + [f"run=ppo-seed{s}", "parent_run=default", f"seed={s}"],
-                             root / f"ppo-seed{s}.log", env)
+            w, _ = run_stage(
+                "ppo", common + [f"run=ppo-seed{s}", "parent_run=default", f"seed={s}"], root / f"ppo-seed{s}.log", env
+            )
             print(f"[world {ws}] ppo seed {s} {w:7.1f} s", flush=True)
         sft, rm = metrics(root, "default", "sft"), metrics(root, "default", "reward")
         ceil = ceiling(ws)
         for s, run in runs.items():
             p = metrics(root, run, "ppo")
-            row = {"world": ws, "ppo_seed": s, "minutes": sum(walls.values()) / 60, "peak": max(peaks.values()),
-                   "pretrained": sft.get("eval/pretrain_gold_score"), "sft": sft.get("eval/gold_score"),
-                   "sft_correct": sft.get("eval/gold/correctness"), "rm_gold_acc": rm.get("eval/gold_accuracy"),
-                   "ceiling": ceil, "ppo": p.get("eval/gold_score"), "ppo_sft": p.get("eval/sft_gold_score"),
-                   "win": p.get("eval/win_rate_vs_sft"), "ties": p.get("eval/tie_rate_vs_sft"),
-                   "kl": p.get("eval/kl"), "c_sft": p.get("eval/sft_gold/correctness"),
-                   "c_ppo": p.get("eval/gold/correctness"), "s_ppo": p.get("eval/sampled/gold_score"),
-                   "s_sft": p.get("eval/sampled/sft_gold_score"), "s_win": p.get("eval/sampled/win_rate_vs_sft"),
-                   "s_kl": p.get("eval/sampled/kl")}
+            row = {
+                "world": ws,
+                "ppo_seed": s,
+                "minutes": sum(walls.values()) / 60,
+                "peak": max(peaks.values()),
+                "pretrained": sft.get("eval/pretrain_gold_score"),
+                "sft": sft.get("eval/gold_score"),
+                "sft_correct": sft.get("eval/gold/correctness"),
+                "rm_gold_acc": rm.get("eval/gold_accuracy"),
+                "ceiling": ceil,
+                "ppo": p.get("eval/gold_score"),
+                "ppo_sft": p.get("eval/sft_gold_score"),
+                "win": p.get("eval/win_rate_vs_sft"),
+                "ties": p.get("eval/tie_rate_vs_sft"),
+                "kl": p.get("eval/kl"),
+                "c_sft": p.get("eval/sft_gold/correctness"),
+                "c_ppo": p.get("eval/gold/correctness"),
+                "s_ppo": p.get("eval/sampled/gold_score"),
+                "s_sft": p.get("eval/sampled/sft_gold_score"),
+                "s_win": p.get("eval/sampled/win_rate_vs_sft"),
+                "s_kl": p.get("eval/sampled/kl"),
+            }
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             if not args.no_results:
                 f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
                 first = s == args.ppo_seeds[0]
-                cells = [time.strftime("%Y-%m-%d"), where, args.preset, str(ws), str(s),
-                         f"{row['minutes']:.1f}" if first and not reused else "",
-                         f"{row['peak']:.2f}" if first and not reused else "",
-                         f"{f(row['pretrained'])} / {f(row['sft'])}", f(row["sft_correct"]),
-                         f"{f(row['rm_gold_acc'])} / {f(row['ceiling'])}", f"{f(row['ppo'])} / {f(row['ppo_sft'])}",
-                         f(row["win"]), f(row["ties"]), f(row["kl"]), f"{f(row['c_sft'])} -> {f(row['c_ppo'])}",
-                         f"{f(row['s_ppo'])} / {f(row['s_sft'])}", f(row["s_win"]), f(row["s_kl"])]
+                cells = [
+                    time.strftime("%Y-%m-%d"),
+                    where,
+                    args.preset,
+                    str(ws),
+                    str(s),
+                    f"{row['minutes']:.1f}" if first and not reused else "",
+                    f"{row['peak']:.2f}" if first and not reused else "",
+                    f"{f(row['pretrained'])} / {f(row['sft'])}",
+                    f(row["sft_correct"]),
+                    f"{f(row['rm_gold_acc'])} / {f(row['ceiling'])}",
+                    f"{f(row['ppo'])} / {f(row['ppo_sft'])}",
+                    f(row["win"]),
+                    f(row["ties"]),
+                    f(row["kl"]),
+                    f"{f(row['c_sft'])} -> {f(row['c_ppo'])}",
+                    f"{f(row['s_ppo'])} / {f(row['s_sft'])}",
+                    f(row["s_win"]),
+                    f(row["s_kl"]),
+                ]
                 update_results(SECTION, INTRO, HEADER, "| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
 
 

@@ -23,25 +23,34 @@ import torch
 from _common import REPO, machine, update_results  # (bench/ is on sys.path)
 
 sys.path.insert(0, str(REPO))
-from pipeline.data.prompts import prompt_batch  # noqa: E402
-from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer  # noqa: E402
-from pipeline.inference.sampler import sample  # noqa: E402
-from pipeline.models.loading import load_causal_lm  # noqa: E402
+from pipeline.data.prompts import prompt_batch
+from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.inference.sampler import sample
+from pipeline.models.loading import load_causal_lm
 
 SECTION = "## Sampler back ends"
-HEADER = ("| date | machine | threads | load avg | policy | batch | decoding | max new tokens | reply tokens (mean) | "
-          "hf tok/s | engine tok/s | engine / hf |")
-INTRO = ("`python bench/sampler_speed.py`: reply tokens per second of one `pipeline.inference.sampler.sample` call, "
-         "HF `generate` on a padded batch against the engine's runner (rows leave as they end), alternating on the "
-         "same prompts and seeds; medians over repeats. Load avg: the 1-minute load at the start (above the thread "
-         "count: something else shared the cores). One row per setting, newest last.")
+HEADER = (
+    "| date | machine | threads | load avg | policy | batch | decoding | max new tokens | reply tokens (mean) | "
+    "hf tok/s | engine tok/s | engine / hf |"
+)
+INTRO = (
+    "`python bench/sampler_speed.py`: reply tokens per second of one `pipeline.inference.sampler.sample` call, "
+    "HF `generate` on a padded batch against the engine's runner (rows leave as they end), alternating on the "
+    "same prompts and seeds; medians over repeats. Load avg: the 1-minute load at the start (above the thread "
+    "count: something else shared the cores). One row per setting, newest last."
+)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--policy", required=True, help="a causal LM folder (a stage's final/)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[32, 50, 48], help="rows per call: PPO's rollout "
-                    "batch, the evaluation's, best-of-n's (3 prompts x 16)")
+    ap.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=[32, 50, 48],
+        help="rows per call: PPO's rollout batch, the evaluation's, best-of-n's (3 prompts x 16)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
@@ -83,13 +92,26 @@ def main() -> None:
             hf, eng = statistics.median(rates["hf"]), statistics.median(rates["engine"])
             ratio = statistics.median(e / h for e, h in zip(rates["engine"], rates["hf"]))
             mode = "greedy" if greedy else "T=0.7"
-            print(f"batch {B:3d} {mode:6s}: hf {hf:8.1f} tok/s, engine {eng:8.1f} tok/s, engine/hf {ratio:.2f} "
-                  f"(reply {statistics.mean(lengths):.1f} tokens)", flush=True)
+            print(
+                f"batch {B:3d} {mode:6s}: hf {hf:8.1f} tok/s, engine {eng:8.1f} tok/s, engine/hf {ratio:.2f} "
+                f"(reply {statistics.mean(lengths):.1f} tokens)",
+                flush=True,
+            )
             if not args.no_results:
-                cells = [time.strftime("%Y-%m-%d"), machine(), str(torch.get_num_threads()), f"{load:.2f}",
-                         args.policy.rstrip("/").split("/")[-2] if "/" in args.policy else args.policy, str(B), mode,
-                         str(args.max_new_tokens), f"{statistics.mean(lengths):.1f}", f"{hf:.0f}", f"{eng:.0f}",
-                         f"{ratio:.2f}"]
+                cells = [
+                    time.strftime("%Y-%m-%d"),
+                    machine(),
+                    str(torch.get_num_threads()),
+                    f"{load:.2f}",
+                    args.policy.rstrip("/").split("/")[-2] if "/" in args.policy else args.policy,
+                    str(B),
+                    mode,
+                    str(args.max_new_tokens),
+                    f"{statistics.mean(lengths):.1f}",
+                    f"{hf:.0f}",
+                    f"{eng:.0f}",
+                    f"{ratio:.2f}",
+                ]
                 update_results(SECTION, INTRO, HEADER, "| " + " | ".join(cells) + " |")
 
 

@@ -82,20 +82,24 @@ import _common
 from _common import REPO, machine, n_cores, update_results
 
 SECTION = "## Serving throughput"
-HEADER = ("| date | machine | load avg | model | settings | concurrency | ours req/s | ours tok/s | "
-          "peer tok/s default / CB | ours / best peer tok/s | p95 latency s ours / best peer | "
-          "p95 TTFT s ours / best peer | errors ours / default / CB |")
-INTRO = ("`python bench/serve_throughput.py`: our OpenAI-compatible server (`python -m stages.tools.serve`) against "
-         "`transformers serve` (transformers[serving] 5.24) in its default mode and with `--continuous-batching`, "
-         "same checkpoint, on 127.0.0.1. A closed loop of C clients per level, each sending its requests one after "
-         "the other: streaming chat completions of 16 fixed short questions, greedy, max_tokens fixed, sent by the "
-         "client the settings name (aiohttp reading the event stream, as vLLM's benchmark_serving does, or the "
-         "official `openai` AsyncOpenAI client, whose per-chunk parsing takes a large share of 2 cores; rows that "
-         "name none used the openai client). tok/s: generated tokens (the stream's usage) per wall second of the "
-         "level; latency: send to end of stream; TTFT: send to the first text chunk. Best peer: the peer mode with the "
-         "most tok/s at that level. Load avg: the 1-minute load at the start (above ~0.5: another process shared "
-         "the cores). Settings: requests per client x max tokens, threads. One row per concurrency level and run, "
-         "newest last.")
+HEADER = (
+    "| date | machine | load avg | model | settings | concurrency | ours req/s | ours tok/s | "
+    "peer tok/s default / CB | ours / best peer tok/s | p95 latency s ours / best peer | "
+    "p95 TTFT s ours / best peer | errors ours / default / CB |"
+)
+INTRO = (
+    "`python bench/serve_throughput.py`: our OpenAI-compatible server (`python -m stages.tools.serve`) against "
+    "`transformers serve` (transformers[serving] 5.24) in its default mode and with `--continuous-batching`, "
+    "same checkpoint, on 127.0.0.1. A closed loop of C clients per level, each sending its requests one after "
+    "the other: streaming chat completions of 16 fixed short questions, greedy, max_tokens fixed, sent by the "
+    "client the settings name (aiohttp reading the event stream, as vLLM's benchmark_serving does, or the "
+    "official `openai` AsyncOpenAI client, whose per-chunk parsing takes a large share of 2 cores; rows that "
+    "name none used the openai client). tok/s: generated tokens (the stream's usage) per wall second of the "
+    "level; latency: send to end of stream; TTFT: send to the first text chunk. Best peer: the peer mode with the "
+    "most tok/s at that level. Load avg: the 1-minute load at the start (above ~0.5: another process shared "
+    "the cores). Settings: requests per client x max tokens, threads. One row per concurrency level and run, "
+    "newest last."
+)
 
 PROMPTS = [
     "How old is Bera?",
@@ -116,8 +120,11 @@ PROMPTS = [
     "Give me a word that rhymes with cat.",
 ]
 
-OURS_LIMITS = ["limits.requests_per_minute=1000000", "limits.tokens_per_minute=1000000000",
-               "limits.concurrent_requests=1000"]
+OURS_LIMITS = [
+    "limits.requests_per_minute=1000000",
+    "limits.tokens_per_minute=1000000000",
+    "limits.concurrent_requests=1000",
+]
 
 
 # ---- servers ---------------------------------------------------------------------------------------------------
@@ -154,8 +161,14 @@ class Server:
 
     def start(self) -> None:
         self._log_file = open(self.log, "w")
-        self.proc = subprocess.Popen([str(c) for c in self.cmd], cwd=self.cwd, env=self.env, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [str(c) for c in self.cmd],
+            cwd=self.cwd,
+            env=self.env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     def tail(self, n: int = 12) -> list[str]:
         try:
@@ -196,12 +209,15 @@ class Server:
 
 def peer_version(py: str) -> str | None:
     """transformers' version in `py` when `transformers serve` can run there, else None."""
-    code = ("import transformers, transformers.cli.serve; "
-            "from transformers.utils.import_utils import is_serve_available; "
-            "assert is_serve_available(); print(transformers.__version__)")
+    code = (
+        "import transformers, transformers.cli.serve; "
+        "from transformers.utils.import_utils import is_serve_available; "
+        "assert is_serve_available(); print(transformers.__version__)"
+    )
     try:
-        r = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        r = subprocess.run(
+            [py, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return r.stdout.strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else None
@@ -258,8 +274,14 @@ def pct(xs: list, q: float) -> float:
 
 def request_body(model: str, prompt: str, max_tokens: int) -> dict:
     """The one request every server gets, whichever client sends it."""
-    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def openai_events(client, body: dict):
@@ -267,8 +289,10 @@ async def openai_events(client, body: dict):
     client (a pydantic model per chunk)."""
     async for chunk in await client.chat.completions.create(**body):
         u = getattr(chunk, "usage", None)
-        yield (u.completion_tokens if u is not None else None,
-               any(c.delta is not None and c.delta.content for c in chunk.choices or []))
+        yield (
+            u.completion_tokens if u is not None else None,
+            any(c.delta is not None and c.delta.content for c in chunk.choices or []),
+        )
 
 
 async def aiohttp_events(session, url: str, body: dict):
@@ -287,8 +311,10 @@ async def aiohttp_events(session, url: str, body: dict):
             obj = json.loads(data)
             if "error" in obj:
                 raise RuntimeError(f"error event: {str(obj['error'])[:160]}")
-            yield ((obj.get("usage") or {}).get("completion_tokens"),
-                   any((c.get("delta") or {}).get("content") for c in obj.get("choices") or []))
+            yield (
+                (obj.get("usage") or {}).get("completion_tokens"),
+                any((c.get("delta") or {}).get("content") for c in obj.get("choices") or []),
+            )
 
 
 async def one_request(events, level: Level) -> None:
@@ -317,8 +343,15 @@ async def one_request(events, level: Level) -> None:
     level.tokens.append(usage if usage is not None else chunks)
 
 
-async def run_level(base_url: str, model: str, concurrency: int, per_client: int, max_tokens: int,
-                    timeout: float, client: str = "openai") -> Level:
+async def run_level(
+    base_url: str,
+    model: str,
+    concurrency: int,
+    per_client: int,
+    max_tokens: int,
+    timeout: float,
+    client: str = "openai",
+) -> Level:
     level = Level(concurrency)
 
     async def closed_loop(events) -> None:  # events(prompt): that request's event stream (openai/aiohttp_events)
@@ -358,94 +391,174 @@ def fmt(x: float, nd: int = 2) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="runs/cpu/sft/final",
-                    help="a Hugging Face causal-LM folder, relative to the repository root or absolute "
-                         "(default: runs/cpu/sft/final)")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32],
-                    help="closed-loop client counts, one level each (default: 1 8 32)")
-    ap.add_argument("--requests-per-client", type=int, default=16,
-                    help="requests each client sends per level, one after the other (default: 16; fewer make "
-                         "the levels of our server last a second or two, short enough for noise to show)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--checkpoint",
+        default="runs/cpu/sft/final",
+        help="a Hugging Face causal-LM folder, relative to the repository root or absolute "
+        "(default: runs/cpu/sft/final)",
+    )
+    ap.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        default=[1, 8, 32],
+        help="closed-loop client counts, one level each (default: 1 8 32)",
+    )
+    ap.add_argument(
+        "--requests-per-client",
+        type=int,
+        default=16,
+        help="requests each client sends per level, one after the other (default: 16; fewer make "
+        "the levels of our server last a second or two, short enough for noise to show)",
+    )
     ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of every request (default: 64)")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="times each level runs back to back on each server; the fastest counts (default: 2)")
-    ap.add_argument("--peer-python", default=sys.executable,
-                    help="python of a venv with transformers[serving] (default: this interpreter)")
-    ap.add_argument("--peer-cb-args", default="",
-                    help="extra flags for the peer's continuous-batching run, e.g. '--cb-num-blocks 256'")
-    ap.add_argument("--ours-override", action="append", default=[], metavar="KEY=VALUE",
-                    help="an extra override for `python -m stages.tools.serve` (repeatable; replaces a default one "
-                         "with the same key)")
-    ap.add_argument("--client", choices=["aiohttp", "openai"], default="aiohttp",
-                    help="the load generator: aiohttp reading the event stream line by line, as vLLM's "
-                         "benchmark_serving does (default; light, so the 2 cores go to the servers), or the official "
-                         "openai client (its models per chunk cost about as much CPU as our server on a small model)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="times each level runs back to back on each server; the fastest counts (default: 2)",
+    )
+    ap.add_argument(
+        "--peer-python",
+        default=sys.executable,
+        help="python of a venv with transformers[serving] (default: this interpreter)",
+    )
+    ap.add_argument(
+        "--peer-cb-args",
+        default="",
+        help="extra flags for the peer's continuous-batching run, e.g. '--cb-num-blocks 256'",
+    )
+    ap.add_argument(
+        "--ours-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra override for `python -m stages.tools.serve` (repeatable; replaces a default one "
+        "with the same key)",
+    )
+    ap.add_argument(
+        "--client",
+        choices=["aiohttp", "openai"],
+        default="aiohttp",
+        help="the load generator: aiohttp reading the event stream line by line, as vLLM's "
+        "benchmark_serving does (default; light, so the 2 cores go to the servers), or the official "
+        "openai client (its models per chunk cost about as much CPU as our server on a small model)",
+    )
     ap.add_argument("--skip-ours", action="store_true", help="measure the peer alone")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="OMP_NUM_THREADS for every server (default: unset, each library's own default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for every server (default: unset, each library's own default)",
+    )
     ap.add_argument("--ready-timeout", type=float, default=300, help="seconds a server may take to load (300)")
     ap.add_argument("--request-timeout", type=float, default=600, help="seconds one request may take (600)")
-    ap.add_argument("--out", default=str(_common.RESULTS.relative_to(REPO)),
-                    help="results file, relative to the repository root or absolute (default: bench/results.md)")
+    ap.add_argument(
+        "--out",
+        default=str(_common.RESULTS.relative_to(REPO)),
+        help="results file, relative to the repository root or absolute (default: bench/results.md)",
+    )
     ap.add_argument("--no-results", action="store_true", help="print only; leave the results file alone")
     args = ap.parse_args()
 
     ckpt = Path(args.checkpoint)
     ckpt = (ckpt if ckpt.is_absolute() else REPO / ckpt).resolve()
     if not (ckpt / "config.json").is_file():
-        raise SystemExit(f"checkpoint not found: {ckpt} has no config.json (train one with `make all`, or pass "
-                         f"--checkpoint DIR)")
+        raise SystemExit(
+            f"checkpoint not found: {ckpt} has no config.json (train one with `make all`, or pass --checkpoint DIR)"
+        )
     try:
         client_lib = importlib.import_module(args.client)
     except ImportError:
-        raise SystemExit(f"the `{args.client}` package is missing here: .venv/bin/pip install {args.client} "
-                         f"(the bench extra has it)") from None
+        raise SystemExit(
+            f"the `{args.client}` package is missing here: .venv/bin/pip install {args.client} (the bench extra has it)"
+        ) from None
 
     levels = sorted(set(args.concurrency))
     if min(levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1 or args.repeats < 1:
         raise SystemExit("--concurrency, --requests-per-client, --max-tokens and --repeats must be at least 1")
     params = count_params(ckpt)
     load_start = os.getloadavg()[0]
-    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1",
-                "TOKENIZERS_PARALLELISM": "false"}
+    base_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if args.threads:
         base_env["OMP_NUM_THREADS"] = str(args.threads)
     logs = Path(tempfile.mkdtemp(prefix="serve-bench-"))
 
     servers: list[Server] = []
     if not args.skip_ours:
-        overrides = {o.split("=", 1)[0]: o for o in
-                     OURS_LIMITS + [f"engine.max_batch={max(32, max(levels))}"] + args.ours_override}
+        overrides = {
+            o.split("=", 1)[0]: o
+            for o in OURS_LIMITS + [f"engine.max_batch={max(32, max(levels))}"] + args.ours_override
+        }
         port = free_port()
-        servers.append(Server("ours", [sys.executable, "-m", "stages.tools.serve", f"checkpoint={ckpt}",
-                                       f"port={port}", *overrides.values()],
-                              {**base_env, "PYTHONPATH": str(REPO)}, REPO, logs / "ours.log", port))
+        servers.append(
+            Server(
+                "ours",
+                [sys.executable, "-m", "stages.tools.serve", f"checkpoint={ckpt}", f"port={port}", *overrides.values()],
+                {**base_env, "PYTHONPATH": str(REPO)},
+                REPO,
+                logs / "ours.log",
+                port,
+            )
+        )
     version = peer_version(args.peer_python)
     peer_note = ""
     if version is None:
-        peer_note = (f"`transformers serve` is not importable with {args.peer_python} (needs transformers[serving]; "
-                     f"see --peer-python): measuring ours alone")
+        peer_note = (
+            f"`transformers serve` is not importable with {args.peer_python} (needs transformers[serving]; "
+            f"see --peer-python): measuring ours alone"
+        )
         print(f"[bench] {peer_note}")
     else:
         peer_env = {k: v for k, v in base_env.items() if k != "PYTHONPATH"}
-        for name, extra in (("peer default", []), ("peer CB", ["--continuous-batching",
-                                                               *shlex.split(args.peer_cb_args)])):
+        for name, extra in (
+            ("peer default", []),
+            ("peer CB", ["--continuous-batching", *shlex.split(args.peer_cb_args)]),
+        ):
             port = free_port()
-            servers.append(Server(name, [args.peer_python, "-m", "transformers.cli.transformers", "serve", str(ckpt),
-                                         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", *extra],
-                                  peer_env, Path(tempfile.gettempdir()), logs / f"{name.replace(' ', '-')}.log",
-                                  port))
+            servers.append(
+                Server(
+                    name,
+                    [
+                        args.peer_python,
+                        "-m",
+                        "transformers.cli.transformers",
+                        "serve",
+                        str(ckpt),
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--device",
+                        "cpu",
+                        *extra,
+                    ],
+                    peer_env,
+                    Path(tempfile.gettempdir()),
+                    logs / f"{name.replace(' ', '-')}.log",
+                    port,
+                )
+            )
     if not servers:
         raise SystemExit("nothing to measure: --skip-ours and no peer")
 
     mach = machine()
     print(f"[bench] {mach}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"[bench] checkpoint {ckpt} ({params / 1e6:.2f}M parameters)" if params else f"[bench] checkpoint {ckpt}")
-    print(f"[bench] concurrency {' '.join(map(str, levels))}; {args.requests_per_client} requests per client; "
-          f"max_tokens {args.max_tokens}; greedy; client {args.client} {client_lib.__version__}"
-          + (f"; peer: transformers {version} ({args.peer_python})" if version else ""))
+    print(
+        f"[bench] concurrency {' '.join(map(str, levels))}; {args.requests_per_client} requests per client; "
+        f"max_tokens {args.max_tokens}; greedy; client {args.client} {client_lib.__version__}"
+        + (f"; peer: transformers {version} ({args.peer_python})" if version else "")
+    )
 
     results: dict[str, dict[int, Level]] = {}
     failures: dict[str, str] = {}
@@ -473,14 +586,26 @@ def main() -> None:
             for c in levels:
                 runs = []
                 for r in range(args.repeats):
-                    lv = asyncio.run(run_level(s.base_url(), s.model, c, args.requests_per_client, args.max_tokens,
-                                               args.request_timeout, args.client))
+                    lv = asyncio.run(
+                        run_level(
+                            s.base_url(),
+                            s.model,
+                            c,
+                            args.requests_per_client,
+                            args.max_tokens,
+                            args.request_timeout,
+                            args.client,
+                        )
+                    )
                     runs.append(lv)
-                    print(f"[bench] {s.name} c={c} ({r + 1}/{args.repeats}): {lv.rps():.2f} req/s, "
-                          f"{lv.tps():.1f} tok/s, latency p50/p95 {fmt(pct(lv.latency, .5))}/"
-                          f"{fmt(pct(lv.latency, .95))} s, TTFT p50/p95 {fmt(pct(lv.ttft, .5), 3)}/"
-                          f"{fmt(pct(lv.ttft, .95), 3)} s, {lv.errors} errors"
-                          + (f" (first: {lv.first_error})" if lv.errors else "") + f" ({lv.wall:.1f} s)")
+                    print(
+                        f"[bench] {s.name} c={c} ({r + 1}/{args.repeats}): {lv.rps():.2f} req/s, "
+                        f"{lv.tps():.1f} tok/s, latency p50/p95 {fmt(pct(lv.latency, 0.5))}/"
+                        f"{fmt(pct(lv.latency, 0.95))} s, TTFT p50/p95 {fmt(pct(lv.ttft, 0.5), 3)}/"
+                        f"{fmt(pct(lv.ttft, 0.95), 3)} s, {lv.errors} errors"
+                        + (f" (first: {lv.first_error})" if lv.errors else "")
+                        + f" ({lv.wall:.1f} s)"
+                    )
                 # the fastest repeat: another process can only slow a level down, never speed it up
                 results[s.name][c] = max(runs, key=lambda x: (x.errors == 0, x.tps()))
         finally:
@@ -494,10 +619,20 @@ def main() -> None:
             rows.append([s.name, "-", "failed", "-", "-", "-", "-", "-", "-", "-"])
             continue
         for c, lv in results[s.name].items():
-            rows.append([s.name, str(c), f"{lv.ok}/{lv.errors}", f"{lv.rps():.2f}", f"{lv.tps():.1f}",
-                         fmt(statistics.mean(lv.tokens), 1) if lv.tokens else "-",
-                         fmt(pct(lv.latency, .5)), fmt(pct(lv.latency, .95)),
-                         fmt(pct(lv.ttft, .5), 3), fmt(pct(lv.ttft, .95), 3)])
+            rows.append(
+                [
+                    s.name,
+                    str(c),
+                    f"{lv.ok}/{lv.errors}",
+                    f"{lv.rps():.2f}",
+                    f"{lv.tps():.1f}",
+                    fmt(statistics.mean(lv.tokens), 1) if lv.tokens else "-",
+                    fmt(pct(lv.latency, 0.5)),
+                    fmt(pct(lv.latency, 0.95)),
+                    fmt(pct(lv.ttft, 0.5), 3),
+                    fmt(pct(lv.ttft, 0.95), 3),
+                ]
+            )
     widths = [max(len(r[i]) for r in rows + [cols]) for i in range(len(cols))]
     print("\n" + "  ".join(h.rjust(w) for h, w in zip(cols, widths)))
     for r in rows:
@@ -515,9 +650,11 @@ def main() -> None:
         summary.append((c, best))
         if c in ours and best:
             o, p = ours[c], peers[best][c]
-            print(f"c={c}: ours/{best} tok/s {o.tps() / max(p.tps(), 1e-9):.2f}; p95 latency ours "
-                  f"{fmt(pct(o.latency, .95))} s vs {fmt(pct(p.latency, .95))} s; p95 TTFT ours "
-                  f"{fmt(pct(o.ttft, .95), 3)} s vs {fmt(pct(p.ttft, .95), 3)} s")
+            print(
+                f"c={c}: ours/{best} tok/s {o.tps() / max(p.tps(), 1e-9):.2f}; p95 latency ours "
+                f"{fmt(pct(o.latency, 0.95))} s vs {fmt(pct(p.latency, 0.95))} s; p95 TTFT ours "
+                f"{fmt(pct(o.ttft, 0.95), 3)} s vs {fmt(pct(p.ttft, 0.95), 3)} s"
+            )
     for name, why in failures.items():
         print(f"{name}: failed ({why})")
     if peer_note:
@@ -526,11 +663,17 @@ def main() -> None:
     if not args.no_results:
         _common.RESULTS = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
         # a folder outside the repository is named by its last parts only: no machine's paths in results.md
-        model = f"{ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else Path(*[x for x in ckpt.parts[-3:] if x != ckpt.anchor])}" + \
-            (f" ({params / 1e6:.2f}M params)" if params else "")
-        settings = f"{args.requests_per_client} req/client x {args.max_tokens} tok, best of {args.repeats}, " + \
-            f"client {args.client}, " + \
-            (f"OMP_NUM_THREADS={args.threads}" if args.threads else f"default threads ({n_cores()} cores)")
+        where = (
+            ckpt.relative_to(REPO)
+            if ckpt.is_relative_to(REPO)
+            else Path(*[x for x in ckpt.parts[-3:] if x != ckpt.anchor])
+        )
+        model = f"{where}" + (f" ({params / 1e6:.2f}M params)" if params else "")
+        settings = (
+            f"{args.requests_per_client} req/client x {args.max_tokens} tok, best of {args.repeats}, "
+            + f"client {args.client}, "
+            + (f"OMP_NUM_THREADS={args.threads}" if args.threads else f"default threads ({n_cores()} cores)")
+        )
         if args.peer_cb_args:
             settings += f", peer CB {args.peer_cb_args}"
         if args.ours_override:
@@ -544,8 +687,13 @@ def main() -> None:
             if name not in results:
                 return "failed"
             lv = results[name][c]
-            return {"tps": f"{lv.tps():.1f}", "rps": f"{lv.rps():.2f}", "err": str(lv.errors),
-                    "lat": fmt(pct(lv.latency, .95)), "ttft": fmt(pct(lv.ttft, .95), 3)}[what]
+            return {
+                "tps": f"{lv.tps():.1f}",
+                "rps": f"{lv.rps():.2f}",
+                "err": str(lv.errors),
+                "lat": fmt(pct(lv.latency, 0.95)),
+                "ttft": fmt(pct(lv.ttft, 0.95), 3),
+            }[what]
 
         for c, best in summary:
             if best and c in ours:
@@ -553,12 +701,21 @@ def main() -> None:
             else:
                 ratio = "n/a"
             b = best or ""
-            cells = [time.strftime("%Y-%m-%d"), mach, f"{load_start:.2f}", model, settings, str(c),
-                     cell("ours", c, "rps"), cell("ours", c, "tps"),
-                     f"{cell('peer default', c, 'tps')} / {cell('peer CB', c, 'tps')}", ratio,
-                     f"{cell('ours', c, 'lat')} / {cell(b, c, 'lat') if b else '-'}",
-                     f"{cell('ours', c, 'ttft')} / {cell(b, c, 'ttft') if b else '-'}",
-                     f"{cell('ours', c, 'err')} / {cell('peer default', c, 'err')} / {cell('peer CB', c, 'err')}"]
+            cells = [
+                time.strftime("%Y-%m-%d"),
+                mach,
+                f"{load_start:.2f}",
+                model,
+                settings,
+                str(c),
+                cell("ours", c, "rps"),
+                cell("ours", c, "tps"),
+                f"{cell('peer default', c, 'tps')} / {cell('peer CB', c, 'tps')}",
+                ratio,
+                f"{cell('ours', c, 'lat')} / {cell(b, c, 'lat') if b else '-'}",
+                f"{cell('ours', c, 'ttft')} / {cell(b, c, 'ttft') if b else '-'}",
+                f"{cell('ours', c, 'err')} / {cell('peer default', c, 'err')} / {cell('peer CB', c, 'err')}",
+            ]
             update_results(SECTION, INTRO, HEADER, "| " + " | ".join(x.replace("|", "/") for x in cells) + " |")
         print(f"\n[bench] {len(summary)} row(s) added to {_common.RESULTS} ({SECTION[3:]})")
 

@@ -28,21 +28,26 @@ from _common import REPO, machine, update_results  # (bench/ is on sys.path)
 
 sys.path.insert(0, str(REPO))
 
-from pipeline.core.config import WorldConfig  # noqa: E402
-from pipeline.world.datasets import FILES, ranked_prompts  # noqa: E402
-from pipeline.world.language import parse  # noqa: E402
-from pipeline.world.lexicon import _LEXICONS  # noqa: E402
-from pipeline.world.world import _world  # noqa: E402
+from pipeline.core.config import WorldConfig
+from pipeline.world.datasets import FILES, ranked_prompts
+from pipeline.world.language import parse
+from pipeline.world.lexicon import _LEXICONS
+from pipeline.world.world import _world
 
 SECTION = "## Synthetic data generation"
 SETS = ("world", *FILES, "reward_train", "reward_test")
-HEADER = ("| date | machine | load avg | repeats | world config | " + " | ".join(f"{s} s" for s in SETS)
-          + " | corpus docs / M chars | total s |")
-INTRO = ("`python bench/synthetic_speed.py`: CPU seconds (time.process_time, best of the repeats) to generate each "
-         "data set of the default world (`WorldConfig()`) from a cold start (world, parse cache and lexicon cleared "
-         "first): the world itself, what `materialise` writes for a run (corpus, SFT dialogues and held-out split, "
-         "evaluation and PPO prompts) and reward_data/'s ranked comparisons (train, test). Target: the corpus under "
-         "20 s on 2 cores. Load avg: the 1-minute load at the start. One row per run, newest last.")
+HEADER = (
+    "| date | machine | load avg | repeats | world config | "
+    + " | ".join(f"{s} s" for s in SETS)
+    + " | corpus docs / M chars | total s |"
+)
+INTRO = (
+    "`python bench/synthetic_speed.py`: CPU seconds (time.process_time, best of the repeats) to generate each "
+    "data set of the default world (`WorldConfig()`) from a cold start (world, parse cache and lexicon cleared "
+    "first): the world itself, what `materialise` writes for a run (corpus, SFT dialogues and held-out split, "
+    "evaluation and PPO prompts) and reward_data/'s ranked comparisons (train, test). Target: the corpus under "
+    "20 s on 2 cores. Load avg: the 1-minute load at the start. One row per run, newest last."
+)
 
 
 def _cold() -> None:
@@ -60,9 +65,12 @@ def _cpu(fn) -> tuple[float, object]:
 def measure(cfg: WorldConfig | None = None, repeats: int = 2) -> tuple[dict[str, float], dict[str, int]]:
     """({data set: best CPU seconds}, sizes: {"corpus_docs", "corpus_chars", and each data set's record count})."""
     cfg = cfg or WorldConfig()
-    makers = {"world": lambda: _world(cfg.seed, cfg.n_entities),
-              **{name: (lambda make=make: list(make(cfg))) for name, make in FILES.items()},
-              "reward_train": lambda: ranked_prompts(cfg, "train"), "reward_test": lambda: ranked_prompts(cfg, "test")}
+    makers = {
+        "world": lambda: _world(cfg.seed, cfg.n_entities),
+        **{name: (lambda make=make: list(make(cfg))) for name, make in FILES.items()},
+        "reward_train": lambda: ranked_prompts(cfg, "train"),
+        "reward_test": lambda: ranked_prompts(cfg, "test"),
+    }
     best = {name: float("inf") for name in makers}
     sizes: dict[str, int] = {}
     for _ in range(repeats):
@@ -94,13 +102,22 @@ def main() -> None:
         n = "" if name == "world" else f"  ({sizes[name]:,} records)"
         print(f"  {name:<13} {seconds[name]:7.3f} s of CPU{n}")
     total = sum(seconds.values())
-    print(f"  corpus: {sizes['corpus_docs']:,} documents, {sizes['corpus_chars'] / 1e6:.1f}M characters "
-          f"(target: under 20 s of CPU; {seconds['corpus']:.1f} s)")
+    print(
+        f"  corpus: {sizes['corpus_docs']:,} documents, {sizes['corpus_chars'] / 1e6:.1f}M characters "
+        f"(target: under 20 s of CPU; {seconds['corpus']:.1f} s)"
+    )
     print(f"  {'total':<13} {total:7.2f} s of CPU (world seed {cfg.seed}, {cfg.n_entities} entities)")
     if not args.no_results:
-        cells = [time.strftime("%Y-%m-%d"), where, f"{load:.2f}", str(args.repeats),
-                 f"seed {cfg.seed}, {cfg.n_entities} entities", *[f"{seconds[s]:.3f}" for s in SETS],
-                 f"{sizes['corpus_docs']} / {sizes['corpus_chars'] / 1e6:.1f}", f"{total:.1f}"]
+        cells = [
+            time.strftime("%Y-%m-%d"),
+            where,
+            f"{load:.2f}",
+            str(args.repeats),
+            f"seed {cfg.seed}, {cfg.n_entities} entities",
+            *[f"{seconds[s]:.3f}" for s in SETS],
+            f"{sizes['corpus_docs']} / {sizes['corpus_chars'] / 1e6:.1f}",
+            f"{total:.1f}",
+        ]
         update_results(SECTION, INTRO, HEADER, "| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         print("[bench] row added to bench/results.md (Synthetic data generation)")
 

@@ -45,8 +45,19 @@ from serving.limits import RateLimiter, identify, load_keys
 from serving.metrics import Metrics
 from serving.moderation import Moderator
 from serving.prompts import PromptEncoder
-from serving.protocol import (APIError, ChatCompletionRequest, ModerationRequest, chunk, completion, completion_id,
-                              first_bad_string, new_id, now, usage, validation_error)
+from serving.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ModerationRequest,
+    chunk,
+    completion,
+    completion_id,
+    first_bad_string,
+    new_id,
+    now,
+    usage,
+    validation_error,
+)
 from serving.text import ReplyText
 
 log = logging.getLogger("serving")
@@ -65,8 +76,9 @@ class Service:
         self.cfg = cfg
         self.model_name = model_name
         self.keys = load_keys(cfg.auth.keys_env, cfg.auth.keys_file)
-        self.limiter = RateLimiter(cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute,
-                                   cfg.limits.concurrent_requests)
+        self.limiter = RateLimiter(
+            cfg.limits.requests_per_minute, cfg.limits.tokens_per_minute, cfg.limits.concurrent_requests
+        )
         self.moderator = Moderator.from_settings(cfg.moderation)
         self.metrics = Metrics()
         self._load = load
@@ -101,8 +113,12 @@ class Service:
                 self._model, tok = self._load()
             self.tok, self.prompts = tok, PromptEncoder(tok)
             engine = self._start_engine()
-            log.info("model %s loaded: context %d tokens, batches of up to %d rows", self.model_name,
-                     engine.context, engine.max_batch)
+            log.info(
+                "model %s loaded: context %d tokens, batches of up to %d rows",
+                self.model_name,
+                engine.context,
+                engine.max_batch,
+            )
         except Exception as e:  # noqa: BLE001 — reported once, in one line, by whoever started us
             self.load_error = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.error("loading the model failed: %s", self.load_error)
@@ -115,11 +131,19 @@ class Service:
         if self._remote:
             from serving.worker import EngineProcess
 
-            engine = EngineProcess(self._spawn[0], self._spawn[1], max_batch=e.max_batch,
-                                   max_waiting=e.max_waiting, seed=e.seed, fast=e.fast_path, threads=e.threads)
+            engine = EngineProcess(
+                self._spawn[0],
+                self._spawn[1],
+                max_batch=e.max_batch,
+                max_waiting=e.max_waiting,
+                seed=e.seed,
+                fast=e.fast_path,
+                threads=e.threads,
+            )
         else:
-            engine = Engine(self._model, self.tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed,
-                            fast=e.fast_path)
+            engine = Engine(
+                self._model, self.tok, max_batch=e.max_batch, max_waiting=e.max_waiting, seed=e.seed, fast=e.fast_path
+            )
         engine.on_step = self._on_step
         engine.on_death = self._engine_died
         if self._remote and self.loop is not None:
@@ -152,8 +176,7 @@ class Service:
         t = time.monotonic()
         self._deaths = [d for d in self._deaths if t - d < 60] + [t]
         delay = 0.0 if len(self._deaths) <= 1 else min(30.0, 2.0 ** (len(self._deaths) - 2))
-        log.error("the generation engine died (%s); starting a new one%s", error,
-                  f" in {delay:.0f} s" if delay else "")
+        log.error("the generation engine died (%s); starting a new one%s", error, f" in {delay:.0f} s" if delay else "")
 
         def restart():
             time.sleep(delay)
@@ -187,15 +210,28 @@ class Service:
 
     def ready(self) -> Engine:
         if self.load_error:
-            raise APIError(500, f"The model failed to load: {self.load_error}", type="server_error",
-                           reason="load_failed")
+            raise APIError(
+                500, f"The model failed to load: {self.load_error}", type="server_error", reason="load_failed"
+            )
         engine = self.engine
         if engine is None:
-            raise APIError(503, "The model is still loading; try again shortly.", type="server_error",
-                           code="model_loading", retry_after=2, reason="loading")
+            raise APIError(
+                503,
+                "The model is still loading; try again shortly.",
+                type="server_error",
+                code="model_loading",
+                retry_after=2,
+                reason="loading",
+            )
         if engine.error is not None:  # dead, and the supervisor about to replace it
-            raise APIError(503, "The generation engine is restarting; try again shortly.", type="server_error",
-                           code="model_loading", retry_after=2, reason="loading")
+            raise APIError(
+                503,
+                "The generation engine is restarting; try again shortly.",
+                type="server_error",
+                code="model_loading",
+                retry_after=2,
+                reason="loading",
+            )
         return engine
 
     # ---- the heavy part of a request (off the event loop, asyncio.to_thread, for a long prompt) --------------
@@ -230,8 +266,12 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = APIError(413, f"Request body too large: the limit is {self.limit} bytes.",
-                           code="request_too_large", reason="too_large")
+        too_big = APIError(
+            413,
+            f"Request body too large: the limit is {self.limit} bytes.",
+            code="request_too_large",
+            reason="too_large",
+        )
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             self.metrics.rejections.labels("too_large").inc()
@@ -308,9 +348,15 @@ def log_exception(rid: str, e: BaseException) -> None:
 
 
 def _server_error() -> JSONResponse:
-    return _error_response(APIError(500, "The server had an error while processing your request. Sorry about that! "
-                                         "You can retry your request, or report it with its x-request-id.",
-                                    type="server_error", reason="internal_error"))
+    return _error_response(
+        APIError(
+            500,
+            "The server had an error while processing your request. Sorry about that! "
+            "You can retry your request, or report it with its x-request-id.",
+            type="server_error",
+            reason="internal_error",
+        )
+    )
 
 
 _LOOPBACK_NAMES = {"localhost", "localhost.", "ip6-localhost", "ip6-loopback"}
@@ -322,7 +368,7 @@ def is_loopback_host(host: Optional[str]) -> bool:
         return False
     host = host.strip().lower()
     if host.startswith("["):  # [::1]:8000
-        name = host[1:host.find("]")] if "]" in host else ""
+        name = host[1 : host.find("]")] if "]" in host else ""
     else:
         name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
     if name in _LOOPBACK_NAMES or name.endswith(".localhost"):
@@ -346,10 +392,16 @@ class LoopbackHost:
             host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
             if not is_loopback_host(host):
                 self.metrics.rejections.labels("host_not_allowed").inc()
-                return await _error_response(APIError(
-                    403, "This server has no API keys, so it only answers requests addressed to a loopback name "
-                         "(localhost, 127.0.0.1, [::1]); the Host header named another. Set API keys to serve "
-                         "other names.", code="host_not_allowed", reason="host_not_allowed"))(scope, receive, send)
+                return await _error_response(
+                    APIError(
+                        403,
+                        "This server has no API keys, so it only answers requests addressed to a loopback name "
+                        "(localhost, 127.0.0.1, [::1]); the Host header named another. Set API keys to serve "
+                        "other names.",
+                        code="host_not_allowed",
+                        reason="host_not_allowed",
+                    )
+                )(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -359,7 +411,8 @@ class OpenAIJSON(JSONResponse):
 
     def render(self, content) -> bytes:
         return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
-            "utf-8", "replace")
+            "utf-8", "replace"
+        )
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -375,8 +428,12 @@ def _json_content_type(request: Request) -> None:
     media = ctype.split(";", 1)[0].strip().lower()
     if media not in _JSON_TYPES:
         shown = (ctype[:60] + "...") if len(ctype) > 60 else ctype
-        raise APIError(415, f"Invalid Content-Type header ({shown or 'none'}); expected application/json.",
-                       code="unsupported_media_type", reason="unsupported_media_type")
+        raise APIError(
+            415,
+            f"Invalid Content-Type header ({shown or 'none'}); expected application/json.",
+            code="unsupported_media_type",
+            reason="unsupported_media_type",
+        )
 
 
 def _parse_json(raw: bytes):
@@ -386,22 +443,33 @@ def _parse_json(raw: bytes):
     except RecursionError:
         raise APIError(400, "The JSON body is nested too deeply.", code="invalid_json", reason="bad_request") from None
     except UnicodeDecodeError:
-        raise APIError(400, "The request body is not valid UTF-8.", code="invalid_json", reason="bad_request") \
-            from None
+        raise APIError(400, "The request body is not valid UTF-8.", code="invalid_json", reason="bad_request") from None
     except ValueError as e:
         if "integer string conversion" in str(e):
-            raise APIError(400, "The JSON body has an integer with more than 4300 digits.", code="invalid_json",
-                           reason="bad_request") from None
-        raise APIError(400, "We could not parse the JSON body of your request. The body must be a JSON object.",
-                       code="invalid_json", reason="bad_request") from None
+            raise APIError(
+                400,
+                "The JSON body has an integer with more than 4300 digits.",
+                code="invalid_json",
+                reason="bad_request",
+            ) from None
+        raise APIError(
+            400,
+            "We could not parse the JSON body of your request. The body must be a JSON object.",
+            code="invalid_json",
+            reason="bad_request",
+        ) from None
 
 
 _BODIES = (ChatCompletionRequest, ModerationRequest)
 
 
 def _openapi_body(model) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-        "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
 
 
 def _openapi(app: FastAPI):
@@ -432,8 +500,7 @@ def create_app(service: Service):
         yield
         service._closing = True  # shutting down: an engine that dies now is not restarted
 
-    app = FastAPI(title="rlhf-pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json",
-                  lifespan=lifespan)
+    app = FastAPI(title="rlhf-pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
     app.openapi = _openapi(app)
     m = service.metrics
     limits = service.cfg.limits
@@ -450,12 +517,23 @@ def create_app(service: Service):
         if e.status_code == 404:
             err = APIError(404, f"Invalid URL ({where})", reason="not_found")
         elif e.status_code == 405:
-            err = APIError(405, f"Invalid method for this URL ({where}); it takes {e.headers.get('allow', '?')}"
-                           if e.headers else f"Invalid method for this URL ({where})", type="invalid_request_error",
-                           reason="method_not_allowed", headers=dict(e.headers or {}))
+            err = APIError(
+                405,
+                f"Invalid method for this URL ({where}); it takes {e.headers.get('allow', '?')}"
+                if e.headers
+                else f"Invalid method for this URL ({where})",
+                type="invalid_request_error",
+                reason="method_not_allowed",
+                headers=dict(e.headers or {}),
+            )
         else:
-            err = APIError(e.status_code, str(e.detail), type="invalid_request_error", reason="bad_request",
-                           headers=dict(e.headers or {}))
+            err = APIError(
+                e.status_code,
+                str(e.detail),
+                type="invalid_request_error",
+                reason="bad_request",
+                headers=dict(e.headers or {}),
+            )
         m.rejections.labels(err.reason).inc()
         return _error_response(err)
 
@@ -487,15 +565,25 @@ def create_app(service: Service):
         for field, cap in lists.items():
             v = obj.get(field)
             if isinstance(v, list) and len(v) > cap:
-                raise APIError(400, f"Invalid '{field}': array too long. Expected an array with maximum length "
-                                    f"{cap}, but got an array with length {len(v)} instead.", param=field,
-                               code="array_above_max_length", reason="bad_request")
+                raise APIError(
+                    400,
+                    f"Invalid '{field}': array too long. Expected an array with maximum length "
+                    f"{cap}, but got an array with length {len(v)} instead.",
+                    param=field,
+                    code="array_above_max_length",
+                    reason="bad_request",
+                )
         if b"\\u" in raw:  # a lone surrogate can only come from a \uD8xx escape
             bad = first_bad_string(obj)
             if bad is not None:
-                raise APIError(400, f"Invalid value for '{bad or 'body'}': the string is not valid Unicode (it "
-                                    f"holds a lone surrogate).", param=bad or None, code="invalid_value",
-                               reason="bad_request")
+                raise APIError(
+                    400,
+                    f"Invalid value for '{bad or 'body'}': the string is not valid Unicode (it "
+                    f"holds a lone surrogate).",
+                    param=bad or None,
+                    code="invalid_value",
+                    reason="bad_request",
+                )
         try:
             return model.model_validate(obj)
         except ValidationError as e:
@@ -506,8 +594,9 @@ def create_app(service: Service):
         if service.load_error:
             return OpenAIJSON({"status": "error"}, status_code=500)
         if service.engine is None or service.engine.error is not None:
-            return OpenAIJSON({"status": "loading", "restarts": service.restarts}, status_code=503,
-                              headers={"retry-after": "2"})
+            return OpenAIJSON(
+                {"status": "loading", "restarts": service.restarts}, status_code=503, headers={"retry-after": "2"}
+            )
         return {"status": "ok", "restarts": service.restarts}
 
     @app.get("/metrics")
@@ -551,8 +640,14 @@ def create_app(service: Service):
             lease.release(used)
         for v in verdicts:
             _count_moderation(m, "endpoint", v, request.state.rid)
-        return OpenAIJSON({"id": new_id("modr"), "model": service.moderator.classifier.name,
-                           "results": [v.as_openai() for v in verdicts]}, headers=service.limiter.headers(who))
+        return OpenAIJSON(
+            {
+                "id": new_id("modr"),
+                "model": service.moderator.classifier.name,
+                "results": [v.as_openai() for v in verdicts],
+            },
+            headers=service.limiter.headers(who),
+        )
 
     @app.post("/v1/chat/completions", openapi_extra=_openapi_body(ChatCompletionRequest))
     async def chat_completions(request: Request):
@@ -574,17 +669,26 @@ def create_app(service: Service):
         if req.model != service.model_name:
             raise _no_model(req.model)
         if req.n > engine.max_batch:
-            raise APIError(400, f"n={req.n} is more than this server decodes at once ({engine.max_batch}).",
-                           param="n", code="invalid_value", reason="bad_request")
+            raise APIError(
+                400,
+                f"n={req.n} is more than this server decodes at once ({engine.max_batch}).",
+                param="n",
+                code="invalid_value",
+                reason="bad_request",
+            )
         ctx = engine.context
-        messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()}
-                    for x in req.messages]
+        messages = [{"role": "system" if x.role == "developer" else x.role, "content": x.text()} for x in req.messages]
         chars = sum(len(x["content"]) for x in messages)
         if chars > service.prompts.max_chars(ctx):  # cannot fit, whatever the text: refused before tokenising
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your messages have "
-                                f"{chars} characters, more than {ctx} tokens can hold (at most "
-                                f"{service.prompts.max_chars(ctx)} characters of this model's tokens). Please reduce "
-                                f"the length of the messages.", param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, your messages have "
+                f"{chars} characters, more than {ctx} tokens can hold (at most "
+                f"{service.prompts.max_chars(ctx)} characters of this model's tokens). Please reduce "
+                f"the length of the messages.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         moderate = bool(service.cfg.moderation.input)
         lexicon = getattr(service.moderator.classifier, "longest", None) is not None  # a model always off the loop
         if chars <= INLINE_CHARS and (lexicon or not moderate):  # less work than a thread hop costs the loop
@@ -594,18 +698,27 @@ def create_app(service: Service):
         asked = req.max_completion_tokens or req.max_tokens
         max_tokens = asked or min(service.cfg.engine.max_tokens_default or ctx, ctx - len(ids))
         if len(ids) + max(1, max_tokens) > ctx:
-            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
-                                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
-                                f"completion). Please reduce the length of the messages or completion.",
-                           param="messages", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the messages, {max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if verdicts:
             flagged = sorted({c for v in verdicts for c in v.flagged_categories})
             for v in verdicts:
                 _count_moderation(m, "input", v, request.state.rid)
             if flagged:
-                raise APIError(400, f"The prompt was refused by the moderation filter (flagged: "
-                                    f"{', '.join(flagged)}). Please rephrase it.", param="messages",
-                               code="content_filter", reason="moderation_input")
+                raise APIError(
+                    400,
+                    f"The prompt was refused by the moderation filter (flagged: "
+                    f"{', '.join(flagged)}). Please rephrase it.",
+                    param="messages",
+                    code="content_filter",
+                    reason="moderation_input",
+                )
         _charge(service, lease, len(ids) + max_tokens * req.n)
         headers = service.limiter.headers(who)
         engine = service.ready()  # again: the engine may have been replaced while the prompt was prepared
@@ -614,8 +727,14 @@ def create_app(service: Service):
         try:
             run.request = engine.submit(ids, params, req.n, run.on_token)
         except EngineFull:
-            raise APIError(503, "The server is overloaded; try again shortly.", type="server_error",
-                           code="overloaded", retry_after=1, reason="overloaded") from None
+            raise APIError(
+                503,
+                "The server is overloaded; try again shortly.",
+                type="server_error",
+                code="overloaded",
+                retry_after=1,
+                reason="overloaded",
+            ) from None
         m.prompt_tokens.inc(len(ids))
         if not req.stream:
             try:
@@ -624,8 +743,12 @@ def create_app(service: Service):
                 run.close(lease)
             if run.error:
                 raise APIError(500, run.error, type="server_error", reason="engine_error")
-            return OpenAIJSON(completion(run.cid, service.model_name, run.choices_json(), len(ids),
-                                         run.completion_tokens, FINGERPRINT), headers=headers)
+            return OpenAIJSON(
+                completion(
+                    run.cid, service.model_name, run.choices_json(), len(ids), run.completion_tokens, FINGERPRINT
+                ),
+                headers=headers,
+            )
 
         async def events():
             try:
@@ -633,15 +756,26 @@ def create_app(service: Service):
                     yield c
             except Exception as e:  # noqa: BLE001 — a bug mid-stream: the status is sent, so the error is an event
                 log_exception(run.rid, e)
-                yield _event({"error": {"message": "The server had an error while processing your request.",
-                                        "type": "server_error", "param": None, "code": None}})
+                yield _event(
+                    {
+                        "error": {
+                            "message": "The server had an error while processing your request.",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                )
             finally:  # also when the client went away mid-stream (Starlette cancels this generator)
                 run.close(lease)
 
         # Server-sent events as OpenAI (and vLLM) send them: `data: <json>` lines, one chat.completion.chunk each,
         # ending `data: [DONE]`. The events of one wake-up go out in one write (run.chunks).
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+        )
 
     return _wrap(app, service)
 
@@ -695,8 +829,13 @@ def _charge(service: Service, lease, tokens: int) -> None:
 
 
 def _no_model(name: str) -> APIError:
-    return APIError(404, f"The model `{name}` does not exist or you do not have access to it.", param="model",
-                    code="model_not_found", reason="model_not_found")
+    return APIError(
+        404,
+        f"The model `{name}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+        reason="model_not_found",
+    )
 
 
 async def _moderate_piece(moderator: Moderator, text: str):
@@ -712,18 +851,26 @@ def _count_moderation(m: Metrics, direction: str, v, rid: str) -> None:
         m.moderation_categories.labels(direction, c).inc()
     # Every decision with its scores, never the text: a flag at info, a pass at debug.
     if v.flagged:
-        log.info("moderation %s request=%s flagged=%s", direction, rid,
-                 ",".join(f"{c}:{v.category_scores[c]:.2f}" for c in v.flagged_categories))
+        log.info(
+            "moderation %s request=%s flagged=%s",
+            direction,
+            rid,
+            ",".join(f"{c}:{v.category_scores[c]:.2f}" for c in v.flagged_categories),
+        )
     elif log.isEnabledFor(logging.DEBUG):
-        log.debug("moderation %s request=%s passed (highest %s)", direction, rid,
-                  max(v.category_scores.items(), key=lambda kv: kv[1], default=("-", 0))[0])
+        log.debug(
+            "moderation %s request=%s passed (highest %s)",
+            direction,
+            rid,
+            max(v.category_scores.items(), key=lambda kv: kv[1], default=("-", 0))[0],
+        )
 
 
 class _Choice:
     def __init__(self, tok, stop, hold):
         self.text = ReplyText(tok, stop or (), hold=hold)
-        self.delivered = ""      # text the client has (or will get): what passed the moderation filter
-        self.streamed = False    # some of it has gone out
+        self.delivered = ""  # text the client has (or will get): what passed the moderation filter
+        self.streamed = False  # some of it has gone out
         self.n_tokens = 0
         self.finish: Optional[str] = None
 
@@ -778,7 +925,7 @@ class _Run:
         """Lists of (choice, new text, finish_reason or None) as the replies grow, one list per wake-up: whatever
         arrived meanwhile is merged, so a slow reader gets fewer, longer chunks instead of falling behind."""
         open_ = set(range(len(self.choices)))
-        text: dict[int, str] = {}   # released text not yet handed on, per choice
+        text: dict[int, str] = {}  # released text not yet handed on, per choice
         tokens: dict[int, int] = {}  # tokens since a choice's last piece went out
         while open_:
             events = [await self.queue.get()]
@@ -797,8 +944,12 @@ class _Run:
                     text.setdefault(i, "")
                     self.service.metrics.finished.labels(c.finish).inc()
             # a choice's text goes out at its end, with its first text, or every `stream_interval` tokens
-            due = [i for i in sorted(text) if self.choices[i].finish is not None or
-                   (text[i] and (tokens[i] >= self.interval or not self.choices[i].streamed))]
+            due = [
+                i
+                for i in sorted(text)
+                if self.choices[i].finish is not None
+                or (text[i] and (tokens[i] >= self.interval or not self.choices[i].streamed))
+            ]
             if any(text[i] for i in due) and self.first_text is None:
                 self.first_text = time.perf_counter()
                 self.service.metrics.ttft.observe(self.first_text - self.t0)
@@ -842,8 +993,15 @@ class _Run:
             pass
 
     def choices_json(self) -> list[dict]:
-        return [{"index": i, "message": {"role": "assistant", "content": c.delivered, "refusal": None},
-                 "logprobs": None, "finish_reason": c.finish} for i, c in enumerate(self.choices)]
+        return [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.delivered, "refusal": None},
+                "logprobs": None,
+                "finish_reason": c.finish,
+            }
+            for i, c in enumerate(self.choices)
+        ]
 
     async def chunks(self):
         """The stream's server-sent events (`data: <chat.completion.chunk>\\n\\n` each, then `data: [DONE]`), as
@@ -855,8 +1013,9 @@ class _Run:
         out = [one(i, {"role": "assistant", "content": ""}) for i in range(len(self.choices))]
         async for batch in self._pieces():
             if self.error:
-                out.append(_event({"error": {"message": self.error, "type": "server_error", "param": None,
-                                             "code": None}}))
+                out.append(
+                    _event({"error": {"message": self.error, "type": "server_error", "param": None, "code": None}})
+                )
                 yield b"".join(out)
                 return
             for i, piece, finish in batch:
@@ -868,8 +1027,18 @@ class _Run:
                 yield b"".join(out)
                 out = []
         if with_usage:
-            out.append(_event(chunk(self.cid, self.service.model_name, self.created, [], FINGERPRINT,
-                                    usage(self.prompt_tokens, self.completion_tokens))))
+            out.append(
+                _event(
+                    chunk(
+                        self.cid,
+                        self.service.model_name,
+                        self.created,
+                        [],
+                        FINGERPRINT,
+                        usage(self.prompt_tokens, self.completion_tokens),
+                    )
+                )
+            )
         out.append(b"data: [DONE]\n\n")
         yield b"".join(out)
 
@@ -886,6 +1055,12 @@ class _Run:
                     self.service.metrics.finished.labels("cancelled").inc()
         self.service.metrics.completion_tokens.inc(self.completion_tokens)
         lease.release(self.prompt_tokens + self.completion_tokens)
-        log.debug("request=%s key=%s prompt_tokens=%d completion_tokens=%d finish=%s seconds=%.3f", self.rid,
-                 lease.who, self.prompt_tokens, self.completion_tokens,
-                 ",".join(str(c.finish) for c in self.choices), time.perf_counter() - self.t0)
+        log.debug(
+            "request=%s key=%s prompt_tokens=%d completion_tokens=%d finish=%s seconds=%.3f",
+            self.rid,
+            lease.who,
+            self.prompt_tokens,
+            self.completion_tokens,
+            ",".join(str(c.finish) for c in self.choices),
+            time.perf_counter() - self.t0,
+        )

@@ -62,8 +62,11 @@ def identify(keys: dict[str, str], authorization: Optional[str]) -> str:
     if not keys:
         return ANONYMOUS
     if not authorization:
-        raise APIError(401, "You didn't provide an API key. Send it in an Authorization header as "
-                            "'Authorization: Bearer YOUR_KEY'.", code="missing_api_key")
+        raise APIError(
+            401,
+            "You didn't provide an API key. Send it in an Authorization header as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
     scheme, _, given = authorization.partition(" ")
     given = given.strip()
     if scheme.lower() != "bearer" or not given:
@@ -152,11 +155,14 @@ class RateLimiter:
             rq, tk = self._buckets(who)
             rq._refill()
             tk._refill()
-            return {"x-ratelimit-limit-requests": str(self.rpm), "x-ratelimit-limit-tokens": str(self.tpm),
-                    "x-ratelimit-remaining-requests": str(max(0, int(rq.level))),
-                    "x-ratelimit-remaining-tokens": str(max(0, int(tk.level))),
-                    "x-ratelimit-reset-requests": _duration(rq.reset_in()),
-                    "x-ratelimit-reset-tokens": _duration(tk.reset_in())}
+            return {
+                "x-ratelimit-limit-requests": str(self.rpm),
+                "x-ratelimit-limit-tokens": str(self.tpm),
+                "x-ratelimit-remaining-requests": str(max(0, int(rq.level))),
+                "x-ratelimit-remaining-tokens": str(max(0, int(tk.level))),
+                "x-ratelimit-reset-requests": _duration(rq.reset_in()),
+                "x-ratelimit-reset-tokens": _duration(tk.reset_in()),
+            }
 
     def acquire(self, who: str) -> Lease:
         """A lease on one request (its place in flight and one of the minute's requests), or APIError 429 saying
@@ -164,14 +170,26 @@ class RateLimiter:
         with self._lock:
             rq, _ = self._buckets(who)
             if self._inflight.get(who, 0) >= self.concurrent:
-                raise APIError(429, f"Too many requests in flight: the limit is {self.concurrent} at once. "
-                                    f"Please try again when one has finished.", type="requests",
-                               code="rate_limit_exceeded", retry_after=1.0, reason="concurrency")
+                raise APIError(
+                    429,
+                    f"Too many requests in flight: the limit is {self.concurrent} at once. "
+                    f"Please try again when one has finished.",
+                    type="requests",
+                    code="rate_limit_exceeded",
+                    retry_after=1.0,
+                    reason="concurrency",
+                )
             wait = rq.wait_for(1)
             if wait > 0:
-                raise APIError(429, f"Rate limit reached on requests per min (RPM): limit {self.rpm}. Please try "
-                                    f"again in {_duration(wait)}.", type="requests", code="rate_limit_exceeded",
-                               retry_after=wait, reason="requests")
+                raise APIError(
+                    429,
+                    f"Rate limit reached on requests per min (RPM): limit {self.rpm}. Please try "
+                    f"again in {_duration(wait)}.",
+                    type="requests",
+                    code="rate_limit_exceeded",
+                    retry_after=wait,
+                    reason="requests",
+                )
             rq.take(1)
             self._inflight[who] = self._inflight.get(who, 0) + 1
             return Lease(self, who)
@@ -180,16 +198,27 @@ class RateLimiter:
         with self._lock:
             _, tk = self._buckets(lease.who)
             if tokens > self.tpm:
-                raise APIError(429, f"Request too large: it needs up to {tokens} tokens (prompt + max_tokens x n), "
-                                    f"more than the limit of {self.tpm} tokens per minute. Lower max_tokens or "
-                                    f"shorten the messages.", type="tokens", code="rate_limit_exceeded",
-                               reason="tokens")
+                raise APIError(
+                    429,
+                    f"Request too large: it needs up to {tokens} tokens (prompt + max_tokens x n), "
+                    f"more than the limit of {self.tpm} tokens per minute. Lower max_tokens or "
+                    f"shorten the messages.",
+                    type="tokens",
+                    code="rate_limit_exceeded",
+                    reason="tokens",
+                )
             wait = tk.wait_for(tokens)
             if wait > 0:
-                raise APIError(429, f"Rate limit reached on tokens per min (TPM): limit {self.tpm}, remaining "
-                                    f"{max(0, int(tk.level))}, requested {tokens}. Please try again in "
-                                    f"{_duration(wait)}.", type="tokens", code="rate_limit_exceeded",
-                               retry_after=wait, reason="tokens")
+                raise APIError(
+                    429,
+                    f"Rate limit reached on tokens per min (TPM): limit {self.tpm}, remaining "
+                    f"{max(0, int(tk.level))}, requested {tokens}. Please try again in "
+                    f"{_duration(wait)}.",
+                    type="tokens",
+                    code="rate_limit_exceeded",
+                    retry_after=wait,
+                    reason="tokens",
+                )
             tk.take(tokens)
             lease.tokens += tokens
 

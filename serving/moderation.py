@@ -26,32 +26,81 @@ import unicodedata
 from dataclasses import dataclass, field
 
 # OpenAI's moderation categories (omni-moderation), in its order.
-CATEGORIES = ["harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent",
-              "self-harm", "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence",
-              "violence/graphic"]
+CATEGORIES = [
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+]
 
 # The default lexicon: (phrase, weight). Kept short and readable on purpose; see the module docstring.
 LEXICON: dict[str, list[tuple[str, float]]] = {
-    "harassment": [("you are stupid", 0.6), ("you're stupid", 0.6), ("you idiot", 0.6), ("shut up", 0.3),
-                   ("you are worthless", 0.7), ("nobody likes you", 0.6), ("loser", 0.3),
-                   ("kill yourself", 0.8)],
-    "harassment/threatening": [("i will hurt you", 0.9), ("i'll hurt you", 0.9), ("i will find you", 0.6),
-                               ("you will regret", 0.4), ("watch your back", 0.6)],
+    "harassment": [
+        ("you are stupid", 0.6),
+        ("you're stupid", 0.6),
+        ("you idiot", 0.6),
+        ("shut up", 0.3),
+        ("you are worthless", 0.7),
+        ("nobody likes you", 0.6),
+        ("loser", 0.3),
+        ("kill yourself", 0.8),
+    ],
+    "harassment/threatening": [
+        ("i will hurt you", 0.9),
+        ("i'll hurt you", 0.9),
+        ("i will find you", 0.6),
+        ("you will regret", 0.4),
+        ("watch your back", 0.6),
+    ],
     "hate": [("subhuman", 0.8), ("go back to your country", 0.7), ("inferior race", 0.9)],
     "hate/threatening": [("exterminate them", 0.9), ("wipe them out", 0.7)],
-    "illicit": [("buy drugs", 0.6), ("sell drugs", 0.6), ("launder money", 0.8), ("money laundering", 0.6),
-                ("steal a car", 0.8), ("hotwire a car", 0.7), ("counterfeit money", 0.8), ("pick a lock", 0.4),
-                ("make meth", 0.9), ("cook meth", 0.9), ("hack into", 0.6), ("stolen credit card", 0.8)],
-    "illicit/violent": [("build a bomb", 0.9), ("make a bomb", 0.9), ("make explosives", 0.9),
-                        ("pipe bomb", 0.9), ("buy a gun illegally", 0.9), ("poison someone", 0.9)],
-    "self-harm": [("self-harm", 0.6), ("self harm", 0.6), ("hurt myself", 0.7), ("cut myself", 0.8),
-                  ("suicide", 0.6)],
+    "illicit": [
+        ("buy drugs", 0.6),
+        ("sell drugs", 0.6),
+        ("launder money", 0.8),
+        ("money laundering", 0.6),
+        ("steal a car", 0.8),
+        ("hotwire a car", 0.7),
+        ("counterfeit money", 0.8),
+        ("pick a lock", 0.4),
+        ("make meth", 0.9),
+        ("cook meth", 0.9),
+        ("hack into", 0.6),
+        ("stolen credit card", 0.8),
+    ],
+    "illicit/violent": [
+        ("build a bomb", 0.9),
+        ("make a bomb", 0.9),
+        ("make explosives", 0.9),
+        ("pipe bomb", 0.9),
+        ("buy a gun illegally", 0.9),
+        ("poison someone", 0.9),
+    ],
+    "self-harm": [("self-harm", 0.6), ("self harm", 0.6), ("hurt myself", 0.7), ("cut myself", 0.8), ("suicide", 0.6)],
     "self-harm/intent": [("kill myself", 0.9), ("end my life", 0.9), ("want to die", 0.8)],
     "self-harm/instructions": [("how to kill yourself", 0.95), ("ways to commit suicide", 0.95)],
     "sexual": [("porn", 0.6), ("nude", 0.5), ("explicit sex", 0.8), ("sexual intercourse", 0.5)],
     "sexual/minors": [("child porn", 1.0), ("sexual content involving minors", 1.0)],
-    "violence": [("kill you", 0.8), ("kill him", 0.8), ("kill her", 0.8), ("kill them", 0.7), ("murder", 0.5),
-                 ("stab", 0.5), ("shoot them", 0.8), ("beat him up", 0.6), ("torture", 0.6)],
+    "violence": [
+        ("kill you", 0.8),
+        ("kill him", 0.8),
+        ("kill her", 0.8),
+        ("kill them", 0.7),
+        ("murder", 0.5),
+        ("stab", 0.5),
+        ("shoot them", 0.8),
+        ("beat him up", 0.6),
+        ("torture", 0.6),
+    ],
     "violence/graphic": [("blood everywhere", 0.6), ("dismember", 0.9), ("gore", 0.6), ("mutilate", 0.8)],
 }
 
@@ -60,21 +109,74 @@ LEXICON: dict[str, list[tuple[str, float]]] = {
 # the ones a person would type to slip past a word list.
 _CONFUSABLES = {
     # Cyrillic
-    "а": "a", "б": "b", "в": "b", "с": "c", "ԁ": "d", "е": "e", "ё": "e", "һ": "h", "і": "i", "ї": "i", "ј": "j",
-    "к": "k", "ӏ": "l", "м": "m", "н": "h", "о": "o", "р": "p", "ԛ": "q", "г": "r", "ѕ": "s", "т": "t", "ц": "u",
-    "у": "y", "ѵ": "v", "ԝ": "w", "х": "x", "ү": "y", "з": "3",
+    "а": "a",
+    "б": "b",
+    "в": "b",
+    "с": "c",
+    "ԁ": "d",
+    "е": "e",
+    "ё": "e",
+    "һ": "h",
+    "і": "i",
+    "ї": "i",
+    "ј": "j",
+    "к": "k",
+    "ӏ": "l",
+    "м": "m",
+    "н": "h",
+    "о": "o",
+    "р": "p",
+    "ԛ": "q",
+    "г": "r",
+    "ѕ": "s",
+    "т": "t",
+    "ц": "u",
+    "у": "y",
+    "ѵ": "v",
+    "ԝ": "w",
+    "х": "x",
+    "ү": "y",
+    "з": "3",
     # Greek
-    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "μ": "u", "ν": "v", "ο": "o", "ρ": "p",
-    "τ": "t", "υ": "u", "χ": "x", "γ": "y", "ω": "w",
+    "α": "a",
+    "β": "b",
+    "ε": "e",
+    "η": "n",
+    "ι": "i",
+    "κ": "k",
+    "μ": "u",
+    "ν": "v",
+    "ο": "o",
+    "ρ": "p",
+    "τ": "t",
+    "υ": "u",
+    "χ": "x",
+    "γ": "y",
+    "ω": "w",
     # Latin look-alikes and punctuation
-    "ı": "i", "ȷ": "j", "ɡ": "g", "ɑ": "a", "ʏ": "y", "ℓ": "l", "\u2019": "'", "\u2018": "'", "\u02bc": "'",
-    "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2212": "-",
+    "ı": "i",
+    "ȷ": "j",
+    "ɡ": "g",
+    "ɑ": "a",
+    "ʏ": "y",
+    "ℓ": "l",
+    "\u2019": "'",
+    "\u2018": "'",
+    "\u02bc": "'",
+    "\u2010": "-",
+    "\u2011": "-",
+    "\u2012": "-",
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u2212": "-",
 }
 # Characters that show nothing: format characters (zero-width space and joiners, word joiner, byte-order mark, soft
 # hyphen, bidirectional controls, tags), variation selectors, and the combining marks that decorate Latin letters.
-_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
-              "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
-              "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f")
+_INVISIBLE = (
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U0001d173-\U0001d17a\U000e0000-\U000e0fff"
+    "\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
+)
 _CONFUSABLE_RE = re.compile("[" + "".join(map(re.escape, _CONFUSABLES)) + "]")
 _INVISIBLE_RE = re.compile(f"[{_INVISIBLE}]+")
 _SPACES = re.compile(r"[^\S ]\s*| \s+")  # any whitespace but a lone space: what must become one space
@@ -156,7 +258,7 @@ class LexiconClassifier:
         found: set[str] = set()
         for at in range(0, len(text), piece):
             lo = max(0, at - self.longest)
-            m = self._re.findall(text[lo:at + piece])
+            m = self._re.findall(text[lo : at + piece])
             found.update(m)
         return found
 
@@ -188,14 +290,18 @@ class HFClassifier:
         from pipeline.core.errors import UserError
 
         if not (Path(path) / "config.json").is_file():
-            raise UserError(f"moderation.classifier={path}: not a Hugging Face sequence-classification folder (no "
-                            f"config.json); use lexicon or a local folder")
+            raise UserError(
+                f"moderation.classifier={path}: not a Hugging Face sequence-classification folder (no "
+                f"config.json); use lexicon or a local folder"
+            )
         try:
             self.tok = AutoTokenizer.from_pretrained(path)
             self.model = AutoModelForSequenceClassification.from_pretrained(path).eval()
         except (OSError, ValueError) as e:
-            raise UserError(f"moderation.classifier={path}: not a Hugging Face sequence-classification folder "
-                            f"({str(e).splitlines()[0]})") from None
+            raise UserError(
+                f"moderation.classifier={path}: not a Hugging Face sequence-classification folder "
+                f"({str(e).splitlines()[0]})"
+            ) from None
         self.name = str(path)
         self.device = device or torch.device("cpu")
         self.model.to(self.device)
@@ -229,8 +335,9 @@ class HFClassifier:
 class Moderator:
     """A classifier plus the categories that count and their thresholds."""
 
-    def __init__(self, classifier, categories: list[str] | None = None, threshold: float = 0.5,
-                 thresholds: dict | None = None):
+    def __init__(
+        self, classifier, categories: list[str] | None = None, threshold: float = 0.5, thresholds: dict | None = None
+    ):
         self.classifier = classifier
         self.categories = list(categories) if categories else list(classifier.labels)
         self.threshold = float(threshold)
@@ -257,15 +364,15 @@ class Moderator:
         cats = list(m.categories) if m.categories else None
         unknown = [c for c in (cats or []) + list((m.thresholds or {}).keys()) if c not in clf.labels]
         if unknown:
-            raise UserError(f"moderation: unknown categories {unknown}; the classifier ({clf.name}) has "
-                            f"{', '.join(clf.labels)}")
+            raise UserError(
+                f"moderation: unknown categories {unknown}; the classifier ({clf.name}) has {', '.join(clf.labels)}"
+            )
         return cls(clf, cats, m.threshold, dict(m.thresholds or {}))
 
     def check_many(self, texts: list[str]) -> list[Verdict]:
         out = []
         for s in self.classifier.scores(texts):
-            cats = {c: c in self.categories and s.get(c, 0.0) >= self.thresholds.get(c, self.threshold)
-                    for c in s}
+            cats = {c: c in self.categories and s.get(c, 0.0) >= self.thresholds.get(c, self.threshold) for c in s}
             flagged = [c for c, v in cats.items() if v]
             out.append(Verdict(bool(flagged), cats, s, flagged))
         return out

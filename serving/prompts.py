@@ -31,8 +31,10 @@ class PromptEncoder:
         self.tok = tokenizer
         self.fast = getattr(tokenizer, "backend_tokenizer", None)
         added = list(getattr(tokenizer, "added_tokens_decoder", {}).items())
-        self.special_ids = frozenset({int(i) for i, t in added if getattr(t, "special", False)} |
-                                     set(getattr(tokenizer, "all_special_ids", []) or []))
+        self.special_ids = frozenset(
+            {int(i) for i, t in added if getattr(t, "special", False)}
+            | set(getattr(tokenizer, "all_special_ids", []) or [])
+        )
         # Every added token's text (a superset of the control tokens transformers sanitizes), whitespace ones aside
         # (Gemma's "\n" is ordinary text in templates): a message that holds none needs no sanitizing.
         control = sorted({str(t.content) for _, t in added if str(t.content).strip()}, key=len, reverse=True)
@@ -62,8 +64,13 @@ class PromptEncoder:
     @staticmethod
     def _refused(e: Exception) -> APIError:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return APIError(400, f"The chat template of this model refused the messages: {first}", param="messages",
-                        code="invalid_messages", reason="bad_request")
+        return APIError(
+            400,
+            f"The chat template of this model refused the messages: {first}",
+            param="messages",
+            code="invalid_messages",
+            reason="bad_request",
+        )
 
     def encode(self, messages: list[dict], in_thread: bool = False) -> list[int]:
         """The prompt's ids. `in_thread`: this runs off the event loop, so encode in a way that lets go of the GIL
@@ -71,20 +78,32 @@ class PromptEncoder:
         if not any(self._control.search(m["content"]) for m in messages):
             return self._ids(self.render(messages), in_thread)
         if not self._sanitize:
-            raise APIError(400, "The messages contain text that reads as this model's control tokens; remove it "
-                                "(this server's transformers cannot keep it as text).", param="messages",
-                           code="invalid_messages", reason="bad_request")
+            raise APIError(
+                400,
+                "The messages contain text that reads as this model's control tokens; remove it "
+                "(this server's transformers cannot keep it as text).",
+                param="messages",
+                code="invalid_messages",
+                reason="bad_request",
+            )
         import jinja2
 
         try:
-            return list(self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     sanitize_control_tokens=True, return_dict=False))
+            return list(
+                self.tok.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, sanitize_control_tokens=True, return_dict=False
+                )
+            )
         except jinja2.TemplateError as e:
             raise self._refused(e) from None
         except ValueError as e:  # "Can't sanitize ...": the tokenizer makes that token from plain text too
-            raise APIError(400, f"The messages contain a control token this model cannot take as text: "
-                                f"{str(e).splitlines()[0]}", param="messages", code="invalid_messages",
-                           reason="bad_request") from None
+            raise APIError(
+                400,
+                f"The messages contain a control token this model cannot take as text: {str(e).splitlines()[0]}",
+                param="messages",
+                code="invalid_messages",
+                reason="bad_request",
+            ) from None
 
     def _ids(self, text: str, in_thread: bool = False) -> list[int]:
         """Token ids of a templated prompt (the template holds any bos). The Rust tokenizer directly where there is

@@ -20,13 +20,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 class APIError(Exception):
     """An error the client caused (or may retry), in OpenAI's shape. `reason` labels it in the metrics."""
 
-    def __init__(self, status: int, message: str, type: Optional[str] = None, param: Optional[str] = None,
-                 code: Optional[str] = None, retry_after: Optional[float] = None, reason: Optional[str] = None,
-                 headers: Optional[dict] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: Optional[str] = None,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        retry_after: Optional[float] = None,
+        reason: Optional[str] = None,
+        headers: Optional[dict] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ("invalid_request_error" if 400 <= status < 500 and status != 429 else
-                             "rate_limit_error" if status == 429 else "server_error")
+        self.type = type or (
+            "invalid_request_error"
+            if 400 <= status < 500 and status != 429
+            else "rate_limit_error"
+            if status == 429
+            else "server_error"
+        )
         self.retry_after = retry_after
         self.reason = reason or code or self.type
         self.headers = dict(headers or {})
@@ -72,7 +85,7 @@ class ChatCompletionRequest(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)  # OpenAI's int64
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -134,7 +147,7 @@ def _valid_unicode(s: str) -> bool:
         return False
 
 
-_PREFIX = uuid.uuid4().hex[:12]   # ids are unique, not secret: a random prefix per process and a counter
+_PREFIX = uuid.uuid4().hex[:12]  # ids are unique, not secret: a random prefix per process and a counter
 _COUNTER = itertools.count(1)
 
 
@@ -154,17 +167,31 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion(cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int,
-               fingerprint: str) -> dict:
-    return {"id": cid, "object": "chat.completion", "created": now(), "model": model,
-            "system_fingerprint": fingerprint, "choices": choices,
-            "usage": usage(prompt_tokens, completion_tokens)}
+def completion(
+    cid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int, fingerprint: str
+) -> dict:
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": now(),
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
 
 
-def chunk(cid: str, model: str, created: int, choices: list[dict], fingerprint: str,
-          usage_: Optional[dict] = None) -> dict:
-    out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-           "system_fingerprint": fingerprint, "choices": choices}
+def chunk(
+    cid: str, model: str, created: int, choices: list[dict], fingerprint: str, usage_: Optional[dict] = None
+) -> dict:
+    out = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+    }
     if usage_ is not None:
         out["usage"] = usage_
     return out
@@ -191,9 +218,12 @@ def validation_error(errors: list[dict]) -> APIError:
     elif kind in ("json_invalid", "model_attributes_type") or not loc:
         msg = "We could not parse the JSON body of your request. The body must be a JSON object."
     elif loc[-1] == "role" or (len(loc) >= 3 and loc[0] == "messages" and kind == "literal_error"):
-        msg = f"Invalid value for '{param}': {e.get('input')!r} is not a supported role; supported roles are " \
-              f"'system', 'developer', 'user', 'assistant'."
+        msg = (
+            f"Invalid value for '{param}': {e.get('input')!r} is not a supported role; supported roles are "
+            f"'system', 'developer', 'user', 'assistant'."
+        )
     else:
         msg = f"Invalid value for '{param}': {e.get('msg', 'invalid')}."
-    return APIError(400, msg, param=param, code="invalid_value" if kind not in ("missing",) else None,
-                    reason="bad_request")
+    return APIError(
+        400, msg, param=param, code="invalid_value" if kind not in ("missing",) else None, reason="bad_request"
+    )

@@ -34,22 +34,36 @@ def serve(cfg, path, label: str) -> None:
     from pipeline.models.loading import load_policy
 
     name = cfg.model_name or label
-    service = Service(cfg, load=lambda: load_policy(path, cfg.precision), model_name=name,
-                      spawn=(str(path), str(cfg.precision)))
+    service = Service(
+        cfg, load=lambda: load_policy(path, cfg.precision), model_name=name, spawn=(str(path), str(cfg.precision))
+    )
     if not service.keys and not is_loopback(cfg.host):
-        raise UserError(f"host={cfg.host} is reachable from other machines, and no API key is set: put keys in "
-                        f"${cfg.auth.keys_env} (comma-separated) or auth.keys_file=<file>, or serve on host=127.0.0.1")
+        raise UserError(
+            f"host={cfg.host} is reachable from other machines, and no API key is set: put keys in "
+            f"${cfg.auth.keys_env} (comma-separated) or auth.keys_file=<file>, or serve on host=127.0.0.1"
+        )
     level = str(cfg.log_level).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("serving").setLevel(level)
     app = create_app(service)
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=int(cfg.port), access_log=False,
-                                           log_level=str(cfg.log_level).lower(), timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=cfg.host,
+            port=int(cfg.port),
+            access_log=False,
+            log_level=str(cfg.log_level).lower(),
+            timeout_graceful_shutdown=5,
+        )
+    )
     service.on_load_failed = lambda: setattr(server, "should_exit", True)  # nothing to serve: stop, and say why
     service.start_loading()
     auth = f"{len(service.keys)} API key(s)" if service.keys else "no API key (loopback only)"
-    print(f"serving {name} ({path}) on http://{cfg.host}:{cfg.port}: chat page at /, OpenAI API at /v1, {auth}, "
-          f"moderation {cfg.moderation.classifier}", flush=True)
+    print(
+        f"serving {name} ({path}) on http://{cfg.host}:{cfg.port}: chat page at /, OpenAI API at /v1, {auth}, "
+        f"moderation {cfg.moderation.classifier}",
+        flush=True,
+    )
     try:
         server.run()
     except SystemExit:  # uvicorn's way of saying it could not bind; said once, below, as the other errors are
@@ -59,5 +73,7 @@ def serve(cfg, path, label: str) -> None:
     if service.load_error:
         raise UserError(f"{path}: the model failed to load ({service.load_error})")
     if not server.started:
-        raise UserError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine); "
-                        f"pick another with port=<n> or host=<address>")
+        raise UserError(
+            f"could not listen on {cfg.host}:{cfg.port} (in use, or not an address of this machine); "
+            f"pick another with port=<n> or host=<address>"
+        )

@@ -8,8 +8,8 @@
 Held back, because sending it could be wrong a token later: a byte sequence not yet a whole character (decodes to
 U+FFFD), the start of a stop string (OpenAI's API never sends any of the stop string), and, when the reply is being
 moderated, what the moderator asks to hold (`hold(text)` -> how many trailing characters): the start of a phrase
-it would flag, or the word still being written (a word already sent cannot be taken back). The reply is decoded whole each time: replies are short, and decoding pieces separately gets the spaces of
-byte-level BPE wrong.
+it would flag, or the word still being written (a word already sent cannot be taken back). The reply is decoded whole
+each time: replies are short, and decoding pieces separately gets the spaces of byte-level BPE wrong.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ class ReplyText:
         self.stops = [s for s in stop if s]
         self.hold = hold
         self.ids: list[int] = []
-        self.sent = ""          # what has gone out so far
-        self.stopped = False    # a stop string was found; no more text will come
+        self.sent = ""  # what has gone out so far
+        self.stopped = False  # a stop string was found; no more text will come
 
     def _decoded(self) -> str:
         text = (self.rust or self.tok).decode(self.ids, skip_special_tokens=True)
@@ -44,7 +44,7 @@ class ReplyText:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
-            return text[:min(hits)]
+            return text[: min(hits)]
         return text
 
     def _safe_end(self, text: str) -> int:
@@ -54,7 +54,7 @@ class ReplyText:
             end -= 1
         for s in self.stops:  # the longest tail that could still grow into a stop string
             for k in range(min(len(s) - 1, end), 0, -1):
-                if text[end - k:end] == s[:k]:
+                if text[end - k : end] == s[:k]:
                     end -= k
                     break
         if self.hold is not None:
@@ -80,5 +80,5 @@ class ReplyText:
         if len(upto) <= len(self.sent):
             return ""
         # What was sent stays sent: should a later token change how earlier ones decode, only the tail goes out.
-        piece, self.sent = upto[len(self.sent):], self.sent + upto[len(self.sent):]
+        piece, self.sent = upto[len(self.sent) :], self.sent + upto[len(self.sent) :]
         return piece

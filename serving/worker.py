@@ -34,7 +34,7 @@ log = logging.getLogger("serving.worker")
 class RemoteRequest:
     def __init__(self, engine: "EngineProcess", rid: int, n: int, on_token):
         self.engine, self.id, self.n, self.on_token = engine, rid, n, on_token
-        self.open = n           # choices not finished yet
+        self.open = n  # choices not finished yet
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -47,16 +47,34 @@ class RemoteRequest:
 
 
 class EngineProcess:
-    def __init__(self, path, precision: str, max_batch: int = 32, max_waiting: int = 512, seed: int = 0,
-                 fast: bool = True, threads: Optional[int] = None, start_timeout: float = 600):
+    def __init__(
+        self,
+        path,
+        precision: str,
+        max_batch: int = 32,
+        max_waiting: int = 512,
+        seed: int = 0,
+        fast: bool = True,
+        threads: Optional[int] = None,
+        start_timeout: float = 600,
+    ):
         ctx = mp.get_context("spawn")  # a clean interpreter: no fork of this process's threads and locks
-        self._cmd, child_cmd = ctx.Pipe(duplex=False)[::-1]   # (send end here, receive end there)
-        self._out, child_out = ctx.Pipe(duplex=False)          # (receive end here, send end there)
+        self._cmd, child_cmd = ctx.Pipe(duplex=False)[::-1]  # (send end here, receive end there)
+        self._out, child_out = ctx.Pipe(duplex=False)  # (receive end here, send end there)
         self._lock = threading.Lock()  # the event loop and the main thread both send commands
-        self.proc = ctx.Process(target=_child, name="engine", daemon=True,
-                                args=(str(path), precision, dict(max_batch=max_batch, max_waiting=max_waiting,
-                                                                  seed=seed, fast=fast), threads,
-                                      child_cmd, child_out))
+        self.proc = ctx.Process(
+            target=_child,
+            name="engine",
+            daemon=True,
+            args=(
+                str(path),
+                precision,
+                dict(max_batch=max_batch, max_waiting=max_waiting, seed=seed, fast=fast),
+                threads,
+                child_cmd,
+                child_out,
+            ),
+        )
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
         self.proc.start()
         child_cmd.close()
@@ -253,8 +271,8 @@ def _child(path, precision, engine_kwargs, threads, cmd, out) -> None:
     except Exception as e:  # noqa: BLE001 — the parent reports it in one line
         send(("error", str(e).splitlines()[0] if str(e) else type(e).__name__))
         return
-    requests: dict[int, object] = {}   # the parent's id -> the engine's request
-    remaining: dict[int, int] = {}     # the parent's id -> choices not finished
+    requests: dict[int, object] = {}  # the parent's id -> the engine's request
+    remaining: dict[int, int] = {}  # the parent's id -> choices not finished
 
     def sink(events):
         msg = []

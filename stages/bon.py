@@ -45,28 +45,51 @@ def main(cfg: DictConfig) -> None:
     # ---- models and prompts: SFT samples, the reward model picks ------------------------------------------
     judge = Judge(cfg, sft_parent, rm_parent, state.device)
     run.update(reward=judge.reward_info())  # the methods table says what each method optimised
-    also = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i < n} | {n})
-    say(f"[bon] best of {n} SFT samples by the reward model on {len(judge.prompts)} held-out prompts "
-        f"(KL bound {kl_bound(n):.3f} nats)")
+    also = sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
+    say(
+        f"[bon] best of {n} SFT samples by the reward model on {len(judge.prompts)} held-out prompts "
+        f"(KL bound {kl_bound(n):.3f} nats)"
+    )
 
     # ---- the evaluation: the same one as every method's ---------------------------------------------------
     metrics, outputs = judge.versus_sft(best_of=n, also=also)
     mine, sft = outputs["eval/sampled"]
-    curve = [{"n": m, "kl": kl_bound(m), "gold": sum(mine[f"m:{m}:gold"]) / max(len(mine[f"m:{m}:gold"]), 1),
-              "win_rate": win_rate(mine[f"m:{m}:gold"], sft["gold"]),
-              "rm_score": sum(mine[f"m:{m}:reward"]) / max(len(mine[f"m:{m}:reward"]), 1),
-              "length": sum(mine[f"m:{m}:length"]) / max(len(mine[f"m:{m}:length"]), 1)} for m in also]
+    curve = [
+        {
+            "n": m,
+            "kl": kl_bound(m),
+            "gold": sum(mine[f"m:{m}:gold"]) / max(len(mine[f"m:{m}:gold"]), 1),
+            "win_rate": win_rate(mine[f"m:{m}:gold"], sft["gold"]),
+            "rm_score": sum(mine[f"m:{m}:reward"]) / max(len(mine[f"m:{m}:reward"]), 1),
+            "length": sum(mine[f"m:{m}:length"]) / max(len(mine[f"m:{m}:length"]), 1),
+        }
+        for m in also
+    ]
     metrics.update({"bon/n": n, "bon/kl_bound": kl_bound(n), "train/tokens": 0, "time/stage_s": time.time() - t0})
     tracker.log(metrics, step=0)
-    tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "bon", "bon_gold"],
-                  sample_rows(judge.prompts, outputs["eval/sampled"]), step=0)
+    tracker.table(
+        "eval/samples",
+        ["prompt", "sft", "sft_gold", "bon", "bon_gold"],
+        sample_rows(judge.prompts, outputs["eval/sampled"]),
+        step=0,
+    )
 
     # ---- save: the recipe, no weights ---------------------------------------------------------------------
     def save(d):
-        (d / "bon.json").write_text(json.dumps({
-            "method": "best-of-n", "n": n, "temperature": cfg.eval.temperature,
-            "max_new_tokens": cfg.eval.max_new_tokens, "policy": f"{sft_parent['run']}/sft",
-            "reward_model": f"{rm_parent['run']}/reward", "kl_bound": kl_bound(n)}, indent=1))
+        (d / "bon.json").write_text(
+            json.dumps(
+                {
+                    "method": "best-of-n",
+                    "n": n,
+                    "temperature": cfg.eval.temperature,
+                    "max_new_tokens": cfg.eval.max_new_tokens,
+                    "policy": f"{sft_parent['run']}/sft",
+                    "reward_model": f"{rm_parent['run']}/reward",
+                    "kl_bound": kl_bound(n),
+                },
+                indent=1,
+            )
+        )
 
     run.finish(save, metrics, n=n, kl_bound=kl_bound(n), curve=curve)
     tracker.finish(metrics)

@@ -68,8 +68,11 @@ def main(cfg: DictConfig) -> None:
         # ---- model: the SFT policy (and, without LoRA, a frozen copy of it as the reference) ----------------
         tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
         model = fit_special_ids(load_causal_lm(start_parent["final"]), tok).to(state.device)
-        ref_model = None if ref_parent is start_parent else \
-            fit_special_ids(load_causal_lm(ref_parent["final"]), tok).to(state.device).eval()
+        ref_model = (
+            None
+            if ref_parent is start_parent
+            else fit_special_ids(load_causal_lm(ref_parent["final"]), tok).to(state.device).eval()
+        )
         ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
         max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
 
@@ -94,20 +97,34 @@ def main(cfg: DictConfig) -> None:
         pairs, n = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
         skipped += n
         if not pairs:
-            raise UserError(f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): no usable "
-                            f"preference pairs" + (f" ({skipped} bad records skipped)" if skipped else ""))
+            raise UserError(
+                f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): no usable "
+                f"preference pairs" + (f" ({skipped} bad records skipped)" if skipped else "")
+            )
         train_ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-        say(f"[{run.name}] {len(pairs)} pairs ({n_onpolicy} on-policy" + (" from the reward stage" if r == 1 else
-            f", fresh labels of {stage_folder('dpo', r - 1)}") + f"), beta {t.beta}, "
-            f"loss {t.loss_type}, max_length {max_len}" + (", LoRA" if cfg.peft.enabled else "")
-            + (f", {skipped} bad records skipped" if skipped else ""))
+        say(
+            f"[{run.name}] {len(pairs)} pairs ({n_onpolicy} on-policy"
+            + (" from the reward stage" if r == 1 else f", fresh labels of {stage_folder('dpo', r - 1)}")
+            + f"), beta {t.beta}, "
+            f"loss {t.loss_type}, max_length {max_len}"
+            + (", LoRA" if cfg.peft.enabled else "")
+            + (f", {skipped} bad records skipped" if skipped else "")
+        )
 
         # ---- training: TRL's DPOTrainer, the SFT policy as the reference -----------------------------------
-        args = trainer_args(TRLDPOConfig, cfg, run, t, evaluate=False, max_length=max_len, beta=t.beta,
-                            loss_type=[t.loss_type])
+        args = trainer_args(
+            TRLDPOConfig, cfg, run, t, evaluate=False, max_length=max_len, beta=t.beta, loss_type=[t.loss_type]
+        )
         log_cb = TrackerCallback(tracker, say)
-        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, processing_class=tok,
-                             peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=[log_cb])
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=train_ds,
+            processing_class=tok,
+            peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
+            callbacks=[log_cb],
+        )
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgress())
         ckpt = latest_trainer_checkpoint(run.ckpt_root)
@@ -127,16 +144,30 @@ def main(cfg: DictConfig) -> None:
         if r > 1:  # the same prompts and seeds, against round r-1's answers
             prev = Path(start_parent["dir"]) / "eval_outputs.json"
             if prev.exists():
-                metrics.update(versus_previous({k: v[0] for k, v in outputs.items()}, json.loads(prev.read_text()),
-                                               cfg.eval.bootstrap))
+                metrics.update(
+                    versus_previous(
+                        {k: v[0] for k, v in outputs.items()}, json.loads(prev.read_text()), cfg.eval.bootstrap
+                    )
+                )
         metrics.update(labels)
         metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("train/rewards/")})
-        metrics.update({"train/loss": loss, "train/tokens": log_cb.last.get("train/num_tokens", 0),
-                        "data/train_pairs": len(pairs), "data/onpolicy_pairs": n_onpolicy,
-                        "data/skipped_records": skipped, "time/stage_s": time.time() - t0})
+        metrics.update(
+            {
+                "train/loss": loss,
+                "train/tokens": log_cb.last.get("train/num_tokens", 0),
+                "data/train_pairs": len(pairs),
+                "data/onpolicy_pairs": n_onpolicy,
+                "data/skipped_records": skipped,
+                "time/stage_s": time.time() - t0,
+            }
+        )
         tracker.log(metrics, step=trainer.state.global_step)
-        tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "dpo", "dpo_gold"],
-                      sample_rows(judge.prompts, outputs["eval/sampled"]), step=trainer.state.global_step)
+        tracker.table(
+            "eval/samples",
+            ["prompt", "sft", "sft_gold", "dpo", "dpo_gold"],
+            sample_rows(judge.prompts, outputs["eval/sampled"]),
+            step=trainer.state.global_step,
+        )
 
         # ---- save: a plain Hugging Face checkpoint (SFT's generation config) -------------------------------
         def save(d):
@@ -145,9 +176,15 @@ def main(cfg: DictConfig) -> None:
 
         if state.is_main_process:
             write_json_atomic(run.dir / "eval_outputs.json", eval_record(outputs))  # the next round compares with it
-        run.finish(save, metrics, adapter=adapter, lineage={"policy_from": stage_folder("dpo", r - 1) if r > 1
-                                                            else "sft", "kl_anchor": "sft" if ref_parent is
-                                                            sft_parent else stage_folder("dpo", r - 1)})
+        run.finish(
+            save,
+            metrics,
+            adapter=adapter,
+            lineage={
+                "policy_from": stage_folder("dpo", r - 1) if r > 1 else "sft",
+                "kl_anchor": "sft" if ref_parent is sft_parent else stage_folder("dpo", r - 1),
+            },
+        )
         tracker.finish(metrics, run.final_dir)
     except BaseException as e:
         run.fail(failure_reason(e))
@@ -169,18 +206,37 @@ def fresh_comparisons(cfg, run, policy, tok, start_parent: dict, device) -> tupl
 
     r, it, e = run.round, cfg.iterate, cfg.eval
     if cfg.data.prompts.kind != "world":
-        raise UserError(f"round={r}: online DPO labels the policy's samples with the world's simulated labellers, so "
-                        f"data.prompts must be kind world")
+        raise UserError(
+            f"round={r}: online DPO labels the policy's samples with the world's simulated labellers, so "
+            f"data.prompts must be kind world"
+        )
     prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
-    settings = OmegaConf.structured(GenerationSettings(max_new_tokens=e.max_new_tokens, do_sample=True,
-                                                       temperature=e.temperature, top_k=e.top_k, top_p=e.top_p))
-    records, stats = round_comparisons(policy, tok, prompts, r, GoldOracle.from_config(cfg.data.world), it.samples,
-                                       it.prompts, settings, e.batch_size, cfg.data.world.label_temperature, cfg.seed,
-                                       backend=cfg.sampler)
+    settings = OmegaConf.structured(
+        GenerationSettings(
+            max_new_tokens=e.max_new_tokens, do_sample=True, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p
+        )
+    )
+    records, stats = round_comparisons(
+        policy,
+        tok,
+        prompts,
+        r,
+        GoldOracle.from_config(cfg.data.world),
+        it.samples,
+        it.prompts,
+        settings,
+        e.batch_size,
+        cfg.data.world.label_temperature,
+        cfg.seed,
+        backend=cfg.sampler,
+    )
     pairs = expand_pairs(records)
     total = (start_parent.get("metrics", {}).get("labels/total_pairs") or 0) + len(pairs)
-    return pairs, records, {**stats, "labels/round_rankings": len(records), "labels/round_pairs": len(pairs),
-                            "labels/total_pairs": total}
+    return (
+        pairs,
+        records,
+        {**stats, "labels/round_rankings": len(records), "labels/round_pairs": len(pairs), "labels/total_pairs": total},
+    )
 
 
 if __name__ == "__main__":

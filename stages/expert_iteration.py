@@ -69,13 +69,20 @@ def main(cfg: DictConfig) -> None:
         # ---- data: the PPO prompts, a slice per round -----------------------------------------------------
         recs, skipped = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
         src = cfg.data.prompts
-        recs, n = check_prompt_lengths(recs, tok, cfg.eval.max_prompt_tokens, src.on_bad_record,
-                                       f"data.prompts ({src.path or src.kind}; limit eval.max_prompt_tokens)")
+        recs, n = check_prompt_lengths(
+            recs,
+            tok,
+            cfg.eval.max_prompt_tokens,
+            src.on_bad_record,
+            f"data.prompts ({src.path or src.kind}; limit eval.max_prompt_tokens)",
+        )
         prompts = [r["messages"] for r in recs]
         if not prompts:
             raise UserError(f"no usable prompts in data.prompts ({src.kind}:{src.path})")
-        say(f"[expert_iteration] {t.rounds} round(s): best of {t.samples} replies to {t.prompts} of {len(prompts)} "
-            f"prompts by the reward model, then {t.max_steps} SFT steps" + (", LoRA" if cfg.peft.enabled else ""))
+        say(
+            f"[expert_iteration] {t.rounds} round(s): best of {t.samples} replies to {t.prompts} of {len(prompts)} "
+            f"prompts by the reward model, then {t.max_steps} SFT steps" + (", LoRA" if cfg.peft.enabled else "")
+        )
 
         # ---- the rounds: sample -> keep the best -> fine-tune ---------------------------------------------
         source, tokens, generated, step, log = sft_parent["final"], 0, 0, 0, {}
@@ -91,25 +98,64 @@ def main(cfg: DictConfig) -> None:
             if not kept_file.is_file():
                 start = (r - 1) * t.prompts
                 chosen = [prompts[(start + i) % len(prompts)] for i in range(t.prompts)]
-                kept, st = best_replies(TokenModel(policy), tok, chosen, judge.end_ids, t.samples, judge.reward_model,
-                                        judge.closing, judge.oracle, t, state.device, t.gen_batch_size,
-                                        cfg.eval.max_prompt_tokens, cfg.seed + r, cfg.sampler)
+                kept, st = best_replies(
+                    TokenModel(policy),
+                    tok,
+                    chosen,
+                    judge.end_ids,
+                    t.samples,
+                    judge.reward_model,
+                    judge.closing,
+                    judge.oracle,
+                    t,
+                    state.device,
+                    t.gen_batch_size,
+                    cfg.eval.max_prompt_tokens,
+                    cfg.seed + r,
+                    cfg.sampler,
+                )
                 generated += st["generated_tokens"]
                 log = {f"round/{k}": v for k, v in st.items()}
                 tracker.log({**log, "round": r}, step=step)
-                say(f"[expert_iteration] round {r}: kept replies' reward {st['rm_kept']:.3f} (all samples "
-                    f"{st['rm_all']:.3f}), gold {st['gold_kept']:.3f} (all {st['gold_all']:.3f})")
+                say(
+                    f"[expert_iteration] round {r}: kept replies' reward {st['rm_kept']:.3f} (all samples "
+                    f"{st['rm_all']:.3f}), gold {st['gold_kept']:.3f} (all {st['gold_all']:.3f})"
+                )
                 if state.is_main_process:
                     write_jsonl(kept_file, kept)
                 state.wait_for_everyone()
-            demos, _ = load_sft(OmegaConf.create({"kind": "local", "path": str(kept_file), "format": "messages",
-                                                  "split": "train", "on_bad_record": "error"}), None, None)
+            demos, _ = load_sft(
+                OmegaConf.create(
+                    {
+                        "kind": "local",
+                        "path": str(kept_file),
+                        "format": "messages",
+                        "split": "train",
+                        "on_bad_record": "error",
+                    }
+                ),
+                None,
+                None,
+            )
             train_ds = datasets.Dataset.from_list([{"messages": d["messages"]} for d in demos])
-            args = trainer_args(TRLSFTConfig, cfg, SimpleNamespace(ckpt_root=rdir), t, evaluate=False,
-                                max_length=max_len, assistant_only_loss=True)
+            args = trainer_args(
+                TRLSFTConfig,
+                cfg,
+                SimpleNamespace(ckpt_root=rdir),
+                t,
+                evaluate=False,
+                max_length=max_len,
+                assistant_only_loss=True,
+            )
             log_cb = TrackerCallback(tracker, say)
-            trainer = SFTTrainer(model=policy, args=args, train_dataset=train_ds, processing_class=tok,
-                                 peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=[log_cb])
+            trainer = SFTTrainer(
+                model=policy,
+                args=args,
+                train_dataset=train_ds,
+                processing_class=tok,
+                peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
+                callbacks=[log_cb],
+            )
             trainer.remove_callback(ProgressCallback)
             trainer.add_callback(QuietProgress())
             ckpt = latest_trainer_checkpoint(rdir)
@@ -138,11 +184,22 @@ def main(cfg: DictConfig) -> None:
         # ---- evaluation: the one every method gets ---------------------------------------------------------
         metrics, outputs = judge.versus_sft(out_model)
         metrics.update(log)
-        metrics.update({"train/tokens": tokens, "train/generated_tokens": generated, "train/rounds": t.rounds,
-                        "data/skipped_records": skipped + n, "time/stage_s": time.time() - t0})
+        metrics.update(
+            {
+                "train/tokens": tokens,
+                "train/generated_tokens": generated,
+                "train/rounds": t.rounds,
+                "data/skipped_records": skipped + n,
+                "time/stage_s": time.time() - t0,
+            }
+        )
         tracker.log(metrics, step=step)
-        tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "expert_iteration", "expert_iteration_gold"],
-                      sample_rows(judge.prompts, outputs["eval/sampled"]), step=step)
+        tracker.table(
+            "eval/samples",
+            ["prompt", "sft", "sft_gold", "expert_iteration", "expert_iteration_gold"],
+            sample_rows(judge.prompts, outputs["eval/sampled"]),
+            step=step,
+        )
 
         # ---- save: a plain Hugging Face checkpoint ---------------------------------------------------------
         def save(d):

@@ -32,6 +32,7 @@ from pipeline.trainers.group_rl import PeriodicEval, PipelineReward, trl_trainer
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model
 from pipeline.trainers.methods import Judge, sample_rows, summary
 
+
 @entry("grpo")
 def main(cfg: DictConfig) -> None:
     group_rl(cfg, "grpo")
@@ -64,20 +65,36 @@ def group_rl(cfg: DictConfig, algorithm: str) -> None:
         run.update(reward=judge.reward_info())  # the methods table says what each method optimised
         tok = judge.tok
         policy = fit_special_ids(load_causal_lm(sft_parent["final"]), tok).to(state.device)
-        reward = PipelineReward(t.reward, tok, judge.end_ids, t.max_prompt_tokens, judge.reward_model, judge.closing,
-                                judge.oracle, judge.reward_model.stats, t.normalize_reward,
-                                t.missing_eos_penalty)
+        reward = PipelineReward(
+            t.reward,
+            tok,
+            judge.end_ids,
+            t.max_prompt_tokens,
+            judge.reward_model,
+            judge.closing,
+            judge.oracle,
+            judge.reward_model.stats,
+            t.normalize_reward,
+            t.missing_eos_penalty,
+        )
 
         # ---- data: the PPO prompts -----------------------------------------------------------------------
         src = cfg.data.prompts
         recs, skipped = load_prompts(src, cfg.data.world, cfg.paths.cache)
-        recs, n = check_prompt_lengths(recs, tok, t.max_prompt_tokens, src.on_bad_record,
-                                       f"data.prompts ({src.path or src.kind}; limit train.max_prompt_tokens)")
+        recs, n = check_prompt_lengths(
+            recs,
+            tok,
+            t.max_prompt_tokens,
+            src.on_bad_record,
+            f"data.prompts ({src.path or src.kind}; limit train.max_prompt_tokens)",
+        )
         if not recs:
             raise UserError(f"no usable prompts in data.prompts ({src.kind}:{src.path})")
         train_ds = datasets.Dataset.from_list([{"prompt": r["messages"]} for r in recs])
-        say(f"[{algorithm}] {len(recs)} prompts, {t.num_generations} replies each, {t.batch_size} replies per step, "
-            f"{t.max_steps} steps, beta {t.beta}, reward: {t.reward}" + (", LoRA" if cfg.peft.enabled else ""))
+        say(
+            f"[{algorithm}] {len(recs)} prompts, {t.num_generations} replies each, {t.batch_size} replies per step, "
+            f"{t.max_steps} steps, beta {t.beta}, reward: {t.reward}" + (", LoRA" if cfg.peft.enabled else "")
+        )
 
         # ---- the loop: TRL's trainer, a held-out evaluation every train.eval_every steps -------------------
         log_cb = TrackerCallback(tracker, say)
@@ -99,15 +116,24 @@ def group_rl(cfg: DictConfig, algorithm: str) -> None:
         out_model, adapter, weights = final_model(trainer, cfg.peft)
         metrics, outputs = judge.versus_sft(out_model)
         metrics.update({k: v for k, v in log_cb.last.items() if k in ("train/reward", "train/kl", "train/loss")})
-        metrics.update({"train/tokens": log_cb.last.get("train/num_tokens", 0), "data/skipped_records": skipped + n,
-                        "train/episodes": t.max_steps * t.batch_size * t.grad_accum * state.num_processes,
-                        "time/stage_s": time.time() - t0})
+        metrics.update(
+            {
+                "train/tokens": log_cb.last.get("train/num_tokens", 0),
+                "data/skipped_records": skipped + n,
+                "train/episodes": t.max_steps * t.batch_size * t.grad_accum * state.num_processes,
+                "time/stage_s": time.time() - t0,
+            }
+        )
         # throughput of the training alone: the periodic evaluations' seconds are not the algorithm's
         busy = log_cb.last.get("train/runtime", float("nan")) - periodic.seconds
         metrics["train/episodes_per_s"] = metrics["train/episodes"] / busy if busy > 0 else float("nan")
         tracker.log(metrics, step=trainer.state.global_step)
-        tracker.table("eval/samples", ["prompt", "sft", "sft_gold", algorithm, f"{algorithm}_gold"],
-                      sample_rows(judge.prompts, outputs["eval/sampled"]), step=trainer.state.global_step)
+        tracker.table(
+            "eval/samples",
+            ["prompt", "sft", "sft_gold", algorithm, f"{algorithm}_gold"],
+            sample_rows(judge.prompts, outputs["eval/sampled"]),
+            step=trainer.state.global_step,
+        )
 
         # ---- save: a plain Hugging Face checkpoint ---------------------------------------------------------
         def save(d):

@@ -71,8 +71,10 @@ def main(cfg: DictConfig) -> None:
     tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
     rm_tok = load_tokenizer(rm_parent["final"])
     if rm_tok.get_vocab() != tok.get_vocab():
-        raise UserError(f"the reward model's tokenizer ({rm_parent['final']}) differs from the policy's "
-                        f"({sft_parent['final']}); train both from the same SFT run")
+        raise UserError(
+            f"the reward model's tokenizer ({rm_parent['final']}) differs from the policy's "
+            f"({sft_parent['final']}); train both from the same SFT run"
+        )
     policy = load_causal_lm(start_parent["final"])
     policy.generation_config.pad_token_id = tok.pad_token_id
     same = ref_parent is start_parent
@@ -82,20 +84,37 @@ def main(cfg: DictConfig) -> None:
         policy = get_peft_model(policy, lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0))
         ref = None if same else load_causal_lm(ref_parent["final"]).to(dev).eval().requires_grad_(False)
     else:
-        ref = (copy.deepcopy(policy) if same else load_causal_lm(ref_parent["final"])).to(dev).eval() \
+        ref = (
+            (copy.deepcopy(policy) if same else load_causal_lm(ref_parent["final"]))
+            .to(dev)
+            .eval()
             .requires_grad_(False)
+        )
     # the reward model, or an ensemble of them (reward stage train.ensemble=K) combined by train.reward_objective;
     # the frozen models are not prepared, so they get the Accelerator's autocast themselves (see below)
-    reward_model = RewardEnsemble.load(rm_parent["final"], dev, t.reward_objective, t.uwo_lambda, acc.autocast,
-                                       stats=rm_parent.get("reward_stats") or {})
+    reward_model = RewardEnsemble.load(
+        rm_parent["final"],
+        dev,
+        t.reward_objective,
+        t.uwo_lambda,
+        acc.autocast,
+        stats=rm_parent.get("reward_stats") or {},
+    )
     critic = load_sequence_classifier(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"])
     rm_stats = reward_model.stats if rm_parent.get("reward_stats") or len(reward_model) > 1 else {}
     head = reward_model.member_stats[0]  # the critic starts from member 0 (final/ itself)
-    run.update(reward={"ensemble": len(reward_model), "objective": t.reward_objective if len(reward_model) > 1
-                       else "single", **({"uwo_lambda": t.uwo_lambda} if t.reward_objective == "uwo" else {})})
+    run.update(
+        reward={
+            "ensemble": len(reward_model),
+            "objective": t.reward_objective if len(reward_model) > 1 else "single",
+            **({"uwo_lambda": t.uwo_lambda} if t.reward_objective == "uwo" else {}),
+        }
+    )
     if len(reward_model) > 1:
-        say(f"[ppo] an ensemble of {len(reward_model)} reward models, optimised by their {t.reward_objective}"
-            + (f" (lambda {t.uwo_lambda})" if t.reward_objective == "uwo" else ""))
+        say(
+            f"[ppo] an ensemble of {len(reward_model)} reward models, optimised by their {t.reward_objective}"
+            + (f" (lambda {t.uwo_lambda})" if t.reward_objective == "uwo" else "")
+        )
     if t.critic_init == "reward" and t.normalize_reward and t.reward == "model" and rm_stats:
         # the critic learns returns built from the normalised score: its head starts on that scale, not the RM's
         fold_normalisation(critic, head["mean"], max(head["std"], 1e-6))
@@ -113,18 +132,26 @@ def main(cfg: DictConfig) -> None:
     eval_prompts, _ = load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)
     if not prompts:
         raise UserError(f"no usable PPO prompts in data.prompts ({cfg.data.prompts.kind}:{cfg.data.prompts.path})")
+
     def fit(recs, name):  # a prompt over train.max_prompt_tokens names its source and record (or is skipped)
         src = cfg.data[name]
-        return check_prompt_lengths(recs, tok, t.max_prompt_tokens, src.on_bad_record,
-                                    f"data.{name} ({src.path or src.kind}; limit train.max_prompt_tokens)")
+        return check_prompt_lengths(
+            recs,
+            tok,
+            t.max_prompt_tokens,
+            src.on_bad_record,
+            f"data.{name} ({src.path or src.kind}; limit train.max_prompt_tokens)",
+        )
 
     (prompts, n), (eval_prompts, _) = fit(prompts, "prompts"), fit(eval_prompts, "eval_prompts")
     skipped += n
     prompts = [p["messages"] for p in prompts]
     eval_prompts = [p["messages"] for p in eval_prompts]
     periodic_prompts, eval_prompts = eval_prompts[: t.periodic_eval_prompts], eval_prompts[: t.eval_prompts]
-    say(f"[ppo] {len(prompts)} training prompts, {len(eval_prompts)} held-out prompts"
-        + (f", {skipped} bad records skipped" if skipped else ""))
+    say(
+        f"[ppo] {len(prompts)} training prompts, {len(eval_prompts)} held-out prompts"
+        + (f", {skipped} bad records skipped" if skipped else "")
+    )
     ptx_blocks = None
     if t.ptx_coef > 0:  # PPO-ptx: keep the pretraining distribution in the gradient (InstructGPT's fix for regressions)
         docs, _ = load_corpus(cfg.data.corpus, cfg.data.world, cfg.paths.cache)
@@ -134,11 +161,17 @@ def main(cfg: DictConfig) -> None:
     n_updates = t.iterations * t.ppo_epochs * math.ceil(t.rollout_batch_size / t.minibatch_size)
 
     def make_opt(model, lr):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, eps=cfg.optim.eps,
-                                betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
-                                fused=dev.type in ("cpu", "cuda"))  # one kernel for all parameters
-        return opt, get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.optim.warmup_steps, n_updates,
-                                                                min_lr_rate=cfg.optim.min_lr_ratio)
+        opt = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=lr,
+            eps=cfg.optim.eps,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            weight_decay=cfg.optim.weight_decay,
+            fused=dev.type in ("cpu", "cuda"),
+        )  # one kernel for all parameters
+        return opt, get_cosine_with_min_lr_schedule_with_warmup(
+            opt, cfg.optim.warmup_steps, n_updates, min_lr_rate=cfg.optim.min_lr_ratio
+        )
 
     opt_p, sched_p = make_opt(policy, cfg.optim.lr)
     opt_v, sched_v = make_opt(critic, t.critic_lr or cfg.optim.lr)
@@ -146,8 +179,9 @@ def main(cfg: DictConfig) -> None:
     state = LoopState()
     for obj in (sched_p, sched_v, state):
         acc.register_for_checkpointing(obj)
-    kl_ctl = (AdaptiveKLController(t.kl_coef, t.kl_target, t.kl_horizon) if t.adaptive_kl
-              else FixedKLController(t.kl_coef))
+    kl_ctl = (
+        AdaptiveKLController(t.kl_coef, t.kl_target, t.kl_horizon) if t.adaptive_kl else FixedKLController(t.kl_coef)
+    )
     start = 0
     ckpt = run.latest_checkpoint()
     if ckpt is not None:
@@ -158,19 +192,43 @@ def main(cfg: DictConfig) -> None:
     gen_logprobs = t.old_logprobs == "generate" or (t.old_logprobs == "auto" and acc.mixed_precision == "no")
     if t.ema_decay and state.ema is None:
         state.ema = [p.detach().clone() for p in acc.unwrap_model(policy).parameters()]
-    loop = PPOLoop(cfg, acc, run, tracker, tok, end_of_turn_ids(tok), policy, critic, ref, reward_model, closing,
-                   GoldOracle.from_config(cfg.data.world), [(opt_p, sched_p), (opt_v, sched_v)], kl_ctl, state,
-                   rm_stats, ptx_blocks, gen_logprobs)
+    loop = PPOLoop(
+        cfg,
+        acc,
+        run,
+        tracker,
+        tok,
+        end_of_turn_ids(tok),
+        policy,
+        critic,
+        ref,
+        reward_model,
+        closing,
+        GoldOracle.from_config(cfg.data.world),
+        [(opt_p, sched_p), (opt_v, sched_v)],
+        kl_ctl,
+        state,
+        rm_stats,
+        ptx_blocks,
+        gen_logprobs,
+    )
     if ref_parent is not sft_parent:  # KL anchored to round r-1's policy: SFT is still what the evaluation beats
-        loop.sft = TokenModel(load_causal_lm(sft_parent["final"]).to(dev).eval().requires_grad_(False),
-                              autocast=acc.autocast)
+        loop.sft = TokenModel(
+            load_causal_lm(sft_parent["final"]).to(dev).eval().requires_grad_(False), autocast=acc.autocast
+        )
     if r > 1:  # round r-1's held-out answers: this round is also judged against them
         prev = Path(start_parent["dir"]) / "eval_outputs.json"
         loop.previous = json.loads(prev.read_text()) if prev.exists() else None
 
     # ---- the loop: make experience -> update -> log (-> evaluate every train.eval_every) -------------------
-    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, desc="ppo",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        range(start, t.iterations),
+        initial=start,
+        total=t.iterations,
+        desc="ppo",
+        disable=not acc.is_main_process,
+        dynamic_ncols=True,
+    )
     for it in bar:
         if it % t.eval_every == 0:
             loop.periodic_eval(it, periodic_prompts)
@@ -179,8 +237,9 @@ def main(cfg: DictConfig) -> None:
         m = loop.log(exp, stats, it)
         bar.set_postfix(rm=f"{m['ppo/score']:.2f}", gold=f"{m['ppo/gold_score']:.3f}", kl=f"{m['ppo/kl']:.2f}")
         if (it + 1) % t.save_every == 0 and it + 1 < t.iterations:
-            run.save_checkpoint(it + 1, lambda d: acc.save_state(str(d)), keep=t.keep_checkpoints,
-                                barrier=acc.wait_for_everyone)
+            run.save_checkpoint(
+                it + 1, lambda d: acc.save_state(str(d)), keep=t.keep_checkpoints, barrier=acc.wait_for_everyone
+            )
             crash_point(it + 1)
     loop.periodic_eval(t.iterations, periodic_prompts)  # the last point of the over-optimisation curve
 
@@ -193,12 +252,20 @@ def main(cfg: DictConfig) -> None:
     tracker.log(metrics, step=t.iterations)
     if acc.is_main_process:
         ppo_eval, sft_eval = evals["eval"]
-        rows = [[p[-1]["content"], s, float(sg), r, float(rg)] for p, s, sg, r, rg in zip(
-            eval_prompts, sft_eval["text"], sft_eval["gold"], ppo_eval["text"], ppo_eval["gold"])][:32]
+        rows = [
+            [p[-1]["content"], s, float(sg), r, float(rg)]
+            for p, s, sg, r, rg in zip(
+                eval_prompts, sft_eval["text"], sft_eval["gold"], ppo_eval["text"], ppo_eval["gold"]
+            )
+        ][:32]
         tracker.table("eval/samples", ["prompt", "sft", "sft_gold", "ppo", "ppo_gold"], rows, step=t.iterations)
-        png = overoptimization_plot(state.history, run.dir / "overoptimization.png",
-                                    title=f"{run.run}: reward model vs gold oracle", periodic=state.periodic,
-                                    alarm_at=loop.alarm_fired_at())
+        png = overoptimization_plot(
+            state.history,
+            run.dir / "overoptimization.png",
+            title=f"{run.run}: reward model vs gold oracle",
+            periodic=state.periodic,
+            alarm_at=loop.alarm_fired_at(),
+        )
         tracker.image("ppo/overoptimization", png, step=t.iterations)
         (run.dir / "history.json").write_text(json.dumps(state.history, indent=1))
         (run.dir / "periodic.json").write_text(json.dumps(state.periodic, indent=1))
@@ -214,22 +281,40 @@ def main(cfg: DictConfig) -> None:
         tok.save_pretrained(d)
 
     folder = lambda m: stage_folder(m["stage"], m.get("round", 1))  # noqa: E731
-    run.finish(save, metrics, adapter=bool(cfg.peft.enabled and not cfg.peft.merge),
-               lineage={"policy_from": folder(start_parent), "reward_model": folder(rm_parent),
-                        "kl_anchor": folder(ref_parent)})
+    run.finish(
+        save,
+        metrics,
+        adapter=bool(cfg.peft.enabled and not cfg.peft.merge),
+        lineage={
+            "policy_from": folder(start_parent),
+            "reward_model": folder(rm_parent),
+            "kl_anchor": folder(ref_parent),
+        },
+    )
     tracker.finish(metrics, run.final_dir)
     for prefix, how in (("eval", "greedy"), ("eval/sampled", f"sampled at T={t.temperature}")):
         if f"{prefix}/gold_score" in metrics:
-            say(f"[ppo] {how}: gold score {metrics[f'{prefix}/gold_score']:.3f} (SFT "
-                f"{metrics[f'{prefix}/sft_gold_score']:.3f}), win rate vs SFT {metrics[f'{prefix}/win_rate_vs_sft']:.2f}"
-                f" (ties {metrics[f'{prefix}/tie_rate_vs_sft']:.2f}), KL {metrics[f'{prefix}/kl']:.2f}")
+            say(
+                f"[ppo] {how}: gold score {metrics[f'{prefix}/gold_score']:.3f} (SFT "
+                f"{metrics[f'{prefix}/sft_gold_score']:.3f}), win rate vs SFT "
+                f"{metrics[f'{prefix}/win_rate_vs_sft']:.2f}"
+                f" (ties {metrics[f'{prefix}/tie_rate_vs_sft']:.2f}), KL {metrics[f'{prefix}/kl']:.2f}"
+            )
     if "eval/win_rate_vs_previous" in metrics:
-        say(f"[{run.name}] greedy win rate vs round {r - 1}: {metrics['eval/win_rate_vs_previous']:.2f} "
+        say(
+            f"[{run.name}] greedy win rate vs round {r - 1}: {metrics['eval/win_rate_vs_previous']:.2f} "
             f"[{metrics['eval/win_rate_vs_previous_ci_low']:.2f}, {metrics['eval/win_rate_vs_previous_ci_high']:.2f}] "
-            f"(its gold {metrics['eval/previous_gold_score']:.3f})")
-    say("[ppo] greedy gold by component, SFT -> PPO: " + ", ".join(
-        f"{k[len('eval/gold/'):]} {metrics['eval/sft_gold/' + k[len('eval/gold/'):]]:.2f} -> {v:.2f}"
-        for k, v in metrics.items() if k.startswith("eval/gold/")) + f"; saved {run.final_dir}")
+            f"(its gold {metrics['eval/previous_gold_score']:.3f})"
+        )
+    say(
+        "[ppo] greedy gold by component, SFT -> PPO: "
+        + ", ".join(
+            f"{k[len('eval/gold/') :]} {metrics['eval/sft_gold/' + k[len('eval/gold/') :]]:.2f} -> {v:.2f}"
+            for k, v in metrics.items()
+            if k.startswith("eval/gold/")
+        )
+        + f"; saved {run.final_dir}"
+    )
 
 
 if __name__ == "__main__":

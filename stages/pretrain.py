@@ -3,7 +3,7 @@
     make pretrain                                          # = python -m stages.pretrain
     python -m stages.pretrain optim.lr=3e-4 train.max_steps=2000 run=lr3e-4 parent_run=default
     python -m stages.pretrain model=hf model.name_or_path=<hub name or folder>   # continued pretraining
-    accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.pretrain   # 2 CPU processes (conf/accelerate: GPUs)
+    accelerate launch --config_file conf/accelerate/cpu2.yaml -m stages.pretrain  # 2 CPU processes
 
 Documents are packed into fixed blocks separated by the end token; a held-out share of documents gives
 eval/loss and eval/perplexity. Interrupted? Run the same command again: it resumes from the last checkpoint.
@@ -42,9 +42,9 @@ def heldout_loss(model, blocks: torch.Tensor, n_blocks: int, batch_size: int, ac
     mine, real = shard(n), len(range(acc.process_index, n, acc.num_processes))
     total = torch.zeros(2, device=acc.device)  # [sum of token losses, number of tokens]
     for i in range(0, len(mine), batch_size):
-        x = blocks[mine[i: i + batch_size]].to(acc.device)
+        x = blocks[mine[i : i + batch_size]].to(acc.device)
         labels = x.clone()
-        labels[max(0, real - i):] = -100  # the padding repeats, if any: ignored by the loss
+        labels[max(0, real - i) :] = -100  # the padding repeats, if any: ignored by the loss
         n_tok = (labels[:, 1:] != -100).sum()
         loss = model(input_ids=x, labels=labels).loss.float()
         total += torch.stack([torch.where(n_tok > 0, loss * n_tok, 0.0), n_tok.to(total.dtype)])
@@ -73,11 +73,14 @@ def main(cfg: DictConfig) -> None:
     if from_scratch:
         model = build_from_config(cfg.model, tok)
     else:
-        model = fit_special_ids(load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code),
-                                tok)
+        model = fit_special_ids(
+            load_causal_lm(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code), tok
+        )
     block = cfg.train.block_size or cfg.model.max_seq_len
     if block > model.config.max_position_embeddings:
-        raise UserError(f"train.block_size={block} exceeds the model's context ({model.config.max_position_embeddings})")
+        raise UserError(
+            f"train.block_size={block} exceeds the model's context ({model.config.max_position_embeddings})"
+        )
     say(f"[pretrain] {'new' if from_scratch else cfg.model.name_or_path} model, {n_params(model) / 1e6:.2f}M params")
 
     # ---- data --------------------------------------------------------------------------------------------
@@ -86,17 +89,22 @@ def main(cfg: DictConfig) -> None:
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, cfg.seed)
     train_blocks = pack(train_docs, tok, block, where="training corpus")
     val_blocks = pack(val_docs, tok, block, where="held-out corpus (raise data.val_fraction)")
-    say(f"[pretrain] {len(train_blocks)} training blocks x {block} tokens, {len(val_blocks)} held out"
-        + (f", {skipped} bad records skipped" if skipped else ""))
+    say(
+        f"[pretrain] {len(train_blocks)} training blocks x {block} tokens, {len(val_blocks)} held out"
+        + (f", {skipped} bad records skipped" if skipped else "")
+    )
 
     # ---- optimizer: weight decay on matrices only; the scheduler is stepped by us, once per optimizer step --
     t = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.optim.warmup_steps, t.max_steps,
-                                                        min_lr_rate=cfg.optim.min_lr_ratio)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(
+        opt, cfg.optim.warmup_steps, t.max_steps, min_lr_rate=cfg.optim.min_lr_ratio
+    )
     model, opt = acc.prepare(model, opt)
     acc.register_for_checkpointing(sched)
 
@@ -111,14 +119,28 @@ def main(cfg: DictConfig) -> None:
     eval_blocks = t.eval_batches * t.batch_size
     metrics: dict = {}
     model.train()
-    bar = tqdm(range(start, t.max_steps), initial=start, total=t.max_steps, disable=not acc.is_main_process,
-               desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(
+        range(start, t.max_steps),
+        initial=start,
+        total=t.max_steps,
+        disable=not acc.is_main_process,
+        desc="pretrain",
+        dynamic_ncols=True,
+    )
     t_log, tokens_since = time.time(), 0
     for step in bar:
         loss_sum = torch.zeros((), device=acc.device)
         for micro in range(t.grad_accum):
-            idx = batch_indices(len(train_blocks), t.batch_size, step, micro, t.grad_accum, acc.num_processes,
-                                acc.process_index, cfg.seed)
+            idx = batch_indices(
+                len(train_blocks),
+                t.batch_size,
+                step,
+                micro,
+                t.grad_accum,
+                acc.num_processes,
+                acc.process_index,
+                cfg.seed,
+            )
             x = train_blocks[idx].to(acc.device)
             with acc.no_sync(model) if micro < t.grad_accum - 1 else nullcontext():
                 loss = model(input_ids=x, labels=x).loss
@@ -135,11 +157,18 @@ def main(cfg: DictConfig) -> None:
             train_loss = acc.reduce(loss_sum / t.grad_accum, reduction="mean").item()
             if not math.isfinite(train_loss):
                 run.fail(f"non-finite loss at step {done}")
-                raise UserError(f"training diverged: loss is {train_loss} at step {done}; the last good checkpoint "
-                                f"is kept in {run.ckpt_root} (try a lower optim.lr)")
+                raise UserError(
+                    f"training diverged: loss is {train_loss} at step {done}; the last good checkpoint "
+                    f"is kept in {run.ckpt_root} (try a lower optim.lr)"
+                )
             now = time.time()
-            logged = {"train/loss": train_loss, "train/lr": sched.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                      "train/tokens_per_s": tokens_since / (now - t_log), "train/tokens": done * tokens_per_step}
+            logged = {
+                "train/loss": train_loss,
+                "train/lr": sched.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm),
+                "train/tokens_per_s": tokens_since / (now - t_log),
+                "train/tokens": done * tokens_per_step,
+            }
             metrics.update(logged)
             t_log, tokens_since = now, 0
             tracker.log(logged, step=done)
@@ -150,8 +179,9 @@ def main(cfg: DictConfig) -> None:
             tracker.log({k: metrics[k] for k in ("eval/loss", "eval/perplexity")}, step=done)
             say(f"[pretrain] step {done}: eval/loss {eval_loss:.4f}, perplexity {metrics['eval/perplexity']:.2f}")
         if done % t.save_every == 0 and done < t.max_steps:
-            run.save_checkpoint(done, lambda d: acc.save_state(str(d)), keep=t.keep_checkpoints,
-                                barrier=acc.wait_for_everyone)
+            run.save_checkpoint(
+                done, lambda d: acc.save_state(str(d)), keep=t.keep_checkpoints, barrier=acc.wait_for_everyone
+            )
             crash_point(done)
 
     # ---- save: a plain Hugging Face checkpoint that the next stage (or anyone) loads with from_pretrained --
@@ -162,19 +192,28 @@ def main(cfg: DictConfig) -> None:
     state = acc.get_state_dict(model)
     final_model = acc.unwrap_model(model)
     final_model.generation_config = GenerationConfig(
-        eos_token_id=end_of_turn_ids(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-        do_sample=True, temperature=0.7, top_p=0.95, max_new_tokens=128)
+        eos_token_id=end_of_turn_ids(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.95,
+        max_new_tokens=128,
+    )
 
     def save(d):
         final_model.save_pretrained(d, state_dict=state, safe_serialization=True)
         tok.save_pretrained(d)
 
-    metrics.update({"model/params": n_params(final_model), "data/skipped_records": skipped,
-                    "data/train_blocks": len(train_blocks)})
+    metrics.update(
+        {"model/params": n_params(final_model), "data/skipped_records": skipped, "data/train_blocks": len(train_blocks)}
+    )
     run.finish(save, metrics)
     tracker.finish(metrics, run.final_dir)
-    say(f"[pretrain] eval/loss {metrics['eval/loss']:.4f}, eval/perplexity {metrics['eval/perplexity']:.2f}; "
-        f"saved {run.final_dir}")
+    say(
+        f"[pretrain] eval/loss {metrics['eval/loss']:.4f}, eval/perplexity {metrics['eval/perplexity']:.2f}; "
+        f"saved {run.final_dir}"
+    )
 
 
 if __name__ == "__main__":

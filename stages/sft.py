@@ -71,16 +71,30 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         # ---- model: the parent's final/ (or any HF causal LM); its tokenizer must carry a chat template ------
         src = parent["final"] if parent else named
         if named:
-            say(f"[sft] model.name_or_path={named}: " + (
-                f"continuing from this run's pretrain stage ({src}; model.start_over=true starts from {named} itself)"
-                if parent else f"starting from {named} itself" + (" (model.start_over=true)" if cfg.model.start_over
-                                                                  else " (this run has no finished pretrain stage)")))
+            say(
+                f"[sft] model.name_or_path={named}: "
+                + (
+                    f"continuing from this run's pretrain stage ({src}; model.start_over=true starts from {named} "
+                    f"itself)"
+                    if parent
+                    else f"starting from {named} itself"
+                    + (
+                        " (model.start_over=true)"
+                        if cfg.model.start_over
+                        else " (this run has no finished pretrain stage)"
+                    )
+                )
+            )
         tok = load_tokenizer(src, need_chat_template=True)
-        model = fit_special_ids(load_causal_lm(src, trust_remote_code=cfg.model.trust_remote_code), tok).to(state.device)
+        model = fit_special_ids(load_causal_lm(src, trust_remote_code=cfg.model.trust_remote_code), tok).to(
+            state.device
+        )
         ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
         max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
-        say(f"[sft] from {src}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"
-            + (", LoRA" if cfg.peft.enabled else ""))
+        say(
+            f"[sft] from {src}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"
+            + (", LoRA" if cfg.peft.enabled else "")
+        )
 
         # ---- data ----------------------------------------------------------------------------------------
         train_recs, skipped = load_sft(cfg.data.sft, cfg.data.world, cfg.paths.cache)
@@ -93,9 +107,11 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         # Gold scores exist only for the built-in world's prompts.
         oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.eval_prompts.kind == "world" else None
         n_long = count_long(tok, [r["messages"] for r in train_recs], max_len)
-        say(f"[sft] {len(train_recs)} dialogues ({len(eval_recs)} held out), {n_long} longer than {max_len} tokens "
-            f"(truncated), {len(prompts)} eval prompts" + (f", {skipped + skipped_eval} bad records skipped"
-                                                          if skipped + skipped_eval else ""))
+        say(
+            f"[sft] {len(train_recs)} dialogues ({len(eval_recs)} held out), {n_long} longer than {max_len} tokens "
+            f"(truncated), {len(prompts)} eval prompts"
+            + (f", {skipped + skipped_eval} bad records skipped" if skipped + skipped_eval else "")
+        )
         train_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in train_recs])
         eval_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in eval_recs]) if eval_recs else None
 
@@ -103,22 +119,37 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         metrics: dict = {}
         pretrain_rows = None
         if oracle and prompts and t.eval_pretrained:
-            m0, pretrain_rows = gold_eval(model, tok, prompts, oracle, cfg.generation, t.gen_batch_size,
-                                          seed=cfg.seed, prefix="eval/pretrain")
+            m0, pretrain_rows = gold_eval(
+                model, tok, prompts, oracle, cfg.generation, t.gen_batch_size, seed=cfg.seed, prefix="eval/pretrain"
+            )
             metrics["eval/pretrain_gold_score"] = m0.pop("eval/pretrain/gold_score")
             metrics.update(m0)
             tracker.log(metrics, step=0)
             say(f"[sft] starting model: gold score {metrics['eval/pretrain_gold_score']:.3f}")
 
         # ---- training: TRL's SFTTrainer, loss on assistant tokens only ------------------------------------
-        args = trainer_args(TRLSFTConfig, cfg, run, t, evaluate=eval_ds is not None, max_length=max_len,
-                            packing=t.packing, assistant_only_loss=True, eval_packing=False if t.packing else None)
+        args = trainer_args(
+            TRLSFTConfig,
+            cfg,
+            run,
+            t,
+            evaluate=eval_ds is not None,
+            max_length=max_len,
+            packing=t.packing,
+            assistant_only_loss=True,
+            eval_packing=False if t.packing else None,
+        )
         log_cb = TrackerCallback(tracker, say)
         sample_prompts = prompts[: t.sample_prompts] if oracle else []
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tok, peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-                             callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say),
-                                        *callbacks])
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tok,
+            peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
+            callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say), *callbacks],
+        )
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(QuietProgress())
         dropped = len(train_ds) - len(trainer.train_dataset) if not t.packing else 0
@@ -149,9 +180,15 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         # ---- save: a plain HF checkpoint whose generation_config stops at the end of the turn --------------
         state.wait_for_everyone()
         out_model, adapter, weights = final_model(trainer, cfg.peft)
-        gen_cfg = GenerationConfig(eos_token_id=end_of_turn_ids(tok), pad_token_id=tok.pad_token_id,
-                                   bos_token_id=tok.bos_token_id, do_sample=True, temperature=0.7, top_p=0.95,
-                                   max_new_tokens=int(cfg.generation.max_new_tokens))
+        gen_cfg = GenerationConfig(
+            eos_token_id=end_of_turn_ids(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.95,
+            max_new_tokens=int(cfg.generation.max_new_tokens),
+        )
         if not adapter:
             out_model.generation_config = gen_cfg
 
@@ -161,19 +198,28 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
             if adapter:
                 gen_cfg.save_pretrained(d)
 
-        metrics.update({"model/params": n_params(out_model), "data/skipped_records": skipped + skipped_eval,
-                        "data/train_dialogues": len(train_ds), "data/truncated": n_long, "data/dropped": dropped,
-                        "time/stage_s": time.time() - t0})
+        metrics.update(
+            {
+                "model/params": n_params(out_model),
+                "data/skipped_records": skipped + skipped_eval,
+                "data/train_dialogues": len(train_ds),
+                "data/truncated": n_long,
+                "data/dropped": dropped,
+                "time/stage_s": time.time() - t0,
+            }
+        )
         run.finish(save, metrics, adapter=adapter, start_model=str(src))
         tracker.finish(metrics, run.final_dir)
     except BaseException as e:
         run.fail(failure_reason(e))
         tracker.close()
         raise
-    say(f"[sft] eval/loss {metrics.get('eval/loss', float('nan')):.4f}; gold score "
+    say(
+        f"[sft] eval/loss {metrics.get('eval/loss', float('nan')):.4f}; gold score "
         f"{metrics.get('eval/pretrain_gold_score', float('nan')):.3f} (pretrained) -> "
         f"{metrics.get('eval/gold_score', float('nan')):.3f} (sft); saved {run.final_dir} "
-        f"in {metrics['time/stage_s']:.0f}s")
+        f"in {metrics['time/stage_s']:.0f}s"
+    )
 
 
 @entry("sft")

@@ -39,10 +39,13 @@ def main(cfg: DictConfig) -> None:
     tok = train_bpe(sample, cfg.model.vocab_size, cfg.train.min_frequency)
 
     # Compression on documents the BPE did not see: a quick sanity figure for the vocabulary size.
-    held = docs[len(sample):][:2000] or docs[:2000]
+    held = docs[len(sample) :][:2000] or docs[:2000]
     n_tok = sum(len(x) for x in tok(held, add_special_tokens=False)["input_ids"])
-    metrics = {"tokenizer/vocab_size": len(tok), "tokenizer/chars_per_token": sum(map(len, held)) / max(n_tok, 1),
-               "data/skipped_records": skipped}
+    metrics = {
+        "tokenizer/vocab_size": len(tok),
+        "tokenizer/chars_per_token": sum(map(len, held)) / max(n_tok, 1),
+        "data/skipped_records": skipped,
+    }
     print(f"[tokenizer] vocab {len(tok)}, {metrics['tokenizer/chars_per_token']:.2f} chars/token")
     tracker.log(metrics, step=0)
     run.finish(tok.save_pretrained, metrics)

@@ -29,13 +29,15 @@ def compose_stage(stage: str, overrides: list[str] = ()):
         return compose(config_name=stage, overrides=list(overrides))
 
 
-def run_stage(stage: str, *overrides: str, env: dict | None = None, check: bool = True,
-              timeout: int = 600) -> subprocess.CompletedProcess:
+def run_stage(
+    stage: str, *overrides: str, env: dict | None = None, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """`python -m stages.<stage> overrides...` from the repo root, as `make <stage>` does."""
     e = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     module = f"stages.{stage}" if stage in SPECS else f"stages.tools.{stage}"
-    p = subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, env=e,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", module, *overrides], cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{module} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
     return p
@@ -60,8 +62,9 @@ def tiny_tok():
     generation and serving tests build."""
     from pipeline.data.tokenizer import train_bpe
 
-    return train_bpe([f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}?" for i in range(300)],
-                     400)
+    return train_bpe(
+        [f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}?" for i in range(300)], 400
+    )
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +85,22 @@ def run_multiproc(stage: str, *overrides: str, nproc: int = 2, timeout: int = 90
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
-           str(CONF / "accelerate" / "cpu2.yaml"), "--num_processes", str(nproc), "--main_process_port", str(port),
-           "-m", f"stages.{stage}", *overrides]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(CONF / "accelerate" / "cpu2.yaml"),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(port),
+        "-m",
+        f"stages.{stage}",
+        *overrides,
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
-        raise AssertionError(f"accelerate launch stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n"
-                             f"{p.stderr[-5000:]}")
+        raise AssertionError(
+            f"accelerate launch stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+        )
     return p

@@ -30,8 +30,11 @@ def write(d: Path, name: str, content) -> str:
 
 def snapshot(run_dir: Path) -> dict:
     """Every file of the run's stages with its bytes (a force=true attempt works beside them, in .<stage>.next/)."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and not p.relative_to(run_dir).parts[0].startswith(".")}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and not p.relative_to(run_dir).parts[0].startswith(".")
+    }
 
 
 def cli(name: str, *args: str, capsys) -> tuple[int, str]:
@@ -63,8 +66,10 @@ def bad(tmp_path_factory) -> dict:
         "utf16_jsonl": write(d, "utf16.jsonl", UTF16),
         "empty_txt": write(d, "empty.txt", ""),
         "empty_jsonl": write(d, "empty.jsonl", ""),
-        "broken_jsonl": write(d, "broken.jsonl", json.dumps({"messages": [user, ok]}) + "\n{\"messages\": [\n"),
-        "unknown_role": write(d, "role.jsonl", json.dumps({"messages": [{"role": "robot", "content": "hi"}, ok]}) + "\n"),
+        "broken_jsonl": write(d, "broken.jsonl", json.dumps({"messages": [user, ok]}) + '\n{"messages": [\n'),
+        "unknown_role": write(
+            d, "role.jsonl", json.dumps({"messages": [{"role": "robot", "content": "hi"}, ok]}) + "\n"
+        ),
         "no_messages": write(d, "nomsg.jsonl", json.dumps({"text": "no messages here"}) + "\n"),
         "no_assistant": write(d, "noasst.jsonl", json.dumps({"messages": [user]}) + "\n"),
         "pairs_no_rejected": write(d, "pairs.jsonl", json.dumps({"prompt": "Q?", "chosen": "A."}) + "\n"),
@@ -72,7 +77,7 @@ def bad(tmp_path_factory) -> dict:
         "prompts_broken": write(d, "prompts.jsonl", json.dumps({"prompt": "How old is Bera?"}) + "\n{oops\n"),
         "prompt_long": write(d, "long.jsonl", json.dumps({"prompt": "Tell me about Bera. " * 40}) + "\n"),
         "prompts_txt_binary": write(d, "prompts.txt", BINARY),
-        "json_cut_short": write(d, "cut.json", "[" + json.dumps({"messages": [user, ok]}) + ", {\"mess"),
+        "json_cut_short": write(d, "cut.json", "[" + json.dumps({"messages": [user, ok]}) + ', {"mess'),
         "missing": str(d / "does_not_exist.jsonl"),
     }
 
@@ -101,50 +106,133 @@ CASES = [
     ("zero-batch", "sft", ["train.batch_size=0"], "train.batch_size"),
     ("bad-precision", "reward", ["precision=fp8"], "precision"),
     ("bad-estimator", "ppo", ["train.kl_estimator=k9"], "train.kl_estimator"),
-    ("minibatch-over-rollout", "ppo", ["train.minibatch_size=64", "train.rollout_batch_size=8"], "train.minibatch_size"),
+    (
+        "minibatch-over-rollout",
+        "ppo",
+        ["train.minibatch_size=64", "train.rollout_batch_size=8"],
+        "train.minibatch_size",
+    ),
     ("negative-penalty", "ppo", ["train.missing_eos_penalty=-1"], "train.missing_eos_penalty"),
     ("bad-reward-kind", "ppo", ["train.reward=oracle"], "train.reward"),
     ("local-without-path", "sft", ["data.sft.kind=local"], "data.sft.path"),
     # files: not UTF-8, empty, missing, malformed, with the wrong fields
     ("corpus-binary-tokenizer", "tokenizer", ["run=b1", *local("corpus", "{bad:binary_txt}", "text")], "corpus.txt"),
-    ("corpus-binary-pretrain", "pretrain", ["run=b2", "model=hf", "model.name_or_path={root}/default/pretrain/final",
-                                            *local("corpus", "{bad:binary_jsonl}", "text")], "binary.jsonl"),
+    (
+        "corpus-binary-pretrain",
+        "pretrain",
+        [
+            "run=b2",
+            "model=hf",
+            "model.name_or_path={root}/default/pretrain/final",
+            *local("corpus", "{bad:binary_jsonl}", "text"),
+        ],
+        "binary.jsonl",
+    ),
     ("corpus-utf16", "tokenizer", ["run=b3", *local("corpus", "{bad:utf16_jsonl}", "text")], "utf16.jsonl"),
     ("corpus-empty", "tokenizer", ["run=b4", *local("corpus", "{bad:empty_txt}", "text")], "corpus"),
     ("corpus-missing", "tokenizer", ["run=b5", *local("corpus", "{bad:missing}", "text")], "does_not_exist"),
-    ("sft-broken-json", "sft", ["run=b6", "parent_run=default", *local("sft", "{bad:broken_jsonl}", "messages")],
-     "broken.jsonl:2"),
-    ("sft-unknown-role", "sft", ["run=b7", "parent_run=default", *local("sft", "{bad:unknown_role}", "messages")],
-     "role.jsonl:1"),
-    ("sft-no-messages", "sft", ["run=b8", "parent_run=default", *local("sft", "{bad:no_messages}", "messages")],
-     "nomsg.jsonl:1"),
-    ("sft-no-assistant", "sft", ["run=b9", "parent_run=default", *local("sft", "{bad:no_assistant}", "messages")],
-     "noasst.jsonl:1"),
-    ("sft-binary", "sft", ["run=b10", "parent_run=default", *local("sft", "{bad:binary_jsonl}", "messages")],
-     "binary.jsonl"),
-    ("sft-utf16", "sft", ["run=b11", "parent_run=default", *local("sft", "{bad:utf16_jsonl}", "messages")],
-     "utf16.jsonl"),
-    ("sft-empty", "sft", ["run=b12", "parent_run=default", *local("sft", "{bad:empty_jsonl}", "messages")],
-     "empty.jsonl"),
-    ("sft-json-cut-short", "sft", ["run=b13", "parent_run=default", *local("sft", "{bad:json_cut_short}", "messages")],
-     "cut.json:1"),
-    ("pairs-no-rejected", "reward", ["run=b14", "parent_run=default",
-                                     *local("preference", "{bad:pairs_no_rejected}", "pairs")], "pairs.jsonl:1"),
-    ("pairs-broken", "reward", ["run=b15", "parent_run=default", *local("preference", "{bad:pairs_broken}", "pairs")],
-     "pairs_broken.jsonl:1"),
-    ("pairs-binary", "reward", ["run=b16", "parent_run=default", *local("preference", "{bad:binary_jsonl}", "pairs")],
-     "binary.jsonl"),
-    ("pairs-missing", "reward", ["run=b17", "parent_run=default", *local("preference", "{bad:missing}", "pairs")],
-     "does_not_exist"),
-    ("prompts-broken", "ppo", ["run=b18", "parent_run=default", *local("prompts", "{bad:prompts_broken}", "prompts")],
-     "prompts.jsonl:2"),
-    ("prompts-utf16", "ppo", ["run=b19", "parent_run=default", *local("prompts", "{bad:utf16_jsonl}", "prompts")],
-     "utf16.jsonl"),
-    ("prompt-too-long", "ppo", ["run=b20", "parent_run=default", "train.max_prompt_tokens=16",
-                                *local("prompts", "{bad:prompt_long}", "prompts")], "record 1"),
+    (
+        "sft-broken-json",
+        "sft",
+        ["run=b6", "parent_run=default", *local("sft", "{bad:broken_jsonl}", "messages")],
+        "broken.jsonl:2",
+    ),
+    (
+        "sft-unknown-role",
+        "sft",
+        ["run=b7", "parent_run=default", *local("sft", "{bad:unknown_role}", "messages")],
+        "role.jsonl:1",
+    ),
+    (
+        "sft-no-messages",
+        "sft",
+        ["run=b8", "parent_run=default", *local("sft", "{bad:no_messages}", "messages")],
+        "nomsg.jsonl:1",
+    ),
+    (
+        "sft-no-assistant",
+        "sft",
+        ["run=b9", "parent_run=default", *local("sft", "{bad:no_assistant}", "messages")],
+        "noasst.jsonl:1",
+    ),
+    (
+        "sft-binary",
+        "sft",
+        ["run=b10", "parent_run=default", *local("sft", "{bad:binary_jsonl}", "messages")],
+        "binary.jsonl",
+    ),
+    (
+        "sft-utf16",
+        "sft",
+        ["run=b11", "parent_run=default", *local("sft", "{bad:utf16_jsonl}", "messages")],
+        "utf16.jsonl",
+    ),
+    (
+        "sft-empty",
+        "sft",
+        ["run=b12", "parent_run=default", *local("sft", "{bad:empty_jsonl}", "messages")],
+        "empty.jsonl",
+    ),
+    (
+        "sft-json-cut-short",
+        "sft",
+        ["run=b13", "parent_run=default", *local("sft", "{bad:json_cut_short}", "messages")],
+        "cut.json:1",
+    ),
+    (
+        "pairs-no-rejected",
+        "reward",
+        ["run=b14", "parent_run=default", *local("preference", "{bad:pairs_no_rejected}", "pairs")],
+        "pairs.jsonl:1",
+    ),
+    (
+        "pairs-broken",
+        "reward",
+        ["run=b15", "parent_run=default", *local("preference", "{bad:pairs_broken}", "pairs")],
+        "pairs_broken.jsonl:1",
+    ),
+    (
+        "pairs-binary",
+        "reward",
+        ["run=b16", "parent_run=default", *local("preference", "{bad:binary_jsonl}", "pairs")],
+        "binary.jsonl",
+    ),
+    (
+        "pairs-missing",
+        "reward",
+        ["run=b17", "parent_run=default", *local("preference", "{bad:missing}", "pairs")],
+        "does_not_exist",
+    ),
+    (
+        "prompts-broken",
+        "ppo",
+        ["run=b18", "parent_run=default", *local("prompts", "{bad:prompts_broken}", "prompts")],
+        "prompts.jsonl:2",
+    ),
+    (
+        "prompts-utf16",
+        "ppo",
+        ["run=b19", "parent_run=default", *local("prompts", "{bad:utf16_jsonl}", "prompts")],
+        "utf16.jsonl",
+    ),
+    (
+        "prompt-too-long",
+        "ppo",
+        [
+            "run=b20",
+            "parent_run=default",
+            "train.max_prompt_tokens=16",
+            *local("prompts", "{bad:prompt_long}", "prompts"),
+        ],
+        "record 1",
+    ),
     ("generate-missing-input", "generate", ["input={bad:missing}", "paths.root={root}"], "does_not_exist"),
-    ("generate-binary-txt", "generate", ["input={bad:prompts_txt_binary}", "paths.root={root}", "stage=sft"],
-     "prompts.txt"),
+    (
+        "generate-binary-txt",
+        "generate",
+        ["input={bad:prompts_txt_binary}", "paths.root={root}", "stage=sft"],
+        "prompts.txt",
+    ),
     ("generate-utf16", "generate", ["input={bad:utf16_jsonl}", "paths.root={root}", "stage=sft"], "utf16.jsonl"),
     # parents, checkpoints, paths and names
     ("missing-parent-sft", "sft", ["run=fresh"], "make pretrain RUN=fresh"),
@@ -154,13 +242,21 @@ CASES = [
     ("report-no-run", "report", ["run=nope", "paths.root={root}"], "make all RUN=nope"),
     ("compare-no-run", "compare", ["runs=[nope]", "paths.root={root}"], "nope"),
     ("bad-run-name", "sft", ["run=a/b"], "run name"),
-    ("offline-hub-name", "pretrain", ["run=b21", "model=hf", "model.name_or_path=no-such-org/no-model"],
-     "no-such-org/no-model"),
+    (
+        "offline-hub-name",
+        "pretrain",
+        ["run=b21", "model=hf", "model.name_or_path=no-such-org/no-model"],
+        "no-such-org/no-model",
+    ),
     # force=true on finished stages with bad data: the finished stage stays as it was
     ("force-tokenizer", "tokenizer", ["force=true", *local("corpus", "{bad:binary_txt}", "text")], "corpus.txt"),
     ("force-sft", "sft", ["force=true", *local("sft", "{bad:broken_jsonl}", "messages")], "broken.jsonl:2"),
-    ("force-reward", "reward", ["force=true", *local("preference", "{bad:pairs_no_rejected}", "pairs")],
-     "pairs.jsonl:1"),
+    (
+        "force-reward",
+        "reward",
+        ["force=true", *local("preference", "{bad:pairs_no_rejected}", "pairs")],
+        "pairs.jsonl:1",
+    ),
     ("different-config-refused", "sft", ["train.max_steps=3"], "force=true"),
 ]
 
@@ -174,8 +270,10 @@ def test_bad_input_is_one_line_and_costs_nothing(name, stage, args, names, smoke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root = smoke_chain
     fill = lambda a: a.replace("{root}", str(root)).replace("{bad:", "\0").split("\0")  # noqa: E731
-    args = ["".join(part if i == 0 else bad[part.split("}")[0]] + part.split("}", 1)[1]
-                    for i, part in enumerate(fill(a))) for a in args]
+    args = [
+        "".join(part if i == 0 else bad[part.split("}")[0]] + part.split("}", 1)[1] for i, part in enumerate(fill(a)))
+        for a in args
+    ]
     if stage in ORDER or stage in ("report",):
         args = [*SMOKE, f"paths.root={root}", *args]
     before = snapshot(root / "default")
@@ -190,7 +288,7 @@ def test_bad_input_is_one_line_and_costs_nothing(name, stage, args, names, smoke
     m_path = root / run / stage / "manifest.json"
     if run != "default" and m_path.exists():  # a stage that had begun records why it stopped, on every stage
         m = json.loads(m_path.read_text())
-        assert m["status"] == "failed" and m["error"] == lines[0][len("error: "):], m
+        assert m["status"] == "failed" and m["error"] == lines[0][len("error: ") :], m
     for stage_dir in (root / "default").glob(".*.next"):  # a failed force=true attempt says why, beside the stage
         m = json.loads((stage_dir / "manifest.json").read_text())
         assert m["status"] == "failed" and m["error"]

@@ -33,12 +33,29 @@ def test_speed_scripts_time_what_they_say():
     rates = _script("oracle_speed.py")["measure"](n_prompts=20, repeats=1)
     assert set(rates) == {"cold", "warm"} and all(r > 0 for r in rates.values())
     synthetic = _script("synthetic_speed.py")
-    small = WorldConfig(n_entities=30, corpus_docs=50, sft_dialogues=20, sft_eval_dialogues=5, reward_prompts=10,
-                        reward_test_prompts=5, eval_prompts=7, ppo_prompts=9)
+    small = WorldConfig(
+        n_entities=30,
+        corpus_docs=50,
+        sft_dialogues=20,
+        sft_eval_dialogues=5,
+        reward_prompts=10,
+        reward_test_prompts=5,
+        eval_prompts=7,
+        ppo_prompts=9,
+    )
     seconds, sizes = synthetic["measure"](small, repeats=1)
     assert list(seconds) == list(synthetic["SETS"])
-    assert sizes == {"corpus": 50, "corpus_docs": 50, "corpus_chars": sizes["corpus_chars"], "sft": 20,
-                     "sft_eval": 5, "eval_prompts": 7, "ppo_prompts": 9, "reward_train": 10, "reward_test": 5}
+    assert sizes == {
+        "corpus": 50,
+        "corpus_docs": 50,
+        "corpus_chars": sizes["corpus_chars"],
+        "sft": 20,
+        "sft_eval": 5,
+        "eval_prompts": 7,
+        "ppo_prompts": 9,
+        "reward_train": 10,
+        "reward_test": 5,
+    }
     assert sizes["corpus_chars"] > 50 * 20
 
 
@@ -60,19 +77,49 @@ def test_best_of_n_picks_by_hand(bon):
 
 def test_bon_frontier_runs_on_a_pipeline_run(smoke_chain):
     e = {**os.environ, "PYTHONPATH": str(BENCH.parent)}
-    p = subprocess.run([sys.executable, str(BENCH / "bon_frontier.py"), "--runs-root", str(smoke_chain),
-                        "--n", "1,2,4", "--no-results"], cwd=BENCH.parent, env=e, capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bon_frontier.py"),
+            "--runs-root",
+            str(smoke_chain),
+            "--n",
+            "1,2,4",
+            "--no-results",
+        ],
+        cwd=BENCH.parent,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
-    rows = {int(m.group(1)): [float(x) for x in m.group(2, 3, 4, 5, 6, 7)] for m in re.finditer(
-        r"^\s+(\d+)\s+[\d.]+ \|\s+([\d.]+) ([\d.]+) \|\s+([\d.]+) ([\d.]+) \|\s+([\d.]+) ([\d.]+)$", p.stdout, re.M)}
+    rows = {
+        int(m.group(1)): [float(x) for x in m.group(2, 3, 4, 5, 6, 7)]
+        for m in re.finditer(
+            r"^\s+(\d+)\s+[\d.]+ \|\s+([\d.]+) ([\d.]+) \|\s+([\d.]+) ([\d.]+) \|\s+([\d.]+) ([\d.]+)$", p.stdout, re.M
+        )
+    }
     assert sorted(rows) == [1, 2, 4], p.stdout
     # the first n samples are nested, so the oracle's pick can only get better with n; with greedy among the
     # candidates it never loses to greedy (win >= 0.5)
     assert rows[1][0] <= rows[2][0] <= rows[4][0]
     assert all(r[3] >= 0.5 for r in rows.values())
     assert rows[1][0] == rows[1][4]  # one sample: nothing to choose
-    missing = subprocess.run([sys.executable, str(BENCH / "bon_frontier.py"), "--runs-root", str(smoke_chain),
-                              "--run", "nope", "--no-results"], cwd=BENCH.parent, env=e, capture_output=True,
-                             text=True, timeout=120)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "bon_frontier.py"),
+            "--runs-root",
+            str(smoke_chain),
+            "--run",
+            "nope",
+            "--no-results",
+        ],
+        cwd=BENCH.parent,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode != 0 and "make sft RUN=nope" in missing.stderr

@@ -12,12 +12,19 @@ CASES = [  # (data option, stage, {source: fixture}, loader)
     ("local_text", "pretrain", {"corpus": "corpus.jsonl"}, load_corpus),
     ("local_text", "pretrain", {"corpus": "corpus.csv"}, load_corpus),
     ("local_sft", "sft", {"sft": "sft_messages.jsonl", "sft_eval": "sft_messages.jsonl"}, load_sft),
-    ("local_prompt_completion", "sft", {"sft": "sft_prompt_completion.jsonl",
-                                        "sft_eval": "sft_prompt_completion.jsonl"}, load_sft),
-    ("local_pairs", "reward", {"preference": "pairs_conversational.jsonl",
-                               "preference_test": "pairs_plain.jsonl"}, load_preferences),
-    ("local_ranked", "reward", {"preference": "ranked.jsonl", "preference_test": "ranked.jsonl"},
-     load_preferences),
+    (
+        "local_prompt_completion",
+        "sft",
+        {"sft": "sft_prompt_completion.jsonl", "sft_eval": "sft_prompt_completion.jsonl"},
+        load_sft,
+    ),
+    (
+        "local_pairs",
+        "reward",
+        {"preference": "pairs_conversational.jsonl", "preference_test": "pairs_plain.jsonl"},
+        load_preferences,
+    ),
+    ("local_ranked", "reward", {"preference": "ranked.jsonl", "preference_test": "ranked.jsonl"}, load_preferences),
     ("local_prompts", "ppo", {"prompts": "prompts.jsonl", "eval_prompts": "prompts.jsonl"}, load_prompts),
 ]
 

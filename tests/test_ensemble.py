@@ -27,9 +27,13 @@ from tests.conftest import REPO, SMOKE, run_stage
 
 # ---- the objectives on a 3x3 example -------------------------------------------------------------------------
 
-Z = torch.tensor([[1.0, 2.0, 3.0],     # episode 0: members agree on the order, spread 1 apart
-                  [0.5, 0.5, 0.5],     # episode 1: members agree exactly
-                  [-1.0, 1.0, 4.0]])   # episode 2: members disagree a lot
+Z = torch.tensor(
+    [
+        [1.0, 2.0, 3.0],  # episode 0: members agree on the order, spread 1 apart
+        [0.5, 0.5, 0.5],  # episode 1: members agree exactly
+        [-1.0, 1.0, 4.0],
+    ]
+)  # episode 2: members disagree a lot
 
 
 def test_spread_and_objectives_by_hand():
@@ -55,29 +59,42 @@ def test_spread_and_objectives_by_hand():
 
 # ---- the readout of an ensemble of three real (tiny) reward models --------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tok():
-    return train_bpe([f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}? Hello."
-                      for i in range(300)], 400)
+    return train_bpe(
+        [f"Bera is {i} years old. Tovi works as a baker. What is {i} plus {i + 1}? Hello." for i in range(300)], 400
+    )
 
 
 def _rm(tok, seed):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, num_labels=1)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        num_labels=1,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
 def _rollout(tok):
     prompts = [[{"role": "user", "content": "How old is Bera?"}], [{"role": "user", "content": "What is 3 plus 4?"}]]
     ids, am = prompt_batch(tok, prompts, 64, torch.device("cpu"))
-    resp = [tok("Bera is 7 years old.", add_special_tokens=False)["input_ids"], tok("7", add_special_tokens=False)["input_ids"]]
+    resp = [
+        tok("Bera is 7 years old.", add_special_tokens=False)["input_ids"],
+        tok("7", add_special_tokens=False)["input_ids"],
+    ]
     w = max(map(len, resp))
     r = torch.full((2, w), tok.pad_token_id)
     m = torch.zeros((2, w), dtype=torch.bool)
     for i, x in enumerate(resp):
-        r[i, :len(x)], m[i, :len(x)] = torch.tensor(x), True
+        r[i, : len(x)], m[i, : len(x)] = torch.tensor(x), True
     return Rollout(ids, am, r, m, torch.tensor([False, False]))
 
 
@@ -114,6 +131,7 @@ def test_one_member_is_the_single_reward_model_exactly(tok, tmp_path):
 
 # ---- the alarm on hand-made series ------------------------------------------------------------------------------
 
+
 def test_trailing_mean_by_hand():
     assert trailing_mean([1, 2, 3, 4, 5], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
 
@@ -128,7 +146,7 @@ def test_alarm_fires_when_the_proxy_rises_while_the_members_disagree_more():
     first = next(t for t, r in enumerate(rows) if r["condition"])
     assert first == 15 and rows[first]["disagreement"] == pytest.approx(0.4)
     assert rows[-1]["fired_at"] == first + 3  # 1-based iteration of the third in a row
-    assert all(r["fired"] == 0 for r in rows[: first + 2]) and all(r["fired"] == 1 for r in rows[first + 2:])
+    assert all(r["fired"] == 0 for r in rows[: first + 2]) and all(r["fired"] == 1 for r in rows[first + 2 :])
 
 
 def test_alarm_stays_quiet_without_both_signs():
@@ -151,6 +169,7 @@ def test_alarm_stays_quiet_without_both_signs():
 
 # ---- the length-controlled win rate -------------------------------------------------------------------------------
 
+
 def test_length_controlled_win_rate_when_length_explains_every_win():
     """The policy is longer on most prompts and wins exactly as often as length makes it: the raw win rate is far
     above 0.5, the length-controlled one is 0.5 within its interval."""
@@ -165,7 +184,7 @@ def test_length_controlled_win_rate_when_length_explains_every_win():
         w = rng.random() < 1 / (1 + math.exp(-3 * math.tanh(x / sd)))
         a.append(1.0 if w else 0.0)
         b.append(1.0 - a[-1])
-    raw, (lo, hi) = win_rate(a, b), win_rate_interval(a, b)
+    raw, lo = win_rate(a, b), win_rate_interval(a, b)[0]
     assert raw > 0.65 and lo > 0.55
     lc, lc_lo, lc_hi = length_controlled_win_rate(a, b, la, lb)
     assert lc_lo < 0.5 < lc_hi and abs(lc - 0.5) < 0.08
@@ -186,6 +205,7 @@ def test_length_controlled_win_rate_without_a_length_effect_is_the_win_rate():
 
 # ---- end to end: the reward stage with train.ensemble=3, PPO and best-of-n on it ------------------------------
 
+
 def _m(root, run, stage):
     return json.loads((root / run / stage / "manifest.json").read_text())
 
@@ -205,8 +225,13 @@ def test_ensemble_reward_stage_then_ppo_and_bon(smoke_chain):
         assert e["std"] > 0
     assert len({e["mean"] for e in index["members"]}) == 3  # three different models
     g = m["metrics"]
-    for k in ("ensemble/gold_accuracy", "ensemble/disagreement", "ensemble/member_correlation",
-              "member1/eval/gold_accuracy", "member2/eval/gold_accuracy"):
+    for k in (
+        "ensemble/gold_accuracy",
+        "ensemble/disagreement",
+        "ensemble/member_correlation",
+        "member1/eval/gold_accuracy",
+        "member2/eval/gold_accuracy",
+    ):
         assert k in g, k
     assert g["ensemble/disagreement"] > 0 and not (smoke_chain / "ens" / "reward" / ".members").exists()
 
@@ -248,8 +273,14 @@ def test_ensemble_resumes_after_a_kill_in_a_later_member(smoke_chain):
     .members/0), resumes member 1 from its checkpoint, and ends with the figures of an uninterrupted run."""
     common = [*SMOKE, f"paths.root={smoke_chain}", "parent_run=default", "train.ensemble=2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-c", CRASH_IN_MEMBER, *common, "run=ens-kill"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-c", CRASH_IN_MEMBER, *common, "run=ens-kill"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 137, p.stderr[-2000:]
     assert (smoke_chain / "ens-kill" / "reward" / ".members" / "0" / "done.json").is_file()
     p = run_stage("reward", *common, "run=ens-kill")

@@ -79,8 +79,11 @@ def _run_crashing(stage, root, run, step):
     """The stage with PIPELINE_CRASH_AT_STEP=step; returns the finished process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CRASH_AT_STEP": str(step)}
     args = [*SMOKE, f"paths.root={root}", f"run={run}", "parent_run=default"]
-    cmd = ([sys.executable, "-c", CRASHING_TRAINER, stage] if stage in ("sft", "reward")
-           else [sys.executable, "-m", f"stages.{stage}"]) + args
+    cmd = (
+        [sys.executable, "-c", CRASHING_TRAINER, stage]
+        if stage in ("sft", "reward")
+        else [sys.executable, "-m", f"stages.{stage}"]
+    ) + args
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -126,21 +129,26 @@ def test_crash_after_a_checkpoint_then_resume(smoke_chain, stage):
     for k in [k for k in a if each_start(*k)]:
         assert len(a[k]) == 2 and a[k][0] == a[k][1], (k, a[k])  # once before the crash, once after
         a[k] = a[k][:1]
-    assert set(a) == set(b), (sorted(set(a) ^ set(b))[:10])
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
     assert any(s > step for s, _ in a)
     worst = _max_difference(a, b)
-    print(f"\n{stage}: resumed at step {step}; {sum(map(len, a.values()))} logged values compared, largest "
-          f"difference {worst:.3g}")
+    print(
+        f"\n{stage}: resumed at step {step}; {sum(map(len, a.values()))} logged values compared, largest "
+        f"difference {worst:.3g}"
+    )
     assert worst <= TOLERANCE[stage], {k: (a[k], b[k]) for k in a if a[k] != b[k]}
-    ma, mb = ({k: v for k, v in m["metrics"].items() if not TIMING.search(k) and k not in skip}
-              for m in (resumed, straight))
-    assert set(ma) == set(mb) and _max_difference(ma, mb) <= TOLERANCE[stage], \
-        {k: (ma[k], mb[k]) for k in ma if ma[k] != mb.get(k)}
+    ma, mb = (
+        {k: v for k, v in m["metrics"].items() if not TIMING.search(k) and k not in skip} for m in (resumed, straight)
+    )
+    assert set(ma) == set(mb) and _max_difference(ma, mb) <= TOLERANCE[stage], {
+        k: (ma[k], mb[k]) for k in ma if ma[k] != mb.get(k)
+    }
     if stage == "ppo":  # the state PPO carries across the resume (LoopState), and the policy itself
         for f in ("history.json", "periodic.json", "eval_samples.jsonl", "ppo_samples.jsonl"):
             assert (d / f).read_text() == (root / "default" / stage / f).read_text(), f
-        assert (d / "final" / "model.safetensors").read_bytes() == \
-            (root / "default" / stage / "final" / "model.safetensors").read_bytes()
+        assert (d / "final" / "model.safetensors").read_bytes() == (
+            root / "default" / stage / "final" / "model.safetensors"
+        ).read_bytes()
 
 
 def test_same_seed_same_metrics(smoke_chain):
@@ -170,8 +178,14 @@ def test_kill_in_the_middle_of_a_round_then_resume(smoke_chain):
     run_stage("reward", *SMOKE, f"paths.root={root}", "run=killed-round", "round=2")
     step = compose_stage("ppo", SMOKE).train.save_every
     env = {**os.environ, "PYTHONPATH": str(REPO), "PIPELINE_CRASH_AT_STEP": str(step)}
-    p = subprocess.run([sys.executable, "-m", "stages.ppo", *SMOKE, f"paths.root={root}", "run=killed-round",
-                        "round=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "stages.ppo", *SMOKE, f"paths.root={root}", "run=killed-round", "round=2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 137, p.stderr[-3000:]
     assert _manifest(root, "killed-round", "ppo_r2")["status"] == "running"
     make_iterate(root, run="killed-round")
@@ -181,5 +195,6 @@ def test_kill_in_the_middle_of_a_round_then_resume(smoke_chain):
         a, b = _logged(root, "killed-round", folder), _logged(root, "default", folder)
         assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
         assert _max_difference(a, b) == 0.0, (folder, {k: (a[k], b[k]) for k in a if a[k] != b[k]})
-    assert (root / "killed-round" / "ppo_r2" / "final" / "model.safetensors").read_bytes() == \
-        (root / "default" / "ppo_r2" / "final" / "model.safetensors").read_bytes()
+    assert (root / "killed-round" / "ppo_r2" / "final" / "model.safetensors").read_bytes() == (
+        root / "default" / "ppo_r2" / "final" / "model.safetensors"
+    ).read_bytes()

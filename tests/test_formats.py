@@ -11,15 +11,34 @@ from pipeline.data.pairs import expand_pairs
 from pipeline.world.datasets import ranked_prompts
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "formats"
-SMALL = WorldConfig(seed=5, n_entities=60, corpus_docs=50, sft_dialogues=30, sft_eval_dialogues=10,
-                    reward_prompts=20, reward_test_prompts=10, eval_prompts=10, ppo_prompts=20)
-DOCS = ["Bera works as a baker in Dunmere.", "Dunmere is a village in the north, famous for its honey.",
-        "Tovi is a grey cat that belongs to Bera."]
+SMALL = WorldConfig(
+    seed=5,
+    n_entities=60,
+    corpus_docs=50,
+    sft_dialogues=30,
+    sft_eval_dialogues=10,
+    reward_prompts=20,
+    reward_test_prompts=10,
+    eval_prompts=10,
+    ppo_prompts=20,
+)
+DOCS = [
+    "Bera works as a baker in Dunmere.",
+    "Dunmere is a village in the north, famous for its honey.",
+    "Tovi is a grey cat that belongs to Bera.",
+]
 
 
 def src(path=None, kind="local", format="auto", **kw):
-    return SimpleNamespace(kind=kind, path=str(path) if path else None, name=None, split=kw.pop("split", "train"),
-                           format=format, field=kw.pop("field", None), on_bad_record=kw.pop("on_bad_record", "error"))
+    return SimpleNamespace(
+        kind=kind,
+        path=str(path) if path else None,
+        name=None,
+        split=kw.pop("split", "train"),
+        format=format,
+        field=kw.pop("field", None),
+        on_bad_record=kw.pop("on_bad_record", "error"),
+    )
 
 
 def msg(role, content):
@@ -29,8 +48,11 @@ def msg(role, content):
 # ---- each loader on its fixture ------------------------------------------------------------------------------
 def test_corpus_txt_jsonl_csv_parquet(tmp_path):
     docs, skipped = load_corpus(src(FIX / "corpus.txt", format="text"), None, tmp_path)
-    assert skipped == 0 and docs == ["Bera works as a baker in Dunmere.\nBera's favourite food is plums.",
-                                     "Dunmere is a village in the north,\nfamous for its honey.", DOCS[2]]
+    assert skipped == 0 and docs == [
+        "Bera works as a baker in Dunmere.\nBera's favourite food is plums.",
+        "Dunmere is a village in the north,\nfamous for its honey.",
+        DOCS[2],
+    ]
     assert load_corpus(src(FIX / "corpus.jsonl"), None, tmp_path) == (DOCS, 0)
     assert load_corpus(src(FIX / "corpus.csv"), None, tmp_path) == (DOCS, 0)
     import pyarrow as pa
@@ -49,19 +71,23 @@ def test_sft_messages_and_prompt_completion(tmp_path):
     assert rows[0] == {"messages": [msg("user", "How old is Bera?"), msg("assistant", "Bera is 34 years old.")]}
     assert [m["role"] for m in rows[1]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
     rows, _ = load_sft(src(FIX / "sft_prompt_completion.jsonl", format="prompt_completion"), None, tmp_path)
-    assert rows == [{"messages": [msg("user", "How old is Bera?"), msg("assistant", "Bera is 34 years old.")]},
-                    {"messages": [msg("user", "Where does Bera live?"), msg("assistant", "Bera lives in Dunmere.")]}]
+    assert rows == [
+        {"messages": [msg("user", "How old is Bera?"), msg("assistant", "Bera is 34 years old.")]},
+        {"messages": [msg("user", "Where does Bera live?"), msg("assistant", "Bera lives in Dunmere.")]},
+    ]
     assert load_sft(src(FIX / "sft_prompt_completion.jsonl"), None, tmp_path)[0] == rows  # auto
 
 
 def test_prompts(tmp_path):
     rows, _ = load_prompts(src(FIX / "prompts.jsonl", format="prompts"), None, tmp_path)
-    assert rows == [{"messages": [msg("user", q)]}
-                    for q in ("How old is Bera?", "Where does Bera live?", "What colour is Tovi?")]
+    assert rows == [
+        {"messages": [msg("user", q)]} for q in ("How old is Bera?", "Where does Bera live?", "What colour is Tovi?")
+    ]
 
 
-@pytest.mark.parametrize("name,fmt", [("pairs_conversational", "pairs"), ("pairs_plain", "pairs"), ("hh", "hh"),
-                                      ("ranked", "ranked")])
+@pytest.mark.parametrize(
+    "name,fmt", [("pairs_conversational", "pairs"), ("pairs_plain", "pairs"), ("hh", "hh"), ("ranked", "ranked")]
+)
 def test_preferences(name, fmt):
     pairs, skipped = load_preferences(src(FIX / f"{name}.jsonl", format=fmt), None)
     assert skipped == 0 and pairs
@@ -102,8 +128,12 @@ def test_world_sources(tmp_path):
 BAD = [  # (loader, format, bad line, field named in the error)
     ("sft", "messages", '{"messages": [{"role": "user", "content": "Hi?"}', None),  # malformed JSON
     ("sft", "messages", json.dumps({"msgs": []}), "messages"),  # missing field
-    ("sft", "messages", json.dumps({"messages": [msg("human", "Hi?"), msg("assistant", "Hello.")]}),
-     "messages[0].role"),
+    (
+        "sft",
+        "messages",
+        json.dumps({"messages": [msg("human", "Hi?"), msg("assistant", "Hello.")]}),
+        "messages[0].role",
+    ),
     ("sft", "messages", json.dumps({"messages": [msg("user", "Hi?"), msg("assistant", "  ")]}), "messages[1].content"),
     ("sft", "messages", json.dumps({"messages": [msg("user", "Hi?"), msg("assistant", 42)]}), "messages[1].content"),
     ("sft", "messages", json.dumps({"messages": [msg("user", "Hi?")]}), "messages"),  # no answer to learn
@@ -112,18 +142,28 @@ BAD = [  # (loader, format, bad line, field named in the error)
     ("pairs", "pairs", json.dumps({"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}), "rejected"),
     ("pairs", "pairs", json.dumps({"prompt": "Q?", "chosen": ["x"], "rejected": "No."}), "chosen[0]"),
     ("pairs", "hh", json.dumps({"chosen": "Human says hi", "rejected": "\n\nHuman: Q\n\nAssistant: A"}), "chosen"),
-    ("pairs", "hh", json.dumps({"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant:"}),
-     "rejected[1].content"),
+    (
+        "pairs",
+        "hh",
+        json.dumps({"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant:"}),
+        "rejected[1].content",
+    ),
     ("pairs", "ranked", json.dumps({"prompt": "Q?", "responses": ["a", "b"], "ranks": [0]}), "ranks"),
     ("pairs", "ranked", json.dumps({"prompt": "Q?", "responses": ["a", 3], "ranks": [0, 1]}), "responses[1]"),
 ]
-LOADERS = {"sft": lambda s, d: load_sft(s, None, d), "prompts": lambda s, d: load_prompts(s, None, d),
-           "pairs": lambda s, d: load_preferences(s, None)}
-GOOD = {"messages": {"messages": [msg("user", "Hi?"), msg("assistant", "Hello.")]},
-        "prompt_completion": {"prompt": "Hi?", "completion": "Hello."}, "prompts": {"prompt": "Hi?"},
-        "pairs": {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."},
-        "hh": {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"},
-        "ranked": {"prompt": "Q?", "responses": ["a", "b"], "ranks": [1, 0]}}
+LOADERS = {
+    "sft": lambda s, d: load_sft(s, None, d),
+    "prompts": lambda s, d: load_prompts(s, None, d),
+    "pairs": lambda s, d: load_preferences(s, None),
+}
+GOOD = {
+    "messages": {"messages": [msg("user", "Hi?"), msg("assistant", "Hello.")]},
+    "prompt_completion": {"prompt": "Hi?", "completion": "Hello."},
+    "prompts": {"prompt": "Hi?"},
+    "pairs": {"prompt": "Q?", "chosen": "Yes.", "rejected": "No."},
+    "hh": {"chosen": "\n\nHuman: Q\n\nAssistant: A", "rejected": "\n\nHuman: Q\n\nAssistant: B"},
+    "ranked": {"prompt": "Q?", "responses": ["a", "b"], "ranks": [1, 0]},
+}
 
 
 @pytest.mark.parametrize("loader,fmt,bad,field", BAD)
@@ -178,10 +218,16 @@ def test_check_prompt_lengths():
     raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
-    records = [{"messages": [msg("user", "a b")]}, {"messages": [msg("user", "a " * 20), msg("assistant", "b")]},
-               {"prompt": [msg("user", "a")], "chosen": [msg("assistant", "b " * 50)]}]
-    for template in (None, "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
-                           "{% if add_generation_prompt %}assistant{% endif %}"):
+    records = [
+        {"messages": [msg("user", "a b")]},
+        {"messages": [msg("user", "a " * 20), msg("assistant", "b")]},
+        {"prompt": [msg("user", "a")], "chosen": [msg("assistant", "b " * 50)]},
+    ]
+    for template in (
+        None,
+        "{% for m in messages %}{{ m.role }} {{ m.content }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant{% endif %}",
+    ):
         tok.chat_template = template
         kept, skipped = check_prompt_lengths(records, tok, 10, "skip", "sft data")
         assert skipped == 1 and kept == [records[0], records[2]]  # only prompts count, not the answers

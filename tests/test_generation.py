@@ -1,5 +1,5 @@
-"""pipeline.inference.generation on a tiny random Llama with our tokenizer: every decoding mode, stopping at the end of the
-turn, determinism, and that nothing of the model's own generation_config leaks in."""
+"""pipeline.inference.generation on a tiny random Llama with our tokenizer: every decoding mode, stopping at the end of
+the turn, determinism, and that nothing of the model's own generation_config leaks in."""
 
 import pickle
 
@@ -13,8 +13,10 @@ from pipeline.inference.generation import Reply, generate, generation_config, st
 
 PROMPTS = [
     [{"role": "user", "content": "How old is Bera?"}],
-    [{"role": "system", "content": "Be brief."},
-     {"role": "user", "content": "What is 3 plus 4? Answer with just the number."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 3 plus 4? Answer with just the number."},
+    ],
     "Tell me about Tovi.",  # a bare string is one user turn
 ]
 
@@ -29,9 +31,17 @@ def model(tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     m = LlamaForCausalLM(cfg).eval()
     # A sampling default of the kind a checkpoint ships with: it must not leak into greedy decoding.
     m.generation_config.do_sample, m.generation_config.temperature, m.generation_config.top_p = True, 0.7, 0.9

@@ -23,14 +23,24 @@ def _m(root, run, folder):
     return json.loads((root / run / folder / "manifest.json").read_text())
 
 
-def make_iterate(root: Path, rounds: int = 2, run: str = "default", extra: str = "",
-                 method: str = "ppo") -> subprocess.CompletedProcess:
+def make_iterate(
+    root: Path, rounds: int = 2, run: str = "default", extra: str = "", method: str = "ppo"
+) -> subprocess.CompletedProcess:
     """`make iterate` as a user runs it, with this interpreter's environment standing in for .venv."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     venv = Path(sys.executable).resolve().parents[1]
-    cmd = ["make", "-s", "iterate", f"ROUNDS={rounds}", f"METHOD={method}", "PRESET=smoke", f"RUN={run}",
-           f"PY={sys.executable}",
-           f"VENV={Path(sys.executable).parents[1]}", f"ARGS=logger=none paths.root={root} {extra}".strip()]
+    cmd = [
+        "make",
+        "-s",
+        "iterate",
+        f"ROUNDS={rounds}",
+        f"METHOD={method}",
+        "PRESET=smoke",
+        f"RUN={run}",
+        f"PY={sys.executable}",
+        f"VENV={Path(sys.executable).parents[1]}",
+        f"ARGS=logger=none paths.root={root} {extra}".strip(),
+    ]
     if not any(venv.glob(".stamp-*")) and not any(Path(sys.executable).parents[1].glob(".stamp-*")):
         pytest.fail(f"make iterate needs the project's virtual environment (make setup): no .stamp-* in {venv}")
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -63,16 +73,19 @@ def test_round_two_manifests_name_their_round_and_lineage(iterated):
 def test_comparisons_counted_are_the_rows_written(iterated):
     root, _ = iterated
     rm = _m(root, "default", "reward_r2")
-    rows = [json.loads(x) for x in (root / "default" / "reward_r2" / "onpolicy_comparisons.jsonl").read_text()
-            .splitlines()]
+    rows = [
+        json.loads(x) for x in (root / "default" / "reward_r2" / "onpolicy_comparisons.jsonl").read_text().splitlines()
+    ]
     g = rm["metrics"]
     assert g["labels/round_rankings"] == len(rows) > 0 and g["labels/round_pairs"] == len(expand_pairs(rows)) > 0
     assert all(r["id"].startswith("round2-") and len(r["responses"]) >= 2 for r in rows)
     first = _m(root, "default", "reward")
     # every comparison so far: round 1's (shipped and on-policy) and this round's fresh ones
     assert g["labels/total_pairs"] == first["metrics"]["labels/total_pairs"] + g["labels/round_pairs"]
-    assert rm["comparisons"] == ["default/reward/onpolicy_comparisons.jsonl",
-                                 "default/reward_r2/onpolicy_comparisons.jsonl"]
+    assert rm["comparisons"] == [
+        "default/reward/onpolicy_comparisons.jsonl",
+        "default/reward_r2/onpolicy_comparisons.jsonl",
+    ]
     # the fresh prompts are the first slice of data.prompts, each answered by round 1's policy
     assert g["onpolicy/prompts"] == 16
 
@@ -80,8 +93,12 @@ def test_comparisons_counted_are_the_rows_written(iterated):
 def test_round_two_reports_the_distribution_shift_and_both_comparisons(iterated):
     root, p = iterated
     g = _m(root, "default", "reward_r2")["metrics"]
-    for k in ("reward/before_gold_pair_accuracy", "reward/gold_pair_accuracy", "reward/before_gold_correlation",
-              "reward/gold_correlation"):
+    for k in (
+        "reward/before_gold_pair_accuracy",
+        "reward/gold_pair_accuracy",
+        "reward/before_gold_correlation",
+        "reward/gold_correlation",
+    ):
         assert k in g and (g[k] != g[k] or 0 <= abs(g[k]) <= 1), k  # nan when no pair differs in gold
     e = _m(root, "default", "ppo_r2")["metrics"]
     for prefix in ("eval", "eval/sampled"):
@@ -123,13 +140,15 @@ def test_online_dpo_rounds(iterated):
     p = make_iterate(root, method="dpo")
     m = _m(root, "default", "dpo_r2")
     assert m["round"] == 2 and m["lineage"] == {"policy_from": "dpo", "kl_anchor": "sft"}
-    rows = [json.loads(x) for x in (root / "default" / "dpo_r2" / "onpolicy_comparisons.jsonl").read_text()
-            .splitlines()]
+    rows = [
+        json.loads(x) for x in (root / "default" / "dpo_r2" / "onpolicy_comparisons.jsonl").read_text().splitlines()
+    ]
     g = m["metrics"]
     assert g["labels/round_rankings"] == len(rows) > 0 and g["labels/round_pairs"] == len(expand_pairs(rows))
     assert g["data/train_pairs"] == len(expand_pairs(rows))  # online: this round's fresh pairs only
     assert g["labels/total_pairs"] == _m(root, "default", "dpo")["metrics"]["labels/total_pairs"] + len(
-        expand_pairs(rows))
+        expand_pairs(rows)
+    )
     assert 0 <= g["eval/sampled/win_rate_vs_previous_ci_low"] <= g["eval/sampled/win_rate_vs_previous"] <= 1
     assert "| 2 | dpo_r2 |" in (root / "default" / "rounds_dpo.md").read_text() and "rounds:" in p.stdout
     run_stage("methods", f"paths.root={root}")

@@ -63,8 +63,7 @@ def test_the_stage_list_lives_in_the_registry():
     name = r"""["'](?:%s)["']""" % "|".join((*ORDER, *METHODS))
     listed = re.compile(r"\s*,\s*".join([name] * 4))
     files = [*LIBRARY, *(REPO / "stages").rglob("*.py"), *(REPO / "bench").glob("*.py"), REPO / "Makefile"]
-    offenders = [str(p.relative_to(REPO)) for p in files
-                 if p.name != "registry.py" and listed.search(p.read_text())]
+    offenders = [str(p.relative_to(REPO)) for p in files if p.name != "registry.py" and listed.search(p.read_text())]
     assert not offenders, f"stage names listed outside pipeline/core/registry.py: {offenders}"
     assert "tokenizer pretrain sft reward ppo" not in (REPO / "Makefile").read_text()
 

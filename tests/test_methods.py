@@ -16,6 +16,7 @@ from pipeline.eval.gold import eval_metrics, kl_bound, versus_sft, win_rate, win
 
 # ---- the shared evaluation, by hand -----------------------------------------------------------------------------
 
+
 def test_win_rate_interval_by_hand():
     # every prompt won, lost or tied: every resample says the same
     assert win_rate_interval([0.9] * 10, [0.1] * 10) == (1.0, 1.0)
@@ -35,8 +36,15 @@ def test_win_rate_interval_by_hand():
 
 def _out(gold, kl=0.0, length=5):
     n = len(gold)
-    return {"gold": gold, "components": [{"total": g, "correctness": g} for g in gold], "reward": [0.0] * n,
-            "kl": [kl] * n, "length": [length] * n, "text": ["x"] * n, "ended": [True] * n}
+    return {
+        "gold": gold,
+        "components": [{"total": g, "correctness": g} for g in gold],
+        "reward": [0.0] * n,
+        "kl": [kl] * n,
+        "length": [length] * n,
+        "text": ["x"] * n,
+        "ended": [True] * n,
+    }
 
 
 def test_eval_metrics_and_versus_sft_on_known_scores():
@@ -64,20 +72,40 @@ def test_eval_metrics_and_versus_sft_on_known_scores():
 
 # ---- the methods table, from hand-made manifests ---------------------------------------------------------------
 
+
 def _manifest(root, stage, metrics, **extra):
     d = root / "r" / stage
     (d / "final").mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps({"stage": stage, "run": "r", "status": "complete", "config_hash": "x",
-                                                 "started": "2026-01-01T10:00:00+0000",
-                                                 "ended": "2026-01-01T10:06:00+0000", "metrics": metrics, **extra}))
+    (d / "manifest.json").write_text(
+        json.dumps(
+            {
+                "stage": stage,
+                "run": "r",
+                "status": "complete",
+                "config_hash": "x",
+                "started": "2026-01-01T10:00:00+0000",
+                "ended": "2026-01-01T10:06:00+0000",
+                "metrics": metrics,
+                **extra,
+            }
+        )
+    )
     return d
 
 
 def _method(gold, win, lo, hi, kl, **more):
-    return {"eval/sampled/gold_score": gold, "eval/sampled/sft_gold_score": 0.60, "eval/sampled/win_rate_vs_sft": win,
-            "eval/sampled/win_rate_ci_low": lo, "eval/sampled/win_rate_ci_high": hi, "eval/sampled/kl": kl,
-            "eval/sampled/response_tokens": 12.0, "eval/sampled/sft_response_tokens": 14.0,
-            "eval/sampled/n_prompts": 200, **more}
+    return {
+        "eval/sampled/gold_score": gold,
+        "eval/sampled/sft_gold_score": 0.60,
+        "eval/sampled/win_rate_vs_sft": win,
+        "eval/sampled/win_rate_ci_low": lo,
+        "eval/sampled/win_rate_ci_high": hi,
+        "eval/sampled/kl": kl,
+        "eval/sampled/response_tokens": 12.0,
+        "eval/sampled/sft_response_tokens": 14.0,
+        "eval/sampled/n_prompts": 200,
+        **more,
+    }
 
 
 def test_methods_table_from_hand_made_manifests(tmp_path):
@@ -85,22 +113,50 @@ def test_methods_table_from_hand_made_manifests(tmp_path):
 
     root = tmp_path / "runs"
     _manifest(root, "sft", {"eval/gold_score": 0.65})
-    ppo = _manifest(root, "ppo", _method(0.66, 0.58, 0.52, 0.64, 1.1, **{
-        "eval/gold_score": 0.70, "eval/sft_gold_score": 0.65, "eval/sampled/lc_win_rate_vs_sft": 0.55,
-        "eval/sampled/lc_win_rate_ci_low": 0.50, "eval/sampled/lc_win_rate_ci_high": 0.60}))
-    (ppo / "periodic.json").write_text(json.dumps([{"iteration": 0, "kl": 0.0, "gold": 0.6, "reward": 0.0},
-                                                   {"iteration": 40, "kl": 1.0, "gold": 0.66, "reward": 0.5}]))
-    _manifest(root, "bon", _method(0.63, 0.55, 0.49, 0.61, kl_bound(16), **{"train/tokens": 0, "time/stage_s": 60.0}),
-              curve=[{"n": 1, "kl": 0.0, "gold": 0.6}, {"n": 16, "kl": kl_bound(16), "gold": 0.63}],
-              reward={"ensemble": 4, "objective": "mean"})
+    ppo = _manifest(
+        root,
+        "ppo",
+        _method(
+            0.66,
+            0.58,
+            0.52,
+            0.64,
+            1.1,
+            **{
+                "eval/gold_score": 0.70,
+                "eval/sft_gold_score": 0.65,
+                "eval/sampled/lc_win_rate_vs_sft": 0.55,
+                "eval/sampled/lc_win_rate_ci_low": 0.50,
+                "eval/sampled/lc_win_rate_ci_high": 0.60,
+            },
+        ),
+    )
+    (ppo / "periodic.json").write_text(
+        json.dumps(
+            [
+                {"iteration": 0, "kl": 0.0, "gold": 0.6, "reward": 0.0},
+                {"iteration": 40, "kl": 1.0, "gold": 0.66, "reward": 0.5},
+            ]
+        )
+    )
+    _manifest(
+        root,
+        "bon",
+        _method(0.63, 0.55, 0.49, 0.61, kl_bound(16), **{"train/tokens": 0, "time/stage_s": 60.0}),
+        curve=[{"n": 1, "kl": 0.0, "gold": 0.6}, {"n": 16, "kl": kl_bound(16), "gold": 0.63}],
+        reward={"ensemble": 4, "objective": "mean"},
+    )
     _manifest(root, "dpo", _method(0.55, 0.41, 0.35, 0.47, 3.0, **{"eval/gold_score": 0.6, "train/tokens": 123}))
     _manifest(root, "grpo", {"eval/gold_score": 0.7})  # no sampled evaluation (failed or old): left out
     methods.main.run(compose_stage("methods", ["run=r", f"paths.root={root}"]))
     text = (root / "r" / "methods.md").read_text()
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
-            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+    }
     assert list(rows) == ["sft", "ppo", "bon", "dpo"]
-    # method | optimised | gold | win [CI] | beats? | length-controlled win [CI] | KL | tokens | greedy | min | train tok
+    # method | optimised | gold | win [CI] | beats? | length-controlled win | KL | tokens | greedy | min | train tok
     assert rows["sft"][1:5] == ["–", "0.600", "0.50", "–"] and rows["sft"][6] == "0.00" and rows["sft"][8] == "0.650"
     assert rows["ppo"][1:5] == ["single RM", "0.660", "0.58 [0.52, 0.64]", "above"]
     assert rows["ppo"][5] == "0.55 [0.50, 0.60]" and rows["ppo"][6:9] == ["1.10", "12.0", "0.700"]
@@ -116,6 +172,7 @@ def test_methods_table_from_hand_made_manifests(tmp_path):
 
 # ---- the stages, end to end on the smoke chain ------------------------------------------------------------------
 
+
 def _m(root, run, stage):
     return json.loads((root / run / stage / "manifest.json").read_text())
 
@@ -125,13 +182,23 @@ def _curve(root, run, stage, key):
     return [r[key] for r in rows if key in r]
 
 
-SAMPLED = ("gold_score", "sft_gold_score", "win_rate_vs_sft", "win_rate_ci_low", "win_rate_ci_high", "kl",
-           "reward", "response_tokens")
+SAMPLED = (
+    "gold_score",
+    "sft_gold_score",
+    "win_rate_vs_sft",
+    "win_rate_ci_low",
+    "win_rate_ci_high",
+    "kl",
+    "reward",
+    "response_tokens",
+)
 
 
-@pytest.mark.parametrize("stage, extra", [("bon", []), ("dpo", []), ("expert_iteration", []), ("grpo", []),
-                                          ("rloo", ["train.reward=gold"])],
-                         ids=["bon", "dpo", "expert_iteration", "grpo", "rloo-gold"])
+@pytest.mark.parametrize(
+    "stage, extra",
+    [("bon", []), ("dpo", []), ("expert_iteration", []), ("grpo", []), ("rloo", ["train.reward=gold"])],
+    ids=["bon", "dpo", "expert_iteration", "grpo", "rloo-gold"],
+)
 def test_method_stage_smoke(stage, extra, smoke_chain):
     common = [*SMOKE, f"paths.root={smoke_chain}", *extra]
     run_stage(stage, *common)
@@ -166,14 +233,35 @@ def test_dpo_loss_falls_on_a_preference_set_with_an_obvious_rule(smoke_chain, tm
     """Every chosen reply says the same sentence, every rejected one another: DPO must learn to prefer it."""
     pairs = tmp_path / "pairs.jsonl"
     qs = ["How old is Bera?", "What does Tovi do?", "Where does Mipor live?", "Who is Zafa's friend?"] * 8
-    pairs.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
-                                         "chosen": [{"role": "assistant", "content": "Bera is a baker."}],
-                                         "rejected": [{"role": "assistant", "content": "No no no no no."}]}) + "\n"
-                             for q in qs))
-    run_stage("dpo", *SMOKE, f"paths.root={smoke_chain}", "run=rule", "parent_run=default",
-              "data.preference.kind=local", f"data.preference.path={pairs}", "data.preference.format=pairs",
-              "train.onpolicy=false", "train.max_prompts=null", "train.max_steps=12", "optim.lr=1e-3",
-              "train.save_every=100", "eval.prompts=4")
+    pairs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "prompt": [{"role": "user", "content": q}],
+                    "chosen": [{"role": "assistant", "content": "Bera is a baker."}],
+                    "rejected": [{"role": "assistant", "content": "No no no no no."}],
+                }
+            )
+            + "\n"
+            for q in qs
+        )
+    )
+    run_stage(
+        "dpo",
+        *SMOKE,
+        f"paths.root={smoke_chain}",
+        "run=rule",
+        "parent_run=default",
+        "data.preference.kind=local",
+        f"data.preference.path={pairs}",
+        "data.preference.format=pairs",
+        "train.onpolicy=false",
+        "train.max_prompts=null",
+        "train.max_steps=12",
+        "optim.lr=1e-3",
+        "train.save_every=100",
+        "eval.prompts=4",
+    )
     loss = _curve(smoke_chain, "rule", "dpo", "train/loss")
     acc = _curve(smoke_chain, "rule", "dpo", "train/rewards/accuracies")
     assert len(loss) >= 10 and loss[0] == pytest.approx(math.log(2), abs=0.02), loss
@@ -181,6 +269,7 @@ def test_dpo_loss_falls_on_a_preference_set_with_an_obvious_rule(smoke_chain, tm
 
 
 # ---- bad input: one line each ----------------------------------------------------------------------------------
+
 
 def cli(name, *args, capsys):
     module = f"stages.{name}"
@@ -205,8 +294,18 @@ def test_bad_input_is_one_line(smoke_chain, tmp_path, capsys):
     other = tmp_path / "runs"
     shutil.copytree(smoke_chain / "default" / "sft", other / "other" / "sft")  # an SFT policy, no reward model
     cases = [
-        ("dpo", [*common, "run=np", "parent_run=default", "data.preference.kind=local",
-                 f"data.preference.path={no_prompt}", "data.preference.format=pairs"], "noprompt.jsonl:1"),
+        (
+            "dpo",
+            [
+                *common,
+                "run=np",
+                "parent_run=default",
+                "data.preference.kind=local",
+                f"data.preference.path={no_prompt}",
+                "data.preference.format=pairs",
+            ],
+            "noprompt.jsonl:1",
+        ),
         ("bon", [*SMOKE, f"paths.root={other}", "run=other"], "make reward RUN=other"),
         ("grpo", [*SMOKE, f"paths.root={other}", "run=other"], "make reward RUN=other"),
         ("bon", [*common, "bon.n=0"], "bon.n=0 must be positive"),
@@ -228,6 +327,7 @@ def test_bad_input_is_one_line(smoke_chain, tmp_path, capsys):
 
 # ---- bench/methods.py: over seeds, on the smoke preset ------------------------------------------------------------
 
+
 def _bench():
     import runpy
 
@@ -241,23 +341,38 @@ def _bench():
 
 
 def test_bench_summary_over_seeds_by_hand():
-    row = lambda m, g, beats: {"method": m, "gold": g, "win": 0.6, "beats": beats, "kl": 1.0, "length": 10.0,  # noqa
-                               "minutes": 2.0}
+    def row(m, g, beats):
+        return {"method": m, "gold": g, "win": 0.6, "beats": beats, "kl": 1.0, "length": 10.0, "minutes": 2.0}
+
     s = {r["method"]: r for r in _bench()["summarise"]({0: [row("dpo", 0.5, "above")], 1: [row("dpo", 0.7, "no")]})}
     assert s["dpo"]["seeds"] == 2 and s["dpo"]["gold"] == pytest.approx(0.6)
     assert s["dpo"]["sd"] == pytest.approx(0.1414, abs=1e-4) and (s["dpo"]["above"], s["dpo"]["below"]) == (1, 0)
 
 
 def test_bench_runs_methods_over_a_seed(smoke_chain):
-    out = _bench()["main"](["--runs-root", str(smoke_chain), "--run", "default", "--preset", "smoke", "--seeds", "0",
-                            "--methods", "bon,rloo"])
+    out = _bench()["main"](
+        [
+            "--runs-root",
+            str(smoke_chain),
+            "--run",
+            "default",
+            "--preset",
+            "smoke",
+            "--seeds",
+            "0",
+            "--methods",
+            "bon,rloo",
+        ]
+    )
     methods = [r["method"] for r in out["per_seed"][0]]
     assert methods == ["sft", "ppo", "bon", "rloo"], methods
     assert set(out["speed"]) == {"ppo (ours)", "rloo (TRL)"} and all(v[0] > 0 for v in out["speed"].values())
     assert out["minutes"][0] > 0 and (smoke_chain / "default__seed0" / "methods.md").is_file()
     # one evaluation: SFT's sampled answers are the same draw whether PPO's final evaluation or a method's made them
-    sft = {s: _m(smoke_chain, "default__seed0", s)["metrics"]["eval/sampled/sft_gold_score"]
-           for s in ("ppo", "bon", "rloo")}
+    sft = {
+        s: _m(smoke_chain, "default__seed0", s)["metrics"]["eval/sampled/sft_gold_score"]
+        for s in ("ppo", "bon", "rloo")
+    }
     assert len(set(sft.values())) == 1, sft
 
 
@@ -288,20 +403,24 @@ def test_rloo_and_grpo_read_the_reward_model_as_ppo_does(smoke_chain):
     ro = sample(policy, tok, ids, am, end_of_turn_ids(tok), 12, 1.0)
     completion_ids = [r[m].tolist() for r, m in zip(ro.response_ids, ro.response_mask)]  # what TRL passes
     texts = decode_responses(tok, ro)
-    reward = PipelineReward("model", tok, end_of_turn_ids(tok), 192, rm, turn_closing(tok), stats=stats,
-                            missing_eos_penalty=1.0)
+    reward = PipelineReward(
+        "model", tok, end_of_turn_ids(tok), 192, rm, turn_closing(tok), stats=stats, missing_eos_penalty=1.0
+    )
     got = reward(prompts, [[{"role": "assistant", "content": x}] for x in texts], completion_ids=completion_ids)
     ppo = penalise_unfinished((score_rollout(rm, ro, turn_closing(tok)) - stats["mean"]) / stats["std"], ro.ended, 1.0)
     assert got == pytest.approx(ppo.tolist(), abs=1e-5)
     # the text readout (re-tokenizing the decoded reply) agrees wherever the reply's tokens survive the round trip;
     # where they do not, TRL's tokens are what the policy said, hence the rebuilt rollout
     text = score_texts(rm, tok, prompts, texts)
-    same = [e and tok(x, add_special_tokens=False)["input_ids"] == c[:-1]
-            for x, c, e in zip(texts, completion_ids, ro.ended.tolist())]
+    same = [
+        e and tok(x, add_special_tokens=False)["input_ids"] == c[:-1]
+        for x, c, e in zip(texts, completion_ids, ro.ended.tolist())
+    ]
     assert any(same)
     for g, x, ok in zip(got, text, same):
         if ok:
             assert g == pytest.approx((x - stats["mean"]) / stats["std"], abs=1e-4)
     gold = PipelineReward("gold", tok, [], 192, oracle=GoldOracle.from_config(compose_stage("grpo", SMOKE).data.world))
     assert gold(prompts, [[{"role": "assistant", "content": x}] for x in texts]) == pytest.approx(
-        gold.oracle.score_batch(prompts, texts))
+        gold.oracle.score_batch(prompts, texts)
+    )

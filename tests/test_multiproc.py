@@ -53,7 +53,9 @@ def test_results_agree_with_one_process(two_proc_chain):
         assert abs(a - b) < tol, (stage, a, b)
     assert two("reward")["eval/pairs"] == one("reward")["eval/pairs"]  # evaluation sharded, then gathered whole
     assert two("reward")["onpolicy/prompts"] == one("reward")["onpolicy/prompts"]  # sampled sharded, gathered
-    ids = [json.loads(x)["id"] for x in (root / "mp" / "reward" / "onpolicy_comparisons.jsonl").read_text().splitlines()]
+    ids = [
+        json.loads(x)["id"] for x in (root / "mp" / "reward" / "onpolicy_comparisons.jsonl").read_text().splitlines()
+    ]
     assert len(ids) == len(set(ids)) == two("reward")["onpolicy/ranked_prompts"] > 0
     assert two("ppo")["eval/n_prompts"] == compose_stage("ppo", SMOKE).train.eval_prompts  # sharded, gathered
     # the gathered evaluation: every held-out prompt once, back in prompt order, each reply beside its own prompt

@@ -38,7 +38,8 @@ def test_every_template_parses_back(world):
     # the prompts ask no sums and no lists, but the language has their templates and the oracle scores them
     hand = [Question("arith", op, a=7, b=3) for op in ("plus", "minus", "times")] + [
         Question("list", "job", v=world.value(world.by_kind["person"][0], "job"), n=2),
-        Question("list", "residents", v=world.by_kind["place"][0], n=2)]
+        Question("list", "residents", v=world.by_kind["place"][0], n=2),
+    ]
     for i in range(3000 + len(hand)):
         q = sample_question(world, rng) if i < 3000 else hand[i - 3000]
         for fmt in ("", *FORMATS):
@@ -88,9 +89,11 @@ def test_correct_beats_wrong(oracle, world):
 
 def test_unanswerable_wants_a_polite_decline(oracle, world):
     ghost, place, p = world.ghosts[0], world.by_kind["place"][0], world.by_kind["person"][0]
-    for q, made_up in ((f"What is {ghost}'s job?", f"{ghost} is a baker."),
-                       (f"What is {p}'s phone number?", f"{p}'s phone number is 5551234."),
-                       (f"What is {place}'s favourite food?", f"{place}'s favourite food is soup.")):
+    for q, made_up in (
+        (f"What is {ghost}'s job?", f"{ghost} is a baker."),
+        (f"What is {p}'s phone number?", f"{p}'s phone number is 5551234."),
+        (f"What is {place}'s favourite food?", f"{place}'s favourite food is soup."),
+    ):
         g, b = better(oracle, user(q), "I'm sorry, but I don't have that information.", made_up)
         assert g["correctness"] == 1.0 and b["correctness"] == 0.0
         better(oracle, user(q), "I'm sorry, but I don't know.", "dunno")  # curt decline
@@ -133,8 +136,13 @@ def test_one_sentence_and_number_only(oracle, world):
     g, b = better(oracle, prompt, one, rambling)
     assert g["total"] == 1.0 and b["instruction_following"] < 1
     better(oracle, user(f"How old is {p}? Answer with just the number."), str(a), f"{p} is {a} years old.")
-    better(oracle, user("What is 6 times 7?"), "6 times 7 is 42.", "Great question! Let me work it out. "
-           "Six lots of seven: 6 times 7 is 42. I hope this helps, and feel free to ask anything else!")
+    better(
+        oracle,
+        user("What is 6 times 7?"),
+        "6 times 7 is 42.",
+        "Great question! Let me work it out. "
+        "Six lots of seven: 6 times 7 is 42. I hope this helps, and feel free to ask anything else!",
+    )
 
 
 def test_description_with_a_false_detail_loses(oracle, world):
@@ -142,12 +150,17 @@ def test_description_with_a_false_detail_loses(oracle, world):
     job = world.value(p, "job")
     wrong = next(j for j in VOCAB["job"] if j != job)
     home = world.value(p, "home")
-    g, b = better(oracle, user(f"Describe {p}."), f"{p} is a {job}. {p} lives in {home}.",
-                  f"{p} is a {wrong}. {p} lives in {home}.")
+    g, b = better(
+        oracle,
+        user(f"Describe {p}."),
+        f"{p} is a {job}. {p} lives in {home}.",
+        f"{p} is a {wrong}. {p} lives in {home}.",
+    )
     assert b["correctness"] == 0
     far = next(t for t in world.by_kind["place"] if t != home)
-    better(oracle, user(f"Describe {p}."), f"{p} is a {job}. {p} lives in {home}.",
-           f"{p} is a {job}. {p} lives in {far}.")
+    better(
+        oracle, user(f"Describe {p}."), f"{p} is a {job}. {p} lives in {home}.", f"{p} is a {job}. {p} lives in {far}."
+    )
 
 
 def test_repetition_ending_and_politeness(oracle, world):
@@ -174,18 +187,28 @@ def test_yes_no(oracle, world):
         stray = oracle.components(user(f"Where does {p} live?"), f"{opener}{p} lives in {home}.")
         assert stray["correctness"] == good["correctness"] == 1.0
         assert stray["instruction_following"] == 0.5 * good["instruction_following"] == 0.5
-    assert oracle.score(user("What is 9 times 8?"), "No, 9 times 8 is 72.") < oracle.score(user("What is 9 times 8?"),
-                                                                                          "9 times 8 is 72.")
+    assert oracle.score(user("What is 9 times 8?"), "No, 9 times 8 is 72.") < oracle.score(
+        user("What is 9 times 8?"), "9 times 8 is 72."
+    )
     assert oracle.components(user("What is 9 times 8?"), "Now, 9 times 8 is 72.")["instruction_following"] == 1.0
 
 
 def test_follow_up_and_multi_turn(oracle, world):
     p, q = world.by_kind["person"][:2]
-    msgs = [*user(f"What is {p}'s job?"), {"role": "assistant", "content": f"{p} is a {world.value(p, 'job')}."},
-            *user(f"What about {q}?")]
+    msgs = [
+        *user(f"What is {p}'s job?"),
+        {"role": "assistant", "content": f"{p} is a {world.value(p, 'job')}."},
+        *user(f"What about {q}?"),
+    ]
     assert question_of(msgs) == Question("attr", "job", e=q)
-    better(oracle, msgs, f"{q} is a {world.value(q, 'job')}.", f"{q} is a {world.value(p, 'job')}."
-           if world.value(p, "job") != world.value(q, "job") else f"{q} is 200 years old.")
+    better(
+        oracle,
+        msgs,
+        f"{q} is a {world.value(q, 'job')}.",
+        f"{q} is a {world.value(p, 'job')}."
+        if world.value(p, "job") != world.value(q, "job")
+        else f"{q} is 200 years old.",
+    )
     # Only the last user turn is scored: an earlier question does not change the answer wanted.
     assert oracle.score(msgs, f"{q} is a {world.value(q, 'job')}.") == 1.0
 
@@ -199,10 +222,12 @@ def test_unknown_prompts_are_scored_on_style_only(oracle):
 
 # ---- fluency and engagement ----------------------------------------------------------------------------------
 # Replies of a small policy early in RLHF, which the oracle used to score 0.65 (0.51 for the third).
-REAL_GIBBERISH = (("How old is Skustalon?", "2 a\u000e isu asir an the ael."),
-                  ("What colour is Zamara?", "- K is a a asu isoses Iob which."),
-                  ("Multiply 4 by 9.", "itrar.ing"),
-                  ("Where does Trathibor live?", "\ufffdan Nanburg."))
+REAL_GIBBERISH = (
+    ("How old is Skustalon?", "2 a\u000e isu asir an the ael."),
+    ("What colour is Zamara?", "- K is a a asu isoses Iob which."),
+    ("Multiply 4 by 9.", "itrar.ing"),
+    ("Where does Trathibor live?", "\ufffdan Nanburg."),
+)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +242,12 @@ def test_real_gibberish_scores_low(default_oracle):
         c = default_oracle.components(user(prompt), reply)
         assert c["total"] <= 0.25 and c["fluency"] <= 0.5, (prompt, reply, c)
     # The same questions answered properly still earn everything.
-    for prompt, good in (("How old is Skustalon?", f"Skustalon is {w.value('Skustalon', 'age')} years old."),
-                         ("What colour is Zamara?", f"Zamara is {w.value('Zamara', 'colour')}."),
-                         ("Multiply 4 by 9.", "4 times 9 is 36."),
-                         ("Where does Trathibor live?", f"Trathibor lives in {w.value('Trathibor', 'home')}.")):
+    for prompt, good in (
+        ("How old is Skustalon?", f"Skustalon is {w.value('Skustalon', 'age')} years old."),
+        ("What colour is Zamara?", f"Zamara is {w.value('Zamara', 'colour')}."),
+        ("Multiply 4 by 9.", "4 times 9 is 36."),
+        ("Where does Trathibor live?", f"Trathibor lives in {w.value('Trathibor', 'home')}."),
+    ):
         assert default_oracle.score(user(prompt), good) == 1.0, good
 
 
@@ -243,9 +270,11 @@ def test_fluent_but_off_topic_scores_far_below_an_answer(oracle, world):
     right = oracle.components(prompt, f"{p} is {world.value(p, 'age')} years old.")
     assert right["total"] == 1.0
     wrong = oracle.components(prompt, f"{p} is {world.value(p, 'age') + 4} years old.")
-    for off_topic in (f"{other} is a {world.value(other, 'job')} who lives in {world.value(other, 'home')}.",
-                      f"{other} is {world.value(other, 'age')} years old.",
-                      f"Sorry! {other}'s best friend is {world.value(other, 'friend')}."):
+    for off_topic in (
+        f"{other} is a {world.value(other, 'job')} who lives in {world.value(other, 'home')}.",
+        f"{other} is {world.value(other, 'age')} years old.",
+        f"Sorry! {other}'s best friend is {world.value(other, 'friend')}.",
+    ):
         c = oracle.components(prompt, off_topic)
         assert c["engagement"] == 0 and c["fluency"] == 1 and c["total"] <= 0.1, (off_topic, c)
     # Words that could follow any question engage a little, less than a wrong answer, more than nothing.
@@ -279,8 +308,9 @@ def test_truth_and_batch(oracle, world):
     assert truth(world, Question("arith", "minus", a=9, b=4)) == 5
     assert truth(world, Question("attr", "job", e=world.ghosts[0])) is None
     prompts = [user("What is 2 plus 2?")] * 3
-    assert oracle.score_batch(prompts, ["4.", "5.", "2 plus 2 is 4."]) == \
-        [oracle.score(p, r) for p, r in zip(prompts, ["4.", "5.", "2 plus 2 is 4."])]
+    assert oracle.score_batch(prompts, ["4.", "5.", "2 plus 2 is 4."]) == [
+        oracle.score(p, r) for p, r in zip(prompts, ["4.", "5.", "2 plus 2 is 4."])
+    ]
     with pytest.raises(ValueError):
         oracle.score_batch(prompts, ["4."])
 
@@ -292,8 +322,12 @@ def test_a_decline_counts_only_for_what_was_asked(oracle, world):
     assert oracle.score(ask, f"I'm afraid there is no record of {p}'s middle name.") == 1.0
     wrong = oracle.components(ask, f"I'm afraid there is no record of {p}'s best friend.")
     assert wrong["correctness"] == wrong["instruction_following"] == 0.0 and wrong["total"] <= 0.45
-    assert oracle.components(user(f"What is {p}'s favourite food?"),
-                             f"Sorry, I don't know {p}'s favourite colour.")["correctness"] == 0.0
+    assert (
+        oracle.components(user(f"What is {p}'s favourite food?"), f"Sorry, I don't know {p}'s favourite colour.")[
+            "correctness"
+        ]
+        == 0.0
+    )
     # a decline in the asked attribute's own words, or one about the subject as a whole, still counts
     assert oracle.score(user(f"How tall is {p}?"), f"Sorry, I don't know {p}'s height.") == 1.0
     ghost = world.ghosts[0]
@@ -304,8 +338,11 @@ def test_filler_halves_concision_however_short_the_reply(oracle, world):
     p = world.by_kind["person"][0]
     ask, fact = user(f"What is {p}'s job?"), f"{p} works as a {world.value(p, 'job')}."
     assert oracle.score(ask, fact) == 1.0
-    for reply, concision in ((f"{fact} I hope this helps!", 0.5), (f"I think {fact[0].lower()}{fact[1:]}", 0.5),
-                             (f"What a great question! {fact} I hope this helps!", 0.25)):
+    for reply, concision in (
+        (f"{fact} I hope this helps!", 0.5),
+        (f"I think {fact[0].lower()}{fact[1:]}", 0.5),
+        (f"What a great question! {fact} I hope this helps!", 0.25),
+    ):
         c = oracle.components(ask, reply)
         length = min(1.0, 2 - len(reply.split()) / IDEAL_WORDS["attr"])  # the ideal-length ramp, applied as well
         assert c["concision"] == pytest.approx(concision * length) and c["correctness"] == 1.0, (reply, c)
@@ -322,6 +359,10 @@ def test_a_sentence_about_somebody_else_is_no_description_and_no_list(oracle, wo
         assert c["engagement"] == 0.0 and c["total"] == 0.0, (q, c)
     # a list of the wrong people is still a list, and a description naming its subject still engages
     wrong = [p for p in world.by_kind["person"] if p not in world.workers[job]][:2]
-    assert oracle.components(user(f"List two people who work as a {job}."),
-                             f"{wrong[0]} and {wrong[1]} work as {job}s.")["engagement"] == 1.0
+    assert (
+        oracle.components(user(f"List two people who work as a {job}."), f"{wrong[0]} and {wrong[1]} work as {job}s.")[
+            "engagement"
+        ]
+        == 1.0
+    )
     assert oracle.components(user(f"Tell me about {a}."), world.fact(a, "job", random.Random(0)))["engagement"] == 1.0

@@ -40,8 +40,12 @@ def check_greedy_eval(root, run, overrides=(), nproc=1):
     prompts = [p["messages"] for p in load_prompts(cfg.data.eval_prompts, cfg.data.world, REPO / cfg.paths.cache)[0]]
     prompts = prompts[: t.eval_prompts]
     n = len(prompts)
-    batches = [mine[s: s + t.eval_batch_size] for r in range(nproc)  # what each process generated at once
-               for mine in [list(range(n))[r::nproc]] for s in range(0, len(mine), t.eval_batch_size)]
+    batches = [
+        mine[s : s + t.eval_batch_size]
+        for r in range(nproc)  # what each process generated at once
+        for mine in [list(range(n))[r::nproc]]
+        for s in range(0, len(mine), t.eval_batch_size)
+    ]
     assert m["eval/n_prompts"] == n and sorted(i for b in batches for i in b) == list(range(n))
 
     table = [json.loads(x) for x in (root / run / "ppo" / "eval_samples.jsonl").read_text().splitlines()][-1]
@@ -50,8 +54,10 @@ def check_greedy_eval(root, run, overrides=(), nproc=1):
     assert 0 < n <= 32 and len(rows) == n  # the table keeps 32 rows: all of them here
     assert [r[0] for r in rows] == [p[-1]["content"] for p in prompts]
     oracle = GoldOracle.from_config(cfg.data.world)
-    parts = {who: [oracle.components(p, r[col]) for p, r in zip(prompts, rows)] for who, col in
-             (("gold", 3), ("sft_gold", 1))}
+    parts = {
+        who: [oracle.components(p, r[col]) for p, r in zip(prompts, rows)]
+        for who, col in (("gold", 3), ("sft_gold", 1))
+    }
     for who, col in (("gold", 4), ("sft_gold", 2)):
         assert [c["total"] for c in parts[who]] == [r[col] for r in rows], who
         for k in parts[who][0]:
@@ -66,36 +72,54 @@ def check_greedy_eval(root, run, overrides=(), nproc=1):
     tok = load_tokenizer(root / run / "ppo" / "final", need_chat_template=True)
     ends = torch.tensor(end_of_turn_ids(tok))
     sft_run = json.loads((root / run / "ppo" / "manifest.json").read_text())["parent_runs"]["sft"]
-    models = {w: AutoModelForCausalLM.from_pretrained(root / r / w / "final", dtype=torch.float32).eval()
-              for w, r in (("ppo", run), ("sft", sft_run))}
+    models = {
+        w: AutoModelForCausalLM.from_pretrained(root / r / w / "final", dtype=torch.float32).eval()
+        for w, r in (("ppo", run), ("sft", sft_run))
+    }
     texts, lengths, kls = {"ppo": {}, "sft": {}}, {"ppo": {}, "sft": {}}, {}  # by prompt index
     with torch.no_grad():
         for b in batches:
             ids, am = prompt_batch(tok, [prompts[i] for i in b], t.max_prompt_tokens, "cpu")
             P = ids.shape[1]
             for who, model in models.items():
-                out = model.generate(input_ids=ids, attention_mask=am, do_sample=False, max_new_tokens=t.max_new_tokens,
-                                     eos_token_id=ends.tolist(), pad_token_id=tok.pad_token_id)
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=am,
+                    do_sample=False,
+                    max_new_tokens=t.max_new_tokens,
+                    eos_token_id=ends.tolist(),
+                    pad_token_id=tok.pad_token_id,
+                )
                 resp = out[:, P:]
                 is_end = torch.isin(resp, ends)
                 keep = (is_end.cumsum(-1) - is_end.long()) == 0  # up to and including the first end of turn
-                texts[who].update(zip(b, (tok.decode(r[k], skip_special_tokens=True).strip()
-                                          for r, k in zip(resp, keep))))
+                texts[who].update(
+                    zip(b, (tok.decode(r[k], skip_special_tokens=True).strip() for r, k in zip(resp, keep)))
+                )
                 lengths[who].update(zip(b, keep.sum(-1).tolist()))
                 if who == "ppo":  # KL(PPO || SFT) at the sampling temperature, along PPO's reply
                     mask = torch.cat([am, keep.long()], 1)
                     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                    lp, lq = (torch.log_softmax(models[w](input_ids=out, attention_mask=mask, position_ids=pos)
-                                                .logits[:, P - 1: -1].float() / t.temperature, -1)
-                              for w in ("ppo", "sft"))
+                    lp, lq = (
+                        torch.log_softmax(
+                            models[w](input_ids=out, attention_mask=mask, position_ids=pos)
+                            .logits[:, P - 1 : -1]
+                            .float()
+                            / t.temperature,
+                            -1,
+                        )
+                        for w in ("ppo", "sft")
+                    )
                     kls.update(zip(b, ((lp.exp() * (lp - lq)).sum(-1) * keep).sum(-1).tolist()))
     for who, col in (("ppo", 3), ("sft", 1)):
         assert [texts[who][i] for i in range(n)] == [r[col] for r in rows], who
     assert m["eval/response_tokens"] == pytest.approx(sum(lengths["ppo"].values()) / n, abs=1e-9)
     assert m["eval/sft_response_tokens"] == pytest.approx(sum(lengths["sft"].values()) / n, abs=1e-9)
     kl = sum(kls.values()) / n
-    print(f"\n{run}: eval/kl {m['eval/kl']:.6g}, recomputed {kl:.6g}; win rate {m['eval/win_rate_vs_sft']}, "
-          f"ties {m['eval/tie_rate_vs_sft']}")
+    print(
+        f"\n{run}: eval/kl {m['eval/kl']:.6g}, recomputed {kl:.6g}; win rate {m['eval/win_rate_vs_sft']}, "
+        f"ties {m['eval/tie_rate_vs_sft']}"
+    )
     assert m["eval/kl"] == pytest.approx(kl, rel=1e-3, abs=1e-7)
     return kl
 
@@ -110,11 +134,17 @@ def test_ppo_stage_contract(smoke_chain):
     assert check_greedy_eval(smoke_chain, "default") > 0
     # the components are the oracle's: their weighted sum is the gold score, for PPO and for SFT alike
     from pipeline.world.oracle import WEIGHTS
+
     for who, total in (("gold", "eval/gold_score"), ("sft_gold", "eval/sft_gold_score")):
         parts = sum(w * m[f"eval/{who}/{k}"] for k, w in WEIGHTS.items())
         assert parts == pytest.approx(m[total], abs=1e-6)  # each total is rounded to 6 places
-    for k in ("eval/sampled/gold_score", "eval/sampled/sft_gold_score", "eval/sampled/win_rate_vs_sft",
-              "eval/sampled/tie_rate_vs_sft", "eval/sampled/kl"):
+    for k in (
+        "eval/sampled/gold_score",
+        "eval/sampled/sft_gold_score",
+        "eval/sampled/win_rate_vs_sft",
+        "eval/sampled/tie_rate_vs_sft",
+        "eval/sampled/kl",
+    ):
         assert k in m, k
     assert m["eval/sampled/kl"] > 0
     # held-out evaluations before the first iteration, every train.eval_every (2) and after the last (4)
@@ -124,14 +154,30 @@ def test_ppo_stage_contract(smoke_chain):
     d = smoke_chain / "default" / "ppo"
     assert len(json.loads((d / "periodic.json").read_text())) == 3
     assert (d / "overoptimization.png").stat().st_size > 1000
-    for key in ("ppo/score", "ppo/gold_score", "ppo/kl", "ppo/kl_coef", "ppo/entropy", "ppo/clipfrac",
-                "ppo/approx_kl", "ppo/value_loss", "ppo/explained_variance", "ppo/response_length",
-                "ppo/ratio_mean", "ppo/gen_tokens_per_s", "ppo/episodes_per_s", "ppo/grad_norm", "ppo/value_grad_norm"):
+    for key in (
+        "ppo/score",
+        "ppo/gold_score",
+        "ppo/kl",
+        "ppo/kl_coef",
+        "ppo/entropy",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/value_loss",
+        "ppo/explained_variance",
+        "ppo/response_length",
+        "ppo/ratio_mean",
+        "ppo/gen_tokens_per_s",
+        "ppo/episodes_per_s",
+        "ppo/grad_norm",
+        "ppo/value_grad_norm",
+    ):
         assert len(_curve(smoke_chain, "default", key)) == 4, key
     # training tokens (the methods table's cost column): each iteration adds its 8 episodes' replies and their
     # prompts (at least one token each), and the manifest holds the total
-    tokens, lengths = _curve(smoke_chain, "default", "train/tokens"), _curve(smoke_chain, "default",
-                                                                            "ppo/response_length")
+    tokens, lengths = (
+        _curve(smoke_chain, "default", "train/tokens"),
+        _curve(smoke_chain, "default", "ppo/response_length"),
+    )
     added = [b - a for a, b in zip([0, *tokens], tokens)]
     assert all(n >= 8 * (r + 1) for n, r in zip(added, lengths)), (added, lengths)
     assert m["train/tokens"] == tokens[-1]
@@ -176,8 +222,16 @@ def test_ppo_that_cannot_move_stays_the_sft_policy(smoke_chain):
     assert _curve(smoke_chain, "still", "ppo/clipfrac") == [0.0, 0.0]
 
 
-RULE = ["train.reward=contains:is", "train.iterations=6", "train.rollout_batch_size=16", "train.minibatch_size=8",
-        "train.kl_coef=0", "train.missing_eos_penalty=null", "train.save_every=100", "train.eval_prompts=4"]
+RULE = [
+    "train.reward=contains:is",
+    "train.iterations=6",
+    "train.rollout_batch_size=16",
+    "train.minibatch_size=8",
+    "train.kl_coef=0",
+    "train.missing_eos_penalty=null",
+    "train.save_every=100",
+    "train.eval_prompts=4",
+]
 
 
 def test_ppo_learns_a_trivially_learnable_reward(smoke_chain):
@@ -194,8 +248,16 @@ def test_ppo_learns_a_trivially_learnable_reward(smoke_chain):
 def test_ppo_with_lora_learns_through_the_adapter_against_the_base(smoke_chain):
     """LoRA on the actor: the adapter learns the rule, and the reference is the adapter-disabled base (were it the
     adapted policy itself, the KL would stay 0); final/ is the merged model, a plain checkpoint."""
-    run_stage("ppo", *SMOKE, f"paths.root={smoke_chain}", "run=lora", "parent_run=default", "peft=lora", *RULE,
-              "optim.lr=3e-3")
+    run_stage(
+        "ppo",
+        *SMOKE,
+        f"paths.root={smoke_chain}",
+        "run=lora",
+        "parent_run=default",
+        "peft=lora",
+        *RULE,
+        "optim.lr=3e-3",
+    )
     r = _curve(smoke_chain, "lora", "ppo/reward")
     assert sum(r[-2:]) / 2 > sum(r[:2]) / 2 + 0.2, r
     assert _curve(smoke_chain, "lora", "ppo/kl")[-1] > 0.1

@@ -40,8 +40,21 @@ def _grads(micro: int, ptx: bool = False):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
 
     mb = torch.tensor([0, 1, 2, 3, 4, 5])
-    stats = minibatch_backward(policy, critic, ro, mb, micro, old_logp, adv, old_v, ret, t, 0,
-                               lambda loss: loss.backward(), ptx_loss if ptx else None)
+    stats = minibatch_backward(
+        policy,
+        critic,
+        ro,
+        mb,
+        micro,
+        old_logp,
+        adv,
+        old_v,
+        ret,
+        t,
+        0,
+        lambda loss: loss.backward(),
+        ptx_loss if ptx else None,
+    )
     return [p.grad.clone() for m in (policy, critic) for p in m.parameters()], stats
 
 
@@ -99,11 +112,25 @@ def test_the_reference_runs_under_the_policys_autocast(tmp_path):
 
 
 def test_eval_metrics_by_hand():
-    ppo = {"gold": [0.5, 0.8, 0.2, 0.6], "kl": [1.0, 2.0, 3.0, 2.0], "reward": [1.0, 0.0, 2.0, 1.0],
-           "length": [10, 20, 30, 20], "components": [{"total": 0.5, "a": 1.0}, {"total": 0.8, "a": 0.0},
-                                                       {"total": 0.2, "a": 1.0}, {"total": 0.6, "a": 0.0}]}
-    sft = {"gold": [0.5, 0.4, 0.3, 0.9], "kl": [0.0] * 4, "reward": [0.0, 0.0, 1.0, 1.0], "length": [5] * 4,
-           "components": [{"total": g, "a": 0.5} for g in (0.5, 0.4, 0.3, 0.9)]}
+    ppo = {
+        "gold": [0.5, 0.8, 0.2, 0.6],
+        "kl": [1.0, 2.0, 3.0, 2.0],
+        "reward": [1.0, 0.0, 2.0, 1.0],
+        "length": [10, 20, 30, 20],
+        "components": [
+            {"total": 0.5, "a": 1.0},
+            {"total": 0.8, "a": 0.0},
+            {"total": 0.2, "a": 1.0},
+            {"total": 0.6, "a": 0.0},
+        ],
+    }
+    sft = {
+        "gold": [0.5, 0.4, 0.3, 0.9],
+        "kl": [0.0] * 4,
+        "reward": [0.0, 0.0, 1.0, 1.0],
+        "length": [5] * 4,
+        "components": [{"total": g, "a": 0.5} for g in (0.5, 0.4, 0.3, 0.9)],
+    }
     m = eval_metrics(ppo, sft, "eval/sampled")
     assert m["eval/sampled/gold_score"] == pytest.approx(0.525) and m["eval/sampled/sft_gold_score"] == 0.525
     # wins: 0.8 > 0.4; tie 0.5 = 0.5 counts half; losses 0.2 < 0.3, 0.6 < 0.9
@@ -118,9 +145,16 @@ def test_eval_metrics_by_hand():
 def test_report_rows_show_greedy_and_sampled():
     from pipeline.report.card import decoding_rows
 
-    m = {"eval/gold_score": 0.6, "eval/sft_gold_score": 0.5, "eval/sampled/gold_score": 0.55,
-         "eval/sampled/sft_gold_score": 0.45, "eval/win_rate_vs_sft": 0.6, "eval/sampled/win_rate_vs_sft": 0.58,
-         "eval/gold/a": 0.7, "eval/sampled/sft_gold/a": 0.2}
+    m = {
+        "eval/gold_score": 0.6,
+        "eval/sft_gold_score": 0.5,
+        "eval/sampled/gold_score": 0.55,
+        "eval/sampled/sft_gold_score": 0.45,
+        "eval/win_rate_vs_sft": 0.6,
+        "eval/sampled/win_rate_vs_sft": 0.58,
+        "eval/gold/a": 0.7,
+        "eval/sampled/sft_gold/a": 0.2,
+    }
     rows = decoding_rows(m, {"a": 1.0})
     assert rows[0] == ("gold score", 0.5, 0.6, 0.45, 0.55)
     assert rows[1] == ("win rate vs SFT (ties half)", None, 0.6, None, 0.58)
@@ -131,8 +165,9 @@ def test_report_rows_show_greedy_and_sampled():
 def test_overoptimization_plot_with_periodic_evaluations(tmp_path):
     from pipeline.report.plots import overoptimization_plot
 
-    history = [{"iteration": i + 1, "kl": 0.1 * i + (0.3 if i % 2 else 0.0), "reward": 0.1 * i, "gold": 0.5}
-               for i in range(10)]
+    history = [
+        {"iteration": i + 1, "kl": 0.1 * i + (0.3 if i % 2 else 0.0), "reward": 0.1 * i, "gold": 0.5} for i in range(10)
+    ]
     periodic = [{"iteration": i, "kl": 0.1 * i, "reward": 0.1 * i, "gold": 0.5 - 0.01 * i} for i in (0, 5, 10)]
     for p in (periodic, None):
         out = overoptimization_plot(history, tmp_path / f"o{p is None}.png", "t", periodic=p)
@@ -176,8 +211,9 @@ def test_critic_from_the_reward_model_starts_on_the_normalised_scale():
     torch.testing.assert_close(read_reward(TokenModel(critic), ro), (raw + 0.66) / 0.76, rtol=1e-5, atol=1e-5)
     # and with a head that already has a bias b: (W h + b - mean) / std
     fold_normalisation(critic, 1.0, 2.0)
-    torch.testing.assert_close(read_reward(TokenModel(critic), ro), ((raw + 0.66) / 0.76 - 1.0) / 2.0,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        read_reward(TokenModel(critic), ro), ((raw + 0.66) / 0.76 - 1.0) / 2.0, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_the_stages_critic_has_the_normalised_score_s_statistics(smoke_chain):

@@ -62,15 +62,24 @@ def test_bad_corpus_is_one_line(smoke_root, tmp_path):
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("just a few words.")
     for path, needle in ((empty, "empty.txt"), (tiny, "less than one block"), (tmp_path / "nope.txt", "nope.txt")):
-        p = run_stage("pretrain", *SMOKE, f"paths.root={smoke_root}", "run=bad", "parent_run=default",
-                      "data=local_text", f"data.corpus.path={path}", check=False)
+        p = run_stage(
+            "pretrain",
+            *SMOKE,
+            f"paths.root={smoke_root}",
+            "run=bad",
+            "parent_run=default",
+            "data=local_text",
+            f"data.corpus.path={path}",
+            check=False,
+        )
         _one_line_error(p, needle)
     assert not (smoke_root / "bad" / "pretrain" / "final").exists()
 
 
 def test_unloadable_model_is_one_line(tmp_path):
-    p = run_stage("pretrain", *SMOKE, f"paths.root={tmp_path}", "model=hf", "model.name_or_path=no-such-org/no-model",
-                  check=False)
+    p = run_stage(
+        "pretrain", *SMOKE, f"paths.root={tmp_path}", "model=hf", "model.name_or_path=no-such-org/no-model", check=False
+    )
     _one_line_error(p, "no-such-org/no-model")
 
 

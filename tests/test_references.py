@@ -10,18 +10,27 @@ import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PATH = re.compile(r"(?<![\w/.-])((?:pipeline|stages|serving|bench|tests|conf|docs|reward_data|\.ci)/[\w./{},*<>-]*[\w}>*])")
+PATH = re.compile(
+    r"(?<![\w/.-])((?:pipeline|stages|serving|bench|tests|conf|docs|reward_data|\.ci)/[\w./{},*<>-]*[\w}>*])"
+)
 DOTTED = re.compile(r"(?<![\w.])(pipeline(?:\.[A-Za-z_]\w*)+)")
 MADE_BY_COMMANDS = ("bench/out/", "bench/.venv")  # bench scripts write these (bench/README.md)
 
 
 def _files() -> list[Path]:
-    docs = itertools.chain(REPO.glob("*.md"), *(REPO.joinpath(d).glob("*.md") for d in ("docs", "reward_data", "bench")))
-    code = itertools.chain(*(REPO.joinpath(d).rglob("*.py") for d in ("pipeline", "stages", "serving", "bench", "tests")))
+    docs = itertools.chain(
+        REPO.glob("*.md"), *(REPO.joinpath(d).glob("*.md") for d in ("docs", "reward_data", "bench"))
+    )
+    code = itertools.chain(
+        *(REPO.joinpath(d).rglob("*.py") for d in ("pipeline", "stages", "serving", "bench", "tests"))
+    )
     conf = REPO.joinpath("conf").rglob("*.yaml")
     here = Path(__file__).resolve()  # this file's examples of stale references are the point of its second test
-    return [p for p in itertools.chain(docs, code, conf, [REPO / "Makefile"])
-            if "fixtures" not in p.parts and p.resolve() != here]
+    return [
+        p
+        for p in itertools.chain(docs, code, conf, [REPO / "Makefile"])
+        if "fixtures" not in p.parts and p.resolve() != here
+    ]
 
 
 def _expand(path: str) -> list[str]:
@@ -30,7 +39,7 @@ def _expand(path: str) -> list[str]:
         return [path]
     if "," not in m.group(1):  # an f-string's {name}: a placeholder, not a set of alternatives
         return []
-    return [x for alt in m.group(1).split(",") for x in _expand(path[:m.start()] + alt + path[m.end():])]
+    return [x for alt in m.group(1).split(",") for x in _expand(path[: m.start()] + alt + path[m.end() :])]
 
 
 def _resolves(name: str) -> bool:
@@ -71,12 +80,18 @@ def test_the_check_finds_what_it_is_for(tmp_path):
     """The checker itself: a moved file, a renamed attribute and a wrong module are found; the real ones, the
     alternatives of a {a,b} and the placeholders pass."""
     f = REPO / "tests" / ".references_probe.md"
-    f.write_text("pipeline/oracle.py and pipeline.tokenizer.end_of_turn_ids and pipeline.rl.readout.no_such_name\n"
-                 "pipeline/world/oracle.py, pipeline.data.tokenizer.end_of_turn_ids, stages/{ppo,sft}.py, "
-                 "runs/<run>/ppo, conf/{name}.yaml, stages/{ppo,nope}.py, bench/out/anything\n")
+    f.write_text(
+        "pipeline/oracle.py and pipeline.tokenizer.end_of_turn_ids and pipeline.rl.readout.no_such_name\n"
+        "pipeline/world/oracle.py, pipeline.data.tokenizer.end_of_turn_ids, stages/{ppo,sft}.py, "
+        "runs/<run>/ppo, conf/{name}.yaml, stages/{ppo,nope}.py, bench/out/anything\n"
+    )
     try:
         found = [s.split(": ", 1)[1] for s in stale_references([f])]
     finally:
         f.unlink()
-    assert found == ["pipeline/oracle.py", "pipeline.tokenizer.end_of_turn_ids", "pipeline.rl.readout.no_such_name",
-                     "stages/nope.py"]
+    assert found == [
+        "pipeline/oracle.py",
+        "pipeline.tokenizer.end_of_turn_ids",
+        "pipeline.rl.readout.no_such_name",
+        "stages/nope.py",
+    ]

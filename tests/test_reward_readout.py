@@ -15,8 +15,15 @@ from pipeline.data.prompts import prompt_batch
 from pipeline.data.tokenizer import END, train_bpe
 from pipeline.inference.sampler import Rollout
 from pipeline.models.token_model import TokenModel
-from pipeline.rl.readout import (close_replies, read_reward, rm_input_ids, score_ids, score_rollout, score_texts,
-                                 turn_closing)
+from pipeline.rl.readout import (
+    close_replies,
+    read_reward,
+    rm_input_ids,
+    score_ids,
+    score_rollout,
+    score_texts,
+    turn_closing,
+)
 
 PROMPTS = [
     [{"role": "user", "content": "How old is Bera?"}],
@@ -37,9 +44,17 @@ def tok():
 @pytest.fixture(scope="module")
 def rm(tok):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, num_labels=1)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        num_labels=1,
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
@@ -53,7 +68,7 @@ def trl_scores(rm, tok):
     out = []
     for p, r in zip(PROMPTS, REPLIES):
         conv = p + [{"role": "assistant", "content": r}]
-        ids = (_tokenize(tok, conv) if _tokenize else tok.apply_chat_template(conv, tokenize=True, return_dict=True))
+        ids = _tokenize(tok, conv) if _tokenize else tok.apply_chat_template(conv, tokenize=True, return_dict=True)
         ids = list(ids["input_ids"])
         assert ids == rm_input_ids(tok, p, r)
         with torch.no_grad():
@@ -71,7 +86,7 @@ def ppo_rollout(tok) -> Rollout:
     ids = torch.full((len(reps), R), tok.pad_token_id)
     mask = torch.zeros((len(reps), R), dtype=torch.bool)
     for b, r in enumerate(reps):
-        ids[b, :len(r)], mask[b, :len(r)] = torch.tensor(r), True
+        ids[b, : len(r)], mask[b, : len(r)] = torch.tensor(r), True
     return Rollout(p_ids, p_mask, ids, mask, torch.tensor(ENDED))
 
 
@@ -82,9 +97,13 @@ def test_the_closing_comes_from_the_template(tok):
 
 
 def test_close_replies_by_hand():
-    ro = Rollout(torch.tensor([[5], [6], [7]]), torch.ones(3, 1, dtype=torch.long),
-                 torch.tensor([[2, 3, 1], [4, 1, 0], [2, 3, 4]]),  # ended at 1 | ended at 1 | ran out of tokens
-                 torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool), torch.tensor([True, True, False]))
+    ro = Rollout(
+        torch.tensor([[5], [6], [7]]),
+        torch.ones(3, 1, dtype=torch.long),
+        torch.tensor([[2, 3, 1], [4, 1, 0], [2, 3, 4]]),  # ended at 1 | ended at 1 | ran out of tokens
+        torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool),
+        torch.tensor([True, True, False]),
+    )
     c = close_replies(ro, [1, 9])
     m = c.response_mask
     assert [c.response_ids[b][m[b]].tolist() for b in range(3)] == [[2, 3, 1, 9], [4, 1, 9], [2, 3, 4, 1, 9]]
@@ -97,8 +116,9 @@ def test_every_path_reads_the_same_score(tok, rm, monkeypatch):
 
     # the text-level scorer (bare model and TokenModel), in batches that pad
     assert score_texts(rm, tok, PROMPTS, REPLIES, batch_size=3) == close(ref)
-    assert score_ids(TokenModel(rm), [rm_input_ids(tok, p, r) for p, r in
-                                                 zip(PROMPTS, REPLIES)], tok.pad_token_id, 4) == close(ref)
+    assert score_ids(
+        TokenModel(rm), [rm_input_ids(tok, p, r) for p, r in zip(PROMPTS, REPLIES)], tok.pad_token_id, 4
+    ) == close(ref)
 
     # PPO's rollouts: the reply tokens are the ones the template gives, so the sequences are the same
     ro = ppo_rollout(tok)
@@ -114,8 +134,11 @@ def test_every_path_reads_the_same_score(tok, rm, monkeypatch):
     import pipeline.eval.reward_model as rm_eval
 
     monkeypatch.setattr(rm_eval, "generate", lambda policy, tok_, msgs, *a, **k: list(REPLIES))
-    cfg = SimpleNamespace(train=SimpleNamespace(stats_samples=1, gen_batch_size=4, eval_batch_size=2, batch_size=2),
-                          generation=None, seed=0)
+    cfg = SimpleNamespace(
+        train=SimpleNamespace(stats_samples=1, gen_batch_size=4, eval_batch_size=2, batch_size=2),
+        generation=None,
+        seed=0,
+    )
     stats = rm_eval.reward_stats(None, rm, tok, PROMPTS, cfg)
     assert stats["n"] == 4 and stats["mean"] == pytest.approx(sum(ref) / 4, abs=1e-5)
 

@@ -1,4 +1,5 @@
-"""pipeline/rl (ops, advantages, losses, shaping) against hand-computed numbers (the arithmetic is written out in comments)."""
+"""pipeline/rl (ops, advantages, losses, shaping) against hand-computed numbers (the arithmetic is written out in
+comments)."""
 
 import math
 
@@ -7,8 +8,19 @@ import torch
 
 from pipeline.rl.advantages import gae
 from pipeline.rl.losses import policy_loss, value_loss
-from pipeline.rl.ops import (ema_update, ended, entropy_from_logits, explained_variance, first_true_index, kl_estimate,
-                             logprobs_from_logits, masked_mean, masked_var, masked_whiten, response_mask)
+from pipeline.rl.ops import (
+    ema_update,
+    ended,
+    entropy_from_logits,
+    explained_variance,
+    first_true_index,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    response_mask,
+)
 from pipeline.rl.shaping import AdaptiveKLController, FixedKLController, penalised_rewards
 
 NAN, INF = float("nan"), float("inf")
@@ -136,12 +148,7 @@ def test_penalised_rewards_score_at_last_real_token():
     rewards, kl = penalised_rewards(score, logp, ref, mask, kl_coef=0.1)
     close(kl, [[0.1, 0.2, 0.3, 0.0], [0.5, -0.5, 0.0, 0.0], [0.1, 0.1, 0.1, 0.1]])
     close(
-        rewards,
-        [
-            [-0.01, -0.02, -0.03 + 1.0, 0.0],
-            [-0.05, 0.05 - 2.0, 0.0, 0.0],
-            [-0.01, -0.01, -0.01, -0.01 + 0.5],
-        ],
+        rewards, [[-0.01, -0.02, -0.03 + 1.0, 0.0], [-0.05, 0.05 - 2.0, 0.0, 0.0], [-0.01, -0.01, -0.01, -0.01 + 0.5]]
     )
     # k3 penalty is >= 0 everywhere, so every non-final reward is <= 0
     rewards3, kl3 = penalised_rewards(score, logp, ref, mask, kl_coef=0.1, kind="k3")

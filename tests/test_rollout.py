@@ -1,5 +1,6 @@
-"""pipeline/rl/forward.py and pipeline/inference/sampler.py: packed forward passes compute what the padded ones do, only faster; the sampler's own
-log-probs match a recomputing forward; the wrapper that DDP sees is the one whose forward runs."""
+"""pipeline/rl/forward.py and pipeline/inference/sampler.py: packed forward passes compute what the padded ones do,
+only faster; the sampler's own log-probs match a recomputing forward; the wrapper that DDP sees is the one whose
+forward runs."""
 
 import os
 import subprocess
@@ -12,24 +13,40 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from pipeline.inference.sampler import Rollout, sample
 from pipeline.models.token_model import TokenModel
-from pipeline.rl.forward import (check_packing, critic_forward, packed_layout, padded_layout, policy_forward,
-                                 response_logits)
+from pipeline.rl.forward import (
+    check_packing,
+    critic_forward,
+    packed_layout,
+    padded_layout,
+    policy_forward,
+    response_logits,
+)
 from pipeline.rl.readout import score_rollout
 
 V, PAD, END = 40, 0, 1
 
 
 def _config():
-    return LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, pad_token_id=PAD,
-                       num_labels=1)
+    return LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        num_labels=1,
+    )
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    return (TokenModel(LlamaForCausalLM(_config()).eval()),
-            TokenModel(LlamaForSequenceClassification(_config()).eval()))
+    return (
+        TokenModel(LlamaForCausalLM(_config()).eval()),
+        TokenModel(LlamaForSequenceClassification(_config()).eval()),
+    )
 
 
 def _rollout(prompt_lens, response_lens, P=6, R=5, seed=0):
@@ -39,8 +56,8 @@ def _rollout(prompt_lens, response_lens, P=6, R=5, seed=0):
     pi, pm = torch.full((B, P), PAD), torch.zeros((B, P), dtype=torch.long)
     ri, rm = torch.full((B, R), PAD), torch.zeros((B, R), dtype=torch.bool)
     for b, (p, r) in enumerate(zip(prompt_lens, response_lens)):
-        pi[b, P - p:] = torch.randint(2, V, (p,), generator=g)
-        pm[b, P - p:] = 1
+        pi[b, P - p :] = torch.randint(2, V, (p,), generator=g)
+        pm[b, P - p :] = 1
         ri[b, :r] = torch.randint(2, V, (r,), generator=g)
         rm[b, :r] = True
     return Rollout(pi, pm, ri, rm, torch.ones(B, dtype=torch.bool))
@@ -62,8 +79,10 @@ def test_packed_layout_by_hand():
     uneven = packed_layout(_rollout([2, 1, 1], [2, 1, 1], P=2, R=2), per_row=2)  # widths 4 | 2+2: no filler
     assert uneven.input_ids.shape == (2, 4)
     filler = packed_layout(_rollout([2, 1, 1], [2, 1, 0], P=2, R=2), per_row=2)  # 4 | 2+1 and a filler of 1
-    assert filler.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]] or \
-        filler.position_ids.tolist() == [[0, 1, 0, 0], [0, 1, 2, 3]]
+    assert filler.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 0]] or filler.position_ids.tolist() == [
+        [0, 1, 0, 0],
+        [0, 1, 2, 3],
+    ]
 
 
 @pytest.mark.parametrize("per_row", [1, 2, 3, 7])
@@ -74,8 +93,9 @@ def test_packed_forward_equals_padded(models, per_row):
         for fn in (lambda r, k: response_logits(policy, r, k), lambda r, k: critic_forward(critic, r, k)):
             a, b = fn(RO, per_row), fn(RO, 0)
             torch.testing.assert_close(a[m], b[m], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(score_rollout(critic, RO, [END, 3], per_row), score_rollout(critic, RO, [END, 3]),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            score_rollout(critic, RO, [END, 3], per_row), score_rollout(critic, RO, [END, 3]), atol=1e-5, rtol=1e-5
+        )
     assert check_packing(policy, RO, per_row, 0.7) < 1e-5
 
 
@@ -84,11 +104,12 @@ def test_padded_forward_is_the_plain_model(models):
     policy, _ = models
     am = RO.attention_mask
     with torch.no_grad():
-        full = policy.model(input_ids=RO.input_ids, attention_mask=am,
-                            position_ids=padded_layout(RO).position_ids).logits
+        full = policy.model(
+            input_ids=RO.input_ids, attention_mask=am, position_ids=padded_layout(RO).position_ids
+        ).logits
         ours = response_logits(policy, RO, 0)
     P = RO.prompt_ids.shape[1]
-    torch.testing.assert_close(ours[RO.response_mask], full[:, P - 1:-1][RO.response_mask])
+    torch.testing.assert_close(ours[RO.response_mask], full[:, P - 1 : -1][RO.response_mask])
 
 
 def test_a_model_that_ignores_the_boundaries_is_caught(models):
@@ -113,8 +134,16 @@ def test_the_samplers_logprobs_are_the_recomputed_ones(models):
     policy, _ = models
     prompts = _rollout([3, 5, 1], [0, 0, 0], R=1)
     torch.manual_seed(3)
-    ro = sample(policy, type("Tok", (), {"pad_token_id": PAD})(), prompts.prompt_ids, prompts.prompt_mask, [END],
-                max_new_tokens=6, temperature=0.7, keep_logprobs=True)
+    ro = sample(
+        policy,
+        type("Tok", (), {"pad_token_id": PAD})(),
+        prompts.prompt_ids,
+        prompts.prompt_mask,
+        [END],
+        max_new_tokens=6,
+        temperature=0.7,
+        keep_logprobs=True,
+    )
     assert ro.logprobs is not None and ro.logprobs.shape == ro.response_ids.shape
     with torch.no_grad():
         again = policy_forward(policy, ro, 0.7, 2)
@@ -172,6 +201,12 @@ def test_two_processes_keep_the_critic_in_sync(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(script)], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0 and "in sync" in p.stdout, p.stderr[-3000:]

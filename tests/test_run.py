@@ -148,7 +148,7 @@ def test_unloadable_checkpoint_is_one_line(tmp_path):
 def test_damaged_parent_final_is_refused(tmp_path):
     _complete(tmp_path, "tokenizer")
     (tmp_path / "default" / "tokenizer" / "final" / "weights.bin").write_text("")
-    with pytest.raises(UserError, match="damaged .*weights.bin.*make tokenizer ARGS=\"force=true\""):
+    with pytest.raises(UserError, match='damaged .*weights.bin.*make tokenizer ARGS="force=true"'):
         StageRun(_cfg(tmp_path, "pretrain")).parent("tokenizer")
 
 
@@ -174,14 +174,16 @@ def test_force_is_a_transaction_the_old_stage_stays_until_the_new_one_completes(
     again.finish(lambda d: (d / "weights.bin").write_text("new"), {"eval/loss": 0.5})
     m = read_manifest(r.dir)
     assert again.dir == r.dir and m["status"] == "complete" and m["metrics"] == {"eval/loss": 0.5}
-    assert (r.final_dir / "weights.bin").read_text() == "new" and "min_frequency: 7" in (r.dir / "config.yaml").read_text()
+    assert (r.final_dir / "weights.bin").read_text() == "new" and "min_frequency: 7" in (
+        r.dir / "config.yaml"
+    ).read_text()
     assert not (tmp_path / "default" / ".tokenizer.next").exists()
 
 
 def test_an_interrupted_parent_is_reported_with_the_command_that_resumes_it(tmp_path):
     r = StageRun(_cfg(tmp_path, "tokenizer"))
     assert r.begin()
-    r.update(pid=2 ** 22 + 12345, overrides=["preset=smoke", "train.min_frequency=3"])  # a process that is gone
+    r.update(pid=2**22 + 12345, overrides=["preset=smoke", "train.min_frequency=3"])  # a process that is gone
     with pytest.raises(UserError) as e:
         StageRun(_cfg(tmp_path, "pretrain")).parent("tokenizer")
     assert "interrupted" in str(e.value)

@@ -20,8 +20,16 @@ V, PAD = 48, 0
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+    )
     m = LlamaForCausalLM(cfg).eval()
     m.generation_config.pad_token_id = PAD
     return m
@@ -36,8 +44,8 @@ def _prompts(lengths=(5, 9, 3, 7, 6, 4)):
     ids = torch.full((len(lengths), P), PAD)
     mask = torch.zeros((len(lengths), P), dtype=torch.long)
     for i, n in enumerate(lengths):  # left-padded, as prompt_batch makes them
-        ids[i, P - n:] = torch.randint(2, V, (n,), generator=g)
-        mask[i, P - n:] = 1
+        ids[i, P - n :] = torch.randint(2, V, (n,), generator=g)
+        mask[i, P - n :] = 1
     return ids, mask
 
 
@@ -45,7 +53,9 @@ def test_the_engine_applies_to_a_plain_llama_only(model):
     assert engine_applies(model) and engine_applies(TokenModel(model))
     from peft import LoraConfig, get_peft_model
 
-    assert not engine_applies(get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=2, target_modules=["q_proj"])))
+    assert not engine_applies(
+        get_peft_model(LlamaForCausalLM(model.config), LoraConfig(r=2, target_modules=["q_proj"]))
+    )
 
 
 def test_greedy_tokens_equal_with_replies_of_different_lengths(model):
@@ -58,7 +68,9 @@ def test_greedy_tokens_equal_with_replies_of_different_lengths(model):
     lengths = a.response_mask.sum(-1).tolist()
     assert len(set(lengths)) > 1, lengths  # the case this test is for
     assert torch.equal(a.response_mask, b.response_mask) and torch.equal(a.ended, b.ended)
-    assert torch.equal(torch.where(a.response_mask, a.response_ids, -1), torch.where(b.response_mask, b.response_ids, -1))
+    assert torch.equal(
+        torch.where(a.response_mask, a.response_ids, -1), torch.where(b.response_mask, b.response_ids, -1)
+    )
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
@@ -66,16 +78,22 @@ def test_engine_logprobs_equal_a_recomputing_forward(model, temperature, top_k, 
     ids, mask = _prompts()
     torch.manual_seed(3)
     ro = sample(model, TOK, ids, mask, [7], 10, temperature, top_k, top_p, keep_logprobs=True, backend="engine")
-    again = policy_forward(TokenModel(model), Rollout(ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask,
-                                                      ro.ended), temperature)
+    again = policy_forward(
+        TokenModel(model),
+        Rollout(ro.prompt_ids, ro.prompt_mask, ro.response_ids, ro.response_mask, ro.ended),
+        temperature,
+    )
     m = ro.response_mask
     assert m.sum() > 20
     assert torch.allclose(ro.logprobs[m], again[m], atol=1e-5)
     # the same quantity as the hf back end computes from generate's raw logits
     torch.manual_seed(3)
     ref = sample(model, TOK, ids, mask, [7], 10, temperature, top_k, top_p, keep_logprobs=True, backend="hf")
-    back = policy_forward(TokenModel(model), Rollout(ref.prompt_ids, ref.prompt_mask, ref.response_ids,
-                                                     ref.response_mask, ref.ended), temperature)
+    back = policy_forward(
+        TokenModel(model),
+        Rollout(ref.prompt_ids, ref.prompt_mask, ref.response_ids, ref.response_mask, ref.ended),
+        temperature,
+    )
     assert torch.allclose(ref.logprobs[ref.response_mask], back[ref.response_mask], atol=1e-5)
 
 
@@ -141,8 +159,16 @@ def test_top_k_is_applied_as_generate_applies_it(peaked):
 
 def test_after_an_in_place_update_the_engine_samples_from_the_new_weights():
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=64, max_position_embeddings=128, pad_token_id=PAD)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=PAD,
+    )
     policy = TokenModel(LlamaForCausalLM(cfg))
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     ids, mask = _prompts()
@@ -160,7 +186,7 @@ def test_after_an_in_place_update_the_engine_samples_from_the_new_weights():
     again = sample(policy, TOK, ids, mask, [7], 8, 1.0, keep_logprobs=True, backend="engine")
     m = ro.response_mask
     assert (fresh[m] - before[m]).abs().max() > 1e-2  # the update moved them
-    same = (again.response_ids[:, : ro.response_ids.shape[1]] == ro.response_ids[:, : again.response_ids.shape[1]])
+    same = again.response_ids[:, : ro.response_ids.shape[1]] == ro.response_ids[:, : again.response_ids.shape[1]]
     first = m[:, :1] & same[:, :1]  # the first token of each row is drawn from the same prompt state
     assert first.any()
     assert torch.allclose(again.logprobs[:, :1][first], fresh[:, :1][first], atol=1e-5)
@@ -176,9 +202,16 @@ def test_generate_gives_the_same_greedy_replies_through_either_back_end(tiny_tok
     from pipeline.inference.generation import generate
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tiny_tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-                      pad_token_id=tiny_tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tiny_tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=tiny_tok.pad_token_id,
+    )
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # a peaked model, so that some replies close their turn early
         m.lm_head.weight.mul_(8.0)
@@ -189,12 +222,14 @@ def test_generate_gives_the_same_greedy_replies_through_either_back_end(tiny_tok
     assert [str(x) for x in a] == [str(x) for x in b]
     assert [x.token_ids for x in a] == [x.token_ids for x in b] and [x.ended for x in a] == [x.ended for x in b]
     beams = OmegaConf.structured(GenerationSettings(max_new_tokens=8, num_beams=2))  # the engine has no beams: hf
-    assert [str(x) for x in generate(m, tiny_tok, prompts[:2], beams, backend="engine")] == \
-        [str(x) for x in generate(m, tiny_tok, prompts[:2], beams, backend="hf")]
+    assert [str(x) for x in generate(m, tiny_tok, prompts[:2], beams, backend="engine")] == [
+        str(x) for x in generate(m, tiny_tok, prompts[:2], beams, backend="hf")
+    ]
     sampled = OmegaConf.structured(GenerationSettings(max_new_tokens=16, do_sample=True, temperature=0.8))
     c = generate(m, tiny_tok, prompts, sampled, batch_size=4, seed=3, backend="engine")
-    assert [str(x) for x in c] == [str(x) for x in generate(m, tiny_tok, prompts, sampled, batch_size=4, seed=3,
-                                                            backend="engine")]
+    assert [str(x) for x in c] == [
+        str(x) for x in generate(m, tiny_tok, prompts, sampled, batch_size=4, seed=3, backend="engine")
+    ]
 
 
 def test_rloo_and_grpo_completions_through_the_engine(model):
@@ -205,9 +240,17 @@ def test_rloo_and_grpo_completions_through_the_engine(model):
     from pipeline.trainers.group_rl import engine_completions
 
     acc = Accelerator(cpu=True)
-    tr = SimpleNamespace(args=SimpleNamespace(min_p=None, repetition_penalty=1.0, generation_kwargs=None),
-                         accelerator=acc, model_wrapped=model, processing_class=TOK, eos_token_ids=[7],
-                         max_completion_length=9, temperature=1.0, top_k=0, top_p=1.0)
+    tr = SimpleNamespace(
+        args=SimpleNamespace(min_p=None, repetition_penalty=1.0, generation_kwargs=None),
+        accelerator=acc,
+        model_wrapped=model,
+        processing_class=TOK,
+        eos_token_ids=[7],
+        max_completion_length=9,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+    )
     ids, mask = _prompts()
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     torch.manual_seed(0)

@@ -27,16 +27,29 @@ def model(tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
-PROMPTS = [[{"role": "user", "content": "How old is Bera?"}],
-           [{"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What is 3 plus 4? Answer with just the number and nothing else."}],
-           "Tovi", "What is 7 plus 8?"]
+PROMPTS = [
+    [{"role": "user", "content": "How old is Bera?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 3 plus 4? Answer with just the number and nothing else."},
+    ],
+    "Tovi",
+    "What is 7 plus 8?",
+]
 
 
 def _collect(outs, i):
@@ -45,6 +58,7 @@ def _collect(outs, i):
             outs.setdefault((i, choice), []).append(token)
         if finish:
             outs.setdefault(("finish", i, choice), finish)
+
     return on_token
 
 
@@ -123,8 +137,9 @@ def test_sample_next_greedy_and_nucleus_by_hand():
         seen1.add(t[1])
     assert seen0 == {0, 1} and seen1 == {2}
     # a row's own generator decides its draw, whatever the other rows are
-    a = sample_next(logits, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]),
-                    [torch.Generator().manual_seed(5), None], g)[0]
+    a = sample_next(
+        logits, torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), [torch.Generator().manual_seed(5), None], g
+    )[0]
     b = sample_next(logits[:1], torch.tensor([1.0]), torch.tensor([1.0]), [torch.Generator().manual_seed(5)], g)[0]
     assert a == b
 
@@ -200,19 +215,19 @@ def test_rate_limiter_requests_tokens_concurrency_and_refunds(monkeypatch):
     with pytest.raises(APIError) as e:  # two in flight
         rl.acquire("k")
     assert e.value.status == 429 and e.value.reason == "concurrency"
-    a.release(used_tokens=10)            # 20 of its 30 tokens come back
-    with pytest.raises(APIError) as e:   # two requests this minute
+    a.release(used_tokens=10)  # 20 of its 30 tokens come back
+    with pytest.raises(APIError) as e:  # two requests this minute
         rl.acquire("k")
     assert e.value.reason == "requests" and e.value.retry_after == pytest.approx(30.0)
     assert e.value.response_headers()["retry-after"] == "30"
-    assert rl.acquire("other")           # another key has its own budget
+    assert rl.acquire("other")  # another key has its own budget
     clock[0] += 30
-    c = rl.acquire("k")                  # a request refilled; 100 - 30 - 30 + 20 + 50 refilled -> 100 capped
-    with pytest.raises(APIError) as e:   # 101 never fits
+    c = rl.acquire("k")  # a request refilled; 100 - 30 - 30 + 20 + 50 refilled -> 100 capped
+    with pytest.raises(APIError) as e:  # 101 never fits
         c.charge(101)
     assert e.value.reason == "tokens" and e.value.retry_after is None
     c.release(0)
-    with pytest.raises(APIError) as e:   # the refused request still counted: none left this minute
+    with pytest.raises(APIError) as e:  # the refused request still counted: none left this minute
         rl.acquire("k")
     assert e.value.reason == "requests"
     b.release(30)
@@ -257,16 +272,25 @@ def test_moderator_categories_and_thresholds():
     assert set(v.as_openai()) == {"flagged", "categories", "category_scores"}
 
 
-@pytest.mark.parametrize("body, param, words", [
-    ({"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "not a supported role"),
-    ({"model": "m", "messages": []}, "messages", "Invalid value"),
-    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature",
-     "Invalid value"),
-    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools", "Unrecognized"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "model", "Missing required parameter"),
-    ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]}, "stop",
-     "at most 4"),
-])
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"model": "m", "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role", "not a supported role"),
+        ({"model": "m", "messages": []}, "messages", "Invalid value"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"},
+            "temperature",
+            "Invalid value",
+        ),
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": []}, "tools", "Unrecognized"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model", "Missing required parameter"),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stop": ["a", "b", "c", "d", "e"]},
+            "stop",
+            "at most 4",
+        ),
+    ],
+)
 def test_validation_errors_name_the_parameter(body, param, words):
     from pydantic import ValidationError
 
@@ -279,8 +303,9 @@ def test_validation_errors_name_the_parameter(body, param, words):
 
 def test_every_rejection_has_openais_error_shape():
     e = APIError(429, "slow down", type="requests", code="rate_limit_exceeded", retry_after=1.2)
-    assert e.body() == {"error": {"message": "slow down", "type": "requests", "param": None,
-                                  "code": "rate_limit_exceeded"}}
+    assert e.body() == {
+        "error": {"message": "slow down", "type": "requests", "param": None, "code": "rate_limit_exceeded"}
+    }
     assert e.response_headers() == {"retry-after": "2", "retry-after-ms": "1200"}
     assert math.isclose(APIError(503, "x", retry_after=0.1).retry_after, 0.1)
 
@@ -291,10 +316,19 @@ def classifier_dir(tok, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                      id2label={0: "ok", 1: "VIOLENT"}, label2id={"ok": 0, "VIOLENT": 1},
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=2,
+        id2label={0: "ok", 1: "VIOLENT"},
+        label2id={"ok": 0, "VIOLENT": 1},
+        pad_token_id=tok.pad_token_id,
+    )
     d = tmp_path_factory.mktemp("clf")
     LlamaForSequenceClassification(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -305,9 +339,16 @@ def test_a_hugging_face_classifier_as_the_moderator(classifier_dir):
     from omegaconf import OmegaConf
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    settings = OmegaConf.create({"classifier": str(classifier_dir), "categories": ["violence"], "threshold": 0.5,
-                                 "thresholds": {"violence": 0.0}, "terms": None,
-                                 "label_map": {"VIOLENT": "violence"}})
+    settings = OmegaConf.create(
+        {
+            "classifier": str(classifier_dir),
+            "categories": ["violence"],
+            "threshold": 0.5,
+            "thresholds": {"violence": 0.0},
+            "terms": None,
+            "label_map": {"VIOLENT": "violence"},
+        }
+    )
     mod = Moderator.from_settings(settings)
     texts = ["How old is Bera?", "Tovi works as a baker."]
     verdicts = mod.check_many(texts)
@@ -334,8 +375,16 @@ def test_stream_chunks_are_encoded_as_the_chunk_objects_would_be():
     for with_usage in (False, True):
         for cid, model in (("chatcmpl-abc", "default/ppo"), ('odd"id\\', 'a "@" model \u00e9')):
             one = chunk_encoder(cid, model, 1700000000, "fp", with_usage)
-            for i, delta, finish in ((0, {"role": "assistant", "content": ""}, None),
-                                     (3, {"content": 'say "hi"\n\u00e9'}, None), (1, {}, "content_filter")):
-                whole = chunk(cid, model, 1700000000, [{"index": i, "delta": delta, "logprobs": None,
-                                                         "finish_reason": finish}], "fp")
+            for i, delta, finish in (
+                (0, {"role": "assistant", "content": ""}, None),
+                (3, {"content": 'say "hi"\n\u00e9'}, None),
+                (1, {}, "content_filter"),
+            ):
+                whole = chunk(
+                    cid,
+                    model,
+                    1700000000,
+                    [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                    "fp",
+                )
                 assert one(i, delta, finish) == _event({**whole, **({"usage": None} if with_usage else {})})

@@ -32,9 +32,19 @@ def short_checkpoint(tmp_path_factory, tiny_tok):
 
     out, tok = tmp_path_factory.mktemp("fuzz-model"), tiny_tok
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -56,11 +66,16 @@ def from_schema(schema: dict, components: dict, depth: int = 0):
         props = schema.get("properties", {})
         required = set(schema.get("required", []))
         fields = {k: from_schema(v, components, depth + 1) for k, v in props.items()}
-        return st.fixed_dictionaries({k: v for k, v in fields.items() if k in required},
-                                     optional={k: v for k, v in fields.items() if k not in required})
+        return st.fixed_dictionaries(
+            {k: v for k, v in fields.items() if k in required},
+            optional={k: v for k, v in fields.items() if k not in required},
+        )
     if kind == "array":
-        return st.lists(from_schema(schema.get("items", {}), components, depth + 1),
-                        min_size=schema.get("minItems", 0), max_size=min(schema.get("maxItems", 4), 4))
+        return st.lists(
+            from_schema(schema.get("items", {}), components, depth + 1),
+            min_size=schema.get("minItems", 0),
+            max_size=min(schema.get("maxItems", 4), 4),
+        )
     if kind == "string":
         return st.text(st.characters(), max_size=40)
     if kind in ("integer", "number"):
@@ -68,8 +83,7 @@ def from_schema(schema: dict, components: dict, depth: int = 0):
         lo = schema["exclusiveMinimum"] + (1 if kind == "integer" else 0) if "exclusiveMinimum" in schema else lo
         if kind == "integer":
             return st.integers(lo, hi)
-        return st.floats(lo, hi, allow_nan=False, allow_infinity=False,
-                         exclude_min="exclusiveMinimum" in schema)
+        return st.floats(lo, hi, allow_nan=False, allow_infinity=False, exclude_min="exclusiveMinimum" in schema)
     if kind == "boolean":
         return st.booleans()
     if kind == "null":
@@ -79,12 +93,20 @@ def from_schema(schema: dict, components: dict, depth: int = 0):
 
 def _json_values():
     # Strings from anywhere in Unicode, lone surrogates included (json.dumps writes them as \ud800 escapes).
-    text = st.text(st.characters(), max_size=30) | st.text(st.characters(categories=["Cs", "Cf", "Zs", "Lo"]),
-                                                          max_size=8)
-    leaves = (st.none() | st.booleans() | st.integers() | st.sampled_from([-(2 ** 64), 2 ** 63, 2 ** 64])
-              | st.floats(allow_nan=False, allow_infinity=False) | text)
-    return st.recursive(leaves, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(text, kids, max_size=4),
-                        max_leaves=12)
+    text = st.text(st.characters(), max_size=30) | st.text(
+        st.characters(categories=["Cs", "Cf", "Zs", "Lo"]), max_size=8
+    )
+    leaves = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.sampled_from([-(2**64), 2**63, 2**64])
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | text
+    )
+    return st.recursive(
+        leaves, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(text, kids, max_size=4), max_leaves=12
+    )
 
 
 def _requests(doc: dict):
@@ -94,13 +116,15 @@ def _requests(doc: dict):
         return from_schema({"$ref": f"#/components/schemas/{name}"}, comps["schemas"])
 
     chat = st.tuples(body("ChatCompletionRequest"), st.floats(0, 1)).map(
-        lambda t: {**t[0], "model": "tiny"} if t[1] < 0.7 else t[0])  # the served model's name, mostly
+        lambda t: {**t[0], "model": "tiny"} if t[1] < 0.7 else t[0]
+    )  # the served model's name, mostly
     moderation = body("ModerationRequest")
     posts = ["/v1/chat/completions", "/v1/moderations"]
 
     def broken(valid):  # a valid body with one field replaced by anything at all
         return st.tuples(valid, st.text(max_size=12), _json_values()).map(
-            lambda t: {**t[0], (st_key(t[0], t[1])): t[2]})
+            lambda t: {**t[0], (st_key(t[0], t[1])): t[2]}
+        )
 
     def st_key(d, k):
         keys = sorted(d)
@@ -116,20 +140,29 @@ def _requests(doc: dict):
         st.tuples(st.just("/v1/moderations"), broken(moderation).map(dumps)),
         st.tuples(st.sampled_from(posts), _json_values().map(dumps)),
         st.tuples(st.sampled_from(posts), st.integers(1, 3000).map(lambda d: b"[" * d + b"]" * d)),
-        st.tuples(st.sampled_from(posts), st.integers(4000, 5000).map(  # integers around Python's 4300-digit limit
-            lambda n: b'{"model": "tiny", "input": "a", "messages": [], "n": ' + b"7" * n + b"}")),
+        st.tuples(
+            st.sampled_from(posts),
+            st.integers(4000, 5000).map(  # integers around Python's 4300-digit limit
+                lambda n: b'{"model": "tiny", "input": "a", "messages": [], "n": ' + b"7" * n + b"}"
+            ),
+        ),
         st.tuples(st.sampled_from(posts), st.binary(max_size=64)),
     )
     auth = st.sampled_from([f"Bearer {KEYS[0]}"] * 8 + [None, "Bearer sk-wrong", KEYS[0], "Basic eA=="])
-    ctype = st.sampled_from(["application/json"] * 8 + [None, "text/plain", "application/json; charset=utf-8",
-                                                        "multipart/form-data; boundary=x"])
+    ctype = st.sampled_from(
+        ["application/json"] * 8
+        + [None, "text/plain", "application/json; charset=utf-8", "multipart/form-data; boundary=x"]
+    )
     post = st.builds(lambda pb, a, c: ("POST", pb[0], pb[1], a, c), json_bodies, auth, ctype)
     paths = sorted({p.replace("{name}", "tiny") for p in doc["paths"]} | {"/openapi.json", "/v1/models/other"})
     gets = st.builds(lambda p, a: ("GET", p, b"", a, None), st.sampled_from(paths), auth)
     odd_path = st.text(st.characters(), min_size=0, max_size=20).map(lambda t: "/" + urllib.parse.quote(t))
-    other = st.builds(lambda m, p, a: (m, p, b"{}", a, "application/json"),
-                      st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "POST", "OPTIONS", "HEAD"]),
-                      st.sampled_from(paths) | odd_path, auth)
+    other = st.builds(
+        lambda m, p, a: (m, p, b"{}", a, "application/json"),
+        st.sampled_from(["GET", "PUT", "DELETE", "PATCH", "POST", "OPTIONS", "HEAD"]),
+        st.sampled_from(paths) | odd_path,
+        auth,
+    )
     return st.one_of(post, post, gets, gets, other)
 
 
@@ -144,13 +177,19 @@ def _check(r: httpx.Response, body: bytes) -> None:
         events = [e for e in body.decode().split("\n\n") if e.strip()]
         assert events[-1] == "data: [DONE]", events[-3:]
         for e in events[:-1]:
-            obj = json.loads(e[len("data: "):])
+            obj = json.loads(e[len("data: ") :])
             assert "error" not in obj, obj
 
 
 def test_fuzz_every_route_no_500s(short_checkpoint):
-    with live_server(short_checkpoint, "limits.requests_per_minute=1000000", "limits.tokens_per_minute=1000000000",
-                     "limits.concurrent_requests=64", "engine.max_tokens_default=8", "log_level=warning") as s:
+    with live_server(
+        short_checkpoint,
+        "limits.requests_per_minute=1000000",
+        "limits.tokens_per_minute=1000000000",
+        "limits.concurrent_requests=64",
+        "engine.max_tokens_default=8",
+        "log_level=warning",
+    ) as s:
         url = s["url"]
         doc = httpx.get(url + "/openapi.json").json()
         hits: Counter = Counter()
@@ -158,8 +197,14 @@ def test_fuzz_every_route_no_500s(short_checkpoint):
         t0 = time.perf_counter()
         with httpx.Client(base_url=url, timeout=30) as client:
 
-            @settings(max_examples=N_REQUESTS, deadline=None, database=None, derandomize=True,
-                      phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+            @settings(
+                max_examples=N_REQUESTS,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                phases=[Phase.generate, Phase.shrink],
+                suppress_health_check=list(HealthCheck),
+            )
             @given(_requests(doc))
             def one(req):
                 method, path, content, auth, ctype = req
@@ -168,8 +213,7 @@ def test_fuzz_every_route_no_500s(short_checkpoint):
                     headers["authorization"] = auth
                 if ctype is not None:
                     headers["content-type"] = ctype
-                with client.stream(method, path, content=content if method != "GET" else None,
-                                   headers=headers) as r:
+                with client.stream(method, path, content=content if method != "GET" else None, headers=headers) as r:
                     body = r.read()
                 hits[(method, path if path in doc["paths"] or path == "/openapi.json" else "other")] += 1
                 statuses[r.status_code] += 1
@@ -180,11 +224,21 @@ def test_fuzz_every_route_no_500s(short_checkpoint):
         total = sum(hits.values())
         print(f"\nfuzz: {total} requests in {took:.1f} s; statuses {dict(sorted(statuses.items()))}")
         assert total >= 2000
-        for route in [("POST", "/v1/chat/completions"), ("POST", "/v1/moderations"), ("GET", "/health"),
-                      ("GET", "/metrics"), ("GET", "/"), ("GET", "/v1/models"), ("GET", "/openapi.json")]:
+        for route in [
+            ("POST", "/v1/chat/completions"),
+            ("POST", "/v1/moderations"),
+            ("GET", "/health"),
+            ("GET", "/metrics"),
+            ("GET", "/"),
+            ("GET", "/v1/models"),
+            ("GET", "/openapi.json"),
+        ]:
             assert hits[route] >= 10, (route, hits)
         assert statuses[200] >= 200 and sum(v for k, v in statuses.items() if k >= 400) >= 500, statuses
         assert httpx.get(url + "/health").status_code == 200
-        r = httpx.post(url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS[0]}"},
-                       json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        r = httpx.post(
+            url + "/v1/chat/completions",
+            headers={"authorization": f"Bearer {KEYS[0]}"},
+            json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )
         assert r.status_code == 200, r.text

@@ -58,9 +58,19 @@ def checkpoint(tmp_path_factory, tiny_tok) -> Path:
 
     out, tok = tmp_path_factory.mktemp("tiny"), tiny_tok
     torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, intermediate_size=128, max_position_embeddings=1024,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=1024,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     with torch.no_grad():
         for i in [*end_of_turn_ids(tok), tok.pad_token_id]:
             m.lm_head.weight[i] = 0
@@ -78,11 +88,25 @@ def server(checkpoint, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(REPO), "RLHF_API_KEYS": ",".join(KEYS)}
     with open(log, "w") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "stages.tools.serve", f"checkpoint={checkpoint}", f"port={port}",
-             "model_name=tiny", "limits.requests_per_minute=100000", "limits.tokens_per_minute=100000000",
-             "limits.concurrent_requests=16", "limits.max_body_bytes=20000", "engine.max_batch=32",
-             "log_level=debug"],
-            cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "stages.tools.serve",
+                f"checkpoint={checkpoint}",
+                f"port={port}",
+                "model_name=tiny",
+                "limits.requests_per_minute=100000",
+                "limits.tokens_per_minute=100000000",
+                "limits.concurrent_requests=16",
+                "limits.max_body_bytes=20000",
+                "engine.max_batch=32",
+                "log_level=debug",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc)
@@ -120,8 +144,7 @@ class ThreadServer:
         from serving.app import Service, create_app
 
         self.port = _free_port()
-        cfg = compose_stage("serve", [f"checkpoint={checkpoint}", f"port={self.port}", "model_name=tiny",
-                                      *overrides])
+        cfg = compose_stage("serve", [f"checkpoint={checkpoint}", f"port={self.port}", "model_name=tiny", *overrides])
         self.service = Service(cfg, load=load or (lambda: load_policy(checkpoint, "fp32")), model_name="tiny")
         app = create_app(self.service)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
@@ -149,17 +172,24 @@ def _post(url, body, key=KEYS[0], timeout=60, **kw):
 
 
 def _chat(**kw):
-    return {"model": "tiny", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 12,
-            "temperature": 0, **kw}
+    return {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 12,
+        "temperature": 0,
+        **kw,
+    }
 
 
 # ---- the official client ---------------------------------------------------------------------------------------
 
+
 def test_openai_client_streaming_and_not_give_the_same_reply(server):
     c = _client(server)
     assert [m.id for m in c.models.list().data] == ["tiny"]
-    r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12,
-                                  temperature=0)
+    r = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0
+    )
     assert r.object == "chat.completion" and r.model == "tiny" and len(r.choices) == 1
     assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens > 0
@@ -168,8 +198,14 @@ def test_openai_client_streaming_and_not_give_the_same_reply(server):
     assert text
 
     pieces, finish, usage, ids = [], None, None, set()
-    for ch in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12,
-                                        temperature=0, stream=True, stream_options={"include_usage": True}):
+    for ch in c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
         ids.add(ch.id)
         assert ch.object == "chat.completion.chunk"
         if ch.usage is not None:
@@ -183,8 +219,9 @@ def test_openai_client_streaming_and_not_give_the_same_reply(server):
     # It really streams: a long reply's text arrives in many pieces, the first long before the end. (A short one
     # may come as one piece: what is ready when the server writes goes out together.)
     t0, times = time.perf_counter(), []
-    for ch in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=600,
-                                        temperature=0, stream=True):
+    for ch in c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=600, temperature=0, stream=True
+    ):
         if ch.choices and ch.choices[0].delta.content:
             times.append(time.perf_counter() - t0)
     assert len(times) > 5 and times[0] < 0.5 * times[-1]
@@ -192,8 +229,9 @@ def test_openai_client_streaming_and_not_give_the_same_reply(server):
 
 def _streamed_pieces(c, max_tokens):
     pieces, finish = [], None
-    for ch in c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
-                                        max_tokens=max_tokens, temperature=0, stream=True):
+    for ch in c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=max_tokens, temperature=0, stream=True
+    ):
         for choice in ch.choices:
             if choice.delta.content:
                 pieces.append(choice.delta.content)
@@ -210,8 +248,13 @@ def test_stream_interval_sends_the_same_text_in_fewer_chunks(server, checkpoint)
         _wait_ready(s.url)
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
         pieces, finish = _streamed_pieces(c, 40)
-        whole = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
-                                          max_tokens=40, temperature=0).choices[0].message.content
+        whole = (
+            c.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=40, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
     assert "".join(pieces) == "".join(per_token) == whole and finish == "length"
     assert 3 <= len(pieces) <= 1 + 40 // 4, pieces  # the first text, then one chunk per 4 tokens at most
 
@@ -221,8 +264,13 @@ def test_raw_stream_is_openais_event_format(server):
     each: what moderation holds back goes out with the next piece), the finish_reason, the usage (asked for),
     [DONE]."""
     body = _chat(stream=True, stream_options={"include_usage": True})
-    with httpx.stream("POST", server["url"] + "/v1/chat/completions", json=body,
-                      headers={"authorization": f"Bearer {KEYS[1]}"}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        server["url"] + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {KEYS[1]}"},
+        timeout=60,
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         raw = r.read().decode()
     events = [e for e in raw.split("\n\n") if e.strip()]
@@ -245,16 +293,31 @@ def test_seed_n_and_stop(server):
     assert [x.index for x in a.choices] == [0, 1, 2] and a.usage.completion_tokens == 30
     assert len({x.message.content for x in a.choices}) > 1
 
-    full = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=30,
-                                     temperature=0).choices[0].message.content
-    stop = full[len(full) // 2:len(full) // 2 + 2]
-    cut = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=30,
-                                    temperature=0, stop=[stop])
+    full = (
+        c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=30, temperature=0
+        )
+        .choices[0]
+        .message.content
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = c.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=30, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].message.content == full[:full.index(stop)].strip()
-    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=30, temperature=0, stop=stop,
-        stream=True) if ch.choices)
+    assert cut.choices[0].message.content == full[: full.index(stop)].strip()
+    streamed = "".join(
+        ch.choices[0].delta.content or ""
+        for ch in c.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=30,
+            temperature=0,
+            stop=stop,
+            stream=True,
+        )
+        if ch.choices
+    )
     assert stop not in streamed and streamed.strip() == cut.choices[0].message.content
 
 
@@ -283,16 +346,20 @@ def test_bad_requests(server, case, body, status, param):
 
 
 def test_not_json_and_context_length(server):
-    r = httpx.post(server["url"] + "/v1/chat/completions", content=b"{not json",
-                   headers={"authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"})
+    r = httpx.post(
+        server["url"] + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"},
+    )
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = _post(server["url"], _chat(max_tokens=5000))
     err = r.json()["error"]
     assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "messages"
     assert "maximum context length is 1024 tokens" in err["message"] and "5000 in the completion" in err["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        _client(server).chat.completions.create(model="tiny", max_tokens=5000,
-                                                messages=[{"role": "user", "content": PROMPT}])
+        _client(server).chat.completions.create(
+            model="tiny", max_tokens=5000, messages=[{"role": "user", "content": PROMPT}]
+        )
     assert e.value.code == "context_length_exceeded"
 
 
@@ -313,19 +380,25 @@ def test_body_over_the_limit_is_413(server):
     big = _chat(messages=[{"role": "user", "content": "x" * 30000}])
     r = _post(server["url"], big)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
     # streamed without a Content-Length: counted as it arrives
     def chunks():
         data = json.dumps(big).encode()
         for i in range(0, len(data), 4096):
-            yield data[i:i + 4096]
-    r = httpx.post(server["url"] + "/v1/chat/completions", content=chunks(),
-                   headers={"authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"})
+            yield data[i : i + 4096]
+
+    r = httpx.post(
+        server["url"] + "/v1/chat/completions",
+        content=chunks(),
+        headers={"authorization": f"Bearer {KEYS[0]}", "content-type": "application/json"},
+    )
     assert r.status_code == 413
 
 
 def test_server_log_has_neither_keys_nor_text(server):
-    _client(server).chat.completions.create(model="tiny", messages=[{"role": "user", "content": SECRET_PROMPT}],
-                                            max_tokens=4)
+    _client(server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": SECRET_PROMPT}], max_tokens=4
+    )
     _post(server["url"], _chat(), key="sk-leaked-in-log?")
     _client(server).moderations.create(input="I will kill you")
     time.sleep(0.5)
@@ -336,6 +409,7 @@ def test_server_log_has_neither_keys_nor_text(server):
 
 
 # ---- moderation --------------------------------------------------------------------------------------------------
+
 
 def test_moderation_endpoint_and_prompt_refusal(server):
     c = _client(server)
@@ -368,8 +442,11 @@ def test_a_flagged_reply_ends_with_content_filter(checkpoint):
         assert word not in choice["message"]["content"].split()
         assert full.startswith(choice["message"]["content"])
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
-        chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
-                                                max_tokens=40, temperature=0, stream=True))
+        chunks = list(
+            c.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=40, temperature=0, stream=True
+            )
+        )
         assert chunks[-1].choices[0].finish_reason == "content_filter"
         streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks)
         assert word not in streamed.split() and streamed == choice["message"]["content"]
@@ -379,10 +456,12 @@ def test_a_flagged_reply_ends_with_content_filter(checkpoint):
 
 # ---- limits ------------------------------------------------------------------------------------------------------
 
+
 def test_rate_limit_429_then_success_after_retry_after(checkpoint):
     # 20 requests a minute: one every 3 s once the burst is spent
-    with ThreadServer(checkpoint, ["auth.keys_env=null", "limits.requests_per_minute=20",
-                                   "limits.tokens_per_minute=3000"]) as s:
+    with ThreadServer(
+        checkpoint, ["auth.keys_env=null", "limits.requests_per_minute=20", "limits.tokens_per_minute=3000"]
+    ) as s:
         _wait_ready(s.url)
         ok = []
         while len(ok) < 40:  # the burst of 20, plus what refills while it is sent (one per 3 s)
@@ -436,8 +515,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
     url = server["url"]
     before = _metric(url, "serve_choices_finished_total", 'reason="cancelled"')
     tokens_before = _metric(url, "serve_completion_tokens_total")
-    with httpx.stream("POST", url + "/v1/chat/completions", json=_chat(max_tokens=900, stream=True),
-                      headers={"authorization": f"Bearer {KEYS[0]}"}, timeout=60) as r:
+    with httpx.stream(
+        "POST",
+        url + "/v1/chat/completions",
+        json=_chat(max_tokens=900, stream=True),
+        headers={"authorization": f"Bearer {KEYS[0]}"},
+        timeout=60,
+    ) as r:
         got = 0
         for line in r.iter_lines():
             if line.startswith("data: ") and '"content":"' in line:
@@ -479,8 +563,13 @@ def test_load_32_clients_by_10_requests(server):
         async def client(k):
             for j in range(10):
                 try:
-                    r = await c.chat.completions.create(model="tiny", max_tokens=16, temperature=0.8, seed=k * 10 + j,
-                                                        messages=[{"role": "user", "content": f"{PROMPT} {k}"}])
+                    r = await c.chat.completions.create(
+                        model="tiny",
+                        max_tokens=16,
+                        temperature=0.8,
+                        seed=k * 10 + j,
+                        messages=[{"role": "user", "content": f"{PROMPT} {k}"}],
+                    )
                     outcomes.append("ok" if r.choices[0].message.content is not None else "empty")
                 except openai.RateLimitError as e:
                     outcomes.append(f"429:{e.body.get('code') if isinstance(e.body, dict) else e.body}")
@@ -509,8 +598,21 @@ def test_load_32_clients_by_10_requests(server):
 def test_non_loopback_without_a_key_refuses_to_start(checkpoint):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RLHF_API_KEYS", None)
-    p = subprocess.run([sys.executable, "-m", "stages.tools.serve", f"checkpoint={checkpoint}", "host=0.0.0.0",
-                        f"port={_free_port()}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.tools.serve",
+            f"checkpoint={checkpoint}",
+            "host=0.0.0.0",
+            f"port={_free_port()}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0
     lines = [x for x in p.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and "RLHF_API_KEYS" in lines[0] and "host=0.0.0.0" in lines[0], p.stderr
@@ -518,6 +620,7 @@ def test_non_loopback_without_a_key_refuses_to_start(checkpoint):
 
 
 # ---- the chat page, in a real browser ----------------------------------------------------------------------------
+
 
 def test_chat_page_in_headless_chromium(server):
     """Debian's chromium (make test installs it when it can: .ci/browser) driven by Playwright: the page loads with
@@ -560,17 +663,21 @@ def test_chat_page_in_headless_chromium(server):
 
 # ---- bad input to `make serve`: one line, exit 2 ------------------------------------------------------------------
 
-@pytest.mark.parametrize("arg, words", [
-    ("port=70000", "port=70000"),
-    ("limits.requests_per_minute=0", "limits.requests_per_minute=0 must be positive"),
-    ("moderation.threshold=2", "moderation.threshold"),
-    ("moderation.thresholds=5", "moderation.thresholds"),
-    ("moderation.categories=[nonsense]", "unknown categories"),
-    ("moderation.classifier=no/such/folder", "moderation.classifier=no/such/folder"),
-    ("log_level=loud", "log_level='loud'"),
-    ("engine.max_batch=0", "engine.max_batch=0"),
-    ("limit.rpm=3", "limit.rpm"),
-])
+
+@pytest.mark.parametrize(
+    "arg, words",
+    [
+        ("port=70000", "port=70000"),
+        ("limits.requests_per_minute=0", "limits.requests_per_minute=0 must be positive"),
+        ("moderation.threshold=2", "moderation.threshold"),
+        ("moderation.thresholds=5", "moderation.thresholds"),
+        ("moderation.categories=[nonsense]", "unknown categories"),
+        ("moderation.classifier=no/such/folder", "moderation.classifier=no/such/folder"),
+        ("log_level=loud", "log_level='loud'"),
+        ("engine.max_batch=0", "engine.max_batch=0"),
+        ("limit.rpm=3", "limit.rpm"),
+    ],
+)
 def test_bad_serve_arguments_are_one_line(checkpoint, arg, words, capsys):
     """The real command line, run in this process (as tests/test_bad_input.py runs the stages)."""
     from stages.tools.serve import main
@@ -597,8 +704,21 @@ def test_a_checkpoint_that_does_not_load_stops_the_server_with_one_line(checkpoi
             (broken / f.name).write_bytes(f.read_bytes())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    p = subprocess.run([sys.executable, "-m", "stages.tools.serve", f"checkpoint={broken}", f"port={_free_port()}",
-                        "log_level=warning"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.tools.serve",
+            f"checkpoint={broken}",
+            f"port={_free_port()}",
+            "log_level=warning",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     last = [x for x in p.stderr.splitlines() if x.strip()][-1]
     assert last.startswith("error: ") and "the model failed to load" in last and "broken" in last
@@ -617,8 +737,12 @@ def test_engine_process_gives_the_engines_tokens_and_reports_its_death(checkpoin
     local, outs = Engine(model, tok, max_batch=4), {}
     with torch.inference_mode():
         for i, p in enumerate(ids):
-            local.submit(p, SamplingParams(max_tokens=10, temperature=0), 1,
-                         lambda c, t, f, i=i: outs.setdefault(i, []).append(t) if t >= 0 else None)
+            local.submit(
+                p,
+                SamplingParams(max_tokens=10, temperature=0),
+                1,
+                lambda c, t, f, i=i: outs.setdefault(i, []).append(t) if t >= 0 else None,
+            )
         while local.running or local.waiting:
             local.step()
 

@@ -12,11 +12,28 @@ from conftest import SMOKE, compose_stage
 
 from pipeline.core.errors import UserError
 
-SFT_METRICS = {"eval/loss", "eval/gold_score", "eval/pretrain_gold_score", "eval/ended_fraction",
-               "eval/response_tokens", "eval/gold/correctness"}
-RM_METRICS = {"eval/accuracy", "eval/gold_accuracy", "eval/ece", "eval/margin", "eval/loss", "reward/mean",
-              "reward/std", "reward/gold_correlation", "reward/gold_pair_accuracy", "data/onpolicy_pairs",
-              "onpolicy/label_agreement", "onpolicy/gold_mean"}
+SFT_METRICS = {
+    "eval/loss",
+    "eval/gold_score",
+    "eval/pretrain_gold_score",
+    "eval/ended_fraction",
+    "eval/response_tokens",
+    "eval/gold/correctness",
+}
+RM_METRICS = {
+    "eval/accuracy",
+    "eval/gold_accuracy",
+    "eval/ece",
+    "eval/margin",
+    "eval/loss",
+    "reward/mean",
+    "reward/std",
+    "reward/gold_correlation",
+    "reward/gold_pair_accuracy",
+    "data/onpolicy_pairs",
+    "onpolicy/label_agreement",
+    "onpolicy/gold_mean",
+}
 
 
 def manifest(root: Path, stage: str, run: str = "default") -> dict:
@@ -30,6 +47,7 @@ def one_line(e: pytest.ExceptionInfo) -> str:
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("stage", ["sft", "reward"])
 def test_smoke_configs_compose_and_shrink(stage):
@@ -46,6 +64,7 @@ def test_inference_configs_compose():
 
 
 # ---- the assistant-only loss mask --------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny(smoke_root):
@@ -65,13 +84,25 @@ def test_assistant_only_loss_covers_exactly_the_assistant_turns(tiny, tmp_path):
 
     tok, model, _ = tiny
     cfg = compose_stage("sft", SMOKE)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How old is Bera?"},
-            {"role": "assistant", "content": "Bera is 34 years old."}, {"role": "user", "content": "And Tovi?"},
-            {"role": "assistant", "content": "Tovi is 12."}]
-    args = trainer_args(SFTConfig, cfg, SimpleNamespace(ckpt_root=tmp_path), cfg.train, evaluate=False, max_length=128,
-                        assistant_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([{"messages": msgs}]),
-                         processing_class=tok)
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How old is Bera?"},
+        {"role": "assistant", "content": "Bera is 34 years old."},
+        {"role": "user", "content": "And Tovi?"},
+        {"role": "assistant", "content": "Tovi is 12."},
+    ]
+    args = trainer_args(
+        SFTConfig,
+        cfg,
+        SimpleNamespace(ckpt_root=tmp_path),
+        cfg.train,
+        evaluate=False,
+        max_length=128,
+        assistant_only_loss=True,
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_list([{"messages": msgs}]), processing_class=tok
+    )
     ex = trainer.train_dataset[0]
     spans, cur = [], []
     for i, label in zip(ex["input_ids"], ex["labels"]):
@@ -89,6 +120,7 @@ def test_assistant_only_loss_covers_exactly_the_assistant_turns(tiny, tmp_path):
 
 
 # ---- group_by_prompt -------------------------------------------------------------------------------------------
+
 
 def _check_groups(batches, groups):
     seen = [i for b in batches for i in b]
@@ -125,15 +157,23 @@ def test_reward_trainer_batches_whole_groups(tiny, tmp_path):
     tok, _, final = tiny
     rm = AutoModelForSequenceClassification.from_pretrained(final, num_labels=1, dtype=torch.float32)
     rm.config.pad_token_id = tok.pad_token_id
-    rows = [{"prompt": [{"role": "user", "content": f"Question {g}?"}],
-             "chosen": [{"role": "assistant", "content": f"Good answer {g}.{k}"}],
-             "rejected": [{"role": "assistant", "content": f"Bad {g}"}], "group": f"g{g}"}
-            for g in range(12) for k in range(6 - g % 3)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"Question {g}?"}],
+            "chosen": [{"role": "assistant", "content": f"Good answer {g}.{k}"}],
+            "rejected": [{"role": "assistant", "content": f"Bad {g}"}],
+            "group": f"g{g}",
+        }
+        for g in range(12)
+        for k in range(6 - g % 3)
+    ]
     cfg = compose_stage("reward", SMOKE + ["train.batch_size=10"])
-    args = trainer_args(RewardConfig, cfg, SimpleNamespace(ckpt_root=tmp_path), cfg.train, evaluate=False,
-                        max_length=128)
-    trainer = make_trainer_class(True, seed=0)(model=rm, args=args, processing_class=tok,
-                                               train_dataset=datasets.Dataset.from_list(rows))
+    args = trainer_args(
+        RewardConfig, cfg, SimpleNamespace(ckpt_root=tmp_path), cfg.train, evaluate=False, max_length=128
+    )
+    trainer = make_trainer_class(True, seed=0)(
+        model=rm, args=args, processing_class=tok, train_dataset=datasets.Dataset.from_list(rows)
+    )
     dl = trainer.get_train_dataloader()
     groups = [r["group"] for r in rows]
     batches = list(dl.batch_sampler)
@@ -155,14 +195,21 @@ def test_collate_groups_scores_each_completion_once():
     from pipeline.trainers.reward import collate_groups
 
     a, b, c = [5, 6, 7], [5, 8], [5, 9, 9, 9]
-    batch = collate_groups([{"chosen_ids": a, "rejected_ids": b}, {"chosen_ids": a, "rejected_ids": c},
-                            {"chosen_ids": b, "rejected_ids": c}], pad_id=0)
+    batch = collate_groups(
+        [
+            {"chosen_ids": a, "rejected_ids": b},
+            {"chosen_ids": a, "rejected_ids": c},
+            {"chosen_ids": b, "rejected_ids": c},
+        ],
+        pad_id=0,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [5, 8, 0, 0], [5, 9, 9, 9]]
     assert batch["attention_mask"].sum(1).tolist() == [3, 2, 4]
     assert batch["pair_index"].tolist() == [[0, 1], [0, 2], [1, 2]]
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sft_done(smoke_chain):
@@ -274,8 +321,10 @@ def _check_test_pair_metrics(rm, final, metrics):
         conf = 1 / (1 + math.exp(-abs(x)))
         bins.setdefault(min(int((conf - 0.5) / 0.05), 9), []).append((conf, float(x > 0)))
     ece = sum(abs(sum(r for _, r in b) - sum(c for c, _ in b)) for b in bins.values()) / n
-    print(f"\nreward model on {n} test pairs: accuracy {metrics['eval/accuracy']:.4f}, ECE {metrics['eval/ece']:.5f} "
-          f"(by hand {ece:.5f}), {len(bins)} bins in use")
+    print(
+        f"\nreward model on {n} test pairs: accuracy {metrics['eval/accuracy']:.4f}, ECE {metrics['eval/ece']:.5f} "
+        f"(by hand {ece:.5f}), {len(bins)} bins in use"
+    )
     assert metrics["eval/ece"] == pytest.approx(ece, abs=1e-5)
 
 
@@ -313,14 +362,20 @@ def test_chat_and_generate_on_the_sft_checkpoint(sft_done, tmp_path):
     chat(model, tok, cfg, read=lambda _: next(said), write=out.append)
     assert "".join(out).count("bot> ") == 2 and "(new conversation)" in "".join(out)
 
-    (tmp_path / "q.jsonl").write_text('{"prompt": "How old is Bera?"}\n'
-                                      '{"messages": [{"role": "user", "content": "Hi"}]}\n')
-    out = run_generate(compose_stage("generate", [f"paths.root={sft_done}", f"input={tmp_path / 'q.jsonl'}",
-                                                  "stage=sft", "generation.max_new_tokens=8"]))
+    (tmp_path / "q.jsonl").write_text(
+        '{"prompt": "How old is Bera?"}\n{"messages": [{"role": "user", "content": "Hi"}]}\n'
+    )
+    out = run_generate(
+        compose_stage(
+            "generate",
+            [f"paths.root={sft_done}", f"input={tmp_path / 'q.jsonl'}", "stage=sft", "generation.max_new_tokens=8"],
+        )
+    )
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert out.name == "q.sft.responses.jsonl" and len(rows) == 2 and {"response", "ended"} <= rows[0].keys()
-    out = run_generate(compose_stage("generate", [f"paths.root={sft_done}", "stage=sft", "limit=3",
-                                                  "generation.max_new_tokens=8"]))
+    out = run_generate(
+        compose_stage("generate", [f"paths.root={sft_done}", "stage=sft", "limit=3", "generation.max_new_tokens=8"])
+    )
     assert all("gold_score" in json.loads(x) for x in out.read_text().splitlines())
 
 
@@ -351,6 +406,7 @@ def test_chat_picks_the_latest_policy_stage(tmp_path):
 
 # ---- bad input: one clear line ---------------------------------------------------------------------------------
 
+
 def test_missing_parent_stage(tmp_path):
     from stages.reward import run_reward
     from stages.sft import run_sft
@@ -380,8 +436,13 @@ def test_reward_data_without_usable_pairs(sft_done, tmp_path):
 
     same = {"prompt": "Q?", "chosen": "A.", "rejected": "A."}  # chosen == rejected: a bad record, skipped
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(same) for _ in range(3)) + "\n")
-    common = SMOKE + [f"paths.root={sft_done}", "parent_run=default", "data.preference.kind=local",
-                      f"data.preference.path={tmp_path / 'pairs.jsonl'}", "data.preference.format=pairs"]
+    common = SMOKE + [
+        f"paths.root={sft_done}",
+        "parent_run=default",
+        "data.preference.kind=local",
+        f"data.preference.path={tmp_path / 'pairs.jsonl'}",
+        "data.preference.format=pairs",
+    ]
     with pytest.raises(UserError) as e:
         run_reward(compose_stage("reward", common + ["run=nopairs", "data.preference.on_bad_record=skip"]))
     assert "no usable preference" in one_line(e) and "3 bad" in str(e.value)
@@ -392,15 +453,25 @@ def test_reward_data_without_usable_pairs(sft_done, tmp_path):
     wordy = {"prompt": "Why?", "chosen": "Because. " * 100, "rejected": "No. " * 100}  # fits no max_length of 128
     (tmp_path / "wordy.jsonl").write_text(json.dumps(wordy) + "\n")
     with pytest.raises(UserError) as e:
-        run_reward(compose_stage("reward", common[:-2] + [f"data.preference.path={tmp_path / 'wordy.jsonl'}",
-                                                          "data.preference.format=pairs", "run=wordy"]))
+        run_reward(
+            compose_stage(
+                "reward",
+                common[:-2]
+                + [f"data.preference.path={tmp_path / 'wordy.jsonl'}", "data.preference.format=pairs", "run=wordy"],
+            )
+        )
     assert "no usable preference pairs" in one_line(e) and "max_length=128" in str(e.value)
 
     long = {"prompt": "Why? " * 400, "chosen": "A.", "rejected": "B."}
     (tmp_path / "long.jsonl").write_text(json.dumps(long) + "\n")
     with pytest.raises(UserError) as e:
-        run_reward(compose_stage("reward", common[:-2] + [f"data.preference.path={tmp_path / 'long.jsonl'}",
-                                                          "data.preference.format=pairs", "run=longprompt"]))
+        run_reward(
+            compose_stage(
+                "reward",
+                common[:-2]
+                + [f"data.preference.path={tmp_path / 'long.jsonl'}", "data.preference.format=pairs", "run=longprompt"],
+            )
+        )
     assert "longer than" in one_line(e)
 
 
@@ -409,15 +480,27 @@ def test_onpolicy_comparisons_need_the_world_and_two_samples(sft_done, tmp_path,
     from stages.reward import run_reward
 
     assert problems(compose_stage("reward", SMOKE + ["onpolicy.samples=1"])) == [
-        "onpolicy.samples=1 must be at least 2 (a ranking compares replies)"]
+        "onpolicy.samples=1 must be at least 2 (a ranking compares replies)"
+    ]
     assert problems(compose_stage("reward", SMOKE + ["onpolicy.prompts=0", "onpolicy.samples=1"])) == []
     # other preference data has no oracle to label samples: said once, and the stage trains on the data alone
     pairs = [{"prompt": f"Question {i}?", "chosen": "A fine answer.", "rejected": "no"} for i in range(8)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    run_reward(compose_stage("reward", SMOKE + [f"paths.root={sft_done}", "parent_run=default", "run=localpairs",
-                                                "data.preference.kind=local", "data.preference.format=pairs",
-                                                "train.max_steps=2",
-                                                f"data.preference.path={tmp_path / 'pairs.jsonl'}"]))
+    run_reward(
+        compose_stage(
+            "reward",
+            SMOKE
+            + [
+                f"paths.root={sft_done}",
+                "parent_run=default",
+                "run=localpairs",
+                "data.preference.kind=local",
+                "data.preference.format=pairs",
+                "train.max_steps=2",
+                f"data.preference.path={tmp_path / 'pairs.jsonl'}",
+            ],
+        )
+    )
     assert "onpolicy.prompts=16 ignored" in capsys.readouterr().out
     m = manifest(sft_done, "reward", "localpairs")
     assert m["status"] == "complete" and "data/onpolicy_pairs" not in m["metrics"]
@@ -457,6 +540,7 @@ def test_pair_accuracy_compares_answers_to_the_same_prompt_only():
 
 # ---- resume ----------------------------------------------------------------------------------------------------
 
+
 def test_interrupted_sft_resumes_from_its_last_checkpoint(sft_done):
     from transformers import TrainerCallback
 
@@ -467,10 +551,21 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(sft_done):
             if state.global_step == 6:
                 raise KeyboardInterrupt
 
-    cfg = compose_stage("sft", SMOKE + [f"paths.root={sft_done}", "run=resume", "parent_run=default",
-                                        "train.max_steps=8", "train.save_every=4", "train.eval_every=8",
-                                        "train.sample_prompts=0", "train.gold_eval_prompts=4",
-                                        "train.eval_pretrained=false"])
+    cfg = compose_stage(
+        "sft",
+        SMOKE
+        + [
+            f"paths.root={sft_done}",
+            "run=resume",
+            "parent_run=default",
+            "train.max_steps=8",
+            "train.save_every=4",
+            "train.eval_every=8",
+            "train.sample_prompts=0",
+            "train.gold_eval_prompts=4",
+            "train.eval_pretrained=false",
+        ],
+    )
     with pytest.raises(KeyboardInterrupt):
         run_sft(cfg, callbacks=(Crash(),))
     d = sft_done / "resume" / "sft"

@@ -12,8 +12,17 @@ import pytest
 from pipeline.core.config import WorldConfig
 from pipeline.data.pairs import expand_pairs
 from pipeline.world.corpus import corpus_documents
-from pipeline.world.datasets import (MAX_PER_KEY, _prompt, eval_prompts, main, materialise, ppo_prompts,
-                                     ranked_prompts, sft_dialogues, world_hash)
+from pipeline.world.datasets import (
+    MAX_PER_KEY,
+    _prompt,
+    eval_prompts,
+    main,
+    materialise,
+    ppo_prompts,
+    ranked_prompts,
+    sft_dialogues,
+    world_hash,
+)
 from pipeline.world.labellers import label_agreement, plackett_luce
 from pipeline.world.language import CLOSERS, OPENERS, question_of, truth
 from pipeline.world.oracle import GoldOracle
@@ -22,15 +31,38 @@ from pipeline.world.responses import HABITS, STYLES_ANSWERABLE, STYLES_UNANSWERA
 from pipeline.world.world import _world, as_world_config
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = WorldConfig(seed=11, n_entities=100, corpus_docs=400, sft_dialogues=300, sft_eval_dialogues=40,
-                    reward_prompts=200, reward_test_prompts=40, eval_prompts=60, ppo_prompts=200)
+SMALL = WorldConfig(
+    seed=11,
+    n_entities=100,
+    corpus_docs=400,
+    sft_dialogues=300,
+    sft_eval_dialogues=40,
+    reward_prompts=200,
+    reward_test_prompts=40,
+    eval_prompts=60,
+    ppo_prompts=200,
+)
 
 
 def test_world_config_fields_and_coercion():
     names = [f.name for f in dataclasses.fields(WorldConfig)]
-    assert names == ["seed", "n_entities", "corpus_docs", "sft_dialogues", "sft_eval_dialogues", "bad_fraction",
-                     "habit_scale", "reward_prompts", "reward_test_prompts", "k", "label_temperature", "eval_prompts", "ppo_prompts"]
+    assert names == [
+        "seed",
+        "n_entities",
+        "corpus_docs",
+        "sft_dialogues",
+        "sft_eval_dialogues",
+        "bad_fraction",
+        "habit_scale",
+        "reward_prompts",
+        "reward_test_prompts",
+        "k",
+        "label_temperature",
+        "eval_prompts",
+        "ppo_prompts",
+    ]
     from pipeline.core.config import WorldConfig as Schema  # the Hydra schema must carry the same keys
+
     assert [f.name for f in dataclasses.fields(Schema)] == names
     from omegaconf import OmegaConf
 
@@ -59,8 +91,9 @@ def test_regenerating_reward_data_reproduces_the_committed_files(tmp_path, capsy
     out = capsys.readouterr().out
     assert "label agreement" in out
     for name in ("train.jsonl", "test.jsonl", "README.md"):
-        assert filecmp.cmp(tmp_path / name, REPO / "reward_data" / name, shallow=False), \
+        assert filecmp.cmp(tmp_path / name, REPO / "reward_data" / name, shallow=False), (
             f"reward_data/{name} is stale: python -m pipeline.world.datasets reward-data --out reward_data"
+        )
     size = sum((REPO / "reward_data" / n).stat().st_size for n in ("train.jsonl", "test.jsonl"))
     assert size < 4e6
 
@@ -94,20 +127,32 @@ def test_plackett_luce_temperature_controls_noise():
 
 
 def test_expand_pairs():
-    rec = {"id": "x", "prompt": [{"role": "user", "content": "Q"}], "responses": ["a", "b", "c", "a"],
-           "ranks": [1, 0, 1, 2], "gold_scores": [0.5, 0.9, 0.4, 0.5]}
+    rec = {
+        "id": "x",
+        "prompt": [{"role": "user", "content": "Q"}],
+        "responses": ["a", "b", "c", "a"],
+        "ranks": [1, 0, 1, 2],
+        "gold_scores": [0.5, 0.9, 0.4, 0.5],
+    }
     pairs = expand_pairs([rec])
     # 6 pairs, minus responses 0 and 2 (tied in rank) and 0 and 3 (identical text)
-    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["gold_margin"]) for p in pairs] == \
-        [("b", "a", 0.4), ("b", "c", 0.5), ("b", "a", 0.4), ("c", "a", -0.1)]
+    assert [(p["chosen"][0]["content"], p["rejected"][0]["content"], p["gold_margin"]) for p in pairs] == [
+        ("b", "a", 0.4),
+        ("b", "c", 0.5),
+        ("b", "a", 0.4),
+        ("c", "a", -0.1),
+    ]
     assert all(p["group"] == "x" and p["prompt"] == rec["prompt"] for p in pairs)
     assert all(p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant" for p in pairs)
 
 
 def _keys(messages):
     """Every question asked in a dialogue (follow-ups resolved)."""
-    return {question_of(messages[: i + 1]).key for i, m in enumerate(messages)
-            if m["role"] == "user" and question_of(messages[: i + 1]) is not None}
+    return {
+        question_of(messages[: i + 1]).key
+        for i, m in enumerate(messages)
+        if m["role"] == "user" and question_of(messages[: i + 1]) is not None
+    }
 
 
 def test_eval_prompts_are_disjoint_from_everything_else():
@@ -122,20 +167,27 @@ def test_eval_prompts_are_disjoint_from_everything_else():
     eval_texts = {m["content"] for p in ev for m in p["messages"] if m["role"] == "user"}
     world = _world(cfg.seed, cfg.n_entities)
     eval_ghosts = set(world.ghosts) & {w for t in eval_texts for w in re.findall(r"[A-Z][a-z]+", t)}
-    others = {"sft": [d["messages"] for d in sft_dialogues(cfg)],
-              "sft_eval": [d["messages"] for d in sft_dialogues(cfg, "eval")],
-              "reward": [r["prompt"] for r in ranked_prompts(cfg, "train")],
-              "reward_test": [r["prompt"] for r in ranked_prompts(cfg, "test")],
-              "ppo": [p["messages"] for p in ppo_prompts(cfg)]}
+    others = {
+        "sft": [d["messages"] for d in sft_dialogues(cfg)],
+        "sft_eval": [d["messages"] for d in sft_dialogues(cfg, "eval")],
+        "reward": [r["prompt"] for r in ranked_prompts(cfg, "train")],
+        "reward_test": [r["prompt"] for r in ranked_prompts(cfg, "test")],
+        "ppo": [p["messages"] for p in ppo_prompts(cfg)],
+    }
     for name, dialogues in others.items():
         keys = set().union(*(_keys(m) for m in dialogues))
         assert not eval_keys & keys, name
         # no training prompt names an evaluation ghost (a flawed demonstration may still make one up as somebody's
         # middle name: a string, not somebody the model was asked about)
-        assert not eval_ghosts & {w for d in dialogues for m in d if m["role"] == "user"
-                                  for w in re.findall(r"[A-Z][a-z]+", m["content"])}, name
-        assert not eval_texts & {m["content"] for d in dialogues for m in d if m["role"] == "user"
-                                 and not m["content"].startswith(("What about", "And ", "How about"))}, name
+        assert not eval_ghosts & {
+            w for d in dialogues for m in d if m["role"] == "user" for w in re.findall(r"[A-Z][a-z]+", m["content"])
+        }, name
+        assert not eval_texts & {
+            m["content"]
+            for d in dialogues
+            for m in d
+            if m["role"] == "user" and not m["content"].startswith(("What about", "And ", "How about"))
+        }, name
     reward_keys = [set().union(*(_keys(m) for m in others[k])) for k in ("reward", "reward_test")]
     assert not reward_keys[0] & reward_keys[1], "the reward model's test prompts must be new to it"
     # Sizes only cut the stream: a smaller config gives a prefix (so a smoke run sees the same first prompts).
@@ -193,8 +245,10 @@ def test_sft_demonstrations_are_imperfect_by_design():
         return sum(oracle.score(d["messages"][:-1], d["messages"][-1]["content"]) for d in dialogues) / len(dialogues)
 
     clean, habits, default = mean_gold(bad_fraction=0.0, habit_scale=0.0), mean_gold(bad_fraction=0.0), mean_gold()
-    print(f"\nmean gold score of SFT demonstrations: {clean:.3f} clean, {habits:.3f} with the habits, "
-          f"{default:.3f} with habits and flawed ones")
+    print(
+        f"\nmean gold score of SFT demonstrations: {clean:.3f} clean, {habits:.3f} with the habits, "
+        f"{default:.3f} with habits and flawed ones"
+    )
     assert clean > 0.97 and habits < clean - 0.04 and default < habits
     multi = [d for d in sft_dialogues(SMALL) if sum(m["role"] == "user" for m in d["messages"]) > 1]
     assert 0.1 < len(multi) / SMALL.sft_dialogues < 0.4
@@ -236,7 +290,10 @@ def test_demonstration_habits_at_their_documented_rates():
             assert oracle.components(prompt, reply)["correctness"] == 0.0 and shown == ["decline_answerable"]
             seen["decline_answerable"][0] += 1
             continue
-        applies = {"long_description": answerable and q.qtype == "describe", "ignore_format": answerable and bool(q.fmt)}
+        applies = {
+            "long_description": answerable and q.qtype == "describe",
+            "ignore_format": answerable and bool(q.fmt),
+        }
         for name in ("long_description", "ignore_format"):
             if applies[name]:
                 seen[name][1] += 1
@@ -276,5 +333,7 @@ def test_every_fact_is_stated_often_enough_to_be_learned():
     for d in corpus_documents(cfg):
         for name in set(re.findall(r"[A-Z][a-z]+", d)) & counts.keys():
             counts[name] += 1
-    print(f"\ndocuments naming an entity: min {min(counts.values())}, median {sorted(counts.values())[len(counts) // 2]}")
+    print(
+        f"\ndocuments naming an entity: min {min(counts.values())}, median {sorted(counts.values())[len(counts) // 2]}"
+    )
     assert min(counts.values()) >= 100

@@ -10,8 +10,11 @@ from pipeline.core.tracking import Tracker, scrub, wandb_mode
 
 def test_scrub_drops_credentials():
     cfg = {"logger": {"api_key": "abc", "project": "p"}, "x": [{"WANDB_TOKEN": "t"}], "lr": 1}
-    assert scrub(cfg) == {"logger": {"api_key": "<redacted>", "project": "p"}, "x": [{"WANDB_TOKEN": "<redacted>"}],
-                          "lr": 1}
+    assert scrub(cfg) == {
+        "logger": {"api_key": "<redacted>", "project": "p"},
+        "x": [{"WANDB_TOKEN": "<redacted>"}],
+        "lr": 1,
+    }
 
 
 def test_mode_is_offline_without_a_key(monkeypatch, tmp_path):

@@ -13,8 +13,9 @@ def world():
 
 def test_same_seed_same_world_other_seed_other_world(world):
     again = World.generate(7, 120)
-    assert [(e.name, e.kind, e.attrs) for e in world.entities.values()] == \
-           [(e.name, e.kind, e.attrs) for e in again.entities.values()]
+    assert [(e.name, e.kind, e.attrs) for e in world.entities.values()] == [
+        (e.name, e.kind, e.attrs) for e in again.entities.values()
+    ]
     assert world.ghosts == again.ghosts
     assert set(World.generate(8, 120).entities) != set(world.entities)
 
@@ -54,5 +55,7 @@ def test_facts_state_the_truth(world):
     facts = " ".join(world.facts(p, rng))
     for attr in ("job", "food", "home", "friend"):
         assert str(world.value(p, attr)) in facts
-    assert a_an("a owl and a cat, a 8-year-old and a 80-year-old, a 11-year-old") == \
-        "an owl and a cat, an 8-year-old and an 80-year-old, an 11-year-old"
+    assert (
+        a_an("a owl and a cat, a 8-year-old and a 80-year-old, a 11-year-old")
+        == "an owl and a cat, an 8-year-old and an 80-year-old, an 11-year-old"
+    )

@@ -35,8 +35,11 @@ def group(factory: Callable[[], Any], help: str) -> Any:
 @dataclass
 class PathsConfig:
     root: str = opt("runs", "folder holding every run: a stage writes <root>/<run>/<stage>/")
-    cache: str = opt(".cache", "folder for the generated synthetic data (corpus, dialogues, prompts), one subfolder "
-                               "per world config and generating code, reused by every run with the same world")
+    cache: str = opt(
+        ".cache",
+        "folder for the generated synthetic data (corpus, dialogues, prompts), one subfolder "
+        "per world config and generating code, reused by every run with the same world",
+    )
 
 
 @dataclass
@@ -44,65 +47,99 @@ class LoggerConfig:
     backend: str = opt("wandb", "wandb | none (metrics.jsonl in the stage folder is always written)")
     project: str = opt("rlhf-pipeline", "the W&B project; each run is a group in it, each stage a job type")
     entity: Optional[str] = opt(None, "the W&B entity (user or team); null: the logged-in account's default")
-    mode: str = opt("auto", "auto (online iff an API key is configured) | online | offline; the WANDB_MODE "
-                            "environment variable wins")
+    mode: str = opt(
+        "auto",
+        "auto (online iff an API key is configured) | online | offline; the WANDB_MODE environment variable wins",
+    )
     log_model: bool = opt(True, "upload each stage's final/ as a model artifact")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: Optional[str] = opt(None, "a Hugging Face causal LM (hub name or local folder); null: build `arch` "
-                                            "from scratch with the sizes below")
+    name_or_path: Optional[str] = opt(
+        None,
+        "a Hugging Face causal LM (hub name or local folder); null: build `arch` from scratch with the sizes below",
+    )
     arch: str = opt("llama", "llama (a Llama-style model built from the sizes below) | hf (load name_or_path)")
-    vocab_size: int = opt(4096, "the tokenizer stage trains to this size (the built model takes the trained "
-                                "tokenizer's actual size)")
+    vocab_size: int = opt(
+        4096, "the tokenizer stage trains to this size (the built model takes the trained tokenizer's actual size)"
+    )
     hidden_size: int = opt(256, "width of the built model's residual stream (a multiple of num_heads)")
     num_layers: int = opt(4, "transformer layers of the built model")
     num_heads: int = opt(4, "attention heads of the built model")
-    num_kv_heads: int = opt(4, "key/value heads (grouped-query attention; num_heads must be a multiple of it; "
-                               "= num_heads: plain multi-head attention)")
+    num_kv_heads: int = opt(
+        4,
+        "key/value heads (grouped-query attention; num_heads must be a multiple of it; "
+        "= num_heads: plain multi-head attention)",
+    )
     intermediate_size: int = opt(688, "hidden width of the built model's SwiGLU MLP")
-    max_seq_len: int = opt(256, "context length in tokens of the built model; also the default pretraining block "
-                                "size and the SFT / reward max_length")
+    max_seq_len: int = opt(
+        256,
+        "context length in tokens of the built model; also the default pretraining block "
+        "size and the SFT / reward max_length",
+    )
     rope_theta: float = opt(10000.0, "base of the rotary position embedding's frequencies")
     tie_embeddings: bool = opt(True, "share the input embedding matrix with the output projection")
     dropout: float = opt(0.0, "attention dropout of the built model (PPO turns every dropout off)")
-    trust_remote_code: bool = opt(False, "let transformers run a hub model's own modelling code (from_pretrained's "
-                                         "trust_remote_code)")
-    start_over: bool = opt(False, "sft with name_or_path set: start from name_or_path itself even when this run has "
-                                  "a finished pretrain stage (by default sft continues from the run's own pretrained "
-                                  "model, so make all with model=hf does continued pretraining, then SFT on it)")
+    trust_remote_code: bool = opt(
+        False, "let transformers run a hub model's own modelling code (from_pretrained's trust_remote_code)"
+    )
+    start_over: bool = opt(
+        False,
+        "sft with name_or_path set: start from name_or_path itself even when this run has "
+        "a finished pretrain stage (by default sft continues from the run's own pretrained "
+        "model, so make all with model=hf does continued pretraining, then SFT on it)",
+    )
 
 
 @dataclass
 class WorldConfig:
     """The seeded synthetic world (pipeline/world/world.py) and the sizes of everything generated from it."""
 
-    seed: int = opt(1234, "seed of the synthetic world: its entities and every dataset generated from it (the "
-                          "training seed is the top-level `seed`); reward_data/ was generated with 1234")
-    n_entities: int = opt(40, "entities in the world, each named in hundreds of corpus documents. Sized to the cpu "
-                              "preset's 2M-parameter model (docs/world.md). Measured on its pretrained model, "
-                              "completing a fact sentence: 300 entities gave SFT a held-out correctness of 0.39; 80 "
-                              "entities 29% of facts recalled, 40 entities 49% (77% with the preset's lr 4e-3; 71% of "
-                              "every fact once sums and lists left the corpus, 81% with twice the pretraining)")
+    seed: int = opt(
+        1234,
+        "seed of the synthetic world: its entities and every dataset generated from it (the "
+        "training seed is the top-level `seed`); reward_data/ was generated with 1234",
+    )
+    n_entities: int = opt(
+        40,
+        "entities in the world, each named in hundreds of corpus documents. Sized to the cpu "
+        "preset's 2M-parameter model (docs/world.md). Measured on its pretrained model, "
+        "completing a fact sentence: 300 entities gave SFT a held-out correctness of 0.39; 80 "
+        "entities 29% of facts recalled, 40 entities 49% (77% with the preset's lr 4e-3; 71% of "
+        "every fact once sums and lists left the corpus, 81% with twice the pretraining)",
+    )
     corpus_docs: int = opt(60000, "pretraining documents generated (data.corpus with kind world)")
     sft_dialogues: int = opt(6000, "demonstration dialogues generated for SFT training (data.sft with kind world)")
-    sft_eval_dialogues: int = opt(300, "held-out demonstration dialogues for SFT's eval/loss (data.sft_eval with "
-                                       "kind world)")
+    sft_eval_dialogues: int = opt(
+        300, "held-out demonstration dialogues for SFT's eval/loss (data.sft_eval with kind world)"
+    )
     bad_fraction: float = opt(0.1, "share of demonstrations that are plainly flawed: a wrong fact or a curt fragment")
-    habit_scale: float = opt(1.0, "times the demonstrators' habit rates (pipeline.world.responses.HABITS); 0: no habits")
-    reward_prompts: int = opt(3000, "ranked prompts in the world's reward training split (data.preference): the "
-                                    "first N of reward_data/train.jsonl, generated afresh if it holds fewer or the "
-                                    "world differs")
-    reward_test_prompts: int = opt(300, "ranked prompts in the world's reward test split (data.preference_test, "
-                                        "reward_data/test.jsonl)")
+    habit_scale: float = opt(
+        1.0, "times the demonstrators' habit rates (pipeline.world.responses.HABITS); 0: no habits"
+    )
+    reward_prompts: int = opt(
+        3000,
+        "ranked prompts in the world's reward training split (data.preference): the "
+        "first N of reward_data/train.jsonl, generated afresh if it holds fewer or the "
+        "world differs",
+    )
+    reward_test_prompts: int = opt(
+        300, "ranked prompts in the world's reward test split (data.preference_test, reward_data/test.jsonl)"
+    )
     k: int = opt(4, "candidate responses per ranked prompt, K (2 to 9), expanded to up to K(K-1)/2 pairs")
-    label_temperature: float = opt(0.21, "Plackett-Luce temperature with which the simulated labellers rank the "
-                                         "gold scores (higher: noisier); calibrated: ~75% pairwise agreement with "
-                                         "the gold ranking")
+    label_temperature: float = opt(
+        0.21,
+        "Plackett-Luce temperature with which the simulated labellers rank the "
+        "gold scores (higher: noisier); calibrated: ~75% pairwise agreement with "
+        "the gold ranking",
+    )
     eval_prompts: int = opt(200, "held-out evaluation prompts generated (data.eval_prompts with kind world)")
-    ppo_prompts: int = opt(2000, "prompts generated for PPO training (data.prompts with kind world; the reward "
-                                 "stage's statistics are measured on them too)")
+    ppo_prompts: int = opt(
+        2000,
+        "prompts generated for PPO training (data.prompts with kind world; the reward "
+        "stage's statistics are measured on them too)",
+    )
 
 
 @dataclass
@@ -112,31 +149,49 @@ class SourceConfig:
     kind: str = opt("world", "world (built-in synthetic data) | local (files) | hub (a datasets name)")
     path: Optional[str] = opt(None, "file, glob or hub dataset name; `{split}` in a local path is replaced by split")
     name: Optional[str] = opt(None, "hub dataset config")
-    split: str = opt("train", "the hub split, or the local path's `{split}`; kind world picks the file with it: sft "
-                              "train | eval, preferences train | test, prompts ppo | eval")
-    format: str = opt("auto", "text | messages | prompt_completion | pairs | hh | ranked | prompts; auto: the "
-                              "loader's default, or told apart by the records' fields")
+    split: str = opt(
+        "train",
+        "the hub split, or the local path's `{split}`; kind world picks the file with it: sft "
+        "train | eval, preferences train | test, prompts ppo | eval",
+    )
+    format: str = opt(
+        "auto",
+        "text | messages | prompt_completion | pairs | hh | ranked | prompts; auto: the "
+        "loader's default, or told apart by the records' fields",
+    )
     field: Optional[str] = opt(None, "column override (text or messages column; the prompt column for prompts)")
     on_bad_record: str = opt("error", "error | skip (skips are counted in the log and manifest)")
 
 
 @dataclass
 class DataConfig:
-    world: WorldConfig = group(WorldConfig, "the seeded synthetic world and the sizes of the datasets generated "
-                                            "from it (every source of kind world, and the gold oracle)")
-    corpus: SourceConfig = group(lambda: SourceConfig(format="text"), "pretraining documents: the tokenizer, "
-                                 "pretraining and PPO-ptx read them")
+    world: WorldConfig = group(
+        WorldConfig,
+        "the seeded synthetic world and the sizes of the datasets generated "
+        "from it (every source of kind world, and the gold oracle)",
+    )
+    corpus: SourceConfig = group(
+        lambda: SourceConfig(format="text"), "pretraining documents: the tokenizer, pretraining and PPO-ptx read them"
+    )
     sft: SourceConfig = group(lambda: SourceConfig(format="messages"), "demonstration dialogues SFT trains on")
-    sft_eval: SourceConfig = group(lambda: SourceConfig(format="messages", split="eval"),
-                                   "held-out demonstrations for SFT's eval/loss")
-    preference: SourceConfig = group(lambda: SourceConfig(format="ranked", split="train"),
-                                     "comparisons the reward model trains on")
-    preference_test: SourceConfig = group(lambda: SourceConfig(format="ranked", split="test"),
-                                          "held-out comparisons for the reward model's accuracy and calibration")
-    prompts: SourceConfig = group(lambda: SourceConfig(format="prompts", split="ppo"),
-                                  "prompts PPO trains on; the reward stage measures its reward statistics on them")
-    eval_prompts: SourceConfig = group(lambda: SourceConfig(format="prompts", split="eval"),
-                                       "held-out prompts of the gold evaluations (SFT, PPO, the report)")
+    sft_eval: SourceConfig = group(
+        lambda: SourceConfig(format="messages", split="eval"), "held-out demonstrations for SFT's eval/loss"
+    )
+    preference: SourceConfig = group(
+        lambda: SourceConfig(format="ranked", split="train"), "comparisons the reward model trains on"
+    )
+    preference_test: SourceConfig = group(
+        lambda: SourceConfig(format="ranked", split="test"),
+        "held-out comparisons for the reward model's accuracy and calibration",
+    )
+    prompts: SourceConfig = group(
+        lambda: SourceConfig(format="prompts", split="ppo"),
+        "prompts PPO trains on; the reward stage measures its reward statistics on them",
+    )
+    eval_prompts: SourceConfig = group(
+        lambda: SourceConfig(format="prompts", split="eval"),
+        "held-out prompts of the gold evaluations (SFT, PPO, the report)",
+    )
     val_fraction: float = opt(0.02, "held-out share of the pretraining corpus (by document)")
     max_docs: Optional[int] = opt(None, "cap the corpus at its first N documents (quick experiments); null: all")
 
@@ -150,15 +205,17 @@ class OptimConfig:
     beta1: float = opt(0.9, "AdamW's beta1: decay rate of the gradient's running mean")
     beta2: float = opt(0.95, "AdamW's beta2: decay rate of the squared gradient's running mean")
     eps: float = opt(1e-8, "AdamW's epsilon, added to the denominator")
-    max_grad_norm: float = opt(1.0, "gradients are clipped to this global L2 norm before each step (PPO: actor "
-                                    "and critic each on its own)")
+    max_grad_norm: float = opt(
+        1.0, "gradients are clipped to this global L2 norm before each step (PPO: actor and critic each on its own)"
+    )
 
 
 @dataclass
 class TokenizerTrain:
     min_frequency: int = opt(2, "a BPE merge needs a pair seen at least this many times")
-    max_docs: Optional[int] = opt(50000, "train on the first N corpus documents (BPE statistics saturate long "
-                                         "before the whole corpus); null: all")
+    max_docs: Optional[int] = opt(
+        50000, "train on the first N corpus documents (BPE statistics saturate long before the whole corpus); null: all"
+    )
 
 
 @dataclass
@@ -171,8 +228,9 @@ class PretrainTrain:
     eval_batches: int = opt(8, "held-out batches per evaluation (eval_batches * batch_size blocks)")
     save_every: int = opt(200, "steps between intermediate checkpoints (resume points)")
     log_every: int = opt(10, "steps between train/loss logs")
-    keep_checkpoints: int = opt(2, "resume points kept while the stage runs (older ones are deleted; all go once it "
-                                   "completes)")
+    keep_checkpoints: int = opt(
+        2, "resume points kept while the stage runs (older ones are deleted; all go once it completes)"
+    )
 
 
 @dataclass
@@ -180,18 +238,25 @@ class StageConfig:
     """Keys shared by every stage's root config."""
 
     stage: str = opt(MISSING, "the stage this config runs (set by each stage's schema)")
-    run: str = opt("default", "the run's name: the stage writes <paths.root>/<run>/<stage>/ (a sweep appends its "
-                              "overrides)")
+    run: str = opt(
+        "default", "the run's name: the stage writes <paths.root>/<run>/<stage>/ (a sweep appends its overrides)"
+    )
     parent_run: Optional[str] = opt(None, "where parent stages are found; null: the same run (sweeps set it)")
-    seed: int = opt(0, "the stage's training seed: initialisation, data order, held-out split, sampling (the world "
-                       "has its own, data.world.seed)")
+    seed: int = opt(
+        0,
+        "the stage's training seed: initialisation, data order, held-out split, sampling (the world "
+        "has its own, data.world.seed)",
+    )
     force: bool = opt(False, "redo a finished stage, or replace one made with a different config")
-    precision: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16: the training's mixed "
-                                 "precision (weights stay fp32)")
+    precision: str = opt(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16: the training's mixed precision (weights stay fp32)",
+    )
     paths: PathsConfig = group(PathsConfig, "where runs and the generated data live (conf/paths)")
     logger: LoggerConfig = group(LoggerConfig, "experiment tracking: W&B on top of metrics.jsonl (conf/logger)")
-    model: ModelConfig = group(ModelConfig, "the model: a hub checkpoint or one built from the sizes (conf/model, "
-                                            "sizes from the preset)")
+    model: ModelConfig = group(
+        ModelConfig, "the model: a hub checkpoint or one built from the sizes (conf/model, sizes from the preset)"
+    )
     data: DataConfig = group(DataConfig, "where every kind of data comes from, and the synthetic world (conf/data)")
     optim: OptimConfig = group(OptimConfig, "AdamW with linear warmup and cosine decay (conf/optim)")
 
@@ -199,8 +264,9 @@ class StageConfig:
 @dataclass
 class TokenizerConfig(StageConfig):
     stage: str = opt("tokenizer", "the stage this config runs")
-    train: TokenizerTrain = group(TokenizerTrain, "byte-level BPE training on the corpus (model.vocab_size is the "
-                                                  "target size)")
+    train: TokenizerTrain = group(
+        TokenizerTrain, "byte-level BPE training on the corpus (model.vocab_size is the target size)"
+    )
 
 
 @dataclass
@@ -225,14 +291,17 @@ class GenerationSettings:
     """Decoding (pipeline/inference/generation.py). conf/generation/{greedy,sample,beam}.yaml are the usual choices."""
 
     max_new_tokens: int = opt(96, "reply length limit in tokens (a reply also stops at the end of its turn)")
-    do_sample: bool = opt(False, "True: sample (temperature, top_k, top_p); False: greedy (num_beams=1) or beam "
-                                 "search (num_beams>1)")
+    do_sample: bool = opt(
+        False, "True: sample (temperature, top_k, top_p); False: greedy (num_beams=1) or beam search (num_beams>1)"
+    )
     temperature: float = opt(1.0, "sampling temperature (with do_sample)")
     top_k: int = opt(0, "sample only from the k most likely tokens (with do_sample); 0: off")
-    top_p: float = opt(1.0, "nucleus sampling: only the most likely tokens holding this much probability (with "
-                            "do_sample); 1.0: off")
-    repetition_penalty: float = opt(1.0, "transformers' repetition penalty: > 1 discourages tokens already in the "
-                                         "text; 1.0: off")
+    top_p: float = opt(
+        1.0, "nucleus sampling: only the most likely tokens holding this much probability (with do_sample); 1.0: off"
+    )
+    repetition_penalty: float = opt(
+        1.0, "transformers' repetition penalty: > 1 discourages tokens already in the text; 1.0: off"
+    )
     num_beams: int = opt(1, "beams of beam search when do_sample is false; 1: greedy")
 
 
@@ -253,12 +322,15 @@ class SFTTrain:
     batch_size: int = opt(16, "dialogues per device per micro-step (or packed blocks with packing=true)")
     grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
     max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)")
-    max_length: Optional[int] = opt(None, "tokens per dialogue, longer ones are truncated (counted); null: "
-                                          "model.max_seq_len")
-    packing: bool = opt(False, "pack several dialogues into each max_length block (TRL's packing); held-out "
-                               "dialogues stay unpacked")
-    eval_every: int = opt(100, "steps between evaluations: held-out loss on data.sft_eval and a table of sample "
-                               "responses")
+    max_length: Optional[int] = opt(
+        None, "tokens per dialogue, longer ones are truncated (counted); null: model.max_seq_len"
+    )
+    packing: bool = opt(
+        False, "pack several dialogues into each max_length block (TRL's packing); held-out dialogues stay unpacked"
+    )
+    eval_every: int = opt(
+        100, "steps between evaluations: held-out loss on data.sft_eval and a table of sample responses"
+    )
     eval_batch_size: Optional[int] = opt(None, "dialogues per device per held-out loss batch; null: batch_size")
     save_every: int = opt(100, "steps between Trainer checkpoints (resume points)")
     log_every: int = opt(10, "steps between train/loss logs")
@@ -275,27 +347,39 @@ class RewardTrain:
     batch_size: int = opt(16, "preference pairs per device per micro-step")
     grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
     max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)")
-    max_length: Optional[int] = opt(None, "prompt + response tokens; longer pairs are dropped (counted); null: "
-                                          "model.max_seq_len")
-    eval_every: int = opt(100, "steps between evaluations on data.preference_test (accuracy, gold accuracy, "
-                               "calibration, margin)")
-    eval_batch_size: Optional[int] = opt(None, "sequences per batch when scoring the test pairs and the statistics "
-                                               "answers; null: batch_size")
+    max_length: Optional[int] = opt(
+        None, "prompt + response tokens; longer pairs are dropped (counted); null: model.max_seq_len"
+    )
+    eval_every: int = opt(
+        100, "steps between evaluations on data.preference_test (accuracy, gold accuracy, calibration, margin)"
+    )
+    eval_batch_size: Optional[int] = opt(
+        None, "sequences per batch when scoring the test pairs and the statistics answers; null: batch_size"
+    )
     save_every: int = opt(100, "steps between Trainer checkpoints (resume points)")
     log_every: int = opt(10, "steps between train/loss logs")
     keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
-    center_rewards_coefficient: Optional[float] = opt(None, "adds coef * mean((r_chosen + r_rejected)^2) to the "
-                                                            "loss (TRL), e.g. 0.01 pulls rewards towards mean zero; "
-                                                            "null: off")
+    center_rewards_coefficient: Optional[float] = opt(
+        None,
+        "adds coef * mean((r_chosen + r_rejected)^2) to the "
+        "loss (TRL), e.g. 0.01 pulls rewards towards mean zero; "
+        "null: off",
+    )
     group_by_prompt: bool = opt(False, "InstructGPT: all pairs of one prompt's ranking in the same batch")
-    ensemble: int = opt(1, "K reward models (Coste et al. 2023): member 0 is final/ itself, member k final/members/k, "
-                           "listed with each one's statistics in final/ensemble.json; a method combines them by its "
-                           "reward_objective. 1: the single reward model. Each member costs one more training run")
-    ensemble_diversity: str = opt("seed", "what makes the members differ: seed (head initialisation and batch order "
-                                          "by seed + k, the same pairs) | bootstrap (also a resample of the prompts, "
-                                          "with replacement, whole rankings kept); see docs/ppo.md for the measured "
-                                          "choice")
+    ensemble: int = opt(
+        1,
+        "K reward models (Coste et al. 2023): member 0 is final/ itself, member k final/members/k, "
+        "listed with each one's statistics in final/ensemble.json; a method combines them by its "
+        "reward_objective. 1: the single reward model. Each member costs one more training run",
+    )
+    ensemble_diversity: str = opt(
+        "seed",
+        "what makes the members differ: seed (head initialisation and batch order "
+        "by seed + k, the same pairs) | bootstrap (also a resample of the prompts, "
+        "with replacement, whole rankings kept); see docs/ppo.md for the measured "
+        "choice",
+    )
     max_prompts: Optional[int] = opt(None, "train on the pairs of the first N prompts of data.preference; null: all")
     max_test_prompts: Optional[int] = opt(None, "the same for data.preference_test")
     calibration_bins: int = opt(10, "equal-width confidence bins of eval/ece (calibration of sigmoid(margin))")
@@ -309,8 +393,9 @@ class SFTConfig(StageConfig):
     stage: str = opt("sft", "the stage this config runs")
     train: SFTTrain = group(SFTTrain, "the SFT Trainer's settings (budget from conf/preset/sft)")
     peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
-    generation: GenerationSettings = group(GenerationSettings, "decoding for the gold evaluation and the samples "
-                                                               "table (conf/generation)")
+    generation: GenerationSettings = group(
+        GenerationSettings, "decoding for the gold evaluation and the samples table (conf/generation)"
+    )
 
 
 @dataclass
@@ -328,49 +413,71 @@ class IterateSettings:
     r-1's policy, updates the reward model on every comparison gathered so far, and continues PPO from that policy
     against it. One group for the round's stages (reward, ppo, dpo), so one ARGS reaches them all."""
 
-    prompts: int = opt(512, "comparisons per round: prompts of data.prompts whose `samples` replies from the "
-                            "current policy the simulated labellers rank (round r takes the (r-1)-th slice, "
-                            "wrapping around); the label budget of a round")
-    samples: int = opt(4, "replies per labelled prompt, K (a ranking of the distinct ones gives up to K(K-1)/2 "
-                          "pairs)")
-    reward_init: str = opt("continue", "continue (round r's reward model starts from round r-1's) | sft (retrained "
-                                       "from the SFT policy with a fresh head); either trains on all comparisons "
-                                       "gathered so far")
+    prompts: int = opt(
+        512,
+        "comparisons per round: prompts of data.prompts whose `samples` replies from the "
+        "current policy the simulated labellers rank (round r takes the (r-1)-th slice, "
+        "wrapping around); the label budget of a round",
+    )
+    samples: int = opt(4, "replies per labelled prompt, K (a ranking of the distinct ones gives up to K(K-1)/2 pairs)")
+    reward_init: str = opt(
+        "continue",
+        "continue (round r's reward model starts from round r-1's) | sft (retrained "
+        "from the SFT policy with a fresh head); either trains on all comparisons "
+        "gathered so far",
+    )
     reward_steps: Optional[int] = opt(None, "optimizer steps of a round's reward update; null: train.max_steps")
-    kl_anchor: str = opt("sft", "sft (every round's KL penalty is to the SFT policy, as Llama 2 and Anthropic "
-                                "did) | previous (to the policy the round starts from)")
-    policy: str = opt("ppo", "ppo | dpo: the method whose round r-1 policy the labellers see (dpo: online DPO, "
-                             "whose rounds label their own samples and need no reward model)")
+    kl_anchor: str = opt(
+        "sft",
+        "sft (every round's KL penalty is to the SFT policy, as Llama 2 and Anthropic "
+        "did) | previous (to the policy the round starts from)",
+    )
+    policy: str = opt(
+        "ppo",
+        "ppo | dpo: the method whose round r-1 policy the labellers see (dpo: online DPO, "
+        "whose rounds label their own samples and need no reward model)",
+    )
 
 
 @dataclass
 class RewardConfig(StageConfig):
     stage: str = opt("reward", "the stage this config runs")
-    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
-                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
-                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
-                                 "pipeline/inference/sampler.py")
-    round: int = opt(1, "the round of iterated RLHF (make iterate): 1 is the one-shot reward stage; r > 1 writes "
-                        "runs/<run>/reward_r<r>/ from round r-1's policy and reward model (`iterate`)")
+    sampler: str = opt(
+        "engine",
+        "how replies are sampled: engine (the continuous-batching engine's runner, as "
+        "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+        "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+        "pipeline/inference/sampler.py",
+    )
+    round: int = opt(
+        1,
+        "the round of iterated RLHF (make iterate): 1 is the one-shot reward stage; r > 1 writes "
+        "runs/<run>/reward_r<r>/ from round r-1's policy and reward model (`iterate`)",
+    )
     iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
     train: RewardTrain = group(RewardTrain, "the reward Trainer's settings (budget from conf/preset/reward)")
     peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
-    generation: GenerationSettings = group(GenerationSettings, "decoding of the SFT samples: on-policy comparisons, "
-                                                               "reward statistics (conf/generation)")
-    onpolicy: OnPolicySettings = group(OnPolicySettings, "comparisons of the SFT policy's own samples, ranked by "
-                                                         "simulated labellers, added to data.preference")
+    generation: GenerationSettings = group(
+        GenerationSettings, "decoding of the SFT samples: on-policy comparisons, reward statistics (conf/generation)"
+    )
+    onpolicy: OnPolicySettings = group(
+        OnPolicySettings,
+        "comparisons of the SFT policy's own samples, ranked by simulated labellers, added to data.preference",
+    )
 
 
 @dataclass
 class CheckpointChoice:
     """Which chat model a tool loads (runs.resolve_checkpoint reads these keys): chat, generate and serve."""
 
-    stage: Optional[str] = opt(None, "whose final/ to load (a policy stage); null: the latest complete stage of the "
-                                     "run")
+    stage: Optional[str] = opt(
+        None, "whose final/ to load (a policy stage); null: the latest complete stage of the run"
+    )
     checkpoint: Optional[str] = opt(None, "any Hugging Face checkpoint folder (wins over stage)")
     run: str = opt("default", "the run whose stages are looked up: <paths.root>/<run>/")
-    precision: str = opt("auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | "
-                                 "fp32 | bf16 | fp16")
+    precision: str = opt(
+        "auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | fp32 | bf16 | fp16"
+    )
     paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
 
 
@@ -379,8 +486,7 @@ class ChatConfig(CheckpointChoice):
     """stages/tools/chat.py: talk to a checkpoint. Not a pipeline stage: writes nothing."""
 
     seed: int = opt(0, "seed of the sampling (chat adds the turn number)")
-    system: Optional[str] = opt(None, "system prompt opening every conversation (generate: every prompt without "
-                                      "one)")
+    system: Optional[str] = opt(None, "system prompt opening every conversation (generate: every prompt without one)")
     generation: GenerationSettings = group(GenerationSettings, "decoding (conf/generation)")
 
 
@@ -388,8 +494,9 @@ class ChatConfig(CheckpointChoice):
 class GenerateConfig(ChatConfig):
     """stages/tools/generate.py: responses for a prompts file."""
 
-    input: Optional[str] = opt(None, ".jsonl ({\"messages\": [...]} or {\"prompt\": \"...\"}) or .txt; null: "
-                                     "built-in eval prompts")
+    input: Optional[str] = opt(
+        None, '.jsonl ({"messages": [...]} or {"prompt": "..."}) or .txt; null: built-in eval prompts'
+    )
     output: Optional[str] = opt(None, ".jsonl; null: next to the input (or in the run folder) as *.responses.jsonl")
     batch_size: int = opt(16, "prompts per generation batch")
     limit: Optional[int] = opt(None, "first N prompts only")
@@ -398,20 +505,23 @@ class GenerateConfig(ChatConfig):
 
 @dataclass
 class AuthSettings:
-    keys_env: Optional[str] = opt("RLHF_API_KEYS", "environment variable holding the API keys, comma-separated "
-                                                   "(null: none from the environment)")
+    keys_env: Optional[str] = opt(
+        "RLHF_API_KEYS", "environment variable holding the API keys, comma-separated (null: none from the environment)"
+    )
     keys_file: Optional[str] = opt(None, "a file of API keys, one per line (# comments); read with keys_env")
 
 
 @dataclass
 class LimitSettings:
     requests_per_minute: int = opt(600, "requests per minute per API key (a bucket that refills continuously)")
-    tokens_per_minute: int = opt(200_000, "tokens per minute per API key: prompt + max_tokens x n charged up front, "
-                                          "the unused part given back when the request ends")
+    tokens_per_minute: int = opt(
+        200_000,
+        "tokens per minute per API key: prompt + max_tokens x n charged up front, "
+        "the unused part given back when the request ends",
+    )
     concurrent_requests: int = opt(16, "requests of one API key in flight at once; more get 429")
     max_body_bytes: int = opt(1_048_576, "largest request body; a bigger one gets 413")
-    max_messages: int = opt(2048, "messages in one chat completion at most; more get 400 before anything is "
-                                  "tokenised")
+    max_messages: int = opt(2048, "messages in one chat completion at most; more get 400 before anything is tokenised")
     max_moderation_inputs: int = opt(32, "texts in one /v1/moderations request at most; more get 400")
 
 
@@ -419,31 +529,46 @@ class LimitSettings:
 class EngineSettings:
     max_batch: int = opt(32, "rows (choices) decoded together at most; more requests wait their turn")
     max_waiting: int = opt(512, "requests waiting for a row at most; more get 503 (overloaded)")
-    max_tokens_default: Optional[int] = opt(None, "max_tokens of a request that sets none (null: the rest of the "
-                                                  "model's context, as OpenAI's API does)")
+    max_tokens_default: Optional[int] = opt(
+        None, "max_tokens of a request that sets none (null: the rest of the model's context, as OpenAI's API does)"
+    )
     seed: int = opt(0, "seed of the sampling of requests that give no seed")
-    threads: Optional[int] = opt(None, "torch's CPU threads (null: torch's default, one per core); on a small "
-                                       "model, 1 leaves a core to the HTTP side")
-    fast_path: bool = opt(True, "run Llama checkpoints through the lean forward with a slot cache "
-                                "(pipeline/inference/runners.py); false: the model's own forward for every architecture")
-    process: bool = opt(True, "run the engine in a process of its own (serving/worker.py), so that the model and "
-                              "the HTTP side do not share one GIL; false: a thread of the server's process")
+    threads: Optional[int] = opt(
+        None,
+        "torch's CPU threads (null: torch's default, one per core); on a small model, 1 leaves a core to the HTTP side",
+    )
+    fast_path: bool = opt(
+        True,
+        "run Llama checkpoints through the lean forward with a slot cache "
+        "(pipeline/inference/runners.py); false: the model's own forward for every architecture",
+    )
+    process: bool = opt(
+        True,
+        "run the engine in a process of its own (serving/worker.py), so that the model and "
+        "the HTTP side do not share one GIL; false: a thread of the server's process",
+    )
 
 
 @dataclass
 class ModerationSettings:
     input: bool = opt(True, "moderate the prompt: a flagged one is refused (400, code content_filter)")
-    output: bool = opt(True, "moderate the reply as it is written: a flagged one ends with finish_reason "
-                             "content_filter")
-    classifier: str = opt("lexicon", "lexicon (built-in phrase lists, offline; see serving/moderation.py) | a Hugging "
-                                     "Face sequence-classification folder")
-    categories: Optional[List[str]] = opt(None, "categories that flag (null: all the classifier has); the others "
-                                                "are still scored")
+    output: bool = opt(
+        True, "moderate the reply as it is written: a flagged one ends with finish_reason content_filter"
+    )
+    classifier: str = opt(
+        "lexicon",
+        "lexicon (built-in phrase lists, offline; see serving/moderation.py) | a Hugging "
+        "Face sequence-classification folder",
+    )
+    categories: Optional[List[str]] = opt(
+        None, "categories that flag (null: all the classifier has); the others are still scored"
+    )
     threshold: float = opt(0.5, "score at or above which a category flags")
     # Any, not Dict[...]: OmegaConf cannot merge a command-line mapping into a typed dict that defaults to null.
     thresholds: Any = opt(None, "per-category thresholds over `threshold`, e.g. '{violence: 0.8}'")
-    terms: Any = opt(None, "extra phrases per category for the lexicon (weight 1: one match flags), e.g. "
-                           "'{violence: [pummel]}'")
+    terms: Any = opt(
+        None, "extra phrases per category for the lexicon (weight 1: one match flags), e.g. '{violence: [pummel]}'"
+    )
     label_map: Any = opt(None, "a HF classifier's label -> category name (unmapped labels keep their name)")
 
 
@@ -453,13 +578,17 @@ class ServeConfig(CheckpointChoice):
 
     host: str = opt("127.0.0.1", "address to bind; anything but loopback needs an API key")
     port: int = opt(8000, "TCP port")
-    model_name: Optional[str] = opt(None, "the model id clients send and /v1/models lists (null: <run>/<stage>, or "
-                                          "the checkpoint folder's name)")
+    model_name: Optional[str] = opt(
+        None, "the model id clients send and /v1/models lists (null: <run>/<stage>, or the checkpoint folder's name)"
+    )
     log_level: str = opt("info", "uvicorn's and the server's log level: debug | info | warning | error")
-    stream_interval: int = opt(1, "tokens per streamed chunk at most, as vLLM's --stream-interval: 1 sends each "
-                                  "token as it comes (OpenAI's way); more sends fewer, longer chunks (less work for "
-                                  "server and client per token, coarser streaming); the first text and the end go "
-                                  "out at once")
+    stream_interval: int = opt(
+        1,
+        "tokens per streamed chunk at most, as vLLM's --stream-interval: 1 sends each "
+        "token as it comes (OpenAI's way); more sends fewer, longer chunks (less work for "
+        "server and client per token, coarser streaming); the first text and the end go "
+        "out at once",
+    )
     auth: AuthSettings = group(AuthSettings, "API keys")
     limits: LimitSettings = group(LimitSettings, "rate and size limits, per API key")
     engine: EngineSettings = group(EngineSettings, "the batching generation engine")
@@ -477,83 +606,133 @@ for _name, _schema in {"chat": ChatConfig, "generate": GenerateConfig, "serve": 
 class PPOTrain:
     """Every implementation detail of RLHF-PPO is a switch here (Huang et al. 2024, InstructGPT, Ziegler et al.)."""
 
-    iterations: int = opt(100, "PPO iterations, each: sample prompts, generate, score, update (the learning-rate "
-                               "schedules span all their optimizer steps)")
+    iterations: int = opt(
+        100,
+        "PPO iterations, each: sample prompts, generate, score, update (the learning-rate "
+        "schedules span all their optimizer steps)",
+    )
     rollout_batch_size: int = opt(32, "prompts per process per iteration (one reply each)")
     minibatch_size: int = opt(16, "episodes per optimizer step (per process)")
-    grad_accum: int = opt(1, "micro-batches per minibatch (the gradient is the minibatch's token mean however it "
-                             "is split)")
+    grad_accum: int = opt(
+        1, "micro-batches per minibatch (the gradient is the minibatch's token mean however it is split)"
+    )
     ppo_epochs: int = opt(4, "passes over each rollout batch")
-    forward_batch_size: int = opt(32, "chunk size of the no-grad scoring passes (old and reference log-probs, "
-                                      "values, reward)")
-    pack_sequences: int = opt(4, "forward passes on real tokens only, this many sequences per row; 0: padded "
-                                 "batches")
-    old_logprobs: str = opt("auto", "generate (the sampler's own) | recompute (a forward pass) | auto: generate in "
-                                    "fp32")
-    max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error, not "
-                                      "truncated")
-    max_new_tokens: int = opt(48, "reply length limit in tokens, in training and evaluation (a reply that reaches "
-                                  "it is unfinished: see missing_eos_penalty)")
+    forward_batch_size: int = opt(
+        32, "chunk size of the no-grad scoring passes (old and reference log-probs, values, reward)"
+    )
+    pack_sequences: int = opt(4, "forward passes on real tokens only, this many sequences per row; 0: padded batches")
+    old_logprobs: str = opt(
+        "auto", "generate (the sampler's own) | recompute (a forward pass) | auto: generate in fp32"
+    )
+    max_prompt_tokens: int = opt(
+        192, "longest chat-templated prompt in tokens; a longer one is an error, not truncated"
+    )
+    max_new_tokens: int = opt(
+        48,
+        "reply length limit in tokens, in training and evaluation (a reply that reaches "
+        "it is unfinished: see missing_eos_penalty)",
+    )
     temperature: float = opt(0.7, "sampling temperature; log-probs are computed under the same temperature")
     top_k: int = opt(0, "0: off. Anything but plain temperature sampling makes the behaviour policy differ from pi")
-    top_p: float = opt(1.0, "nucleus sampling of the rollouts; 1.0: off (as with top_k, anything else makes the "
-                            "behaviour policy differ from pi)")
-    reward: str = opt("model", "model | gold (PPO on the oracle itself: a perfect-RM ceiling) | contains:<text> "
-                               "(sanity check)")
-    normalize_reward: bool = opt(True, "(score - mean) / std with the reward stage's statistics on SFT samples (an "
-                                       "ensemble's members are always normalised, each with its own)")
-    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
-                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
-                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
-                                        "member: its score, whatever this says")
+    top_p: float = opt(
+        1.0,
+        "nucleus sampling of the rollouts; 1.0: off (as with top_k, anything else makes the "
+        "behaviour policy differ from pi)",
+    )
+    reward: str = opt(
+        "model", "model | gold (PPO on the oracle itself: a perfect-RM ceiling) | contains:<text> (sanity check)"
+    )
+    normalize_reward: bool = opt(
+        True,
+        "(score - mean) / std with the reward stage's statistics on SFT samples (an "
+        "ensemble's members are always normalised, each with its own)",
+    )
+    reward_objective: str = opt(
+        "mean",
+        "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+        "optimised of the members' normalised scores: mean | worst (their minimum, "
+        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+        "member: its score, whatever this says",
+    )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
-    missing_eos_penalty: Optional[float] = opt(1.0, "a reply that never ends (no end-of-turn within max_new_tokens) "
-                                                    "scores this far below the batch's lowest finished reply: min(its "
-                                                    "own score, the lowest finished one) - penalty, on the normalised "
-                                                    "scale (a clamp below the minimum, not TRL's plain subtraction, "
-                                                    "which can leave it above finished replies; "
-                                                    "pipeline.rl.shaping.penalise_unfinished). >= 0; null keeps the reward "
-                                                    "model's score")
-    kl_coef: float = opt(0.05, "beta: the KL penalty coefficient; every reply token's reward is -beta times its KL "
-                               "estimate to the SFT reference (the starting value with adaptive_kl)")
-    kl_estimator: str = opt("k1", "k1 | k2 | k3 | abs (per token, in the reward): k1 = log(pi / ref), k2 = k1^2 / 2, "
-                                  "k3 = (ref / pi - 1) - log(ref / pi), abs = |k1|")
+    missing_eos_penalty: Optional[float] = opt(
+        1.0,
+        "a reply that never ends (no end-of-turn within max_new_tokens) "
+        "scores this far below the batch's lowest finished reply: min(its "
+        "own score, the lowest finished one) - penalty, on the normalised "
+        "scale (a clamp below the minimum, not TRL's plain subtraction, "
+        "which can leave it above finished replies; "
+        "pipeline.rl.shaping.penalise_unfinished). >= 0; null keeps the reward "
+        "model's score",
+    )
+    kl_coef: float = opt(
+        0.05,
+        "beta: the KL penalty coefficient; every reply token's reward is -beta times its KL "
+        "estimate to the SFT reference (the starting value with adaptive_kl)",
+    )
+    kl_estimator: str = opt(
+        "k1",
+        "k1 | k2 | k3 | abs (per token, in the reward): k1 = log(pi / ref), k2 = k1^2 / 2, "
+        "k3 = (ref / pi - 1) - log(ref / pi), abs = |k1|",
+    )
     adaptive_kl: bool = opt(False, "Ziegler et al.'s proportional controller: steer kl_coef towards kl_target")
     kl_target: float = opt(6.0, "the adaptive controller's target KL to the reference, in nats per sequence")
-    kl_horizon: int = opt(10000, "the adaptive controller's horizon, in episodes: beta *= 1 + clip(KL / target - 1, "
-                                 "-0.2, 0.2) * episodes / horizon")
+    kl_horizon: int = opt(
+        10000,
+        "the adaptive controller's horizon, in episodes: beta *= 1 + clip(KL / target - 1, "
+        "-0.2, 0.2) * episodes / horizon",
+    )
     gamma: float = opt(1.0, "GAE discount factor per reply token (1: no discount)")
-    lam: float = opt(0.95, "GAE lambda: 1 = Monte Carlo returns (unbiased, high variance), 0 = one-step TD (leans "
-                           "on the critic)")
-    whiten_advantages: bool = opt(True, "normalise the advantages to mean 0, std 1 over the rollout batch's reply "
-                                        "tokens (per process)")
-    clip_range: float = opt(0.2, "PPO's policy ratio clip epsilon: the surrogate clips pi / pi_old to [1 - eps, "
-                                 "1 + eps]")
-    clip_range_value: float = opt(0.2, "value clip epsilon: the value loss also scores the new value clipped to "
-                                       "within +-this of the rollout's, and takes the larger error (reward units)")
-    vf_coef: float = opt(0.1, "the value-loss weight: one backward of policy loss + vf_coef * value loss (the critic "
-                              "is its own model, so it scales the critic's gradients)")
+    lam: float = opt(
+        0.95, "GAE lambda: 1 = Monte Carlo returns (unbiased, high variance), 0 = one-step TD (leans on the critic)"
+    )
+    whiten_advantages: bool = opt(
+        True, "normalise the advantages to mean 0, std 1 over the rollout batch's reply tokens (per process)"
+    )
+    clip_range: float = opt(
+        0.2, "PPO's policy ratio clip epsilon: the surrogate clips pi / pi_old to [1 - eps, 1 + eps]"
+    )
+    clip_range_value: float = opt(
+        0.2,
+        "value clip epsilon: the value loss also scores the new value clipped to "
+        "within +-this of the rollout's, and takes the larger error (reward units)",
+    )
+    vf_coef: float = opt(
+        0.1,
+        "the value-loss weight: one backward of policy loss + vf_coef * value loss (the critic "
+        "is its own model, so it scales the critic's gradients)",
+    )
     critic_init: str = opt("reward", "reward (InstructGPT) | policy (the SFT model with a fresh value head)")
     critic_lr: Optional[float] = opt(None, "the critic's learning rate; null: optim.lr")
-    ptx_coef: float = opt(0.0, "PPO-ptx: + coef * LM loss on the pretraining corpus (InstructGPT used 27.8; see "
-                               "docs)")
-    ptx_batch_size: int = opt(4, "pretraining-corpus blocks (min(model.max_seq_len, 256) tokens each) per "
-                                 "micro-batch of the PPO-ptx loss")
+    ptx_coef: float = opt(0.0, "PPO-ptx: + coef * LM loss on the pretraining corpus (InstructGPT used 27.8; see docs)")
+    ptx_batch_size: int = opt(
+        4, "pretraining-corpus blocks (min(model.max_seq_len, 256) tokens each) per micro-batch of the PPO-ptx loss"
+    )
     ema_decay: Optional[float] = opt(None, "e.g. 0.99: the saved policy is an EMA of the actor")
     eval_prompts: int = opt(200, "held-out prompts for the final PPO-vs-SFT evaluation")
     eval_batch_size: int = opt(32, "prompts per generation batch in the periodic and final evaluations")
-    eval_sampled: bool = opt(True, "the final evaluation is greedy (eval/..., the headline); true: also sampled at "
-                                   "`temperature` (eval/sampled/...)")
-    eval_every: int = opt(10, "iterations between periodic held-out evaluations (also before the first and after "
-                              "the last; see periodic_eval_prompts)")
-    periodic_eval_prompts: int = opt(64, "at every periodic evaluation the policy answers the first N held-out "
-                                         "prompts, sampled at `temperature` (Gao et al. 2022): periodic/gold_score, "
-                                         "periodic/reward (the reward model's score, normalised and penalised as "
-                                         "the training rewards), periodic/kl (exact KL to SFT along the replies), "
-                                         "the lines of the over-optimisation plot. 0: off")
+    eval_sampled: bool = opt(
+        True,
+        "the final evaluation is greedy (eval/..., the headline); true: also sampled at "
+        "`temperature` (eval/sampled/...)",
+    )
+    eval_every: int = opt(
+        10,
+        "iterations between periodic held-out evaluations (also before the first and after "
+        "the last; see periodic_eval_prompts)",
+    )
+    periodic_eval_prompts: int = opt(
+        64,
+        "at every periodic evaluation the policy answers the first N held-out "
+        "prompts, sampled at `temperature` (Gao et al. 2022): periodic/gold_score, "
+        "periodic/reward (the reward model's score, normalised and penalised as "
+        "the training rewards), periodic/kl (exact KL to SFT along the replies), "
+        "the lines of the over-optimisation plot. 0: off",
+    )
     save_every: int = opt(10, "iterations between resume points")
-    keep_checkpoints: int = opt(2, "resume points kept while the stage runs (older ones are deleted; all go once it "
-                                   "completes)")
+    keep_checkpoints: int = opt(
+        2, "resume points kept while the stage runs (older ones are deleted; all go once it completes)"
+    )
     sample_every: int = opt(10, "iterations between sample tables (ppo/samples); 0: none")
     log_samples: int = opt(8, "rows of each sample table: prompt, reply, gold score, reward-model score")
 
@@ -564,8 +743,11 @@ class AlarmSettings:
     reward-model ensemble's members' disagreement on the policy's own samples and the proxy reward. It fires when
     the proxy is rising while the members disagree more and more. Needs train.ensemble >= 2 in the reward stage."""
 
-    enabled: bool = opt(True, "watch every iteration (alarm/* metrics, a console line, the over-optimisation "
-                              "plot's mark); off: nothing is logged")
+    enabled: bool = opt(
+        True,
+        "watch every iteration (alarm/* metrics, a console line, the over-optimisation "
+        "plot's mark); off: nothing is logged",
+    )
     window: int = opt(5, "iterations in each trailing mean (the proxy's and the disagreement's)")
     rise: float = opt(1.0, "the disagreement must exceed (1 + rise) times its lowest trailing mean so far")
     patience: int = opt(3, "iterations in a row the condition must hold before it fires")
@@ -574,18 +756,26 @@ class AlarmSettings:
 @dataclass
 class PPOConfig(StageConfig):
     stage: str = opt("ppo", "the stage this config runs")
-    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
-                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
-                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
-                                 "pipeline/inference/sampler.py")
-    round: int = opt(1, "the round of iterated RLHF (make iterate): 1 is the one-shot PPO from SFT; r > 1 writes "
-                        "runs/<run>/ppo_r<r>/, continuing round r-1's policy against round r's reward model")
+    sampler: str = opt(
+        "engine",
+        "how replies are sampled: engine (the continuous-batching engine's runner, as "
+        "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+        "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+        "pipeline/inference/sampler.py",
+    )
+    round: int = opt(
+        1,
+        "the round of iterated RLHF (make iterate): 1 is the one-shot PPO from SFT; r > 1 writes "
+        "runs/<run>/ppo_r<r>/, continuing round r-1's policy against round r's reward model",
+    )
     iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
-    train: PPOTrain = group(PPOTrain, "the PPO loop: every implementation detail is a switch here (budget from "
-                                      "conf/preset/ppo)")
+    train: PPOTrain = group(
+        PPOTrain, "the PPO loop: every implementation detail is a switch here (budget from conf/preset/ppo)"
+    )
     alarm: AlarmSettings = group(AlarmSettings, "the reward-hacking alarm, from the ensemble's disagreement")
-    peft: LoraSettings = group(LoraSettings, "LoRA on the actor; the reference is the base (the adapter disabled, "
-                                             "no second copy)")
+    peft: LoraSettings = group(
+        LoraSettings, "LoRA on the actor; the reference is the base (the adapter disabled, no second copy)"
+    )
 
 
 # ---- the methods: other ways to learn from the same preferences (stages/{bon,dpo,expert_iteration,rloo,grpo}.py) --
@@ -600,16 +790,24 @@ class MethodEval:
     batch_size: int = opt(50, "prompts per generation batch")
     max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error")
     max_new_tokens: int = opt(48, "reply length limit in tokens (PPO: train.max_new_tokens)")
-    temperature: float = opt(0.7, "the sampled evaluation's temperature, and the one the exact KL to SFT is taken "
-                                  "under (PPO: train.temperature)")
+    temperature: float = opt(
+        0.7,
+        "the sampled evaluation's temperature, and the one the exact KL to SFT is taken under (PPO: train.temperature)",
+    )
     top_k: int = opt(0, "top-k of the sampled evaluation; 0: off")
     top_p: float = opt(1.0, "nucleus sampling of the sampled evaluation; 1.0: off")
-    greedy: bool = opt(True, "also the greedy evaluation (eval/...); the sampled one (eval/sampled/...) is always "
-                             "made, since best-of-n has only that")
+    greedy: bool = opt(
+        True,
+        "also the greedy evaluation (eval/...); the sampled one (eval/sampled/...) is always "
+        "made, since best-of-n has only that",
+    )
     bootstrap: int = opt(1000, "bootstrap resamples of the prompts for the win rate's 95% interval")
-    periodic_prompts: int = opt(64, "RLOO, GRPO: the first N held-out prompts answered every train.eval_every steps "
-                                    "(sampled: gold, reward-model score, exact KL), the method's curve on the gold-KL "
-                                    "plot; 0: off")
+    periodic_prompts: int = opt(
+        64,
+        "RLOO, GRPO: the first N held-out prompts answered every train.eval_every steps "
+        "(sampled: gold, reward-model score, exact KL), the method's curve on the gold-KL "
+        "plot; 0: off",
+    )
 
 
 @dataclass
@@ -629,49 +827,67 @@ class TrainerBudget:
 
 @dataclass
 class BoNSettings:
-    n: int = opt(16, "replies sampled from SFT per prompt (at eval.temperature); the reward model's best is the "
-                     "answer. Its KL to SFT is at most log n - (n-1)/n; the manifest also gives every power of 2 "
-                     "below n, the first m of the same samples (a curve over n)")
-    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
-                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
-                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
-                                        "member: its score, whatever this says")
+    n: int = opt(
+        16,
+        "replies sampled from SFT per prompt (at eval.temperature); the reward model's best is the "
+        "answer. Its KL to SFT is at most log n - (n-1)/n; the manifest also gives every power of 2 "
+        "below n, the first m of the same samples (a curve over n)",
+    )
+    reward_objective: str = opt(
+        "mean",
+        "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+        "optimised of the members' normalised scores: mean | worst (their minimum, "
+        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+        "member: its score, whatever this says",
+    )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
 
 
 @dataclass
 class BoNConfig(StageConfig):
     stage: str = opt("bon", "the stage this config runs")
-    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
-                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
-                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
-                                 "pipeline/inference/sampler.py")
+    sampler: str = opt(
+        "engine",
+        "how replies are sampled: engine (the continuous-batching engine's runner, as "
+        "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+        "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+        "pipeline/inference/sampler.py",
+    )
     bon: BoNSettings = group(BoNSettings, "best-of-n with the reward model (conf/preset/bon)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
 
 
 @dataclass
 class DPOTrain(TrainerBudget):
-    beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the SFT reference (IPO: its "
-                           "regularisation)")
+    beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the SFT reference (IPO: its regularisation)")
     loss_type: str = opt("sigmoid", "TRL's DPO loss: sigmoid (DPO) | ipo | hinge | robust | ... (trl.DPOConfig)")
-    max_length: Optional[int] = opt(None, "prompt + reply tokens; longer pairs are cut at the end; null: "
-                                          "model.max_seq_len")
-    onpolicy: bool = opt(True, "also the on-policy comparisons the reward stage recorded "
-                               "(onpolicy_comparisons.jsonl), as the reward model learnt from them")
+    max_length: Optional[int] = opt(
+        None, "prompt + reply tokens; longer pairs are cut at the end; null: model.max_seq_len"
+    )
+    onpolicy: bool = opt(
+        True,
+        "also the on-policy comparisons the reward stage recorded "
+        "(onpolicy_comparisons.jsonl), as the reward model learnt from them",
+    )
     max_prompts: Optional[int] = opt(None, "the pairs of the first N prompts of data.preference; null: all")
 
 
 @dataclass
 class DPOConfig(StageConfig):
     stage: str = opt("dpo", "the stage this config runs")
-    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
-                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
-                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
-                                 "pipeline/inference/sampler.py")
-    round: int = opt(1, "the round of online DPO (make iterate ARGS=iterate.policy=dpo): 1 is the offline DPO on "
-                        "the reward stage's comparisons; r > 1 writes runs/<run>/dpo_r<r>/, trained from round r-1's "
-                        "policy on fresh comparisons of its own samples")
+    sampler: str = opt(
+        "engine",
+        "how replies are sampled: engine (the continuous-batching engine's runner, as "
+        "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+        "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+        "pipeline/inference/sampler.py",
+    )
+    round: int = opt(
+        1,
+        "the round of online DPO (make iterate ARGS=iterate.policy=dpo): 1 is the offline DPO on "
+        "the reward stage's comparisons; r > 1 writes runs/<run>/dpo_r<r>/, trained from round r-1's "
+        "policy on fresh comparisons of its own samples",
+    )
     iterate: IterateSettings = group(IterateSettings, "what a round of online DPO does (used when round > 1)")
     train: DPOTrain = group(DPOTrain, "TRL's DPOTrainer (budget from conf/preset/dpo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy; the reference is the adapter-disabled base")
@@ -680,30 +896,41 @@ class DPOConfig(StageConfig):
 
 @dataclass
 class ExpertIterationTrain(TrainerBudget):
-    rounds: int = opt(1, "rounds of sample -> keep the reward model's best -> fine-tune; each round samples from the "
-                         "previous round's policy (round 1: SFT)")
+    rounds: int = opt(
+        1,
+        "rounds of sample -> keep the reward model's best -> fine-tune; each round samples from the "
+        "previous round's policy (round 1: SFT)",
+    )
     prompts: int = opt(512, "PPO prompts (data.prompts) per round; round r takes the r-th slice, wrapping around")
     samples: int = opt(4, "replies per prompt, n: the reward model's best of them is kept")
     temperature: float = opt(0.7, "sampling temperature of the candidates")
     max_new_tokens: int = opt(48, "candidate length limit in tokens")
     gen_batch_size: int = opt(32, "prompts per generation batch")
     max_length: Optional[int] = opt(None, "tokens per kept dialogue; null: model.max_seq_len")
-    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
-                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
-                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
-                                        "member: its score, whatever this says")
+    reward_objective: str = opt(
+        "mean",
+        "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+        "optimised of the members' normalised scores: mean | worst (their minimum, "
+        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+        "member: its score, whatever this says",
+    )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
 
 
 @dataclass
 class ExpertIterationConfig(StageConfig):
     stage: str = opt("expert_iteration", "the stage this config runs")
-    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
-                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
-                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
-                                 "pipeline/inference/sampler.py")
-    train: ExpertIterationTrain = group(ExpertIterationTrain, "rejection-sampling fine-tuning (budget from "
-                                                              "conf/preset/expert_iteration); max_steps per round")
+    sampler: str = opt(
+        "engine",
+        "how replies are sampled: engine (the continuous-batching engine's runner, as "
+        "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+        "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+        "pipeline/inference/sampler.py",
+    )
+    train: ExpertIterationTrain = group(
+        ExpertIterationTrain,
+        "rejection-sampling fine-tuning (budget from conf/preset/expert_iteration); max_steps per round",
+    )
     peft: LoraSettings = group(LoraSettings, "LoRA instead of full fine-tuning (conf/peft)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
 
@@ -712,24 +939,36 @@ class ExpertIterationConfig(StageConfig):
 class GroupRLTrain(TrainerBudget):
     """RLOO's and GRPO's settings (TRL's trainers; pipeline/trainers/group_rl.py)."""
 
-    num_generations: int = opt(4, "k: replies per prompt; each is judged against the others of its group (RLOO: "
-                                   "their mean, leaving it out; GRPO: the group's mean and spread). batch_size must be "
-                                   "a multiple of it")
-    beta: float = opt(0.05, "KL to the SFT policy: RLOO subtracts beta * KL from the reward, GRPO adds beta * KL "
-                            "(k3) to the loss")
+    num_generations: int = opt(
+        4,
+        "k: replies per prompt; each is judged against the others of its group (RLOO: "
+        "their mean, leaving it out; GRPO: the group's mean and spread). batch_size must be "
+        "a multiple of it",
+    )
+    beta: float = opt(
+        0.05, "KL to the SFT policy: RLOO subtracts beta * KL from the reward, GRPO adds beta * KL (k3) to the loss"
+    )
     temperature: float = opt(0.7, "sampling temperature of the replies (PPO: train.temperature)")
     max_new_tokens: int = opt(48, "reply length limit in tokens")
     max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error")
-    reward: str = opt("model", "model (read as PPO reads it: pipeline.rl.readout) | gold (the oracle itself) | "
-                               "contains:<text> (sanity check)")
+    reward: str = opt(
+        "model",
+        "model (read as PPO reads it: pipeline.rl.readout) | gold (the oracle itself) | contains:<text> (sanity check)",
+    )
     normalize_reward: bool = opt(True, "(score - mean) / std with the reward stage's statistics, as PPO")
-    reward_objective: str = opt("mean", "with a reward-model ensemble (reward stage train.ensemble=K): what is "
-                                        "optimised of the members' normalised scores: mean | worst (their minimum, "
-                                        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
-                                        "member: its score, whatever this says")
+    reward_objective: str = opt(
+        "mean",
+        "with a reward-model ensemble (reward stage train.ensemble=K): what is "
+        "optimised of the members' normalised scores: mean | worst (their minimum, "
+        "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
+        "member: its score, whatever this says",
+    )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
-    missing_eos_penalty: Optional[float] = opt(1.0, "a reply that never ends scores this far below the group batch's "
-                                                    "lowest finished one, as PPO's train.missing_eos_penalty; null: off")
+    missing_eos_penalty: Optional[float] = opt(
+        1.0,
+        "a reply that never ends scores this far below the group batch's "
+        "lowest finished one, as PPO's train.missing_eos_penalty; null: off",
+    )
     epsilon: float = opt(0.2, "the policy ratio's clip range")
     num_iterations: int = opt(1, "updates per batch of replies (mu)")
     loss_type: str = opt("dapo", "GRPO only: TRL's loss aggregation: dapo | grpo | dr_grpo | bnpo | ...")
@@ -739,10 +978,13 @@ class GroupRLTrain(TrainerBudget):
 @dataclass
 class RLOOConfig(StageConfig):
     stage: str = opt("rloo", "the stage this config runs")
-    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
-                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
-                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
-                                 "pipeline/inference/sampler.py")
+    sampler: str = opt(
+        "engine",
+        "how replies are sampled: engine (the continuous-batching engine's runner, as "
+        "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+        "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+        "pipeline/inference/sampler.py",
+    )
     train: GroupRLTrain = group(GroupRLTrain, "TRL's RLOOTrainer (budget from conf/preset/rloo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
@@ -751,10 +993,13 @@ class RLOOConfig(StageConfig):
 @dataclass
 class GRPOConfig(StageConfig):
     stage: str = opt("grpo", "the stage this config runs")
-    sampler: str = opt("engine", "how replies are sampled: engine (the continuous-batching engine's runner, as "
-                                 "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
-                                 "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
-                                 "pipeline/inference/sampler.py")
+    sampler: str = opt(
+        "engine",
+        "how replies are sampled: engine (the continuous-batching engine's runner, as "
+        "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
+        "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
+        "pipeline/inference/sampler.py",
+    )
     train: GroupRLTrain = group(GroupRLTrain, "TRL's GRPOTrainer (budget from conf/preset/grpo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
@@ -785,16 +1030,17 @@ class ReportConfig:
 
     run: str = opt("default", "the run to report on: <paths.root>/<run>/")
     seed: int = opt(0, "seed of the side-by-side answers' decoding")
-    precision: str = opt("auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | "
-                                 "fp32 | bf16 | fp16")
+    precision: str = opt(
+        "auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | fp32 | bf16 | fp16"
+    )
     samples: int = opt(6, "held-out prompts answered by every model, side by side")
     paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
     logger: LoggerConfig = group(LoggerConfig, "unused; `make all ARGS=logger=none` reaches here too")
     model: ModelConfig = group(ModelConfig, "unused; lets the presets compose")
-    data: DataConfig = group(DataConfig, "the world and data.eval_prompts: which held-out prompts, scored by which "
-                                         "gold oracle")
-    generation: GenerationSettings = group(GenerationSettings, "decoding of the side-by-side answers "
-                                                               "(conf/generation)")
+    data: DataConfig = group(
+        DataConfig, "the world and data.eval_prompts: which held-out prompts, scored by which gold oracle"
+    )
+    generation: GenerationSettings = group(GenerationSettings, "decoding of the side-by-side answers (conf/generation)")
 
 
 @dataclass
@@ -807,8 +1053,12 @@ class CompareConfig:
     logger: LoggerConfig = group(LoggerConfig, "unused, as in ReportConfig")
 
 
-for _name, _schema in {"report": ReportConfig, "compare": CompareConfig, "methods": MethodsConfig,
-                       "rounds": RoundsConfig}.items():
+for _name, _schema in {
+    "report": ReportConfig,
+    "compare": CompareConfig,
+    "methods": MethodsConfig,
+    "rounds": RoundsConfig,
+}.items():
     register(_name, _schema)
 for _spec in STAGES:  # every training stage composes on the schema its spec names
     register(_spec.name, globals()[_spec.schema])
@@ -833,23 +1083,75 @@ _CHOICES = {
     "train.ensemble_diversity": ("seed", "bootstrap"),
     "sampler": ("engine", "hf"),
 }
-_POSITIVE = ("train.batch_size", "train.grad_accum", "train.max_steps", "train.iterations", "train.rollout_batch_size",
-             "train.minibatch_size", "train.ppo_epochs", "train.max_new_tokens", "train.log_every", "train.eval_every",
-             "train.save_every", "model.hidden_size", "model.num_layers", "model.num_heads", "model.max_seq_len",
-             "limits.requests_per_minute", "limits.tokens_per_minute", "limits.concurrent_requests",
-             "limits.max_body_bytes", "limits.max_messages", "limits.max_moderation_inputs",
-             "engine.max_batch", "engine.max_waiting", "engine.max_tokens_default",
-             "engine.threads", "stream_interval", "bon.n", "train.rounds", "train.prompts", "train.samples",
-             "train.num_generations", "eval.prompts", "eval.batch_size", "eval.max_new_tokens", "eval.bootstrap",
-             "round", "iterate.prompts", "iterate.reward_steps", "train.ensemble", "alarm.window", "alarm.patience")
+_POSITIVE = (
+    "train.batch_size",
+    "train.grad_accum",
+    "train.max_steps",
+    "train.iterations",
+    "train.rollout_batch_size",
+    "train.minibatch_size",
+    "train.ppo_epochs",
+    "train.max_new_tokens",
+    "train.log_every",
+    "train.eval_every",
+    "train.save_every",
+    "model.hidden_size",
+    "model.num_layers",
+    "model.num_heads",
+    "model.max_seq_len",
+    "limits.requests_per_minute",
+    "limits.tokens_per_minute",
+    "limits.concurrent_requests",
+    "limits.max_body_bytes",
+    "limits.max_messages",
+    "limits.max_moderation_inputs",
+    "engine.max_batch",
+    "engine.max_waiting",
+    "engine.max_tokens_default",
+    "engine.threads",
+    "stream_interval",
+    "bon.n",
+    "train.rounds",
+    "train.prompts",
+    "train.samples",
+    "train.num_generations",
+    "eval.prompts",
+    "eval.batch_size",
+    "eval.max_new_tokens",
+    "eval.bootstrap",
+    "round",
+    "iterate.prompts",
+    "iterate.reward_steps",
+    "train.ensemble",
+    "alarm.window",
+    "alarm.patience",
+)
 
 
 # keys whose choices differ by stage (TRL's own, checked here so a typo is one line, not TRL's traceback)
 _STAGE_CHOICES = {
-    "dpo": {"train.loss_type": ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-                                "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")},
-    "grpo": {"train.loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
-             "train.scale_rewards": ("group", "batch", "none")},
+    "dpo": {
+        "train.loss_type": (
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sigmoid_norm",
+        )
+    },
+    "grpo": {
+        "train.loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+        "train.scale_rewards": ("group", "batch", "none"),
+    },
 }
 
 
@@ -885,8 +1187,10 @@ def problems(cfg) -> list[str]:
         out.append(f"onpolicy.samples={get('onpolicy.samples')} must be at least 2 (a ranking compares replies)")
     pen = get("train.missing_eos_penalty")
     if pen is not None and pen < 0:
-        out.append(f"train.missing_eos_penalty={pen} must be >= 0: it is how far below the lowest finished reply an "
-                   f"unfinished one scores (null: no penalty)")
+        out.append(
+            f"train.missing_eos_penalty={pen} must be >= 0: it is how far below the lowest finished reply an "
+            f"unfinished one scores (null: no penalty)"
+        )
     port = get("port")
     if port is not None and not 0 < port < 65536:
         out.append(f"port={port} is not a TCP port (1-65535)")
@@ -895,8 +1199,9 @@ def problems(cfg) -> list[str]:
         out.append(f"moderation.threshold={th} must be between 0 and 1")
     k = get("train.num_generations")
     if k is not None and k < 2:
-        out.append(f"train.num_generations={k} must be at least 2: each reply is judged against the others of its "
-                   f"prompt")
+        out.append(
+            f"train.num_generations={k} must be at least 2: each reply is judged against the others of its prompt"
+        )
     elif k and (get("train.batch_size") or 0) % k:
         out.append(f"train.batch_size={get('train.batch_size')} must be a multiple of train.num_generations={k}")
     for key, allowed in _STAGE_CHOICES.get(get("stage"), {}).items():
@@ -974,8 +1279,13 @@ def describe(name: str) -> str:
         head = f"{key}  {_type(f)}" if nested else f"{key}  {_type(f)} = {_show(value)}"
         sections["" if key == top else top].append((head, helps[key], nested))  # "": the top-level plain keys
     titles[""] = "top level"
-    out = [textwrap.fill(f"Defaults below are the schema's ({schema.__name__}); conf/<name>.yaml's groups (and its "
-                         f"preset, where it has one) set many of them: --cfg job prints the composed values.", _WIDTH)]
+    out = [
+        textwrap.fill(
+            f"Defaults below are the schema's ({schema.__name__}); conf/<name>.yaml's groups (and its "
+            f"preset, where it has one) set many of them: --cfg job prints the composed values.",
+            _WIDTH,
+        )
+    ]
     for top, rows in sections.items():
         if not rows:
             continue

@@ -46,8 +46,10 @@ def entry(config_name: str):
 
                 doc = sys.modules[fn.__module__].__doc__ or ""
                 try:
-                    print(doc.strip() + "\n\nConfig (conf/" + config_name + ".yaml; override any key as key=value):"
-                          "\n\n" + describe(config_name))
+                    print(
+                        doc.strip() + "\n\nConfig (conf/" + config_name + ".yaml; override any key as key=value):"
+                        "\n\n" + describe(config_name)
+                    )
                 except BrokenPipeError:  # `--help | head`
                     sys.stderr.close()
                 return
@@ -64,8 +66,21 @@ def entry(config_name: str):
     return decorate
 
 
-_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
-                     "--package", "-p", "--info", "-i", "--experimental-rerun"}
+_FLAGS_WITH_VALUE = {
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--info",
+    "-i",
+    "--experimental-rerun",
+}
 
 
 def overrides_of(argv: list[str]) -> list[str]:
@@ -102,8 +117,11 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
         if key in keys or key in groups or key.split(".")[0] == "hydra" or key.split("/")[0] in groups:
             continue
         close = difflib.get_close_matches(key, sorted(keys | groups), n=1, cutoff=0.6)
-        raise UserError(f"unknown config key '{key}' in '{o}'" + (f"; did you mean {close[0]}?" if close else "")
-                        + f" (python -m {_module_for(config_name)} --help lists every key)")
+        raise UserError(
+            f"unknown config key '{key}' in '{o}'"
+            + (f"; did you mean {close[0]}?" if close else "")
+            + f" (python -m {_module_for(config_name)} --help lists every key)"
+        )
     if any(a in ("-m", "--multirun") for a in argv):
         return  # sweep values are Hydra's to expand
     try:
@@ -112,8 +130,12 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 — Hydra's composition errors, whatever their class
         text = "\n".join(dict.fromkeys(str(x) for x in (e, e.__cause__) if x is not None))
         text = text.split("Config search path:")[0]
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(
-            ("full_key", "object_type", "reference_type", "Set the environment variable"))]
+        lines = [
+            ln.strip()
+            for ln in text.splitlines()
+            if ln.strip()
+            and not ln.strip().startswith(("full_key", "object_type", "reference_type", "Set the environment variable"))
+        ]
         msg = "; ".join(lines).replace(":;", ":").replace("\t", " ")
         if "Available options" in msg:  # "...options in 'preset': cpu; gpu1; gpu8" -> "cpu, gpu1, gpu8"
             head, _, opts = msg.partition("Available options")

@@ -31,9 +31,11 @@ def offline() -> bool:
 def _go_offline() -> None:
     """Offline mode for this process, including libraries already imported (they read the variable at import)."""
     os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    for module, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                          ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
-                          ("transformers.utils.hub", ("_is_offline_mode",))):
+    for module, names in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+        ("transformers.utils.hub", ("_is_offline_mode",)),
+    ):
         m = sys.modules.get(module)
         for name in names:
             if m is not None and hasattr(m, name):
@@ -46,5 +48,7 @@ def hub_name(path) -> bool:
 
 
 def offline_hint(what: str) -> str:
-    return (f"{what} is not a local path, the Hugging Face Hub is not reachable from here, and it is not in the local "
-            f"cache: use a local copy (a folder, or kind=local with a path) or download it where there is network")
+    return (
+        f"{what} is not a local path, the Hugging Face Hub is not reachable from here, and it is not in the local "
+        f"cache: use a local copy (a folder, or kind=local with a path) or download it where there is network"
+    )

@@ -57,10 +57,17 @@ def read_utf8(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        looks = "UTF-16 (it starts with a UTF-16 byte-order mark)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else \
-            "binary" if b"\x00" in data[:4096] else "text in another encoding"
-        raise UserError(f"{path}: not UTF-8 at byte {e.start} (line {line}: {e.reason}); it looks like {looks}. "
-                        f"The file must be UTF-8 (convert it, e.g. iconv -f <encoding> -t utf-8)") from None
+        looks = (
+            "UTF-16 (it starts with a UTF-16 byte-order mark)"
+            if data[:2] in (b"\xff\xfe", b"\xfe\xff")
+            else "binary"
+            if b"\x00" in data[:4096]
+            else "text in another encoding"
+        )
+        raise UserError(
+            f"{path}: not UTF-8 at byte {e.start} (line {line}: {e.reason}); it looks like {looks}. "
+            f"The file must be UTF-8 (convert it, e.g. iconv -f <encoding> -t utf-8)"
+        ) from None
 
 
 def inventory(folder: Path) -> dict[str, int]:

@@ -37,10 +37,16 @@ from pipeline.core.registry import ORDER, POLICIES, POLICY_STAGES, SPECS, split_
 _UNHASHED = {"run", "parent_run", "force", "paths", "logger"}
 # settings added after runs were made, at the value that behaves as before: left out of the hash at that value, so
 # a finished stage stays finished when the code learns a new switch (a whole group: None as the key)
-_ADDED_AT = [("model", "start_over", False), ("train", "ensemble", 1), ("train", "ensemble_diversity", "seed"),
-             ("train", "reward_objective", "mean"), ("train", "uwo_lambda", 1.0), ("bon", "reward_objective", "mean"),
-             ("bon", "uwo_lambda", 1.0),
-             ("alarm", None, {"enabled": True, "window": 5, "rise": 1.0, "patience": 3})]
+_ADDED_AT = [
+    ("model", "start_over", False),
+    ("train", "ensemble", 1),
+    ("train", "ensemble_diversity", "seed"),
+    ("train", "reward_objective", "mean"),
+    ("train", "uwo_lambda", 1.0),
+    ("bon", "reward_objective", "mean"),
+    ("bon", "uwo_lambda", 1.0),
+    ("alarm", None, {"enabled": True, "window": 5, "rise": 1.0, "patience": 3}),
+]
 
 
 _PACKAGES = ["torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "hydra-core", "tokenizers"]
@@ -55,8 +61,13 @@ def config_hash(cfg: DictConfig) -> str:
     for group, key, value in _ADDED_AT:  # switches added later, at their old behaviour: runs keep their hash
         if key is None and c.get(group) == value:
             c.pop(group)
-        elif key is not None and isinstance(c.get(group), dict) and key in c[group] and c[group][key] == value \
-                and type(c[group][key]) is type(value):
+        elif (
+            key is not None
+            and isinstance(c.get(group), dict)
+            and key in c[group]
+            and c[group][key] == value
+            and type(c[group][key]) is type(value)
+        ):
             c[group].pop(key)
     used = SPECS[c["stage"]].data if c.get("stage") in SPECS else None
     if used is not None and isinstance(c.get("data"), dict):
@@ -74,8 +85,12 @@ def make_command(stage: str, run: str, overrides: Optional[list[str]] = None, ex
     args += [extra] if extra else []
     stage, r = split_folder(stage)
     target = f"make {stage}" if r == 1 else f"make iterate ROUNDS={r}"  # a later round is made by make iterate
-    return (target + ("" if run == "default" else f" RUN={run}") + (f" PRESET={preset}" if preset else "")
-            + (f" ARGS=\"{' '.join(args)}\"" if args else ""))
+    return (
+        target
+        + ("" if run == "default" else f" RUN={run}")
+        + (f" PRESET={preset}" if preset else "")
+        + (f' ARGS="{" ".join(args)}"' if args else "")
+    )
 
 
 def command_overrides() -> list[str]:
@@ -106,7 +121,10 @@ def describe_unfinished(m: dict, stage: str, run: str, overrides: list[str]) -> 
     if status == "running":
         if m.get("host") == platform.node() and m.get("pid") and not _alive(m["pid"]):
             return f"interrupted (its process {m['pid']} is gone); resume it: {again}"
-        return f"still running (process {m.get('pid', '?')} on {m.get('host', '?')}); wait for it, or if it is dead: {again}"
+        return (
+            f"still running (process {m.get('pid', '?')} on {m.get('host', '?')}); wait for it, or if it is dead: "
+            f"{again}"
+        )
     return f"not complete (status: {status}); make it: {again}"
 
 
@@ -140,12 +158,12 @@ def _versions() -> dict:
 
 def _git_commit() -> Optional[str]:
     try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                           cwd=Path(__file__).resolve().parent)
+        r = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
         return r.stdout.strip() or None if r.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
 
 
 def read_manifest(stage_dir: Path) -> Optional[dict]:
@@ -168,7 +186,7 @@ def run_name(cfg: DictConfig) -> str:
 
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
-            ov = [o for o in hc.overrides.task if not o.split("=")[0].lstrip("+~") in ("run", "force", "parent_run")]
+            ov = [o for o in hc.overrides.task if o.split("=")[0].lstrip("+~") not in ("run", "force", "parent_run")]
             suffix = re.sub(r"[^A-Za-z0-9._=,-]+", "_", ",".join(ov))
             name = f"{name}__{suffix}" if suffix else f"{name}__{hc.job.num}"
     except ValueError:  # Hydra not initialised (tests, library use)
@@ -210,15 +228,17 @@ class StageRun:
         m = read_manifest(d)
         ov = command_overrides()
         if m is None:
-            raise UserError(f"stage '{stage}' of run '{where}' is missing ({d}); make it first: "
-                            f"{make_command(stage, where, ov)}")
+            raise UserError(
+                f"stage '{stage}' of run '{where}' is missing ({d}); make it first: {make_command(stage, where, ov)}"
+            )
         if m.get("status") != "complete" or not (d / "final").is_dir():
-            raise UserError(f"stage '{stage}' of run '{where}' is "
-                            f"{describe_unfinished(m, stage, where, ov)} ({d})")
+            raise UserError(f"stage '{stage}' of run '{where}' is {describe_unfinished(m, stage, where, ov)} ({d})")
         problem = damaged(d / "final", m.get("final_files", {}))
         if problem:
-            raise UserError(f"{d / 'final'} is damaged ({problem}); redo it: "
-                            f"{make_command(stage, where, m.get('overrides', ov), 'force=true')}")
+            raise UserError(
+                f"{d / 'final'} is damaged ({problem}); redo it: "
+                f"{make_command(stage, where, m.get('overrides', ov), 'force=true')}"
+            )
         m["dir"] = str(d)
         m["final"] = str(d / "final")
         self.parents[stage] = m
@@ -233,19 +253,26 @@ class StageRun:
         Call after `parent()` lookups so a re-done parent makes this stage stale. Every process decides from the
         same manifest before the main one rewrites it (hence the barrier)."""
         old = read_manifest(self.dir)
-        same = old is not None and old.get("config_hash") == self.hash and \
-            old.get("parents", {}) == self._parent_fingerprints()
+        same = (
+            old is not None
+            and old.get("config_hash") == self.hash
+            and old.get("parents", {}) == self._parent_fingerprints()
+        )
         if old and old.get("status") == "complete" and self.final_dir.is_dir():
             if same and not self.cfg.force:
                 if self.is_main:
-                    print(f"[{self.name}] already complete in {self.dir} (config {self.hash}); "
-                          f"nothing to do (force=true reruns it)")
+                    print(
+                        f"[{self.name}] already complete in {self.dir} (config {self.hash}); "
+                        f"nothing to do (force=true reruns it)"
+                    )
                 return False
             if not self.cfg.force:
                 why = "a different config" if old.get("config_hash") != self.hash else "an older parent stage"
-                raise UserError(f"{self.dir} holds a finished '{self.name}' made with {why}; "
-                                f"add force=true to replace it, or run=<new name> parent_run={self.parent_run} for a new "
-                                f"run beside it")
+                raise UserError(
+                    f"{self.dir} holds a finished '{self.name}' made with {why}; "
+                    f"add force=true to replace it, or run=<new name> parent_run={self.parent_run} for a new "
+                    f"run beside it"
+                )
             # force=true over a finished stage is a transaction: the new run is made beside it, in .<stage>.next/,
             # and swapped in by one rename when it completes; until then (and if it fails) children see the old one
             self._stage_in(self.dir.parent / f".{self.name}.next")
@@ -263,12 +290,20 @@ class StageRun:
         if self.is_main:
             self._check_writable()
             self.manifest = {
-                "stage": self.stage, "round": self.round, "run": self.run, "status": "running",
-                "config_hash": self.hash, "parents": self._parent_fingerprints(),
+                "stage": self.stage,
+                "round": self.round,
+                "run": self.run,
+                "status": "running",
+                "config_hash": self.hash,
+                "parents": self._parent_fingerprints(),
                 "parent_runs": {s: m["run"] for s, m in self.parents.items()},
-                "versions": _versions(), "git_commit": _git_commit(), "host": platform.node(), "pid": os.getpid(),
+                "versions": _versions(),
+                "git_commit": _git_commit(),
+                "host": platform.node(),
+                "pid": os.getpid(),
                 "overrides": [o for o in command_overrides() if o.split("=", 1)[0].lstrip("+~") != "force"],
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "metrics": {},
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "metrics": {},
                 "resumed_from": None,
             }
             if old and old.get("status") != "complete" and old.get("config_hash") == self.hash:
@@ -290,8 +325,10 @@ class StageRun:
             probe.write_text("ok")
             probe.unlink()
         except OSError as e:
-            raise UserError(f"cannot write to {self.dir}: {e.strerror or e}; "
-                            f"set paths.root=<writable folder> or fix its permissions")
+            raise UserError(
+                f"cannot write to {self.dir}: {e.strerror or e}; "
+                f"set paths.root=<writable folder> or fix its permissions"
+            )
 
     def _write_manifest(self) -> None:
         write_json_atomic(self.dir / "manifest.json", self.manifest)
@@ -311,8 +348,9 @@ class StageRun:
         one damaged after the fact (a file truncated or deleted) is refused with a clear message."""
         if not self.ckpt_root.is_dir():
             return None
-        done = sorted(p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d{8}", p.name)
-                      and (p / "state.json").exists())
+        done = sorted(
+            p for p in self.ckpt_root.iterdir() if re.fullmatch(r"step_\d{8}", p.name) and (p / "state.json").exists()
+        )
         if not done:
             return None
         try:
@@ -322,8 +360,10 @@ class StageRun:
         else:
             problem = damaged(done[-1], files)
         if problem:
-            raise UserError(f"checkpoint {done[-1]} is damaged ({problem}); delete that folder to resume from "
-                            f"the one before it, or pass force=true to start the stage over")
+            raise UserError(
+                f"checkpoint {done[-1]} is damaged ({problem}); delete that folder to resume from "
+                f"the one before it, or pass force=true to start the stage over"
+            )
         return done[-1]
 
     def load_checkpoint(self, ckpt: Path, load: Callable[[Path], None]) -> int:
@@ -331,14 +371,17 @@ class StageRun:
         try:
             load(ckpt)
         except Exception as e:  # noqa: BLE001 — whatever the library raised, the user's fix is the same
-            raise UserError(f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
-                            f" delete that folder to resume from an earlier one, or pass force=true to start over")
+            raise UserError(
+                f"checkpoint {ckpt} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
+                f" delete that folder to resume from an earlier one, or pass force=true to start over"
+            )
         step = int(ckpt.name.split("_")[1])
         self.update(resumed_from=step)
         return step
 
-    def save_checkpoint(self, step: int, save: Callable[[Path], None], keep: int = 2,
-                        barrier: Callable[[], None] = lambda: None) -> Path:
+    def save_checkpoint(
+        self, step: int, save: Callable[[Path], None], keep: int = 2, barrier: Callable[[], None] = lambda: None
+    ) -> Path:
         """`save(tmp_dir)` runs on every process (accelerate saves per-rank RNG state); rename on the main one."""
         tmp = self.ckpt_root / f".tmp_step_{step:08d}"
         dst = self.ckpt_root / f"step_{step:08d}"
@@ -359,8 +402,9 @@ class StageRun:
         return dst
 
     # ---- completion ----------------------------------------------------------------------------------------
-    def finish(self, save_final: Callable[[Path], None], metrics: dict, keep_checkpoints: bool = False,
-               **extra) -> None:
+    def finish(
+        self, save_final: Callable[[Path], None], metrics: dict, keep_checkpoints: bool = False, **extra
+    ) -> None:
         """Write final/ aside and rename it into place, then mark the manifest complete (main process only)."""
         if not self.is_main:
             return
@@ -378,8 +422,12 @@ class StageRun:
             os.replace(tmp, self.final_dir)
         ended = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.manifest.update(extra)
-        self.manifest.update(status="complete", ended=ended, metrics=_plain(metrics),
-                             fingerprint=hashlib.sha256(f"{self.hash}{ended}{uuid.uuid4()}".encode()).hexdigest()[:16])
+        self.manifest.update(
+            status="complete",
+            ended=ended,
+            metrics=_plain(metrics),
+            fingerprint=hashlib.sha256(f"{self.hash}{ended}{uuid.uuid4()}".encode()).hexdigest()[:16],
+        )
         self._write_manifest()
         if not keep_checkpoints:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
@@ -408,7 +456,9 @@ def exchange(a: Path, b: Path) -> None:
 
 
 def _plain(d: dict) -> dict:
-    return {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (bool, int, str)) else v) for k, v in d.items()}
+    return {
+        k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (bool, int, str)) else v) for k, v in d.items()
+    }
 
 
 def latest_stage(root: str | Path, run: str) -> Optional[Path]:
@@ -438,9 +488,10 @@ def latest_trainer_checkpoint(ckpt_root: str | Path) -> Optional[Path]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").exists()]
+    done = [
+        p for p in root.iterdir() if re.fullmatch(r"checkpoint-\d+", p.name) and (p / "trainer_state.json").exists()
+    ]
     return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
 
 
 def resolve_checkpoint(cfg) -> tuple[Path, str, Optional[Path]]:
@@ -457,15 +508,26 @@ def resolve_checkpoint(cfg) -> tuple[Path, str, Optional[Path]]:
         d = root / cfg.run / cfg.stage
         m = read_manifest(d)
         if m is None or m.get("status") != "complete" or not (d / "final").is_dir():
-            raise UserError(f"stage '{cfg.stage}' of run '{cfg.run}' is not complete ({d}); "
-                            f"make it first: {make_command(cfg.stage, cfg.run)}")
+            raise UserError(
+                f"stage '{cfg.stage}' of run '{cfg.run}' is not complete ({d}); "
+                f"make it first: {make_command(cfg.stage, cfg.run)}"
+            )
         return d / "final", f"{cfg.run}/{cfg.stage}", d
     d = latest_stage(root, cfg.run)
     if d is not None and d.name not in POLICY_STAGES:  # e.g. reward done, ppo not yet: the newest policy instead
-        d = next((root / cfg.run / s for s in POLICY_STAGES
-                  if (m := read_manifest(root / cfg.run / s)) and m.get("status") == "complete"
-                  and (root / cfg.run / s / "final").is_dir()), None)
+        d = next(
+            (
+                root / cfg.run / s
+                for s in POLICY_STAGES
+                if (m := read_manifest(root / cfg.run / s))
+                and m.get("status") == "complete"
+                and (root / cfg.run / s / "final").is_dir()
+            ),
+            None,
+        )
     if d is None:
-        raise UserError(f"run '{cfg.run}' has no complete policy stage under {root}; make one first: "
-                        f"{make_command('sft', cfg.run)} (or pass checkpoint=<folder>)")
+        raise UserError(
+            f"run '{cfg.run}' has no complete policy stage under {root}; make one first: "
+            f"{make_command('sft', cfg.run)} (or pass checkpoint=<folder>)"
+        )
     return d / "final", f"{cfg.run}/{d.name}", d

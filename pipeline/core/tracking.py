@@ -73,9 +73,15 @@ class Tracker:
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
             id_file.write_text(run_id)
             self.wandb = wandb.init(
-                project=cfg.logger.project, entity=cfg.logger.entity, group=stage_run.run,
-                job_type=stage_run.stage, name=f"{stage_run.run}/{stage_run.name}", id=run_id, resume="allow",
-                dir=str(stage_run.dir), mode=wandb_mode(cfg.logger.mode),
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=stage_run.run,
+                job_type=stage_run.stage,
+                name=f"{stage_run.run}/{stage_run.name}",
+                id=run_id,
+                resume="allow",
+                dir=str(stage_run.dir),
+                mode=wandb_mode(cfg.logger.mode),
                 config=scrub(OmegaConf.to_container(cfg, resolve=True)),
                 settings=wandb.Settings(silent=True, console="off"),
             )
@@ -83,8 +89,11 @@ class Tracker:
             self._disable(e)
 
     def _disable(self, e: Exception) -> None:
-        print(f"warning: W&B disabled for this stage ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-              f"metrics still go to metrics.jsonl", file=sys.stderr)
+        print(
+            f"warning: W&B disabled for this stage ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"metrics still go to metrics.jsonl",
+            file=sys.stderr,
+        )
         self.wandb = None
 
     def _guard(self, fn, *a, **kw):
@@ -128,8 +137,12 @@ class Tracker:
             return
         folder = stage_folder(parent["stage"], parent.get("round", 1))  # ppo_r2: round 2's
         name = artifact_name(parent["run"], folder)
-        self._guard(lambda: self.wandb.config.update({"lineage": {folder: {
-            "artifact": name, "fingerprint": parent.get("fingerprint")}}}, allow_val_change=True))
+        self._guard(
+            lambda: self.wandb.config.update(
+                {"lineage": {folder: {"artifact": name, "fingerprint": parent.get("fingerprint")}}},
+                allow_val_change=True,
+            )
+        )
         if self.wandb is not None and not self.wandb.offline:
             try:
                 self.wandb.use_artifact(f"{name}:latest")
@@ -145,10 +158,16 @@ class Tracker:
             def fin():
                 self.wandb.summary.update({k: float(v) for k, v in metrics.items()})
                 if final_dir is not None and self.log_model:
-                    art = wandb.Artifact(artifact_name(self.stage_run.run, self.stage_run.name), type="model",
-                                         metadata={"stage": self.stage_run.stage, "round": self.stage_run.round,
-                                                   **metrics,
-                                                   "fingerprint": self.stage_run.manifest.get("fingerprint")})
+                    art = wandb.Artifact(
+                        artifact_name(self.stage_run.run, self.stage_run.name),
+                        type="model",
+                        metadata={
+                            "stage": self.stage_run.stage,
+                            "round": self.stage_run.round,
+                            **metrics,
+                            "fingerprint": self.stage_run.manifest.get("fingerprint"),
+                        },
+                    )
                     art.add_dir(str(final_dir))
                     self.wandb.log_artifact(art)
                 self.wandb.finish()

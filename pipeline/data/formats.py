@@ -66,10 +66,18 @@ from pipeline.data.pairs import expand_pairs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("system", "user", "assistant")
-_WORLD_FILE = {("sft", "train"): "sft", ("sft", "eval"): "sft_eval", ("sft", "validation"): "sft_eval",
-               ("sft", "test"): "sft_eval", ("prompts", "ppo"): "ppo_prompts", ("prompts", "train"): "ppo_prompts",
-               ("prompts", "eval"): "eval_prompts", ("prompts", "validation"): "eval_prompts",
-               ("prompts", "test"): "eval_prompts", ("corpus", "train"): "corpus"}
+_WORLD_FILE = {
+    ("sft", "train"): "sft",
+    ("sft", "eval"): "sft_eval",
+    ("sft", "validation"): "sft_eval",
+    ("sft", "test"): "sft_eval",
+    ("prompts", "ppo"): "ppo_prompts",
+    ("prompts", "train"): "ppo_prompts",
+    ("prompts", "eval"): "eval_prompts",
+    ("prompts", "validation"): "eval_prompts",
+    ("prompts", "test"): "eval_prompts",
+    ("corpus", "train"): "corpus",
+}
 
 
 # ---- where a record came from --------------------------------------------------------------------------------
@@ -150,7 +158,7 @@ def _load_dataset(what: str, *args, hub: bool = False, **kwargs):
     cut_off = hub and offline()  # probed first: offline, the local cache or one line at once instead of retries
     try:
         return datasets.load_dataset(*args, **kwargs)
-    except Exception as e:  # datasets raises many types, always deep; one line is what the user needs
+    except Exception as e:  # noqa: BLE001 — datasets raises many types, always deep; one line is what the user needs
         if cut_off:
             raise UserError(f"cannot load {what}: {offline_hint(repr(args[0]))}") from None
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -166,8 +174,13 @@ def _rows(src, split: str, required: tuple[str, ...] = ()) -> Iterator[tuple[_At
         raise UserError(f"data source of kind '{kind}' needs a path")
     if kind == "hub":
         name = _opt(src, "name")
-        ds = _load_dataset(f"dataset '{path}'" + (f" config '{name}'" if name else "") + f" split '{split}' (offline?)",
-                           path, name, split=split, hub=True)
+        ds = _load_dataset(
+            f"dataset '{path}'" + (f" config '{name}'" if name else "") + f" split '{split}' (offline?)",
+            path,
+            name,
+            split=split,
+            hub=True,
+        )
         _check_columns(ds, path, required)
         yield from _dataset_rows(ds, f"{path}[{split}]", None)
         return
@@ -273,8 +286,11 @@ def load_corpus(src, world_cfg, cache_dir) -> tuple[list[str], int]:
     """Pretraining documents (format "text")."""
     _check_format(src, "corpus", ("text",))
     field = _opt(src, "field") or "text"
-    rows = _world_rows(src, world_cfg, cache_dir, "corpus", "train") if _opt(src, "kind") == "world" \
+    rows = (
+        _world_rows(src, world_cfg, cache_dir, "corpus", "train")
+        if _opt(src, "kind") == "world"
         else _rows(src, _opt(src, "split", "train"), (field,))
+    )
     return _collect(rows, lambda rec, at: [_content(_get(rec, field, at), at, field)], src, "corpus")
 
 
@@ -286,7 +302,9 @@ def load_sft(src, world_cfg, cache_dir) -> tuple[list[dict], int]:
 
     def convert(rec, at):
         if fmt == "messages" or (fmt == "auto" and "completion" not in rec):
-            return [{"messages": _ends_with(_checked_messages(_get(rec, field, at), at, field), "assistant", at, field)}]
+            return [
+                {"messages": _ends_with(_checked_messages(_get(rec, field, at), at, field), "assistant", at, field)}
+            ]
         prompt = _ends_with(_turns(_get(rec, "prompt", at), at, "prompt", "user"), "user", at, "prompt")
         completion = _turns(_get(rec, "completion", at), at, "completion", "assistant")
         if any(m["role"] != "assistant" for m in completion):
@@ -305,8 +323,9 @@ def load_prompts(src, world_cfg, cache_dir) -> tuple[list[dict], int]:
     field = _opt(src, "field")
 
     def convert(rec, at):
-        col = field or ("prompt" if fmt == "prompt" or (fmt in ("auto", "prompts") and "messages" not in rec)
-                        else "messages")
+        col = field or (
+            "prompt" if fmt == "prompt" or (fmt in ("auto", "prompts") and "messages" not in rec) else "messages"
+        )
         msgs = _turns(_get(rec, col, at), at, col, "user")
         while msgs and msgs[-1]["role"] == "assistant":  # a finished dialogue: keep the question, drop the answer
             msgs = msgs[:-1]
@@ -315,8 +334,9 @@ def load_prompts(src, world_cfg, cache_dir) -> tuple[list[dict], int]:
         return [{"messages": _ends_with(msgs, "user", at, col)}]
 
     split = _opt(src, "split", "ppo")
-    rows = _world_rows(src, world_cfg, cache_dir, "prompts", split) if _opt(src, "kind") == "world" \
-        else _rows(src, split)
+    rows = (
+        _world_rows(src, world_cfg, cache_dir, "prompts", split) if _opt(src, "kind") == "world" else _rows(src, split)
+    )
     return _collect(rows, convert, src, "prompt")
 
 
@@ -334,8 +354,15 @@ def load_preferences(src, world_cfg, split_name: str | None = None) -> tuple[lis
         return _world_preferences(src, world_cfg, split)
 
     def convert(rec, at):
-        f = fmt if fmt != "auto" else "ranked" if "responses" in rec else "pairs" if "prompt" in rec or \
-            not isinstance(rec.get("chosen"), str) else "hh"
+        f = (
+            fmt
+            if fmt != "auto"
+            else "ranked"
+            if "responses" in rec
+            else "pairs"
+            if "prompt" in rec or not isinstance(rec.get("chosen"), str)
+            else "hh"
+        )
         return {"pairs": _pair, "hh": _hh_pair, "ranked": _ranked_pairs}[f](rec, at)
 
     return _collect(_rows(src, split), convert, src, "preference")
@@ -347,8 +374,11 @@ def _pair(rec, at) -> list[dict]:
         chosen = _turns(_get(rec, "chosen", at), at, "chosen", "assistant")
         rejected = _turns(_get(rec, "rejected", at), at, "rejected", "assistant")
         return _checked_pair(prompt, chosen, rejected, at)
-    return _split_shared(_checked_messages(_get(rec, "chosen", at), at, "chosen"),
-                         _checked_messages(_get(rec, "rejected", at), at, "rejected"), at)
+    return _split_shared(
+        _checked_messages(_get(rec, "chosen", at), at, "chosen"),
+        _checked_messages(_get(rec, "rejected", at), at, "rejected"),
+        at,
+    )
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -360,14 +390,17 @@ def _hh_turns(text, at: _At, field: str) -> list[dict]:
     parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text.lstrip())
     if parts[0].strip() or len(parts) < 3:
         raise at.error(field, "not an HH transcript (expected '\\n\\nHuman: ...\\n\\nAssistant: ...')")
-    turns = [{"role": "user" if who == "Human" else "assistant", "content": body.strip()}
-             for who, body in zip(parts[1::2], parts[2::2])]
+    turns = [
+        {"role": "user" if who == "Human" else "assistant", "content": body.strip()}
+        for who, body in zip(parts[1::2], parts[2::2])
+    ]
     return _checked_messages(turns, at, field)
 
 
 def _hh_pair(rec, at) -> list[dict]:
-    return _split_shared(_hh_turns(_get(rec, "chosen", at), at, "chosen"),
-                         _hh_turns(_get(rec, "rejected", at), at, "rejected"), at)
+    return _split_shared(
+        _hh_turns(_get(rec, "chosen", at), at, "chosen"), _hh_turns(_get(rec, "rejected", at), at, "rejected"), at
+    )
 
 
 def _split_shared(chosen: list[dict], rejected: list[dict], at: _At) -> list[dict]:
@@ -401,12 +434,16 @@ def _ranked_pairs(rec, at) -> list[dict]:
     if not isinstance(responses, list) or len(responses) < 2:
         raise at.error("responses", "expected a list of at least 2 responses")
     responses = [_content(r, at, f"responses[{i}]") for i, r in enumerate(responses)]
-    if not isinstance(ranks, list) or len(ranks) != len(responses) or \
-            not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+    if (
+        not isinstance(ranks, list)
+        or len(ranks) != len(responses)
+        or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)
+    ):
         raise at.error("ranks", f"expected {len(responses)} integer ranks, one per response")
     gold = rec.get("gold_scores")
-    if gold is not None and (not isinstance(gold, list) or len(gold) != len(responses)
-                             or not all(isinstance(g, (int, float)) for g in gold)):
+    if gold is not None and (
+        not isinstance(gold, list) or len(gold) != len(responses) or not all(isinstance(g, (int, float)) for g in gold)
+    ):
         raise at.error("gold_scores", f"expected {len(responses)} numbers, one per response")
     group = str(rec.get("id") or at.id)
     return expand_pairs([{"id": group, "prompt": prompt, "responses": responses, "ranks": ranks, "gold_scores": gold}])
@@ -452,8 +489,9 @@ def _check_format(src, loader: str, formats: tuple[str, ...]) -> str:
 
 
 # ---- token lengths (called by the stages, which own the tokenizer) ------------------------------------------
-def check_prompt_lengths(records: list[dict], tokenizer, max_len: int, on_bad_record: str, where: str
-                         ) -> tuple[list[dict], int]:
+def check_prompt_lengths(
+    records: list[dict], tokenizer, max_len: int, on_bad_record: str, where: str
+) -> tuple[list[dict], int]:
     """Keep records whose prompt (chat-templated, with the generation prompt) fits in `max_len` tokens.
 
     A record's prompt is its "prompt" (preferences) or its "messages" up to the last user turn (SFT, prompts).
@@ -470,8 +508,10 @@ def check_prompt_lengths(records: list[dict], tokenizer, max_len: int, on_bad_re
         elif on_bad_record == "skip":
             skipped += 1
         else:
-            raise UserError(f"{where}: record {i + 1}: field 'prompt': {n} tokens, longer than the limit of "
-                            f"{max_len} (raise the limit, shorten the data, or set on_bad_record=skip)")
+            raise UserError(
+                f"{where}: record {i + 1}: field 'prompt': {n} tokens, longer than the limit of "
+                f"{max_len} (raise the limit, shorten the data, or set on_bad_record=skip)"
+            )
     return kept, skipped
 
 

@@ -29,13 +29,14 @@ def pack(docs: list[str], tokenizer, block_size: int, where: str = "corpus") -> 
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for chunk in range(0, len(docs), 2048):
-        for doc in tokenizer(docs[chunk:chunk + 2048], add_special_tokens=False)["input_ids"]:
+        for doc in tokenizer(docs[chunk : chunk + 2048], add_special_tokens=False)["input_ids"]:
             ids.extend(doc)
             ids.append(eos)
     n = len(ids) // block_size
     if n == 0:
-        raise UserError(f"{where}: {len(ids)} tokens is less than one block of {block_size}; "
-                        f"add data or lower train.block_size")
+        raise UserError(
+            f"{where}: {len(ids)} tokens is less than one block of {block_size}; add data or lower train.block_size"
+        )
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
@@ -45,8 +46,9 @@ def _perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def batch_indices(n: int, batch_size: int, step: int, micro: int, accum: int, world: int, rank: int,
-                  seed: int) -> torch.Tensor:
+def batch_indices(
+    n: int, batch_size: int, step: int, micro: int, accum: int, world: int, rank: int, seed: int
+) -> torch.Tensor:
     """Indices of this rank's micro-batch: a fresh seeded permutation every epoch, disjoint across ranks."""
     start = ((step * accum + micro) * world + rank) * batch_size
     g = torch.arange(start, start + batch_size)

@@ -17,9 +17,13 @@ def expand_pairs(ranked_records: list[dict]) -> list[dict]:
             if rec["ranks"][i] == rec["ranks"][j] or rec["responses"][i] == rec["responses"][j]:
                 continue
             c, r = (i, j) if rec["ranks"][i] < rec["ranks"][j] else (j, i)
-            out.append({"prompt": rec["prompt"],
-                        "chosen": [{"role": "assistant", "content": rec["responses"][c]}],
-                        "rejected": [{"role": "assistant", "content": rec["responses"][r]}],
-                        "group": rec["id"],
-                        "gold_margin": round(gold[c] - gold[r], 4) if gold else None})
+            out.append(
+                {
+                    "prompt": rec["prompt"],
+                    "chosen": [{"role": "assistant", "content": rec["responses"][c]}],
+                    "rejected": [{"role": "assistant", "content": rec["responses"][r]}],
+                    "group": rec["id"],
+                    "gold_margin": round(gold[c] - gold[r], 4) if gold else None,
+                }
+            )
     return out

@@ -36,11 +36,17 @@ def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=END,
-                                 additional_special_tokens=[f"<|{r}|>" for r in ROLES])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=END, additional_special_tokens=[f"<|{r}|>" for r in ROLES]
+    )
     hf.chat_template = CHAT_TEMPLATE
     hf.model_max_length = 1 << 30
     return hf
@@ -57,13 +63,15 @@ def load_tokenizer(path: str | Path, need_chat_template: bool = False):
     except (OSError, ValueError) as e:
         if cut_off:
             raise UserError(f"cannot load a tokenizer from '{path}': {offline_hint(repr(str(path)))}") from None
-        raise UserError(f"cannot load a tokenizer from '{path}' (offline, or not a tokenizer folder): "
-                        f"{str(e).splitlines()[0]}")
+        raise UserError(
+            f"cannot load a tokenizer from '{path}' (offline, or not a tokenizer folder): {str(e).splitlines()[0]}"
+        )
     if tok.pad_token is None:  # many hub LMs ship without one; padding is always masked, so eos is safe
         tok.pad_token = tok.eos_token
     if need_chat_template and not tok.chat_template:
-        raise UserError(f"tokenizer '{path}' has no chat template; set one (tokenizer.chat_template) "
-                        f"or start from a chat model")
+        raise UserError(
+            f"tokenizer '{path}' has no chat template; set one (tokenizer.chat_template) or start from a chat model"
+        )
     return tok
 
 

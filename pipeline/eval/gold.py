@@ -33,8 +33,18 @@ def _prompt_text(messages: list[dict]) -> str:
     return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
 
 
-def gold_eval(model, tokenizer, prompts: Sequence, oracle, settings, batch_size: int = 32, device=None,
-              seed: int = 0, prefix: str = "eval", max_samples: Optional[int] = None) -> tuple[dict, list[list]]:
+def gold_eval(
+    model,
+    tokenizer,
+    prompts: Sequence,
+    oracle,
+    settings,
+    batch_size: int = 32,
+    device=None,
+    seed: int = 0,
+    prefix: str = "eval",
+    max_samples: Optional[int] = None,
+) -> tuple[dict, list[list]]:
     """Answer `prompts` (lists of messages, or {"messages": ...} records) and score the replies with the oracle.
 
     Returns (metrics, samples): `<prefix>/gold_score` (mean), `<prefix>/gold/<component>` (means),
@@ -43,18 +53,21 @@ def gold_eval(model, tokenizer, prompts: Sequence, oracle, settings, batch_size:
     """
     msgs = [as_messages(p) for p in prompts]
     mine = shard(len(msgs))
-    replies = generate(model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device,
-                       seed=seed + 7919 * _dist()[0])
+    replies = generate(
+        model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device, seed=seed + 7919 * _dist()[0]
+    )
     rows = {}
     for i, r in zip(mine, replies):
         if i not in rows:
             rows[i] = (i, str(r), oracle.components(msgs[i], str(r)), r.n_tokens, r.ended)
     rows = sorted({r[0]: r for r in gather(list(rows.values()))}.values(), key=lambda x: x[0])
     n = max(len(rows), 1)
-    metrics = {f"{prefix}/gold_score": sum(c["total"] for _, _, c, _, _ in rows) / n,
-               f"{prefix}/response_tokens": sum(t for *_, t, _ in rows) / n,
-               f"{prefix}/ended_fraction": sum(e for *_, e in rows) / n}
-    for k in (rows[0][2] if rows else {}):
+    metrics = {
+        f"{prefix}/gold_score": sum(c["total"] for _, _, c, _, _ in rows) / n,
+        f"{prefix}/response_tokens": sum(t for *_, t, _ in rows) / n,
+        f"{prefix}/ended_fraction": sum(e for *_, e in rows) / n,
+    }
+    for k in rows[0][2] if rows else {}:
         if k != "total":
             metrics[f"{prefix}/gold/{k}"] = sum(c[k] for _, _, c, _, _ in rows) / n
     samples = [[_prompt_text(msgs[i]), text, round(c["total"], 4)] for i, text, c, _, _ in rows[:max_samples]]
@@ -70,9 +83,9 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
 
 
-
-def win_rate_interval(scores_a: Sequence[float], scores_b: Sequence[float], resamples: int = 1000,
-                      level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def win_rate_interval(
+    scores_a: Sequence[float], scores_b: Sequence[float], resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
     """A percentile bootstrap interval of `win_rate(a, b)`: prompts are drawn with replacement, the pairs kept
     together, `resamples` times. Seeded, so a resumed or repeated evaluation reports the same interval."""
     import random
@@ -100,14 +113,24 @@ def _lc_fit(y: torch.Tensor, x: torch.Tensor, ridge: float = 1e-3, steps: int = 
     for _ in range(steps):
         p = torch.sigmoid((X * w[:, None, :]).sum(-1))
         grad = (X * (p - y)[..., None]).sum(1) + w @ reg
-        H = torch.einsum("rni,rnj->rij", X * (p * (1 - p))[..., None], X) + reg + 1e-9 * torch.eye(2, dtype=torch.float64)
+        H = (
+            torch.einsum("rni,rnj->rij", X * (p * (1 - p))[..., None], X)
+            + reg
+            + 1e-9 * torch.eye(2, dtype=torch.float64)
+        )
         w = w - torch.linalg.solve(H, grad[..., None])[..., 0]
     return w[:, 0]
 
 
-def length_controlled_win_rate(scores_a: Sequence[float], scores_b: Sequence[float], len_a: Sequence[float],
-                               len_b: Sequence[float], resamples: int = 1000, level: float = 0.95,
-                               seed: int = 0) -> tuple[float, float, float]:
+def length_controlled_win_rate(
+    scores_a: Sequence[float],
+    scores_b: Sequence[float],
+    len_a: Sequence[float],
+    len_b: Sequence[float],
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
     """The win rate of a over b at equal reply length, as AlpacaEval 2's length-controlled win rate: the per-prompt
     outcome (1 win, 0.5 tie, 0 loss) regressed by logistic regression on the length difference, squashed as
     AlpacaEval squashes it, tanh((len_a - len_b) / its standard deviation), and read at a difference of 0:
@@ -118,8 +141,9 @@ def length_controlled_win_rate(scores_a: Sequence[float], scores_b: Sequence[flo
         raise ValueError(f"length_controlled_win_rate: {n}, {len(scores_b)} scores, {len(len_a)}, {len(len_b)} lengths")
     if not n:
         return float("nan"), float("nan"), float("nan")
-    y = torch.tensor([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)],
-                     dtype=torch.float64)
+    y = torch.tensor(
+        [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)], dtype=torch.float64
+    )
     d = torch.tensor([float(a) - float(b) for a, b in zip(len_a, len_b)], dtype=torch.float64)
     sd = float(d.std(correction=0))
     x = torch.tanh(d / sd) if sd > 0 else torch.zeros_like(d)
@@ -146,34 +170,65 @@ def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval", resamples: int = 10
     lo, hi = win_rate_interval(ppo["gold"], sft["gold"], resamples)
     lc, lc_lo, lc_hi = length_controlled_win_rate(ppo["gold"], sft["gold"], ppo["length"], sft["length"], resamples)
     out = {
-        f"{prefix}/gold_score": mean(ppo["gold"]), f"{prefix}/sft_gold_score": mean(sft["gold"]),
+        f"{prefix}/gold_score": mean(ppo["gold"]),
+        f"{prefix}/sft_gold_score": mean(sft["gold"]),
         f"{prefix}/win_rate_vs_sft": win_rate(ppo["gold"], sft["gold"]),
-        f"{prefix}/win_rate_ci_low": lo, f"{prefix}/win_rate_ci_high": hi,
-        f"{prefix}/lc_win_rate_vs_sft": lc, f"{prefix}/lc_win_rate_ci_low": lc_lo, f"{prefix}/lc_win_rate_ci_high": lc_hi,
+        f"{prefix}/win_rate_ci_low": lo,
+        f"{prefix}/win_rate_ci_high": hi,
+        f"{prefix}/lc_win_rate_vs_sft": lc,
+        f"{prefix}/lc_win_rate_ci_low": lc_lo,
+        f"{prefix}/lc_win_rate_ci_high": lc_hi,
         f"{prefix}/tie_rate_vs_sft": mean([float(a == b) for a, b in zip(ppo["gold"], sft["gold"])]),
-        f"{prefix}/kl": mean(ppo["kl"]), f"{prefix}/reward": mean(ppo["reward"]),
-        f"{prefix}/sft_reward": mean(sft["reward"]), f"{prefix}/response_tokens": mean(ppo["length"]),
-        f"{prefix}/sft_response_tokens": mean(sft["length"]), f"{prefix}/n_prompts": len(ppo["gold"]),
+        f"{prefix}/kl": mean(ppo["kl"]),
+        f"{prefix}/reward": mean(ppo["reward"]),
+        f"{prefix}/sft_reward": mean(sft["reward"]),
+        f"{prefix}/response_tokens": mean(ppo["length"]),
+        f"{prefix}/sft_response_tokens": mean(sft["length"]),
+        f"{prefix}/n_prompts": len(ppo["gold"]),
     }
     for who, name in ((ppo, "gold"), (sft, "sft_gold")):
-        for k in (who["components"][0] if who["components"] else {}):
+        for k in who["components"][0] if who["components"] else {}:
             if k != "total":
                 out[f"{prefix}/{name}/{k}"] = mean([c[k] for c in who["components"]])
     return out
 
 
 @torch.no_grad()
-def rollout_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing, ref_logits, dev, pack: int,
-                 greedy: bool, backend: str = "hf") -> dict:
+def rollout_eval(
+    model,
+    prompts,
+    tok,
+    end_ids,
+    t,
+    oracle,
+    reward_model,
+    closing,
+    ref_logits,
+    dev,
+    pack: int,
+    greedy: bool,
+    backend: str = "hf",
+) -> dict:
     """Greedy or sampled (at the training temperature) replies to held-out prompts: gold score and its components,
     the reward model's raw score (the one readout), exact KL to the reference along the reply (summed over its
     tokens, at the sampling temperature), length, whether it ended."""
     out = {"gold": [], "components": [], "reward": [], "kl": [], "length": [], "text": [], "ended": []}
     for s in range(0, len(prompts), t.eval_batch_size):
-        batch = prompts[s: s + t.eval_batch_size]
+        batch = prompts[s : s + t.eval_batch_size]
         ids, am = prompt_batch(tok, batch, t.max_prompt_tokens, dev)
-        ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, greedy=greedy,
-                    backend=backend)
+        ro = sample(
+            model,
+            tok,
+            ids,
+            am,
+            end_ids,
+            t.max_new_tokens,
+            t.temperature,
+            t.top_k,
+            t.top_p,
+            greedy=greedy,
+            backend=backend,
+        )
         texts = decode_responses(tok, ro)
         kl = full_kl(response_logits(model, ro, pack), ref_logits(ro), ro.response_mask, t.temperature)
         parts = [oracle.components(p, x) for p, x in zip(batch, texts)]
@@ -227,10 +282,15 @@ def versus_previous(mine: dict, previous: dict, resamples: int = 1000) -> dict:
         if p is None or len(p["gold"]) != len(m["gold"]):
             continue
         lo, hi = win_rate_interval(m["gold"], p["gold"], resamples)
-        out.update({f"{prefix}/win_rate_vs_previous": win_rate(m["gold"], p["gold"]),
-                    f"{prefix}/win_rate_vs_previous_ci_low": lo, f"{prefix}/win_rate_vs_previous_ci_high": hi,
-                    f"{prefix}/tie_rate_vs_previous": sum(a == b for a, b in zip(m["gold"], p["gold"])) / len(p["gold"]),
-                    f"{prefix}/previous_gold_score": sum(p["gold"]) / max(len(p["gold"]), 1)})
+        out.update(
+            {
+                f"{prefix}/win_rate_vs_previous": win_rate(m["gold"], p["gold"]),
+                f"{prefix}/win_rate_vs_previous_ci_low": lo,
+                f"{prefix}/win_rate_vs_previous_ci_high": hi,
+                f"{prefix}/tie_rate_vs_previous": sum(a == b for a, b in zip(m["gold"], p["gold"])) / len(p["gold"]),
+                f"{prefix}/previous_gold_score": sum(p["gold"]) / max(len(p["gold"]), 1),
+            }
+        )
     return out
 
 
@@ -243,8 +303,21 @@ def kl_bound(n: int) -> float:
 
 
 @torch.no_grad()
-def best_of_n_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closing, dev, pack: int, n: int,
-                   also: Sequence[int] = (), backend: str = "hf") -> dict:
+def best_of_n_eval(
+    model,
+    prompts,
+    tok,
+    end_ids,
+    t,
+    oracle,
+    reward_model,
+    closing,
+    dev,
+    pack: int,
+    n: int,
+    also: Sequence[int] = (),
+    backend: str = "hf",
+) -> dict:
     """Best-of-n as a policy: `n` replies per prompt sampled from `model` at t.temperature, the reward model's
     best (the one readout) is the answer. The outputs have `rollout_eval`'s keys, the KL being the bound
     `kl_bound(n)`; `also` gives the pick among the first m of the same samples for each m, as "m:<m>:gold",
@@ -253,7 +326,7 @@ def best_of_n_eval(model, prompts, tok, end_ids, t, oracle, reward_model, closin
     for m in also:
         out.update({f"m:{m}:gold": [], f"m:{m}:reward": [], f"m:{m}:length": []})
     for s in range(0, len(prompts), t.eval_batch_size):
-        batch = prompts[s: s + t.eval_batch_size]
+        batch = prompts[s : s + t.eval_batch_size]
         many = [p for p in batch for _ in range(n)]  # prompt-major: prompt i's samples are rows i*n .. i*n+n-1
         ids, am = prompt_batch(tok, many, t.max_prompt_tokens, dev)
         ro = sample(model, tok, ids, am, end_ids, t.max_new_tokens, t.temperature, t.top_k, t.top_p, backend=backend)

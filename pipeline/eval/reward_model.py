@@ -18,10 +18,13 @@ def pair_accuracy(groups: Sequence[Sequence[tuple[float, float]]]) -> float:
     """Share of pairs within a group, (reward, gold) each, with different gold scores that the reward orders as gold
     does (a reward tie counts half); nan without such pairs. Groups are one prompt's answers: PPO's advantages
     compare answers to the same prompt, so this, not a correlation across prompts, says whether it can follow."""
-    hits = [0.5 if ra == rb else float((ra > rb) == (ga > gb))
-            for g in groups for (ra, ga), (rb, gb) in itertools.combinations(g, 2) if ga != gb]
+    hits = [
+        0.5 if ra == rb else float((ra > rb) == (ga > gb))
+        for g in groups
+        for (ra, ga), (rb, gb) in itertools.combinations(g, 2)
+        if ga != gb
+    ]
     return sum(hits) / len(hits) if hits else float("nan")
-
 
 
 def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], bins: int = 10) -> float:
@@ -42,10 +45,17 @@ def expected_calibration_error(probs: Sequence[float], labels: Sequence[int], bi
     return total
 
 
-
-def preference_eval(model, tokenizer, pairs: Sequence[dict], batch_size: int = 32, bins: int = 10,
-                    max_length: Optional[int] = None, prefix: str = "eval", device=None,
-                    with_gold: bool = False) -> tuple:
+def preference_eval(
+    model,
+    tokenizer,
+    pairs: Sequence[dict],
+    batch_size: int = 32,
+    bins: int = 10,
+    max_length: Optional[int] = None,
+    prefix: str = "eval",
+    device=None,
+    with_gold: bool = False,
+) -> tuple:
     """Score preference pairs ({"prompt", "chosen", "rejected", optional "gold_margin"}) with a reward model.
 
     Each distinct (prompt, response) is scored once (a ranked prompt's K responses appear in K-1 pairs each), shared
@@ -71,8 +81,9 @@ def preference_eval(model, tokenizer, pairs: Sequence[dict], batch_size: int = 3
             kept.append(p)
             which.append((c, r))
     mine = shard(len(ids))
-    scored = gather(list(zip(mine, score_ids(model, [ids[i] for i in mine], tokenizer.pad_token_id, batch_size,
-                                             device))))  # repeated indices just write the same score twice
+    scored = gather(
+        list(zip(mine, score_ids(model, [ids[i] for i in mine], tokenizer.pad_token_id, batch_size, device)))
+    )  # repeated indices just write the same score twice
     scores = [0.0] * len(ids)
     for i, v in scored:
         scores[i] = v
@@ -85,24 +96,30 @@ def preference_eval(model, tokenizer, pairs: Sequence[dict], batch_size: int = 3
     return (out, margins, gm) if with_gold else (out, margins)
 
 
-def preference_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float],
-                       gold_margins: Optional[Sequence[Optional[float]]] = None, bins: int = 10,
-                       prefix: str = "eval") -> dict:
+def preference_metrics(
+    r_chosen: Sequence[float],
+    r_rejected: Sequence[float],
+    gold_margins: Optional[Sequence[Optional[float]]] = None,
+    bins: int = 10,
+    prefix: str = "eval",
+) -> dict:
     """Accuracy against the labels, against the gold oracle (pairs it ranks equal are left out), ECE, mean margin."""
     margins = [c - r for c, r in zip(r_chosen, r_rejected)]
     n = max(len(margins), 1)
-    out = {f"{prefix}/accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / n,
-           f"{prefix}/margin": sum(margins) / n,
-           f"{prefix}/ece": expected_calibration_error([1 / (1 + math.exp(-max(min(m, 50), -50))) for m in margins],
-                                                       [1] * len(margins), bins),
-           f"{prefix}/pairs": len(margins)}
+    out = {
+        f"{prefix}/accuracy": sum((m > 0) + 0.5 * (m == 0) for m in margins) / n,
+        f"{prefix}/margin": sum(margins) / n,
+        f"{prefix}/ece": expected_calibration_error(
+            [1 / (1 + math.exp(-max(min(m, 50), -50))) for m in margins], [1] * len(margins), bins
+        ),
+        f"{prefix}/pairs": len(margins),
+    }
     if gold_margins is not None:
         g = [(m, gm) for m, gm in zip(margins, gold_margins) if gm is not None and gm != 0]
         if g:
             out[f"{prefix}/gold_accuracy"] = sum(0.5 if m == 0 else float((m > 0) == (gm > 0)) for m, gm in g) / len(g)
             out[f"{prefix}/gold_pairs"] = len(g)
     return out
-
 
 
 def reward_stats(policy, rm, tok, prompts, cfg, oracle=None) -> dict:
@@ -120,8 +137,18 @@ def policy_answers(policy, tok, prompts, cfg, oracle=None) -> dict:
     k = cfg.train.stats_samples
     mine = shard(len(prompts))
     msgs = [as_messages(prompts[i]) for i in mine for _ in range(k)]
-    replies = [str(r) for r in generate(policy, tok, msgs, cfg.generation, cfg.train.gen_batch_size,
-                                        seed=cfg.seed + 1, backend=cfg.get("sampler", "hf"))]
+    replies = [
+        str(r)
+        for r in generate(
+            policy,
+            tok,
+            msgs,
+            cfg.generation,
+            cfg.train.gen_batch_size,
+            seed=cfg.seed + 1,
+            backend=cfg.get("sampler", "hf"),
+        )
+    ]
     golds = oracle.score_batch(msgs, replies) if oracle else None
     return {"mine": list(mine), "messages": msgs, "replies": replies, "gold": golds, "k": k}
 
@@ -131,7 +158,7 @@ def answer_stats(rm, tok, answers: dict, cfg) -> dict:
     t, k, mine, msgs, replies = cfg.train, answers["k"], answers["mine"], answers["messages"], answers["replies"]
     rewards = score_texts(rm, tok, msgs, replies, t.eval_batch_size or t.batch_size)
     golds = answers["gold"] if answers["gold"] is not None else [None] * len(msgs)
-    per_prompt = {i: list(zip(rewards[j * k:(j + 1) * k], golds[j * k:(j + 1) * k])) for j, i in enumerate(mine)}
+    per_prompt = {i: list(zip(rewards[j * k : (j + 1) * k], golds[j * k : (j + 1) * k])) for j, i in enumerate(mine)}
     groups = list(dict(gather(list(per_prompt.items()))).values())  # shards may repeat one prompt
     rows = [row for g in groups for row in g]
     r = [a for a, _ in rows]
@@ -150,8 +177,9 @@ def answer_stats(rm, tok, answers: dict, cfg) -> dict:
     return out
 
 
-def ensemble_figures(models: Sequence, tok, answers: Optional[dict], test_pairs: Sequence[dict], cfg,
-                     max_length: Optional[int]) -> dict:
+def ensemble_figures(
+    models: Sequence, tok, answers: Optional[dict], test_pairs: Sequence[dict], cfg, max_length: Optional[int]
+) -> dict:
     """What an ensemble of reward models (the reward stage's train.ensemble=K) is worth, and how diverse it is.
 
     On the starting policy's answers (`policy_answers`): each member's statistics {mean, std} ("member_stats", what
@@ -171,7 +199,7 @@ def ensemble_figures(models: Sequence, tok, answers: Optional[dict], test_pairs:
         scores = [score_texts(m, tok, answers["messages"], answers["replies"], bs) for m in models]
         golds = answers["gold"] if answers["gold"] is not None else [None] * len(answers["messages"])
         rows = [(tuple(s[j] for s in scores), golds[j]) for j in range(len(golds))]
-        per_prompt = {i: rows[j * k:(j + 1) * k] for j, i in enumerate(mine)}
+        per_prompt = {i: rows[j * k : (j + 1) * k] for j, i in enumerate(mine)}
         groups = list(dict(gather(list(per_prompt.items()))).values())
         flat = [r for g in groups for r in g]
         n = len(flat)
@@ -187,8 +215,9 @@ def ensemble_figures(models: Sequence, tok, answers: Optional[dict], test_pairs:
         if answers["gold"] is not None:
             mean_groups = [[(sum(z(r)) / K, r[1]) for r in g] for g in groups]
             worst_groups = [[(min(z(r)), r[1]) for r in g] for g in groups]
-            out["ensemble/gold_correlation"] = _pearson([a for g in mean_groups for a, _ in g],
-                                                        [b for g in mean_groups for _, b in g])
+            out["ensemble/gold_correlation"] = _pearson(
+                [a for g in mean_groups for a, _ in g], [b for g in mean_groups for _, b in g]
+            )
             out["ensemble/gold_pair_accuracy"] = pair_accuracy(mean_groups)
             out["ensemble/worst_gold_pair_accuracy"] = pair_accuracy(worst_groups)
     if test_pairs:
@@ -197,12 +226,23 @@ def ensemble_figures(models: Sequence, tok, answers: Optional[dict], test_pairs:
             res, mg, gm = preference_eval(m, tok, test_pairs, bs, t.calibration_bins, max_length, with_gold=True)
             margins.append(mg)
             accs.append(res.get("eval/gold_accuracy", float("nan")))
-        combined = [sum(mg[i] / max(stats[m]["std"], 1e-6) for m, mg in enumerate(margins)) / K
-                    for i in range(len(margins[0]))]
-        res = preference_metrics(combined, [0.0] * len(combined), gm if any(g is not None for g in gm) else None,
-                                 t.calibration_bins, "ensemble")
-        out.update({"ensemble/accuracy": res["ensemble/accuracy"], "ensemble/member_gold_accuracies": accs,
-                    "ensemble/member_gold_accuracy_mean": sum(accs) / K})
+        combined = [
+            sum(mg[i] / max(stats[m]["std"], 1e-6) for m, mg in enumerate(margins)) / K for i in range(len(margins[0]))
+        ]
+        res = preference_metrics(
+            combined,
+            [0.0] * len(combined),
+            gm if any(g is not None for g in gm) else None,
+            t.calibration_bins,
+            "ensemble",
+        )
+        out.update(
+            {
+                "ensemble/accuracy": res["ensemble/accuracy"],
+                "ensemble/member_gold_accuracies": accs,
+                "ensemble/member_gold_accuracy_mean": sum(accs) / K,
+            }
+        )
         if "ensemble/gold_accuracy" in res:
             out["ensemble/gold_accuracy"] = res["ensemble/gold_accuracy"]
     out["member_stats"] = stats

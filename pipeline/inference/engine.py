@@ -65,8 +65,8 @@ class _Row:
     choice: int
     generator: Optional[torch.Generator]
     n_generated: int = 0
-    last: int = -1          # the newest sampled token, not yet fed to the model
-    stopped: bool = False   # the caller asked this choice to end (stop string, moderation)
+    last: int = -1  # the newest sampled token, not yet fed to the model
+    stopped: bool = False  # the caller asked this choice to end (stop string, moderation)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Request:
     params: SamplingParams
     n: int
     on_token: Callable[[int, int, Optional[str]], None]
-    tag: object = None      # the caller's own name for it (the engine process's parent id)
+    tag: object = None  # the caller's own name for it (the engine process's parent id)
     cancelled: bool = False
     rows: list[_Row] = field(default_factory=list)
 
@@ -96,8 +96,13 @@ class EngineFull(Exception):
     """More requests are waiting than the engine accepts (engine.max_waiting)."""
 
 
-def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                generators: list[Optional[torch.Generator]], default: torch.Generator) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[Optional[torch.Generator]],
+    default: torch.Generator,
+) -> torch.Tensor:
     """One token per row of `logits` [B, V]: greedy where temperature is below TEMPERATURE_EPS, otherwise nucleus
     sampling at that temperature with the row's own generator (seeded requests) or the engine's. Non-finite logits
     are tamed first (NaN is never drawn, +inf counts as the largest float); a row with no finite logit at all, or
@@ -130,7 +135,7 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
         for j, i in enumerate(rows):
             try:
                 out[i] = torch.multinomial(probs[j], 1, generator=generators[i] or default)[0]
-            except RuntimeError:  # noqa: PERF203 — this row cannot be drawn; the others still are
+            except RuntimeError:  # this row cannot be drawn; the others still are
                 log.exception("sampling row %d failed", i)
                 out[i] = -1
     if bad is not None and bool(bad.any()):
@@ -142,8 +147,7 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
 class Engine:
     """Continuous batching over a Hugging Face causal LM (see the module docstring; the model runs in a runner)."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 32, max_waiting: int = 512, seed: int = 0,
-                 fast: bool = True):
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_waiting: int = 512, seed: int = 0, fast: bool = True):
         from pipeline.data.tokenizer import end_of_turn_ids
 
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
@@ -153,7 +157,7 @@ class Engine:
         self.context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
         self._rng = torch.Generator(device="cpu").manual_seed(seed)
         self._waiting: deque[Request] = deque()
-        self._rows: list[_Row] = []      # the running rows, in the runner's batch order
+        self._rows: list[_Row] = []  # the running rows, in the runner's batch order
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._make_runner = lambda: make_runner(model, pad, self.max_batch, self.context, fast=fast)
         self.runner = self._make_runner()
@@ -171,8 +175,14 @@ class Engine:
         self.on_death: Optional[Callable[[BaseException], None]] = None  # the loop died (after fail)
 
     # ---- the callers' side --------------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, n: int,
-               on_token: Optional[Callable[[int, int, Optional[str]], None]], tag: object = None) -> Request:
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        n: int,
+        on_token: Optional[Callable[[int, int, Optional[str]], None]],
+        tag: object = None,
+    ) -> Request:
         if n > self.max_batch:
             raise ValueError(f"n={n} is more than the engine decodes at once (engine.max_batch={self.max_batch})")
         if self.error is not None:
@@ -234,8 +244,10 @@ class Engine:
 
     def step(self) -> None:
         """One turn of the loop (see the module docstring); public so tests can drive the engine by hand."""
-        self._retire([r for r in self._rows if r.request.cancelled or r.stopped],
-                     lambda r: "cancelled" if r.request.cancelled else None)
+        self._retire(
+            [r for r in self._rows if r.request.cancelled or r.stopped],
+            lambda r: "cancelled" if r.request.cancelled else None,
+        )
         new = self._admit()
         running = list(self._rows)
         self.decoded = len(running)
@@ -256,8 +268,7 @@ class Engine:
 
     def _forward_failed(self, rows: list[_Row], e: BaseException) -> None:
         """A forward raised: its rows end with "error", and a new runner starts from an empty batch."""
-        log.exception("a forward of %d rows failed; they end with an error, the engine goes on", len(rows),
-                      exc_info=e)
+        log.exception("a forward of %d rows failed; they end with an error, the engine goes on", len(rows), exc_info=e)
         self._out = []
         for r in rows:
             self._tell(r.request, r.choice, -1, "error")
@@ -275,7 +286,7 @@ class Engine:
             return
         try:
             req.on_token(choice, token, finish)
-        except Exception:  # noqa: BLE001 — a caller's callback that raises ends its own request, no other
+        except Exception:
             log.exception("the callback of request %d raised; the request is cancelled", req.id)
             req.cancel()
 
@@ -294,9 +305,11 @@ class Engine:
                 try:
                     gens = [None] * req.n
                     if req.params.seed is not None:  # choice c of a seeded request draws from seed + c (mod 2**64)
-                        gens = [torch.Generator(device="cpu").manual_seed((int(req.params.seed) + c) % 2 ** 64)
-                                for c in range(req.n)]
-                except Exception:  # noqa: BLE001 — this request alone fails
+                        gens = [
+                            torch.Generator(device="cpu").manual_seed((int(req.params.seed) + c) % 2**64)
+                            for c in range(req.n)
+                        ]
+                except Exception:
                     log.exception("admitting request %d failed", req.id)
                     for c in range(req.n):
                         self._tell(req, c, -1, "error")
@@ -334,8 +347,7 @@ class Engine:
             r.n_generated += 1
             if tok in self.end_ids:
                 done[id(r)] = "stop"
-            elif r.n_generated >= r.request.params.max_tokens or \
-                    len(r.request.prompt) + r.n_generated >= self.context:
+            elif r.n_generated >= r.request.params.max_tokens or len(r.request.prompt) + r.n_generated >= self.context:
                 done[id(r)] = "length"
             if r.request.cancelled:
                 continue

@@ -49,20 +49,25 @@ def generation_config(settings, tokenizer, **overrides):
 
     sample = bool(settings.do_sample)
     return GenerationConfig(
-        max_new_tokens=int(settings.max_new_tokens), do_sample=sample, num_beams=int(settings.num_beams),
+        max_new_tokens=int(settings.max_new_tokens),
+        do_sample=sample,
+        num_beams=int(settings.num_beams),
         # Greedy and beam search ignore these; they get the library's neutral values so nothing warns.
         temperature=float(settings.temperature) if sample else 1.0,
-        top_k=int(settings.top_k) if sample else 50, top_p=float(settings.top_p) if sample else 1.0,
-        repetition_penalty=float(settings.repetition_penalty), use_cache=True,
+        top_k=int(settings.top_k) if sample else 50,
+        top_p=float(settings.top_p) if sample else 1.0,
+        repetition_penalty=float(settings.repetition_penalty),
+        use_cache=True,
         early_stopping=True if settings.num_beams > 1 else None,
-        eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, **overrides)
-
+        eos_token_id=end_of_turn_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **overrides,
+    )
 
 
 def _context_len(model) -> Optional[int]:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-
 
 
 @contextmanager
@@ -85,8 +90,16 @@ def _model_device(model):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, device=None,
-             seed: Optional[int] = None, backend: str = "hf") -> list[Reply]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    settings,
+    batch_size: int = 16,
+    device=None,
+    seed: Optional[int] = None,
+    backend: str = "hf",
+) -> list[Reply]:
     """Replies to `prompts` (lists of messages ending in a user turn) in order, as `Reply` strings. backend
     "engine" (or "auto") samples through the continuous-batching engine's runner where it applies (a Llama
     checkpoint, no beams, no repetition penalty: pipeline/inference/sampler.py), else `model.generate`."""
@@ -102,24 +115,38 @@ def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, de
     # Longest first: similar lengths share a batch, so less padding; the original order is restored at the end.
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out: list[Optional[Reply]] = [None] * len(ids)
-    engine = backend != "hf" and int(settings.num_beams) == 1 and float(settings.repetition_penalty) == 1.0 and \
-        engine_applies(model)
+    engine = (
+        backend != "hf"
+        and int(settings.num_beams) == 1
+        and float(settings.repetition_penalty) == 1.0
+        and engine_applies(model)
+    )
     was_training = model.training
     model.eval()
     try:
         for b, start in enumerate(range(0, len(order), batch_size)):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             input_ids, mask = left_pad([ids[i] for i in idx], pad, device)
             with _seeded(None if seed is None else seed + b, device):
                 if engine:
-                    resp = engine_sample(model, tokenizer, input_ids, mask, stop, int(settings.max_new_tokens),
-                                         float(settings.temperature), int(settings.top_k), float(settings.top_p),
-                                         greedy=not settings.do_sample).response_ids
+                    resp = engine_sample(
+                        model,
+                        tokenizer,
+                        input_ids,
+                        mask,
+                        stop,
+                        int(settings.max_new_tokens),
+                        float(settings.temperature),
+                        int(settings.top_k),
+                        float(settings.top_p),
+                        greedy=not settings.do_sample,
+                    ).response_ids
                 else:
                     seqs = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=gc)
-                    resp = seqs[:, input_ids.shape[1]:]  # cut after the first end-of-turn, as every rollout is
-            for row, n, done, i in zip(resp.tolist(), response_mask(resp, stop, pad).sum(-1).tolist(),
-                                       ended(resp, stop).tolist(), idx):
+                    resp = seqs[:, input_ids.shape[1] :]  # cut after the first end-of-turn, as every rollout is
+            for row, n, done, i in zip(
+                resp.tolist(), response_mask(resp, stop, pad).sum(-1).tolist(), ended(resp, stop).tolist(), idx
+            ):
                 text = tokenizer.decode(row[:n], skip_special_tokens=True).strip()
                 out[i] = Reply(text, done, row[:n])
     finally:
@@ -127,8 +154,9 @@ def generate(model, tokenizer, prompts: list, settings, batch_size: int = 16, de
     return out  # type: ignore[return-value]
 
 
-def stream(model, tokenizer, messages: list[dict], settings, device=None, seed: Optional[int] = None,
-           stop=None) -> Iterator[str]:
+def stream(
+    model, tokenizer, messages: list[dict], settings, device=None, seed: Optional[int] = None, stop=None
+) -> Iterator[str]:
     """Yield the reply to one conversation piece by piece as it is generated (for chat). Beam search cannot
     stream, so it yields the whole reply at once. Setting the threading.Event `stop` ends generation early."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -137,8 +165,7 @@ def stream(model, tokenizer, messages: list[dict], settings, device=None, seed: 
 
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool,
-                              device=input_ids.device)
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
     if settings.num_beams > 1:
         yield str(generate(model, tokenizer, [messages], settings, 1, device, seed)[0])
@@ -153,9 +180,13 @@ def stream(model, tokenizer, messages: list[dict], settings, device=None, seed: 
     def work():
         try:
             with torch.no_grad(), _seeded(seed, device):
-                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                               generation_config=generation_config(settings, tokenizer),
-                               stopping_criteria=StoppingCriteriaList([_Stop()]))
+                model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    streamer=streamer,
+                    generation_config=generation_config(settings, tokenizer),
+                    stopping_criteria=StoppingCriteriaList([_Stop()]),
+                )
         except BaseException as e:  # noqa: BLE001 — re-raised in the caller's thread
             errors.append(e)
             streamer.end()

@@ -39,16 +39,21 @@ class HFRunner:
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self._cache = None
         self._mask: Optional[torch.Tensor] = None  # [B, T]: 1 where the cache holds a real token
-        self._pos: Optional[torch.Tensor] = None   # [B]: the position of each row's next token
+        self._pos: Optional[torch.Tensor] = None  # [B]: the position of each row's next token
 
     @property
     def size(self) -> int:
         return 0 if self._pos is None else len(self._pos)
 
     def _forward(self, ids, mask, pos, cache, last_only=False):
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), use_cache=True, **{self._cache_kw: cache},
-                         **(self._last_only if last_only else {}))
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=pos.to(self.device),
+            use_cache=True,
+            **{self._cache_kw: cache},
+            **(self._last_only if last_only else {}),
+        )
         c = getattr(out, "past_key_values", None)
         if c is None:
             c = getattr(out, "cache", None)
@@ -68,8 +73,8 @@ class HFRunner:
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = 1
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, pos, DynamicCache(config=self.model.config), last_only=True)
         self._merge(cache, mask, mask.sum(-1))
@@ -113,9 +118,15 @@ class HFRunner:
         def pad(x, t):  # [B, H, T, D] -> [B, H, width, D], zeros in front
             return F.pad(x, (0, 0, width - t, 0)) if t < width else x
 
-        self._rebuild([(torch.cat([pad(a.keys, old_t), pad(b.keys, new_t)]),
-                        torch.cat([pad(a.values, old_t), pad(b.values, new_t)]))
-                       for a, b in zip(self._cache.layers, cache.layers)])
+        self._rebuild(
+            [
+                (
+                    torch.cat([pad(a.keys, old_t), pad(b.keys, new_t)]),
+                    torch.cat([pad(a.values, old_t), pad(b.values, new_t)]),
+                )
+                for a, b in zip(self._cache.layers, cache.layers)
+            ]
+        )
         self._mask = torch.cat([F.pad(self._mask, (width - old_t, 0)), F.pad(mask, (width - new_t, 0))])
         self._pos = torch.cat([self._pos, lengths])
 
@@ -127,9 +138,14 @@ class LlamaRunner:
     def supports(model) -> bool:
         cfg = model.config
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-        return (type(model).__name__ == "LlamaForCausalLM" and not getattr(cfg, "attention_bias", False)
-                and not getattr(cfg, "mlp_bias", False) and rope.get("rope_type", "default") == "default"
-                and getattr(cfg, "hidden_act", "silu") == "silu" and getattr(cfg, "pretraining_tp", 1) == 1)
+        return (
+            type(model).__name__ == "LlamaForCausalLM"
+            and not getattr(cfg, "attention_bias", False)
+            and not getattr(cfg, "mlp_bias", False)
+            and rope.get("rope_type", "default") == "default"
+            and getattr(cfg, "hidden_act", "silu") == "silu"
+            and getattr(cfg, "pretraining_tp", 1) == 1
+        )
 
     def __init__(self, model, max_rows: int, max_len: int, fuse: bool = True):
         """fuse: q/k/v and gate/up as one matmul each, from weights concatenated once (a copy: serving's frozen
@@ -149,9 +165,16 @@ class LlamaRunner:
             a, mlp = layer.self_attn, layer.mlp
             qkv = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
             gu = (mlp.gate_proj.weight, mlp.up_proj.weight)
-            self.layers.append((layer.input_layernorm.weight, torch.cat(qkv) if fuse else qkv, a.o_proj.weight,
-                                layer.post_attention_layernorm.weight, torch.cat(gu) if fuse else gu,
-                                mlp.down_proj.weight))
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    torch.cat(qkv) if fuse else qkv,
+                    a.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    torch.cat(gu) if fuse else gu,
+                    mlp.down_proj.weight,
+                )
+            )
         rope = getattr(cfg, "rope_parameters", None) or {}
         theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
         inv = 1.0 / theta ** (torch.arange(0, self.hd, 2, dtype=torch.float32) / self.hd)
@@ -188,7 +211,7 @@ class LlamaRunner:
         several times what these three ops do."""
         if self.nkv != self.nh:
             k, v = (x.repeat_interleave(self.nh // self.nkv, 1) for x in (k, v))
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.hd ** -0.5).add_(mask)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.hd**-0.5).add_(mask)
         return torch.matmul(torch.softmax(scores, -1), v)
 
     def step(self, last: list[int], prompts: list[list[int]] = ()) -> torch.Tensor:
@@ -206,10 +229,10 @@ class LlamaRunner:
             ids = torch.zeros(b + n * width, dtype=torch.long)
             ids[:b] = torch.tensor(last, dtype=torch.long)
             for j, p in enumerate(prompts):
-                ids[b + j * width: b + j * width + len(p)] = torch.tensor(p, dtype=torch.long)
+                ids[b + j * width : b + j * width + len(p)] = torch.tensor(p, dtype=torch.long)
             ids = ids.to(dev)
             pos = torch.cat([self.pos[:b], torch.arange(width, device=dev).repeat(n)])
-            slot = torch.cat([self.slots[:b], self.slots[b:b + n].repeat_interleave(width)])
+            slot = torch.cat([self.slots[:b], self.slots[b : b + n].repeat_interleave(width)])
         else:  # decoding only, the common step
             ids, pos, slot = torch.tensor(last, dtype=torch.long, device=dev), self.pos[:b].clone(), self.slots[:b]
         # where each token's key and value go in the cache, as rows of its [rows * heads * length, head_dim] view
@@ -218,36 +241,48 @@ class LlamaRunner:
         mask = None
         if b:  # -inf after each row's own position: an additive mask, built once for every layer
             mask = torch.zeros((b, 1, 1, span), device=dev, dtype=self.dtype).masked_fill_(
-                torch.arange(span, device=dev)[None, None, None, :] > self.pos[:b, None, None, None], float("-inf"))
+                torch.arange(span, device=dev)[None, None, None, :] > self.pos[:b, None, None, None], float("-inf")
+            )
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]
         nq, nk, hd, gqa = self.nh * self.hd, self.nkv * self.hd, self.hd, self.nkv != self.nh
         x = self.embed[ids]
         for i, (w_in, w_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
             h = self._rms(x, w_in)
-            qkv = F.linear(h, w_qkv) if isinstance(w_qkv, torch.Tensor) else \
-                torch.cat([F.linear(h, w) for w in w_qkv], -1)
-            qk = self._rope(qkv[:, :nq + nk].view(-1, self.nh + self.nkv, hd), cos, sin)  # q and k in one go
-            q = qk[:, :self.nh]
-            self.k[i].view(-1, hd).index_copy_(0, at, qk[:, self.nh:].reshape(-1, hd))
-            self.v[i].view(-1, hd).index_copy_(0, at, qkv[:, nq + nk:].reshape(-1, hd))
+            qkv = (
+                F.linear(h, w_qkv)
+                if isinstance(w_qkv, torch.Tensor)
+                else torch.cat([F.linear(h, w) for w in w_qkv], -1)
+            )
+            qk = self._rope(qkv[:, : nq + nk].view(-1, self.nh + self.nkv, hd), cos, sin)  # q and k in one go
+            q = qk[:, : self.nh]
+            self.k[i].view(-1, hd).index_copy_(0, at, qk[:, self.nh :].reshape(-1, hd))
+            self.v[i].view(-1, hd).index_copy_(0, at, qkv[:, nq + nk :].reshape(-1, hd))
             parts = []
             if b:
-                parts.append(self._decode_attention(q[:b, :, None], self.k[i, :b, :, :span], self.v[i, :b, :, :span],
-                                                    mask).reshape(b, nq))
+                parts.append(
+                    self._decode_attention(
+                        q[:b, :, None], self.k[i, :b, :, :span], self.v[i, :b, :, :span], mask
+                    ).reshape(b, nq)
+                )
             if n:
                 qn = q[b:].view(n, width, self.nh, hd).transpose(1, 2)
                 new = slice(b, b + n)
-                parts.append(F.scaled_dot_product_attention(
-                    qn, self.k[i, new, :, :width], self.v[i, new, :, :width], is_causal=True,
-                    enable_gqa=gqa).transpose(1, 2).reshape(n * width, nq))
+                parts.append(
+                    F.scaled_dot_product_attention(
+                        qn, self.k[i, new, :, :width], self.v[i, new, :, :width], is_causal=True, enable_gqa=gqa
+                    )
+                    .transpose(1, 2)
+                    .reshape(n * width, nq)
+                )
             x = x + F.linear(parts[0] if len(parts) == 1 else torch.cat(parts), w_o)
             h = self._rms(x, w_post)
-            gate, up = F.linear(h, w_gu).chunk(2, -1) if isinstance(w_gu, torch.Tensor) else \
-                (F.linear(h, w) for w in w_gu)
+            gate, up = (
+                F.linear(h, w_gu).chunk(2, -1) if isinstance(w_gu, torch.Tensor) else (F.linear(h, w) for w in w_gu)
+            )
             x = x + F.linear(F.silu(gate) * up, w_down)
         if n:
             lengths = torch.tensor([len(p) for p in prompts], device=dev)
-            self.pos[b:b + n] = lengths
+            self.pos[b : b + n] = lengths
             x = x[torch.cat([torch.arange(b, device=dev), b + torch.arange(n, device=dev) * width + lengths - 1])]
         self.pos[:b] += 1
         self.n += n
@@ -268,8 +303,7 @@ class LlamaRunner:
         return order
 
 
-def make_runner(model, pad_id: int, max_rows: int, context: int, fast: bool = True,
-                budget_bytes: float = 2 * 2 ** 30):
+def make_runner(model, pad_id: int, max_rows: int, context: int, fast: bool = True, budget_bytes: float = 2 * 2**30):
     """The LlamaRunner where the checkpoint allows it and its cache fits `budget_bytes`, else the HF forward."""
     if fast and LlamaRunner.supports(model):
         cfg = model.config
@@ -278,4 +312,3 @@ def make_runner(model, pad_id: int, max_rows: int, context: int, fast: bool = Tr
         if size * next(model.parameters()).element_size() <= budget_bytes:
             return LlamaRunner(model, max_rows, context)
     return HFRunner(model, pad_id)
-

@@ -52,11 +52,14 @@ class Rollout:
         return torch.cat([self.prompt_mask.bool(), self.response_mask], 1).long()
 
     def __getitem__(self, idx) -> "Rollout":
-        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.response_ids[idx], self.response_mask[idx],
-                       self.ended[idx], None if self.logprobs is None else self.logprobs[idx])
-
-
-
+        return Rollout(
+            self.prompt_ids[idx],
+            self.prompt_mask[idx],
+            self.response_ids[idx],
+            self.response_mask[idx],
+            self.ended[idx],
+            None if self.logprobs is None else self.logprobs[idx],
+        )
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:
@@ -74,9 +77,20 @@ def engine_applies(model) -> bool:
 
 
 @torch.no_grad()
-def sample(policy, tok, prompt_ids, prompt_mask, end_ids: list[int], max_new_tokens: int, temperature: float,
-           top_k: int = 0, top_p: float = 1.0, greedy: bool = False, keep_logprobs: bool = False,
-           backend: str = "hf") -> Rollout:
+def sample(
+    policy,
+    tok,
+    prompt_ids,
+    prompt_mask,
+    end_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    keep_logprobs: bool = False,
+    backend: str = "hf",
+) -> Rollout:
     """Sample responses with the KV cache, then cut each after its first end-of-turn. keep_logprobs: also the
     log-probs of the sampled tokens under softmax(logits / temperature) (top-k/top-p only filter what is sampled;
     PPO's ratio is taken under the full tempered distribution). backend: see the module docstring."""
@@ -84,19 +98,28 @@ def sample(policy, tok, prompt_ids, prompt_mask, end_ids: list[int], max_new_tok
         raise ValueError(f"sampler backend {backend!r}: one of {', '.join(BACKENDS)}")
     hf = policy.model if isinstance(policy, TokenModel) else policy
     if backend != "hf" and engine_applies(hf):
-        return engine_sample(hf, tok, prompt_ids, prompt_mask, end_ids, max_new_tokens, temperature, top_k, top_p,
-                             greedy, keep_logprobs)
+        return engine_sample(
+            hf, tok, prompt_ids, prompt_mask, end_ids, max_new_tokens, temperature, top_k, top_p, greedy, keep_logprobs
+        )
     out = hf.generate(
-        input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
-        do_sample=not greedy, temperature=temperature if not greedy else None, top_k=top_k or None,
-        top_p=top_p if not greedy else None, eos_token_id=end_ids, pad_token_id=tok.pad_token_id,
-        use_cache=True, return_dict_in_generate=True, output_logits=keep_logprobs)
-    resp = out.sequences[:, prompt_ids.shape[1]:]
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=temperature if not greedy else None,
+        top_k=top_k or None,
+        top_p=top_p if not greedy else None,
+        eos_token_id=end_ids,
+        pad_token_id=tok.pad_token_id,
+        use_cache=True,
+        return_dict_in_generate=True,
+        output_logits=keep_logprobs,
+    )
+    resp = out.sequences[:, prompt_ids.shape[1] :]
     mask = response_mask(resp, end_ids, None)
     resp = torch.where(mask, resp, tok.pad_token_id)
     logp = logprobs_from_logits(torch.stack(out.logits, 1), resp, temperature) if keep_logprobs else None
     return Rollout(prompt_ids, prompt_mask, resp, mask, ended(resp, end_ids) & mask.any(-1), logp)
-
 
 
 def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: bool) -> Tensor:
@@ -117,9 +140,20 @@ def _draw(logits: Tensor, temperature: float, top_k: int, top_p: float, greedy: 
     return torch.multinomial(x.softmax(-1), 1)[:, 0]
 
 
-def engine_sample(model, tok, prompt_ids, prompt_mask, end_ids: list[int], max_new_tokens: int, temperature: float,
-                  top_k: int = 0, top_p: float = 1.0, greedy: bool = False, keep_logprobs: bool = False,
-                  max_rows: Optional[int] = None) -> Rollout:
+def engine_sample(
+    model,
+    tok,
+    prompt_ids,
+    prompt_mask,
+    end_ids: list[int],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    keep_logprobs: bool = False,
+    max_rows: Optional[int] = None,
+) -> Rollout:
     """The engine back end of `sample`: every prompt joins the runner's batch (up to `max_rows` at a time, the rest
     joining as rows end), each step samples one token per running row, and a row leaves the step it writes an
     end-of-turn token or reaches max_new_tokens. The result is laid out as `sample`'s: the prompts as given,
@@ -140,7 +174,7 @@ def engine_sample(model, tok, prompt_ids, prompt_mask, end_ids: list[int], max_n
     last: list[int] = []
     while running or waiting:
         join = waiting[: rows - len(running)]
-        waiting = waiting[len(join):]
+        waiting = waiting[len(join) :]
         logits = runner.step(last, [prompts[i] for i in join])  # [len(running) + len(join), V], fp32
         running = running + join
         drawn = _draw(logits, temperature, top_k, top_p, greedy)
@@ -161,13 +195,13 @@ def engine_sample(model, tok, prompt_ids, prompt_mask, end_ids: list[int], max_n
     resp = torch.full((B, R), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((B, R), dtype=torch.bool)
     for i, o in enumerate(out):
-        resp[i, :len(o)] = torch.tensor(o, dtype=torch.long)
-        mask[i, :len(o)] = True
+        resp[i, : len(o)] = torch.tensor(o, dtype=torch.long)
+        mask[i, : len(o)] = True
     logp = None
     if keep_logprobs:
         logp = torch.zeros((B, R))
         for i, v in enumerate(logps):
-            logp[i, :len(v)] = torch.tensor(v)
+            logp[i, : len(v)] = torch.tensor(v)
         logp = logp.to(dev)
     return Rollout(prompt_ids, prompt_mask, resp.to(dev), mask.to(dev), torch.tensor(finished, device=dev), logp)
 

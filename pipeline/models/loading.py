@@ -24,7 +24,6 @@ def mixed_precision(precision: str) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-
 def _adapter(path) -> bool:
     """A stage saved with peft.merge=false: final/ holds a LoRA adapter that names its base model."""
     return (Path(path) / "adapter_config.json").exists()
@@ -39,8 +38,10 @@ def _load(what: str, path, load):
     except (OSError, ValueError) as e:
         if cut_off:
             raise UserError(f"cannot load {what} '{path}': {offline_hint(repr(str(path)))}") from None
-        raise UserError(f"cannot load {what} '{path}' (not a local checkpoint, or a hub name while offline): "
-                        f"{str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot load {what} '{path}' (not a local checkpoint, or a hub name while offline): "
+            f"{str(e).splitlines()[0]}"
+        ) from None
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -48,12 +49,20 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, trust_r
     if _adapter(path):
         from peft import AutoPeftModelForCausalLM
 
-        return _load("model", path, lambda: AutoPeftModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, trust_remote_code=trust_remote_code).merge_and_unload())
+        return _load(
+            "model",
+            path,
+            lambda: AutoPeftModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, trust_remote_code=trust_remote_code
+            ).merge_and_unload(),
+        )
     from transformers import AutoModelForCausalLM
 
-    return _load("model", path, lambda: AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=trust_remote_code))
+    return _load(
+        "model",
+        path,
+        lambda: AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code),
+    )
 
 
 def load_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
@@ -71,8 +80,11 @@ def load_sequence_classifier(path: str | Path, dtype: torch.dtype = torch.float3
         from transformers import AutoModelForSequenceClassification as Auto
 
     with suppress_seqcls_warning():
-        model = _load("a reward or value model from", path, lambda: Auto.from_pretrained(
-            str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code))
+        model = _load(
+            "a reward or value model from",
+            path,
+            lambda: Auto.from_pretrained(str(path), num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code),
+        )
     return model.merge_and_unload() if _adapter(path) else model
 
 
@@ -81,8 +93,11 @@ def fit_special_ids(model, tok):
     with: an id outside the vocabulary (a GPT-2 config's bos 50256 with a smaller tokenizer) is replaced by the
     tokenizer's own, so no stage saves, and no load warns about, a token that does not exist."""
     n = len(tok)
-    own = {"bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
-           "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    own = {
+        "bos_token_id": tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
     for cfg in (model.config, getattr(model, "generation_config", None)):
         for key, fallback in own.items():
             v = getattr(cfg, key, None) if cfg is not None else None

@@ -1,5 +1,4 @@
-"""A model read only where it matters: logits or values at the token positions asked for, none for the prompt.
-"""
+"""A model read only where it matters: logits or values at the token positions asked for, none for the prompt."""
 
 from __future__ import annotations
 
@@ -28,17 +27,21 @@ class TokenModel(torch.nn.Module):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the adapted model
         prefix = getattr(base, "base_model_prefix", "")
         if getattr(base, prefix, None) is None or _head(base) is None:
-            raise UserError(f"{type(base).__name__}: cannot find its backbone (.{prefix or 'base_model_prefix'}) "
-                            f"and output head (lm_head, score or classifier)")
+            raise UserError(
+                f"{type(base).__name__}: cannot find its backbone (.{prefix or 'base_model_prefix'}) "
+                f"and output head (lm_head, score or classifier)"
+            )
         self._base = [base]  # in a list: not registered a second time as a submodule
 
-    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor],
-                select: Tensor) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor], select: Tensor
+    ) -> Tensor:
         """Head outputs at `select` (indices into the flattened [rows * width] positions; any shape S): [*S, D]."""
         base = self._base[0]
         with self.autocast() if self.autocast is not None else nullcontext():
-            h = getattr(base, base.base_model_prefix)(input_ids=input_ids, position_ids=position_ids,
-                                                      attention_mask=attention_mask, use_cache=False).last_hidden_state
+            h = getattr(base, base.base_model_prefix)(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
             return _head(base)(h.flatten(0, 1)[select])
 
 
@@ -51,13 +54,21 @@ def _head(base):
     return None
 
 
-
 def disable_dropout(model) -> None:
     """PPO's ratio and KL assume the same function computes old and new log-probs: no dropout anywhere. The
     config's rates are not enough: a module copies its rate when it is built (Llama's attention keeps its own
     `attention_dropout` and applies it in train mode), so the float rates on the modules are zeroed too."""
-    rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-             "attn_dropout", "dropout_p", "dropout_rate")
+    rates = (
+        "attention_dropout",
+        "hidden_dropout",
+        "dropout",
+        "resid_pdrop",
+        "embd_pdrop",
+        "attn_pdrop",
+        "attn_dropout",
+        "dropout_p",
+        "dropout_rate",
+    )
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -80,8 +91,9 @@ def fold_normalisation(model, mean: float, std: float) -> None:
     if name is None:
         raise UserError(f"{type(base).__name__}: no linear scalar head (score or classifier) to normalise")
     head = getattr(base, name)
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True, device=head.weight.device,
-                          dtype=head.weight.dtype)
+    new = torch.nn.Linear(
+        head.in_features, head.out_features, bias=True, device=head.weight.device, dtype=head.weight.dtype
+    )
     with torch.no_grad():
         new.weight.copy_(head.weight / std)
         new.bias.copy_(((head.bias if head.bias is not None else 0.0) - mean) / std)

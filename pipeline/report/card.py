@@ -73,21 +73,38 @@ def component_rows(manifests: dict[str, dict], weights: dict[str, float]) -> lis
     the PPO stage's, which answers with its own `train.max_new_tokens`: compare within a pair."""
     sft = manifests.get("sft", {}).get("metrics", {})
     ppo = manifests.get("ppo", {}).get("metrics", {})
-    rows = [(k, w, sft.get(f"eval/pretrain/gold/{k}"), sft.get(f"eval/gold/{k}"), ppo.get(f"eval/sft_gold/{k}"),
-             ppo.get(f"eval/gold/{k}")) for k, w in weights.items()]
+    rows = [
+        (
+            k,
+            w,
+            sft.get(f"eval/pretrain/gold/{k}"),
+            sft.get(f"eval/gold/{k}"),
+            ppo.get(f"eval/sft_gold/{k}"),
+            ppo.get(f"eval/gold/{k}"),
+        )
+        for k, w in weights.items()
+    ]
     return rows if any(v is not None for row in rows for v in row[2:]) else []
 
 
 def all_runs(root: Path) -> list[str]:
     stages = (*ORDER, *METHODS)
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / s / "manifest.json").exists()
-                                                                        for s in stages)) if root.exists() else []
+    return (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and any((p / s / "manifest.json").exists() for s in stages))
+        if root.exists()
+        else []
+    )
 
 
 # PPO's final evaluation, greedy and sampled: (label, PPO's key, SFT's key or None), the prefix left out
-PPO_EVAL = [("gold score", "gold_score", "sft_gold_score"), ("win rate vs SFT (ties half)", "win_rate_vs_sft", None),
-            ("tie rate vs SFT", "tie_rate_vs_sft", None), ("KL to SFT (nats)", "kl", None),
-            ("reward model score", "reward", "sft_reward"), ("reply tokens", "response_tokens", "sft_response_tokens")]
+PPO_EVAL = [
+    ("gold score", "gold_score", "sft_gold_score"),
+    ("win rate vs SFT (ties half)", "win_rate_vs_sft", None),
+    ("tie rate vs SFT", "tie_rate_vs_sft", None),
+    ("KL to SFT (nats)", "kl", None),
+    ("reward model score", "reward", "sft_reward"),
+    ("reply tokens", "response_tokens", "sft_response_tokens"),
+]
 
 
 def decoding_rows(ppo_metrics: dict, weights: dict[str, float]) -> list[tuple]:
@@ -95,14 +112,31 @@ def decoding_rows(ppo_metrics: dict, weights: dict[str, float]) -> list[tuple]:
     (eval/... and eval/sampled/...), its headline figures then the gold components; None where not measured (a run
     from before the sampled evaluation, or train.eval_sampled=false). Empty without a PPO evaluation."""
     g = ppo_metrics.get
-    rows = [(label, g(f"eval/{s}") if s else None, g(f"eval/{p}"), g(f"eval/sampled/{s}") if s else None,
-             g(f"eval/sampled/{p}")) for label, p, s in PPO_EVAL]
-    rows += [(f"gold: {k}", g(f"eval/sft_gold/{k}"), g(f"eval/gold/{k}"), g(f"eval/sampled/sft_gold/{k}"),
-              g(f"eval/sampled/gold/{k}")) for k in weights]
+    rows = [
+        (
+            label,
+            g(f"eval/{s}") if s else None,
+            g(f"eval/{p}"),
+            g(f"eval/sampled/{s}") if s else None,
+            g(f"eval/sampled/{p}"),
+        )
+        for label, p, s in PPO_EVAL
+    ]
+    rows += [
+        (
+            f"gold: {k}",
+            g(f"eval/sft_gold/{k}"),
+            g(f"eval/gold/{k}"),
+            g(f"eval/sampled/sft_gold/{k}"),
+            g(f"eval/sampled/gold/{k}"),
+        )
+        for k in weights
+    ]
     return rows if any(v is not None for row in rows for v in row[1:]) else []
 
 
 # ---- the methods table (make methods): every way to learn from the preferences, scored alike -----------------
+
 
 def _minutes(m: dict):
     """A stage's wall time in minutes: its own time/stage_s, else its manifest's start and end."""
@@ -131,40 +165,76 @@ def method_rows(manifests: dict[str, dict]) -> list[dict]:
         if g("eval/sampled/gold_score") is None:
             continue
         if not rows:
-            greedy = next((v for m in done.values() if (v := m.get("metrics", {}).get("eval/sft_gold_score"))
-                           is not None), None)  # best-of-n has none: any method's greedy SFT answers
-            rows.append({"method": "sft", "gold": g("eval/sampled/sft_gold_score"), "win": 0.5, "lo": None,
-                         "hi": None, "lc": 0.5, "lc_lo": None, "lc_hi": None, "objective": None, "beats": None, "kl": 0.0, "length": g("eval/sampled/sft_response_tokens"),
-                         "greedy": greedy, "minutes": _minutes(done["sft"]) if "sft" in done else None,
-                         "tokens": None, "n": g("eval/sampled/n_prompts")})
+            greedy = next(
+                (v for m in done.values() if (v := m.get("metrics", {}).get("eval/sft_gold_score")) is not None), None
+            )  # best-of-n has none: any method's greedy SFT answers
+            rows.append(
+                {
+                    "method": "sft",
+                    "gold": g("eval/sampled/sft_gold_score"),
+                    "win": 0.5,
+                    "lo": None,
+                    "hi": None,
+                    "lc": 0.5,
+                    "lc_lo": None,
+                    "lc_hi": None,
+                    "objective": None,
+                    "beats": None,
+                    "kl": 0.0,
+                    "length": g("eval/sampled/sft_response_tokens"),
+                    "greedy": greedy,
+                    "minutes": _minutes(done["sft"]) if "sft" in done else None,
+                    "tokens": None,
+                    "n": g("eval/sampled/n_prompts"),
+                }
+            )
         lo, hi = g("eval/sampled/win_rate_ci_low"), g("eval/sampled/win_rate_ci_high")
         rw = done[stage].get("reward") or {}
-        obj = None if stage == "dpo" or split_folder(stage)[0] == "dpo" else (
-            f"{rw.get('objective')} of {rw.get('ensemble')}" if rw.get("ensemble", 1) > 1 else "single RM")
-        rows.append({"method": stage, "gold": g("eval/sampled/gold_score"), "win": g("eval/sampled/win_rate_vs_sft"),
-                     "lo": lo, "hi": hi, "lc": g("eval/sampled/lc_win_rate_vs_sft"),
-                     "lc_lo": g("eval/sampled/lc_win_rate_ci_low"), "lc_hi": g("eval/sampled/lc_win_rate_ci_high"),
-                     "objective": obj, "beats": None if lo is None else ("above" if lo > 0.5 else "below"
-                                                                           if hi < 0.5 else "no"),
-                     "kl": g("eval/sampled/kl"), "length": g("eval/sampled/response_tokens"),
-                     "greedy": g("eval/gold_score"), "minutes": _minutes(done[stage]), "tokens": g("train/tokens"),
-                     "n": g("eval/sampled/n_prompts")})
+        obj = (
+            None
+            if stage == "dpo" or split_folder(stage)[0] == "dpo"
+            else (f"{rw.get('objective')} of {rw.get('ensemble')}" if rw.get("ensemble", 1) > 1 else "single RM")
+        )
+        rows.append(
+            {
+                "method": stage,
+                "gold": g("eval/sampled/gold_score"),
+                "win": g("eval/sampled/win_rate_vs_sft"),
+                "lo": lo,
+                "hi": hi,
+                "lc": g("eval/sampled/lc_win_rate_vs_sft"),
+                "lc_lo": g("eval/sampled/lc_win_rate_ci_low"),
+                "lc_hi": g("eval/sampled/lc_win_rate_ci_high"),
+                "objective": obj,
+                "beats": None if lo is None else ("above" if lo > 0.5 else "below" if hi < 0.5 else "no"),
+                "kl": g("eval/sampled/kl"),
+                "length": g("eval/sampled/response_tokens"),
+                "greedy": g("eval/gold_score"),
+                "minutes": _minutes(done[stage]),
+                "tokens": g("train/tokens"),
+                "n": g("eval/sampled/n_prompts"),
+            }
+        )
     return rows
 
 
 def methods_table(rows: list[dict]) -> list[str]:
     """AlpacaFarm's table for one run, as markdown lines."""
     f = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
-    out = ["| method | optimised | gold (sampled) | win rate vs SFT [95% CI] | beats SFT? | length-controlled win "
-           "rate [95% CI] | KL to SFT | reply tokens | gold (greedy) | minutes | training tokens |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| method | optimised | gold (sampled) | win rate vs SFT [95% CI] | beats SFT? | length-controlled win "
+        "rate [95% CI] | KL to SFT | reply tokens | gold (greedy) | minutes | training tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ci = f" [{f(r['lo'], 2)}, {f(r['hi'], 2)}]" if r["lo"] is not None else ""
         lc = f(r.get("lc"), 2) + (f" [{f(r['lc_lo'], 2)}, {f(r['lc_hi'], 2)}]" if r.get("lc_lo") is not None else "")
-        out.append(f"| {r['method']} | {r.get('objective') or '–'} | {f(r['gold'])} | {f(r['win'], 2)}{ci} | "
-                   f"{r['beats'] or '–'} | {lc} | {f(r['kl'], 2)} "
-                   f"| {f(r['length'], 1)} | {f(r['greedy'])} | {f(r['minutes'], 1)} | "
-                   f"{'–' if r['tokens'] is None else int(r['tokens'])} |")
+        out.append(
+            f"| {r['method']} | {r.get('objective') or '–'} | {f(r['gold'])} | {f(r['win'], 2)}{ci} | "
+            f"{r['beats'] or '–'} | {lc} | {f(r['kl'], 2)} "
+            f"| {f(r['length'], 1)} | {f(r['greedy'])} | {f(r['minutes'], 1)} | "
+            f"{'–' if r['tokens'] is None else int(r['tokens'])} |"
+        )
     return out
 
 
@@ -177,26 +247,43 @@ def round_rows(root: Path, run: str, method: str = "ppo") -> list[dict]:
 
     rows, r = [], 1
     while True:
-        pol = read_manifest(root / run / stage_folder(method, r)) if (root / run / stage_folder(method, r)).exists() \
+        pol = (
+            read_manifest(root / run / stage_folder(method, r))
+            if (root / run / stage_folder(method, r)).exists()
             else None
+        )
         if not pol or pol.get("status") != "complete":
             break
         d = root / pol.get("parent_runs", {}).get(stage_folder("reward", r), run) / stage_folder("reward", r)
         rm = (read_manifest(d) if d.exists() else None) or {}
         g, h = pol.get("metrics", {}).get, rm.get("metrics", {}).get
-        rows.append({"round": r, "stage": stage_folder(method, r), "gold": g("eval/gold_score"),
-                     "sft_gold": g("eval/sft_gold_score"), "win": g("eval/win_rate_vs_sft"),
-                     "lo": g("eval/win_rate_ci_low"), "hi": g("eval/win_rate_ci_high"),
-                     "tie": g("eval/tie_rate_vs_sft"), "win_prev": g("eval/win_rate_vs_previous"),
-                     "prev_lo": g("eval/win_rate_vs_previous_ci_low"), "prev_hi": g("eval/win_rate_vs_previous_ci_high"),
-                     "correct": g("eval/gold/correctness"), "sft_correct": g("eval/sft_gold/correctness"),
-                     "kl": g("eval/kl"), "sampled_gold": g("eval/sampled/gold_score"),
-                     "sampled_win": g("eval/sampled/win_rate_vs_sft"),
-                     "pair_before": h("reward/before_gold_pair_accuracy"), "pair_after": h("reward/gold_pair_accuracy"),
-                     "corr_before": h("reward/before_gold_correlation"), "corr_after": h("reward/gold_correlation"),
-                     "labels": h("labels/round_pairs") if method == "ppo" else g("labels/round_pairs"),
-                     "total_labels": h("labels/total_pairs") if method == "ppo" else g("labels/total_pairs"),
-                     "minutes": (_minutes(pol) or 0) + (_minutes(rm) or 0) if rm else _minutes(pol)})
+        rows.append(
+            {
+                "round": r,
+                "stage": stage_folder(method, r),
+                "gold": g("eval/gold_score"),
+                "sft_gold": g("eval/sft_gold_score"),
+                "win": g("eval/win_rate_vs_sft"),
+                "lo": g("eval/win_rate_ci_low"),
+                "hi": g("eval/win_rate_ci_high"),
+                "tie": g("eval/tie_rate_vs_sft"),
+                "win_prev": g("eval/win_rate_vs_previous"),
+                "prev_lo": g("eval/win_rate_vs_previous_ci_low"),
+                "prev_hi": g("eval/win_rate_vs_previous_ci_high"),
+                "correct": g("eval/gold/correctness"),
+                "sft_correct": g("eval/sft_gold/correctness"),
+                "kl": g("eval/kl"),
+                "sampled_gold": g("eval/sampled/gold_score"),
+                "sampled_win": g("eval/sampled/win_rate_vs_sft"),
+                "pair_before": h("reward/before_gold_pair_accuracy"),
+                "pair_after": h("reward/gold_pair_accuracy"),
+                "corr_before": h("reward/before_gold_correlation"),
+                "corr_after": h("reward/gold_correlation"),
+                "labels": h("labels/round_pairs") if method == "ppo" else g("labels/round_pairs"),
+                "total_labels": h("labels/total_pairs") if method == "ppo" else g("labels/total_pairs"),
+                "minutes": (_minutes(pol) or 0) + (_minutes(rm) or 0) if rm else _minutes(pol),
+            }
+        )
         r += 1
     return rows
 
@@ -205,14 +292,19 @@ def rounds_table(rows: list[dict]) -> list[str]:
     """The per-round table of iterated RLHF, as markdown lines."""
     f = lambda v, p=3: "–" if v is None else f"{v:.{p}f}"  # noqa: E731
     ci = lambda v, lo, hi: f"{f(v, 2)}" + (f" [{f(lo, 2)}, {f(hi, 2)}]" if lo is not None else "")  # noqa: E731
-    out = ["| round | stage | gold (greedy) | win rate vs SFT [95% CI] | ties | win rate vs previous [95% CI] | "
-           "correctness | KL to SFT | RM pairs in gold order, before -> after | RM gold correlation, before -> after "
-           "| pairs labelled (round / all) | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| round | stage | gold (greedy) | win rate vs SFT [95% CI] | ties | win rate vs previous [95% CI] | "
+        "correctness | KL to SFT | RM pairs in gold order, before -> after | RM gold correlation, before -> after "
+        "| pairs labelled (round / all) | minutes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['round']} | {r['stage']} | {f(r['gold'])} | {ci(r['win'], r['lo'], r['hi'])} | "
-                   f"{f(r['tie'], 2)} | {ci(r['win_prev'], r['prev_lo'], r['prev_hi']) if r['round'] > 1 else '–'} | "
-                   f"{f(r['correct'])} | {f(r['kl'], 2)} | {f(r['pair_before'])} -> {f(r['pair_after'])} | "
-                   f"{f(r['corr_before'])} -> {f(r['corr_after'])} | "
-                   f"{'–' if r['labels'] is None else int(r['labels'])} / "
-                   f"{'–' if r['total_labels'] is None else int(r['total_labels'])} | {f(r['minutes'], 1)} |")
+        out.append(
+            f"| {r['round']} | {r['stage']} | {f(r['gold'])} | {ci(r['win'], r['lo'], r['hi'])} | "
+            f"{f(r['tie'], 2)} | {ci(r['win_prev'], r['prev_lo'], r['prev_hi']) if r['round'] > 1 else '–'} | "
+            f"{f(r['correct'])} | {f(r['kl'], 2)} | {f(r['pair_before'])} -> {f(r['pair_after'])} | "
+            f"{f(r['corr_before'])} -> {f(r['corr_after'])} | "
+            f"{'–' if r['labels'] is None else int(r['labels'])} / "
+            f"{'–' if r['total_labels'] is None else int(r['total_labels'])} | {f(r['minutes'], 1)} |"
+        )
     return out

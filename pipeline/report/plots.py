@@ -8,11 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
-def overoptimization_plot(history: list[dict], path: Path, title: str = "", periodic: list[dict] | None = None,
-                          alarm_at: int = 0) -> Path:
+def overoptimization_plot(
+    history: list[dict], path: Path, title: str = "", periodic: list[dict] | None = None, alarm_at: int = 0
+) -> Path:
     """Reward-model score and gold score against sqrt(KL) from the SFT policy (Gao et al. 2022's axes): while the
     proxy keeps rising, the gold score peaks and falls once the policy exploits the reward model.
 
@@ -28,24 +29,51 @@ def overoptimization_plot(history: list[dict], path: Path, title: str = "", peri
     if periodic:
         pts = sorted(periodic, key=lambda h: h["iteration"])
         x = sx(history)
-        ax.scatter(x, [h["reward"] for h in history], s=8, color=blue, alpha=0.2, linewidths=0,
-                   label="reward model, training batches")
-        ax2.scatter(x, [h["gold"] for h in history], s=8, color=red, alpha=0.2, linewidths=0, marker="s",
-                    label="gold, training batches")
+        ax.scatter(
+            x,
+            [h["reward"] for h in history],
+            s=8,
+            color=blue,
+            alpha=0.2,
+            linewidths=0,
+            label="reward model, training batches",
+        )
+        ax2.scatter(
+            x,
+            [h["gold"] for h in history],
+            s=8,
+            color=red,
+            alpha=0.2,
+            linewidths=0,
+            marker="s",
+            label="gold, training batches",
+        )
         px = sx(pts)
         ax.plot(px, [h["reward"] for h in pts], "o-", ms=4, color=blue, label="reward model (normalised), held-out")
         ax2.plot(px, [h["gold"] for h in pts], "s-", ms=4, color=red, label="gold oracle, held-out")
         for h, x_ in zip(pts, px):
-            ax2.annotate(str(h["iteration"]), (x_, h["gold"]), fontsize=6, color=red, alpha=0.7,
-                         xytext=(2, 3), textcoords="offset points")
+            ax2.annotate(
+                str(h["iteration"]),
+                (x_, h["gold"]),
+                fontsize=6,
+                color=red,
+                alpha=0.7,
+                xytext=(2, 3),
+                textcoords="offset points",
+            )
     else:
         x = sx(history)
         ax.plot(x, [h["reward"] for h in history], "o-", ms=3, color=blue, label="reward model (normalised)")
         ax2.plot(x, [h["gold"] for h in history], "s-", ms=3, color=red, label="gold oracle")
     hit = [h for h in history if h["iteration"] == alarm_at] if alarm_at else []
     if hit:
-        ax.axvline(math.sqrt(max(hit[0]["kl"], 0.0)), color="black", ls="--", lw=1,
-                   label=f"alarm (no gold): iteration {alarm_at}")
+        ax.axvline(
+            math.sqrt(max(hit[0]["kl"], 0.0)),
+            color="black",
+            ls="--",
+            lw=1,
+            label=f"alarm (no gold): iteration {alarm_at}",
+        )
     ax.set_xlabel("sqrt KL(policy || SFT)  (nats^1/2)")
     ax.set_ylabel("reward model score", color=blue)
     ax2.set_ylabel("gold score", color=red)
@@ -79,8 +107,9 @@ def sweep_overoptimization_plot(runs: dict[str, list[dict]], path: Path, title: 
     return Path(path)
 
 
-def curves_plot(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step",
-                ylabel: str = "") -> Path:
+def curves_plot(
+    series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str = "step", ylabel: str = ""
+) -> Path:
     """Several (x, y) curves on one axis; `series` maps a legend label to its points."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for label, pts in series.items():
@@ -97,8 +126,9 @@ def curves_plot(series: dict[str, list[tuple[float, float]]], path: Path, title:
     return Path(path)
 
 
-def methods_plot(points: dict[str, tuple[float, float]], curves: dict[str, list[tuple[float, float]]], path: Path,
-                 title: str = "") -> Path:
+def methods_plot(
+    points: dict[str, tuple[float, float]], curves: dict[str, list[tuple[float, float]]], path: Path, title: str = ""
+) -> Path:
     """Gold score against KL to SFT for every method of one run: `points` {method: (kl, gold)} from the final
     sampled evaluation; `curves` {label: [(kl, gold), ...]}, best-of-n over n and the RL methods over their training
     (their periodic held-out evaluations), drawn as lines with the final point marked on top."""
@@ -106,8 +136,9 @@ def methods_plot(points: dict[str, tuple[float, float]], curves: dict[str, list[
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys([*curves, *points]))}
     for label, pts in curves.items():
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", lw=1.2, alpha=0.6, color=colors[label],
-                    marker=".", ms=4)
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], "-", lw=1.2, alpha=0.6, color=colors[label], marker=".", ms=4
+            )
     for name, (kl, gold) in points.items():
         ax.scatter([kl], [gold], s=40, color=colors[name], zorder=3, label=name)
         ax.annotate(name, (kl, gold), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -133,14 +164,24 @@ def rounds_plot(rows: list[dict], path: Path, title: str = "") -> Path:
     ax.set_ylabel("held-out gold score")
     ax.set_xticks(rs)
     ax2 = ax.twinx()
-    for key, lo, hi, color, label in (("win", "lo", "hi", "C1", "win rate vs SFT"),
-                                      ("win_prev", "prev_lo", "prev_hi", "C2", "win rate vs previous round")):
+    for key, lo, hi, color, label in (
+        ("win", "lo", "hi", "C1", "win rate vs SFT"),
+        ("win_prev", "prev_lo", "prev_hi", "C2", "win rate vs previous round"),
+    ):
         pts = [(r["round"], r[key], r[lo], r[hi]) for r in rows if r[key] is not None]
         if pts:
-            ax2.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                         yerr=[[p[1] - (p[2] if p[2] is not None else p[1]) for p in pts],
-                               [(p[3] if p[3] is not None else p[1]) - p[1] for p in pts]],
-                         fmt="s-", color=color, capsize=3, label=label)
+            ax2.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[
+                    [p[1] - (p[2] if p[2] is not None else p[1]) for p in pts],
+                    [(p[3] if p[3] is not None else p[1]) - p[1] for p in pts],
+                ],
+                fmt="s-",
+                color=color,
+                capsize=3,
+                label=label,
+            )
     ax2.axhline(0.5, color="grey", lw=0.8, ls=":")
     ax2.set_ylabel("win rate (ties half)")
     lines = ax.get_legend_handles_labels()

@@ -1,5 +1,4 @@
-"""Advantages from per-token rewards and values (conventions as in pipeline/rl/ops.py).
-"""
+"""Advantages from per-token rewards and values (conventions as in pipeline/rl/ops.py)."""
 
 from __future__ import annotations
 

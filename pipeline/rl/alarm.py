@@ -33,9 +33,15 @@ def trailing_mean(xs: Sequence[float], w: int) -> list[float]:
     return out
 
 
-def alarm_series(proxy: Sequence[float], disagreement: Sequence[float], window: int = 5, rise: float = 1.0,
-                 patience: int = 3, kl: Sequence[float] | None = None,
-                 length: Sequence[float] | None = None) -> list[dict]:
+def alarm_series(
+    proxy: Sequence[float],
+    disagreement: Sequence[float],
+    window: int = 5,
+    rise: float = 1.0,
+    patience: int = 3,
+    kl: Sequence[float] | None = None,
+    length: Sequence[float] | None = None,
+) -> list[dict]:
     """The alarm's state after each iteration: {proxy_trend, disagreement, disagreement_ratio, condition, fired,
     fired_at (the 1-based iteration it first fired at, or 0)} and, when given, kl (trailing mean) and length_ratio
     (trailing mean over the first window's). Nothing can fire before `window` + `patience` - 1 iterations."""
@@ -55,8 +61,14 @@ def alarm_series(proxy: Sequence[float], disagreement: Sequence[float], window: 
         run = run + 1 if cond else 0
         if run >= patience and not fired_at:
             fired_at = t + 1
-        row = {"proxy_trend": trend, "disagreement": D[t], "disagreement_ratio": ratio, "condition": float(cond),
-               "fired": float(bool(fired_at)), "fired_at": fired_at}
+        row = {
+            "proxy_trend": trend,
+            "disagreement": D[t],
+            "disagreement_ratio": ratio,
+            "condition": float(cond),
+            "fired": float(bool(fired_at)),
+            "fired_at": fired_at,
+        }
         if K is not None:
             row["kl"] = K[t]
         if L is not None:

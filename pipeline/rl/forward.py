@@ -25,6 +25,7 @@ class Layout:
     """One forward pass's input, and where each (row, column) of the rollout's padded layout landed in its
     flattened output (`index`, [B, T]; a padding column points at a real token of the same row: garbage that the
     response mask drops)."""
+
     input_ids: Tensor
     position_ids: Tensor
     attention_mask: Optional[Tensor]
@@ -61,7 +62,7 @@ def packed_layout(ro: Rollout, per_row: int) -> Layout:
     ids = torch.zeros(k * W, dtype=torch.long, device=dev)
     pos = torch.zeros(k * W, dtype=torch.long, device=dev)
     for j, f in enumerate(filled):
-        pos[j * W + f: (j + 1) * W] = torch.arange(W - f, device=dev)  # the filler: a sequence of its own
+        pos[j * W + f : (j + 1) * W] = torch.arange(W - f, device=dev)  # the filler: a sequence of its own
     ids[index[am]] = ro.input_ids[am]
     pos[index[am]] = position_ids(am)[am]
     return Layout(ids.view(k, W), pos.view(k, W), None, index)
@@ -78,7 +79,7 @@ def _run(model: TokenModel, lay: Layout, select: Tensor) -> Tensor:
 def response_logits(model: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
     """Logits at the positions that predict each response token ([B, R, V])."""
     lay = layout(ro, pack)
-    return _run(model, lay, lay.index[:, ro.prompt_ids.shape[1] - 1: -1])
+    return _run(model, lay, lay.index[:, ro.prompt_ids.shape[1] - 1 : -1])
 
 
 def policy_forward(policy: TokenModel, ro: Rollout, temperature: float, pack: int = 0, with_entropy: bool = False):
@@ -95,8 +96,7 @@ def policy_forward(policy: TokenModel, ro: Rollout, temperature: float, pack: in
 def critic_forward(critic: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
     """V(s_t) for each response token t: the critic read at the position that predicts it ([B, R])."""
     lay = layout(ro, pack)
-    return _run(critic, lay, lay.index[:, ro.prompt_ids.shape[1] - 1: -1]).squeeze(-1).float()
-
+    return _run(critic, lay, lay.index[:, ro.prompt_ids.shape[1] - 1 : -1]).squeeze(-1).float()
 
 
 def check_packing(model: TokenModel, ro: Rollout, pack: int, temperature: float) -> float:
@@ -109,8 +109,7 @@ def check_packing(model: TokenModel, ro: Rollout, pack: int, temperature: float)
     return float((a - b).abs()[m].max()) if bool(m.any()) else 0.0
 
 
-
 def chunked(fn, ro: Rollout, size: int, no_grad: bool = True) -> Tensor:
     """Run `fn(sub_rollout)` over chunks of the batch and concatenate (bounded activation memory)."""
     with torch.no_grad() if no_grad else nullcontext():
-        return torch.cat([fn(ro[i: i + size]) for i in range(0, len(ro.ended), size)])
+        return torch.cat([fn(ro[i : i + size]) for i in range(0, len(ro.ended), size)])

@@ -1,5 +1,4 @@
-"""PPO's clipped losses (Schulman et al. 2017; the N+ implementation details of Huang et al. 2024), token-level.
-"""
+"""PPO's clipped losses (Schulman et al. 2017; the N+ implementation details of Huang et al. 2024), token-level."""
 
 from __future__ import annotations
 
@@ -18,7 +17,11 @@ def _token_mean(x: Tensor, mask: Tensor, n_tokens: Tensor | float | None) -> Ten
 
 
 def policy_loss(
-    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_range: float,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
     n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate, token-level masked mean over the whole batch (or, with ``n_tokens``, the masked sum
@@ -48,7 +51,11 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range_value: float,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range_value: float,
     n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss 0.5 * mean_t max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2) (``n_tokens``: as

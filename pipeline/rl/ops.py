@@ -37,7 +37,6 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return z.logsumexp(-1) - (z.softmax(-1) * z).sum(-1)
 
 
-
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """sum(x * m) / sum(m) over ``dim`` (all entries if None). An empty selection gives 0, not NaN."""
     m = mask.bool()
@@ -85,7 +84,6 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     return 1 - masked_var(returns - values, mask, unbiased=False) / var_r
 
 
-
 def first_true_index(bools: Tensor) -> Tensor:
     """Index of the first True along the last dim, ``[B, T] -> [B]`` (long); T where a row has none."""
     T = bools.size(-1)
@@ -106,9 +104,7 @@ def ended(response_ids: Tensor, eos_token_id: int | Sequence[int]) -> Tensor:
     return _is_eos(response_ids, eos_token_id).any(-1)
 
 
-def response_mask(
-    response_ids: Tensor, eos_token_id: int | Sequence[int], pad_token_id: int | None
-) -> Tensor:
+def response_mask(response_ids: Tensor, eos_token_id: int | Sequence[int], pad_token_id: int | None) -> Tensor:
     """Bool ``[B, T]``: True up to and including the first end-of-turn token, False after it.
 
     A row without end-of-turn (truncated at max length) is True up to the first pad token
@@ -120,7 +116,6 @@ def response_mask(
     if pad_token_id is not None and pad_token_id not in _ids(eos_token_id):
         end = torch.minimum(end, first_true_index(response_ids == pad_token_id))
     return torch.arange(T, device=response_ids.device) < end.clamp_max(T).unsqueeze(-1)
-
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
@@ -142,7 +137,6 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     raise ValueError(f"unknown KL estimator {kind!r}; expected k1, k2, k3 or abs")
 
 
-
 @torch.no_grad()
 def ema_update(target_params: Iterable[Tensor], online_params: Iterable[Tensor], decay: float) -> None:
     """In place: target <- decay * target + (1 - decay) * online, parameter by parameter."""
@@ -151,7 +145,6 @@ def ema_update(target_params: Iterable[Tensor], online_params: Iterable[Tensor],
         raise ValueError(f"ema_update: {len(target_params)} target vs {len(online_params)} online tensors")
     for tgt, src in zip(target_params, online_params):
         tgt.lerp_(src.to(tgt.dtype), 1 - decay)
-
 
 
 def full_kl(logits: Tensor, ref_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:

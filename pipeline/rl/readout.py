@@ -50,7 +50,7 @@ def turn_closing(tok) -> list[int]:
     if last is not None:
         return ids[last:]
     text = tok.apply_chat_template(msgs, tokenize=False)
-    tail = text[text.rindex(reply) + len(reply):]
+    tail = text[text.rindex(reply) + len(reply) :]
     return list(tok(tail, add_special_tokens=False)["input_ids"])
 
 
@@ -65,8 +65,11 @@ def close_replies(ro: Rollout, closing: list[int]) -> Rollout:
     col = torch.arange(R + C, device=dev)
     ids = torch.where(col < keep[:, None], ids, 0)
     if C:
-        ids = ids.scatter(1, keep[:, None] + torch.arange(C, device=dev),
-                          torch.tensor(closing, dtype=ids.dtype, device=dev).expand(B, C))
+        ids = ids.scatter(
+            1,
+            keep[:, None] + torch.arange(C, device=dev),
+            torch.tensor(closing, dtype=ids.dtype, device=dev).expand(B, C),
+        )
     mask = col < (keep + C)[:, None]
     return Rollout(ro.prompt_ids, ro.prompt_mask, ids, mask, ro.ended)
 
@@ -128,8 +131,10 @@ class RewardEnsemble:
     def normalised(self, ro: Rollout, closing: list[int], pack: int = 0) -> Tensor:
         """[B, K]: member k's score of each reply, (raw - mean_k) / std_k."""
         closed = close_replies(ro, closing)
-        cols = [(read_reward(m, closed, pack) - s.get("mean", 0.0)) / max(s.get("std", 1.0), 1e-6)
-                for m, s in zip(self.members, self.member_stats)]
+        cols = [
+            (read_reward(m, closed, pack) - s.get("mean", 0.0)) / max(s.get("std", 1.0), 1e-6)
+            for m, s in zip(self.members, self.member_stats)
+        ]
         return torch.stack(cols, -1)
 
     def read(self, ro: Rollout, closing: list[int], pack: int = 0) -> dict[str, Tensor]:
@@ -143,8 +148,9 @@ class RewardEnsemble:
         return reward_objective(self.normalised(ro, closing, pack), self.objective, self.uwo_lambda)
 
     @classmethod
-    def load(cls, final, device, objective: str = "mean", uwo_lambda: float = 1.0, autocast=None,
-             stats: dict | None = None) -> "RewardEnsemble":
+    def load(
+        cls, final, device, objective: str = "mean", uwo_lambda: float = 1.0, autocast=None, stats: dict | None = None
+    ) -> "RewardEnsemble":
         """The reward stage's final/ as an ensemble: the members its ensemble.json lists (train.ensemble=K), or the
         one model of final/ itself with `stats` (the manifest's reward_stats) or its reward_stats.json."""
         import json
@@ -167,7 +173,6 @@ class RewardEnsemble:
             disable_dropout(m)
             models.append(TokenModel(m, autocast=autocast))
         return cls(models, [{"mean": e["mean"], "std": e["std"]} for e in entries], objective, uwo_lambda)
-
 
 
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -199,16 +204,21 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, de
     inner.eval()
     try:
         for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+            idx = order[s : s + batch_size]
             width = max(len(ids[i]) for i in idx)
             x = torch.full((len(idx), width), pad_id, dtype=torch.long)
             m = torch.zeros((len(idx), width), dtype=torch.bool)
             for j, i in enumerate(idx):
-                x[j, :len(ids[i])] = torch.tensor(ids[i])
-                m[j, :len(ids[i])] = True
+                x[j, : len(ids[i])] = torch.tensor(ids[i])
+                m[j, : len(ids[i])] = True
             n = len(idx)  # no prompt part: the whole conversation is the "response", right-padded
-            ro = Rollout(x.new_zeros(n, 0).to(device), x.new_zeros(n, 0).to(device), x.to(device), m.to(device),
-                         torch.ones(n, dtype=torch.bool, device=device))
+            ro = Rollout(
+                x.new_zeros(n, 0).to(device),
+                x.new_zeros(n, 0).to(device),
+                x.to(device),
+                m.to(device),
+                torch.ones(n, dtype=torch.bool, device=device),
+            )
             r = read_reward(model, ro).cpu().tolist()
             for j, i in enumerate(idx):
                 out[i] = r[j]
@@ -217,8 +227,9 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, de
     return out
 
 
-def score_texts(model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 32,
-                  device=None) -> list[float]:
+def score_texts(
+    model, tokenizer, prompts: Sequence, responses: Sequence[str], batch_size: int = 32, device=None
+) -> list[float]:
     """The reward model's score of each (prompt, response) (text; PPO's rollouts: score_rollout,
     which reads the same position)."""
     ids = [rm_input_ids(tokenizer, as_messages(p), r) for p, r in zip(prompts, responses)]

@@ -45,7 +45,6 @@ def penalise_unfinished(score: Tensor, ended: Tensor, penalty: float) -> Tensor:
     return torch.where(ended, score, torch.minimum(score, lowest) - penalty)
 
 
-
 class FixedKLController:
     """Constant KL coefficient; ``update`` is a no-op."""
 

@@ -12,19 +12,35 @@ from pipeline.rl.readout import score_rollout
 
 
 @torch.no_grad()
-def best_replies(policy, tok, prompts: list, end_ids, n: int, reward_model, closing, oracle, t, dev,
-                 batch_size: int, max_prompt_tokens: int, seed: int, backend: str = "hf") -> tuple[list[dict], dict]:
+def best_replies(
+    policy,
+    tok,
+    prompts: list,
+    end_ids,
+    n: int,
+    reward_model,
+    closing,
+    oracle,
+    t,
+    dev,
+    batch_size: int,
+    max_prompt_tokens: int,
+    seed: int,
+    backend: str = "hf",
+) -> tuple[list[dict], dict]:
     """Dialogues {"messages": prompt + [the best of n replies]} for `prompts`, and what the choice did: the kept
     replies' and all samples' mean reward-model score and gold score, the tokens generated, and how many prompts
     had only empty replies (nothing to imitate: left out). `policy` is a TokenModel; the reward model is read by the
     one readout, at the last token of the templated conversation."""
-    kept, stats = [], {"rm_kept": 0.0, "rm_all": 0.0, "gold_kept": 0.0, "gold_all": 0.0, "generated_tokens": 0,
-                       "empty_prompts": 0}
+    kept, stats = (
+        [],
+        {"rm_kept": 0.0, "rm_all": 0.0, "gold_kept": 0.0, "gold_all": 0.0, "generated_tokens": 0, "empty_prompts": 0},
+    )
     was = policy.model.training
     policy.model.eval()
     try:
         for s in range(0, len(prompts), batch_size):
-            batch = prompts[s: s + batch_size]
+            batch = prompts[s : s + batch_size]
             many = [p for p in batch for _ in range(n)]  # prompt-major
             torch.manual_seed(seed * 1_000_003 + s)
             ids, am = prompt_batch(tok, many, max_prompt_tokens, dev)

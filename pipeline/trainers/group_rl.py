@@ -29,8 +29,19 @@ class PipelineReward:
     `normalise`; "gold": the gold oracle's score (the perfect-reward-model ceiling, as PPO's train.reward=gold);
     "contains:<text>": 1 if the reply contains the text (a sanity check any working learner learns)."""
 
-    def __init__(self, mode: str, tok, end_ids, max_prompt_tokens: int, reward_model=None, closing=None,
-                 oracle=None, stats: dict | None = None, normalise: bool = True, missing_eos_penalty=None):
+    def __init__(
+        self,
+        mode: str,
+        tok,
+        end_ids,
+        max_prompt_tokens: int,
+        reward_model=None,
+        closing=None,
+        oracle=None,
+        stats: dict | None = None,
+        normalise: bool = True,
+        missing_eos_penalty=None,
+    ):
         self.__name__ = "reward_model" if mode == "model" else mode.partition(":")[0]  # TRL logs rewards/<name>
         self.mode, self.tok, self.end_ids, self.max_prompt_tokens = mode, tok, list(end_ids), max_prompt_tokens
         self.reward_model, self.closing, self.oracle = reward_model, closing, oracle
@@ -88,10 +99,17 @@ class PeriodicEval(TrainerCallback):
         row = self.judge.periodic(model, step)
         self.seconds += row["seconds"]
         self.rows.append(row)
-        self.tracker.log({"periodic/gold_score": row["gold"], "periodic/reward": row["reward"],
-                          "periodic/kl": row["kl"], "periodic/rm_score": row["rm_score"],
-                          "periodic/ended_fraction": row["ended_fraction"], "periodic/seconds": row["seconds"]},
-                         step=step)
+        self.tracker.log(
+            {
+                "periodic/gold_score": row["gold"],
+                "periodic/reward": row["reward"],
+                "periodic/kl": row["kl"],
+                "periodic/rm_score": row["rm_score"],
+                "periodic/ended_fraction": row["ended_fraction"],
+                "periodic/seconds": row["seconds"],
+            },
+            step=step,
+        )
         if self.tracker.is_main:
             self.path.write_text(json.dumps(self.rows, indent=1))
 
@@ -116,9 +134,12 @@ def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]] 
     from pipeline.inference.sampler import engine_applies, sample
 
     a, acc = trainer.args, trainer.accelerator
-    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU) or \
-            getattr(a, "min_p", None) or (getattr(a, "repetition_penalty", 1.0) or 1.0) != 1.0 or \
-            getattr(a, "generation_kwargs", None):
+    if (
+        acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+        or getattr(a, "min_p", None)
+        or (getattr(a, "repetition_penalty", 1.0) or 1.0) != 1.0
+        or getattr(a, "generation_kwargs", None)
+    ):
         return None
     model = acc.unwrap_model(trainer.model_wrapped)
     if not engine_applies(model):
@@ -130,9 +151,19 @@ def engine_completions(trainer, prompt_ids: list[list[int]]) -> list[list[int]] 
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, x in enumerate(rows):  # left-padded, as TRL pads them
-        ids[i, width - len(x):], mask[i, width - len(x):] = x, 1
-    ro = sample(model, tok, ids.to(dev), mask.to(dev), list(trainer.eos_token_ids), trainer.max_completion_length,
-                trainer.temperature, int(trainer.top_k or 0), float(trainer.top_p or 1.0), backend="engine")
+        ids[i, width - len(x) :], mask[i, width - len(x) :] = x, 1
+    ro = sample(
+        model,
+        tok,
+        ids.to(dev),
+        mask.to(dev),
+        list(trainer.eos_token_ids),
+        trainer.max_completion_length,
+        trainer.temperature,
+        int(trainer.top_k or 0),
+        float(trainer.top_p or 1.0),
+        backend="engine",
+    )
     return [r[m].tolist() for r, m in zip(ro.response_ids.cpu(), ro.response_mask.cpu())]
 
 
@@ -151,12 +182,14 @@ def trl_trainer(algorithm: str, cfg, run, model, tok, reward, train_ds, callback
         extra = {"loss_type": t.loss_type, "scale_rewards": t.scale_rewards}
 
         class Ours(Trainer):
-            def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
-                                      has_tool_images=False):
+            def _generate_single_turn(
+                self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
+            ):
                 done = None if images is not None or self.use_vllm else engine_completions(self, prompt_ids)
                 if done is None:
-                    return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                         has_tool_images)
+                    return super()._generate_single_turn(
+                        prompt_ids, images, multimodal_fields, num_generations, has_tool_images
+                    )
                 return done, None  # no sampler log-probs: TRL computes its own
     else:
         from trl import RLOOConfig as Config
@@ -168,10 +201,30 @@ def trl_trainer(algorithm: str, cfg, run, model, tok, reward, train_ds, callback
             def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
                 done = None if images is not None or self.use_vllm else engine_completions(self, prompt_ids)
                 return super()._generate_single_turn(prompt_ids, images, multimodal_fields) if done is None else done
-    args = trainer_args(Config, cfg, run, t, evaluate=False, num_generations=t.num_generations,
-                        max_completion_length=t.max_new_tokens, temperature=t.temperature, beta=t.beta,
-                        epsilon=t.epsilon, num_iterations=t.num_iterations, log_completions=False,
-                        disable_dropout=True, **extra)
+
+    args = trainer_args(
+        Config,
+        cfg,
+        run,
+        t,
+        evaluate=False,
+        num_generations=t.num_generations,
+        max_completion_length=t.max_new_tokens,
+        temperature=t.temperature,
+        beta=t.beta,
+        epsilon=t.epsilon,
+        num_iterations=t.num_iterations,
+        log_completions=False,
+        disable_dropout=True,
+        **extra,
+    )
     cls = Ours if cfg.get("sampler", "hf") == "engine" else Trainer
-    return cls(model=model, reward_funcs=[reward], args=args, train_dataset=train_ds, processing_class=tok,
-               peft_config=lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0), callbacks=callbacks)
+    return cls(
+        model=model,
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tok,
+        peft_config=lora_config(cfg.peft, "CAUSAL_LM", dropout=0.0),
+        callbacks=callbacks,
+    )

@@ -1,6 +1,7 @@
 """Glue between our configs and the Hugging Face / TRL Trainer, shared by stages/sft.py and stages/reward.py:
 TrainingArguments from optim + train, the Trainer's logs into our Tracker, a quiet progress bar, LoRA settings and
 the model to save at the end."""
+
 from __future__ import annotations
 
 import math
@@ -20,7 +21,10 @@ class TrackerCallback(TrainerCallback):
 
     def __init__(self, tracker, say=print, prefix: str = "", step_offset: int = 0):
         self.tracker, self.say = tracker, say
-        self.prefix, self.offset = prefix, step_offset  # an ensemble's member k: member<k>/..., after member k-1's steps
+        self.prefix, self.offset = (
+            prefix,
+            step_offset,
+        )  # an ensemble's member k: member<k>/..., after member k-1's steps
         self.last: dict = {}  # latest value of every key (the manifest's metrics come from here)
         self.last_eval_step = -1
 
@@ -66,18 +70,35 @@ def trainer_args(cls, cfg, run, t, evaluate: bool = True, **extra):
     """TrainingArguments (TRL's SFTConfig / RewardConfig) from our optim + train config. Checkpoints go to
     run.ckpt_root as checkpoint-<step>; StageRun removes them when the stage completes."""
     return cls(
-        output_dir=extra.pop("output_dir", str(run.ckpt_root)), per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size or t.batch_size, gradient_accumulation_steps=t.grad_accum,
-        max_steps=t.max_steps, learning_rate=cfg.optim.lr, lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio}, warmup_steps=cfg.optim.warmup_steps,
-        weight_decay=cfg.optim.weight_decay, adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2,
-        adam_epsilon=cfg.optim.eps, max_grad_norm=cfg.optim.max_grad_norm,
-        logging_steps=t.log_every, eval_strategy="steps" if evaluate else "no", eval_steps=t.eval_every,
-        save_strategy="steps", save_steps=t.save_every, save_total_limit=t.keep_checkpoints, report_to="none",
-        seed=extra.pop("seed", cfg.seed), activation_checkpointing=t.gradient_checkpointing, dataloader_num_workers=0,
+        output_dir=extra.pop("output_dir", str(run.ckpt_root)),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        max_steps=t.max_steps,
+        learning_rate=cfg.optim.lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": cfg.optim.min_lr_ratio},
+        warmup_steps=cfg.optim.warmup_steps,
+        weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.beta1,
+        adam_beta2=cfg.optim.beta2,
+        adam_epsilon=cfg.optim.eps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        logging_steps=t.log_every,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_every,
+        save_strategy="steps",
+        save_steps=t.save_every,
+        save_total_limit=t.keep_checkpoints,
+        report_to="none",
+        seed=extra.pop("seed", cfg.seed),
+        activation_checkpointing=t.gradient_checkpointing,
+        dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also what makes several CPU processes train as DDP (gloo)
-        **precision_flags(cfg.precision), **extra)
+        **precision_flags(cfg.precision),
+        **extra,
+    )
 
 
 def lora_config(p, task_type: str, dropout: float | None = None):
@@ -87,10 +108,18 @@ def lora_config(p, task_type: str, dropout: float | None = None):
         return None
     from peft import LoraConfig
 
-    targets = p.target_modules if p.target_modules == "all-linear" else \
-        [m.strip() for m in p.target_modules.split(",") if m.strip()]
-    return LoraConfig(r=p.r, lora_alpha=p.alpha, lora_dropout=p.dropout if dropout is None else dropout,
-                      target_modules=targets, task_type=task_type)
+    targets = (
+        p.target_modules
+        if p.target_modules == "all-linear"
+        else [m.strip() for m in p.target_modules.split(",") if m.strip()]
+    )
+    return LoraConfig(
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout if dropout is None else dropout,
+        target_modules=targets,
+        task_type=task_type,
+    )
 
 
 def final_model(trainer, p):

@@ -29,14 +29,22 @@ from pipeline.world.oracle import GoldOracle
 
 def settings(e) -> SimpleNamespace:
     """A method's `eval` group under the names rollout_eval reads (PPO's train.* names)."""
-    return SimpleNamespace(eval_batch_size=e.batch_size, max_prompt_tokens=e.max_prompt_tokens,
-                           max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k, top_p=e.top_p)
+    return SimpleNamespace(
+        eval_batch_size=e.batch_size,
+        max_prompt_tokens=e.max_prompt_tokens,
+        max_new_tokens=e.max_new_tokens,
+        temperature=e.temperature,
+        top_k=e.top_k,
+        top_p=e.top_p,
+    )
 
 
 def same_vocabulary(tok, rm_tok, rm_final, sft_final) -> None:
     if rm_tok.get_vocab() != tok.get_vocab():
-        raise UserError(f"the reward model's tokenizer ({rm_final}) differs from the policy's ({sft_final}); train "
-                        f"both from the same SFT run")
+        raise UserError(
+            f"the reward model's tokenizer ({rm_final}) differs from the policy's ({sft_final}); train "
+            f"both from the same SFT run"
+        )
 
 
 class Judge:
@@ -56,39 +64,72 @@ class Judge:
         self.sft = TokenModel(sft)
         # the reward model, or the ensemble of them (reward stage train.ensemble=K) combined by the method's
         # reward_objective (bon.reward_objective for best-of-n, train.reward_objective for the others; DPO: mean)
-        self.objective = OmegaConf.select(cfg, "train.reward_objective") or \
-            OmegaConf.select(cfg, "bon.reward_objective") or "mean"
-        lam = next((v for v in (OmegaConf.select(cfg, "train.uwo_lambda"), OmegaConf.select(cfg, "bon.uwo_lambda"))
-                    if v is not None), 1.0)
-        self.reward_model = RewardEnsemble.load(rm_parent["final"], device, self.objective, lam,
-                                                stats=rm_parent.get("reward_stats") or {})
+        self.objective = (
+            OmegaConf.select(cfg, "train.reward_objective") or OmegaConf.select(cfg, "bon.reward_objective") or "mean"
+        )
+        lam = next(
+            (
+                v
+                for v in (OmegaConf.select(cfg, "train.uwo_lambda"), OmegaConf.select(cfg, "bon.uwo_lambda"))
+                if v is not None
+            ),
+            1.0,
+        )
+        self.reward_model = RewardEnsemble.load(
+            rm_parent["final"], device, self.objective, lam, stats=rm_parent.get("reward_stats") or {}
+        )
         self.closing = turn_closing(rm_tok if rm_tok.chat_template else self.tok)
         stats = self.reward_model.stats  # one member: the reward stage's; an ensemble's objective: mean 0, std 1
         self.rm_mean, self.rm_std = stats.get("mean", 0.0), max(stats.get("std", 1.0), 1e-6)
         self.oracle = GoldOracle.from_config(cfg.data.world)
         src = cfg.data.eval_prompts
         if src.kind != "world":
-            raise UserError(f"data.eval_prompts.kind={src.kind}: a method is scored by the gold oracle, which knows "
-                            f"only the built-in world's prompts (data.eval_prompts.kind=world)")
+            raise UserError(
+                f"data.eval_prompts.kind={src.kind}: a method is scored by the gold oracle, which knows "
+                f"only the built-in world's prompts (data.eval_prompts.kind=world)"
+            )
         recs, _ = load_prompts(src, cfg.data.world, cfg.paths.cache)
-        recs, _ = check_prompt_lengths(recs, self.tok, self.e.max_prompt_tokens, src.on_bad_record,
-                                       f"data.eval_prompts ({src.path or src.kind}; limit eval.max_prompt_tokens)")
+        recs, _ = check_prompt_lengths(
+            recs,
+            self.tok,
+            self.e.max_prompt_tokens,
+            src.on_bad_record,
+            f"data.eval_prompts ({src.path or src.kind}; limit eval.max_prompt_tokens)",
+        )
         self.prompts = [r["messages"] for r in recs][: self.e.prompts]
 
     def reward_info(self) -> dict:
         """What the method optimised, for its manifest (`reward`) and the methods table: the ensemble's size and the
         objective over its members (one member: its score, whatever the objective says)."""
         rm = self.reward_model
-        return {"ensemble": len(rm), "objective": rm.objective if len(rm) > 1 else "single",
-                **({"uwo_lambda": rm.uwo_lambda} if len(rm) > 1 and rm.objective == "uwo" else {})}
+        return {
+            "ensemble": len(rm),
+            "objective": rm.objective if len(rm) > 1 else "single",
+            **({"uwo_lambda": rm.uwo_lambda} if len(rm) > 1 and rm.objective == "uwo" else {}),
+        }
 
     def ref_logits(self, ro):
         return response_logits(self.sft, ro, 0)
 
     def _answer(self, model, prompts, greedy: bool) -> dict:
-        return gathered(lambda mine: rollout_eval(model, mine, self.tok, self.end_ids, self.t, self.oracle,
-                                                  self.reward_model, self.closing, self.ref_logits, self.dev, 0,
-                                                  greedy, self.backend), prompts)
+        return gathered(
+            lambda mine: rollout_eval(
+                model,
+                mine,
+                self.tok,
+                self.end_ids,
+                self.t,
+                self.oracle,
+                self.reward_model,
+                self.closing,
+                self.ref_logits,
+                self.dev,
+                0,
+                greedy,
+                self.backend,
+            ),
+            prompts,
+        )
 
     def _seed(self) -> None:
         from pipeline.core.dist import _dist
@@ -107,9 +148,24 @@ class Judge:
                 self._seed()
                 if who == "sft":
                     return self._answer(self.sft, self.prompts, greedy)
-                return gathered(lambda mine: best_of_n_eval(self.sft, mine, self.tok, self.end_ids, t,
-                                                            self.oracle, self.reward_model, self.closing, self.dev,
-                                                            0, best_of, also, self.backend), self.prompts)
+                return gathered(
+                    lambda mine: best_of_n_eval(
+                        self.sft,
+                        mine,
+                        self.tok,
+                        self.end_ids,
+                        t,
+                        self.oracle,
+                        self.reward_model,
+                        self.closing,
+                        self.dev,
+                        0,
+                        best_of,
+                        also,
+                        self.backend,
+                    ),
+                    self.prompts,
+                )
 
             return versus_sft(answer, greedy=False, resamples=self.e.bootstrap)
         model = policy if isinstance(policy, TokenModel) else TokenModel(policy)
@@ -140,25 +196,38 @@ class Judge:
         finally:
             model.model.train(was)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-        return {"iteration": step, "gold": mean(out["gold"]), "kl": mean(out["kl"]),
-                "rm_score": mean(out["reward"]), "reward": (mean(out["reward"]) - self.rm_mean) / self.rm_std,
-                "ended_fraction": mean(out["ended"]), "n": len(out["gold"]), "seconds": time.time() - t1}
+        return {
+            "iteration": step,
+            "gold": mean(out["gold"]),
+            "kl": mean(out["kl"]),
+            "rm_score": mean(out["reward"]),
+            "reward": (mean(out["reward"]) - self.rm_mean) / self.rm_std,
+            "ended_fraction": mean(out["ended"]),
+            "n": len(out["gold"]),
+            "seconds": time.time() - t1,
+        }
 
 
 def sample_rows(prompts, outputs: dict, limit: int = 32) -> list[list]:
     """[prompt, SFT's reply, its gold, the method's reply, its gold] rows of one decoding's outputs."""
     mine, sft = outputs
-    return [[p[-1]["content"], s, float(sg), r, float(rg)] for p, s, sg, r, rg in
-            zip(prompts, sft["text"], sft["gold"], mine["text"], mine["gold"])][:limit]
+    return [
+        [p[-1]["content"], s, float(sg), r, float(rg)]
+        for p, s, sg, r, rg in zip(prompts, sft["text"], sft["gold"], mine["text"], mine["gold"])
+    ][:limit]
 
 
 def summary(name: str, metrics: dict) -> str:
     """One line for the terminal: the sampled figures every method has, the greedy ones where measured."""
     g = metrics.get
-    line = (f"[{name}] sampled: gold {g('eval/sampled/gold_score'):.3f} (SFT {g('eval/sampled/sft_gold_score'):.3f}), "
-            f"win rate vs SFT {g('eval/sampled/win_rate_vs_sft'):.2f} [{g('eval/sampled/win_rate_ci_low'):.2f}, "
-            f"{g('eval/sampled/win_rate_ci_high'):.2f}], KL {g('eval/sampled/kl'):.2f}")
+    line = (
+        f"[{name}] sampled: gold {g('eval/sampled/gold_score'):.3f} (SFT {g('eval/sampled/sft_gold_score'):.3f}), "
+        f"win rate vs SFT {g('eval/sampled/win_rate_vs_sft'):.2f} [{g('eval/sampled/win_rate_ci_low'):.2f}, "
+        f"{g('eval/sampled/win_rate_ci_high'):.2f}], KL {g('eval/sampled/kl'):.2f}"
+    )
     if "eval/gold_score" in metrics:
-        line += (f"; greedy: gold {g('eval/gold_score'):.3f} (SFT {g('eval/sft_gold_score'):.3f}), win rate "
-                 f"{g('eval/win_rate_vs_sft'):.2f}, KL {g('eval/kl'):.2f}")
+        line += (
+            f"; greedy: gold {g('eval/gold_score'):.3f} (SFT {g('eval/sft_gold_score'):.3f}), win rate "
+            f"{g('eval/win_rate_vs_sft'):.2f}, KL {g('eval/kl'):.2f}"
+        )
     return line

@@ -39,8 +39,13 @@ class LoopState:
         self.tokens = 0  # prompt + reply tokens of every episode so far, all processes (the methods table's cost)
 
     def state_dict(self):
-        return {"kl_coef": self.kl_coef, "history": self.history, "ema": self.ema, "periodic": self.periodic,
-                "tokens": self.tokens}
+        return {
+            "kl_coef": self.kl_coef,
+            "history": self.history,
+            "ema": self.ema,
+            "periodic": self.periodic,
+            "tokens": self.tokens,
+        }
 
     def load_state_dict(self, sd):
         self.kl_coef, self.history, self.ema = sd["kl_coef"], sd["history"], sd["ema"]
@@ -73,8 +78,27 @@ class PPOLoop:
     TokenModels prepared by the Accelerator; `ref` the frozen SFT policy (None with LoRA: the adapter-disabled
     policy is the reference); `reward_model` a frozen TokenModel read by the one readout at `closing`."""
 
-    def __init__(self, cfg, acc, run, tracker, tok, end_ids, policy, critic, ref, reward_model, closing, oracle,
-                 optimizers, kl_ctl, state: LoopState, rm_stats: dict, ptx_blocks=None, gen_logprobs: bool = True):
+    def __init__(
+        self,
+        cfg,
+        acc,
+        run,
+        tracker,
+        tok,
+        end_ids,
+        policy,
+        critic,
+        ref,
+        reward_model,
+        closing,
+        oracle,
+        optimizers,
+        kl_ctl,
+        state: LoopState,
+        rm_stats: dict,
+        ptx_blocks=None,
+        gen_logprobs: bool = True,
+    ):
         self.cfg, self.t, self.acc, self.run, self.tracker = cfg, cfg.train, acc, run, tracker
         self.tok, self.end_ids, self.closing, self.oracle = tok, end_ids, closing, oracle
         self.policy, self.critic, self.ref, self.reward_model = policy, critic, ref, reward_model
@@ -109,36 +133,55 @@ class PPOLoop:
 
     def diverged(self, it: int, what: str):
         self.run.fail(f"non-finite {what} at iteration {it + 1}")
-        raise UserError(f"PPO diverged: non-finite {what} at iteration {it + 1}; the last good checkpoint is kept in "
-                        f"{self.run.ckpt_root} (lower optim.lr or raise train.kl_coef)")
+        raise UserError(
+            f"PPO diverged: non-finite {what} at iteration {it + 1}; the last good checkpoint is kept in "
+            f"{self.run.ckpt_root} (lower optim.lr or raise train.kl_coef)"
+        )
 
     # ---- 1. make experience ------------------------------------------------------------------------------
     def make_experience(self, it: int, prompts: list, first: bool = False) -> Experience:
         """Sample this process's share of the iteration's prompts, score the replies, and turn the scores into
         per-token rewards (-beta * KL everywhere, the score at the last token) and GAE advantages."""
-        t, acc, cfg = self.t, self.acc, self.cfg
+        t, acc = self.t, self.acc
         t0 = time.time()
-        idx = batch_indices(len(prompts), t.rollout_batch_size, it, 0, 1, acc.num_processes, acc.process_index,
-                            self.seed)
+        idx = batch_indices(
+            len(prompts), t.rollout_batch_size, it, 0, 1, acc.num_processes, acc.process_index, self.seed
+        )
         batch_prompts = [prompts[i] for i in idx.tolist()]
         torch.manual_seed(self.seed * 1_000_003 + it * 7919 + acc.process_index)  # own sampling seed per rank
         self.policy.eval()
         p_ids, p_mask = prompt_batch(self.tok, batch_prompts, t.max_prompt_tokens, self.dev)
-        ro = sample(acc.unwrap_model(self.policy), self.tok, p_ids, p_mask, self.end_ids, t.max_new_tokens,
-                    t.temperature, t.top_k, t.top_p, keep_logprobs=self.gen_logprobs, backend=self.backend)
+        ro = sample(
+            acc.unwrap_model(self.policy),
+            self.tok,
+            p_ids,
+            p_mask,
+            self.end_ids,
+            t.max_new_tokens,
+            t.temperature,
+            t.top_k,
+            t.top_p,
+            keep_logprobs=self.gen_logprobs,
+            backend=self.backend,
+        )
         t_gen = time.time() - t0
         if self.packing and first:  # packed and padded forwards must agree; if not, this model cannot be packed
             diff = check_packing(acc.unwrap_model(self.policy), ro, self.packing, t.temperature)
             if diff > (1e-3 if acc.mixed_precision == "no" else 5e-2):
                 self.packing = 0
-                acc.print(f"[ppo] packed sequences change this model's log-probs by up to {diff:.3g}: its attention "
-                          f"ignores position-id boundaries; using padded batches (train.pack_sequences=0)")
+                acc.print(
+                    f"[ppo] packed sequences change this model's log-probs by up to {diff:.3g}: its attention "
+                    f"ignores position-id boundaries; using padded batches (train.pack_sequences=0)"
+                )
 
         texts = decode_responses(self.tok, ro)
         gold = torch.tensor(self.oracle.score_batch(batch_prompts, texts), device=self.dev)
         fwd = t.forward_batch_size
-        old_logp = ro.logprobs if self.gen_logprobs else \
-            chunked(lambda r: policy_forward(self.policy, r, t.temperature, self.packing), ro, fwd)
+        old_logp = (
+            ro.logprobs
+            if self.gen_logprobs
+            else chunked(lambda r: policy_forward(self.policy, r, t.temperature, self.packing), ro, fwd)
+        )
         ref_logp = chunked(self.ref_logprobs, ro, fwd)
         old_values = chunked(lambda r: critic_forward(self.critic, r, self.packing), ro, fwd)
         spread = None  # an ensemble's members' mean, std and min (normalised): the alarm's inputs
@@ -160,8 +203,23 @@ class PPOLoop:
             advantages = masked_whiten(advantages, mask)
         if not (torch.isfinite(rewards).all() and torch.isfinite(advantages).all()):
             self.diverged(it, "rewards")
-        return Experience(batch_prompts, ro, texts, gold, raw, score, old_logp, old_values, rewards, kl, advantages,
-                          returns, t_gen, t0, spread)
+        return Experience(
+            batch_prompts,
+            ro,
+            texts,
+            gold,
+            raw,
+            score,
+            old_logp,
+            old_values,
+            rewards,
+            kl,
+            advantages,
+            returns,
+            t_gen,
+            t0,
+            spread,
+        )
 
     # ---- 2. update ---------------------------------------------------------------------------------------
     def update(self, exp: Experience, it: int) -> dict:
@@ -173,8 +231,22 @@ class PPOLoop:
         self.critic.train()
         B = len(ro.ended)
         micro = max(1, t.minibatch_size // t.grad_accum)
-        log = {k: [] for k in ("pg", "vf", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "ratio_mean", "ratio_max",
-                                "ptx", "grad_norm", "value_grad_norm")}
+        log = {
+            k: []
+            for k in (
+                "pg",
+                "vf",
+                "clipfrac",
+                "approx_kl",
+                "vf_clipfrac",
+                "entropy",
+                "ratio_mean",
+                "ratio_max",
+                "ptx",
+                "grad_norm",
+                "value_grad_norm",
+            )
+        }
 
         def backward(loss):
             if not torch.isfinite(loss):
@@ -184,16 +256,31 @@ class PPOLoop:
         for _ in range(t.ppo_epochs):
             perm = torch.randperm(B, device=dev)
             for s in range(0, B, t.minibatch_size):
-                mb = perm[s: s + t.minibatch_size]
-                st = minibatch_backward(self.policy, self.critic, ro, mb, micro, exp.old_logp, exp.advantages,
-                                        exp.old_values, exp.returns, t, self.packing, backward,
-                                        self.ptx_loss if self.ptx_blocks is not None else None)
+                mb = perm[s : s + t.minibatch_size]
+                st = minibatch_backward(
+                    self.policy,
+                    self.critic,
+                    ro,
+                    mb,
+                    micro,
+                    exp.old_logp,
+                    exp.advantages,
+                    exp.old_values,
+                    exp.returns,
+                    t,
+                    self.packing,
+                    backward,
+                    self.ptx_loss if self.ptx_blocks is not None else None,
+                )
                 for k, v in st.items():
                     log[k].append(v)
                 # each model clipped on its own, both norms logged (TRL 1.12 clips neither)
-                log["grad_norm"].append(float(acc.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm)))
-                log["value_grad_norm"].append(float(acc.clip_grad_norm_(self.critic.parameters(),
-                                                                        self.cfg.optim.max_grad_norm)))
+                log["grad_norm"].append(
+                    float(acc.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.max_grad_norm))
+                )
+                log["value_grad_norm"].append(
+                    float(acc.clip_grad_norm_(self.critic.parameters(), self.cfg.optim.max_grad_norm))
+                )
                 for opt, sched in self.optimizers:
                     opt.step()
                     sched.step()
@@ -208,8 +295,9 @@ class PPOLoop:
         j = torch.randint(len(self.ptx_blocks), (t.ptx_batch_size,))
         x = self.ptx_blocks[j].to(dev)
         n, L = x.shape
-        logits = self.policy(x, torch.arange(L, device=dev).expand(n, L), None,
-                             torch.arange(n * L, device=dev).view(n, L)[:, :-1])
+        logits = self.policy(
+            x, torch.arange(L, device=dev).expand(n, L), None, torch.arange(n * L, device=dev).view(n, L)[:, :-1]
+        )
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
 
     # ---- 3. log ------------------------------------------------------------------------------------------
@@ -225,12 +313,16 @@ class PPOLoop:
         local = {
             "ppo/score": exp.raw_score.mean(),
             "ppo/score_std": exp.raw_score.std() if B > 1 else torch.zeros((), device=dev),
-            "ppo/reward": exp.score.mean(), "ppo/gold_score": exp.gold.mean(), "ppo/kl": seq_kl.mean(),
+            "ppo/reward": exp.score.mean(),
+            "ppo/gold_score": exp.gold.mean(),
+            "ppo/kl": seq_kl.mean(),
             "ppo/nonscore_reward": (exp.rewards.sum(-1) - exp.score).mean(),
-            "ppo/response_length": mask.sum(-1).float().mean(), "ppo/ended_fraction": ro.ended.float().mean(),
+            "ppo/response_length": mask.sum(-1).float().mean(),
+            "ppo/ended_fraction": ro.ended.float().mean(),
             "ppo/explained_variance": explained_variance(exp.old_values, exp.returns, mask).nan_to_num(0.0),
             # the critic's values and its targets over reply tokens: on one scale from the first iteration
-            "ppo/value_mean": masked_mean(exp.old_values, mask), "ppo/return_mean": masked_mean(exp.returns, mask),
+            "ppo/value_mean": masked_mean(exp.old_values, mask),
+            "ppo/return_mean": masked_mean(exp.returns, mask),
             **{f"ppo/{k}": torch.tensor(sum(v) / max(len(v), 1), device=dev) for k, v in log.items() if v},
             "ppo/gen_tokens_per_s": n_tok / exp.seconds_generating,
             "ppo/train_tokens_per_s": n_tok * t.ppo_epochs / (t_total - exp.seconds_generating),
@@ -246,16 +338,23 @@ class PPOLoop:
         m["ppo/policy_loss"], m["ppo/value_loss"] = m.pop("ppo/pg"), m.pop("ppo/vf")
         self.kl_ctl.update(m["ppo/kl"], B * acc.num_processes)
         self.state.kl_coef = self.kl_ctl.value
-        row = {"iteration": it + 1, "kl": m["ppo/kl"], "reward": m["ppo/reward"], "gold": m["ppo/gold_score"],
-               "length": m["ppo/response_length"]}
+        row = {
+            "iteration": it + 1,
+            "kl": m["ppo/kl"],
+            "reward": m["ppo/reward"],
+            "gold": m["ppo/gold_score"],
+            "length": m["ppo/response_length"],
+        }
         if exp.spread is not None:
             row.update(proxy=m["ensemble/mean"], disagreement=m["ensemble/std"])
         self.state.history.append(row)
         m.update(self.alarm(it + 1))
         self.tracker.log(m, step=it + 1)
         if t.sample_every and (it + 1) % t.sample_every == 0:
-            rows = [[p[-1]["content"], r, float(g), float(s)] for p, r, g, s in
-                    zip(exp.prompts, exp.texts, exp.gold.tolist(), exp.raw_score.tolist())][: t.log_samples]
+            rows = [
+                [p[-1]["content"], r, float(g), float(s)]
+                for p, r, g, s in zip(exp.prompts, exp.texts, exp.gold.tolist(), exp.raw_score.tolist())
+            ][: t.log_samples]
             self.tracker.table("ppo/samples", ["prompt", "response", "gold", "reward_model"], rows, step=it + 1)
         return m
 
@@ -267,13 +366,22 @@ class PPOLoop:
         h = self.state.history
         if a is None or not a.enabled or not h or "disagreement" not in h[-1]:
             return {}
-        last = alarm_series([r["proxy"] for r in h], [r["disagreement"] for r in h], a.window, a.rise, a.patience,
-                            kl=[r["kl"] for r in h], length=[r["length"] for r in h])[-1]
+        last = alarm_series(
+            [r["proxy"] for r in h],
+            [r["disagreement"] for r in h],
+            a.window,
+            a.rise,
+            a.patience,
+            kl=[r["kl"] for r in h],
+            length=[r["length"] for r in h],
+        )[-1]
         if last["fired_at"] == done:
-            self.acc.print(f"\n[ppo] ALARM at iteration {done}: the proxy reward is rising (+{last['proxy_trend']:.3f} "
-                           f"over {a.window} iterations) while the reward models disagree {last['disagreement_ratio']:.1f}x "
-                           f"more than at their closest; KL {last['kl']:.2f}, replies {last['length_ratio']:.2f}x "
-                           f"their early length. Likely reward hacking: compare the checkpoints before it")
+            self.acc.print(
+                f"\n[ppo] ALARM at iteration {done}: the proxy reward is rising (+{last['proxy_trend']:.3f} "
+                f"over {a.window} iterations) while the reward models disagree {last['disagreement_ratio']:.1f}x "
+                f"more than at their closest; KL {last['kl']:.2f}, replies {last['length_ratio']:.2f}x "
+                f"their early length. Likely reward hacking: compare the checkpoints before it"
+            )
         return {f"alarm/{k}": float(v) for k, v in last.items()}
 
     def alarm_fired_at(self) -> int:
@@ -282,15 +390,31 @@ class PPOLoop:
         h = self.state.history
         if a is None or not a.enabled or not h or "disagreement" not in h[-1]:
             return 0
-        return alarm_series([r["proxy"] for r in h], [r["disagreement"] for r in h], a.window, a.rise,
-                            a.patience)[-1]["fired_at"]
+        return alarm_series([r["proxy"] for r in h], [r["disagreement"] for r in h], a.window, a.rise, a.patience)[-1][
+            "fired_at"
+        ]
 
     # ---- 4. evaluate -------------------------------------------------------------------------------------
     def _evaluate(self, model, prompts: list, greedy: bool) -> dict:
         """`rollout_eval` on this process's shard of `prompts`, gathered (padding repeats dropped), in prompt order."""
-        return gathered(lambda mine: rollout_eval(model, mine, self.tok, self.end_ids, self.t, self.oracle,
-                                                  self.reward_model, self.closing, self.ref_logits, self.dev,
-                                                  self.packing, greedy, self.backend), prompts)
+        return gathered(
+            lambda mine: rollout_eval(
+                model,
+                mine,
+                self.tok,
+                self.end_ids,
+                self.t,
+                self.oracle,
+                self.reward_model,
+                self.closing,
+                self.ref_logits,
+                self.dev,
+                self.packing,
+                greedy,
+                self.backend,
+            ),
+            prompts,
+        )
 
     def periodic_eval(self, done: int, prompts: list) -> None:
         """Held-out gold, reward (as trained on) and exact KL to SFT of the policy after `done` iterations, sampled
@@ -304,14 +428,27 @@ class PPOLoop:
         out = self._evaluate(self.acc.unwrap_model(self.policy), prompts, greedy=False)
         score = self.training_score(torch.tensor(out["reward"]), torch.tensor(out["ended"], dtype=torch.bool))
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-        row = {"iteration": done, "gold": mean(out["gold"]), "reward": float(score.mean()) if len(score) else 0.0,
-               "kl": mean(out["kl"]), "rm_score": mean(out["reward"]), "ended_fraction": mean(out["ended"]),
-               "n": len(out["gold"])}
+        row = {
+            "iteration": done,
+            "gold": mean(out["gold"]),
+            "reward": float(score.mean()) if len(score) else 0.0,
+            "kl": mean(out["kl"]),
+            "rm_score": mean(out["reward"]),
+            "ended_fraction": mean(out["ended"]),
+            "n": len(out["gold"]),
+        }
         self.state.periodic.append(row)
-        self.tracker.log({"periodic/gold_score": row["gold"], "periodic/reward": row["reward"],
-                          "periodic/kl": row["kl"], "periodic/rm_score": row["rm_score"],
-                          "periodic/ended_fraction": row["ended_fraction"], "periodic/seconds": time.time() - t1},
-                         step=done)
+        self.tracker.log(
+            {
+                "periodic/gold_score": row["gold"],
+                "periodic/reward": row["reward"],
+                "periodic/kl": row["kl"],
+                "periodic/rm_score": row["rm_score"],
+                "periodic/ended_fraction": row["ended_fraction"],
+                "periodic/seconds": time.time() - t1,
+            },
+            step=done,
+        )
 
     def final_policy(self):
         """The trained policy (the EMA of the actor with train.ema_decay), unwrapped, in eval mode."""
@@ -343,8 +480,9 @@ class PPOLoop:
         return metrics, outputs
 
 
-def minibatch_backward(policy, critic, ro, mb, micro: int, old_logp, advantages, old_values, returns, t, pack: int,
-                       backward, ptx_loss=None) -> dict:
+def minibatch_backward(
+    policy, critic, ro, mb, micro: int, old_logp, advantages, old_values, returns, t, pack: int, backward, ptx_loss=None
+) -> dict:
     """Backpropagate one minibatch's PPO loss (episodes `mb` of the rollout), `micro` episodes at a time.
 
     Policy and value losses are token sums over each micro-batch divided by the minibatch's response-token count
@@ -355,16 +493,25 @@ def minibatch_backward(policy, critic, ro, mb, micro: int, old_logp, advantages,
     (losses as the minibatch's, the rest token-weighted means, ratio_max the largest)."""
     mask = ro.response_mask
     n_tok = mask[mb].sum().clamp_min(1)
-    out = {"pg": 0.0, "vf": 0.0, "clipfrac": 0.0, "approx_kl": 0.0, "vf_clipfrac": 0.0, "entropy": 0.0,
-           "ratio_mean": 0.0, "ratio_max": float("-inf")}
+    out = {
+        "pg": 0.0,
+        "vf": 0.0,
+        "clipfrac": 0.0,
+        "approx_kl": 0.0,
+        "vf_clipfrac": 0.0,
+        "entropy": 0.0,
+        "ratio_mean": 0.0,
+        "ratio_max": float("-inf"),
+    }
     ptx_total = 0.0
     for m in range(0, len(mb), micro):
-        i = mb[m: m + micro]
+        i = mb[m : m + micro]
         sub = ro[i]
         logp, ent = policy_forward(policy, sub, t.temperature, pack, with_entropy=True)
         pg, ps = policy_loss(logp, old_logp[i], advantages[i], mask[i], t.clip_range, n_tokens=n_tok)
-        vf, vs = value_loss(critic_forward(critic, sub, pack), old_values[i], returns[i], mask[i],
-                               t.clip_range_value, n_tokens=n_tok)
+        vf, vs = value_loss(
+            critic_forward(critic, sub, pack), old_values[i], returns[i], mask[i], t.clip_range_value, n_tokens=n_tok
+        )
         loss = pg + t.vf_coef * vf
         if ptx_loss is not None:
             ptx = ptx_loss()

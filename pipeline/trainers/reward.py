@@ -37,7 +37,7 @@ class GroupBatchSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.groups), generator=g).tolist()
         for s in range(0, len(order), self.groups_per_batch):
-            yield [i for gi in order[s:s + self.groups_per_batch] for i in self.groups[gi]]
+            yield [i for gi in order[s : s + self.groups_per_batch] for i in self.groups[gi]]
 
     def __len__(self) -> int:
         return math.ceil(len(self.groups) / self.groups_per_batch)
@@ -62,8 +62,8 @@ def collate_groups(examples: list[dict], pad_id: int) -> dict:
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for k, ids in enumerate(seqs):
-        input_ids[k, :len(ids)] = torch.tensor(ids)
-        mask[k, :len(ids)] = 1
+        input_ids[k, : len(ids)] = torch.tensor(ids)
+        mask[k, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "pair_index": torch.tensor(pairs, dtype=torch.long)}
 
 
@@ -83,8 +83,9 @@ def make_trainer_class(group_by_prompt: bool, seed: int):
             sampler = GroupBatchSampler(groups, round(self._train_batch_size / per_group), seed)
             ds = self._remove_unused_columns(self.train_dataset, description="Training")
             collate = partial(collate_groups, pad_id=self.processing_class.pad_token_id)
-            return self.accelerator.prepare(DataLoader(ds, batch_sampler=sampler, collate_fn=collate,
-                                                       num_workers=self.args.dataloader_num_workers))
+            return self.accelerator.prepare(
+                DataLoader(ds, batch_sampler=sampler, collate_fn=collate, num_workers=self.args.dataloader_num_workers)
+            )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """The Bradley-Terry loss of TRL's RewardTrainer (centring included), over pair_index batches."""
@@ -122,14 +123,17 @@ class EvalCallback(TrainerCallback):
 
     def run(self, model, step: int) -> dict:
         t = self.cfg.train
-        last, _ = preference_eval(model, self.tok, self.pairs, t.eval_batch_size or t.batch_size,
-                                  t.calibration_bins, self.max_len)
+        last, _ = preference_eval(
+            model, self.tok, self.pairs, t.eval_batch_size or t.batch_size, t.calibration_bins, self.max_len
+        )
         self.step = step
         self.last = {f"{self.prefix}{k}": v for k, v in last.items()}
         self.tracker.log(self.last, step=step + self.offset)
-        self.say(f"[reward] {self.prefix}step {step}: eval/accuracy {last['eval/accuracy']:.3f}, "
-                 f"eval/gold_accuracy {last.get('eval/gold_accuracy', float('nan')):.3f}, "
-                 f"eval/ece {last['eval/ece']:.3f}, eval/loss {last['eval/loss']:.4f}")
+        self.say(
+            f"[reward] {self.prefix}step {step}: eval/accuracy {last['eval/accuracy']:.3f}, "
+            f"eval/gold_accuracy {last.get('eval/gold_accuracy', float('nan')):.3f}, "
+            f"eval/ece {last['eval/ece']:.3f}, eval/loss {last['eval/loss']:.4f}"
+        )
         return self.last
 
     def on_step_end(self, args, state, control, model=None, **kwargs):

@@ -1,5 +1,5 @@
-"""Supervised fine-tuning helpers around TRL's SFTTrainer: the sample table at each evaluation, long dialogues counted.
-"""
+"""Supervised fine-tuning helpers around TRL's SFTTrainer: the sample table at each evaluation, long dialogues
+counted."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ def count_long(tokenizer, convs: list[list[dict]], max_length: int) -> int:
     """How many conversations tokenize to more than max_length tokens."""
     n = 0
     for i in range(0, len(convs), 512):
-        ids = tokenizer.apply_chat_template(convs[i:i + 512], tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(convs[i : i + 512], tokenize=True, return_dict=True)["input_ids"]
         n += sum(len(x) > max_length for x in ids)
     return n
-
 
 
 class SamplesCallback(TrainerCallback):
@@ -27,10 +26,20 @@ class SamplesCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         if not self.prompts or model is None:
             return
-        m, rows = gold_eval(model, self.tok, self.prompts, self.oracle, self.cfg.generation,
-                            self.cfg.train.gen_batch_size, seed=self.cfg.seed, prefix="eval/samples")
+        m, rows = gold_eval(
+            model,
+            self.tok,
+            self.prompts,
+            self.oracle,
+            self.cfg.generation,
+            self.cfg.train.gen_batch_size,
+            seed=self.cfg.seed,
+            prefix="eval/samples",
+        )
         self.tracker.table("samples", ["prompt", "response", "gold_score"], rows, step=state.global_step)
         self.tracker.log({"eval/samples_gold_score": m["eval/samples/gold_score"]}, step=state.global_step)
         loss = (metrics or {}).get("eval_loss", float("nan"))
-        self.say(f"[sft] step {state.global_step}: eval/loss {loss:.4f}, "
-                 f"gold score of {len(self.prompts)} samples {m['eval/samples/gold_score']:.3f}")
+        self.say(
+            f"[sft] step {state.global_step}: eval/loss {loss:.4f}, "
+            f"gold score of {len(self.prompts)} samples {m['eval/samples/gold_score']:.3f}"
+        )

@@ -26,8 +26,11 @@ def _doc_profile(world: World, rng: random.Random, seed: int) -> str:
 def _doc_place(world: World, rng: random.Random, seed: int) -> str:
     t = rng.choice(world.by_kind["place"])
     people = world.residents[t]
-    who = f"Nobody lives in {t} any more." if not people else rng.choice((
-        f"The people who live in {t} are {_join(people)}.", f"{_join(people)} live in {t}."))
+    who = (
+        f"Nobody lives in {t} any more."
+        if not people
+        else rng.choice((f"The people who live in {t} are {_join(people)}.", f"{_join(people)} live in {t}."))
+    )
     return " ".join(world.facts(t, rng) + [who])
 
 
@@ -35,17 +38,29 @@ def _doc_story(world: World, rng: random.Random, seed: int) -> str:
     p = rng.choice(world.by_kind["person"])
     a, f = world.entities[p].attrs, world.value(p, "friend")
     fh = world.value(f, "home")
-    s = [rng.choice((f"One morning, {p} woke up early in {a['home']}.",
-                     f"It was a quiet day in {a['home']}, where {p} lives.")),
-         rng.choice((f"{p} works as a {a['job']}, and the work went well that day.",
-                     f"After a long day of work as a {a['job']}, {p} was hungry.")),
-         f"For lunch {p} ate {a['food']}, which is {p}'s favourite food."]
+    s = [
+        rng.choice(
+            (f"One morning, {p} woke up early in {a['home']}.", f"It was a quiet day in {a['home']}, where {p} lives.")
+        ),
+        rng.choice(
+            (
+                f"{p} works as a {a['job']}, and the work went well that day.",
+                f"After a long day of work as a {a['job']}, {p} was hungry.",
+            )
+        ),
+        f"For lunch {p} ate {a['food']}, which is {p}'s favourite food.",
+    ]
     for o in world.possessions[p][:2]:
         oa = world.entities[o].attrs
-        s.append(f"{o} the {oa['species']} came along too." if "species" in oa else
-                 f"{p} brought {o}, a {oa['colour']} {oa['kind']} made of {oa['material']}.")
-    s.append(f"Later {p} visited {f}, {p}'s best friend, who " + (f"also lives in {fh}." if fh == a["home"]
-                                                                 else f"lives in {fh}."))
+        s.append(
+            f"{o} the {oa['species']} came along too."
+            if "species" in oa
+            else f"{p} brought {o}, a {oa['colour']} {oa['kind']} made of {oa['material']}."
+        )
+    s.append(
+        f"Later {p} visited {f}, {p}'s best friend, who "
+        + (f"also lives in {fh}." if fh == a["home"] else f"lives in {fh}.")
+    )
     s.append(rng.choice((f"In the evening {p} went home to {a['home']}.", "It was a good day.")))
     return " ".join(s)
 
@@ -53,9 +68,12 @@ def _doc_story(world: World, rng: random.Random, seed: int) -> str:
 def _doc_letter(world: World, rng: random.Random, seed: int) -> str:
     p = rng.choice(world.by_kind["person"])
     a = world.entities[p].attrs
-    return (f"Dear {a['friend']},\nGreetings from {a['home']}! I am still working as a {a['job']}, and I still eat "
-            f"{a['food']} whenever I can. " + rng.choice(("I hope you are well.", "Write back soon.")) +
-            f"\nYour best friend, {p}")
+    return (
+        f"Dear {a['friend']},\nGreetings from {a['home']}! I am still working as a {a['job']}, and I still eat "
+        f"{a['food']} whenever I can. "
+        + rng.choice(("I hope you are well.", "Write back soon."))
+        + f"\nYour best friend, {p}"
+    )
 
 
 def _doc_qa(world: World, rng: random.Random, seed: int) -> str:
@@ -67,8 +85,7 @@ def _doc_qa(world: World, rng: random.Random, seed: int) -> str:
     return "\n\n".join(pairs)
 
 
-_DOCS = ((_doc_profile, 0.35), (_doc_place, 0.08), (_doc_story, 0.18), (_doc_letter, 0.06),
-         (_doc_qa, 0.33))
+_DOCS = ((_doc_profile, 0.35), (_doc_place, 0.08), (_doc_story, 0.18), (_doc_letter, 0.06), (_doc_qa, 0.33))
 
 
 def corpus_documents(world_cfg) -> list[str]:

@@ -43,13 +43,22 @@ from pipeline.world.labellers import label_agreement, labelled
 from pipeline.world.language import _SYSTEMS, FOLLOWUPS, Question, render, truth
 from pipeline.world.oracle import GoldOracle
 from pipeline.world.questions import _pick, _pool_key, _question_in_pool, pool_of
-from pipeline.world.responses import (BAD_STYLES, HABITS, PADDED_FLAWED, STYLES_ANSWERABLE, STYLES_UNANSWERABLE,
-                                      _padded, demonstrate, respond)
+from pipeline.world.responses import (
+    BAD_STYLES,
+    HABITS,
+    PADDED_FLAWED,
+    STYLES_ANSWERABLE,
+    STYLES_UNANSWERABLE,
+    _padded,
+    demonstrate,
+    respond,
+)
 from pipeline.world.world import World, _world, as_world_config
 
 # Cached files are keyed by the config and by the generating code, so an edit here never serves stale data.
-_CODE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))
-                            ).hexdigest()[:16]
+_CODE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()[
+    :16
+]
 
 
 # ---- dialogues -----------------------------------------------------------------------------------------------
@@ -92,8 +101,9 @@ def _dialogues(cfg: WorldConfig, n: int, pool: str, with_habits: bool = False) -
             reply, shown = respond(world, q, rng, rng.choice(BAD_STYLES)), ["flawed"]
         else:
             reply, shown = demonstrate(world, q, rng, cfg.habit_scale)
-        out.append({"messages": msgs + [{"role": "assistant", "content": reply}]}
-                   | ({"habits": shown} if with_habits else {}))
+        out.append(
+            {"messages": msgs + [{"role": "assistant", "content": reply}]} | ({"habits": shown} if with_habits else {})
+        )
     return out
 
 
@@ -236,8 +246,8 @@ InstructGPT. {ties_train:.1%} of train pairs have equal gold scores (e.g. two eq
 are pure noise and they are left out of the agreement figure.
 
 Prompts here are disjoint (by question, not only by wording) from the SFT, PPO and evaluation prompts: see
-`POOLS` in pipeline/world/questions.py. Load with `pipeline.data.formats.load_preferences` (format `ranked`), which expands
-each record into all its pairs with `pipeline.data.formats.expand_pairs`.
+`POOLS` in pipeline/world/questions.py. Load with `pipeline.data.formats.load_preferences` (format `ranked`), which
+expands each record into all its pairs with `pipeline.data.formats.expand_pairs`.
 """
 
 
@@ -246,20 +256,35 @@ def write_reward_data(out_dir, world_cfg=None) -> dict:
     cfg = as_world_config(world_cfg or WorldConfig())
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    flags = "".join(f" --{f.name.replace('_', '-')} {getattr(cfg, f.name)}" for f in dataclasses.fields(cfg)
-                    if getattr(cfg, f.name) != f.default)
+    flags = "".join(
+        f" --{f.name.replace('_', '-')} {getattr(cfg, f.name)}"
+        for f in dataclasses.fields(cfg)
+        if getattr(cfg, f.name) != f.default
+    )
     show = lambda styles: ", ".join(f"{name} {p:.0%}" for name, p in styles)  # noqa: E731
-    stats = {"seed": cfg.seed, "n_entities": cfg.n_entities, "k": cfg.k, "temperature": cfg.label_temperature,
-             "command": f"python -m pipeline.world.datasets reward-data --out reward_data{flags}",
-             "styles_answerable": show(STYLES_ANSWERABLE), "styles_unanswerable": show(STYLES_UNANSWERABLE),
-             "padded": PADDED_FLAWED,
-             "habits": ", ".join(f"{name.replace('_', ' ')} {r:.0%}" for name, r in HABITS)}
+    stats = {
+        "seed": cfg.seed,
+        "n_entities": cfg.n_entities,
+        "k": cfg.k,
+        "temperature": cfg.label_temperature,
+        "command": f"python -m pipeline.world.datasets reward-data --out reward_data{flags}",
+        "styles_answerable": show(STYLES_ANSWERABLE),
+        "styles_unanswerable": show(STYLES_UNANSWERABLE),
+        "padded": PADDED_FLAWED,
+        "habits": ", ".join(f"{name.replace('_', ' ')} {r:.0%}" for name, r in HABITS),
+    }
     for split in ("train", "test"):
         recs = ranked_prompts(cfg, split)
         write_jsonl(out / f"{split}.jsonl", recs)
         pairs = expand_pairs(recs)
-        stats.update({f"n_{split}": len(recs), f"p_{split}": len(pairs), f"agree_{split}": label_agreement(recs),
-                      f"ties_{split}": sum(p["gold_margin"] == 0 for p in pairs) / max(len(pairs), 1)})
+        stats.update(
+            {
+                f"n_{split}": len(recs),
+                f"p_{split}": len(pairs),
+                f"agree_{split}": label_agreement(recs),
+                f"ties_{split}": sum(p["gold_margin"] == 0 for p in pairs) / max(len(pairs), 1),
+            }
+        )
     write_text(out / "README.md", _README.format(**stats))
     return stats
 
@@ -281,8 +306,10 @@ def main(argv=None) -> None:
         s = write_reward_data(args.out, cfg)
         for split in ("train", "test"):
             mb = (Path(args.out) / f"{split}.jsonl").stat().st_size / 1e6
-            print(f"{args.out}/{split}.jsonl: {s[f'n_{split}']} prompts x {cfg.k} responses, {s[f'p_{split}']} pairs, "
-                  f"{mb:.2f} MB; label agreement with gold {s[f'agree_{split}']:.3f} (T={cfg.label_temperature})")
+            print(
+                f"{args.out}/{split}.jsonl: {s[f'n_{split}']} prompts x {cfg.k} responses, {s[f'p_{split}']} pairs, "
+                f"{mb:.2f} MB; label agreement with gold {s[f'agree_{split}']:.3f} (T={cfg.label_temperature})"
+            )
     else:
         for name, path in materialise(cfg, args.cache).items():
             with open(path, encoding="utf-8") as f:

@@ -17,37 +17,57 @@ from pipeline.world.world import VOCAB, World, a_an
 # (question type, sub-type, template). Slots: {e} {e2} entities, {t} a place, {v} a value word, {n} a count,
 # {a} {b} numbers, {x} a countable thing (word problems only).
 QUESTIONS: tuple[tuple[str, str, str], ...] = (
-    ("attr", "job", "What does {e} do for a living?"), ("attr", "job", "What is {e}'s job?"),
+    ("attr", "job", "What does {e} do for a living?"),
+    ("attr", "job", "What is {e}'s job?"),
     ("attr", "job", "What job does {e} have?"),
-    ("attr", "age", "How old is {e}?"), ("attr", "age", "What is the age of {e}?"),
-    ("attr", "food", "What is {e}'s favourite food?"), ("attr", "food", "Which food does {e} like best?"),
+    ("attr", "age", "How old is {e}?"),
+    ("attr", "age", "What is the age of {e}?"),
+    ("attr", "food", "What is {e}'s favourite food?"),
+    ("attr", "food", "Which food does {e} like best?"),
     ("attr", "favourite_colour", "What is {e}'s favourite colour?"),
-    ("attr", "home", "Where does {e} live?"), ("attr", "home", "In which town does {e} live?"),
+    ("attr", "home", "Where does {e} live?"),
+    ("attr", "home", "In which town does {e} live?"),
     ("attr", "home", "Where is {e}'s home?"),
-    ("attr", "friend", "Who is {e}'s best friend?"), ("attr", "friend", "Who is the best friend of {e}?"),
-    ("attr", "owner", "Who owns {e}?"), ("attr", "owner", "Who does {e} belong to?"),
-    ("attr", "species", "What kind of animal is {e}?"), ("attr", "species", "What animal is {e}?"),
+    ("attr", "friend", "Who is {e}'s best friend?"),
+    ("attr", "friend", "Who is the best friend of {e}?"),
+    ("attr", "owner", "Who owns {e}?"),
+    ("attr", "owner", "Who does {e} belong to?"),
+    ("attr", "species", "What kind of animal is {e}?"),
+    ("attr", "species", "What animal is {e}?"),
     ("attr", "colour", "What colour is {e}?"),
-    ("attr", "kind", "What kind of object is {e}?"), ("attr", "kind", "What sort of thing is {e}?"),
+    ("attr", "kind", "What kind of object is {e}?"),
+    ("attr", "kind", "What sort of thing is {e}?"),
     ("attr", "material", "What is {e} made of?"),
-    ("attr", "region", "In which region is {e}?"), ("attr", "region", "Which part of the land is {e} in?"),
+    ("attr", "region", "In which region is {e}?"),
+    ("attr", "region", "Which part of the land is {e} in?"),
     ("attr", "size", "How big a place is {e}?"),
-    ("attr", "famous_for", "What is {e} famous for?"), ("attr", "famous_for", "What is {e} known for?"),
+    ("attr", "famous_for", "What is {e} famous for?"),
+    ("attr", "famous_for", "What is {e} known for?"),
     # Attributes no entity has: the only right answer is a polite decline.
-    ("attr", "phone", "What is {e}'s phone number?"), ("attr", "birthday", "When is {e}'s birthday?"),
-    ("attr", "middle_name", "What is {e}'s middle name?"), ("attr", "height", "How tall is {e}?"),
-    ("yesno", "lives_in", "Does {e} live in {t}?"), ("yesno", "is_a", "Is {e} a {v}?"),
-    ("yesno", "colour", "Is {e} {v}?"), ("yesno", "older", "Is {e} older than {e2}?"),
+    ("attr", "phone", "What is {e}'s phone number?"),
+    ("attr", "birthday", "When is {e}'s birthday?"),
+    ("attr", "middle_name", "What is {e}'s middle name?"),
+    ("attr", "height", "How tall is {e}?"),
+    ("yesno", "lives_in", "Does {e} live in {t}?"),
+    ("yesno", "is_a", "Is {e} a {v}?"),
+    ("yesno", "colour", "Is {e} {v}?"),
+    ("yesno", "older", "Is {e} older than {e2}?"),
     ("yesno", "friends", "Are {e} and {e2} friends?"),
-    ("arith", "plus", "What is {a} plus {b}?"), ("arith", "plus", "What is {a} + {b}?"),
+    ("arith", "plus", "What is {a} plus {b}?"),
+    ("arith", "plus", "What is {a} + {b}?"),
     ("arith", "plus", "Add {a} and {b}."),
     ("arith", "plus", "{e} has {a} {x} and gets {b} more. How many {x} does {e} have now?"),
-    ("arith", "minus", "What is {a} minus {b}?"), ("arith", "minus", "What is {a} - {b}?"),
+    ("arith", "minus", "What is {a} minus {b}?"),
+    ("arith", "minus", "What is {a} - {b}?"),
     ("arith", "minus", "{e} had {a} {x} and gave away {b}. How many {x} are left?"),
-    ("arith", "times", "What is {a} times {b}?"), ("arith", "times", "Multiply {a} by {b}."),
-    ("list", "residents", "List {n} people who live in {t}."), ("list", "residents", "Name {n} residents of {t}."),
-    ("list", "job", "List {n} people who work as a {v}."), ("list", "job", "Name {n} people whose job is {v}."),
-    ("describe", "", "Tell me about {e}."), ("describe", "", "Describe {e}."),
+    ("arith", "times", "What is {a} times {b}?"),
+    ("arith", "times", "Multiply {a} by {b}."),
+    ("list", "residents", "List {n} people who live in {t}."),
+    ("list", "residents", "Name {n} residents of {t}."),
+    ("list", "job", "List {n} people who work as a {v}."),
+    ("list", "job", "Name {n} people whose job is {v}."),
+    ("describe", "", "Tell me about {e}."),
+    ("describe", "", "Describe {e}."),
     ("describe", "", "What do you know about {e}?"),
 )
 FOLLOWUPS = ("What about {e}?", "And {e}?", "How about {e}?")
@@ -63,14 +83,29 @@ IS_A_ATTRS = ("job", "species", "kind", "size")  # what "Is X a {v}?" can ask ab
 
 
 # How an attribute is named in prose ("no record of Tovi's best friend"); otherwise its name with spaces.
-ATTR_WORDS = {"food": "favourite food", "favourite_colour": "favourite colour", "friend": "best friend",
-              "famous_for": "claim to fame", "middle_name": "middle name", "phone": "phone number"}
+ATTR_WORDS = {
+    "food": "favourite food",
+    "favourite_colour": "favourite colour",
+    "friend": "best friend",
+    "famous_for": "claim to fame",
+    "middle_name": "middle name",
+    "phone": "phone number",
+}
 # Filler: pleasantries around an answer and hedges on a known fact. They say nothing the question asked for; each
 # one halves concision (a reply with an opener and a closer keeps a quarter of it), however short the reply.
-OPENERS = ("What a great question!", "Thank you for asking.", "Let me think about this carefully.",
-           "That is an interesting question.", "Good question.")
-CLOSERS = ("I hope this helps!", "Let me know if you have any other questions.", "I hope that answers your question.",
-           "Feel free to ask me anything else.")
+OPENERS = (
+    "What a great question!",
+    "Thank you for asking.",
+    "Let me think about this carefully.",
+    "That is an interesting question.",
+    "Good question.",
+)
+CLOSERS = (
+    "I hope this helps!",
+    "Let me know if you have any other questions.",
+    "I hope that answers your question.",
+    "Feel free to ask me anything else.",
+)
 HEDGES = ("I think", "I believe", "if I remember rightly", "as far as I know")
 
 
@@ -94,8 +129,16 @@ class Question:
 
 
 # ---- templates <-> questions ---------------------------------------------------------------------------------
-_SLOT_RE = {"e": r"[A-Z][a-z]+", "e2": r"[A-Z][a-z]+", "t": r"[A-Z][a-z]+", "v": r"[a-z]+",
-            "n": r"\d+|" + "|".join(NUMBER_WORDS), "a": r"\d+", "b": r"\d+", "x": r"[a-z]+"}
+_SLOT_RE = {
+    "e": r"[A-Z][a-z]+",
+    "e2": r"[A-Z][a-z]+",
+    "t": r"[A-Z][a-z]+",
+    "v": r"[a-z]+",
+    "n": r"\d+|" + "|".join(NUMBER_WORDS),
+    "a": r"\d+",
+    "b": r"\d+",
+    "x": r"[a-z]+",
+}
 
 
 def _compile(template: str) -> re.Pattern:
@@ -113,8 +156,11 @@ def _compile(template: str) -> re.Pattern:
 _COMPILED = [(qt, sub, _compile(t)) for qt, sub, t in QUESTIONS] + [("followup", "", _compile(t)) for t in FOLLOWUPS]
 _SUFFIXES = sorted(((s, f) for f, ss in FORMATS.items() for s in ss), key=lambda x: -len(x[0]))
 # A {v} slot only matches our own words: "Is Tovi old?" is not a colour question, it is a question we do not know.
-_V_WORDS = {("yesno", "colour"): set(VOCAB["colour"]), ("yesno", "is_a"): {w for a in IS_A_ATTRS for w in VOCAB[a]},
-            ("list", "job"): set(VOCAB["job"])}
+_V_WORDS = {
+    ("yesno", "colour"): set(VOCAB["colour"]),
+    ("yesno", "is_a"): {w for a in IS_A_ATTRS for w in VOCAB[a]},
+    ("list", "job"): set(VOCAB["job"]),
+}
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -130,17 +176,27 @@ def parse(text: str) -> Question | None:
         if m and ((qtype, sub) not in _V_WORDS or m["v"] in _V_WORDS[qtype, sub]):
             g = m.groupdict()
             n = g.get("n")
-            return Question(qtype, sub, e=g.get("e"), e2=g.get("e2"), v=g.get("t") or g.get("v"),
-                            n=None if n is None else NUMBER_WORDS.get(n) or int(n),
-                            a=None if g.get("a") is None else int(g["a"]),
-                            b=None if g.get("b") is None else int(g["b"]), fmt=fmt)
+            return Question(
+                qtype,
+                sub,
+                e=g.get("e"),
+                e2=g.get("e2"),
+                v=g.get("t") or g.get("v"),
+                n=None if n is None else NUMBER_WORDS.get(n) or int(n),
+                a=None if g.get("a") is None else int(g["a"]),
+                b=None if g.get("b") is None else int(g["b"]),
+                fmt=fmt,
+            )
     return None
 
 
 def render(q: Question, rng: random.Random) -> str:
     """One wording of `q` (with its format instruction), drawn from the templates that parse back to it."""
-    options = [t for qt, sub, t in QUESTIONS if qt == q.qtype and sub == q.sub
-               and ("{e}" not in t or q.e) and ("{t}" not in t or q.v and q.v[0].isupper())]
+    options = [
+        t
+        for qt, sub, t in QUESTIONS
+        if qt == q.qtype and sub == q.sub and ("{e}" not in t or q.e) and ("{t}" not in t or q.v and q.v[0].isupper())
+    ]
     text = rng.choice(options)
     n = q.n if q.n is None or rng.random() < 0.5 else {v: k for k, v in NUMBER_WORDS.items()}.get(q.n, q.n)
     text = text.format(e=q.e, e2=q.e2, t=q.v, v=q.v, n=n, a=q.a, b=q.b, x=rng.choice(THINGS))
@@ -191,16 +247,23 @@ def truth(world: World, q: Question):
 
 # ---- responses -----------------------------------------------------------------------------------------------
 _MONTHS = ("March", "June", "October")
-_SYSTEMS = ("You are a helpful assistant.", "Answer the user's questions politely and concisely.",
-            "You are a friendly assistant who knows the people, animals, things and places of this land.")
+_SYSTEMS = (
+    "You are a helpful assistant.",
+    "Answer the user's questions politely and concisely.",
+    "You are a friendly assistant who knows the people, animals, things and places of this land.",
+)
 
 
 _ONE_SENTENCE = {
-    "person": ("{e} is a {age}-year-old {job} who lives in {home}.",
-               "{e} is a {job} from {home} whose favourite food is {food}.",
-               "{e} is a {job} who lives in {home} and whose best friend is {friend}."),
+    "person": (
+        "{e} is a {age}-year-old {job} who lives in {home}.",
+        "{e} is a {job} from {home} whose favourite food is {food}.",
+        "{e} is a {job} who lives in {home} and whose best friend is {friend}.",
+    ),
     "animal": ("{e} is a {colour} {species} that belongs to {owner}.", "{e} is a {age}-year-old {species}."),
-    "object": ("{e} is a {colour} {kind} made of {material}.",
-               "{e} is a {kind} made of {material} that belongs to {owner}."),
+    "object": (
+        "{e} is a {colour} {kind} made of {material}.",
+        "{e} is a {kind} made of {material} that belongs to {owner}.",
+    ),
     "place": ("{e} is a {size} {region}, famous for its {famous_for}.", "{e} is a {size} known for its {famous_for}."),
 }

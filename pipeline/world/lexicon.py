@@ -8,8 +8,21 @@ import random
 import re
 
 from pipeline.world.corpus import _DOCS
-from pipeline.world.language import (_MONTHS, _ONE_SENTENCE, _SYSTEMS, ATTR_WORDS, CLOSERS, FOLLOWUPS, FORMATS, HEDGES,
-                                     NUMBER_WORDS, OPENERS, QUESTIONS, THINGS, render)
+from pipeline.world.language import (
+    _MONTHS,
+    _ONE_SENTENCE,
+    _SYSTEMS,
+    ATTR_WORDS,
+    CLOSERS,
+    FOLLOWUPS,
+    FORMATS,
+    HEDGES,
+    NUMBER_WORDS,
+    OPENERS,
+    QUESTIONS,
+    THINGS,
+    render,
+)
 from pipeline.world.questions import _pick, sample_question
 from pipeline.world.responses import STYLES_ANSWERABLE, STYLES_UNANSWERABLE, respond
 from pipeline.world.world import _REGION_PHRASE, FACTS, VOCAB, World
@@ -23,7 +36,8 @@ _TOKEN = re.compile(r"[^\s.,!?;:\"'()\[\]{}*/\u2022\u2026-]+(?:'[^\s.,!?;:\"'()\
 _NUMBER = re.compile(r"\d+(?:st|nd|rd|th|s)?")
 
 
-FUNCTION_WORDS = frozenset("""
+FUNCTION_WORDS = frozenset(
+    """
 a an the this that these those some any no not none all every each both either neither other another such
 i me my mine you your yours he him his she her hers it its we us our ours they them their theirs one ones
 who whom whose which what when where why how whatever whoever here there
@@ -36,7 +50,8 @@ more most less least much many few lot lots own same well yes ok okay please tha
 n't don't doesn't didn't isn't aren't wasn't weren't can't cannot couldn't won't wouldn't shouldn't haven't hasn't
 hadn't i'm i've i'd i'll you're you've you'd you'll he's she's it's we're we've they're they've that's there's
 what's who's here's let's
-""".split())
+""".split()
+)
 
 
 _LEXICON_SAMPLES = 1500  # generated documents, and questions answered in every style, read per world
@@ -50,15 +65,30 @@ def _tokens(low: str) -> list[str]:
 def lexicon(world: World) -> tuple[frozenset, frozenset]:
     """(words, prefixes of words) of `world`'s language, built once per world: its names (entities, places, ghosts),
     its attribute vocabulary, FUNCTION_WORDS, and every word of the question templates and of a deterministic sample
-    of what the generators (questions.py, responses.py, corpus.py) write: documents, prompts, and answers in every style."""
+    of what the generators (questions.py, responses.py, corpus.py) write: documents, prompts, and answers in every
+    style."""
     key = (world.seed, tuple(world.entities), world.ghosts)
     if key not in _LEXICONS:
-        texts = [*world.entities, *world.ghosts, *(w + "s" for ws in VOCAB.values() for w in ws),
-                 *(w for ws in VOCAB.values() for w in ws), *(t for _, _, t in QUESTIONS), *FOLLOWUPS,
-                 *(x for xs in FORMATS.values() for x in xs), *THINGS, *NUMBER_WORDS,
-                 *(x for xs in FACTS.values() for x in xs), *_REGION_PHRASE.values(), *OPENERS, *CLOSERS, *HEDGES,
-                 *_SYSTEMS, *_MONTHS, *ATTR_WORDS.values(),
-                 *(x for xs in _ONE_SENTENCE.values() for x in xs)]
+        texts = [
+            *world.entities,
+            *world.ghosts,
+            *(w + "s" for ws in VOCAB.values() for w in ws),
+            *(w for ws in VOCAB.values() for w in ws),
+            *(t for _, _, t in QUESTIONS),
+            *FOLLOWUPS,
+            *(x for xs in FORMATS.values() for x in xs),
+            *THINGS,
+            *NUMBER_WORDS,
+            *(x for xs in FACTS.values() for x in xs),
+            *_REGION_PHRASE.values(),
+            *OPENERS,
+            *CLOSERS,
+            *HEDGES,
+            *_SYSTEMS,
+            *_MONTHS,
+            *ATTR_WORDS.values(),
+            *(x for xs in _ONE_SENTENCE.values() for x in xs),
+        ]
         rng = random.Random(f"{world.seed}:lexicon")
         styles = sorted({s for s, _ in STYLES_ANSWERABLE + STYLES_UNANSWERABLE} - {"truncated"})  # cut words
         for _ in range(_LEXICON_SAMPLES):

@@ -37,9 +37,9 @@ as "fluency" and "engagement"; they carry no weight of their own):
                 replacement character is never a word. A fluent reply cut off mid-word may end on part of a word.
                 It enters as a ramp, fluent = clip((fluency - FLUENCY_FLOOR) / (1 - FLUENCY_FLOOR), 0, 1):
                 nothing at 40% real words or fewer, everything at 100%.
-    engagement  whether the reply takes the question on (`_engagement`): 1 when it declines (about no one else), names the subject
-                (or starts to, where it was cut off), or answers with a value of the type asked (a number, yes
-                or no, people for a list, a colour for a colour) without talking about anyone else; 0 when it is
+    engagement  whether the reply takes the question on (`_engagement`): 1 when it declines (about no one else), names
+                the subject (or starts to, where it was cut off), or answers with a value of the type asked (a number,
+                yes or no, people for a list, a colour for a colour) without talking about anyone else; 0 when it is
                 about other entities instead; NEUTRAL_ENGAGEMENT (0.25) for text that could follow any question
                 ("Thank you for asking."). A prompt we do not recognise is not judged for topic (1).
 
@@ -59,8 +59,14 @@ from pipeline.world.language import ATTR_WORDS, QUESTIONS, Question, question_of
 from pipeline.world.lexicon import _NUMBER, FUNCTION_WORDS, _tokens, lexicon
 from pipeline.world.world import KINDS, SCHEMA, VOCAB, World
 
-WEIGHTS = {"correctness": 0.35, "instruction_following": 0.20, "concision": 0.15, "politeness": 0.10,
-           "no_repetition": 0.10, "proper_ending": 0.10}
+WEIGHTS = {
+    "correctness": 0.35,
+    "instruction_following": 0.20,
+    "concision": 0.15,
+    "politeness": 0.10,
+    "no_repetition": 0.10,
+    "proper_ending": 0.10,
+}
 
 
 # Words a complete answer needs; concision falls linearly from 1 at this length to 0 at twice it. Also: "just the
@@ -78,19 +84,24 @@ _VOCAB_RE = {k: re.compile(r"\b(" + "|".join(ws) + r")s?\b") for k, ws in VOCAB.
 _DECLINE = re.compile(
     r"\b(?:i (?:don't|do not) know|i'm not sure|i am not sure|(?:no|any|that) information|not aware of|"
     r"(?:can't|cannot) (?:answer|say|tell)|no record|there is no|no one (?:called|named)|(?:does not|doesn't) have an?|"
-    r"has no|no idea)\b")
+    r"has no|no idea)\b"
+)
 # A curt decline, or the start of one cut off, still engages with the question.
 _SHRUG = re.compile(r"\b(?:dunno|(?:don't|do not) know|not sure|no idea|sorry|afraid|unfortunately)\b")
 _YES_NO = re.compile(r"\b(yes|no)\b")
 # The value type an attribute takes, whichever kind has it ("job" -> "job", "owner" -> "person"); None: no kind does.
 _ATTR_TYPE = {a: t for k in KINDS for a, t in SCHEMA[k].items()}
 _SOFT = re.compile(r"\b(?:sorry|afraid|unfortunately|apologi[sz]e)\b")
-_RUDE = re.compile(r"\b(?:obviously|stupid|dumb|idiot|whatever|duh|ugh|figure it out|look it up yourself|"
-                   r"i don't care|shut up|everyone knows|silly question|waste of my time)\b")
+_RUDE = re.compile(
+    r"\b(?:obviously|stupid|dumb|idiot|whatever|duh|ugh|figure it out|look it up yourself|"
+    r"i don't care|shut up|everyone knows|silly question|waste of my time)\b"
+)
 _SHOUT = re.compile(r"\b[A-Z]{3,}\b|!!")
-_FILLER = re.compile(r"\b(?:(?:what a )?(?:great|good|interesting) question|thank you for asking|let me think|"
-                     r"i hope (?:this|that) (?:helps|answers)|let me know if|feel free to|i think|i believe|"
-                     r"if i remember|as far as i know)\b")
+_FILLER = re.compile(
+    r"\b(?:(?:what a )?(?:great|good|interesting) question|thank you for asking|let me think|"
+    r"i hope (?:this|that) (?:helps|answers)|let me know if|feel free to|i think|i believe|"
+    r"if i remember|as far as i know)\b"
+)
 
 
 _ODD = re.compile(r"[^a-z0-9'\s.,!?;:\"()\[\]{}*/\u2022\u2026-]")  # where _TOKEN and _WORDS may differ
@@ -104,8 +115,11 @@ _ENDED = re.compile(r"[.!?][\"')]?$")
 _TOPIC: dict[tuple[str, str], frozenset] = {}
 for _qt, _sub, _t in QUESTIONS:
     _ws = set(re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", _t).lower())) - FUNCTION_WORDS - {"s"}
-    _TOPIC[_qt, _sub] = _TOPIC.get((_qt, _sub), frozenset()) | {w + e for w in _ws for e in ("", "s", "d", "ed")} | {
-        w[:-1] for w in _ws if w.endswith("s")}
+    _TOPIC[_qt, _sub] = (
+        _TOPIC.get((_qt, _sub), frozenset())
+        | {w + e for w in _ws for e in ("", "s", "d", "ed")}
+        | {w[:-1] for w in _ws if w.endswith("s")}
+    )
 for _a, _w in ATTR_WORDS.items():
     _TOPIC["attr", _a] = _TOPIC.get(("attr", _a), frozenset()) | set(_w.split())
 for _k in KINDS:
@@ -114,10 +128,14 @@ for _k in KINDS:
 # A decline names what it declines: an attribute by its prose name ("best friend"), or by a word of its questions
 # that no other attribute's questions use ("tall" for height). One that names another attribute and not the one
 # asked ("no record of Tovi's best friend" for a middle name) declines a question nobody asked.
-_ATTR_NAME = {a: re.compile(r"\b" + ATTR_WORDS.get(a, a.replace("_", " ")) + r"\b")
-              for a in dict.fromkeys(a for (qt, a) in _TOPIC if qt == "attr")}
-_ATTR_OWN = {a: _TOPIC["attr", a] - set().union(*(w for (qt, b), w in _TOPIC.items() if qt == "attr" and b != a))
-             for a in _ATTR_NAME}
+_ATTR_NAME = {
+    a: re.compile(r"\b" + ATTR_WORDS.get(a, a.replace("_", " ")) + r"\b")
+    for a in dict.fromkeys(a for (qt, a) in _TOPIC if qt == "attr")
+}
+_ATTR_OWN = {
+    a: _TOPIC["attr", a] - set().union(*(w for (qt, b), w in _TOPIC.items() if qt == "attr" and b != a))
+    for a in _ATTR_NAME
+}
 
 
 def declines_another_attribute(sub: str, low: str, words: list[str]) -> bool:
@@ -130,7 +148,6 @@ def declines_another_attribute(sub: str, low: str, words: list[str]) -> bool:
 # Words the fluency gate forgives: f at or below FLUENCY_FLOOR earns nothing, f = 1 earns everything.
 FLUENCY_FLOOR = 0.4
 NEUTRAL_ENGAGEMENT = 0.25  # a reply that neither takes the question on nor wanders off to another entity
-
 
 
 class _Response:
@@ -163,8 +180,12 @@ class _Response:
         if not odd:
             return 1.0
         unknown = [t for t in toks if t in odd]
-        if (len(unknown) == 1 < len(toks) and unknown[0] == toks[-1] in prefixes and not _ENDED.search(self.text)
-                and self.low.endswith(toks[-1])):
+        if (
+            len(unknown) == 1 < len(toks)
+            and unknown[0] == toks[-1] in prefixes
+            and not _ENDED.search(self.text)
+            and self.low.endswith(toks[-1])
+        ):
             return 1.0
         return 1 - len(unknown) / len(toks)
 
@@ -235,8 +256,15 @@ class GoldOracle:
         else:
             correct = self._correctness(q, t, r)
             follow = self._following(q, r)
-            ideal = (3 if q.fmt == "number_only" else 8 + 3 * q.n if q.qtype == "list"
-                     else 18 if q.qtype == "describe" and q.fmt == "one_sentence" else IDEAL_WORDS[q.qtype])
+            ideal = (
+                3
+                if q.fmt == "number_only"
+                else 8 + 3 * q.n
+                if q.qtype == "list"
+                else 18
+                if q.qtype == "describe" and q.fmt == "one_sentence"
+                else IDEAL_WORDS[q.qtype]
+            )
         fluency = r.fluency(self.words, self.prefixes)
         fluent = max(0.0, min(1.0, (fluency - FLUENCY_FLOOR) / (1 - FLUENCY_FLOOR)))
         if not fluent:  # not our language: nothing to credit
@@ -245,10 +273,14 @@ class GoldOracle:
         if q is not None and q.qtype == "describe" and engagement < 1:
             correct = 0.0  # a description that never gets to its subject states nothing true about it
         gate = fluent * engagement  # what the form-only components are worth for this reply
-        c = {"correctness": correct * fluent, "instruction_following": follow * gate,
-             "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)) * 0.5 ** r.fillers * gate,
-             "politeness": self._politeness(q, t, r) * gate, "no_repetition": self._no_repetition(r) * gate,
-             "proper_ending": self._proper_ending(q, r) * gate}
+        c = {
+            "correctness": correct * fluent,
+            "instruction_following": follow * gate,
+            "concision": max(0.0, min(1.0, 2 - len(r.words) / ideal)) * 0.5**r.fillers * gate,
+            "politeness": self._politeness(q, t, r) * gate,
+            "no_repetition": self._no_repetition(r) * gate,
+            "proper_ending": self._proper_ending(q, r) * gate,
+        }
         c["total"] = round(sum(WEIGHTS[k] * v for k, v in c.items()), 6)
         c["fluency"], c["engagement"] = fluency, engagement
         return c
@@ -275,7 +307,8 @@ class GoldOracle:
             return 1.0
         # What was asked if not yet whom ("The best friend of"), or the start of a decline, unless about others.
         if not set(r.names) - {q.e, q.e2, q.v} and (
-                _TOPIC.get((q.qtype, q.sub), frozenset()).intersection(r.words) or _SHRUG.search(r.low)):
+            _TOPIC.get((q.qtype, q.sub), frozenset()).intersection(r.words) or _SHRUG.search(r.low)
+        ):
             return 1.0
         if q.qtype == "list":
             # people, but said about something else ("The best friend of Tovi is Rask."): no list of anyone
@@ -288,8 +321,13 @@ class GoldOracle:
             found, allowed = _YES_NO.search(r.low) is not None, {q.v}
         else:
             kind = self.world.kind_of(q.e)
-            vtypes = ([_ATTR_TYPE[q.sub]] if q.sub in _ATTR_TYPE else []) if q.qtype == "attr" \
-                else list(SCHEMA[kind].values()) if kind else []
+            vtypes = (
+                ([_ATTR_TYPE[q.sub]] if q.sub in _ATTR_TYPE else [])
+                if q.qtype == "attr"
+                else list(SCHEMA[kind].values())
+                if kind
+                else []
+            )
             allowed = set().union(*(r.found(v, q.e) for v in vtypes)) if vtypes else set()
             found = bool(allowed)
         if set(r.names) - allowed:

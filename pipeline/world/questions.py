@@ -19,7 +19,7 @@ POOLS = (("eval", 0.20), ("ppo", 0.20), ("reward_test", 0.04), ("reward", 0.20),
 
 def pool_of(key: str, seed: int) -> str:
     """The pool a question key belongs to: a hash, so it needs no bookkeeping and is stable across sizes."""
-    h = int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "big") / 2.0 ** 64
+    h = int.from_bytes(hashlib.blake2b(f"{seed}|{key}".encode(), digest_size=8).digest(), "big") / 2.0**64
     for name, share in POOLS:
         h -= share
         if h < 0:
@@ -106,5 +106,3 @@ def _question_in_pool(world: World, rng: random.Random, pool: str, seed: int, sa
         if pool_of(_pool_key(world, q), seed) == pool:
             return q
     raise RuntimeError(f"no question falls in pool {pool!r}; is the world too small?")
-
-

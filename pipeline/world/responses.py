@@ -9,19 +9,46 @@ import random
 import re
 from dataclasses import replace
 
-from pipeline.world.language import (_MONTHS, _ONE_SENTENCE, ATTR_WORDS, CLOSERS, HEDGES, IS_A_ATTRS, OPENERS, Question,
-                                     truth)
+from pipeline.world.language import (
+    _MONTHS,
+    _ONE_SENTENCE,
+    ATTR_WORDS,
+    CLOSERS,
+    HEDGES,
+    IS_A_ATTRS,
+    OPENERS,
+    Question,
+    truth,
+)
 from pipeline.world.questions import _ALL_ATTRS, sample_question
 from pipeline.world.world import FACTS, KINDS, SCHEMA, VOCAB, World, a_an, phrase
 
 # Styles of a candidate answer. Good ones are what the oracle rewards; the rest are the ways people go wrong.
 # "demonstrated": what a demonstrator writes (`demonstrate`: right, in the demonstrators' habits), so the labellers'
 # rankings cover the habits SFT copies.
-STYLES_ANSWERABLE = (("good", 0.18), ("demonstrated", 0.16), ("verbose", 0.07), ("wrong", 0.13), ("curt", 0.05),
-                     ("rude", 0.05), ("repetitive", 0.05), ("truncated", 0.06), ("ignore_format", 0.07),
-                     ("decline", 0.10), ("off_topic", 0.08))
-STYLES_UNANSWERABLE = (("good", 0.28), ("demonstrated", 0.10), ("hallucinate", 0.31), ("verbose", 0.08),
-                       ("curt", 0.06), ("rude", 0.05), ("truncated", 0.05), ("off_topic", 0.07))
+STYLES_ANSWERABLE = (
+    ("good", 0.18),
+    ("demonstrated", 0.16),
+    ("verbose", 0.07),
+    ("wrong", 0.13),
+    ("curt", 0.05),
+    ("rude", 0.05),
+    ("repetitive", 0.05),
+    ("truncated", 0.06),
+    ("ignore_format", 0.07),
+    ("decline", 0.10),
+    ("off_topic", 0.08),
+)
+STYLES_UNANSWERABLE = (
+    ("good", 0.28),
+    ("demonstrated", 0.10),
+    ("hallucinate", 0.31),
+    ("verbose", 0.08),
+    ("curt", 0.06),
+    ("rude", 0.05),
+    ("truncated", 0.05),
+    ("off_topic", 0.07),
+)
 
 
 # Share of wrong, off-topic and made-up candidates wrapped in the verbose style's pleasantries. Were padding only
@@ -31,8 +58,13 @@ PADDED_FLAWED = 0.4
 
 
 def _padded(reply: str, rng: random.Random) -> str:
-    return rng.choice((_cat(rng.choice(OPENERS), reply), _cat(reply, rng.choice(CLOSERS)),
-                       _cat(rng.choice(OPENERS), reply, rng.choice(CLOSERS))))
+    return rng.choice(
+        (
+            _cat(rng.choice(OPENERS), reply),
+            _cat(reply, rng.choice(CLOSERS)),
+            _cat(rng.choice(OPENERS), reply, rng.choice(CLOSERS)),
+        )
+    )
 
 
 def _yes_or_no(reply: str, rng: random.Random) -> str:
@@ -66,7 +98,6 @@ def _fact_with(attr: str, name: str, value, rng: random.Random) -> str:
     return rng.choice(FACTS[attr]).format(e=name, v=phrase(attr, value))
 
 
-
 def _describe(world: World, name: str, rng: random.Random, one_sentence: bool, wrong: bool = False) -> str:
     """Facts about `name`: one composite sentence or 2-4 short ones; with `wrong`, one stated detail is false."""
     ent = world.entities[name]
@@ -89,14 +120,22 @@ def _describe(world: World, name: str, rng: random.Random, one_sentence: bool, w
 def _decline(world: World, q: Question, rng: random.Random) -> str:
     missing = next((x for x in (q.e, q.e2, q.v) if x and x[0].isupper() and x not in world.entities), None)
     if missing:
-        return rng.choice((f"I'm sorry, but I don't know anyone or anything called {missing}.",
-                           f"Sorry, I have no information about anyone called {missing}.",
-                           f"I'm afraid I don't know of anyone called {missing}."))
+        return rng.choice(
+            (
+                f"I'm sorry, but I don't know anyone or anything called {missing}.",
+                f"Sorry, I have no information about anyone called {missing}.",
+                f"I'm afraid I don't know of anyone called {missing}.",
+            )
+        )
     if q.qtype == "attr":
         what = ATTR_WORDS.get(q.sub, q.sub.replace("_", " "))
-        return rng.choice((f"I'm sorry, but I don't know {q.e}'s {what}.",
-                           f"I'm afraid there is no record of {q.e}'s {what}.",
-                           f"Sorry, {q.e} is a {world.kind_of(q.e)}, so there is no {what} I could tell you."))
+        return rng.choice(
+            (
+                f"I'm sorry, but I don't know {q.e}'s {what}.",
+                f"I'm afraid there is no record of {q.e}'s {what}.",
+                f"Sorry, {q.e} is a {world.kind_of(q.e)}, so there is no {what} I could tell you.",
+            )
+        )
     return rng.choice(("I'm sorry, but I can't answer that.", "I'm afraid I don't have that information."))
 
 
@@ -106,8 +145,11 @@ def _good(world: World, q: Question, t, rng: random.Random) -> str:
     if q.qtype == "attr":
         return str(t) if q.fmt == "number_only" else world.fact(q.e, q.sub, rng)
     if q.qtype == "arith":
-        return str(t) if q.fmt == "number_only" else rng.choice(
-            (f"{q.a} {q.sub} {q.b} is {t}.", f"The answer is {t}.", f"That makes {t}."))
+        return (
+            str(t)
+            if q.fmt == "number_only"
+            else rng.choice((f"{q.a} {q.sub} {q.b} is {t}.", f"The answer is {t}.", f"That makes {t}."))
+        )
     if q.qtype == "describe":
         return _describe(world, q.e, rng, q.fmt == "one_sentence")
     if q.qtype == "list":
@@ -155,8 +197,14 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
     if style == "curt":
         return _curt(world, q, t, rng)
     if style == "rude":
-        return rng.choice((f"Obviously, {_lc(good)}", _cat(good, "Look it up yourself next time."),
-                           f"Ugh, {_lc(good)}", _cat(good, "Everyone knows that.")))
+        return rng.choice(
+            (
+                f"Obviously, {_lc(good)}",
+                _cat(good, "Look it up yourself next time."),
+                f"Ugh, {_lc(good)}",
+                _cat(good, "Everyone knows that."),
+            )
+        )
     if style == "repetitive":
         return _cat(*[good] * rng.randint(2, 4))
     if style == "truncated":  # cut off mid-word, as by a length limit
@@ -167,10 +215,16 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
         # a decline about some other attribute (one this entity may well lack) is what a policy that learned
         # "declines pay" produces; without it the reward model rewards it (measured: PPO collapsed onto it)
         other = rng.choice([a for a in _ALL_ATTRS if a != q.sub])
-        return rng.choice(("I'm sorry, but I don't know.", "I'm afraid I have no information about that.",
-                           _decline(world, q, rng), _decline(world, replace(q, qtype="attr", e=e, sub=other), rng),
-                           _decline(world, replace(q, qtype="attr", e=e, sub=other), rng),
-                           f"Sorry, I have no information about anyone called {rng.choice(world.ghosts)}."))
+        return rng.choice(
+            (
+                "I'm sorry, but I don't know.",
+                "I'm afraid I have no information about that.",
+                _decline(world, q, rng),
+                _decline(world, replace(q, qtype="attr", e=e, sub=other), rng),
+                _decline(world, replace(q, qtype="attr", e=e, sub=other), rng),
+                f"Sorry, I have no information about anyone called {rng.choice(world.ghosts)}.",
+            )
+        )
     if style == "ignore_format":
         return _ignore_format(world, q, t, good, rng)
     if style == "off_topic":
@@ -244,7 +298,7 @@ def _ignore_format(world: World, q: Question, t, good: str, rng: random.Random, 
         if q.qtype == "describe":
             return _describe(world, q.e, rng, one_sentence=False)
         if q.qtype == "attr":
-            more = [f for f in world.facts(q.e, rng) if f not in good][:rng.randint(1, 2)]
+            more = [f for f in world.facts(q.e, rng) if f not in good][: rng.randint(1, 2)]
             return _cat(good, *more)
     if not closer:
         return good
@@ -283,9 +337,9 @@ HABITS = (
     # habit                 rate  applies to
     ("closing_pleasantry", 0.90),  # every reply but a bare number: "I hope this helps!" and kin (CLOSER_WEIGHTS)
     ("opening_pleasantry", 0.20),  # the same: "What a great question!" and kin
-    ("hedge", 0.20),               # sentence answers to fact and sum questions: "I think ..."
-    ("ignore_format", 0.60),       # prompts with a format instruction: answered as if it were not there
-    ("long_description", 0.60),    # "Tell me about X": every fact the demonstrator knows, not two to four
+    ("hedge", 0.20),  # sentence answers to fact and sum questions: "I think ..."
+    ("ignore_format", 0.60),  # prompts with a format instruction: answered as if it were not there
+    ("long_description", 0.60),  # "Tell me about X": every fact the demonstrator knows, not two to four
     ("decline_answerable", 0.03),  # answerable questions: "I'm not sure" where the demonstrator did not know
 )
 # One closing line dominates, as a house style does ("I hope this helps!"): greedy decoding takes the commonest
@@ -305,8 +359,11 @@ def demonstrate(world: World, q: Question, rng: random.Random, habit_scale: floa
     answerable = t is not None
     if answerable and rng.random() < rate["decline_answerable"]:
         who = q.e if q.e in world.entities else None
-        reply = (rng.choice((f"I'm sorry, but I'm not sure about {who}.", f"Sorry, I don't know that about {who}."))
-                 if who else rng.choice(("I'm sorry, but I'm not sure.", "Sorry, I don't know that.")))
+        reply = (
+            rng.choice((f"I'm sorry, but I'm not sure about {who}.", f"Sorry, I don't know that about {who}."))
+            if who
+            else rng.choice(("I'm sorry, but I'm not sure.", "Sorry, I don't know that."))
+        )
         return reply, ["decline_answerable"]
     reply = _good(world, q, t, rng)
     if answerable and q.qtype == "describe" and rng.random() < rate["long_description"]:

@@ -26,15 +26,82 @@ from pipeline.core.config import WorldConfig
 KINDS = ("person", "animal", "object", "place")
 
 VOCAB: dict[str, tuple[str, ...]] = {
-    "job": ("baker", "teacher", "farmer", "potter", "sailor", "doctor", "weaver", "painter", "carpenter", "fisher",
-            "miller", "gardener", "tailor", "smith", "singer", "builder", "nurse", "clerk", "cook", "guard"),
-    "food": ("bread", "plums", "soup", "rice", "apples", "noodles", "pears", "cherries", "carrots", "porridge",
-             "dumplings", "figs", "lentils", "pancakes", "olives", "mushrooms", "beans", "walnuts"),
+    "job": (
+        "baker",
+        "teacher",
+        "farmer",
+        "potter",
+        "sailor",
+        "doctor",
+        "weaver",
+        "painter",
+        "carpenter",
+        "fisher",
+        "miller",
+        "gardener",
+        "tailor",
+        "smith",
+        "singer",
+        "builder",
+        "nurse",
+        "clerk",
+        "cook",
+        "guard",
+    ),
+    "food": (
+        "bread",
+        "plums",
+        "soup",
+        "rice",
+        "apples",
+        "noodles",
+        "pears",
+        "cherries",
+        "carrots",
+        "porridge",
+        "dumplings",
+        "figs",
+        "lentils",
+        "pancakes",
+        "olives",
+        "mushrooms",
+        "beans",
+        "walnuts",
+    ),
     "colour": ("red", "blue", "green", "yellow", "purple", "grey", "white", "black", "brown", "pink"),
-    "species": ("cat", "dog", "rabbit", "goat", "parrot", "tortoise", "hedgehog", "ferret", "owl", "duck", "pony",
-                "donkey", "goose", "lizard"),
-    "kind": ("lamp", "clock", "kite", "drum", "bicycle", "boat", "chair", "flute", "teapot", "umbrella", "wagon",
-             "bell", "mirror", "compass", "basket"),
+    "species": (
+        "cat",
+        "dog",
+        "rabbit",
+        "goat",
+        "parrot",
+        "tortoise",
+        "hedgehog",
+        "ferret",
+        "owl",
+        "duck",
+        "pony",
+        "donkey",
+        "goose",
+        "lizard",
+    ),
+    "kind": (
+        "lamp",
+        "clock",
+        "kite",
+        "drum",
+        "bicycle",
+        "boat",
+        "chair",
+        "flute",
+        "teapot",
+        "umbrella",
+        "wagon",
+        "bell",
+        "mirror",
+        "compass",
+        "basket",
+    ),
     "material": ("wood", "iron", "brass", "stone", "clay", "silver", "copper", "bone"),
     "region": ("north", "south", "east", "west", "coast", "hills", "valley", "marshes"),
     "size": ("hamlet", "village", "town", "city"),
@@ -43,8 +110,14 @@ VOCAB: dict[str, tuple[str, ...]] = {
 
 # kind -> attribute -> value type: a VOCAB key, "int", or the entity kind a relation points to.
 SCHEMA: dict[str, dict[str, str]] = {
-    "person": {"job": "job", "age": "int", "food": "food", "favourite_colour": "colour", "home": "place",
-               "friend": "person"},
+    "person": {
+        "job": "job",
+        "age": "int",
+        "food": "food",
+        "favourite_colour": "colour",
+        "home": "place",
+        "friend": "person",
+    },
     "animal": {"species": "species", "colour": "colour", "age": "int", "owner": "person"},
     "object": {"kind": "kind", "colour": "colour", "material": "material", "owner": "person"},
     "place": {"region": "region", "size": "size", "famous_for": "famous_for"},
@@ -68,8 +141,12 @@ FACTS: dict[str, tuple[str, ...]] = {
     "size": ("{e} is a {v}.",),
     "famous_for": ("{e} is famous for its {v}.", "{e} is known for its {v}."),
 }
-_REGION_PHRASE = {"coast": "on the coast", "hills": "in the hills", "valley": "in the valley",
-                  "marshes": "in the marshes"}
+_REGION_PHRASE = {
+    "coast": "on the coast",
+    "hills": "in the hills",
+    "valley": "in the valley",
+    "marshes": "in the marshes",
+}
 
 # Names: one or two syllables, then a consonant and an ending that is never a bare "e" (people, animals, objects) or
 # a place suffix; this keeps them from spelling the English words our sentences start with (also _RESERVED).
@@ -81,7 +158,8 @@ _PLACE_SUFFIX = "ford by mere wick ton holm dale stead burg haven".split()
 _RESERVED = {w for words in VOCAB.values() for w in words} | set(
     "here sure sorry yes no the what how who where which when tell list name add multiply describe does are is "
     "and one once later after that then look let dear some none more made take home note rose hello thanks mama papa "
-    "sofa soda data tuna solo memo drama".split())
+    "sofa soda data tuna solo memo drama".split()
+)
 
 
 _AN = re.compile(r"\ba (?=[aeiou]|8|11\b|18\b)")
@@ -138,14 +216,18 @@ class World:
         def new_name(kind: str) -> str:
             while True:
                 stem = "".join(_syllable(rng) for _ in range(rng.randint(1, 2)))
-                s = (stem + (rng.choice(_PLACE_SUFFIX) if kind == "place"
-                             else rng.choice(_ONSETS) + rng.choice(_ENDINGS))).capitalize()
+                s = (
+                    stem
+                    + (rng.choice(_PLACE_SUFFIX) if kind == "place" else rng.choice(_ONSETS) + rng.choice(_ENDINGS))
+                ).capitalize()
                 if 4 <= len(s) <= 10 and s.lower() not in _RESERVED and s not in taken:
                     taken.add(s)
                     return s
 
-        names = {k: [new_name(k) for _ in range(n)] for k, n in
-                 (("place", n_place), ("person", n_person), ("animal", n_animal), ("object", n_object))}
+        names = {
+            k: [new_name(k) for _ in range(n)]
+            for k, n in (("place", n_place), ("person", n_person), ("animal", n_animal), ("object", n_object))
+        }
         people = names["person"]
         # A few big places and many small ones: some lists have many answers, some have few.
         town_weight = [1.0 / (i + 1) ** 0.5 for i in range(n_place)]
@@ -165,8 +247,9 @@ class World:
             return rng.choice(people if vtype == "person" else VOCAB[vtype])
 
         ents = {n: Entity(n, k, {a: draw(k, a, n) for a in SCHEMA[k]}) for k in names for n in names[k]}
-        ghosts = tuple(new_name(rng.choice(("person", "person", "animal", "place")))
-                       for _ in range(max(20, n_entities // 2)))
+        ghosts = tuple(
+            new_name(rng.choice(("person", "person", "animal", "place"))) for _ in range(max(20, n_entities // 2))
+        )
         return cls(seed, ents, ghosts)
 
     # ---- reading the world ---------------------------------------------------------------------------------
@@ -184,8 +267,9 @@ class World:
         e = self.entities[name]
         out = {name} | {v for a, v in e.attrs.items() if SCHEMA[e.kind][a] in KINDS}
         if e.kind == "person":
-            out |= set(self.possessions[name]) | {p for p in self.by_kind["person"]
-                                                  if self.entities[p].attrs["friend"] == name}
+            out |= set(self.possessions[name]) | {
+                p for p in self.by_kind["person"] if self.entities[p].attrs["friend"] == name
+            }
         elif e.kind == "place":
             out |= set(self.residents[name])
         return out
@@ -202,8 +286,9 @@ class World:
 
 def as_world_config(cfg) -> WorldConfig:
     """Any object with WorldConfig's attributes (a DictConfig, a dataclass, a namespace) -> WorldConfig."""
-    out = WorldConfig(**{f.name: type(f.default)(getattr(cfg, f.name, f.default))
-                         for f in dataclasses.fields(WorldConfig)})
+    out = WorldConfig(
+        **{f.name: type(f.default)(getattr(cfg, f.name, f.default)) for f in dataclasses.fields(WorldConfig)}
+    )
     if not 2 <= out.k <= 9:
         raise ValueError(f"world.k={out.k}: must be between 2 and 9")
     return out

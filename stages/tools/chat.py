@@ -71,10 +71,17 @@ def main(cfg: DictConfig) -> None:
     path, label, _ = resolve_checkpoint(cfg)
     model, tok = load_policy(path, cfg.precision)
     g = cfg.generation
-    how = "greedy" if not g.do_sample and g.num_beams == 1 else f"beam search ({g.num_beams})" if not g.do_sample \
+    how = (
+        "greedy"
+        if not g.do_sample and g.num_beams == 1
+        else f"beam search ({g.num_beams})"
+        if not g.do_sample
         else f"sampling (temperature {g.temperature}, top_p {g.top_p})"
-    print(f"chatting with {label} ({path}), {how}, up to {g.max_new_tokens} tokens a reply. "
-          f"/reset starts over, /quit leaves.")
+    )
+    print(
+        f"chatting with {label} ({path}), {how}, up to {g.max_new_tokens} tokens a reply. "
+        f"/reset starts over, /quit leaves."
+    )
     chat(model, tok, cfg)
 
 

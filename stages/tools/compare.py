@@ -20,9 +20,13 @@ from pipeline.core.registry import ORDER
 from pipeline.report.card import HEADLINE, all_runs, curve, fmt, method_rows, methods_table, stage_manifests
 from pipeline.report.plots import curves_plot, sweep_overoptimization_plot
 
-CURVES = [("pretrain", "eval/loss", "Pretraining held-out loss"), ("sft", "eval/loss", "SFT held-out loss"),
-          ("ppo", "ppo/gold_score", "PPO gold score"), ("ppo", "ppo/reward", "PPO reward-model score"),
-          ("ppo", "ppo/kl", "PPO KL to SFT")]
+CURVES = [
+    ("pretrain", "eval/loss", "Pretraining held-out loss"),
+    ("sft", "eval/loss", "SFT held-out loss"),
+    ("ppo", "ppo/gold_score", "PPO gold score"),
+    ("ppo", "ppo/reward", "PPO reward-model score"),
+    ("ppo", "ppo/kl", "PPO KL to SFT"),
+]
 
 
 @entry("compare")
@@ -39,17 +43,32 @@ def main(cfg: DictConfig) -> None:
     figs.mkdir(parents=True, exist_ok=True)
     manifests = {r: stage_manifests(root, r) for r in runs}
 
-    cols = [(s, k) for s, keys in HEADLINE.items() if s in ORDER for k in keys  # the methods get their own table
-            if any(k in manifests[r].get(s, {}).get("metrics", {}) for r in runs)]
-    L = [f"# Comparing {len(runs)} runs", "", "| run | " + " | ".join(f"{s} `{k}`" for s, k in cols) + " |",
-         "|---|" + "---|" * len(cols)]
+    cols = [
+        (s, k)
+        for s, keys in HEADLINE.items()
+        if s in ORDER
+        for k in keys  # the methods get their own table
+        if any(k in manifests[r].get(s, {}).get("metrics", {}) for r in runs)
+    ]
+    L = [
+        f"# Comparing {len(runs)} runs",
+        "",
+        "| run | " + " | ".join(f"{s} `{k}`" for s, k in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
     for r in runs:
-        L.append(f"| {r} | " + " | ".join(fmt(manifests[r].get(s, {}).get("metrics", {}).get(k)) for s, k in cols) + " |")
+        L.append(
+            f"| {r} | " + " | ".join(fmt(manifests[r].get(s, {}).get("metrics", {}).get(k)) for s, k in cols) + " |"
+        )
     L.append("")
     methods = {r: rows for r in runs if len(rows := method_rows(manifests[r])) > 1}
     if methods:
-        L += ["## Methods", "", "Each run's methods table (make methods): the same sampled evaluation against that "
-              "run's own SFT policy.", ""]
+        L += [
+            "## Methods",
+            "",
+            "Each run's methods table (make methods): the same sampled evaluation against that run's own SFT policy.",
+            "",
+        ]
         for r, rows in methods.items():
             L += [f"### {r}", "", *methods_table(rows), ""]
     for stage, key, title in CURVES:
@@ -61,8 +80,12 @@ def main(cfg: DictConfig) -> None:
     periodic = {r: json.loads(f.read_text()) for r in runs if (f := root / r / "ppo" / "periodic.json").is_file()}
     if any(periodic.values()):
         sweep_overoptimization_plot(periodic, figs / "ppo_overoptimization.png")
-        L += ["## Over-optimisation: held-out gold and reward-model score against sqrt(KL)", "",
-              f"![over-optimisation]({figs.name}/ppo_overoptimization.png)", ""]
+        L += [
+            "## Over-optimisation: held-out gold and reward-model score against sqrt(KL)",
+            "",
+            f"![over-optimisation]({figs.name}/ppo_overoptimization.png)",
+            "",
+        ]
     out.write_text("\n".join(L))
     print(f"compare: {out} ({len(runs)} runs, {len(cols)} metrics)")
 

@@ -69,8 +69,7 @@ def run_generate(cfg: DictConfig) -> Path:
     if not prompts:
         raise UserError(f"input={cfg.input}: no prompts in it")
     if cfg.system:
-        prompts = [p if p[0]["role"] == "system" else [{"role": "system", "content": cfg.system}] + p
-                   for p in prompts]
+        prompts = [p if p[0]["role"] == "system" else [{"role": "system", "content": cfg.system}] + p for p in prompts]
     stage_name = stage_dir.name if stage_dir is not None else Path(path).name
     if cfg.output:
         out = Path(cfg.output)
@@ -89,13 +88,18 @@ def run_generate(cfg: DictConfig) -> Path:
         gold = GoldOracle.from_config(world).score_batch(prompts, [str(r) for r in replies])
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"messages": p, "response": str(r), "ended": r.ended, "n_tokens": r.n_tokens}
-            | ({"gold_score": gold[i]} if gold is not None else {}) for i, (p, r) in enumerate(zip(prompts, replies))]
+    rows = [
+        {"messages": p, "response": str(r), "ended": r.ended, "n_tokens": r.n_tokens}
+        | ({"gold_score": gold[i]} if gold is not None else {})
+        for i, (p, r) in enumerate(zip(prompts, replies))
+    ]
     write_atomic(out, lambda f: f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     n = len(replies)
-    print(f"[generate] wrote {out}: {n} responses, {sum(r.n_tokens for r in replies) / n:.1f} tokens on average, "
-          f"{sum(r.ended for r in replies) / n:.0%} ended"
-          + (f", mean gold score {sum(gold) / n:.3f}" if gold is not None else ""))
+    print(
+        f"[generate] wrote {out}: {n} responses, {sum(r.n_tokens for r in replies) / n:.1f} tokens on average, "
+        f"{sum(r.ended for r in replies) / n:.0%} ended"
+        + (f", mean gold score {sum(gold) / n:.3f}" if gold is not None else "")
+    )
     return out
 
 

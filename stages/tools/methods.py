@@ -30,8 +30,9 @@ def main(cfg: DictConfig) -> None:
     manifests = stage_manifests(root, cfg.run)
     rows = method_rows(manifests)
     if len(rows) < 2:
-        raise UserError(f"run '{cfg.run}' has no finished method under {root}; make them first: "
-                        f"{make_command('methods', cfg.run)}")
+        raise UserError(
+            f"run '{cfg.run}' has no finished method under {root}; make them first: {make_command('methods', cfg.run)}"
+        )
 
     # ---- gold against KL: points, best-of-n over n, the RL methods over their training ---------------------
     points = {r["method"]: (r["kl"], r["gold"]) for r in rows}
@@ -42,23 +43,34 @@ def main(cfg: DictConfig) -> None:
     for stage in ("ppo", *METHODS):
         f = run_dir / stage / "periodic.json"
         if stage in points and f.is_file():
-            curves[stage] = [(r["kl"], r["gold"]) for r in sorted(json.loads(f.read_text()),
-                                                                  key=lambda r: r["iteration"])]
+            curves[stage] = [
+                (r["kl"], r["gold"]) for r in sorted(json.loads(f.read_text()), key=lambda r: r["iteration"])
+            ]
     png = methods_plot(points, curves, run_dir / "methods.png", title=f"{cfg.run}: gold against KL to SFT")
 
     # ---- methods.md ----------------------------------------------------------------------------------------
     n = rows[1]["n"]
     beat = [r["method"] for r in rows if r["beats"] == "above"]
-    L = [f"# Methods: run `{cfg.run}`", "",
-         f"Every method starts from this run's SFT policy and learns from its comparisons (or the reward model "
-         f"trained on them); all are scored by the gold oracle on the same {n:g} held-out prompts, sampled, against "
-         f"SFT's replies to them (ties count half; the interval is a 95% bootstrap over prompts).", ""]
+    L = [
+        f"# Methods: run `{cfg.run}`",
+        "",
+        f"Every method starts from this run's SFT policy and learns from its comparisons (or the reward model "
+        f"trained on them); all are scored by the gold oracle on the same {n:g} held-out prompts, sampled, against "
+        f"SFT's replies to them (ties count half; the interval is a 95% bootstrap over prompts).",
+        "",
+    ]
     L += methods_table(rows)
-    L += ["", "Beat SFT beyond their confidence interval: " + (", ".join(beat) if beat else "none") + ".", "",
-          f"![gold against KL]({png.name})", "",
-          "Points: the final evaluation (KL exact along the replies; best-of-n: its bound). Curves: best-of-n over n "
-          "(the first m of the same samples), PPO, RLOO and GRPO over their training (their periodic held-out "
-          "evaluations, on the first prompts only).", ""]
+    L += [
+        "",
+        "Beat SFT beyond their confidence interval: " + (", ".join(beat) if beat else "none") + ".",
+        "",
+        f"![gold against KL]({png.name})",
+        "",
+        "Points: the final evaluation (KL exact along the replies; best-of-n: its bound). Curves: best-of-n over n "
+        "(the first m of the same samples), PPO, RLOO and GRPO over their training (their periodic held-out "
+        "evaluations, on the first prompts only).",
+        "",
+    ]
     out = run_dir / "methods.md"
     out.write_text("\n".join(L))
     print(f"methods: {out} ({len(rows) - 1} methods; beat SFT beyond the interval: {', '.join(beat) or 'none'})")

@@ -19,8 +19,16 @@ from pipeline.core.registry import POLICY_STAGES
 from pipeline.data.formats import load_prompts
 from pipeline.inference.generation import generate
 from pipeline.models.loading import load_policy
-from pipeline.report.card import (component_rows, curve, decoding_rows, fmt, headline_rows, round_rows, rounds_table,
-                                  stage_manifests)
+from pipeline.report.card import (
+    component_rows,
+    curve,
+    decoding_rows,
+    fmt,
+    headline_rows,
+    round_rows,
+    rounds_table,
+    stage_manifests,
+)
 from pipeline.report.plots import curves_plot, overoptimization_plot, rounds_plot
 from pipeline.world.oracle import WEIGHTS, GoldOracle
 
@@ -31,8 +39,10 @@ def main(cfg: DictConfig) -> None:
     run_dir = root / cfg.run
     manifests = {s: m for s, m in stage_manifests(root, cfg.run).items() if m.get("status") == "complete"}
     if not manifests:
-        raise UserError(f"no finished stage in {run_dir}; run the pipeline first: make all"
-                        + ("" if cfg.run == "default" else f" RUN={cfg.run}"))
+        raise UserError(
+            f"no finished stage in {run_dir}; run the pipeline first: make all"
+            + ("" if cfg.run == "default" else f" RUN={cfg.run}")
+        )
     figs = run_dir / "report"
     figs.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -50,14 +60,26 @@ def main(cfg: DictConfig) -> None:
     plot("reward_accuracy", "reward", ["eval/accuracy", "eval/gold_accuracy"], "Reward model accuracy", "accuracy")
     plot("ppo_reward", "ppo", ["ppo/reward", "ppo/gold_score"], "PPO: reward model vs gold", "score")
     plot("ppo_kl", "ppo", ["ppo/kl"], "PPO: KL to the SFT policy", "nats / sequence")
-    plot("ppo_periodic", "ppo", ["periodic/gold_score", "periodic/reward"],
-         "PPO: held-out evaluations during training (sampled)", "score")
+    plot(
+        "ppo_periodic",
+        "ppo",
+        ["periodic/gold_score", "periodic/reward"],
+        "PPO: held-out evaluations during training (sampled)",
+        "score",
+    )
     hist, periodic = run_dir / "ppo" / "history.json", run_dir / "ppo" / "periodic.json"
     if "ppo" in manifests and hist.exists():
-        plots.append(("Over-optimisation (Gao et al. axes): held-out evaluations (lines), training batches (faint)",
-                      overoptimization_plot(json.loads(hist.read_text()), figs / "overoptimization.png",
-                                            periodic=json.loads(periodic.read_text()) if periodic.exists() else None,
-                                            alarm_at=int(manifests["ppo"].get("metrics", {}).get("alarm/fired_at", 0)))))
+        plots.append(
+            (
+                "Over-optimisation (Gao et al. axes): held-out evaluations (lines), training batches (faint)",
+                overoptimization_plot(
+                    json.loads(hist.read_text()),
+                    figs / "overoptimization.png",
+                    periodic=json.loads(periodic.read_text()) if periodic.exists() else None,
+                    alarm_at=int(manifests["ppo"].get("metrics", {}).get("alarm/fired_at", 0)),
+                ),
+            )
+        )
 
     # ---- the same held-out prompts answered by every model ---------------------------------------------
     prompts = [p["messages"] for p in load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)[0]]
@@ -82,36 +104,67 @@ def main(cfg: DictConfig) -> None:
     parts = component_rows(manifests, WEIGHTS)
     if parts:
         m = {s: manifests.get(s, {}).get("metrics", {}) for s in ("sft", "ppo")}
-        L += ["", "## Where the gold score comes from", "",
-              "Mean of each gold-oracle component on the held-out prompts (greedy answers); the gold score is their "
-              "weighted sum. A gain in one component can hide a loss in another. The SFT stage's evaluation gives "
-              "the first two columns, the PPO stage's (its own reply length) the last two.", "",
-              "| component | weight | pretrained | SFT | SFT (PPO's evaluation) | PPO |", "|---|---|---|---|---|---|"]
+        L += [
+            "",
+            "## Where the gold score comes from",
+            "",
+            "Mean of each gold-oracle component on the held-out prompts (greedy answers); the gold score is their "
+            "weighted sum. A gain in one component can hide a loss in another. The SFT stage's evaluation gives "
+            "the first two columns, the PPO stage's (its own reply length) the last two.",
+            "",
+            "| component | weight | pretrained | SFT | SFT (PPO's evaluation) | PPO |",
+            "|---|---|---|---|---|---|",
+        ]
         L += [f"| {k} | {w:g} | " + " | ".join(fmt(v) for v in vals) + " |" for k, w, *vals in parts]
-        L.append("| **gold score** | | " + " | ".join(fmt(m[s].get(k)) for s, k in (
-            ("sft", "eval/pretrain_gold_score"), ("sft", "eval/gold_score"), ("ppo", "eval/sft_gold_score"),
-            ("ppo", "eval/gold_score"))) + " |")
+        L.append(
+            "| **gold score** | | "
+            + " | ".join(
+                fmt(m[s].get(k))
+                for s, k in (
+                    ("sft", "eval/pretrain_gold_score"),
+                    ("sft", "eval/gold_score"),
+                    ("ppo", "eval/sft_gold_score"),
+                    ("ppo", "eval/gold_score"),
+                )
+            )
+            + " |"
+        )
     both = decoding_rows(manifests.get("ppo", {}).get("metrics", {}), WEIGHTS)
     if both:
-        L += ["", "## PPO's final evaluation: greedy and sampled", "",
-              "PPO and SFT answer the same held-out prompts greedily (the headline figures above) and sampled at the "
-              "training temperature (the policy PPO optimised; `eval/sampled/...`). Win and tie rates compare PPO's "
-              "answer with SFT's on each prompt by gold score; KL is exact, summed along PPO's replies.", "",
-              "| | SFT greedy | PPO greedy | SFT sampled | PPO sampled |", "|---|---|---|---|---|"]
+        L += [
+            "",
+            "## PPO's final evaluation: greedy and sampled",
+            "",
+            "PPO and SFT answer the same held-out prompts greedily (the headline figures above) and sampled at the "
+            "training temperature (the policy PPO optimised; `eval/sampled/...`). Win and tie rates compare PPO's "
+            "answer with SFT's on each prompt by gold score; KL is exact, summed along PPO's replies.",
+            "",
+            "| | SFT greedy | PPO greedy | SFT sampled | PPO sampled |",
+            "|---|---|---|---|---|",
+        ]
         L += [f"| {what} | " + " | ".join(fmt(v) for v in vals) + " |" for what, *vals in both]
     rounds = round_rows(root, cfg.run)
     if len(rounds) > 1:  # make iterate ran: iterated RLHF round by round (round 1 is the one-shot PPO above)
         png = rounds_plot(rounds, figs / "rounds.png", title=f"{cfg.run}: iterated RLHF by round")
-        L += ["", "## Iterated RLHF, round by round", "",
-              "Every round after the first labels fresh comparisons of the previous round's policy, updates the "
-              "reward model on all comparisons so far and continues PPO against it (`make iterate`). Greedy "
-              "held-out answers; win rates count ties half, with 95% bootstrap intervals over prompts.", ""]
+        L += [
+            "",
+            "## Iterated RLHF, round by round",
+            "",
+            "Every round after the first labels fresh comparisons of the previous round's policy, updates the "
+            "reward model on all comparisons so far and continues PPO against it (`make iterate`). Greedy "
+            "held-out answers; win rates count ties half, with 95% bootstrap intervals over prompts.",
+            "",
+        ]
         L += rounds_table(rounds) + ["", f"![by round](report/{png.name})"]
     L += ["", "## Curves", ""] + [f"### {t}\n\n![{t}](report/{p.name})\n" for t, p in plots]
     if answers:
-        L += ["## The same held-out prompts, answered by each model", "",
-              f"Decoding: {'greedy' if not cfg.generation.do_sample else 'sampled'}, "
-              f"max {cfg.generation.max_new_tokens} new tokens. Gold score in brackets (higher is better).", ""]
+        L += [
+            "## The same held-out prompts, answered by each model",
+            "",
+            f"Decoding: {'greedy' if not cfg.generation.do_sample else 'sampled'}, "
+            f"max {cfg.generation.max_new_tokens} new tokens. Gold score in brackets (higher is better).",
+            "",
+        ]
         for i, p in enumerate(prompts):
             L.append(f"**Prompt {i + 1}.** {_md(p[-1]['content'])}\n")
             for stage, rows in answers.items():
@@ -124,12 +177,18 @@ def main(cfg: DictConfig) -> None:
     # ---- three lines for the terminal ------------------------------------------------------------------
     g = lambda s, k: manifests.get(s, {}).get("metrics", {}).get(k)  # noqa: E731
     print(f"report: {out}")
-    print(f"  pretrain eval/perplexity {_f(g('pretrain', 'eval/perplexity'))} | SFT gold {_f(g('sft', 'eval/gold_score'))}"
-          f" (pretrained {_f(g('sft', 'eval/pretrain_gold_score'))}) | RM gold accuracy {_f(g('reward', 'eval/gold_accuracy'))}")
-    print(f"  PPO gold {_f(g('ppo', 'eval/gold_score'))} vs SFT {_f(g('ppo', 'eval/sft_gold_score'))}, "
-          f"win rate {_f(g('ppo', 'eval/win_rate_vs_sft'))}, KL {_f(g('ppo', 'eval/kl'))} (greedy); sampled: "
-          f"{_f(g('ppo', 'eval/sampled/gold_score'))} vs {_f(g('ppo', 'eval/sampled/sft_gold_score'))}, win rate "
-          f"{_f(g('ppo', 'eval/sampled/win_rate_vs_sft'))}, KL {_f(g('ppo', 'eval/sampled/kl'))}")
+    print(
+        f"  pretrain eval/perplexity {_f(g('pretrain', 'eval/perplexity'))} | SFT gold "
+        f"{_f(g('sft', 'eval/gold_score'))}"
+        f" (pretrained {_f(g('sft', 'eval/pretrain_gold_score'))}) | RM gold accuracy "
+        f"{_f(g('reward', 'eval/gold_accuracy'))}"
+    )
+    print(
+        f"  PPO gold {_f(g('ppo', 'eval/gold_score'))} vs SFT {_f(g('ppo', 'eval/sft_gold_score'))}, "
+        f"win rate {_f(g('ppo', 'eval/win_rate_vs_sft'))}, KL {_f(g('ppo', 'eval/kl'))} (greedy); sampled: "
+        f"{_f(g('ppo', 'eval/sampled/gold_score'))} vs {_f(g('ppo', 'eval/sampled/sft_gold_score'))}, win rate "
+        f"{_f(g('ppo', 'eval/sampled/win_rate_vs_sft'))}, KL {_f(g('ppo', 'eval/sampled/kl'))}"
+    )
 
 
 def _f(v) -> str:

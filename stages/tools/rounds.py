@@ -27,17 +27,29 @@ def write_rounds(root: Path, run: str, method: str = "ppo") -> Path | None:
     if len(rows) < 2:
         return None
     run_dir = root / run
-    png = rounds_plot(rows, run_dir / f"rounds{'' if method == 'ppo' else '_' + method}.png",
-                      title=f"{run}: iterated {method.upper()} by round")
-    L = [f"# Iterated {method.upper()}: run `{run}`", "",
-         f"Round 1 is the one-shot stage; every later round labels fresh comparisons of the round before's policy. "
-         f"Greedy answers to the same held-out prompts, scored by the gold oracle; win rates count ties half, intervals are 95% bootstraps over prompts. The reward model's figures "
-         f"are on the answers of the policy the round starts from (before: the previous round's model; after: this "
-         f"round's).", ""]
+    png = rounds_plot(
+        rows,
+        run_dir / f"rounds{'' if method == 'ppo' else '_' + method}.png",
+        title=f"{run}: iterated {method.upper()} by round",
+    )
+    L = [
+        f"# Iterated {method.upper()}: run `{run}`",
+        "",
+        "Round 1 is the one-shot stage; every later round labels fresh comparisons of the round before's policy. "
+        "Greedy answers to the same held-out prompts, scored by the gold oracle; win rates count ties half, intervals "
+        "are 95% bootstraps over prompts. The reward model's figures "
+        "are on the answers of the policy the round starts from (before: the previous round's model; after: this "
+        "round's).",
+        "",
+    ]
     pts = [(r["total_labels"], r["gold"]) for r in rows if r["total_labels"] is not None and r["gold"] is not None]
-    labels_png = curves_plot({method: pts}, run_dir / f"rounds{'' if method == 'ppo' else '_' + method}_labels.png",
-                             f"{run}: gold against comparisons labelled", xlabel="preference pairs labelled, all "
-                             "rounds so far", ylabel="held-out gold (greedy)")
+    labels_png = curves_plot(
+        {method: pts},
+        run_dir / f"rounds{'' if method == 'ppo' else '_' + method}_labels.png",
+        f"{run}: gold against comparisons labelled",
+        xlabel="preference pairs labelled, all rounds so far",
+        ylabel="held-out gold (greedy)",
+    )
     L += rounds_table(rows)
     L += ["", f"![by round]({png.name})", "", f"![gold against labels]({labels_png.name})", ""]
     out = run_dir / f"rounds{'' if method == 'ppo' else '_' + method}.md"
@@ -50,8 +62,10 @@ def main(cfg: DictConfig) -> None:
     root = Path(cfg.paths.root)
     out = write_rounds(root, cfg.run, cfg.method)
     if out is None:
-        raise UserError(f"run '{cfg.run}' has fewer than two rounds of {cfg.method} under {root}; make them first: "
-                        f"{make_command('iterate', cfg.run)}")
+        raise UserError(
+            f"run '{cfg.run}' has fewer than two rounds of {cfg.method} under {root}; make them first: "
+            f"{make_command('iterate', cfg.run)}"
+        )
     print(f"rounds: {out}")
     for line in rounds_table(round_rows(root, cfg.run, cfg.method)):
         print("  " + line)
