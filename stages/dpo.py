@@ -201,7 +201,7 @@ def fresh_comparisons(cfg, run, policy, tok, start_parent: dict, device) -> tupl
 
     from pipeline.core.config import GenerationSettings
     from pipeline.data.formats import load_prompts
-    from pipeline.world.labellers import round_comparisons
+    from pipeline.trainers.onpolicy import round_comparisons
     from pipeline.world.oracle import GoldOracle
 
     r, it, e = run.round, cfg.iterate, cfg.eval

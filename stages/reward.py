@@ -63,7 +63,8 @@ def run_reward(cfg: DictConfig) -> None:
     from pipeline.core.io import write_jsonl
     from pipeline.data.formats import check_prompt_lengths, load_preferences, load_prompts
     from pipeline.data.pairs import expand_pairs
-    from pipeline.world.labellers import distinct_prompts, onpolicy_comparisons, round_comparisons
+    from pipeline.trainers.onpolicy import onpolicy_comparisons, round_comparisons
+    from pipeline.world.labellers import distinct_prompts
     from pipeline.world.oracle import GoldOracle
 
     # ---- setup -------------------------------------------------------------------------------------------

@@ -16,12 +16,12 @@ resumes from its last checkpoint.
 from omegaconf import DictConfig
 
 from pipeline.core.entry import entry
-from stages.grpo import group_rl  # the same stage as GRPO's: only TRL's trainer and the config differ
+from pipeline.trainers.group_rl import run_group_rl  # GRPO's stage too: only TRL's trainer and the config differ
 
 
 @entry("rloo")
 def main(cfg: DictConfig) -> None:
-    group_rl(cfg, "rloo")
+    run_group_rl(cfg, "rloo")
 
 
 if __name__ == "__main__":

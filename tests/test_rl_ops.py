@@ -8,18 +8,15 @@ import torch
 
 from pipeline.rl.advantages import gae
 from pipeline.rl.losses import policy_loss, value_loss
+from pipeline.models.tokens import ended, first_true_index, logprobs_from_logits, response_mask
 from pipeline.rl.ops import (
     ema_update,
-    ended,
     entropy_from_logits,
     explained_variance,
-    first_true_index,
     kl_estimate,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
-    response_mask,
 )
 from pipeline.rl.shaping import AdaptiveKLController, FixedKLController, penalised_rewards
 

@@ -151,7 +151,8 @@ class Engine:
         from pipeline.data.tokenizer import end_of_turn_ids
 
         self.max_batch, self.max_waiting = int(max_batch), int(max_waiting)
-        # A generated pad ends the reply too: `generate` cuts there (rl.ops.response_mask), so the server does.
+        # A generated pad ends the reply too: `generate` cuts there (pipeline.models.tokens.response_mask), so the
+        # server does.
         self.end_ids = set(end_of_turn_ids(tokenizer)) | ({tokenizer.pad_token_id} - {None})
         cfg = model.config
         self.context = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))

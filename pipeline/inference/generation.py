@@ -23,7 +23,7 @@ import torch
 from pipeline.data.prompts import encode_prompts, left_pad
 from pipeline.data.tokenizer import end_of_turn_ids
 from pipeline.inference.sampler import engine_applies, engine_sample
-from pipeline.rl.ops import ended, response_mask
+from pipeline.models.tokens import ended, response_mask
 
 
 class Reply(str):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from pipeline.models.token_model import TokenModel
-from pipeline.rl.ops import ended, logprobs_from_logits, response_mask
+from pipeline.models.tokens import ended, logprobs_from_logits, response_mask
 
 
 @dataclass

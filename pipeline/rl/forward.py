@@ -17,7 +17,8 @@ from torch import Tensor
 
 from pipeline.inference.sampler import Rollout, position_ids
 from pipeline.models.token_model import TokenModel
-from pipeline.rl.ops import entropy_from_logits, logprobs_from_logits
+from pipeline.models.tokens import logprobs_from_logits
+from pipeline.rl.ops import entropy_from_logits
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The RL core's small pure torch functions: log-probs, entropy, masked statistics, response masks, KL.
+"""The RL core's small pure torch functions: entropy, masked statistics, KL (log-probs of tokens and response masks,
+which sampling needs too, are pipeline/models/tokens.py).
 
 Conventions everywhere:
 
@@ -9,26 +10,16 @@ Conventions everywhere:
 * masked positions never enter a statistic, even if they hold garbage (NaN, +-inf): we select
   with ``torch.where`` rather than multiplying by the mask, because ``nan * 0 = nan``.
 
-PPO, and the algorithms to come (DPO, RLOO, GRPO), build on these; tests/test_rl_ops.py checks them against
+PPO builds on these; tests/test_rl_ops.py checks them against
 hand-computed tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
-
-
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature)[label], ``[B, T, V], [B, T] -> [B, T]`` (computed in fp32).
-
-    Pass the *sampling* temperature: the behaviour policy that generated the tokens is
-    softmax(z / tau), so the PPO ratio must be computed under the same tau (Huang et al. 2024).
-    """
-    z = logits.float() / temperature
-    return z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - z.logsumexp(-1)
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -82,40 +73,6 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     if var_r == 0:
         return torch.tensor(float("nan"), device=returns.device)
     return 1 - masked_var(returns - values, mask, unbiased=False) / var_r
-
-
-def first_true_index(bools: Tensor) -> Tensor:
-    """Index of the first True along the last dim, ``[B, T] -> [B]`` (long); T where a row has none."""
-    T = bools.size(-1)
-    idx = torch.arange(T, device=bools.device).expand_as(bools)
-    return torch.where(bools, idx, T).min(-1).values
-
-
-def _ids(token_id: int | Sequence[int]) -> list[int]:
-    return [token_id] if isinstance(token_id, int) else list(token_id)
-
-
-def _is_eos(response_ids: Tensor, eos_token_id: int | Sequence[int]) -> Tensor:
-    return torch.isin(response_ids, torch.tensor(_ids(eos_token_id), device=response_ids.device))
-
-
-def ended(response_ids: Tensor, eos_token_id: int | Sequence[int]) -> Tensor:
-    """Bool ``[B]``: did the row produce an end-of-turn token (one id or several) at all?"""
-    return _is_eos(response_ids, eos_token_id).any(-1)
-
-
-def response_mask(response_ids: Tensor, eos_token_id: int | Sequence[int], pad_token_id: int | None) -> Tensor:
-    """Bool ``[B, T]``: True up to and including the first end-of-turn token, False after it.
-
-    A row without end-of-turn (truncated at max length) is True up to the first pad token
-    (exclusive), or everywhere. ``pad_token_id`` is ignored when it is None or an eos id,
-    since the first eos then already marks the end.
-    """
-    T = response_ids.size(-1)
-    end = first_true_index(_is_eos(response_ids, eos_token_id)) + 1  # one past the eos
-    if pad_token_id is not None and pad_token_id not in _ids(eos_token_id):
-        end = torch.minimum(end, first_true_index(response_ids == pad_token_id))
-    return torch.arange(T, device=response_ids.device) < end.clamp_max(T).unsqueeze(-1)
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:

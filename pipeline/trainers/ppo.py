@@ -25,7 +25,8 @@ from pipeline.inference.sampler import Rollout, decode_responses, sample
 from pipeline.rl.advantages import gae
 from pipeline.rl.forward import check_packing, chunked, critic_forward, policy_forward, response_logits
 from pipeline.rl.losses import policy_loss, value_loss
-from pipeline.rl.ops import ema_update, explained_variance, logprobs_from_logits, masked_mean, masked_whiten
+from pipeline.models.tokens import logprobs_from_logits
+from pipeline.rl.ops import ema_update, explained_variance, masked_mean, masked_whiten
 from pipeline.rl.readout import score_rollout
 from pipeline.rl.alarm import alarm_series
 from pipeline.rl.shaping import ensemble_spread, penalise_unfinished, penalised_rewards, reward_objective
