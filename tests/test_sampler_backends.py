@@ -17,19 +17,23 @@ from pipeline.rl.forward import policy_forward
 V, PAD = 48, 0
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
+def _config(vocab: int = V, pad: int = PAD) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
+        max_position_embeddings=256,
+        pad_token_id=pad,
     )
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = _config()
     m = LlamaForCausalLM(cfg).eval()
     m.generation_config.pad_token_id = PAD
     return m
@@ -159,16 +163,7 @@ def test_top_k_is_applied_as_generate_applies_it(peaked):
 
 def test_after_an_in_place_update_the_engine_samples_from_the_new_weights():
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=PAD,
-    )
+    cfg = _config()
     policy = TokenModel(LlamaForCausalLM(cfg))
     opt = torch.optim.SGD(policy.parameters(), lr=0.5)
     ids, mask = _prompts()
@@ -202,16 +197,7 @@ def test_generate_gives_the_same_greedy_replies_through_either_back_end(tiny_tok
     from pipeline.inference.generation import generate
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tiny_tok),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=tiny_tok.pad_token_id,
-    )
+    cfg = _config(len(tiny_tok), tiny_tok.pad_token_id)
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # a peaked model, so that some replies close their turn early
         m.lm_head.weight.mul_(8.0)
