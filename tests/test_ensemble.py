@@ -268,6 +268,7 @@ runpy.run_module("stages.reward", run_name="__main__")
 """
 
 
+@pytest.mark.slow  # three reward stages: kept out of make test's time (make test-slow runs it)
 def test_ensemble_resumes_after_a_kill_in_a_later_member(smoke_chain):
     """Killed at member 1's first checkpoint: the rerun does not train member 0 again (it waits, finished, in
     .members/0), resumes member 1 from its checkpoint, and ends with the figures of an uninterrupted run."""
