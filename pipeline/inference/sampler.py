@@ -70,10 +70,13 @@ BACKENDS = ("auto", "engine", "hf")
 
 
 def engine_applies(model) -> bool:
-    """Whether the engine back end can run this model (a plain Llama checkpoint, see LlamaRunner.supports)."""
+    """Whether the engine back end can run this model: a plain Llama checkpoint (LlamaRunner.supports) whose weights
+    are all here, whole (under FSDP or ZeRO-3 a parameter is a shard or empty, and the engine reads parameter tensors
+    as they are)."""
     from pipeline.inference.runners import LlamaRunner
 
-    return LlamaRunner.supports(model.model if isinstance(model, TokenModel) else model)
+    m = model.model if isinstance(model, TokenModel) else model
+    return LlamaRunner.supports(m) and all(type(p.data) is torch.Tensor and p.numel() > 0 for p in m.parameters())
 
 
 @torch.no_grad()
