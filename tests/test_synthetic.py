@@ -61,9 +61,10 @@ def test_world_config_fields_and_coercion():
         "eval_prompts",
         "ppo_prompts",
     ]
-    from pipeline.core.config import WorldConfig as Schema  # the Hydra schema must carry the same keys
+    from conftest import compose_stage  # what a stage is composed with (conf/data over the schema) has these keys
 
-    assert [f.name for f in dataclasses.fields(Schema)] == names
+    for stage in ("sft", "reward", "ppo"):
+        assert list(compose_stage(stage).data.world) == names, stage
     from omegaconf import OmegaConf
 
     assert as_world_config(OmegaConf.create(dataclasses.asdict(SMALL))) == SMALL
