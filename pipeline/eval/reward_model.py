@@ -146,7 +146,7 @@ def policy_answers(policy, tok, prompts, cfg, oracle=None) -> dict:
             cfg.generation,
             cfg.train.gen_batch_size,
             seed=cfg.seed + 1,
-            backend=cfg.get("sampler", "hf"),
+            backend=getattr(cfg, "sampler", "hf"),
         )
     ]
     golds = oracle.score_batch(msgs, replies) if oracle else None

@@ -230,7 +230,7 @@ def trl_trainer(algorithm: str, cfg, run, model, tok, reward, train_ds, callback
         disable_dropout=True,
         **extra,
     )
-    cls = Ours if cfg.get("sampler", "hf") == "engine" else Trainer
+    cls = Ours if getattr(cfg, "sampler", "hf") == "engine" else Trainer
     return cls(
         model=model,
         reward_funcs=[reward],

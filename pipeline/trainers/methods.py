@@ -53,7 +53,7 @@ class Judge:
 
     def __init__(self, cfg, sft_parent: dict, rm_parent: dict, device):
         self.cfg, self.e, self.dev = cfg, cfg.eval, device
-        self.backend = cfg.get("sampler", "hf")  # how every evaluation samples (pipeline/inference/sampler.py)
+        self.backend = getattr(cfg, "sampler", "hf")  # how every evaluation samples (pipeline/inference/sampler.py)
         self.t = settings(cfg.eval)
         self.tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
         rm_tok = load_tokenizer(rm_parent["final"])

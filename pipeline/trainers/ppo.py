@@ -110,7 +110,7 @@ class PPOLoop:
         self.previous = None  # round r > 1: round r-1's final evaluation outputs, to compare with
         self.seed = cfg.seed + 1009 * (int(cfg.get("round", 1) or 1) - 1)  # each round its own prompts and samples
         self.packing = self.t.pack_sequences  # 0 once check_packing finds the model's attention ignores boundaries
-        self.backend = cfg.get("sampler", "hf")  # rollouts and evaluations: pipeline/inference/sampler.py
+        self.backend = getattr(cfg, "sampler", "hf")  # rollouts and evaluations: pipeline/inference/sampler.py
         normalise = self.t.normalize_reward and self.t.reward == "model"
         self.rm_mean = rm_stats.get("mean", 0.0) if normalise else 0.0
         self.rm_std = max(rm_stats.get("std", 1.0), 1e-6) if normalise else 1.0
