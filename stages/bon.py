@@ -44,7 +44,7 @@ def main(cfg: DictConfig) -> None:
 
     # ---- models and prompts: SFT samples, the reward model picks ------------------------------------------
     judge = Judge(cfg, sft_parent, rm_parent, state.device)
-    run.update(reward=judge.reward_info())  # the methods table says what each method optimised
+    run.update(reward=judge.reward_model.describe())  # the methods table says what each method optimised
     also = sorted({2**i for i in range(n.bit_length()) if 2**i < n} | {n})
     say(
         f"[bon] best of {n} SFT samples by the reward model on {len(judge.prompts)} held-out prompts "

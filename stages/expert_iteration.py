@@ -61,7 +61,7 @@ def main(cfg: DictConfig) -> None:
     try:
         # ---- models: the judge (frozen SFT, the reward model, the oracle); the policy, round by round -------
         judge = Judge(cfg, sft_parent, rm_parent, state.device)
-        run.update(reward=judge.reward_info())  # the methods table says what each method optimised
+        run.update(reward=judge.reward_model.describe())  # the methods table says what each method optimised
         tok = judge.tok
         ctx = cfg.model.max_seq_len
         max_len = min(t.max_length or ctx, ctx)

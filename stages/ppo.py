@@ -103,13 +103,7 @@ def main(cfg: DictConfig) -> None:
     critic = load_sequence_classifier(rm_parent["final"] if t.critic_init == "reward" else sft_parent["final"])
     rm_stats = reward_model.stats if rm_parent.get("reward_stats") or len(reward_model) > 1 else {}
     head = reward_model.member_stats[0]  # the critic starts from member 0 (final/ itself)
-    run.update(
-        reward={
-            "ensemble": len(reward_model),
-            "objective": t.reward_objective if len(reward_model) > 1 else "single",
-            **({"uwo_lambda": t.uwo_lambda} if t.reward_objective == "uwo" else {}),
-        }
-    )
+    run.update(reward=reward_model.describe())  # the methods table says what each method optimised
     if len(reward_model) > 1:
         say(
             f"[ppo] an ensemble of {len(reward_model)} reward models, optimised by their {t.reward_objective}"

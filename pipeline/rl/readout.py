@@ -125,6 +125,16 @@ class RewardEnsemble:
         """The statistics a caller normalises `score` with (PPO's, RLOO's and GRPO's training score)."""
         return self.member_stats[0] if len(self) == 1 else {"mean": 0.0, "std": 1.0}
 
+    def describe(self) -> dict:
+        """What a method optimised, for its manifest (`reward`) and the methods table: the ensemble's size and the
+        objective over its members (one member: its score, whatever the objective says)."""
+        many = len(self) > 1
+        return {
+            "ensemble": len(self),
+            "objective": self.objective if many else "single",
+            **({"uwo_lambda": self.uwo_lambda} if many and self.objective == "uwo" else {}),
+        }
+
     def parameters(self):  # the device of the readout: where callers put the rollouts they score
         return self.members[0].parameters()
 

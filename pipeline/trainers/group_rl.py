@@ -268,7 +268,7 @@ def run_group_rl(cfg: DictConfig, algorithm: str) -> None:
     try:
         # ---- models: the policy from SFT; the judge (frozen SFT, reward model, oracle); the reward ---------
         judge = Judge(cfg, sft_parent, rm_parent, state.device)
-        run.update(reward=judge.reward_info())  # the methods table says what each method optimised
+        run.update(reward=judge.reward_model.describe())  # the methods table says what each method optimised
         tok = judge.tok
         policy = fit_special_ids(load_causal_lm(sft_parent["final"]), tok).to(state.device)
         reward = PipelineReward(

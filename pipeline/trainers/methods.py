@@ -98,16 +98,6 @@ class Judge:
         )
         self.prompts = [r["messages"] for r in recs][: self.e.prompts]
 
-    def reward_info(self) -> dict:
-        """What the method optimised, for its manifest (`reward`) and the methods table: the ensemble's size and the
-        objective over its members (one member: its score, whatever the objective says)."""
-        rm = self.reward_model
-        return {
-            "ensemble": len(rm),
-            "objective": rm.objective if len(rm) > 1 else "single",
-            **({"uwo_lambda": rm.uwo_lambda} if len(rm) > 1 and rm.objective == "uwo" else {}),
-        }
-
     def ref_logits(self, ro):
         return response_logits(self.sft, ro, 0)
 

@@ -363,19 +363,10 @@ class PPOLoop:
         """The reward-hacking alarm after `done` iterations (pipeline/rl/alarm.py), from the history alone: alarm/*
         metrics, and a console line the iteration it first fires. Empty without an ensemble or with alarm.enabled
         false: one reward model has no disagreement to watch."""
-        a = self.cfg.get("alarm")
-        h = self.state.history
-        if a is None or not a.enabled or not h or "disagreement" not in h[-1]:
+        last = self._alarm_state()
+        if last is None:
             return {}
-        last = alarm_series(
-            [r["proxy"] for r in h],
-            [r["disagreement"] for r in h],
-            a.window,
-            a.rise,
-            a.patience,
-            kl=[r["kl"] for r in h],
-            length=[r["length"] for r in h],
-        )[-1]
+        a = self.cfg.alarm
         if last["fired_at"] == done:
             self.acc.print(
                 f"\n[ppo] ALARM at iteration {done}: the proxy reward is rising (+{last['proxy_trend']:.3f} "
@@ -387,13 +378,24 @@ class PPOLoop:
 
     def alarm_fired_at(self) -> int:
         """The iteration the alarm first fired at (0: never, or no ensemble)."""
+        last = self._alarm_state()
+        return 0 if last is None else last["fired_at"]
+
+    def _alarm_state(self) -> dict | None:
+        """alarm_series' latest row over the history so far; None with the alarm off or without an ensemble."""
         a = self.cfg.get("alarm")
         h = self.state.history
         if a is None or not a.enabled or not h or "disagreement" not in h[-1]:
-            return 0
-        return alarm_series([r["proxy"] for r in h], [r["disagreement"] for r in h], a.window, a.rise, a.patience)[-1][
-            "fired_at"
-        ]
+            return None
+        return alarm_series(
+            [r["proxy"] for r in h],
+            [r["disagreement"] for r in h],
+            a.window,
+            a.rise,
+            a.patience,
+            kl=[r["kl"] for r in h],
+            length=[r["length"] for r in h],
+        )[-1]
 
     # ---- 4. evaluate -------------------------------------------------------------------------------------
     def _evaluate(self, model, prompts: list, greedy: bool) -> dict:
