@@ -29,6 +29,7 @@ from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoi
 from pipeline.core.tracking import Tracker
 from pipeline.data.formats import check_prompt_lengths, load_prompts, load_sft
 from pipeline.models.loading import fit_special_ids, load_causal_lm
+from pipeline.models.sharding import without_tied
 from pipeline.models.token_model import TokenModel
 from pipeline.trainers.expert_iteration import best_replies
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
@@ -95,7 +96,12 @@ def main(cfg: DictConfig) -> None:
                 continue
             policy = fit_special_ids(load_causal_lm(source), tok).to(state.device)
             kept_file = run.dir / f"round_{r}.jsonl"
-            if not kept_file.is_file():
+            fresh = not kept_file.is_file()
+            # every process decides from the file as it is before the main one writes it: a process that looked
+            # after it was written would skip the sampling and its barrier, and the two would wait forever in
+            # different collectives (SFTTrainer's dataset barrier on one, the model's first all-reduce on the other)
+            state.wait_for_everyone()
+            if fresh:
                 start = (r - 1) * t.prompts
                 chosen = [prompts[(start + i) % len(prompts)] for i in range(t.prompts)]
                 kept, st = best_replies(
@@ -170,10 +176,13 @@ def main(cfg: DictConfig) -> None:
             step += t.max_steps
             if r < t.rounds:  # the next round samples from this one's policy, merged
                 model = trainer.accelerator.unwrap_model(trainer.model)
-                model = model.merge_and_unload() if cfg.peft.enabled else model
+                if cfg.peft.enabled:
+                    model, weights = model.merge_and_unload(), None
+                else:  # gathered on every process: under FSDP each holds a shard
+                    weights = without_tied(model, trainer.accelerator.get_state_dict(trainer.model))
                 if state.is_main_process:
                     tmp = rdir / ".model_tmp"
-                    model.save_pretrained(tmp, safe_serialization=True)
+                    model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
                     tok.save_pretrained(tmp)
                     os.replace(tmp, done)
                 state.wait_for_everyone()

@@ -76,31 +76,72 @@ def smoke_chain(smoke_root) -> Path:
     return smoke_root
 
 
-def run_multiproc(stage: str, *overrides: str, nproc: int = 2, timeout: int = 900) -> subprocess.CompletedProcess:
-    """The stage under `accelerate launch` with `nproc` CPU processes (gloo; conf/accelerate/cpu2.yaml), as a
-    multi-GPU launch would run it."""
+def run_multiproc(
+    stage: str,
+    *overrides: str,
+    nproc: int = 2,
+    timeout: int = 900,
+    config: str = "cpu2.yaml",
+    script: Path | None = None,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """The stage under `accelerate launch` with `nproc` CPU processes (gloo), as a multi-GPU launch would run it:
+    conf/accelerate/<config> (cpu2.yaml: DDP; fsdp_cpu2.yaml: FSDP2). `script` runs that file instead of
+    `-m stages.<stage>`. A launch still running after `timeout` seconds fails the test with every rank's Python
+    stack: each worker gets SIGUSR1 (pipeline.core.dist.stacks_on_sigusr1 prints its threads' stacks), then the
+    whole launch is killed, so a hang shows where each rank waits instead of hanging the suite."""
+    import signal
     import socket
+    import time
+
+    import psutil
 
     with socket.socket() as s:  # a free port for the rendezvous (port 0 is not understood by the workers)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+    target = [str(script)] if script else ["-m", f"stages.{stage}"]
     cmd = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
         "--config_file",
-        str(CONF / "accelerate" / "cpu2.yaml"),
+        str(CONF / "accelerate" / config),
         "--num_processes",
         str(nproc),
         "--main_process_port",
         str(port),
-        "-m",
-        f"stages.{stage}",
+        *target,
         *overrides,
     ]
-    p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
+    p = subprocess.Popen(
+        cmd, cwd=REPO, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "python" in c.name().lower()]
+        for w in workers:  # the workers only: SIGUSR1 would end the launcher, and with it the workers' stderr
+            try:
+                w.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(3)
+        for w in workers:  # torch's launcher starts each worker in a session of its own: killed one by one
+            try:
+                w.kill()
+            except psutil.NoSuchProcess:
+                pass
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate(timeout=60)
         raise AssertionError(
-            f"accelerate launch stages.{stage} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+            f"accelerate launch stages.{stage} ({config}) still running after {timeout} s; killed. The Python stacks"
+            f" of its {len(workers)} worker processes (SIGUSR1), then the end of its output:\n{err[-20000:]}\n"
+            f"{out[-3000:]}"
+        ) from None
+    result = subprocess.CompletedProcess(cmd, p.returncode, out, err)
+    if check and p.returncode != 0:
+        raise AssertionError(
+            f"accelerate launch stages.{stage} ({config}) failed ({p.returncode}):\n{out[-3000:]}\n{err[-5000:]}"
         )
-    return p
+    return result

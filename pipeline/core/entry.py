@@ -27,7 +27,11 @@ def entry(config_name: str):
 
         @functools.wraps(fn)
         def checked(cfg):
+            from pipeline.core.dist import allow_fsdp_on_cpu, stacks_on_sigusr1
             from pipeline.core.runs import fail_current
+
+            allow_fsdp_on_cpu()
+            stacks_on_sigusr1()
 
             validate(cfg)
             try:

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.core.dist import launch
 from pipeline.core.errors import UserError
 from pipeline.core.io import damaged, inventory, write_json_atomic
 from pipeline.core.registry import ORDER, POLICIES, POLICY_STAGES, SPECS, split_folder, stage_folder
@@ -301,6 +302,7 @@ class StageRun:
                 "git_commit": _git_commit(),
                 "host": platform.node(),
                 "pid": os.getpid(),
+                "launch": launch(),  # world size, and FSDP's / ZeRO's sharding when launched with them
                 "overrides": [o for o in command_overrides() if o.split("=", 1)[0].lstrip("+~") != "force"],
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "metrics": {},

@@ -33,6 +33,14 @@ class TokenModel(torch.nn.Module):
             )
         self._base = [base]  # in a list: not registered a second time as a submodule
 
+    def tie_weights(self, *args, **kwargs):
+        """The inner model's own (a tied lm_head and embedding made one parameter again): accelerate's FSDP2
+        preparation moves the prepared module to the meta device and re-ties through this method, without which the
+        head would become a second, separately trained parameter."""
+        base = self._base[0]
+        if hasattr(base, "tie_weights"):
+            base.tie_weights(*args, **kwargs)
+
     def forward(
         self, input_ids: Tensor, position_ids: Tensor, attention_mask: Optional[Tensor], select: Tensor
     ) -> Tensor:

@@ -9,6 +9,7 @@ import math
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
+from pipeline.models.sharding import is_sharded, parameter_bytes, without_tied
 from pipeline.models.loading import mixed_precision
 
 
@@ -46,6 +47,18 @@ class TrackerCallback(TrainerCallback):
             out = {f"{self.prefix}{k}": v for k, v in out.items()}
             self.last.update(out)
             self.tracker.log(out, step=state.global_step + self.offset)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # under FSDP, proof that the model trains sharded: the parameter bytes each process holds, in the manifest
+        if model is None or not is_sharded(model) or self.prefix:
+            return
+        from accelerate.utils import gather_object
+
+        here, whole = parameter_bytes(model)
+        per_rank = gather_object([here])
+        self.say(f"[{self.tracker.stage_run.name}] FSDP: parameter bytes per rank {per_rank} of {whole} in all")
+        if self.tracker.is_main:
+            self.tracker.stage_run.update(sharded_param_bytes={"per_rank": per_rank, "full": whole})
 
 
 class QuietProgress(ProgressCallback):
@@ -128,4 +141,4 @@ def final_model(trainer, p):
     model = trainer.accelerator.unwrap_model(trainer.model)
     if p.enabled:
         return (model.merge_and_unload(), False, None) if p.merge else (model, True, None)
-    return model, False, trainer.accelerator.get_state_dict(trainer.model)
+    return model, False, without_tied(model, trainer.accelerator.get_state_dict(trainer.model))

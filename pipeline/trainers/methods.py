@@ -20,6 +20,7 @@ from pipeline.core.errors import UserError
 from pipeline.data.formats import check_prompt_lengths, load_prompts
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import best_of_n_eval, gathered, rollout_eval, versus_sft
+from pipeline.models.sharding import full_weights
 from pipeline.models.loading import load_causal_lm
 from pipeline.models.token_model import TokenModel, disable_dropout
 from pipeline.rl.forward import response_logits
@@ -167,7 +168,8 @@ class Judge:
             return self._answer(model if who == "policy" else self.sft, self.prompts, greedy)
 
         try:
-            return versus_sft(answer, greedy=self.e.greedy, resamples=self.e.bootstrap)
+            with full_weights(model.model):  # under FSDP: gathered once for the whole evaluation, not per token
+                return versus_sft(answer, greedy=self.e.greedy, resamples=self.e.bootstrap)
         finally:
             model.model.train(was)
 
@@ -182,7 +184,8 @@ class Judge:
         model.model.eval()
         torch.manual_seed(self.cfg.seed * 1_000_003 + 4241)
         try:
-            out = self._answer(model, self.prompts[: self.e.periodic_prompts], greedy=False)
+            with full_weights(model.model):
+                out = self._answer(model, self.prompts[: self.e.periodic_prompts], greedy=False)
         finally:
             model.model.train(was)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731

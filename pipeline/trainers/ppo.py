@@ -25,6 +25,7 @@ from pipeline.inference.sampler import Rollout, decode_responses, sample
 from pipeline.rl.advantages import gae
 from pipeline.rl.forward import check_packing, chunked, critic_forward, policy_forward, response_logits
 from pipeline.rl.losses import policy_loss, value_loss
+from pipeline.models.sharding import full_weights
 from pipeline.models.tokens import logprobs_from_logits
 from pipeline.rl.ops import ema_update, explained_variance, masked_mean, masked_whiten
 from pipeline.rl.readout import score_rollout
@@ -72,6 +73,7 @@ class Experience:
     seconds_generating: float
     started: float
     spread: dict | None = None  # an ensemble's {mean, std, min} over members, [B] each (None: one reward model)
+    seconds_gathering: float = 0.0  # under FSDP: gathering the actor's whole weights for the rollout (0 otherwise)
 
 
 class PPOLoop:
@@ -152,28 +154,29 @@ class PPOLoop:
         torch.manual_seed(self.seed * 1_000_003 + it * 7919 + acc.process_index)  # own sampling seed per rank
         self.policy.eval()
         p_ids, p_mask = prompt_batch(self.tok, batch_prompts, t.max_prompt_tokens, self.dev)
-        ro = sample(
-            acc.unwrap_model(self.policy),
-            self.tok,
-            p_ids,
-            p_mask,
-            self.end_ids,
-            t.max_new_tokens,
-            t.temperature,
-            t.top_k,
-            t.top_p,
-            keep_logprobs=self.gen_logprobs,
-            backend=self.backend,
-        )
-        t_gen = time.time() - t0
-        if self.packing and first:  # packed and padded forwards must agree; if not, this model cannot be packed
-            diff = check_packing(acc.unwrap_model(self.policy), ro, self.packing, t.temperature)
-            if diff > (1e-3 if acc.mixed_precision == "no" else 5e-2):
-                self.packing = 0
-                acc.print(
-                    f"[ppo] packed sequences change this model's log-probs by up to {diff:.3g}: its attention "
-                    f"ignores position-id boundaries; using padded batches (train.pack_sequences=0)"
-                )
+        with full_weights(acc.unwrap_model(self.policy)) as gather_s:  # under FSDP: gathered once, not per token
+            ro = sample(
+                acc.unwrap_model(self.policy),
+                self.tok,
+                p_ids,
+                p_mask,
+                self.end_ids,
+                t.max_new_tokens,
+                t.temperature,
+                t.top_k,
+                t.top_p,
+                keep_logprobs=self.gen_logprobs,
+                backend=self.backend,
+            )
+            t_gen = time.time() - t0
+            if self.packing and first:  # packed and padded forwards must agree; if not, this model cannot be packed
+                diff = check_packing(acc.unwrap_model(self.policy), ro, self.packing, t.temperature)
+                if diff > (1e-3 if acc.mixed_precision == "no" else 5e-2):
+                    self.packing = 0
+                    acc.print(
+                        f"[ppo] packed sequences change this model's log-probs by up to {diff:.3g}: its attention "
+                        f"ignores position-id boundaries; using padded batches (train.pack_sequences=0)"
+                    )
 
         texts = decode_responses(self.tok, ro)
         gold = torch.tensor(self.oracle.score_batch(batch_prompts, texts), device=self.dev)
@@ -220,6 +223,7 @@ class PPOLoop:
             t_gen,
             t0,
             spread,
+            seconds_gathering=gather_s,
         )
 
     # ---- 2. update ---------------------------------------------------------------------------------------
@@ -333,6 +337,8 @@ class PPOLoop:
         m = {k: acc.reduce(v.float().detach(), reduction="mean").item() for k, v in local.items()}
         m["ppo/kl_coef"] = self.kl_ctl.value
         m["ppo/episodes_per_s"] = B * acc.num_processes / t_total
+        if acc.distributed_type == "FSDP":  # the one all-gather of the actor's weights per rollout, timed
+            m["ppo/gather_seconds"] = exp.seconds_gathering
         # counted as TRL's trainers count train/num_tokens: each episode's prompt and reply once, not per epoch
         self.state.tokens += int(acc.reduce(ro.attention_mask.sum().float(), reduction="sum").item())
         m["train/tokens"] = self.state.tokens
@@ -428,7 +434,8 @@ class PPOLoop:
         t1 = time.time()
         self.policy.eval()
         torch.manual_seed(self.cfg.seed * 1_000_003 + 4241 + self.acc.process_index)  # the same draw every time
-        out = self._evaluate(self.acc.unwrap_model(self.policy), prompts, greedy=False)
+        with full_weights(self.acc.unwrap_model(self.policy)):
+            out = self._evaluate(self.acc.unwrap_model(self.policy), prompts, greedy=False)
         score = self.training_score(torch.tensor(out["reward"]), torch.tensor(out["ended"], dtype=torch.bool))
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         row = {
@@ -477,7 +484,8 @@ class PPOLoop:
             with policy.model.disable_adapter():
                 return self._evaluate(policy, prompts, greedy)
 
-        metrics, outputs = versus_sft(answer, sampled=self.t.eval_sampled)
+        with full_weights(policy):
+            metrics, outputs = versus_sft(answer, sampled=self.t.eval_sampled)
         if self.previous is not None:  # round r > 1: the same prompts and seeds, against round r-1's answers
             metrics.update(versus_previous({k: v[0] for k, v in outputs.items()}, self.previous))
         return metrics, outputs

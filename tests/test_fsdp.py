@@ -1,0 +1,59 @@
+"""FSDP2 on two CPU processes (conf/accelerate/fsdp_cpu2.yaml, gloo), as an FSDP launch on GPUs runs it.
+
+accelerate alone would run such a launch as plain DDP on CPU (pipeline.core.dist.allow_fsdp_on_cpu says why), so
+every test here first checks that the run really was sharded: the manifest's launch record, and the per-rank
+parameter bytes the stage measured on its prepared model. The fast case (make test) is the reward stage, whose
+sequence classifier is loaded on the meta device under cpu_ram_efficient_loading (it failed before with "Cannot
+copy out of meta tensor"); the slow matrix runs every stage and method. Also here: a hung launch fails the test
+with every rank's stack (conftest.run_multiproc)."""
+
+import json
+
+import pytest
+from conftest import REPO, SMOKE, run_multiproc
+from safetensors import safe_open
+
+FSDP = "fsdp_cpu2.yaml"
+
+
+def _manifest(root, run, stage):
+    return json.loads((root / run / stage / "manifest.json").read_text())
+
+
+def _tensors(path):
+    with safe_open(str(path), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def check_sharded_and_whole(root, run, stage, reference="default"):
+    """The stage ran under FSDP on two processes, its parameters were split between them, and its final/ is the
+    same Hugging Face checkpoint (file names, tensor names and shapes) as the one-process run's."""
+    m = _manifest(root, run, stage)
+    assert m["status"] == "complete"
+    assert m["launch"]["parallelism"] == "fsdp" and m["launch"]["world_size"] == 2, m["launch"]
+    assert m["launch"]["sharding"]["version"] == "2", m["launch"]
+    local, full = m["sharded_param_bytes"]["per_rank"], m["sharded_param_bytes"]["full"]
+    assert len(local) == 2 and all(0 < b < full for b in local) and sum(local) <= full * 1.01, m["sharded_param_bytes"]
+    a, b = root / run / stage / "final", root / reference / stage / "final"
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    assert _tensors(a / "model.safetensors") == _tensors(b / "model.safetensors")
+
+
+def test_a_hung_launch_fails_with_every_ranks_stack():
+    with pytest.raises(AssertionError) as e:
+        run_multiproc("hang", script=REPO / "tests" / "fixtures" / "hang.py", timeout=20)
+    text = str(e.value)
+    assert "still running after 20 s" in text
+    assert "in rank_0_sleeps" in text and "in rank_1_waits_in_a_barrier" in text, text[-3000:]
+
+
+def test_reward_stage_sharded(smoke_chain):
+    root = smoke_chain
+    run_multiproc(
+        "reward", *SMOKE, f"paths.root={root}", "run=fsdp", "parent_run=default", "train.batch_size=8", config=FSDP
+    )
+    check_sharded_and_whole(root, "fsdp", "reward")
+    one, two = (_manifest(root, r, "reward")["metrics"] for r in ("default", "fsdp"))
+    print(f"reward eval/loss: 1 process {one['eval/loss']:.4f}, FSDP on 2 processes {two['eval/loss']:.4f}")
+    assert abs(one["eval/loss"] - two["eval/loss"]) < 0.1
+    assert two["eval/pairs"] == one["eval/pairs"]
