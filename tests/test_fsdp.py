@@ -57,3 +57,14 @@ def test_reward_stage_sharded(smoke_chain):
     print(f"reward eval/loss: 1 process {one['eval/loss']:.4f}, FSDP on 2 processes {two['eval/loss']:.4f}")
     assert abs(one["eval/loss"] - two["eval/loss"]) < 0.1
     assert two["eval/pairs"] == one["eval/pairs"]
+
+
+def test_gathered_generation_costs_one_all_gather_per_group(tmp_path):
+    # PPO's rollout phase: inside full_weights every FSDP group is gathered once, however many tokens follow; the
+    # same generation without it gathers every block again at each token (the counts show the test can tell)
+    out = tmp_path / "gathers.json"
+    run_multiproc("count_gathers", str(out), script=REPO / "tests" / "fixtures" / "count_gathers.py", timeout=300)
+    n = json.loads(out.read_text())
+    print(n)
+    assert n["full_weights"] == {"4": n["groups"], "12": n["groups"]}
+    assert n["per_forward"]["12"] > n["per_forward"]["4"] > n["groups"]
