@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -39,7 +39,7 @@ from pipeline.data.packing import pack
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import eval_record
 from pipeline.models.loading import load_causal_lm, load_sequence_classifier, mixed_precision
-from pipeline.models.sharding import is_sharded, parameter_bytes, without_tied
+from pipeline.models.sharding import is_sharded, sharding_record, without_tied
 from pipeline.models.token_model import TokenModel, disable_dropout, fold_normalisation
 from pipeline.report.plots import overoptimization_plot
 from pipeline.rl.readout import RewardEnsemble, turn_closing
@@ -172,11 +172,9 @@ def main(cfg: DictConfig) -> None:
     opt_v, sched_v = make_opt(critic, t.critic_lr or cfg.optim.lr)
     policy, opt_p = acc.prepare(policy, opt_p)  # one model per call: FSDP2 shards each with its own optimizer
     critic, opt_v = acc.prepare(critic, opt_v)
-    if is_sharded(acc.unwrap_model(policy)):  # proof that it trains sharded: what each process really holds
-        here, whole = parameter_bytes(acc.unwrap_model(policy))
-        per_rank = gather_object([here])
-        say(f"[ppo] FSDP: the actor's parameter bytes per rank {per_rank} of {whole} in all")
-        run.update(sharded_param_bytes={"per_rank": per_rank, "full": whole})
+    if shards := sharding_record(acc.unwrap_model(policy)):  # proof that it trains sharded: what each process holds
+        say(f"[ppo] FSDP: the actor's parameter bytes per rank {shards['per_rank']} of {shards['full']} in all")
+        run.update(sharded_param_bytes=shards)
     state = LoopState()
     for obj in (sched_p, sched_v, state):
         acc.register_for_checkpointing(obj)

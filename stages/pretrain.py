@@ -29,6 +29,7 @@ from pipeline.data.formats import load_corpus
 from pipeline.data.packing import batch_indices, pack, split_documents
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.models.build import build_from_config, n_params
+from pipeline.models.sharding import sharding_record, without_tied
 from pipeline.models.loading import fit_special_ids, load_causal_lm, mixed_precision
 
 
@@ -106,6 +107,9 @@ def main(cfg: DictConfig) -> None:
         opt, cfg.optim.warmup_steps, t.max_steps, min_lr_rate=cfg.optim.min_lr_ratio
     )
     model, opt = acc.prepare(model, opt)
+    if shards := sharding_record(acc.unwrap_model(model)):  # proof that it trains sharded: what each process holds
+        say(f"[pretrain] FSDP: parameter bytes per rank {shards['per_rank']} of {shards['full']} in all")
+        run.update(sharded_param_bytes=shards)
     acc.register_for_checkpointing(sched)
 
     start = 0
@@ -189,8 +193,8 @@ def main(cfg: DictConfig) -> None:
         eval_loss = heldout_loss(model, val_blocks, eval_blocks, t.batch_size, acc)
         metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))})
     acc.wait_for_everyone()
-    state = acc.get_state_dict(model)
     final_model = acc.unwrap_model(model)
+    state = without_tied(final_model, acc.get_state_dict(model))  # whole on the main process, sharded or not
     final_model.generation_config = GenerationConfig(
         eos_token_id=end_of_turn_ids(tok),
         pad_token_id=tok.pad_token_id,

@@ -68,3 +68,58 @@ def test_gathered_generation_costs_one_all_gather_per_group(tmp_path):
     print(n)
     assert n["full_weights"] == {"4": n["groups"], "12": n["groups"]}
     assert n["per_forward"]["12"] > n["per_forward"]["4"] > n["groups"]
+
+
+# The slow matrix (make test-slow): every stage and method under FSDP2, each from the one-process smoke chain's
+# parents (parent_run=default), each checked as sharded (where it trains) and as whole as one process's final/.
+# The batch overrides halve the per-process batch, so the global batch is the one-process run's.
+MATRIX = {
+    "pretrain": ["train.batch_size=4"],
+    "sft": ["train.batch_size=4"],
+    "ppo": ["train.rollout_batch_size=4", "train.minibatch_size=2"],
+    "dpo": [],
+    "rloo": [],
+    "grpo": [],
+    "bon": [],
+    "expert_iteration": [],
+}
+TRAINS = {"pretrain", "sft", "ppo", "dpo", "rloo", "grpo"}  # the stages that prepare a model to train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", list(MATRIX))
+def test_every_stage_and_method_under_fsdp(smoke_chain, stage):
+    root = smoke_chain
+    if stage not in ("pretrain", "sft"):  # smoke_chain ran those (and reward)
+        from conftest import run_stage
+
+        if not (root / "default" / stage / "final").exists():
+            run_stage(stage, *SMOKE, f"paths.root={root}")  # the one-process reference
+    run_multiproc(stage, *SMOKE, f"paths.root={root}", "run=fsdp", "parent_run=default", *MATRIX[stage], config=FSDP)
+    m = _manifest(root, "fsdp", stage)
+    assert m["status"] == "complete" and m["launch"]["parallelism"] == "fsdp", m.get("launch")
+    if stage in TRAINS:
+        check_sharded_and_whole(root, "fsdp", stage)
+
+
+@pytest.mark.slow
+def test_ppo_resumes_from_a_sharded_checkpoint(smoke_chain):
+    # killed right after its first checkpoint (every rank exits at once, as a SIGKILL of the job leaves it), then run
+    # again: it resumes from the sharded checkpoint and logs what an uninterrupted FSDP run logged
+    from test_faults import _logged, _max_difference
+
+    root, common = smoke_chain, [*SMOKE, f"paths.root={smoke_chain}", "parent_run=default", *MATRIX["ppo"]]
+    run_multiproc("ppo", *common, "run=fsdp-straight", config=FSDP)
+    step = __import__("conftest").compose_stage("ppo", SMOKE).train.save_every
+    p = run_multiproc(
+        "ppo", *common, "run=fsdp-killed", config=FSDP, env={"PIPELINE_CRASH_AT_STEP": str(step)}, check=False
+    )
+    assert p.returncode != 0 and _manifest(root, "fsdp-killed", "ppo")["status"] == "running"
+    run_multiproc("ppo", *common, "run=fsdp-killed", config=FSDP)
+    m = _manifest(root, "fsdp-killed", "ppo")
+    assert m["status"] == "complete" and m["resumed_from"] == step
+    a, b = _logged(root, "fsdp-killed", "ppo"), _logged(root, "fsdp-straight", "ppo")
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
+    worst = _max_difference(a, b)
+    print(f"\nppo under FSDP: resumed at step {step}; largest difference from the uninterrupted run {worst:.3g}")
+    assert worst <= 1e-6

@@ -42,6 +42,18 @@ def parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return local, full
 
 
+def sharding_record(model: torch.nn.Module) -> dict | None:
+    """{"per_rank": [parameter bytes each process holds], "full": bytes of the whole model} for a sharded model,
+    None otherwise: the proof, for the log and the manifest, that a run really trained sharded. Collective when
+    sharded: call it on every process."""
+    if not is_sharded(model):
+        return None
+    from accelerate.utils import gather_object
+
+    here, whole = parameter_bytes(model)
+    return {"per_rank": gather_object([here]), "full": whole}
+
+
 @contextmanager
 def full_weights(model: torch.nn.Module):
     """Every parameter of `model` whole and a plain tensor inside the block; yields the seconds the gathering took

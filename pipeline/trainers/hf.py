@@ -9,7 +9,7 @@ import math
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
-from pipeline.models.sharding import is_sharded, parameter_bytes, without_tied
+from pipeline.models.sharding import sharding_record, without_tied
 from pipeline.models.loading import mixed_precision
 
 
@@ -50,15 +50,12 @@ class TrackerCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # under FSDP, proof that the model trains sharded: the parameter bytes each process holds, in the manifest
-        if model is None or not is_sharded(model) or self.prefix:
+        if model is None or self.prefix or not (shards := sharding_record(model)):
             return
-        from accelerate.utils import gather_object
-
-        here, whole = parameter_bytes(model)
-        per_rank = gather_object([here])
-        self.say(f"[{self.tracker.stage_run.name}] FSDP: parameter bytes per rank {per_rank} of {whole} in all")
+        name = self.tracker.stage_run.name
+        self.say(f"[{name}] FSDP: parameter bytes per rank {shards['per_rank']} of {shards['full']} in all")
         if self.tracker.is_main:
-            self.tracker.stage_run.update(sharded_param_bytes={"per_rank": per_rank, "full": whole})
+            self.tracker.stage_run.update(sharded_param_bytes=shards)
 
 
 class QuietProgress(ProgressCallback):
