@@ -1,0 +1,41 @@
+"""Every conf/accelerate/*.yaml read by accelerate's own config loader, as `accelerate launch --config_file` reads
+it: the configs that cannot run here (GPUs, DeepSpeed: docs/scaling.md) are at least well-formed and say what
+their comments promise. The ones that can run are run: cpu2.yaml in tests/test_multiproc.py, fsdp_cpu2.yaml in
+tests/test_fsdp.py."""
+
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "accelerate"
+
+# name: (distributed type, processes, mixed precision, what the sharding must say)
+EXPECTED = {
+    "cpu2.yaml": (DistributedType.MULTI_GPU, 2, "no", {}),  # the torchrun launcher; gloo when there is no GPU
+    "gpu1.yaml": (DistributedType.NO, 1, "bf16", {}),
+    "ddp_8gpu.yaml": (DistributedType.MULTI_GPU, 8, "bf16", {}),
+    "fsdp_8gpu.yaml": (DistributedType.FSDP, 8, "bf16", {"fsdp_version": 2}),
+    "fsdp_cpu2.yaml": (DistributedType.FSDP, 2, "no", {"fsdp_version": 2}),
+    "zero2.yaml": (DistributedType.DEEPSPEED, 8, "bf16", {"zero_stage": 2}),
+    "zero3.yaml": (DistributedType.DEEPSPEED, 8, "bf16", {"zero_stage": 3, "zero3_save_16bit_model": True}),
+}
+
+
+def test_every_config_is_listed():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_loads_as_accelerate_reads_it(name):
+    c = load_config_from_file(str(CONFIGS / name))
+    kind, n, precision, sharding = EXPECTED[name]
+    assert (c.distributed_type, c.num_processes, c.mixed_precision) == (kind, n, precision)
+    section = c.deepspeed_config if kind == DistributedType.DEEPSPEED else c.fsdp_config
+    assert {k: section.get(k) for k in sharding} == sharding
+    if kind == DistributedType.FSDP:  # the two FSDP configs shard the same way; only the hardware differs
+        gpu = load_config_from_file(str(CONFIGS / "fsdp_8gpu.yaml")).fsdp_config
+        assert c.fsdp_config == gpu
+    if name == "fsdp_cpu2.yaml":
+        assert c.use_cpu
