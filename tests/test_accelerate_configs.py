@@ -20,6 +20,8 @@ EXPECTED = {
     "fsdp_cpu2.yaml": (DistributedType.FSDP, 2, "no", {"fsdp_version": 2}),
     "zero2.yaml": (DistributedType.DEEPSPEED, 8, "bf16", {"zero_stage": 2}),
     "zero3.yaml": (DistributedType.DEEPSPEED, 8, "bf16", {"zero_stage": 3, "zero3_save_16bit_model": True}),
+    "zero2_cpu2.yaml": (DistributedType.DEEPSPEED, 2, "no", {"zero_stage": 2}),
+    "zero3_cpu2.yaml": (DistributedType.DEEPSPEED, 2, "no", {"zero_stage": 3, "zero3_save_16bit_model": True}),
 }
 
 
@@ -35,7 +37,9 @@ def test_config_loads_as_accelerate_reads_it(name):
     section = c.deepspeed_config if kind == DistributedType.DEEPSPEED else c.fsdp_config
     assert {k: section.get(k) for k in sharding} == sharding
     if kind == DistributedType.FSDP:  # the two FSDP configs shard the same way; only the hardware differs
-        gpu = load_config_from_file(str(CONFIGS / "fsdp_8gpu.yaml")).fsdp_config
-        assert c.fsdp_config == gpu
-    if name == "fsdp_cpu2.yaml":
+        assert c.fsdp_config == load_config_from_file(str(CONFIGS / "fsdp_8gpu.yaml")).fsdp_config
+    if name.endswith("_cpu2.yaml"):  # the CPU stand-ins: sharded as their GPU configs, on CPU processes
         assert c.use_cpu
+        gpu = load_config_from_file(str(CONFIGS / name.replace("_cpu2", "").replace("fsdp", "fsdp_8gpu")))
+        if kind == DistributedType.DEEPSPEED:
+            assert c.deepspeed_config == gpu.deepspeed_config
