@@ -179,7 +179,7 @@ def main(cfg: DictConfig) -> None:
                 if cfg.peft.enabled:
                     model, weights = model.merge_and_unload(), None
                 else:  # gathered on every process: under FSDP each holds a shard
-                    weights = without_tied(model, trainer.accelerator.get_state_dict(trainer.model))
+                    weights = without_tied(model, trainer.accelerator.get_state_dict(trainer.model_wrapped))
                 if state.is_main_process:
                     tmp = rdir / ".model_tmp"
                     model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)

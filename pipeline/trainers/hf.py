@@ -138,8 +138,5 @@ def final_model(trainer, p):
     model = trainer.accelerator.unwrap_model(trainer.model)
     if p.enabled:
         return (model.merge_and_unload(), False, None) if p.merge else (model, True, None)
-    return (
-        model,
-        False,
-        without_tied(model, trainer.accelerator.get_state_dict(trainer.model_wrapped)),
-    )  # the DeepSpeed engine under ZeRO-3
+    # gathered from the wrapped model: the DeepSpeed engine under ZeRO-3 (the same module under FSDP2 and DDP)
+    return model, False, without_tied(model, trainer.accelerator.get_state_dict(trainer.model_wrapped))
