@@ -722,7 +722,13 @@ def create_app(service: Service):
         _charge(service, lease, len(ids) + max_tokens * req.n)
         headers = service.limiter.headers(who)
         engine = service.ready()  # again: the engine may have been replaced while the prompt was prepared
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            ignore_eos=req.ignore_eos,
+        )
         run = _Run(service, req, request.state.rid, len(ids), t0)
         try:
             run.request = engine.submit(ids, params, req.n, run.on_token)

@@ -89,6 +89,9 @@ class ChatCompletionRequest(_Strict):
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    # vLLM's extra parameter (the openai client sends it in extra_body): generate max_tokens tokens, end of turn or not,
+    # for load tests and benchmarks that need replies of a known length.
+    ignore_eos: bool = False
     # Accepted at their neutral values, refused otherwise: we would not honour them.
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)

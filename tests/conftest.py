@@ -121,12 +121,14 @@ def run_multiproc(
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         workers = [c for c in psutil.Process(p.pid).children(recursive=True) if "python" in c.name().lower()]
-        for w in workers:  # the workers only: SIGUSR1 would end the launcher, and with it the workers' stderr
+        # The workers only (SIGUSR1 would end the launcher, and with it the workers' stderr), one at a time: they
+        # share one stderr, and two stacks written at once come out interleaved line by line.
+        for w in workers:
             try:
                 w.send_signal(signal.SIGUSR1)
             except psutil.NoSuchProcess:
                 pass
-        time.sleep(3)
+            time.sleep(1.5)
         for w in workers:  # torch's launcher starts each worker in a session of its own: killed one by one
             try:
                 w.kill()

@@ -107,6 +107,21 @@ def test_engine_cancel_frees_the_rows_at_the_next_step(model, tok, fast):
     assert outs[("finish", 0, 0)] == outs[("finish", 0, 1)] == "cancelled"
 
 
+def test_engine_ignore_eos_runs_to_max_tokens(model, tok):
+    """Every token made an end of turn: a request stops after its first token ("stop"), unless it asks for
+    ignore_eos (vLLM's), when it runs its whole max_tokens and ends with "length"."""
+    ids = encode_prompts(tok, PROMPTS)[:2]
+    eng, outs = Engine(model, tok, max_batch=8), {}
+    eng.end_ids = set(range(len(tok)))
+    with torch.inference_mode():
+        eng.submit(ids[0], SamplingParams(max_tokens=9, temperature=0), 1, _collect(outs, 0))
+        eng.submit(ids[1], SamplingParams(max_tokens=9, temperature=1.0, seed=3, ignore_eos=True), 1, _collect(outs, 1))
+        while eng.running or eng.waiting:
+            eng.step()
+    assert len(outs[(0, 0)]) == 1 and outs[("finish", 0, 0)] == "stop"
+    assert len(outs[(1, 0)]) == 9 and outs[("finish", 1, 0)] == "length"
+
+
 def test_engine_n_choices_with_a_seed_are_reproducible_and_differ(model, tok):
     ids = encode_prompts(tok, PROMPTS)[:1]
 

@@ -239,11 +239,23 @@ def _streamed_pieces(c, max_tokens):
     return pieces, finish
 
 
+def test_ignore_eos_through_the_official_client(server):
+    """vLLM's ignore_eos, sent the way its users send it (the openai client's extra_body): the reply is max_tokens
+    long and ends with "length", where the same greedy request without it may end at its end of turn."""
+    c = _client(server)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=120, temperature=0)
+    r = c.chat.completions.create(extra_body={"ignore_eos": True}, **kw)
+    assert r.usage.completion_tokens == 120 and r.choices[0].finish_reason == "length", r
+    with pytest.raises(openai.BadRequestError) as e:  # strict: a misspelt extra is refused, not ignored
+        c.chat.completions.create(extra_body={"ignore_eoss": True}, **kw)
+    assert e.value.body["param"] == "ignore_eoss", e.value.body
+
+
 def test_stream_interval_sends_the_same_text_in_fewer_chunks(server, checkpoint):
     """stream_interval=4 (vLLM's --stream-interval): the same greedy reply, its text in chunks of up to 4 tokens'
     worth, the first text as soon as it exists; the default (1) sends about a chunk per token."""
     per_token, finish = _streamed_pieces(_client(server), 40)
-    assert finish == "length" and len(per_token) > 20, per_token
+    assert finish == "length", per_token
     with ThreadServer(checkpoint, ["auth.keys_env=null", "stream_interval=4"]) as s:
         _wait_ready(s.url)
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="none")
@@ -257,6 +269,9 @@ def test_stream_interval_sends_the_same_text_in_fewer_chunks(server, checkpoint)
         )
     assert "".join(pieces) == "".join(per_token) == whole and finish == "length"
     assert 3 <= len(pieces) <= 1 + 40 // 4, pieces  # the first text, then one chunk per 4 tokens at most
+    # Per token, a chunk for each token that completes text; a byte-level token that leaves half a character waits for
+    # the next one, so how many that is depends on the checkpoint's reply (18 of 40 on one CI machine, more here).
+    assert len(per_token) > len(pieces), (per_token, pieces)
 
 
 def test_raw_stream_is_openais_event_format(server):

@@ -55,6 +55,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: Optional[int] = None
+    ignore_eos: bool = False  # vLLM's extra parameter: run to max_tokens through end-of-turn (benchmarks, load tests)
 
 
 @dataclass
@@ -346,7 +347,7 @@ class Engine:
         done: dict[int, str] = {}
         for r, tok in zip(rows, tokens):
             r.n_generated += 1
-            if tok in self.end_ids:
+            if tok in self.end_ids and not r.request.params.ignore_eos:
                 done[id(r)] = "stop"
             elif r.n_generated >= r.request.params.max_tokens or len(r.request.prompt) + r.n_generated >= self.context:
                 done[id(r)] = "length"
