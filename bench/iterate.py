@@ -4,6 +4,7 @@ all at once in the reward stage against spread over the rounds.
 
     python bench/iterate.py --runs-root /tmp/iter              # cpu preset, worlds 1234 7 99, seeds 0 1 2
     python bench/iterate.py --runs-root /tmp/iter --world-seeds 1234 --seeds 0 --rounds 3 --equal-labels
+    python bench/iterate.py --runs-root /tmp/iter --world-seeds 2718 --seeds 0 --variant share50 iterate.fresh_share=0.5
 
 Per world seed (`data.world.seed`): tokenizer, pretrain, sft and reward in the run `default`. Per seed s: run
 `seed<s>` (parent_run=default) with the one-shot PPO (seed=s), then rounds 2..R of reward and PPO (round=r, seed=s),
@@ -30,6 +31,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import REPO, machine, stage_env, update_results  # (bench/ is on sys.path)
@@ -78,6 +80,13 @@ def main() -> None:
         action="store_true",
         help="empty --runs-root first (default: finished stages are kept and say they are done)",
     )
+    ap.add_argument(
+        "--variant",
+        nargs="+",
+        metavar="NAME OVERRIDE",
+        help="also rounds 2..R of a variant from the same round 1 (run seed<s>-NAME), run beside the default rounds "
+        "on one thread each: e.g. --variant share50 iterate.fresh_share=0.5",
+    )
     ap.add_argument("--no-results", action="store_true", help="print only; leave bench/results.md alone")
     args = ap.parse_args()
 
@@ -94,7 +103,20 @@ def main() -> None:
             print(f"[world {ws}] {stage:<10} {w:7.1f} s   peak {peak:.2f} GB", flush=True)
         runs = {}  # run -> (seed, {round: (seconds, peak GB)})
         for s in args.seeds:
-            runs[f"seed{s}"] = (s, chain(root, f"seed{s}", s, common + ["parent_run=default"], args.rounds, env, ws))
+            base = common + ["parent_run=default"]
+            if not args.variant:
+                runs[f"seed{s}"] = (s, chain(root, f"seed{s}", s, base, args.rounds, env, ws))
+            else:  # round 1 once, then the default rounds and the variant's side by side, one thread each
+                times = chain(root, f"seed{s}", s, base, 1, env, ws)
+                name, extra = f"seed{s}-{args.variant[0]}", args.variant[1:]
+                d = root / name / "ppo"
+                if not d.exists():  # the same round-1 policy: the rounds start from one place
+                    shutil.copytree(root / f"seed{s}" / "ppo", d)
+                one = {**env, "OMP_NUM_THREADS": "1"}
+                with ThreadPoolExecutor(2) as pool:
+                    a = pool.submit(chain, root, f"seed{s}", s, base, args.rounds, one, ws, 2)
+                    b = pool.submit(chain, root, name, s, base + extra, args.rounds, one, ws, 2)
+                    runs[f"seed{s}"], runs[name] = (s, {**times, **a.result()}), (s, {1: times[1], **b.result()})
             if args.equal_labels:
                 per = args.per_round or _preset_prompts(args.preset)
                 for name, first in (
@@ -113,10 +135,10 @@ def main() -> None:
                 report(row, where, args.preset, ws, s, name, times.get(row["round"]), args.no_results)
 
 
-def chain(root: Path, run: str, seed: int, common: list, rounds: int, env: dict, ws: int) -> dict:
-    """The one-shot PPO and rounds 2..rounds of run `run`: {round: (seconds, peak GB)}."""
+def chain(root: Path, run: str, seed: int, common: list, rounds: int, env: dict, ws: int, first: int = 1) -> dict:
+    """The one-shot PPO and rounds 2..rounds of run `run` (from round `first`): {round: (seconds, peak GB)}."""
     times = {}
-    for r in range(1, rounds + 1):
+    for r in range(first, rounds + 1):
         w = peak = 0.0
         for stage in ("ppo",) if r == 1 else ("reward", "ppo"):
             a, b = run_stage(

@@ -62,7 +62,7 @@ def run_reward(cfg: DictConfig) -> None:
 
     from pipeline.core.io import write_jsonl
     from pipeline.data.formats import check_prompt_lengths, load_preferences, load_prompts
-    from pipeline.data.pairs import expand_pairs
+    from pipeline.data.pairs import expand_pairs, fresh_copies, repeat_pairs
     from pipeline.trainers.onpolicy import onpolicy_comparisons, round_comparisons
     from pipeline.world.labellers import distinct_prompts
     from pipeline.world.oracle import GoldOracle
@@ -133,7 +133,7 @@ def run_reward(cfg: DictConfig) -> None:
 
         # ---- on-policy comparisons: the SFT policy's own samples, ranked by simulated labellers --------------
         # (round r > 1: round r-1's policy on a fresh slice of data.prompts, and every earlier round's as well)
-        o, extra = cfg.onpolicy, {}
+        o, extra, repeats = cfg.onpolicy, {}, 0  # repeats: copies of fresh pairs beyond the first (iterate.fresh_share)
         comparison_files = []  # every on-policy comparison file this reward model learnt from, under paths.root
         prompts, _ = load_prompts(cfg.data.prompts, cfg.data.world, cfg.paths.cache)
         oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.prompts.kind == "world" else None
@@ -173,7 +173,11 @@ def run_reward(cfg: DictConfig) -> None:
                 write_jsonl(run.dir / "onpolicy_comparisons.jsonl", records)
             comparison_files.append(f"{run.run}/{run.name}/onpolicy_comparisons.jsonl")
             new_pairs = expand_pairs(records)
-            pairs += new_pairs
+            # iterate.fresh_share: the fresh pairs repeated until they are that share of the update's data, so a
+            # short update on ~30,000 older pairs learns the current policy's answers (the labels are counted once)
+            copies = fresh_copies(len(pairs), len(new_pairs), it.fresh_share)
+            pairs += repeat_pairs(new_pairs, copies)
+            extra["data/fresh_copies"], repeats = copies, (copies - 1) * len(new_pairs)
             extra.update(
                 {
                     "labels/round_rankings": len(records),
@@ -186,7 +190,9 @@ def run_reward(cfg: DictConfig) -> None:
                 f"{extra_r['onpolicy/prompts']} fresh prompts, {len(records)} ranked (mean gold "
                 f"{extra_r['onpolicy/gold_mean']:.3f}, "
                 f"labels agree with gold on {extra_r['onpolicy/label_agreement']:.0%} of pairs): {len(new_pairs)} "
-                f"new pairs, {len(pairs)} in all, in {extra_r['onpolicy/seconds']:.0f}s"
+                f"new pairs, {len(pairs) - repeats} in all"
+                + (f" (the new ones {copies} times over: about {it.fresh_share:.0%} of the update)" if copies > 1 else "")
+                + f", in {extra_r['onpolicy/seconds']:.0f}s"
             )
         elif o.prompts > 0 and cfg.data.preference.kind != "world":
             say(
@@ -224,7 +230,8 @@ def run_reward(cfg: DictConfig) -> None:
         train_ds = datasets.Dataset.from_list(
             [{k: p.get(k) if k != "group" else str(p.get(k, i)) for k in cols} for i, p in enumerate(pairs)]
         )
-        extra["labels/total_pairs"] = len(pairs)  # every comparison labelled so far: the label budget spent
+        # every comparison labelled so far: the label budget spent (the fresh pairs' repeats are not labels)
+        extra["labels/total_pairs"] = len(pairs) - repeats
         prompts = prompts[: t.stats_prompts]
 
         # ---- training: TRL's RewardTrainer, Bradley-Terry loss; train.ensemble=K trains K members ---------

@@ -233,3 +233,18 @@ def test_check_prompt_lengths():
         assert skipped == 1 and kept == [records[0], records[2]]  # only prompts count, not the answers
         with pytest.raises(UserError, match=r"^sft data: record 2: field 'prompt': (20|22) tokens, longer than"):
             check_prompt_lengths(records, tok, 10, "error", "sft data")
+
+
+def test_fresh_pairs_repeated_to_their_share_by_hand():
+    """iterate.fresh_share: 900 older pairs and 100 fresh ones at a share of 0.5 -> 9 copies (900 of 1800); 0.25 ->
+    3 (300 of 1200); no share, or no fresh pairs -> once. Each copy of a ranking is a group of its own."""
+    from pipeline.data.pairs import fresh_copies, repeat_pairs
+
+    assert fresh_copies(900, 100, 0.5) == 9 and fresh_copies(900, 100, 0.25) == 3
+    assert fresh_copies(900, 100, None) == fresh_copies(900, 0, 0.5) == 1
+    assert fresh_copies(100, 900, 0.1) == 1  # already more than the share: never fewer than the pairs themselves
+    fresh = [{"prompt": "Q?", "chosen": "a", "rejected": "b", "group": "round2-0"}]
+    fresh.append({**fresh[0], "chosen": "c", "group": "round2-1"})
+    out = repeat_pairs(fresh, 3)
+    assert [p["group"] for p in out] == ["round2-0", "round2-1", "round2-0#1", "round2-1#1", "round2-0#2", "round2-1#2"]
+    assert [p["chosen"] for p in out] == ["a", "c"] * 3 and repeat_pairs(fresh, 1) == fresh

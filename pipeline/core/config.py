@@ -427,6 +427,11 @@ class IterateSettings:
         "gathered so far",
     )
     reward_steps: Optional[int] = opt(None, "optimizer steps of a round's reward update; null: train.max_steps")
+    fresh_share: Optional[float] = opt(
+        None,
+        "the share of the reward update's pairs that are this round's fresh ones (repeated to reach it; "
+        "null: as many as they are, about 8% in round 2 of the cpu preset, so 300 steps see a third of them once)",
+    )
     kl_anchor: str = opt(
         "sft",
         "sft (every round's KL penalty is to the SFT policy, as Llama 2 and Anthropic "
@@ -1207,6 +1212,9 @@ def problems(cfg) -> list[str]:
     for key, allowed in _STAGE_CHOICES.get(get("stage"), {}).items():
         if get(key) not in allowed:
             out.append(f"{key}={get(key)!r} is not one of {', '.join(allowed)}")
+    share = get("iterate.fresh_share")
+    if share is not None and not 0 < share < 1:
+        out.append(f"iterate.fresh_share={share} must be between 0 and 1 (null: the fresh pairs as many as they are)")
     if get("round") is not None and get("round") > 1 and get("iterate.samples") < 2:
         out.append(f"iterate.samples={get('iterate.samples')} must be at least 2 (a ranking compares replies)")
     mb, rb = get("train.minibatch_size"), get("train.rollout_batch_size")

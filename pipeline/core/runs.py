@@ -47,6 +47,7 @@ _ADDED_AT = [
     ("bon", "reward_objective", "mean"),
     ("bon", "uwo_lambda", 1.0),
     ("alarm", None, {"enabled": True, "window": 5, "rise": 1.0, "patience": 3}),
+    ("iterate", "fresh_share", None),
 ]
 
 

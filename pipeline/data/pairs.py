@@ -6,6 +6,7 @@ pipeline/data/formats.py and the world's generated comparisons (pipeline/world/d
 from __future__ import annotations
 
 import itertools
+from typing import Optional
 
 
 def expand_pairs(ranked_records: list[dict]) -> list[dict]:
@@ -26,4 +27,21 @@ def expand_pairs(ranked_records: list[dict]) -> list[dict]:
                     "gold_margin": round(gold[c] - gold[r], 4) if gold else None,
                 }
             )
+    return out
+
+
+def fresh_copies(n_old: int, n_new: int, share: Optional[float]) -> int:
+    """How many times n_new fresh pairs are repeated so that they make about `share` of what an update samples from
+    (n_old older pairs beside them); at least once, and once with no share asked for."""
+    if not share or not n_new:
+        return 1
+    return max(1, round(share / (1 - share) * n_old / n_new))
+
+
+def repeat_pairs(pairs: list[dict], times: int) -> list[dict]:
+    """`times` copies of `pairs`, every copy's rankings renamed (`<group>#<k>`, the first copy as it was): batches
+    that keep a prompt's ranking together then hold one copy of it, not all of them."""
+    out = list(pairs)
+    for k in range(1, times):
+        out += [{**p, "group": f"{p['group']}#{k}"} for p in pairs]
     return out
