@@ -191,7 +191,11 @@ def run_reward(cfg: DictConfig) -> None:
                 f"{extra_r['onpolicy/gold_mean']:.3f}, "
                 f"labels agree with gold on {extra_r['onpolicy/label_agreement']:.0%} of pairs): {len(new_pairs)} "
                 f"new pairs, {len(pairs) - repeats} in all"
-                + (f" (the new ones {copies} times over: about {it.fresh_share:.0%} of the update)" if copies > 1 else "")
+                + (
+                    f" (the new ones {copies} times over: about {it.fresh_share:.0%} of the update)"
+                    if copies > 1
+                    else ""
+                )
                 + f", in {extra_r['onpolicy/seconds']:.0f}s"
             )
         elif o.prompts > 0 and cfg.data.preference.kind != "world":

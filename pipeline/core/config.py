@@ -22,9 +22,20 @@ from omegaconf import MISSING
 from pipeline.core.registry import STAGES
 
 
-def opt(default: Any, help: str) -> Any:
-    """A field with a plain default and its help text."""
-    return field(default=default, metadata={"help": help})
+def opt(
+    default: Any, help: str, *, choices: Optional[tuple] = None, positive: bool = False, between: Optional[tuple] = None
+) -> Any:
+    """A field with a plain default, its help text, and what a valid value is: one of `choices`, above 0
+    (`positive`), or within `between` = (low, high), inclusive. `problems` checks them on a composed config (null
+    always passes: a value left unset)."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if positive:
+        meta["positive"] = True
+    if between is not None:
+        meta["between"] = tuple(between)
+    return field(default=default, metadata=meta)
 
 
 def group(factory: Callable[[], Any], help: str) -> Any:
@@ -44,12 +55,16 @@ class PathsConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = opt("wandb", "wandb | none (metrics.jsonl in the stage folder is always written)")
+    backend: str = opt(
+        "wandb", "wandb | none (metrics.jsonl in the stage folder is always written)", choices=("wandb", "none")
+    )
     project: str = opt("rlhf-pipeline", "the W&B project; each run is a group in it, each stage a job type")
     entity: Optional[str] = opt(None, "the W&B entity (user or team); null: the logged-in account's default")
     mode: str = opt(
         "auto",
-        "auto (online iff an API key is configured) | online | offline; the WANDB_MODE environment variable wins",
+        "auto (online iff an API key is configured) | online | offline | disabled (no W&B at all); the WANDB_MODE "
+        "environment variable wins",
+        choices=("auto", "online", "offline", "disabled"),
     )
     log_model: bool = opt(True, "upload each stage's final/ as a model artifact")
 
@@ -60,13 +75,17 @@ class ModelConfig:
         None,
         "a Hugging Face causal LM (hub name or local folder); null: build `arch` from scratch with the sizes below",
     )
-    arch: str = opt("llama", "llama (a Llama-style model built from the sizes below) | hf (load name_or_path)")
+    arch: str = opt(
+        "llama",
+        "llama (a Llama-style model built from the sizes below) | hf (load name_or_path)",
+        choices=("llama", "hf"),
+    )
     vocab_size: int = opt(
         4096, "the tokenizer stage trains to this size (the built model takes the trained tokenizer's actual size)"
     )
-    hidden_size: int = opt(256, "width of the built model's residual stream (a multiple of num_heads)")
-    num_layers: int = opt(4, "transformer layers of the built model")
-    num_heads: int = opt(4, "attention heads of the built model")
+    hidden_size: int = opt(256, "width of the built model's residual stream (a multiple of num_heads)", positive=True)
+    num_layers: int = opt(4, "transformer layers of the built model", positive=True)
+    num_heads: int = opt(4, "attention heads of the built model", positive=True)
     num_kv_heads: int = opt(
         4,
         "key/value heads (grouped-query attention; num_heads must be a multiple of it; "
@@ -77,6 +96,7 @@ class ModelConfig:
         256,
         "context length in tokens of the built model; also the default pretraining block "
         "size and the SFT / reward max_length",
+        positive=True,
     )
     rope_theta: float = opt(10000.0, "base of the rotary position embedding's frequencies")
     tie_embeddings: bool = opt(True, "share the input embedding matrix with the output projection")
@@ -146,7 +166,11 @@ class WorldConfig:
 class SourceConfig:
     """Where one kind of data comes from (see pipeline/data/formats.py for the formats)."""
 
-    kind: str = opt("world", "world (built-in synthetic data) | local (files) | hub (a datasets name)")
+    kind: str = opt(
+        "world",
+        "world (built-in synthetic data) | local (files) | hub (a datasets name)",
+        choices=("world", "local", "hub"),
+    )
     path: Optional[str] = opt(None, "file, glob or hub dataset name; `{split}` in a local path is replaced by split")
     name: Optional[str] = opt(None, "hub dataset config")
     split: str = opt(
@@ -160,7 +184,9 @@ class SourceConfig:
         "loader's default, or told apart by the records' fields",
     )
     field: Optional[str] = opt(None, "column override (text or messages column; the prompt column for prompts)")
-    on_bad_record: str = opt("error", "error | skip (skips are counted in the log and manifest)")
+    on_bad_record: str = opt(
+        "error", "error | skip (skips are counted in the log and manifest)", choices=("error", "skip")
+    )
 
 
 @dataclass
@@ -220,14 +246,14 @@ class TokenizerTrain:
 
 @dataclass
 class PretrainTrain:
-    batch_size: int = opt(16, "sequences (blocks) per device per micro-step")
-    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
-    max_steps: int = opt(1000, "optimizer steps (the cosine schedule's length)")
+    batch_size: int = opt(16, "sequences (blocks) per device per micro-step", positive=True)
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)", positive=True)
+    max_steps: int = opt(1000, "optimizer steps (the cosine schedule's length)", positive=True)
     block_size: Optional[int] = opt(None, "tokens per packed training block; null: model.max_seq_len")
-    eval_every: int = opt(200, "steps between held-out evaluations (eval/loss, eval/perplexity)")
+    eval_every: int = opt(200, "steps between held-out evaluations (eval/loss, eval/perplexity)", positive=True)
     eval_batches: int = opt(8, "held-out batches per evaluation (eval_batches * batch_size blocks)")
-    save_every: int = opt(200, "steps between intermediate checkpoints (resume points)")
-    log_every: int = opt(10, "steps between train/loss logs")
+    save_every: int = opt(200, "steps between intermediate checkpoints (resume points)", positive=True)
+    log_every: int = opt(10, "steps between train/loss logs", positive=True)
     keep_checkpoints: int = opt(
         2, "resume points kept while the stage runs (older ones are deleted; all go once it completes)"
     )
@@ -251,6 +277,7 @@ class StageConfig:
     precision: str = opt(
         "auto",
         "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16: the training's mixed precision (weights stay fp32)",
+        choices=("auto", "fp32", "bf16", "fp16"),
     )
     paths: PathsConfig = group(PathsConfig, "where runs and the generated data live (conf/paths)")
     logger: LoggerConfig = group(LoggerConfig, "experiment tracking: W&B on top of metrics.jsonl (conf/logger)")
@@ -319,9 +346,9 @@ class LoraSettings:
 
 @dataclass
 class SFTTrain:
-    batch_size: int = opt(16, "dialogues per device per micro-step (or packed blocks with packing=true)")
-    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
-    max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)")
+    batch_size: int = opt(16, "dialogues per device per micro-step (or packed blocks with packing=true)", positive=True)
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)", positive=True)
+    max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)", positive=True)
     max_length: Optional[int] = opt(
         None, "tokens per dialogue, longer ones are truncated (counted); null: model.max_seq_len"
     )
@@ -329,11 +356,11 @@ class SFTTrain:
         False, "pack several dialogues into each max_length block (TRL's packing); held-out dialogues stay unpacked"
     )
     eval_every: int = opt(
-        100, "steps between evaluations: held-out loss on data.sft_eval and a table of sample responses"
+        100, "steps between evaluations: held-out loss on data.sft_eval and a table of sample responses", positive=True
     )
     eval_batch_size: Optional[int] = opt(None, "dialogues per device per held-out loss batch; null: batch_size")
-    save_every: int = opt(100, "steps between Trainer checkpoints (resume points)")
-    log_every: int = opt(10, "steps between train/loss logs")
+    save_every: int = opt(100, "steps between Trainer checkpoints (resume points)", positive=True)
+    log_every: int = opt(10, "steps between train/loss logs", positive=True)
     keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
     sample_prompts: int = opt(8, "fixed eval prompts answered at each evaluation (the samples table)")
@@ -344,20 +371,22 @@ class SFTTrain:
 
 @dataclass
 class RewardTrain:
-    batch_size: int = opt(16, "preference pairs per device per micro-step")
-    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
-    max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)")
+    batch_size: int = opt(16, "preference pairs per device per micro-step", positive=True)
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)", positive=True)
+    max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)", positive=True)
     max_length: Optional[int] = opt(
         None, "prompt + response tokens; longer pairs are dropped (counted); null: model.max_seq_len"
     )
     eval_every: int = opt(
-        100, "steps between evaluations on data.preference_test (accuracy, gold accuracy, calibration, margin)"
+        100,
+        "steps between evaluations on data.preference_test (accuracy, gold accuracy, calibration, margin)",
+        positive=True,
     )
     eval_batch_size: Optional[int] = opt(
         None, "sequences per batch when scoring the test pairs and the statistics answers; null: batch_size"
     )
-    save_every: int = opt(100, "steps between Trainer checkpoints (resume points)")
-    log_every: int = opt(10, "steps between train/loss logs")
+    save_every: int = opt(100, "steps between Trainer checkpoints (resume points)", positive=True)
+    log_every: int = opt(10, "steps between train/loss logs", positive=True)
     keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
     center_rewards_coefficient: Optional[float] = opt(
@@ -372,6 +401,7 @@ class RewardTrain:
         "K reward models (Coste et al. 2023): member 0 is final/ itself, member k final/members/k, "
         "listed with each one's statistics in final/ensemble.json; a method combines them by its "
         "reward_objective. 1: the single reward model. Each member costs one more training run",
+        positive=True,
     )
     ensemble_diversity: str = opt(
         "seed",
@@ -379,6 +409,7 @@ class RewardTrain:
         "by seed + k, the same pairs) | bootstrap (also a resample of the prompts, "
         "with replacement, whole rankings kept); see docs/ppo.md for the measured "
         "choice",
+        choices=("seed", "bootstrap"),
     )
     max_prompts: Optional[int] = opt(None, "train on the pairs of the first N prompts of data.preference; null: all")
     max_test_prompts: Optional[int] = opt(None, "the same for data.preference_test")
@@ -418,6 +449,7 @@ class IterateSettings:
         "comparisons per round: prompts of data.prompts whose `samples` replies from the "
         "current policy the simulated labellers rank (round r takes the (r-1)-th slice, "
         "wrapping around); the label budget of a round",
+        positive=True,
     )
     samples: int = opt(4, "replies per labelled prompt, K (a ranking of the distinct ones gives up to K(K-1)/2 pairs)")
     reward_init: str = opt(
@@ -425,8 +457,11 @@ class IterateSettings:
         "continue (round r's reward model starts from round r-1's) | sft (retrained "
         "from the SFT policy with a fresh head); either trains on all comparisons "
         "gathered so far",
+        choices=("continue", "sft"),
     )
-    reward_steps: Optional[int] = opt(None, "optimizer steps of a round's reward update; null: train.max_steps")
+    reward_steps: Optional[int] = opt(
+        None, "optimizer steps of a round's reward update; null: train.max_steps", positive=True
+    )
     fresh_share: Optional[float] = opt(
         None,
         "the share of the reward update's pairs that are this round's fresh ones (repeated to reach it; "
@@ -436,11 +471,13 @@ class IterateSettings:
         "sft",
         "sft (every round's KL penalty is to the SFT policy, as Llama 2 and Anthropic "
         "did) | previous (to the policy the round starts from)",
+        choices=("sft", "previous"),
     )
     policy: str = opt(
         "ppo",
         "ppo | dpo: the method whose round r-1 policy the labellers see (dpo: online DPO, "
         "whose rounds label their own samples and need no reward model)",
+        choices=("ppo", "dpo"),
     )
 
 
@@ -453,11 +490,13 @@ class RewardConfig(StageConfig):
         "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
         "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
         "pipeline/inference/sampler.py",
+        choices=("engine", "hf"),
     )
     round: int = opt(
         1,
         "the round of iterated RLHF (make iterate): 1 is the one-shot reward stage; r > 1 writes "
         "runs/<run>/reward_r<r>/ from round r-1's policy and reward model (`iterate`)",
+        positive=True,
     )
     iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
     train: RewardTrain = group(RewardTrain, "the reward Trainer's settings (budget from conf/preset/reward)")
@@ -481,7 +520,9 @@ class CheckpointChoice:
     checkpoint: Optional[str] = opt(None, "any Hugging Face checkpoint folder (wins over stage)")
     run: str = opt("default", "the run whose stages are looked up: <paths.root>/<run>/")
     precision: str = opt(
-        "auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | fp32 | bf16 | fp16"
+        "auto",
+        "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | fp32 | bf16 | fp16",
+        choices=("auto", "fp32", "bf16", "fp16"),
     )
     paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
 
@@ -518,29 +559,37 @@ class AuthSettings:
 
 @dataclass
 class LimitSettings:
-    requests_per_minute: int = opt(600, "requests per minute per API key (a bucket that refills continuously)")
+    requests_per_minute: int = opt(
+        600, "requests per minute per API key (a bucket that refills continuously)", positive=True
+    )
     tokens_per_minute: int = opt(
         200_000,
         "tokens per minute per API key: prompt + max_tokens x n charged up front, "
         "the unused part given back when the request ends",
+        positive=True,
     )
-    concurrent_requests: int = opt(16, "requests of one API key in flight at once; more get 429")
-    max_body_bytes: int = opt(1_048_576, "largest request body; a bigger one gets 413")
-    max_messages: int = opt(2048, "messages in one chat completion at most; more get 400 before anything is tokenised")
-    max_moderation_inputs: int = opt(32, "texts in one /v1/moderations request at most; more get 400")
+    concurrent_requests: int = opt(16, "requests of one API key in flight at once; more get 429", positive=True)
+    max_body_bytes: int = opt(1_048_576, "largest request body; a bigger one gets 413", positive=True)
+    max_messages: int = opt(
+        2048, "messages in one chat completion at most; more get 400 before anything is tokenised", positive=True
+    )
+    max_moderation_inputs: int = opt(32, "texts in one /v1/moderations request at most; more get 400", positive=True)
 
 
 @dataclass
 class EngineSettings:
-    max_batch: int = opt(32, "rows (choices) decoded together at most; more requests wait their turn")
-    max_waiting: int = opt(512, "requests waiting for a row at most; more get 503 (overloaded)")
+    max_batch: int = opt(32, "rows (choices) decoded together at most; more requests wait their turn", positive=True)
+    max_waiting: int = opt(512, "requests waiting for a row at most; more get 503 (overloaded)", positive=True)
     max_tokens_default: Optional[int] = opt(
-        None, "max_tokens of a request that sets none (null: the rest of the model's context, as OpenAI's API does)"
+        None,
+        "max_tokens of a request that sets none (null: the rest of the model's context, as OpenAI's API does)",
+        positive=True,
     )
     seed: int = opt(0, "seed of the sampling of requests that give no seed")
     threads: Optional[int] = opt(
         None,
         "torch's CPU threads (null: torch's default, one per core); on a small model, 1 leaves a core to the HTTP side",
+        positive=True,
     )
     fast_path: bool = opt(
         True,
@@ -568,7 +617,7 @@ class ModerationSettings:
     categories: Optional[List[str]] = opt(
         None, "categories that flag (null: all the classifier has); the others are still scored"
     )
-    threshold: float = opt(0.5, "score at or above which a category flags")
+    threshold: float = opt(0.5, "score at or above which a category flags", between=(0, 1))
     # Any, not Dict[...]: OmegaConf cannot merge a command-line mapping into a typed dict that defaults to null.
     thresholds: Any = opt(None, "per-category thresholds over `threshold`, e.g. '{violence: 0.8}'")
     terms: Any = opt(
@@ -582,17 +631,22 @@ class ServeConfig(CheckpointChoice):
     """stages/tools/serve.py: an OpenAI-compatible API and a chat page for a checkpoint."""
 
     host: str = opt("127.0.0.1", "address to bind; anything but loopback needs an API key")
-    port: int = opt(8000, "TCP port")
+    port: int = opt(8000, "TCP port", between=(1, 65535))
     model_name: Optional[str] = opt(
         None, "the model id clients send and /v1/models lists (null: <run>/<stage>, or the checkpoint folder's name)"
     )
-    log_level: str = opt("info", "uvicorn's and the server's log level: debug | info | warning | error")
+    log_level: str = opt(
+        "info",
+        "uvicorn's and the server's log level: debug | info | warning | error",
+        choices=("debug", "info", "warning", "error"),
+    )
     stream_interval: int = opt(
         1,
         "tokens per streamed chunk at most, as vLLM's --stream-interval: 1 sends each "
         "token as it comes (OpenAI's way); more sends fewer, longer chunks (less work for "
         "server and client per token, coarser streaming); the first text and the end go "
         "out at once",
+        positive=True,
     )
     auth: AuthSettings = group(AuthSettings, "API keys")
     limits: LimitSettings = group(LimitSettings, "rate and size limits, per API key")
@@ -615,19 +669,22 @@ class PPOTrain:
         100,
         "PPO iterations, each: sample prompts, generate, score, update (the learning-rate "
         "schedules span all their optimizer steps)",
+        positive=True,
     )
-    rollout_batch_size: int = opt(32, "prompts per process per iteration (one reply each)")
-    minibatch_size: int = opt(16, "episodes per optimizer step (per process)")
+    rollout_batch_size: int = opt(32, "prompts per process per iteration (one reply each)", positive=True)
+    minibatch_size: int = opt(16, "episodes per optimizer step (per process)", positive=True)
     grad_accum: int = opt(
-        1, "micro-batches per minibatch (the gradient is the minibatch's token mean however it is split)"
+        1, "micro-batches per minibatch (the gradient is the minibatch's token mean however it is split)", positive=True
     )
-    ppo_epochs: int = opt(4, "passes over each rollout batch")
+    ppo_epochs: int = opt(4, "passes over each rollout batch", positive=True)
     forward_batch_size: int = opt(
         32, "chunk size of the no-grad scoring passes (old and reference log-probs, values, reward)"
     )
     pack_sequences: int = opt(4, "forward passes on real tokens only, this many sequences per row; 0: padded batches")
     old_logprobs: str = opt(
-        "auto", "generate (the sampler's own) | recompute (a forward pass) | auto: generate in fp32"
+        "auto",
+        "generate (the sampler's own) | recompute (a forward pass) | auto: generate in fp32",
+        choices=("auto", "generate", "recompute"),
     )
     max_prompt_tokens: int = opt(
         192, "longest chat-templated prompt in tokens; a longer one is an error, not truncated"
@@ -636,6 +693,7 @@ class PPOTrain:
         48,
         "reply length limit in tokens, in training and evaluation (a reply that reaches "
         "it is unfinished: see missing_eos_penalty)",
+        positive=True,
     )
     temperature: float = opt(0.7, "sampling temperature; log-probs are computed under the same temperature")
     top_k: int = opt(0, "0: off. Anything but plain temperature sampling makes the behaviour policy differ from pi")
@@ -658,6 +716,7 @@ class PPOTrain:
         "optimised of the members' normalised scores: mean | worst (their minimum, "
         "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
         "member: its score, whatever this says",
+        choices=("mean", "worst", "uwo"),
     )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
     missing_eos_penalty: Optional[float] = opt(
@@ -679,6 +738,7 @@ class PPOTrain:
         "k1",
         "k1 | k2 | k3 | abs (per token, in the reward): k1 = log(pi / ref), k2 = k1^2 / 2, "
         "k3 = (ref / pi - 1) - log(ref / pi), abs = |k1|",
+        choices=("k1", "k2", "k3", "abs"),
     )
     adaptive_kl: bool = opt(False, "Ziegler et al.'s proportional controller: steer kl_coef towards kl_target")
     kl_target: float = opt(6.0, "the adaptive controller's target KL to the reference, in nats per sequence")
@@ -707,7 +767,9 @@ class PPOTrain:
         "the value-loss weight: one backward of policy loss + vf_coef * value loss (the critic "
         "is its own model, so it scales the critic's gradients)",
     )
-    critic_init: str = opt("reward", "reward (InstructGPT) | policy (the SFT model with a fresh value head)")
+    critic_init: str = opt(
+        "reward", "reward (InstructGPT) | policy (the SFT model with a fresh value head)", choices=("reward", "policy")
+    )
     critic_lr: Optional[float] = opt(None, "the critic's learning rate; null: optim.lr")
     ptx_coef: float = opt(0.0, "PPO-ptx: + coef * LM loss on the pretraining corpus (InstructGPT used 27.8; see docs)")
     ptx_batch_size: int = opt(
@@ -725,6 +787,7 @@ class PPOTrain:
         10,
         "iterations between periodic held-out evaluations (also before the first and after "
         "the last; see periodic_eval_prompts)",
+        positive=True,
     )
     periodic_eval_prompts: int = opt(
         64,
@@ -734,7 +797,7 @@ class PPOTrain:
         "the training rewards), periodic/kl (exact KL to SFT along the replies), "
         "the lines of the over-optimisation plot. 0: off",
     )
-    save_every: int = opt(10, "iterations between resume points")
+    save_every: int = opt(10, "iterations between resume points", positive=True)
     keep_checkpoints: int = opt(
         2, "resume points kept while the stage runs (older ones are deleted; all go once it completes)"
     )
@@ -753,9 +816,9 @@ class AlarmSettings:
         "watch every iteration (alarm/* metrics, a console line, the over-optimisation "
         "plot's mark); off: nothing is logged",
     )
-    window: int = opt(5, "iterations in each trailing mean (the proxy's and the disagreement's)")
+    window: int = opt(5, "iterations in each trailing mean (the proxy's and the disagreement's)", positive=True)
     rise: float = opt(1.0, "the disagreement must exceed (1 + rise) times its lowest trailing mean so far")
-    patience: int = opt(3, "iterations in a row the condition must hold before it fires")
+    patience: int = opt(3, "iterations in a row the condition must hold before it fires", positive=True)
 
 
 @dataclass
@@ -767,11 +830,13 @@ class PPOConfig(StageConfig):
         "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
         "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
         "pipeline/inference/sampler.py",
+        choices=("engine", "hf"),
     )
     round: int = opt(
         1,
         "the round of iterated RLHF (make iterate): 1 is the one-shot PPO from SFT; r > 1 writes "
         "runs/<run>/ppo_r<r>/, continuing round r-1's policy against round r's reward model",
+        positive=True,
     )
     iterate: IterateSettings = group(IterateSettings, "what a round of iterated RLHF does (used when round > 1)")
     train: PPOTrain = group(
@@ -791,10 +856,10 @@ class MethodEval:
     """The one evaluation every method gets, PPO's final evaluation included (pipeline.eval.gold.versus_sft): the
     same held-out prompts answered by the method and by SFT, greedy and sampled, scored by the gold oracle."""
 
-    prompts: int = opt(200, "the first N of data.eval_prompts (PPO: train.eval_prompts)")
-    batch_size: int = opt(50, "prompts per generation batch")
+    prompts: int = opt(200, "the first N of data.eval_prompts (PPO: train.eval_prompts)", positive=True)
+    batch_size: int = opt(50, "prompts per generation batch", positive=True)
     max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error")
-    max_new_tokens: int = opt(48, "reply length limit in tokens (PPO: train.max_new_tokens)")
+    max_new_tokens: int = opt(48, "reply length limit in tokens (PPO: train.max_new_tokens)", positive=True)
     temperature: float = opt(
         0.7,
         "the sampled evaluation's temperature, and the one the exact KL to SFT is taken under (PPO: train.temperature)",
@@ -806,7 +871,7 @@ class MethodEval:
         "also the greedy evaluation (eval/...); the sampled one (eval/sampled/...) is always "
         "made, since best-of-n has only that",
     )
-    bootstrap: int = opt(1000, "bootstrap resamples of the prompts for the win rate's 95% interval")
+    bootstrap: int = opt(1000, "bootstrap resamples of the prompts for the win rate's 95% interval", positive=True)
     periodic_prompts: int = opt(
         64,
         "RLOO, GRPO: the first N held-out prompts answered every train.eval_every steps "
@@ -819,13 +884,13 @@ class MethodEval:
 class TrainerBudget:
     """The Hugging Face Trainer's budget, as SFT's and the reward stage's (pipeline/trainers/hf.py trainer_args)."""
 
-    batch_size: int = opt(16, "examples per device per micro-step")
-    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)")
-    max_steps: int = opt(200, "optimizer steps (the cosine schedule's length)")
-    eval_every: int = opt(50, "steps between periodic evaluations, where the method has them")
+    batch_size: int = opt(16, "examples per device per micro-step", positive=True)
+    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)", positive=True)
+    max_steps: int = opt(200, "optimizer steps (the cosine schedule's length)", positive=True)
+    eval_every: int = opt(50, "steps between periodic evaluations, where the method has them", positive=True)
     eval_batch_size: Optional[int] = opt(None, "examples per device per evaluation batch; null: batch_size")
-    save_every: int = opt(50, "steps between Trainer checkpoints (resume points)")
-    log_every: int = opt(10, "steps between train/... logs")
+    save_every: int = opt(50, "steps between Trainer checkpoints (resume points)", positive=True)
+    log_every: int = opt(10, "steps between train/... logs", positive=True)
     keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
 
@@ -837,6 +902,7 @@ class BoNSettings:
         "replies sampled from SFT per prompt (at eval.temperature); the reward model's best is the "
         "answer. Its KL to SFT is at most log n - (n-1)/n; the manifest also gives every power of 2 "
         "below n, the first m of the same samples (a curve over n)",
+        positive=True,
     )
     reward_objective: str = opt(
         "mean",
@@ -844,6 +910,7 @@ class BoNSettings:
         "optimised of the members' normalised scores: mean | worst (their minimum, "
         "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
         "member: its score, whatever this says",
+        choices=("mean", "worst", "uwo"),
     )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
 
@@ -857,6 +924,7 @@ class BoNConfig(StageConfig):
         "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
         "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
         "pipeline/inference/sampler.py",
+        choices=("engine", "hf"),
     )
     bon: BoNSettings = group(BoNSettings, "best-of-n with the reward model (conf/preset/bon)")
     eval: MethodEval = group(MethodEval, "the shared evaluation against SFT")
@@ -865,7 +933,26 @@ class BoNConfig(StageConfig):
 @dataclass
 class DPOTrain(TrainerBudget):
     beta: float = opt(0.1, "DPO's beta: the strength of the implicit KL to the SFT reference (IPO: its regularisation)")
-    loss_type: str = opt("sigmoid", "TRL's DPO loss: sigmoid (DPO) | ipo | hinge | robust | ... (trl.DPOConfig)")
+    loss_type: str = opt(
+        "sigmoid",
+        "TRL's DPO loss: sigmoid (DPO) | ipo | hinge | robust | ... (trl.DPOConfig)",
+        choices=(
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "exo_pair",
+            "nca_pair",
+            "robust",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sigmoid_norm",
+        ),
+    )
     max_length: Optional[int] = opt(
         None, "prompt + reply tokens; longer pairs are cut at the end; null: model.max_seq_len"
     )
@@ -886,12 +973,14 @@ class DPOConfig(StageConfig):
         "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
         "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
         "pipeline/inference/sampler.py",
+        choices=("engine", "hf"),
     )
     round: int = opt(
         1,
         "the round of online DPO (make iterate ARGS=iterate.policy=dpo): 1 is the offline DPO on "
         "the reward stage's comparisons; r > 1 writes runs/<run>/dpo_r<r>/, trained from round r-1's "
         "policy on fresh comparisons of its own samples",
+        positive=True,
     )
     iterate: IterateSettings = group(IterateSettings, "what a round of online DPO does (used when round > 1)")
     train: DPOTrain = group(DPOTrain, "TRL's DPOTrainer (budget from conf/preset/dpo)")
@@ -905,11 +994,14 @@ class ExpertIterationTrain(TrainerBudget):
         1,
         "rounds of sample -> keep the reward model's best -> fine-tune; each round samples from the "
         "previous round's policy (round 1: SFT)",
+        positive=True,
     )
-    prompts: int = opt(512, "PPO prompts (data.prompts) per round; round r takes the r-th slice, wrapping around")
-    samples: int = opt(4, "replies per prompt, n: the reward model's best of them is kept")
+    prompts: int = opt(
+        512, "PPO prompts (data.prompts) per round; round r takes the r-th slice, wrapping around", positive=True
+    )
+    samples: int = opt(4, "replies per prompt, n: the reward model's best of them is kept", positive=True)
     temperature: float = opt(0.7, "sampling temperature of the candidates")
-    max_new_tokens: int = opt(48, "candidate length limit in tokens")
+    max_new_tokens: int = opt(48, "candidate length limit in tokens", positive=True)
     gen_batch_size: int = opt(32, "prompts per generation batch")
     max_length: Optional[int] = opt(None, "tokens per kept dialogue; null: model.max_seq_len")
     reward_objective: str = opt(
@@ -918,6 +1010,7 @@ class ExpertIterationTrain(TrainerBudget):
         "optimised of the members' normalised scores: mean | worst (their minimum, "
         "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
         "member: its score, whatever this says",
+        choices=("mean", "worst", "uwo"),
     )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
 
@@ -931,6 +1024,7 @@ class ExpertIterationConfig(StageConfig):
         "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
         "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
         "pipeline/inference/sampler.py",
+        choices=("engine", "hf"),
     )
     train: ExpertIterationTrain = group(
         ExpertIterationTrain,
@@ -949,12 +1043,13 @@ class GroupRLTrain(TrainerBudget):
         "k: replies per prompt; each is judged against the others of its group (RLOO: "
         "their mean, leaving it out; GRPO: the group's mean and spread). batch_size must be "
         "a multiple of it",
+        positive=True,
     )
     beta: float = opt(
         0.05, "KL to the SFT policy: RLOO subtracts beta * KL from the reward, GRPO adds beta * KL (k3) to the loss"
     )
     temperature: float = opt(0.7, "sampling temperature of the replies (PPO: train.temperature)")
-    max_new_tokens: int = opt(48, "reply length limit in tokens")
+    max_new_tokens: int = opt(48, "reply length limit in tokens", positive=True)
     max_prompt_tokens: int = opt(192, "longest chat-templated prompt in tokens; a longer one is an error")
     reward: str = opt(
         "model",
@@ -967,6 +1062,7 @@ class GroupRLTrain(TrainerBudget):
         "optimised of the members' normalised scores: mean | worst (their minimum, "
         "WCO) | uwo (mean - uwo_lambda * their variance, Coste et al. 2023). One "
         "member: its score, whatever this says",
+        choices=("mean", "worst", "uwo"),
     )
     uwo_lambda: float = opt(1.0, "reward_objective=uwo: the weight of the members' variance (normalised units)")
     missing_eos_penalty: Optional[float] = opt(
@@ -976,8 +1072,14 @@ class GroupRLTrain(TrainerBudget):
     )
     epsilon: float = opt(0.2, "the policy ratio's clip range")
     num_iterations: int = opt(1, "updates per batch of replies (mu)")
-    loss_type: str = opt("dapo", "GRPO only: TRL's loss aggregation: dapo | grpo | dr_grpo | bnpo | ...")
-    scale_rewards: str = opt("group", "GRPO only: group | batch | none: how advantages are scaled")
+    loss_type: str = opt(
+        "dapo",
+        "GRPO only: TRL's loss aggregation: dapo | grpo | dr_grpo | bnpo | ...",
+        choices=("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
+    )
+    scale_rewards: str = opt(
+        "group", "GRPO only: group | batch | none: how advantages are scaled", choices=("group", "batch", "none")
+    )
 
 
 @dataclass
@@ -989,6 +1091,7 @@ class RLOOConfig(StageConfig):
         "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
         "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
         "pipeline/inference/sampler.py",
+        choices=("engine", "hf"),
     )
     train: GroupRLTrain = group(GroupRLTrain, "TRL's RLOOTrainer (budget from conf/preset/rloo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
@@ -1004,6 +1107,7 @@ class GRPOConfig(StageConfig):
         "serving runs it, for Llama checkpoints; any other model falls back to hf) | hf "
         "(Hugging Face generate on a padded batch: the reference). Same greedy tokens; "
         "pipeline/inference/sampler.py",
+        choices=("engine", "hf"),
     )
     train: GroupRLTrain = group(GroupRLTrain, "TRL's GRPOTrainer (budget from conf/preset/grpo)")
     peft: LoraSettings = group(LoraSettings, "LoRA on the policy (conf/peft)")
@@ -1036,7 +1140,9 @@ class ReportConfig:
     run: str = opt("default", "the run to report on: <paths.root>/<run>/")
     seed: int = opt(0, "seed of the side-by-side answers' decoding")
     precision: str = opt(
-        "auto", "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | fp32 | bf16 | fp16"
+        "auto",
+        "dtype of the weights: auto (bf16 on a GPU that supports it, fp32 otherwise) | fp32 | bf16 | fp16",
+        choices=("auto", "fp32", "bf16", "fp16"),
     )
     samples: int = opt(6, "held-out prompts answered by every model, side by side")
     paths: PathsConfig = group(PathsConfig, "where runs live (conf/paths)")
@@ -1071,120 +1177,48 @@ for _spec in STAGES:  # every training stage composes on the schema its spec nam
 
 # ---- validation: every bad argument collected and reported at once ----
 
-_CHOICES = {
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "logger.backend": ("wandb", "none"),
-    "logger.mode": ("auto", "online", "offline", "disabled"),
-    "model.arch": ("llama", "hf"),
-    "train.kl_estimator": ("k1", "k2", "k3", "abs"),
-    "train.critic_init": ("reward", "policy"),
-    "train.old_logprobs": ("auto", "generate", "recompute"),
-    "log_level": ("debug", "info", "warning", "error"),
-    "iterate.reward_init": ("continue", "sft"),
-    "iterate.kl_anchor": ("sft", "previous"),
-    "iterate.policy": ("ppo", "dpo"),
-    "train.reward_objective": ("mean", "worst", "uwo"),
-    "bon.reward_objective": ("mean", "worst", "uwo"),
-    "train.ensemble_diversity": ("seed", "bootstrap"),
-    "sampler": ("engine", "hf"),
-}
-_POSITIVE = (
-    "train.batch_size",
-    "train.grad_accum",
-    "train.max_steps",
-    "train.iterations",
-    "train.rollout_batch_size",
-    "train.minibatch_size",
-    "train.ppo_epochs",
-    "train.max_new_tokens",
-    "train.log_every",
-    "train.eval_every",
-    "train.save_every",
-    "model.hidden_size",
-    "model.num_layers",
-    "model.num_heads",
-    "model.max_seq_len",
-    "limits.requests_per_minute",
-    "limits.tokens_per_minute",
-    "limits.concurrent_requests",
-    "limits.max_body_bytes",
-    "limits.max_messages",
-    "limits.max_moderation_inputs",
-    "engine.max_batch",
-    "engine.max_waiting",
-    "engine.max_tokens_default",
-    "engine.threads",
-    "stream_interval",
-    "bon.n",
-    "train.rounds",
-    "train.prompts",
-    "train.samples",
-    "train.num_generations",
-    "eval.prompts",
-    "eval.batch_size",
-    "eval.max_new_tokens",
-    "eval.bootstrap",
-    "round",
-    "iterate.prompts",
-    "iterate.reward_steps",
-    "train.ensemble",
-    "alarm.window",
-    "alarm.patience",
-)
 
+def _declared_problems(node, prefix: str = "") -> list[str]:
+    """The `choices`, `positive` and `between` of every field (opt's), checked on a composed config, group by group:
+    each node of a structured config knows the dataclass it came from."""
+    import dataclasses
 
-# keys whose choices differ by stage (TRL's own, checked here so a typo is one line, not TRL's traceback)
-_STAGE_CHOICES = {
-    "dpo": {
-        "train.loss_type": (
-            "sigmoid",
-            "hinge",
-            "ipo",
-            "exo_pair",
-            "nca_pair",
-            "robust",
-            "bco_pair",
-            "sppo_hard",
-            "aot",
-            "aot_unpaired",
-            "apo_zero",
-            "apo_down",
-            "discopop",
-            "sigmoid_norm",
-        )
-    },
-    "grpo": {
-        "train.loss_type": ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"),
-        "train.scale_rewards": ("group", "batch", "none"),
-    },
-}
+    from omegaconf import DictConfig, OmegaConf
+
+    out = []
+    t = OmegaConf.get_type(node)
+    meta = {f.name: f.metadata for f in dataclasses.fields(t)} if dataclasses.is_dataclass(t) else {}
+    for key in node.keys():
+        if OmegaConf.is_missing(node, key):
+            continue
+        v, name, m = node[key], f"{prefix}{key}", meta.get(key, {})
+        if isinstance(v, DictConfig):
+            out += _declared_problems(v, name + ".")
+        elif v is None:
+            continue
+        elif "choices" in m and v not in m["choices"]:
+            out.append(f"{name}={v!r} is not one of {', '.join(m['choices'])}")
+        elif m.get("positive") and v <= 0:
+            out.append(f"{name}={v} must be positive")
+        elif "between" in m and not m["between"][0] <= v <= m["between"][1]:
+            lo, hi = m["between"]
+            out.append(f"{name}={v} must be between {lo} and {hi}")
+    return out
 
 
 def problems(cfg) -> list[str]:
     """What is wrong with a composed stage config, as `key: problem` lines (empty when all is well)."""
     from omegaconf import OmegaConf
 
-    out = []
+    out = _declared_problems(cfg)  # what each field declares (opt's choices, positive, between)
     get = lambda key: OmegaConf.select(cfg, key, default=None)  # noqa: E731
-    for key, allowed in _CHOICES.items():
-        v = get(key)
-        if v is not None and v not in allowed:
-            out.append(f"{key}={v!r} is not one of {', '.join(allowed)}")
-    for key in _POSITIVE:
-        v = get(key)
-        if v is not None and v <= 0:
-            out.append(f"{key}={v} must be positive")
     if get("model.arch") == "hf" and not get("model.name_or_path"):
         out.append("model.name_or_path is required with model=hf (a hub name or a local folder)")
     for name, src in (get("data") or {}).items():
         if not OmegaConf.is_dict(src) or "kind" not in src:
             continue
-        if src.kind not in ("world", "local", "hub"):
-            out.append(f"data.{name}.kind={src.kind!r} is not one of world, local, hub")
-        elif src.kind != "world" and not src.path:
+        if src.kind in ("local", "hub") and not src.path:
             out.append(f"data.{name}.path is required for kind '{src.kind}'")
-        if src.on_bad_record not in ("error", "skip"):
-            out.append(f"data.{name}.on_bad_record={src.on_bad_record!r} is not one of error, skip")
     reward = get("train.reward")
     if reward is not None and reward not in ("model", "gold") and not str(reward).startswith("contains:"):
         out.append(f"train.reward={reward!r} is not one of model, gold, contains:<text>")
@@ -1196,12 +1230,6 @@ def problems(cfg) -> list[str]:
             f"train.missing_eos_penalty={pen} must be >= 0: it is how far below the lowest finished reply an "
             f"unfinished one scores (null: no penalty)"
         )
-    port = get("port")
-    if port is not None and not 0 < port < 65536:
-        out.append(f"port={port} is not a TCP port (1-65535)")
-    th = get("moderation.threshold")
-    if th is not None and not 0 <= th <= 1:
-        out.append(f"moderation.threshold={th} must be between 0 and 1")
     k = get("train.num_generations")
     if k is not None and k < 2:
         out.append(
@@ -1209,9 +1237,6 @@ def problems(cfg) -> list[str]:
         )
     elif k and (get("train.batch_size") or 0) % k:
         out.append(f"train.batch_size={get('train.batch_size')} must be a multiple of train.num_generations={k}")
-    for key, allowed in _STAGE_CHOICES.get(get("stage"), {}).items():
-        if get(key) not in allowed:
-            out.append(f"{key}={get(key)!r} is not one of {', '.join(allowed)}")
     share = get("iterate.fresh_share")
     if share is not None and not 0 < share < 1:
         out.append(f"iterate.fresh_share={share} must be between 0 and 1 (null: the fresh pairs as many as they are)")
