@@ -26,8 +26,8 @@ def opt(
     default: Any, help: str, *, choices: Optional[tuple] = None, positive: bool = False, between: Optional[tuple] = None
 ) -> Any:
     """A field with a plain default, its help text, and what a valid value is: one of `choices`, above 0
-    (`positive`), or within `between` = (low, high), inclusive. `problems` checks them on a composed config (null
-    always passes: a value left unset)."""
+    (`positive`), or within `between` = (low, high), inclusive (None: no bound on that side). `problems` checks
+    them on a composed config (null always passes: a value left unset)."""
     meta = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
@@ -127,7 +127,8 @@ class WorldConfig:
         "preset's 2M-parameter model (docs/world.md). Measured on its pretrained model, "
         "completing a fact sentence: 300 entities gave SFT a held-out correctness of 0.39; 80 "
         "entities 29% of facts recalled, 40 entities 49% (77% with the preset's lr 4e-3; 71% of "
-        "every fact once sums and lists left the corpus, 81% with twice the pretraining)",
+        "every fact once sums and lists left the corpus, 81% with twice the pretraining); at least 20",
+        between=(20, None),
     )
     corpus_docs: int = opt(60000, "pretraining documents generated (data.corpus with kind world)")
     sft_dialogues: int = opt(6000, "demonstration dialogues generated for SFT training (data.sft with kind world)")
@@ -147,7 +148,9 @@ class WorldConfig:
     reward_test_prompts: int = opt(
         300, "ranked prompts in the world's reward test split (data.preference_test, reward_data/test.jsonl)"
     )
-    k: int = opt(4, "candidate responses per ranked prompt, K (2 to 9), expanded to up to K(K-1)/2 pairs")
+    k: int = opt(
+        4, "candidate responses per ranked prompt, K (2 to 9), expanded to up to K(K-1)/2 pairs", between=(2, 9)
+    )
     label_temperature: float = opt(
         0.21,
         "Plackett-Luce temperature with which the simulated labellers rank the "
@@ -1178,6 +1181,10 @@ for _spec in STAGES:  # every training stage composes on the schema its spec nam
 # ---- validation: every bad argument collected and reported at once ----
 
 
+def _within(v, lo, hi) -> bool:
+    return (lo is None or v >= lo) and (hi is None or v <= hi)
+
+
 def _declared_problems(node, prefix: str = "") -> list[str]:
     """The `choices`, `positive` and `between` of every field (opt's), checked on a composed config, group by group:
     each node of a structured config knows the dataclass it came from."""
@@ -1200,9 +1207,9 @@ def _declared_problems(node, prefix: str = "") -> list[str]:
             out.append(f"{name}={v!r} is not one of {', '.join(m['choices'])}")
         elif m.get("positive") and v <= 0:
             out.append(f"{name}={v} must be positive")
-        elif "between" in m and not m["between"][0] <= v <= m["between"][1]:
+        elif "between" in m and not _within(v, *m["between"]):
             lo, hi = m["between"]
-            out.append(f"{name}={v} must be between {lo} and {hi}")
+            out.append(f"{name}={v} must be " + (f"between {lo} and {hi}" if hi is not None else f"at least {lo}"))
     return out
 
 
