@@ -348,9 +348,26 @@ class LoraSettings:
 
 
 @dataclass
-class SFTTrain:
-    batch_size: int = opt(16, "dialogues per device per micro-step (or packed blocks with packing=true)", positive=True)
+class TrainerBudget:
+    """The Hugging Face Trainer's budget (pipeline/trainers/hf.py trainer_args): SFT's and the reward stage's train
+    groups inherit it, and so do the methods that train through a Trainer."""
+
+    batch_size: int = opt(16, "examples per device per micro-step", positive=True)
     grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)", positive=True)
+    max_steps: int = opt(200, "optimizer steps (the cosine schedule's length)", positive=True)
+    eval_every: int = opt(50, "steps between periodic evaluations, where the method has them", positive=True)
+    eval_batch_size: Optional[int] = opt(None, "examples per device per evaluation batch; null: batch_size")
+    save_every: int = opt(50, "steps between Trainer checkpoints (resume points)", positive=True)
+    log_every: int = opt(10, "steps between train/... logs", positive=True)
+    keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
+
+
+@dataclass
+class SFTTrain(TrainerBudget):
+    """TrainerBudget with this stage's defaults and words, and its own settings."""
+
+    batch_size: int = opt(16, "dialogues per device per micro-step (or packed blocks with packing=true)", positive=True)
     max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)", positive=True)
     max_length: Optional[int] = opt(
         None, "tokens per dialogue, longer ones are truncated (counted); null: model.max_seq_len"
@@ -363,9 +380,6 @@ class SFTTrain:
     )
     eval_batch_size: Optional[int] = opt(None, "dialogues per device per held-out loss batch; null: batch_size")
     save_every: int = opt(100, "steps between Trainer checkpoints (resume points)", positive=True)
-    log_every: int = opt(10, "steps between train/loss logs", positive=True)
-    keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
     sample_prompts: int = opt(8, "fixed eval prompts answered at each evaluation (the samples table)")
     gold_eval_prompts: Optional[int] = opt(None, "cap data.eval_prompts for the final gold evaluation; null: all")
     gen_batch_size: int = opt(32, "prompts per generation batch in the gold evaluations and the samples table")
@@ -373,9 +387,10 @@ class SFTTrain:
 
 
 @dataclass
-class RewardTrain:
+class RewardTrain(TrainerBudget):
+    """TrainerBudget with this stage's defaults and words, and its own settings."""
+
     batch_size: int = opt(16, "preference pairs per device per micro-step", positive=True)
-    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)", positive=True)
     max_steps: int = opt(500, "optimizer steps (the cosine schedule's length)", positive=True)
     max_length: Optional[int] = opt(
         None, "prompt + response tokens; longer pairs are dropped (counted); null: model.max_seq_len"
@@ -389,9 +404,6 @@ class RewardTrain:
         None, "sequences per batch when scoring the test pairs and the statistics answers; null: batch_size"
     )
     save_every: int = opt(100, "steps between Trainer checkpoints (resume points)", positive=True)
-    log_every: int = opt(10, "steps between train/loss logs", positive=True)
-    keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
     center_rewards_coefficient: Optional[float] = opt(
         None,
         "adds coef * mean((r_chosen + r_rejected)^2) to the "
@@ -881,21 +893,6 @@ class MethodEval:
         "(sampled: gold, reward-model score, exact KL), the method's curve on the gold-KL "
         "plot; 0: off",
     )
-
-
-@dataclass
-class TrainerBudget:
-    """The Hugging Face Trainer's budget, as SFT's and the reward stage's (pipeline/trainers/hf.py trainer_args)."""
-
-    batch_size: int = opt(16, "examples per device per micro-step", positive=True)
-    grad_accum: int = opt(1, "micro-steps per optimizer step (gradient accumulation)", positive=True)
-    max_steps: int = opt(200, "optimizer steps (the cosine schedule's length)", positive=True)
-    eval_every: int = opt(50, "steps between periodic evaluations, where the method has them", positive=True)
-    eval_batch_size: Optional[int] = opt(None, "examples per device per evaluation batch; null: batch_size")
-    save_every: int = opt(50, "steps between Trainer checkpoints (resume points)", positive=True)
-    log_every: int = opt(10, "steps between train/... logs", positive=True)
-    keep_checkpoints: int = opt(2, "Trainer checkpoints kept while the stage runs (all go once it completes)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass: less memory, slower")
 
 
 @dataclass
