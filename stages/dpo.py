@@ -27,7 +27,7 @@ from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_utf8, write_json_atomic, write_jsonl
 from pipeline.core.registry import stage_folder
-from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun, latest_trainer_checkpoint
 from pipeline.core.tracking import Tracker
 from pipeline.data.formats import check_prompt_lengths, load_preferences
 from pipeline.data.pairs import expand_pairs
@@ -64,132 +64,125 @@ def main(cfg: DictConfig) -> None:
     datasets.disable_progress_bars()
     t = cfg.train
 
-    try:
-        # ---- model: the SFT policy (and, without LoRA, a frozen copy of it as the reference) ----------------
-        tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
-        model = fit_special_ids(load_causal_lm(start_parent["final"]), tok).to(state.device)
-        ref_model = (
-            None
-            if ref_parent is start_parent
-            else fit_special_ids(load_causal_lm(ref_parent["final"]), tok).to(state.device).eval()
-        )
-        ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
-        max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
+    # ---- model: the SFT policy (and, without LoRA, a frozen copy of it as the reference) ----------------
+    tok = load_tokenizer(sft_parent["final"], need_chat_template=True)
+    model = fit_special_ids(load_causal_lm(start_parent["final"]), tok).to(state.device)
+    ref_model = (
+        None
+        if ref_parent is start_parent
+        else fit_special_ids(load_causal_lm(ref_parent["final"]), tok).to(state.device).eval()
+    )
+    ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
+    max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
 
-        # ---- data: the reward stage's comparisons, shipped and on-policy (round r > 1: fresh ones) ------------
-        labels = {}
-        if r == 1:
-            pairs, skipped = load_preferences(cfg.data.preference, cfg.data.world)
-            pairs = first_groups(pairs, t.max_prompts)
-            onpolicy = Path(rm_parent["dir"]) / "onpolicy_comparisons.jsonl"
-            n_onpolicy = 0
-            if t.onpolicy and onpolicy.is_file():  # expanded as the reward stage expanded them: the same pairs
-                more = expand_pairs([json.loads(line) for line in read_utf8(onpolicy).splitlines() if line.strip()])
-                pairs, n_onpolicy = pairs + more, len(more)
-            labels["labels/total_pairs"] = len(pairs)
-        else:  # online DPO: round r-1's policy answers a fresh slice of data.prompts, the labellers rank them
-            pairs, records, labels = fresh_comparisons(cfg, run, model, tok, start_parent, state.device)
-            skipped, n_onpolicy = 0, len(pairs)
-            if state.is_main_process:
-                write_jsonl(run.dir / "onpolicy_comparisons.jsonl", records)
-            # one pass over the round's fresh pairs (train.max_steps at most): a round adds labels, not epochs
-            t.max_steps = min(t.max_steps, max(1, math.ceil(len(pairs) / (t.batch_size * t.grad_accum))))
-        pairs, n = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
-        skipped += n
-        if not pairs:
-            raise UserError(
-                f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): no usable "
-                f"preference pairs" + (f" ({skipped} bad records skipped)" if skipped else "")
-            )
-        train_ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-        say(
-            f"[{run.name}] {len(pairs)} pairs ({n_onpolicy} on-policy"
-            + (" from the reward stage" if r == 1 else f", fresh labels of {stage_folder('dpo', r - 1)}")
-            + f"), beta {t.beta}, "
-            f"loss {t.loss_type}, max_length {max_len}"
-            + (", LoRA" if cfg.peft.enabled else "")
-            + (f", {skipped} bad records skipped" if skipped else "")
-        )
-
-        # ---- training: TRL's DPOTrainer, the SFT policy as the reference -----------------------------------
-        args = trainer_args(
-            TRLDPOConfig, cfg, run, t, evaluate=False, max_length=max_len, beta=t.beta, loss_type=[t.loss_type]
-        )
-        log_cb = TrackerCallback(tracker, say)
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref_model,
-            args=args,
-            train_dataset=train_ds,
-            processing_class=tok,
-            peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-            callbacks=[log_cb],
-        )
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(QuietProgress())
-        ckpt = latest_trainer_checkpoint(run.ckpt_root)
-        if ckpt is not None:
-            run.update(resumed_from=int(ckpt.name.split("-")[1]))
-            say(f"[dpo] resuming from {ckpt}")
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        loss = log_cb.last.get("train/loss", float("nan"))
-        if "train/loss" in log_cb.last and not math.isfinite(loss):
-            raise UserError(f"DPO diverged: train/loss is {loss} (try a lower optim.lr or a smaller train.beta)")
-
-        # ---- evaluation: the one every method gets ---------------------------------------------------------
-        state.wait_for_everyone()
-        out_model, adapter, weights = final_model(trainer, cfg.peft)
-        judge = Judge(cfg, sft_parent, rm_parent, state.device)
-        metrics, outputs = judge.versus_sft(out_model)
-        if r > 1:  # the same prompts and seeds, against round r-1's answers
-            prev = Path(start_parent["dir"]) / "eval_outputs.json"
-            if prev.exists():
-                metrics.update(
-                    versus_previous(
-                        {k: v[0] for k, v in outputs.items()}, json.loads(prev.read_text()), cfg.eval.bootstrap
-                    )
-                )
-        metrics.update(labels)
-        metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("train/rewards/")})
-        metrics.update(
-            {
-                "train/loss": loss,
-                "train/tokens": log_cb.last.get("train/num_tokens", 0),
-                "data/train_pairs": len(pairs),
-                "data/onpolicy_pairs": n_onpolicy,
-                "data/skipped_records": skipped,
-                "time/stage_s": time.time() - t0,
-            }
-        )
-        tracker.log(metrics, step=trainer.state.global_step)
-        tracker.table(
-            "eval/samples",
-            ["prompt", "sft", "sft_gold", "dpo", "dpo_gold"],
-            sample_rows(judge.prompts, outputs["eval/sampled"]),
-            step=trainer.state.global_step,
-        )
-
-        # ---- save: a plain Hugging Face checkpoint (SFT's generation config) -------------------------------
-        def save(d):
-            out_model.save_pretrained(d, state_dict=weights, safe_serialization=True)
-            tok.save_pretrained(d)
-
+    # ---- data: the reward stage's comparisons, shipped and on-policy (round r > 1: fresh ones) ------------
+    labels = {}
+    if r == 1:
+        pairs, skipped = load_preferences(cfg.data.preference, cfg.data.world)
+        pairs = first_groups(pairs, t.max_prompts)
+        onpolicy = Path(rm_parent["dir"]) / "onpolicy_comparisons.jsonl"
+        n_onpolicy = 0
+        if t.onpolicy and onpolicy.is_file():  # expanded as the reward stage expanded them: the same pairs
+            more = expand_pairs([json.loads(line) for line in read_utf8(onpolicy).splitlines() if line.strip()])
+            pairs, n_onpolicy = pairs + more, len(more)
+        labels["labels/total_pairs"] = len(pairs)
+    else:  # online DPO: round r-1's policy answers a fresh slice of data.prompts, the labellers rank them
+        pairs, records, labels = fresh_comparisons(cfg, run, model, tok, start_parent, state.device)
+        skipped, n_onpolicy = 0, len(pairs)
         if state.is_main_process:
-            write_json_atomic(run.dir / "eval_outputs.json", eval_record(outputs))  # the next round compares with it
-        run.finish(
-            save,
-            metrics,
-            adapter=adapter,
-            lineage={
-                "policy_from": stage_folder("dpo", r - 1) if r > 1 else "sft",
-                "kl_anchor": "sft" if ref_parent is sft_parent else stage_folder("dpo", r - 1),
-            },
+            write_jsonl(run.dir / "onpolicy_comparisons.jsonl", records)
+        # one pass over the round's fresh pairs (train.max_steps at most): a round adds labels, not epochs
+        t.max_steps = min(t.max_steps, max(1, math.ceil(len(pairs) / (t.batch_size * t.grad_accum))))
+    pairs, n = check_prompt_lengths(pairs, tok, max_len, cfg.data.preference.on_bad_record, "data.preference")
+    skipped += n
+    if not pairs:
+        raise UserError(
+            f"data.preference ({cfg.data.preference.path or cfg.data.preference.kind}): no usable "
+            f"preference pairs" + (f" ({skipped} bad records skipped)" if skipped else "")
         )
-        tracker.finish(metrics, run.final_dir)
-    except BaseException as e:
-        run.fail(failure_reason(e))
-        tracker.close()
-        raise
+    train_ds = datasets.Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
+    say(
+        f"[{run.name}] {len(pairs)} pairs ({n_onpolicy} on-policy"
+        + (" from the reward stage" if r == 1 else f", fresh labels of {stage_folder('dpo', r - 1)}")
+        + f"), beta {t.beta}, "
+        f"loss {t.loss_type}, max_length {max_len}"
+        + (", LoRA" if cfg.peft.enabled else "")
+        + (f", {skipped} bad records skipped" if skipped else "")
+    )
+
+    # ---- training: TRL's DPOTrainer, the SFT policy as the reference -----------------------------------
+    args = trainer_args(
+        TRLDPOConfig, cfg, run, t, evaluate=False, max_length=max_len, beta=t.beta, loss_type=[t.loss_type]
+    )
+    log_cb = TrackerCallback(tracker, say)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tok,
+        peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
+        callbacks=[log_cb],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    ckpt = latest_trainer_checkpoint(run.ckpt_root)
+    if ckpt is not None:
+        run.update(resumed_from=int(ckpt.name.split("-")[1]))
+        say(f"[dpo] resuming from {ckpt}")
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    loss = log_cb.last.get("train/loss", float("nan"))
+    if "train/loss" in log_cb.last and not math.isfinite(loss):
+        raise UserError(f"DPO diverged: train/loss is {loss} (try a lower optim.lr or a smaller train.beta)")
+
+    # ---- evaluation: the one every method gets ---------------------------------------------------------
+    state.wait_for_everyone()
+    out_model, adapter, weights = final_model(trainer, cfg.peft)
+    judge = Judge(cfg, sft_parent, rm_parent, state.device)
+    metrics, outputs = judge.versus_sft(out_model)
+    if r > 1:  # the same prompts and seeds, against round r-1's answers
+        prev = Path(start_parent["dir"]) / "eval_outputs.json"
+        if prev.exists():
+            metrics.update(
+                versus_previous({k: v[0] for k, v in outputs.items()}, json.loads(prev.read_text()), cfg.eval.bootstrap)
+            )
+    metrics.update(labels)
+    metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("train/rewards/")})
+    metrics.update(
+        {
+            "train/loss": loss,
+            "train/tokens": log_cb.last.get("train/num_tokens", 0),
+            "data/train_pairs": len(pairs),
+            "data/onpolicy_pairs": n_onpolicy,
+            "data/skipped_records": skipped,
+            "time/stage_s": time.time() - t0,
+        }
+    )
+    tracker.log(metrics, step=trainer.state.global_step)
+    tracker.table(
+        "eval/samples",
+        ["prompt", "sft", "sft_gold", "dpo", "dpo_gold"],
+        sample_rows(judge.prompts, outputs["eval/sampled"]),
+        step=trainer.state.global_step,
+    )
+
+    # ---- save: a plain Hugging Face checkpoint (SFT's generation config) -------------------------------
+    def save(d):
+        out_model.save_pretrained(d, state_dict=weights, safe_serialization=True)
+        tok.save_pretrained(d)
+
+    if state.is_main_process:
+        write_json_atomic(run.dir / "eval_outputs.json", eval_record(outputs))  # the next round compares with it
+    run.finish(
+        save,
+        metrics,
+        adapter=adapter,
+        lineage={
+            "policy_from": stage_folder("dpo", r - 1) if r > 1 else "sft",
+            "kl_anchor": "sft" if ref_parent is sft_parent else stage_folder("dpo", r - 1),
+        },
+    )
+    tracker.finish(metrics, run.final_dir)
     say(summary("dpo", metrics) + f"; saved {run.final_dir} in {metrics['time/stage_s']:.0f}s")
 
 

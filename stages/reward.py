@@ -46,7 +46,7 @@ from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_utf8, write_json_atomic
 from pipeline.core.registry import stage_folder
-from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun, latest_trainer_checkpoint
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.eval.reward_model import answer_stats, ensemble_figures, policy_answers
@@ -383,10 +383,6 @@ def run_reward(cfg: DictConfig) -> None:
             },
         )
         tracker.finish(metrics, run.final_dir)
-    except BaseException as e:
-        run.fail(failure_reason(e))
-        tracker.close()
-        raise
     finally:
         if state.is_main_process:
             shutil.rmtree(merged_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ from transformers import GenerationConfig, ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
-from pipeline.core.runs import StageRun, failure_reason, latest_trainer_checkpoint, read_manifest
+from pipeline.core.runs import StageRun, latest_trainer_checkpoint, read_manifest
 from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import gold_eval, win_rate
@@ -67,153 +67,141 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
     datasets.disable_progress_bars()
     t = cfg.train
 
-    try:
-        # ---- model: the parent's final/ (or any HF causal LM); its tokenizer must carry a chat template ------
-        src = parent["final"] if parent else named
-        if named:
-            say(
-                f"[sft] model.name_or_path={named}: "
-                + (
-                    f"continuing from this run's pretrain stage ({src}; model.start_over=true starts from {named} "
-                    f"itself)"
-                    if parent
-                    else f"starting from {named} itself"
-                    + (
-                        " (model.start_over=true)"
-                        if cfg.model.start_over
-                        else " (this run has no finished pretrain stage)"
-                    )
-                )
-            )
-        tok = load_tokenizer(src, need_chat_template=True)
-        model = fit_special_ids(load_causal_lm(src, trust_remote_code=cfg.model.trust_remote_code), tok).to(
-            state.device
-        )
-        ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
-        max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
+    # ---- model: the parent's final/ (or any HF causal LM); its tokenizer must carry a chat template ------
+    src = parent["final"] if parent else named
+    if named:
         say(
-            f"[sft] from {src}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"
-            + (", LoRA" if cfg.peft.enabled else "")
-        )
-
-        # ---- data ----------------------------------------------------------------------------------------
-        train_recs, skipped = load_sft(cfg.data.sft, cfg.data.world, cfg.paths.cache)
-        eval_recs, skipped_eval = load_sft(cfg.data.sft_eval, cfg.data.world, cfg.paths.cache)
-        if not train_recs:
-            raise UserError(f"data.sft ({cfg.data.sft.path or cfg.data.sft.kind}): no usable dialogues")
-        prompts, _ = load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)
-        if t.gold_eval_prompts:
-            prompts = prompts[: t.gold_eval_prompts]
-        # Gold scores exist only for the built-in world's prompts.
-        oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.eval_prompts.kind == "world" else None
-        n_long = count_long(tok, [r["messages"] for r in train_recs], max_len)
-        say(
-            f"[sft] {len(train_recs)} dialogues ({len(eval_recs)} held out), {n_long} longer than {max_len} tokens "
-            f"(truncated), {len(prompts)} eval prompts"
-            + (f", {skipped + skipped_eval} bad records skipped" if skipped + skipped_eval else "")
-        )
-        train_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in train_recs])
-        eval_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in eval_recs]) if eval_recs else None
-
-        # ---- the starting model's gold score: what SFT has to beat ----------------------------------------
-        metrics: dict = {}
-        pretrain_rows = None
-        if oracle and prompts and t.eval_pretrained:
-            m0, pretrain_rows = gold_eval(
-                model, tok, prompts, oracle, cfg.generation, t.gen_batch_size, seed=cfg.seed, prefix="eval/pretrain"
+            f"[sft] model.name_or_path={named}: "
+            + (
+                f"continuing from this run's pretrain stage ({src}; model.start_over=true starts from {named} itself)"
+                if parent
+                else f"starting from {named} itself"
+                + (" (model.start_over=true)" if cfg.model.start_over else " (this run has no finished pretrain stage)")
             )
-            metrics["eval/pretrain_gold_score"] = m0.pop("eval/pretrain/gold_score")
-            metrics.update(m0)
-            tracker.log(metrics, step=0)
-            say(f"[sft] starting model: gold score {metrics['eval/pretrain_gold_score']:.3f}")
-
-        # ---- training: TRL's SFTTrainer, loss on assistant tokens only ------------------------------------
-        args = trainer_args(
-            TRLSFTConfig,
-            cfg,
-            run,
-            t,
-            evaluate=eval_ds is not None,
-            max_length=max_len,
-            packing=t.packing,
-            assistant_only_loss=True,
-            eval_packing=False if t.packing else None,
         )
-        log_cb = TrackerCallback(tracker, say)
-        sample_prompts = prompts[: t.sample_prompts] if oracle else []
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tok,
-            peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-            callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say), *callbacks],
+    tok = load_tokenizer(src, need_chat_template=True)
+    model = fit_special_ids(load_causal_lm(src, trust_remote_code=cfg.model.trust_remote_code), tok).to(state.device)
+    ctx = getattr(model.config, "max_position_embeddings", None) or cfg.model.max_seq_len
+    max_len = min(t.max_length or cfg.model.max_seq_len, ctx)
+    say(
+        f"[sft] from {src}: {n_params(model) / 1e6:.2f}M params, max_length {max_len}"
+        + (", LoRA" if cfg.peft.enabled else "")
+    )
+
+    # ---- data ----------------------------------------------------------------------------------------
+    train_recs, skipped = load_sft(cfg.data.sft, cfg.data.world, cfg.paths.cache)
+    eval_recs, skipped_eval = load_sft(cfg.data.sft_eval, cfg.data.world, cfg.paths.cache)
+    if not train_recs:
+        raise UserError(f"data.sft ({cfg.data.sft.path or cfg.data.sft.kind}): no usable dialogues")
+    prompts, _ = load_prompts(cfg.data.eval_prompts, cfg.data.world, cfg.paths.cache)
+    if t.gold_eval_prompts:
+        prompts = prompts[: t.gold_eval_prompts]
+    # Gold scores exist only for the built-in world's prompts.
+    oracle = GoldOracle.from_config(cfg.data.world) if cfg.data.eval_prompts.kind == "world" else None
+    n_long = count_long(tok, [r["messages"] for r in train_recs], max_len)
+    say(
+        f"[sft] {len(train_recs)} dialogues ({len(eval_recs)} held out), {n_long} longer than {max_len} tokens "
+        f"(truncated), {len(prompts)} eval prompts"
+        + (f", {skipped + skipped_eval} bad records skipped" if skipped + skipped_eval else "")
+    )
+    train_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in train_recs])
+    eval_ds = datasets.Dataset.from_list([{"messages": r["messages"]} for r in eval_recs]) if eval_recs else None
+
+    # ---- the starting model's gold score: what SFT has to beat ----------------------------------------
+    metrics: dict = {}
+    pretrain_rows = None
+    if oracle and prompts and t.eval_pretrained:
+        m0, pretrain_rows = gold_eval(
+            model, tok, prompts, oracle, cfg.generation, t.gen_batch_size, seed=cfg.seed, prefix="eval/pretrain"
         )
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(QuietProgress())
-        dropped = len(train_ds) - len(trainer.train_dataset) if not t.packing else 0
-        if dropped:
-            say(f"[sft] {dropped} dialogues dropped: truncation to {max_len} tokens left no assistant token in them")
-        ckpt = latest_trainer_checkpoint(run.ckpt_root)
-        if ckpt is not None:
-            run.update(resumed_from=int(ckpt.name.split("-")[1]))
-            say(f"[sft] resuming from {ckpt}")
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        if eval_ds is not None and log_cb.last_eval_step != trainer.state.global_step:
-            trainer.evaluate()
-        metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("eval/") and not bookkeeping(k)})
-        metrics["train/loss"] = log_cb.last.get("train/loss", float("nan"))  # absent when resumed after the last step
-        if "train/loss" in log_cb.last and not math.isfinite(metrics["train/loss"]):
-            raise UserError(f"training diverged: train/loss is {metrics['train/loss']} (try a lower optim.lr)")
+        metrics["eval/pretrain_gold_score"] = m0.pop("eval/pretrain/gold_score")
+        metrics.update(m0)
+        tracker.log(metrics, step=0)
+        say(f"[sft] starting model: gold score {metrics['eval/pretrain_gold_score']:.3f}")
 
-        # ---- the fine-tuned model's gold score ------------------------------------------------------------
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        if oracle and prompts:
-            m1, rows = gold_eval(model, tok, prompts, oracle, cfg.generation, t.gen_batch_size, seed=cfg.seed)
-            metrics.update(m1)
-            if pretrain_rows:
-                metrics["eval/win_rate_vs_pretrain"] = win_rate([r[2] for r in rows], [r[2] for r in pretrain_rows])
-            tracker.table("gold_samples", ["prompt", "response", "gold_score"], rows, step=trainer.state.global_step)
-            tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
+    # ---- training: TRL's SFTTrainer, loss on assistant tokens only ------------------------------------
+    args = trainer_args(
+        TRLSFTConfig,
+        cfg,
+        run,
+        t,
+        evaluate=eval_ds is not None,
+        max_length=max_len,
+        packing=t.packing,
+        assistant_only_loss=True,
+        eval_packing=False if t.packing else None,
+    )
+    log_cb = TrackerCallback(tracker, say)
+    sample_prompts = prompts[: t.sample_prompts] if oracle else []
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tok,
+        peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
+        callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say), *callbacks],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    dropped = len(train_ds) - len(trainer.train_dataset) if not t.packing else 0
+    if dropped:
+        say(f"[sft] {dropped} dialogues dropped: truncation to {max_len} tokens left no assistant token in them")
+    ckpt = latest_trainer_checkpoint(run.ckpt_root)
+    if ckpt is not None:
+        run.update(resumed_from=int(ckpt.name.split("-")[1]))
+        say(f"[sft] resuming from {ckpt}")
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    if eval_ds is not None and log_cb.last_eval_step != trainer.state.global_step:
+        trainer.evaluate()
+    metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("eval/") and not bookkeeping(k)})
+    metrics["train/loss"] = log_cb.last.get("train/loss", float("nan"))  # absent when resumed after the last step
+    if "train/loss" in log_cb.last and not math.isfinite(metrics["train/loss"]):
+        raise UserError(f"training diverged: train/loss is {metrics['train/loss']} (try a lower optim.lr)")
 
-        # ---- save: a plain HF checkpoint whose generation_config stops at the end of the turn --------------
-        state.wait_for_everyone()
-        out_model, adapter, weights = final_model(trainer, cfg.peft)
-        gen_cfg = GenerationConfig(
-            eos_token_id=end_of_turn_ids(tok),
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            do_sample=True,
-            temperature=0.7,
-            top_p=0.95,
-            max_new_tokens=int(cfg.generation.max_new_tokens),
-        )
-        if not adapter:
-            out_model.generation_config = gen_cfg
+    # ---- the fine-tuned model's gold score ------------------------------------------------------------
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if oracle and prompts:
+        m1, rows = gold_eval(model, tok, prompts, oracle, cfg.generation, t.gen_batch_size, seed=cfg.seed)
+        metrics.update(m1)
+        if pretrain_rows:
+            metrics["eval/win_rate_vs_pretrain"] = win_rate([r[2] for r in rows], [r[2] for r in pretrain_rows])
+        tracker.table("gold_samples", ["prompt", "response", "gold_score"], rows, step=trainer.state.global_step)
+        tracker.log({k: v for k, v in metrics.items() if k.startswith("eval/")}, step=trainer.state.global_step)
 
-        def save(d):
-            out_model.save_pretrained(d, state_dict=weights, safe_serialization=True)
-            tok.save_pretrained(d)
-            if adapter:
-                gen_cfg.save_pretrained(d)
+    # ---- save: a plain HF checkpoint whose generation_config stops at the end of the turn --------------
+    state.wait_for_everyone()
+    out_model, adapter, weights = final_model(trainer, cfg.peft)
+    gen_cfg = GenerationConfig(
+        eos_token_id=end_of_turn_ids(tok),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.95,
+        max_new_tokens=int(cfg.generation.max_new_tokens),
+    )
+    if not adapter:
+        out_model.generation_config = gen_cfg
 
-        metrics.update(
-            {
-                "model/params": n_params(out_model),
-                "data/skipped_records": skipped + skipped_eval,
-                "data/train_dialogues": len(train_ds),
-                "data/truncated": n_long,
-                "data/dropped": dropped,
-                "time/stage_s": time.time() - t0,
-            }
-        )
-        run.finish(save, metrics, adapter=adapter, start_model=str(src))
-        tracker.finish(metrics, run.final_dir)
-    except BaseException as e:
-        run.fail(failure_reason(e))
-        tracker.close()
-        raise
+    def save(d):
+        out_model.save_pretrained(d, state_dict=weights, safe_serialization=True)
+        tok.save_pretrained(d)
+        if adapter:
+            gen_cfg.save_pretrained(d)
+
+    metrics.update(
+        {
+            "model/params": n_params(out_model),
+            "data/skipped_records": skipped + skipped_eval,
+            "data/train_dialogues": len(train_ds),
+            "data/truncated": n_long,
+            "data/dropped": dropped,
+            "time/stage_s": time.time() - t0,
+        }
+    )
+    run.finish(save, metrics, adapter=adapter, start_model=str(src))
+    tracker.finish(metrics, run.final_dir)
     say(
         f"[sft] eval/loss {metrics.get('eval/loss', float('nan')):.4f}; gold score "
         f"{metrics.get('eval/pretrain_gold_score', float('nan')):.3f} (pretrained) -> "

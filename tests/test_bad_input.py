@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SMOKE
 
+from pipeline.core import tracking
 from pipeline.core.registry import ORDER
 
 BINARY = bytes(range(256)) * 8  # NUL bytes and invalid UTF-8 sequences
@@ -298,6 +299,7 @@ def test_bad_input_is_one_line_and_costs_nothing(name, stage, args, names, smoke
     assert "Traceback" not in err
     assert names in lines[0], f"{names!r} not in: {lines[0]}"
     assert snapshot(root / "default") == before, "the finished run changed"
+    assert not tracking._OPEN, "the failed stage left its tracker open (metrics.jsonl, the W&B run)"
     run = next((a.split("=", 1)[1] for a in args if a.startswith("run=")), "default")
     m_path = root / run / stage / "manifest.json"
     if run != "default" and m_path.exists():  # a stage that had begun records why it stopped, on every stage

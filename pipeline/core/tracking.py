@@ -51,6 +51,16 @@ def artifact_name(run: str, stage: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"{run}-{stage}")
 
 
+_OPEN: list = []  # trackers not yet closed: the entry point closes them when a stage fails (close_open)
+
+
+def close_open() -> None:
+    """Close every tracker still open in this process (metrics.jsonl flushed, the W&B run marked failed): what the
+    entry point does when a stage raises, so no stage needs its own except block for it."""
+    for t in list(_OPEN):
+        t.close()
+
+
 class Tracker:
     def __init__(self, cfg: DictConfig, stage_run, is_main: bool = True):
         self.stage_run = stage_run
@@ -59,6 +69,7 @@ class Tracker:
         self._jsonl = None
         if not is_main:
             return
+        _OPEN.append(self)
         self._jsonl = open(stage_run.dir / "metrics.jsonl", "a")
         if cfg.logger.backend == "none":
             return
@@ -176,6 +187,8 @@ class Tracker:
         self.close()
 
     def close(self) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
