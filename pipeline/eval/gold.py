@@ -197,6 +197,7 @@ def eval_metrics(ppo: dict, sft: dict, prefix: str = "eval", resamples: int = 10
 def rollout_eval(
     model,
     prompts,
+    *,
     tok,
     end_ids,
     t,
@@ -306,6 +307,7 @@ def kl_bound(n: int) -> float:
 def best_of_n_eval(
     model,
     prompts,
+    *,
     tok,
     end_ids,
     t,
