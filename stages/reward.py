@@ -51,7 +51,7 @@ from pipeline.core.tracking import Tracker
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.eval.reward_model import answer_stats, ensemble_figures, policy_answers
 from pipeline.models.build import n_params
-from pipeline.models.loading import load_policy, load_sequence_classifier
+from pipeline.models.loading import load_policy, load_sequence_classifier, whole_weights
 from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
 from pipeline.trainers.reward import EvalCallback, first_groups, make_trainer_class
 
@@ -280,7 +280,8 @@ def run_reward(cfg: DictConfig) -> None:
             del policy
             stats = answer_stats(rm, tok, answers, cfg)
             if r > 1 and oracle is not None:  # the distribution-shift figure: the old model on the new answers
-                old_rm = load_sequence_classifier(prev_rm["final"]).to(state.device).eval()
+                with whole_weights():
+                    old_rm = load_sequence_classifier(prev_rm["final"]).to(state.device).eval()
                 old_rm.config.pad_token_id = tok.pad_token_id
                 before = answer_stats(old_rm, tok, answers, cfg)
                 del old_rm

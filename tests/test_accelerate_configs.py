@@ -43,3 +43,34 @@ def test_config_loads_as_accelerate_reads_it(name):
         gpu = load_config_from_file(str(CONFIGS / name.replace("_cpu2", "").replace("fsdp", "fsdp_8gpu")))
         if kind == DistributedType.DEEPSPEED:
             assert c.deepspeed_config == gpu.deepspeed_config
+
+
+def test_whole_weights_sets_zero3_aside_for_its_block_only(tmp_path):
+    """Under ZeRO-3 (the config a Trainer's arguments install), transformers partitions every from_pretrained;
+    inside pipeline.models.loading.whole_weights it does not, and after it the Trainer's config is back. (DeepSpeed
+    is not installed here: the held config is a stand-in with its one method.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.integrations import deepspeed as hf_ds
+
+    from pipeline.models.loading import load_causal_lm, whole_weights
+
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path)
+    class Stage3:  # what transformers asks of the held config (HfDeepSpeedConfig itself needs DeepSpeed installed)
+        def is_zero3(self):
+            return True
+
+    held = Stage3()
+    hf_ds.set_hf_deepspeed_config(held)
+    try:
+        assert hf_ds.is_deepspeed_zero3_enabled()
+        with whole_weights():
+            assert not hf_ds.is_deepspeed_zero3_enabled()
+            model = load_causal_lm(str(tmp_path))  # loaded whole: not one zero.Init partition
+        assert model.model.embed_tokens.weight.shape == (64, 16)
+        assert hf_ds.is_deepspeed_zero3_enabled() and hf_ds._hf_deepspeed_config_weak_ref() is held
+    finally:
+        hf_ds.unset_hf_deepspeed_config()
+    with whole_weights():  # without ZeRO-3 it changes nothing
+        assert not hf_ds.is_deepspeed_zero3_enabled()

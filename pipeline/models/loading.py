@@ -4,6 +4,7 @@ Hugging Face causal LM or sequence classifier by hub name or folder; and the pre
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -22,6 +23,27 @@ def mixed_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Models loaded inside are whole, even under DeepSpeed ZeRO-3. Once a Trainer's arguments have turned ZeRO-3 on,
+    transformers partitions every `from_pretrained` as it loads (zero.Init, keyed on the DeepSpeed config it holds
+    in `transformers.integrations.deepspeed`), so a frozen model used outside the DeepSpeed engine (the policy whose
+    answers give the reward statistics, the previous round's reward model) would hold empty shards and fail at its
+    first forward (`'weight' must be 2-D`). The config is set aside for the block and put back after. (accelerate's
+    `zero3_init_context_manager(enable=False)` does not do it: it installs the same stage-3 config again.)"""
+    from transformers.integrations import deepspeed as hf_ds
+
+    if not hf_ds.is_deepspeed_zero3_enabled():
+        yield
+        return
+    held = hf_ds._hf_deepspeed_config_weak_ref()  # the Trainer keeps the object alive; the module only a weakref
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(held)
 
 
 def _adapter(path) -> bool:
@@ -114,7 +136,8 @@ def load_policy(path: str | Path, precision: str = "auto", device=None, trust_re
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok = load_tokenizer(path, need_chat_template=True)
-    model = load_causal_lm(path, dtype=dtype_for(precision, device), trust_remote_code=trust_remote_code)
+    with whole_weights():  # an answering model runs outside any DeepSpeed engine
+        model = load_causal_lm(path, dtype=dtype_for(precision, device), trust_remote_code=trust_remote_code)
     return model.to(device).eval(), tok
 
 
