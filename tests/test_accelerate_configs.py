@@ -57,6 +57,7 @@ def test_whole_weights_sets_zero3_aside_for_its_block_only(tmp_path):
     LlamaForCausalLM(
         LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     ).save_pretrained(tmp_path)
+
     class Stage3:  # what transformers asks of the held config (HfDeepSpeedConfig itself needs DeepSpeed installed)
         def is_zero3(self):
             return True

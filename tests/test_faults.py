@@ -87,6 +87,21 @@ def _run_crashing(stage, root, run, step):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
+def resumed_against_straight(root, run, straight, stage, step) -> tuple[dict, dict, float]:
+    """Every value the uninterrupted run `straight` logged, at every step (those after the resume included), and
+    nothing else, in the resumed run `run`: (resumed, straight, largest difference). What the libraries do not carry
+    across a restart (NOT_RESUMED) is left out; what every start logs (EACH_START) is compared once."""
+    a, b = _logged(root, run, stage), _logged(root, straight, stage)
+    skip, each_start = NOT_RESUMED.get(stage, set()), EACH_START.get(stage, lambda step, key: False)
+    a, b = ({k: v for k, v in x.items() if k[1] not in skip} for x in (a, b))
+    for k in [k for k in a if each_start(*k)]:
+        assert len(a[k]) == 2 and a[k][0] == a[k][1], (k, a[k])  # once before the crash, once after
+        a[k] = a[k][:1]
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
+    assert any(s > step for s, _ in a)
+    return a, b, _max_difference(a, b)
+
+
 def _max_difference(a: dict, b: dict) -> float:
     """Largest |a[k] - b[k]| over the keys of a (values, or lists of values of the same length)."""
     worst = 0.0
@@ -122,16 +137,8 @@ def test_crash_after_a_checkpoint_then_resume(smoke_chain, stage):
     resumed, straight = _manifest(root, run, stage), _manifest(root, "default", stage)
     assert resumed["status"] == "complete" and resumed["resumed_from"] == step
 
-    # every value the uninterrupted run logged, at every step (those after the resume included), and nothing else
-    a, b = _logged(root, run, stage), _logged(root, "default", stage)
-    skip, each_start = NOT_RESUMED.get(stage, set()), EACH_START.get(stage, lambda step, key: False)
-    a, b = ({k: v for k, v in x.items() if k[1] not in skip} for x in (a, b))
-    for k in [k for k in a if each_start(*k)]:
-        assert len(a[k]) == 2 and a[k][0] == a[k][1], (k, a[k])  # once before the crash, once after
-        a[k] = a[k][:1]
-    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
-    assert any(s > step for s, _ in a)
-    worst = _max_difference(a, b)
+    a, b, worst = resumed_against_straight(root, run, "default", stage, step)
+    skip = NOT_RESUMED.get(stage, set())
     print(
         f"\n{stage}: resumed at step {step}; {sum(map(len, a.values()))} logged values compared, largest "
         f"difference {worst:.3g}"
