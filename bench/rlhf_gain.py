@@ -53,10 +53,10 @@ def ceiling(world_seed: int) -> float:
     from omegaconf import OmegaConf
 
     from pipeline.core.config import WorldConfig
-    from pipeline.data.formats import _world_preferences
+    from pipeline.data.formats import world_preferences
 
     src = OmegaConf.create({"kind": "world", "format": "ranked", "split": "test", "path": None})
-    pairs, _ = _world_preferences(src, WorldConfig(seed=world_seed), "test")
+    pairs, _ = world_preferences(src, WorldConfig(seed=world_seed), "test")
     return sum(1.0 if p["gold_margin"] > 0 else 0.5 if p["gold_margin"] == 0 else 0.0 for p in pairs) / len(pairs)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 
 
-def _dist():
+def rank_and_world():
     """(rank, world size) of this process; (0, 1) outside accelerate."""
     from accelerate import PartialState
 
@@ -21,7 +21,7 @@ def shard(n: int) -> list[int]:
     """The indices of n items this process handles (every world-size-th, from its rank). Every process gets the
     same count: a short shard repeats its first index (drop repeats with `seen`), because under FSDP / ZeRO-3 all
     processes must run the same number of forward passes or they wait for each other forever."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     mine = list(range(rank, n, world))
     per = -(-n // world)
     return mine + [mine[0] if mine else 0] * (per - len(mine)) if n else []
@@ -29,7 +29,7 @@ def shard(n: int) -> list[int]:
 
 def gather(items: list) -> list:
     """Concatenate every process's `items` (a plain list outside accelerate)."""
-    if _dist()[1] == 1:
+    if rank_and_world()[1] == 1:
         return items
     from accelerate.utils import gather_object
 

@@ -351,7 +351,7 @@ def load_preferences(src, world_cfg, split_name: str | None = None) -> tuple[lis
     fmt = _check_format(src, "preferences", ("pairs", "hh", "ranked"))
     split = split_name or _opt(src, "split", "train")
     if _opt(src, "kind") == "world":
-        return _world_preferences(src, world_cfg, split)
+        return world_preferences(src, world_cfg, split)
 
     def convert(rec, at):
         f = (
@@ -449,7 +449,7 @@ def _ranked_pairs(rec, at) -> list[dict]:
     return expand_pairs([{"id": group, "prompt": prompt, "responses": responses, "ranks": ranks, "gold_scores": gold}])
 
 
-def _world_preferences(src, world_cfg, split: str) -> tuple[list[dict], int]:
+def world_preferences(src, world_cfg, split: str) -> tuple[list[dict], int]:
     """reward_data/<split>.jsonl, or the first N records of it: records are drawn one after another from one random
     stream, so a smaller reward_prompts is a prefix of the shipped file. A different world is generated afresh."""
     from pipeline.core.config import WorldConfig

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pipeline.core.dist import _dist, gather, shard
+from pipeline.core.dist import rank_and_world, gather, shard
 from pipeline.data.prompts import as_messages, prompt_batch
 from pipeline.inference.generation import generate
 from pipeline.inference.sampler import decode_responses, sample
@@ -54,7 +54,7 @@ def gold_eval(
     msgs = [as_messages(p) for p in prompts]
     mine = shard(len(msgs))
     replies = generate(
-        model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device, seed=seed + 7919 * _dist()[0]
+        model, tokenizer, [msgs[i] for i in mine], settings, batch_size, device, seed=seed + 7919 * rank_and_world()[0]
     )
     rows = {}
     for i, r in zip(mine, replies):

@@ -82,7 +82,7 @@ def _seeded(seed: Optional[int], device):
         yield
 
 
-def _model_device(model):
+def model_device(model):
     try:
         return next(model.parameters()).device
     except StopIteration:
@@ -105,7 +105,7 @@ def generate(
     checkpoint, no beams, no repetition penalty: pipeline/inference/sampler.py), else `model.generate`."""
     if not prompts:
         return []
-    device = device or _model_device(model)
+    device = device or model_device(model)
     stop = end_of_turn_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     gc = generation_config(settings, tokenizer)
@@ -170,7 +170,7 @@ def stream(
     if settings.num_beams > 1:
         yield str(generate(model, tokenizer, [messages], settings, 1, device, seed)[0])
         return
-    device = device or _model_device(model)
+    device = device or model_device(model)
     ctx = _context_len(model)
     ids = encode_prompts(tokenizer, [messages], max(1, ctx - int(settings.max_new_tokens)) if ctx else None)[0]
     input_ids = torch.tensor([ids], device=device)

@@ -73,14 +73,15 @@ def layout(ro: Rollout, pack: int) -> Layout:
     return packed_layout(ro, pack) if pack else padded_layout(ro)
 
 
-def _run(model: TokenModel, lay: Layout, select: Tensor) -> Tensor:
+def run_layout(model: TokenModel, lay: Layout, select: Tensor) -> Tensor:
+    """`model`'s outputs on a layout's sequences, at the positions `select` picks (the readout's and the losses')."""
     return model(lay.input_ids, lay.position_ids, lay.attention_mask, select)
 
 
 def response_logits(model: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
     """Logits at the positions that predict each response token ([B, R, V])."""
     lay = layout(ro, pack)
-    return _run(model, lay, lay.index[:, ro.prompt_ids.shape[1] - 1 : -1])
+    return run_layout(model, lay, lay.index[:, ro.prompt_ids.shape[1] - 1 : -1])
 
 
 def policy_forward(policy: TokenModel, ro: Rollout, temperature: float, pack: int = 0, with_entropy: bool = False):
@@ -97,7 +98,7 @@ def policy_forward(policy: TokenModel, ro: Rollout, temperature: float, pack: in
 def critic_forward(critic: TokenModel, ro: Rollout, pack: int = 0) -> Tensor:
     """V(s_t) for each response token t: the critic read at the position that predicts it ([B, R])."""
     lay = layout(ro, pack)
-    return _run(critic, lay, lay.index[:, ro.prompt_ids.shape[1] - 1 : -1]).squeeze(-1).float()
+    return run_layout(critic, lay, lay.index[:, ro.prompt_ids.shape[1] - 1 : -1]).squeeze(-1).float()
 
 
 def check_packing(model: TokenModel, ro: Rollout, pack: int, temperature: float) -> float:

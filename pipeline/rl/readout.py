@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 
 from pipeline.data.prompts import as_messages
-from pipeline.inference.generation import _model_device
+from pipeline.inference.generation import model_device
 from pipeline.inference.sampler import Rollout, position_ids
 from pipeline.models.token_model import TokenModel
-from pipeline.rl.forward import _run, layout
+from pipeline.rl.forward import run_layout, layout
 from pipeline.rl.shaping import ensemble_spread, reward_objective
 
 
@@ -86,7 +86,7 @@ def read_reward(reward_model, ro: Rollout, pack: int = 0) -> Tensor:
     if isinstance(reward_model, TokenModel):
         lay = layout(ro, pack)
         last = ro.prompt_ids.shape[1] + ro.response_mask.sum(-1) - 1
-        return _run(reward_model, lay, lay.index.gather(1, last[:, None])).squeeze(-1).squeeze(-1).float()
+        return run_layout(reward_model, lay, lay.index.gather(1, last[:, None])).squeeze(-1).squeeze(-1).float()
     am = ro.attention_mask
     ids = torch.where(am.bool(), ro.input_ids, reward_model.config.pad_token_id)
     return reward_model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits[:, 0].float()
@@ -207,7 +207,7 @@ def score_ids(model, ids: list[list[int]], pad_id: int, batch_size: int = 32, de
     from pipeline.models.token_model import TokenModel
 
     inner = model.model if isinstance(model, TokenModel) else model
-    device = device or _model_device(inner)
+    device = device or model_device(inner)
     out = [0.0] * len(ids)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     was_training = inner.training

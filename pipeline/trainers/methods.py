@@ -123,9 +123,9 @@ class Judge:
         )
 
     def _seed(self) -> None:
-        from pipeline.core.dist import _dist
+        from pipeline.core.dist import rank_and_world
 
-        torch.manual_seed(self.cfg.seed * 1_000_003 + 7717 + _dist()[0])  # the method and SFT draw alike
+        torch.manual_seed(self.cfg.seed * 1_000_003 + 7717 + rank_and_world()[0])  # the method and SFT draw alike
 
     def versus_sft(self, policy=None, best_of: int = 0, also=()) -> tuple[dict, dict]:
         """`policy` (a causal LM) against SFT, greedy (eval.greedy) and sampled; or, with `best_of` = n, SFT's
