@@ -18,9 +18,9 @@ import time
 from pipeline.core.config import WorldConfig
 from pipeline.world.datasets import ranked_prompts
 from pipeline.world.language import parse
-from pipeline.world.lexicon import _LEXICONS, lexicon
+from pipeline.world.lexicon import LEXICONS, lexicon
 from pipeline.world.oracle import GoldOracle
-from pipeline.world.world import _world
+from pipeline.world.world import cached_world
 
 
 def measure(n_prompts: int = 2000, repeats: int = 3) -> dict[str, float]:
@@ -28,7 +28,7 @@ def measure(n_prompts: int = 2000, repeats: int = 3) -> dict[str, float]:
     recs = ranked_prompts(cfg, "train")
     prompts = [r["prompt"] for r in recs for _ in r["responses"]]
     responses = [x for r in recs for x in r["responses"]]
-    oracle = GoldOracle(_world(cfg.seed, cfg.n_entities))
+    oracle = GoldOracle(cached_world(cfg.seed, cfg.n_entities))
     out = {}
     for mode in ("cold", "warm"):
         best = float("inf")
@@ -45,8 +45,8 @@ def measure(n_prompts: int = 2000, repeats: int = 3) -> dict[str, float]:
 def lexicon_seconds() -> float:
     """CPU seconds to build the default world's lexicon from scratch (once per world and process)."""
     cfg = WorldConfig()
-    world = _world(cfg.seed, cfg.n_entities)
-    _LEXICONS.clear()
+    world = cached_world(cfg.seed, cfg.n_entities)
+    LEXICONS.clear()
     t = time.process_time()
     lexicon(world)
     return time.process_time() - t

@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 from pipeline.core.config import WorldConfig
 from pipeline.world.datasets import FILES, ranked_prompts
 from pipeline.world.language import parse
-from pipeline.world.lexicon import _LEXICONS
-from pipeline.world.world import _world
+from pipeline.world.lexicon import LEXICONS
+from pipeline.world.world import cached_world
 
 SECTION = "## Synthetic data generation"
 SETS = ("world", *FILES, "reward_train", "reward_test")
@@ -51,9 +51,9 @@ INTRO = (
 
 
 def _cold() -> None:
-    _world.cache_clear()
+    cached_world.cache_clear()
     parse.cache_clear()
-    _LEXICONS.clear()
+    LEXICONS.clear()
 
 
 def _cpu(fn) -> tuple[float, object]:
@@ -66,7 +66,7 @@ def measure(cfg: WorldConfig | None = None, repeats: int = 2) -> tuple[dict[str,
     """({data set: best CPU seconds}, sizes: {"corpus_docs", "corpus_chars", and each data set's record count})."""
     cfg = cfg or WorldConfig()
     makers = {
-        "world": lambda: _world(cfg.seed, cfg.n_entities),
+        "world": lambda: cached_world(cfg.seed, cfg.n_entities),
         **{name: (lambda make=make: list(make(cfg))) for name, make in FILES.items()},
         "reward_train": lambda: ranked_prompts(cfg, "train"),
         "reward_test": lambda: ranked_prompts(cfg, "test"),

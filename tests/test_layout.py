@@ -1,5 +1,6 @@
 """The house's rules, checked on the code itself: no import cycle among the library's modules, no top-level name
-defined in two of them, and the stage list spelled out only in pipeline/core/registry.py."""
+defined in two of them, no _private name imported from another module, and the stage list spelled out only in
+pipeline/core/registry.py."""
 
 import ast
 import itertools
@@ -85,6 +86,41 @@ def test_packages_import_only_lower_layers():
 def test_the_layering_check_finds_a_violation(monkeypatch):
     monkeypatch.setitem(LAYERS, "inference", 5)  # as if inference sat above rl: rl's imports of it go wrong
     assert any(v.startswith("pipeline.rl.") and "imports pipeline.inference" in v for v in layering_violations())
+
+
+def private_imports(paths) -> list[str]:
+    """`module: name` for every _private name one file imports from another module of the house."""
+    out = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in HOUSE:
+                out += [
+                    f"{path.relative_to(REPO) if path.is_relative_to(REPO) else path.name}: {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+    return out
+
+
+HOUSE = ("pipeline", "serving", "stages")
+
+
+def test_what_crosses_a_module_has_a_public_name():
+    """A name another module needs is part of its module's interface, so it goes without the underscore (tests may
+    still reach into a module's privates: they test the module itself)."""
+    code = [
+        *LIBRARY,
+        *(REPO / "serving").rglob("*.py"),
+        *(REPO / "stages").rglob("*.py"),
+        *(REPO / "bench").glob("*.py"),
+    ]
+    assert not private_imports(code), private_imports(code)
+
+
+def test_the_private_import_check_finds_one(tmp_path):
+    f = tmp_path / "x.py"
+    f.write_text("from pipeline.core.io import write_jsonl, _secret\nfrom os import _exit\n")
+    assert private_imports([f]) == ["x.py: pipeline.core.io._secret"]
 
 
 def test_no_name_defined_in_two_library_modules():

@@ -7,14 +7,14 @@ from pipeline.world.language import FORMATS, QUESTIONS, Question, parse, questio
 from pipeline.world.lexicon import lexicon
 from pipeline.world.oracle import IDEAL_WORDS, WEIGHTS, GoldOracle
 from pipeline.world.questions import sample_question
-from pipeline.world.world import VOCAB, _syllable, _world
+from pipeline.world.world import VOCAB, _syllable, cached_world
 
 CFG = WorldConfig(seed=3, n_entities=80)
 
 
 @pytest.fixture(scope="module")
 def world():
-    return _world(CFG.seed, CFG.n_entities)
+    return cached_world(CFG.seed, CFG.n_entities)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from pipeline.world.language import CLOSERS, OPENERS, question_of, truth
 from pipeline.world.oracle import GoldOracle
 from pipeline.world.questions import pool_of
 from pipeline.world.responses import HABITS, STYLES_ANSWERABLE, STYLES_UNANSWERABLE, demonstrate, respond
-from pipeline.world.world import _world, as_world_config
+from pipeline.world.world import cached_world, as_world_config
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = WorldConfig(
@@ -166,7 +166,7 @@ def test_eval_prompts_are_disjoint_from_everything_else():
     assert all(p["messages"][-1]["role"] == "user" for p in ev)
     eval_keys = set().union(*(_keys(p["messages"]) for p in ev))
     eval_texts = {m["content"] for p in ev for m in p["messages"] if m["role"] == "user"}
-    world = _world(cfg.seed, cfg.n_entities)
+    world = cached_world(cfg.seed, cfg.n_entities)
     eval_ghosts = set(world.ghosts) & {w for t in eval_texts for w in re.findall(r"[A-Z][a-z]+", t)}
     others = {
         "sft": [d["messages"] for d in sft_dialogues(cfg)],
@@ -197,7 +197,7 @@ def test_eval_prompts_are_disjoint_from_everything_else():
 
 def test_good_answers_reach_the_oracle_maximum_and_each_flaw_costs():
     # The generator and the oracle must agree on what "good" is, or RLHF would chase a target nobody demonstrated.
-    world, rng = _world(SMALL.seed, SMALL.n_entities), random.Random(0)
+    world, rng = cached_world(SMALL.seed, SMALL.n_entities), random.Random(0)
     oracle = GoldOracle(world)
     flawed, unanswerable = {}, {}
     for _ in range(600):
@@ -257,7 +257,7 @@ def test_sft_demonstrations_are_imperfect_by_design():
 
 def test_corpus_states_facts():
     docs = corpus_documents(SMALL)
-    world = _world(SMALL.seed, SMALL.n_entities)
+    world = cached_world(SMALL.seed, SMALL.n_entities)
     assert len(docs) == SMALL.corpus_docs and all(d.strip() for d in docs)
     text = "\n".join(docs)
     mentioned = sum(n in text for n in world.entities)
@@ -279,7 +279,7 @@ def test_demonstration_habits_at_their_documented_rates():
     # Each habit is drawn at its HABITS rate among the demonstrations it applies to (docs/world.md); the rates
     # above one half are what SFT's greedy answers inherit, so a drift here changes what RLHF has to fix.
     cfg = dataclasses.replace(WorldConfig(), bad_fraction=0.0)
-    world, rng = _world(cfg.seed, cfg.n_entities), random.Random(0)
+    world, rng = cached_world(cfg.seed, cfg.n_entities), random.Random(0)
     oracle = GoldOracle(world)
     seen = {name: [0, 0] for name, _ in HABITS}
     for _ in range(4000):
@@ -329,7 +329,7 @@ def test_every_fact_is_stated_often_enough_to_be_learned():
     # The world is sized to the model: each entity of the default world is the subject of many corpus documents,
     # so held-out questions ask about knowledge the pretrained policy has seen stated again and again.
     cfg = dataclasses.replace(WorldConfig(), corpus_docs=30000)  # the cpu preset's corpus
-    world = _world(cfg.seed, cfg.n_entities)
+    world = cached_world(cfg.seed, cfg.n_entities)
     counts = dict.fromkeys(world.entities, 0)
     for d in corpus_documents(cfg):
         for name in set(re.findall(r"[A-Z][a-z]+", d)) & counts.keys():

@@ -25,7 +25,7 @@ def write_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def _line(obj) -> str:
+def json_line(obj) -> str:
     """One JSON line with sorted keys and no spaces: the same record always gives the same bytes."""
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")) + "\n"
 
@@ -35,7 +35,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_jsonl(path: Path, records) -> None:
-    write_atomic(path, lambda f: f.writelines(map(_line, records)))
+    write_atomic(path, lambda f: f.writelines(map(json_line, records)))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -1,5 +1,5 @@
 """The pretraining corpus: plain-English documents about the world (profiles, place notes, stories, letters,
-question-and-answer prose), each kind at its share of the corpus (`_DOCS`).
+question-and-answer prose), each kind at its share of the corpus (`DOC_KINDS`).
 """
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import random
 
 from pipeline.world.language import render
-from pipeline.world.questions import _pick, _question_in_pool
-from pipeline.world.responses import _join, respond
-from pipeline.world.world import World, _world, a_an, as_world_config
+from pipeline.world.questions import weighted_pick, question_in_pool
+from pipeline.world.responses import join_names, respond
+from pipeline.world.world import World, cached_world, a_an, as_world_config
 
 
 # ---- corpus --------------------------------------------------------------------------------------------------
@@ -29,7 +29,7 @@ def _doc_place(world: World, rng: random.Random, seed: int) -> str:
     who = (
         f"Nobody lives in {t} any more."
         if not people
-        else rng.choice((f"The people who live in {t} are {_join(people)}.", f"{_join(people)} live in {t}."))
+        else rng.choice((f"The people who live in {t} are {join_names(people)}.", f"{join_names(people)} live in {t}."))
     )
     return " ".join(world.facts(t, rng) + [who])
 
@@ -80,15 +80,15 @@ def _doc_qa(world: World, rng: random.Random, seed: int) -> str:
     qs, ans = rng.choice((("Q: ", "A: "), ("Question: ", "Answer: "), ("User: ", "Assistant: ")))
     pairs = []
     for _ in range(rng.randint(2, 5)):
-        q = _question_in_pool(world, rng, "sft", seed)
+        q = question_in_pool(world, rng, "sft", seed)
         pairs.append(f"{qs}{render(q, rng)}\n{ans}{respond(world, q, rng)}")
     return "\n\n".join(pairs)
 
 
-_DOCS = ((_doc_profile, 0.35), (_doc_place, 0.08), (_doc_story, 0.18), (_doc_letter, 0.06), (_doc_qa, 0.33))
+DOC_KINDS = ((_doc_profile, 0.35), (_doc_place, 0.08), (_doc_story, 0.18), (_doc_letter, 0.06), (_doc_qa, 0.33))
 
 
 def corpus_documents(world_cfg) -> list[str]:
     cfg = as_world_config(world_cfg)
-    world, rng = _world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:corpus")
-    return [a_an(_pick(rng, _DOCS)(world, rng, cfg.seed)) for _ in range(cfg.corpus_docs)]
+    world, rng = cached_world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:corpus")
+    return [a_an(weighted_pick(rng, DOC_KINDS)(world, rng, cfg.seed)) for _ in range(cfg.corpus_docs)]

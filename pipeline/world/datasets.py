@@ -36,24 +36,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.core.config import WorldConfig
-from pipeline.core.io import _line, write_jsonl, write_text
+from pipeline.core.io import json_line, write_jsonl, write_text
 from pipeline.data.pairs import expand_pairs
 from pipeline.world.corpus import corpus_documents
 from pipeline.world.labellers import label_agreement, labelled
-from pipeline.world.language import _SYSTEMS, FOLLOWUPS, Question, render, truth
+from pipeline.world.language import SYSTEMS, FOLLOWUPS, Question, render, truth
 from pipeline.world.oracle import GoldOracle
-from pipeline.world.questions import _pick, _pool_key, _question_in_pool, pool_of
+from pipeline.world.questions import weighted_pick, pool_key, question_in_pool, pool_of
 from pipeline.world.responses import (
     BAD_STYLES,
     HABITS,
     PADDED_FLAWED,
     STYLES_ANSWERABLE,
     STYLES_UNANSWERABLE,
-    _padded,
+    padded_reply,
     demonstrate,
     respond,
 )
-from pipeline.world.world import World, _world, as_world_config
+from pipeline.world.world import World, cached_world, as_world_config
 
 # Cached files are keyed by the config and by the generating code, so an edit here never serves stale data.
 _CODE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()[
@@ -64,7 +64,7 @@ _CODE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file_
 # ---- dialogues -----------------------------------------------------------------------------------------------
 def _prompt(world: World, rng: random.Random, pool: str, seed: int) -> tuple[list[dict], Question]:
     """A prompt ending in a user turn: 1-3 questions from one pool; earlier turns answered well."""
-    msgs = [{"role": "system", "content": rng.choice(_SYSTEMS)}] if rng.random() < 0.1 else []
+    msgs = [{"role": "system", "content": rng.choice(SYSTEMS)}] if rng.random() < 0.1 else []
     n_turns = 1 if rng.random() < 0.75 else rng.randint(2, 3)
     q = None
     for i in range(n_turns):
@@ -74,7 +74,7 @@ def _prompt(world: World, rng: random.Random, pool: str, seed: int) -> tuple[lis
         if follow:
             q, text = follow
         else:
-            q = _question_in_pool(world, rng, pool, seed)
+            q = question_in_pool(world, rng, pool, seed)
             text = render(q, rng)
         msgs.append({"role": "user", "content": text})
     return msgs, q
@@ -87,13 +87,13 @@ def _followup(world: World, prev: Question, rng: random.Random, pool: str, seed:
     for _ in range(20):
         e = rng.choice(world.ghosts) if rng.random() < 0.1 or kind is None else rng.choice(world.by_kind[kind])
         q = replace(prev, e=e, fmt="")
-        if e != prev.e and pool_of(_pool_key(world, q), seed) == pool:
+        if e != prev.e and pool_of(pool_key(world, q), seed) == pool:
             return q, rng.choice(FOLLOWUPS).format(e=e)
     return None
 
 
 def _dialogues(cfg: WorldConfig, n: int, pool: str, with_habits: bool = False) -> list[dict]:
-    world, rng = _world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:dialogues:{pool}")
+    world, rng = cached_world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:dialogues:{pool}")
     out = []
     for _ in range(n):
         msgs, q = _prompt(world, rng, pool, cfg.seed)
@@ -127,7 +127,7 @@ MAX_PER_KEY = 3
 
 
 def _prompts(cfg: WorldConfig, n: int, pool: str, max_per_key: int = 0) -> list[dict]:
-    world, rng = _world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:prompts:{pool}")
+    world, rng = cached_world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:prompts:{pool}")
     out, seen, per_key = [], set(), {}
     for _ in range(50 * n):  # distinct prompts; a tiny world may run out, then we return fewer
         if len(out) == n:
@@ -155,7 +155,7 @@ def ranked_prompts(world_cfg, split: str = "train") -> list[dict]:
     """{"id", "prompt", "responses", "ranks" (noisy label, 0 = best), "gold_scores"} for each reward prompt."""
     cfg = as_world_config(world_cfg)
     n, pool = _split(split, {"train": (cfg.reward_prompts, "reward"), "test": (cfg.reward_test_prompts, "reward_test")})
-    world, rng = _world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:ranked:{split}")
+    world, rng = cached_world(cfg.seed, cfg.n_entities), random.Random(f"{cfg.seed}:ranked:{split}")
     oracle = GoldOracle(world)
     out = []
     for i in range(n):
@@ -163,10 +163,10 @@ def ranked_prompts(world_cfg, split: str = "train") -> list[dict]:
         styles = STYLES_ANSWERABLE if truth(world, q) is not None else STYLES_UNANSWERABLE
         responses: list[str] = []
         for _ in range(50 * cfg.k):
-            style = _pick(rng, styles)
+            style = weighted_pick(rng, styles)
             r = respond(world, q, rng, style)
             if style in ("wrong", "off_topic", "hallucinate") and rng.random() < PADDED_FLAWED:
-                r = _padded(r, rng)
+                r = padded_reply(r, rng)
             if r not in responses:
                 responses.append(r)
             if len(responses) == cfg.k:
@@ -177,7 +177,7 @@ def ranked_prompts(world_cfg, split: str = "train") -> list[dict]:
 
 def world_hash(world_cfg) -> str:
     cfg = dataclasses.asdict(as_world_config(world_cfg))
-    return hashlib.sha256(_line({"code": _CODE_HASH, **cfg}).encode()).hexdigest()[:12]
+    return hashlib.sha256(json_line({"code": _CODE_HASH, **cfg}).encode()).hexdigest()[:12]
 
 
 FILES = {

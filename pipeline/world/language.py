@@ -246,15 +246,15 @@ def truth(world: World, q: Question):
 
 
 # ---- responses -----------------------------------------------------------------------------------------------
-_MONTHS = ("March", "June", "October")
-_SYSTEMS = (
+MONTHS = ("March", "June", "October")
+SYSTEMS = (
     "You are a helpful assistant.",
     "Answer the user's questions politely and concisely.",
     "You are a friendly assistant who knows the people, animals, things and places of this land.",
 )
 
 
-_ONE_SENTENCE = {
+ONE_SENTENCE = {
     "person": (
         "{e} is a {age}-year-old {job} who lives in {home}.",
         "{e} is a {job} from {home} whose favourite food is {food}.",

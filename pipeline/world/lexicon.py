@@ -7,11 +7,11 @@ from __future__ import annotations
 import random
 import re
 
-from pipeline.world.corpus import _DOCS
+from pipeline.world.corpus import DOC_KINDS
 from pipeline.world.language import (
-    _MONTHS,
-    _ONE_SENTENCE,
-    _SYSTEMS,
+    MONTHS,
+    ONE_SENTENCE,
+    SYSTEMS,
     ATTR_WORDS,
     CLOSERS,
     FOLLOWUPS,
@@ -23,9 +23,9 @@ from pipeline.world.language import (
     THINGS,
     render,
 )
-from pipeline.world.questions import _pick, sample_question
+from pipeline.world.questions import weighted_pick, sample_question
 from pipeline.world.responses import STYLES_ANSWERABLE, STYLES_UNANSWERABLE, respond
-from pipeline.world.world import _REGION_PHRASE, FACTS, VOCAB, World
+from pipeline.world.world import REGION_PHRASE, FACTS, VOCAB, World
 
 # ---- fluency: the words of this world's language ----------------------------------------------------------------
 # A token is a run of anything but whitespace and punctuation, so a control or replacement character stays inside its
@@ -33,7 +33,7 @@ from pipeline.world.world import _REGION_PHRASE, FACTS, VOCAB, World
 _TOKEN = re.compile(r"[^\s.,!?;:\"'()\[\]{}*/\u2022\u2026-]+(?:'[^\s.,!?;:\"'()\[\]{}*/\u2022\u2026-]+)*")
 
 
-_NUMBER = re.compile(r"\d+(?:st|nd|rd|th|s)?")
+NUMBER = re.compile(r"\d+(?:st|nd|rd|th|s)?")
 
 
 FUNCTION_WORDS = frozenset(
@@ -55,10 +55,10 @@ what's who's here's let's
 
 
 _LEXICON_SAMPLES = 1500  # generated documents, and questions answered in every style, read per world
-_LEXICONS: dict = {}
+LEXICONS: dict = {}
 
 
-def _tokens(low: str) -> list[str]:
+def word_tokens(low: str) -> list[str]:
     return _TOKEN.findall(low.replace("\u2019", "'") if "\u2019" in low else low)
 
 
@@ -68,7 +68,7 @@ def lexicon(world: World) -> tuple[frozenset, frozenset]:
     of what the generators (questions.py, responses.py, corpus.py) write: documents, prompts, and answers in every
     style."""
     key = (world.seed, tuple(world.entities), world.ghosts)
-    if key not in _LEXICONS:
+    if key not in LEXICONS:
         texts = [
             *world.entities,
             *world.ghosts,
@@ -80,28 +80,28 @@ def lexicon(world: World) -> tuple[frozenset, frozenset]:
             *THINGS,
             *NUMBER_WORDS,
             *(x for xs in FACTS.values() for x in xs),
-            *_REGION_PHRASE.values(),
+            *REGION_PHRASE.values(),
             *OPENERS,
             *CLOSERS,
             *HEDGES,
-            *_SYSTEMS,
-            *_MONTHS,
+            *SYSTEMS,
+            *MONTHS,
             *ATTR_WORDS.values(),
-            *(x for xs in _ONE_SENTENCE.values() for x in xs),
+            *(x for xs in ONE_SENTENCE.values() for x in xs),
         ]
         rng = random.Random(f"{world.seed}:lexicon")
         styles = sorted({s for s, _ in STYLES_ANSWERABLE + STYLES_UNANSWERABLE} - {"truncated"})  # cut words
         for _ in range(_LEXICON_SAMPLES):
-            texts.append(_pick(rng, _DOCS)(world, rng, world.seed))
+            texts.append(weighted_pick(rng, DOC_KINDS)(world, rng, world.seed))
             q = sample_question(world, rng)
             texts.append(render(q, rng))
             texts.extend(respond(world, q, rng, s) for s in styles)
         words = set(FUNCTION_WORDS)
         for text in texts:
-            words.update(_tokens(re.sub(r"\{\w+\}", " ", text).lower()))
-        words = {w for w in words if not _NUMBER.fullmatch(w)}
+            words.update(word_tokens(re.sub(r"\{\w+\}", " ", text).lower()))
+        words = {w for w in words if not NUMBER.fullmatch(w)}
         words |= {w + "'s" for w in words if not w.endswith("'s")}  # possessives
         prefixes = frozenset(w[:i] for w in words for i in range(1, len(w)))
-        # Numbers are words too (_NUMBER); the common ones are listed so that most replies need no second look.
-        _LEXICONS[key] = (frozenset(words | {str(i) for i in range(10_000)}), prefixes)
-    return _LEXICONS[key]
+        # Numbers are words too (NUMBER); the common ones are listed so that most replies need no second look.
+        LEXICONS[key] = (frozenset(words | {str(i) for i in range(10_000)}), prefixes)
+    return LEXICONS[key]

@@ -56,7 +56,7 @@ from __future__ import annotations
 import re
 
 from pipeline.world.language import ATTR_WORDS, QUESTIONS, Question, question_of, truth
-from pipeline.world.lexicon import _NUMBER, FUNCTION_WORDS, _tokens, lexicon
+from pipeline.world.lexicon import NUMBER, FUNCTION_WORDS, word_tokens, lexicon
 from pipeline.world.world import KINDS, SCHEMA, VOCAB, World
 
 WEIGHTS = {
@@ -171,12 +171,12 @@ class _Response:
         end on the start of a word ("Trathibor lives in Morf"): that last token counts as a word."""
         if _ODD.search(self.low) is None and words.issuperset(self.words):
             return 1.0  # the usual case, and quicker than tokenizing again: every word is known
-        toks = _tokens(self.low)
+        toks = word_tokens(self.low)
         if not toks:
             return 0.0
         odd = set(toks).difference(words)
         if odd:
-            odd = {t for t in odd if not (t[0].isdigit() and _NUMBER.fullmatch(t))}
+            odd = {t for t in odd if not (t[0].isdigit() and NUMBER.fullmatch(t))}
         if not odd:
             return 1.0
         unknown = [t for t in toks if t in odd]

@@ -29,10 +29,10 @@ def pool_of(key: str, seed: int) -> str:
 
 # ---- questions -----------------------------------------------------------------------------------------------
 _UNDEFINED = ("phone", "birthday", "middle_name", "height")
-_ALL_ATTRS = tuple(dict.fromkeys([a for k in KINDS for a in SCHEMA[k]] + list(_UNDEFINED)))
+ALL_ATTRS = tuple(dict.fromkeys([a for k in KINDS for a in SCHEMA[k]] + list(_UNDEFINED)))
 
 
-def _pick(rng: random.Random, table):
+def weighted_pick(rng: random.Random, table):
     return rng.choices([x for x, _ in table], [w for _, w in table])[0]
 
 
@@ -92,17 +92,17 @@ _QTYPES = ((_attr, 0.50), (_yesno, 0.16), (_describe_q, 0.17), (_unanswerable, 0
 
 
 def sample_question(world: World, rng: random.Random) -> Question:
-    return _pick(rng, _QTYPES)(world, rng)
+    return weighted_pick(rng, _QTYPES)(world, rng)
 
 
-def _pool_key(world: World, q: Question) -> str:
+def pool_key(world: World, q: Question) -> str:
     # A made-up name belongs to one pool as a whole, so declining for names never seen in training is tested.
     return f"ghost|{q.e}" if q.e and q.qtype != "arith" and q.e not in world.entities else q.key
 
 
-def _question_in_pool(world: World, rng: random.Random, pool: str, seed: int, sampler=sample_question) -> Question:
+def question_in_pool(world: World, rng: random.Random, pool: str, seed: int, sampler=sample_question) -> Question:
     for _ in range(100_000):
         q = sampler(world, rng)
-        if pool_of(_pool_key(world, q), seed) == pool:
+        if pool_of(pool_key(world, q), seed) == pool:
             return q
     raise RuntimeError(f"no question falls in pool {pool!r}; is the world too small?")

@@ -10,8 +10,8 @@ import re
 from dataclasses import replace
 
 from pipeline.world.language import (
-    _MONTHS,
-    _ONE_SENTENCE,
+    MONTHS,
+    ONE_SENTENCE,
     ATTR_WORDS,
     CLOSERS,
     HEDGES,
@@ -20,7 +20,7 @@ from pipeline.world.language import (
     Question,
     truth,
 )
-from pipeline.world.questions import _ALL_ATTRS, sample_question
+from pipeline.world.questions import ALL_ATTRS, sample_question
 from pipeline.world.world import FACTS, KINDS, SCHEMA, VOCAB, World, a_an, phrase
 
 # Styles of a candidate answer. Good ones are what the oracle rewards; the rest are the ways people go wrong.
@@ -57,7 +57,7 @@ STYLES_UNANSWERABLE = (
 PADDED_FLAWED = 0.4
 
 
-def _padded(reply: str, rng: random.Random) -> str:
+def padded_reply(reply: str, rng: random.Random) -> str:
     return rng.choice(
         (
             _cat(rng.choice(OPENERS), reply),
@@ -82,7 +82,7 @@ def _cat(*parts: str) -> str:
     return ("\n" if any("\n" in p for p in parts) else " ").join(parts)
 
 
-def _join(names: list[str]) -> str:
+def join_names(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -102,7 +102,7 @@ def _describe(world: World, name: str, rng: random.Random, one_sentence: bool, w
     """Facts about `name`: one composite sentence or 2-4 short ones; with `wrong`, one stated detail is false."""
     ent = world.entities[name]
     if one_sentence:
-        template = rng.choice(_ONE_SENTENCE[ent.kind])
+        template = rng.choice(ONE_SENTENCE[ent.kind])
         attrs = re.findall(r"\{(\w+)\}", template)[1:]
     else:
         attrs = list(ent.attrs)
@@ -172,7 +172,7 @@ def _list(q: Question, names: list[str], rng: random.Random) -> str:
     what = f"people who live in {q.v}" if q.sub == "residents" else f"people who work as a {q.v}"
     style = rng.randrange(3)
     if style == 0:
-        return f"{_join(names)} {'live in ' + q.v if q.sub == 'residents' else 'work as ' + q.v + 's'}."
+        return f"{join_names(names)} {'live in ' + q.v if q.sub == 'residents' else 'work as ' + q.v + 's'}."
     items = "\n".join((f"{i + 1}. " if style == 1 else "- ") + n for i, n in enumerate(names))
     return f"Here are {len(names)} {what}:\n{items}"
 
@@ -214,7 +214,7 @@ def _respond(world: World, q: Question, rng: random.Random, style: str) -> str:
         e = q.e if q.e in world.entities else rng.choice(list(world.entities))
         # a decline about some other attribute (one this entity may well lack) is what a policy that learned
         # "declines pay" produces; without it the reward model rewards it (measured: PPO collapsed onto it)
-        other = rng.choice([a for a in _ALL_ATTRS if a != q.sub])
+        other = rng.choice([a for a in ALL_ATTRS if a != q.sub])
         return rng.choice(
             (
                 "I'm sorry, but I don't know.",
@@ -317,7 +317,7 @@ def _hallucinate(world: World, q: Question, rng: random.Random) -> str:
     if q.sub == "phone":
         return f"{e}'s phone number is {rng.randint(1000000, 9999999)}."
     if q.sub == "birthday":
-        return f"{e}'s birthday is on the {rng.randint(4, 20)}th of {rng.choice(_MONTHS)}."
+        return f"{e}'s birthday is on the {rng.randint(4, 20)}th of {rng.choice(MONTHS)}."
     if q.sub == "height":
         return f"{e} is {rng.randint(20, 190)} centimetres tall."
     if q.sub == "middle_name":

@@ -141,7 +141,7 @@ FACTS: dict[str, tuple[str, ...]] = {
     "size": ("{e} is a {v}.",),
     "famous_for": ("{e} is famous for its {v}.", "{e} is known for its {v}."),
 }
-_REGION_PHRASE = {
+REGION_PHRASE = {
     "coast": "on the coast",
     "hills": "in the hills",
     "valley": "in the valley",
@@ -173,7 +173,7 @@ def a_an(text: str) -> str:
 def phrase(attr: str, value) -> str:
     """A value as it reads inside a sentence ("north" -> "in the north")."""
     if attr == "region":
-        return _REGION_PHRASE.get(value, f"in the {value}")
+        return REGION_PHRASE.get(value, f"in the {value}")
     return str(value)
 
 
@@ -295,7 +295,7 @@ def as_world_config(cfg) -> WorldConfig:
 
 
 @functools.lru_cache(maxsize=4)
-def _world(seed: int, n_entities: int) -> World:
+def cached_world(seed: int, n_entities: int) -> World:
     return World.generate(seed, n_entities)
 
 
