@@ -15,12 +15,11 @@ import time
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 
 from pipeline.core.entry import entry
 from pipeline.core.runs import StageRun
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.eval.gold import kl_bound, win_rate
 from pipeline.trainers.methods import Judge, sample_rows, summary
 
@@ -32,14 +31,10 @@ def main(cfg: DictConfig) -> None:
     run = StageRun(cfg, is_main=state.is_main_process)
     sft_parent = run.parent("sft")
     rm_parent = run.parent("reward")
-    if not run.begin(barrier=state.wait_for_everyone):
+    begun = begin_stage(cfg, run, state, parents=[sft_parent, rm_parent])
+    if begun is None:
         return
-    t0 = time.time()
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, state.is_main_process)
-    tracker.use_parent(sft_parent)
-    tracker.use_parent(rm_parent)
-    say = print if state.is_main_process else (lambda *a, **k: None)
+    tracker, say, t0 = begun
     n = cfg.bon.n
 
     # ---- models and prompts: SFT samples, the reward model picks ------------------------------------------

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import ProgressCallback
 
@@ -28,7 +27,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.io import read_utf8, write_json_atomic, write_jsonl
 from pipeline.core.registry import stage_folder
 from pipeline.core.runs import StageRun, latest_trainer_checkpoint
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.data.formats import check_prompt_lengths, load_preferences
 from pipeline.data.pairs import expand_pairs
 from pipeline.data.tokenizer import load_tokenizer
@@ -53,15 +52,10 @@ def main(cfg: DictConfig) -> None:
     r, it = run.round, cfg.iterate
     start_parent = run.parent(stage_folder("dpo", r - 1)) if r > 1 else sft_parent  # online DPO: the last round's
     ref_parent = sft_parent if r == 1 or it.kl_anchor == "sft" else start_parent
-    if not run.begin(barrier=state.wait_for_everyone):
+    begun = begin_stage(cfg, run, state, parents=[sft_parent, rm_parent] + ([start_parent] if r > 1 else []))
+    if begun is None:
         return
-    t0 = time.time()
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, state.is_main_process)
-    for p in [sft_parent, rm_parent] + ([start_parent] if r > 1 else []):
-        tracker.use_parent(p)
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    datasets.disable_progress_bars()
+    tracker, say, t0 = begun
     t = cfg.train
 
     # ---- model: the SFT policy (and, without LoRA, a frozen copy of it as the reference) ----------------

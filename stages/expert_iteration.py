@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import ProgressCallback
 
@@ -26,7 +25,7 @@ from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_jsonl
 from pipeline.core.runs import StageRun, latest_trainer_checkpoint
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.data.formats import check_prompt_lengths, load_prompts, load_sft
 from pipeline.models.loading import fit_special_ids, load_causal_lm
 from pipeline.models.sharding import without_tied
@@ -48,15 +47,10 @@ def main(cfg: DictConfig) -> None:
     run = StageRun(cfg, is_main=state.is_main_process)
     sft_parent = run.parent("sft")
     rm_parent = run.parent("reward")
-    if not run.begin(barrier=state.wait_for_everyone):
+    begun = begin_stage(cfg, run, state, parents=[sft_parent, rm_parent])
+    if begun is None:
         return
-    t0 = time.time()
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, state.is_main_process)
-    tracker.use_parent(sft_parent)
-    tracker.use_parent(rm_parent)
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    datasets.disable_progress_bars()
+    tracker, say, t0 = begun
     t = cfg.train
 
     # ---- models: the judge (frozen SFT, the reward model, the oracle); the policy, round by round -------

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
@@ -33,7 +32,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.io import write_json_atomic
 from pipeline.core.registry import stage_folder
 from pipeline.core.runs import StageRun, crash_point
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.data.formats import check_prompt_lengths, load_corpus, load_prompts
 from pipeline.data.packing import pack
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
@@ -60,13 +59,11 @@ def main(cfg: DictConfig) -> None:
     sft_parent = run.parent("sft")
     start_parent = run.parent(stage_folder("ppo", r - 1)) if r > 1 else sft_parent  # the policy it starts from
     ref_parent = sft_parent if r == 1 or cfg.iterate.kl_anchor == "sft" else start_parent  # the KL's anchor
-    if not run.begin(barrier=acc.wait_for_everyone):
+    begun = begin_stage(cfg, run, acc, parents=[rm_parent, sft_parent] + ([start_parent] if r > 1 else []))
+    if begun is None:
         return
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, acc.is_main_process)
-    for p in [rm_parent, sft_parent] + ([start_parent] if r > 1 else []):
-        tracker.use_parent(p)
-    say, dev = acc.print, acc.device
+    tracker, say, _ = begun
+    dev = acc.device
 
     # ---- models: actor and frozen reference from SFT; frozen reward model; critic from the RM (or the policy) -
     tok = load_tokenizer(sft_parent["final"], need_chat_template=True)

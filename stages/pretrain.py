@@ -15,7 +15,6 @@ from contextlib import nullcontext
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import GenerationConfig, get_cosine_with_min_lr_schedule_with_warmup
@@ -24,7 +23,7 @@ from pipeline.core.dist import shard
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, crash_point
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.data.formats import load_corpus
 from pipeline.data.packing import batch_indices, pack, split_documents
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
@@ -61,13 +60,10 @@ def main(cfg: DictConfig) -> None:
     run = StageRun(cfg, is_main=acc.is_main_process)
     from_scratch = not cfg.model.name_or_path
     tok_parent = run.parent("tokenizer") if from_scratch else None
-    if not run.begin(barrier=acc.wait_for_everyone):
+    begun = begin_stage(cfg, run, acc, parents=[tok_parent])
+    if begun is None:
         return
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, acc.is_main_process)
-    if tok_parent:
-        tracker.use_parent(tok_parent)
-    say = acc.print
+    tracker, say, _ = begun
 
     # ---- model -------------------------------------------------------------------------------------------
     tok = load_tokenizer(tok_parent["final"] if from_scratch else cfg.model.name_or_path)

@@ -47,7 +47,7 @@ from pipeline.core.errors import UserError
 from pipeline.core.io import read_utf8, write_json_atomic
 from pipeline.core.registry import stage_folder
 from pipeline.core.runs import StageRun, latest_trainer_checkpoint
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.eval.reward_model import answer_stats, ensemble_figures, policy_answers
 from pipeline.models.build import n_params
@@ -77,15 +77,10 @@ def run_reward(cfg: DictConfig) -> None:
         current = run.parent(stage_folder(it.policy, r - 1))
         if it.reward_steps:
             cfg.train.max_steps = it.reward_steps
-    if not run.begin(barrier=state.wait_for_everyone):
+    begun = begin_stage(cfg, run, state, parents=[parent, prev_rm, current] if r > 1 else [parent])
+    if begun is None:
         return
-    t0 = time.time()
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, state.is_main_process)
-    for p in (parent, prev_rm, current) if r > 1 else (parent,):
-        tracker.use_parent(p)
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    datasets.disable_progress_bars()
+    tracker, say, t0 = begun
     t = cfg.train
     merged_dir = run.dir / ".sft_merged"
 

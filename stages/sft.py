@@ -20,14 +20,13 @@ import time
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import GenerationConfig, ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, latest_trainer_checkpoint, read_manifest
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import gold_eval, win_rate
 from pipeline.models.build import n_params
@@ -56,15 +55,10 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
     pretrained = read_manifest(run.root / run.parent_run / "pretrain")
     own_parent = not named or (not cfg.model.start_over and pretrained is not None)
     parent = run.parent("pretrain") if own_parent else None
-    if not run.begin(barrier=state.wait_for_everyone):
+    begun = begin_stage(cfg, run, state, parents=[parent])
+    if begun is None:
         return
-    t0 = time.time()
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, state.is_main_process)
-    if parent:
-        tracker.use_parent(parent)
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    datasets.disable_progress_bars()
+    tracker, say, t0 = begun
     t = cfg.train
 
     # ---- model: the parent's final/ (or any HF causal LM); its tokenizer must carry a chat template ------

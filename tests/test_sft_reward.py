@@ -566,7 +566,9 @@ def test_interrupted_sft_resumes_from_its_last_checkpoint(sft_done):
             "train.eval_pretrained=false",
         ],
     )
-    with pytest.raises(KeyboardInterrupt):
+    from pipeline.core.stage import failures_recorded
+
+    with pytest.raises(KeyboardInterrupt), failures_recorded():  # as the entry point runs every stage
         run_sft(cfg, callbacks=(Crash(),))
     d = sft_done / "resume" / "sft"
     assert manifest(sft_done, "sft", "resume")["status"] == "failed"

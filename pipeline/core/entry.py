@@ -28,20 +28,14 @@ def entry(config_name: str):
         @functools.wraps(fn)
         def checked(cfg):
             from pipeline.core.dist import allow_fsdp_on_cpu, stacks_on_sigusr1
-            from pipeline.core.runs import fail_current
-            from pipeline.core.tracking import close_open
+            from pipeline.core.stage import failures_recorded
 
             allow_fsdp_on_cpu()
             stacks_on_sigusr1()
 
             validate(cfg)
-            try:
+            with failures_recorded():  # the one place a stage's failure is recorded and its tracker closed
                 return fn(cfg)
-            except BaseException as e:  # the one place a stage's failure is recorded and its tracker closed
-                if not (isinstance(e, SystemExit) and e.code in (0, None)):
-                    fail_current(e)
-                close_open()
-                raise
 
         composed = hydra.main(config_path=str(CONF), config_name=config_name, version_base="1.3")(friendly(checked))
 

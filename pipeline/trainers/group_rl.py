@@ -17,13 +17,12 @@ import time
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from transformers import ProgressCallback, TrainerCallback
 
 from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, latest_trainer_checkpoint
-from pipeline.core.tracking import Tracker
+from pipeline.core.stage import begin_stage
 from pipeline.data.formats import check_prompt_lengths, load_prompts
 from pipeline.data.prompts import prompt_batch
 from pipeline.inference.sampler import Rollout
@@ -254,15 +253,10 @@ def run_group_rl(cfg: DictConfig, algorithm: str) -> None:
     run = StageRun(cfg, is_main=state.is_main_process)
     sft_parent = run.parent("sft")
     rm_parent = run.parent("reward")
-    if not run.begin(barrier=state.wait_for_everyone):
+    begun = begin_stage(cfg, run, state, parents=[sft_parent, rm_parent])
+    if begun is None:
         return
-    t0 = time.time()
-    set_seed(cfg.seed)
-    tracker = Tracker(cfg, run, state.is_main_process)
-    tracker.use_parent(sft_parent)
-    tracker.use_parent(rm_parent)
-    say = print if state.is_main_process else (lambda *a, **k: None)
-    datasets.disable_progress_bars()
+    tracker, say, t0 = begun
     t = cfg.train
 
     # ---- models: the policy from SFT; the judge (frozen SFT, reward model, oracle); the reward ---------
