@@ -20,20 +20,26 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
-from transformers import ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_utf8, write_json_atomic, write_jsonl
 from pipeline.core.registry import stage_folder
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun
 from pipeline.core.stage import begin_stage
 from pipeline.data.formats import check_prompt_lengths, load_preferences
 from pipeline.data.pairs import expand_pairs
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.eval.gold import eval_record, versus_previous
 from pipeline.models.loading import fit_special_ids, load_causal_lm
-from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
+from pipeline.trainers.hf import (
+    TrackerCallback,
+    final_model,
+    lora_config,
+    trainer_args,
+    check_finite_loss,
+    train_resumable,
+)
 from pipeline.trainers.methods import Judge, sample_rows, summary
 from pipeline.trainers.reward import first_groups
 
@@ -118,16 +124,8 @@ def main(cfg: DictConfig) -> None:
         peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
         callbacks=[log_cb],
     )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress())
-    ckpt = latest_trainer_checkpoint(run.ckpt_root)
-    if ckpt is not None:
-        run.update(resumed_from=int(ckpt.name.split("-")[1]))
-        say(f"[dpo] resuming from {ckpt}")
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    loss = log_cb.last.get("train/loss", float("nan"))
-    if "train/loss" in log_cb.last and not math.isfinite(loss):
-        raise UserError(f"DPO diverged: train/loss is {loss} (try a lower optim.lr or a smaller train.beta)")
+    train_resumable(trainer, run, run.ckpt_root, say, "[dpo] resuming")
+    loss = check_finite_loss(log_cb.last, "DPO diverged", "try a lower optim.lr or a smaller train.beta")
 
     # ---- evaluation: the one every method gets ---------------------------------------------------------
     state.wait_for_everyone()

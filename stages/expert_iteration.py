@@ -11,7 +11,6 @@ method gets (pipeline.eval.gold.versus_sft). Interrupted? Run the same command a
 current one resumes from its last Trainer checkpoint.
 """
 
-import math
 import os
 import time
 from types import SimpleNamespace
@@ -19,19 +18,25 @@ from types import SimpleNamespace
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
-from transformers import ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.io import write_jsonl
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun
 from pipeline.core.stage import begin_stage
 from pipeline.data.formats import check_prompt_lengths, load_prompts, load_sft
 from pipeline.models.loading import fit_special_ids, load_causal_lm
 from pipeline.models.sharding import without_tied
 from pipeline.models.token_model import TokenModel
 from pipeline.trainers.expert_iteration import best_replies
-from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
+from pipeline.trainers.hf import (
+    TrackerCallback,
+    final_model,
+    lora_config,
+    trainer_args,
+    check_finite_loss,
+    train_resumable,
+)
 from pipeline.trainers.methods import Judge, sample_rows, summary
 
 
@@ -155,16 +160,8 @@ def main(cfg: DictConfig) -> None:
             peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
             callbacks=[log_cb],
         )
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(QuietProgress())
-        ckpt = latest_trainer_checkpoint(rdir)
-        if ckpt is not None:
-            run.update(resumed_from=int(ckpt.name.split("-")[1]), resumed_round=r)
-            say(f"[expert_iteration] resuming round {r} from {ckpt}")
-        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        loss = log_cb.last.get("train/loss", float("nan"))
-        if "train/loss" in log_cb.last and not math.isfinite(loss):
-            raise UserError(f"expert iteration diverged in round {r}: train/loss is {loss} (lower optim.lr)")
+        train_resumable(trainer, run, rdir, say, f"[expert_iteration] resuming round {r}", resumed_round=r)
+        check_finite_loss(log_cb.last, f"expert iteration diverged in round {r}", "lower optim.lr")
         tokens += int(log_cb.last.get("train/num_tokens", 0))
         step += t.max_steps
         if r < t.rounds:  # the next round samples from this one's policy, merged

@@ -31,7 +31,6 @@ reward/gold_pair_accuracy: how often it orders two answers to the same prompt as
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -40,19 +39,25 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
-from transformers import ProgressCallback
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.io import read_utf8, write_json_atomic
 from pipeline.core.registry import stage_folder
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun
 from pipeline.core.stage import begin_stage
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.eval.reward_model import answer_stats, ensemble_figures, policy_answers
 from pipeline.models.build import n_params
 from pipeline.models.loading import load_policy, load_sequence_classifier, whole_weights
-from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model, lora_config, trainer_args
+from pipeline.trainers.hf import (
+    TrackerCallback,
+    final_model,
+    lora_config,
+    trainer_args,
+    check_finite_loss,
+    train_resumable,
+)
 from pipeline.trainers.reward import EvalCallback, first_groups, make_trainer_class
 
 
@@ -456,8 +461,6 @@ def train_member(
         peft_config=lora_config(cfg.peft, "SEQ_CLS"),
         callbacks=[log_cb, eval_cb],
     )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress())
     too_long = len(ds) - len(trainer.train_dataset)
     say(
         f"[{run.name}] "
@@ -471,15 +474,8 @@ def train_member(
             f"data.preference: no usable preference pairs: all {len(ds)} are longer than "
             f"max_length={max_len} tokens (raise train.max_length, or shorten the data)"
         )
-    ckpt = latest_trainer_checkpoint(ckpt_dir)
-    if ckpt is not None:
-        if k == 0:
-            run.update(resumed_from=int(ckpt.name.split("-")[1]))
-        say(f"[reward] resuming from {ckpt}")
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    train_loss = log_cb.last.get(f"{prefix}train/loss", float("nan"))  # absent when resumed after the last step
-    if f"{prefix}train/loss" in log_cb.last and not math.isfinite(train_loss):
-        raise UserError(f"training diverged: train/loss is {train_loss} (try a lower optim.lr)")
+    train_resumable(trainer, run, ckpt_dir, say, "[reward] resuming", record=k == 0)
+    train_loss = check_finite_loss(log_cb.last, "training diverged", "try a lower optim.lr", key=f"{prefix}train/loss")
     rm, adapter, weights = final_model(trainer, cfg.peft)
     steps = trainer.state.global_step
     metrics = dict(eval_cb.last) if eval_cb.step == steps else eval_cb.run(rm, steps)

@@ -15,23 +15,30 @@ eval/gold_score). Interrupted? Run the same command again: the Trainer resumes f
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
-from transformers import GenerationConfig, ProgressCallback
+from transformers import GenerationConfig
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint, read_manifest
+from pipeline.core.runs import StageRun, read_manifest
 from pipeline.core.stage import begin_stage
 from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
 from pipeline.eval.gold import gold_eval, win_rate
 from pipeline.models.build import n_params
 from pipeline.models.loading import fit_special_ids, load_causal_lm
-from pipeline.trainers.hf import QuietProgress, TrackerCallback, bookkeeping, final_model, lora_config, trainer_args
+from pipeline.trainers.hf import (
+    TrackerCallback,
+    bookkeeping,
+    check_finite_loss,
+    final_model,
+    lora_config,
+    train_resumable,
+    trainer_args,
+)
 from pipeline.trainers.sft import SamplesCallback, count_long
 
 # ---- the stage -------------------------------------------------------------------------------------------------
@@ -136,22 +143,14 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
         peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
         callbacks=[log_cb, SamplesCallback(tok, sample_prompts, oracle, cfg, tracker, say), *callbacks],
     )
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress())
     dropped = len(train_ds) - len(trainer.train_dataset) if not t.packing else 0
     if dropped:
         say(f"[sft] {dropped} dialogues dropped: truncation to {max_len} tokens left no assistant token in them")
-    ckpt = latest_trainer_checkpoint(run.ckpt_root)
-    if ckpt is not None:
-        run.update(resumed_from=int(ckpt.name.split("-")[1]))
-        say(f"[sft] resuming from {ckpt}")
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    train_resumable(trainer, run, run.ckpt_root, say, "[sft] resuming")
     if eval_ds is not None and log_cb.last_eval_step != trainer.state.global_step:
         trainer.evaluate()
     metrics.update({k: v for k, v in log_cb.last.items() if k.startswith("eval/") and not bookkeeping(k)})
-    metrics["train/loss"] = log_cb.last.get("train/loss", float("nan"))  # absent when resumed after the last step
-    if "train/loss" in log_cb.last and not math.isfinite(metrics["train/loss"]):
-        raise UserError(f"training diverged: train/loss is {metrics['train/loss']} (try a lower optim.lr)")
+    metrics["train/loss"] = check_finite_loss(log_cb.last, "training diverged", "try a lower optim.lr")
 
     # ---- the fine-tuned model's gold score ------------------------------------------------------------
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -12,16 +12,15 @@ and unfinished replies put below finished ones, as PPO's training score is (PPOL
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
-from transformers import ProgressCallback, TrainerCallback
+from transformers import TrainerCallback
 
 from pipeline.core.errors import UserError
-from pipeline.core.runs import StageRun, latest_trainer_checkpoint
+from pipeline.core.runs import StageRun
 from pipeline.core.stage import begin_stage
 from pipeline.data.formats import check_prompt_lengths, load_prompts
 from pipeline.data.prompts import prompt_batch
@@ -29,7 +28,7 @@ from pipeline.inference.sampler import Rollout
 from pipeline.models.loading import fit_special_ids, load_causal_lm
 from pipeline.rl.readout import score_rollout
 from pipeline.rl.shaping import penalise_unfinished
-from pipeline.trainers.hf import QuietProgress, TrackerCallback, final_model
+from pipeline.trainers.hf import TrackerCallback, final_model, check_finite_loss, train_resumable
 from pipeline.trainers.methods import Judge, sample_rows, summary
 
 
@@ -299,16 +298,8 @@ def run_group_rl(cfg: DictConfig, algorithm: str) -> None:
     log_cb = TrackerCallback(tracker, say)
     periodic = PeriodicEval(judge, tracker, run.dir / "periodic.json", t.eval_every, cfg.eval.periodic_prompts > 0)
     trainer = trl_trainer(algorithm, cfg, run, policy, tok, reward, train_ds, [log_cb, periodic])
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress())
-    ckpt = latest_trainer_checkpoint(run.ckpt_root)
-    if ckpt is not None:
-        run.update(resumed_from=int(ckpt.name.split("-")[1]))
-        say(f"[{algorithm}] resuming from {ckpt}")
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    loss = log_cb.last.get("train/loss", float("nan"))
-    if "train/loss" in log_cb.last and not math.isfinite(loss):
-        raise UserError(f"{algorithm} diverged: train/loss is {loss} (lower optim.lr or raise train.beta)")
+    train_resumable(trainer, run, run.ckpt_root, say, f"[{algorithm}] resuming")
+    check_finite_loss(log_cb.last, f"{algorithm} diverged", "lower optim.lr or raise train.beta")
 
     # ---- evaluation: the one every method gets ---------------------------------------------------------
     state.wait_for_everyone()

@@ -66,6 +66,33 @@ class QuietProgress(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}")
 
 
+def train_resumable(trainer, run, ckpt_dir, say, resuming: str, record: bool = True, **manifest) -> None:
+    """Train a Hugging Face Trainer as every Trainer stage does: the quiet progress bar, and from the newest complete
+    checkpoint in `ckpt_dir` when there is one. Then the manifest records `resumed_from` (and `manifest`'s keys)
+    unless `record` is false (an ensemble's later members), and `say` prints "<resuming> from <checkpoint>"."""
+    from pipeline.core.runs import latest_trainer_checkpoint
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress())
+    ckpt = latest_trainer_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        if record:
+            run.update(resumed_from=int(ckpt.name.split("-")[1]), **manifest)
+        say(f"{resuming} from {ckpt}")
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+
+def check_finite_loss(logged: dict, what: str, hint: str, key: str = "train/loss") -> float:
+    """The last logged training loss (nan when none was logged: resumed after the last step); a non-finite one is
+    the user's one-line error "<what>: train/loss is <loss> (<hint>)"."""
+    from pipeline.core.errors import UserError
+
+    loss = logged.get(key, float("nan"))
+    if key in logged and not math.isfinite(loss):
+        raise UserError(f"{what}: train/loss is {loss} ({hint})")
+    return loss
+
+
 def bookkeeping(key: str) -> bool:
     """Trainer bookkeeping that would only clutter the manifest (it stays in metrics.jsonl)."""
     return any(w in key for w in ("runtime", "per_second", "num_tokens", "flos", "samples"))
