@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from tqdm import tqdm
-from transformers import GenerationConfig, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from pipeline.core.dist import shard
 from pipeline.core.entry import entry
@@ -26,7 +26,8 @@ from pipeline.core.runs import StageRun, crash_point
 from pipeline.core.stage import begin_stage
 from pipeline.data.formats import load_corpus
 from pipeline.data.packing import batch_indices, pack, split_documents
-from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.inference.generation import saved_generation_config
 from pipeline.models.build import build_from_config, n_params
 from pipeline.models.sharding import sharding_record, without_tied
 from pipeline.models.loading import fit_special_ids, load_causal_lm, mixed_precision
@@ -191,15 +192,7 @@ def main(cfg: DictConfig) -> None:
     acc.wait_for_everyone()
     final_model = acc.unwrap_model(model)
     state = without_tied(final_model, acc.get_state_dict(model))  # whole on the main process, sharded or not
-    final_model.generation_config = GenerationConfig(
-        eos_token_id=end_of_turn_ids(tok),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.95,
-        max_new_tokens=128,
-    )
+    final_model.generation_config = saved_generation_config(tok, 128)
 
     def save(d):
         final_model.save_pretrained(d, state_dict=state, safe_serialization=True)

@@ -20,13 +20,13 @@ import time
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
-from transformers import GenerationConfig
 
 from pipeline.core.entry import entry
 from pipeline.core.errors import UserError
 from pipeline.core.runs import StageRun, read_manifest
 from pipeline.core.stage import begin_stage
-from pipeline.data.tokenizer import end_of_turn_ids, load_tokenizer
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.inference.generation import saved_generation_config
 from pipeline.eval.gold import gold_eval, win_rate
 from pipeline.models.build import n_params
 from pipeline.models.loading import fit_special_ids, load_causal_lm
@@ -165,15 +165,7 @@ def run_sft(cfg: DictConfig, callbacks: tuple = ()) -> None:
     # ---- save: a plain HF checkpoint whose generation_config stops at the end of the turn --------------
     state.wait_for_everyone()
     out_model, adapter, weights = final_model(trainer, cfg.peft)
-    gen_cfg = GenerationConfig(
-        eos_token_id=end_of_turn_ids(tok),
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.95,
-        max_new_tokens=int(cfg.generation.max_new_tokens),
-    )
+    gen_cfg = saved_generation_config(tok, cfg.generation.max_new_tokens)
     if not adapter:
         out_model.generation_config = gen_cfg
 

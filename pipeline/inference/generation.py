@@ -66,6 +66,22 @@ def generation_config(settings, tokenizer, **overrides):
     )
 
 
+def saved_generation_config(tokenizer, max_new_tokens: int):
+    """The decoding a saved chat checkpoint carries in its generation_config.json (pretrain's and SFT's final/): what
+    plain transformers `generate` uses on it, sampling at 0.7 / top-p 0.95 and stopping at the end of the turn."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        eos_token_id=end_of_turn_ids(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.95,
+        max_new_tokens=int(max_new_tokens),
+    )
+
+
 def _context_len(model) -> Optional[int]:
     return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
 
